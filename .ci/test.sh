@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The README's test command: a fresh venv, the package with its test extras, lint, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -c .ci/constraints.txt -e ".[dev]"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+# pytest exits 5 when it collected no tests: that is a failure of the suite, not a pass.
+[ "$status" -eq 5 ] && echo "pytest collected no tests" >&2
+exit "$status"

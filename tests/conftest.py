@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny model, its folder, and real-ffmpeg decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from wanlora import WanLoraPipeline
+from wanlora.testing import write_tiny_model
+
+SMALL = {"width": 64, "height": 48, "num_frames": 9, "steps": 2, "fps": 12}
+
+
+@dataclass
+class Probe:
+    codec: str
+    pix_fmt: str
+    width: int
+    height: int
+    fps: float
+    frames: np.ndarray
+    tags: str  # what `ffmpeg -i` prints
+
+
+def probe(path: str | Path) -> Probe:
+    """Decode an MP4 with real ffmpeg: stream facts, every frame, and the container tags."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader])
+    info = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True
+    )
+    return Probe(meta["codec"], meta["pix_fmt"].split("(")[0], width, height, meta["fps"], frames, info.stderr)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `wanlora` entry point in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "wanlora.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe() -> WanLoraPipeline:
+    return WanLoraPipeline.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def fresh_tiny_pipe() -> WanLoraPipeline:
+    """A pipeline of its own, for tests that change LoRA state."""
+    return WanLoraPipeline.from_pretrained("tiny")
+
+
+def comment_tags(text: str) -> dict:
+    line = next(line for line in text.splitlines() if line.strip().startswith("comment"))
+    return json.loads(line.split(":", 1)[1].strip())

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from wanlora import InvalidInput, ModelNotFound, WanLoraPipeline
+
+from .conftest import SMALL, probe
+
+
+def test_generate_returns_uint8_video_that_saves_as_mp4(tiny_pipe, tmp_path):
+    video = tiny_pipe.generate("a fox in the snow", seed=7, **SMALL)
+    assert video.frames.shape == (9, 48, 64, 3) and video.frames.dtype == np.uint8
+    assert (video.fps, video.seed) == (12, 7)
+    assert video.metadata["prompt"] == "a fox in the snow" and video.metadata["model"] == "tiny"
+    assert video.frames.std() > 1  # not a blank video
+    got = probe(video.save(tmp_path / "fox.mp4"))
+    assert (got.codec, got.pix_fmt, got.width, got.height, got.fps, len(got.frames)) == (
+        "h264",
+        "yuv420p",
+        64,
+        48,
+        12.0,
+        9,
+    )
+
+
+def test_same_seed_same_frames_other_seed_other_frames(tiny_pipe):
+    first = tiny_pipe.generate("a fox", seed=3, **SMALL).frames
+    again = tiny_pipe.generate("a fox", seed=3, **SMALL).frames
+    other = tiny_pipe.generate("a fox", seed=4, **SMALL).frames
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_random_seed_is_reported_and_reproduces(tiny_pipe):
+    video = tiny_pipe.generate("a fox", **SMALL)
+    assert np.array_equal(tiny_pipe.generate("a fox", seed=video.seed, **SMALL).frames, video.frames)
+
+
+def test_validation_happens_before_any_work(tiny_pipe, monkeypatch):
+    monkeypatch.setattr(tiny_pipe, "pipe", None)  # any denoising attempt would crash
+    with pytest.raises(InvalidInput, match="num_frames=10"):
+        tiny_pipe.generate("a fox", **{**SMALL, "num_frames": 10})
+
+
+def test_local_folder_loads_the_same_model_as_tiny(tiny_pipe, tiny_dir):
+    from_folder = WanLoraPipeline.from_pretrained(str(tiny_dir))
+    assert from_folder.spec.name == "tiny"
+    assert np.array_equal(
+        from_folder.generate("a fox", seed=5, **SMALL).frames, tiny_pipe.generate("a fox", seed=5, **SMALL).frames
+    )
+
+
+def test_cpu_loads_fp32_and_bf16_keeps_diffusers_fp32_modules(tiny_pipe, tiny_dir):
+    assert tiny_pipe.transformer.dtype == torch.float32
+    half = WanLoraPipeline.from_pretrained(str(tiny_dir), dtype=torch.bfloat16)
+    transformer = half.transformer
+    assert transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert transformer.scale_shift_table.dtype == torch.float32
+    assert transformer.blocks[0].scale_shift_table.dtype == torch.float32
+    assert half.pipe.vae.dtype == torch.float32
+    tiny_half = WanLoraPipeline.from_pretrained("tiny", dtype=torch.bfloat16).transformer
+    assert {n: p.dtype for n, p in tiny_half.named_parameters()} == {
+        n: p.dtype for n, p in transformer.named_parameters()
+    }
+
+
+def test_catalogue_name_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFound, match="Wan-AI/Wan2.1-T2V-1.3B-Diffusers"):
+        WanLoraPipeline.from_pretrained("t2v-1.3b", device="cpu")
+
+
+def test_unavailable_attention_backend_is_a_clear_error():
+    with pytest.raises(InvalidInput, match="needs a CUDA GPU"):
+        WanLoraPipeline.from_pretrained("tiny", attention="xformers")
+    with pytest.raises(InvalidInput, match="one of auto"):
+        WanLoraPipeline.from_pretrained("tiny", attention="fastest")

@@ -1,0 +1,63 @@
+import re
+
+import pytest
+
+from wanlora.errors import InvalidInput
+from wanlora.models import CATALOGUE, tiny_spec
+from wanlora.settings import resolve_settings
+
+SPEC = tiny_spec()
+GOOD = {"width": 64, "height": 48, "num_frames": 9, "steps": 2, "fps": 12, "guidance_scale": 5.0, "seed": 1}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_frames", 10, "4k+1 between 5 and 81"),
+        ("num_frames", 1, "4k+1 between 5 and 81"),
+        ("num_frames", 85, "4k+1 between 5 and 81"),
+        ("width", 65, "multiple of 16"),
+        ("height", 8, "multiple of 16"),
+        ("width", 4096, "multiple of 16 between 16 and 1920"),
+        ("steps", 0, "between 1 and 100"),
+        ("steps", 101, "between 1 and 100"),
+        ("guidance_scale", -3, "between 0.0 and 20.0"),
+        ("guidance_scale", float("nan"), "finite number"),
+        ("fps", 0, "between 1 and 60"),
+        ("fps", 61, "between 1 and 60"),
+        ("shift", 0, "greater than 0"),
+        ("seed", -1, "between 0 and"),
+        ("steps", 2.5, "whole number"),
+    ],
+)
+def test_each_bad_value_names_field_value_and_range(field, value, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)) as info:
+        resolve_settings(SPEC, "a fox", **{**GOOD, field: value})
+    assert info.value.field == field and (info.value.value == value or value != value)  # nan != nan
+    assert field in str(info.value) and repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", None])
+def test_prompt_must_be_text(prompt):
+    with pytest.raises(InvalidInput, match="prompt"):
+        resolve_settings(SPEC, prompt, **GOOD)
+
+
+def test_width_and_height_come_together():
+    with pytest.raises(InvalidInput, match="together"):
+        resolve_settings(SPEC, "a fox", width=64)
+
+
+def test_defaults_follow_the_model():
+    settings = resolve_settings(CATALOGUE["t2v-14b"], "a fox", resolution="720p", seed=3)
+    assert (settings.width, settings.height, settings.shift) == (1280, 720, 5.0)
+    assert (settings.num_frames, settings.fps, settings.steps, settings.guidance_scale) == (81, 16, 50, 5.0)
+    i2v = resolve_settings(CATALOGUE["i2v-14b-480p"], "a fox", aspect_ratio="9:16")
+    assert (i2v.width, i2v.height, i2v.steps, i2v.shift) == (480, 832, 40, 3.0)
+    with pytest.raises(InvalidInput, match="supports 480p only"):
+        resolve_settings(CATALOGUE["t2v-1.3b"], "a fox", resolution="720p")
+
+
+def test_random_seed_is_reported():
+    seeds = {resolve_settings(SPEC, "a fox", width=64, height=48).seed for _ in range(5)}
+    assert len(seeds) > 1 and all(0 <= s < 2**32 for s in seeds)

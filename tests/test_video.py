@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from wanlora import Video, VideoEncodeError
+from wanlora.video import encode_mp4
+
+from .conftest import comment_tags, probe
+
+
+def gradient_frames(count=9, height=48, width=64):
+    frames = np.zeros((count, height, width, 3), np.uint8)
+    for i in range(count):
+        frames[i, ..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+        frames[i, ..., 1] = i * 25
+    return frames
+
+
+def test_encodes_h264_yuv420p_with_exact_frames_fps_and_tags(tmp_path):
+    frames = gradient_frames()
+    video = Video(frames=frames, fps=12, seed=7, metadata={"prompt": "a fox", "seed": 7, "loras": [["x", 0.5]]})
+    path = video.save(tmp_path / "out.mp4")
+    got = probe(path)
+    assert (got.codec, got.pix_fmt, got.width, got.height, got.fps) == ("h264", "yuv420p", 64, 48, 12.0)
+    assert got.frames.shape == frames.shape
+    assert np.abs(got.frames.astype(int) - frames.astype(int)).mean() < 4  # CRF 18 is near-lossless
+    assert "title           : a fox" in got.tags
+    assert comment_tags(got.tags) == {"prompt": "a fox", "seed": 7, "loras": [["x", 0.5]]}
+    assert b"moov" in path.read_bytes()[:4096]  # +faststart puts the index up front
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((3, 47, 64, 3), "even"), ((3, 48, 8192, 3), "outside"), ((0, 48, 64, 3), "no frames"), ((3, 48, 64), "uint8")],
+)
+def test_refuses_what_the_codec_cannot_take(tmp_path, shape, message):
+    with pytest.raises(VideoEncodeError, match=message):
+        encode_mp4(np.zeros(shape, np.uint8), tmp_path / "x.mp4", fps=12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_bad_crf_and_suffix(tmp_path):
+    with pytest.raises(VideoEncodeError, match="crf"):
+        encode_mp4(gradient_frames(), tmp_path / "x.mp4", fps=12, crf=70)
+    with pytest.raises(VideoEncodeError, match=".mp4"):
+        encode_mp4(gradient_frames(), tmp_path / "x.avi", fps=12)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,278 @@
+"""The `wanlora` command. Every user error prints one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .attention import CHOICES as ATTENTION_CHOICES
+from .errors import InvalidInput, WanLoraError
+from .lora.refs import resolve_local
+from .models import ASPECT_RATIOS, CATALOGUE, SIZE_PRESETS, resolve_model
+from .settings import resolve_settings
+
+# torch, diffusers and the LoRA engine are imported inside the commands that use them, so
+# that --help and input errors answer at once.
+
+MODEL_HELP = (
+    f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
+    "folder, or 'tiny': a random offline model for smoke runs that makes noise, not art"
+)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_lora_arg(text: str) -> tuple[str, float | tuple[float, ...]]:
+    """`REF[:STRENGTH]`: the strength is the text after the last ':' when it is a number.
+
+    A comma-separated list of numbers is a strength schedule (`style.safetensors:1,0.5`).
+    """
+    ref, sep, tail = text.rpartition(":")
+    if sep and ref:
+        try:
+            values = tuple(float(v) for v in tail.split(","))
+        except ValueError:
+            return text, 1.0
+        return ref, values if len(values) > 1 else values[0]
+    return text, 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="wanlora", description="Wan2.1 video generation with LoRAs from anywhere.")
+    parser.add_argument("--version", action="version", version=f"wanlora {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    gen = commands.add_parser("generate", help="make an MP4 from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="t2v-14b", help=MODEL_HELP)
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="REF[:STRENGTH]",
+        help="a LoRA and its strength (default 1); repeat to combine several",
+    )
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--resolution", choices=list(SIZE_PRESETS))
+    gen.add_argument("--aspect-ratio", choices=ASPECT_RATIOS)
+    gen.add_argument("--width", type=int, help="overrides the preset; give --height too")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--frames", type=int, help="4k+1 frames, 5 to 81 (default 81)")
+    gen.add_argument("--fps", type=int, help="frames per second, 1 to 60 (default 16)")
+    gen.add_argument("--steps", type=int, help="denoising steps, 1 to 100")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 20")
+    gen.add_argument("--shift", type=float, help="flow shift (default 3 at 480p, 5 at 720p)")
+    gen.add_argument("--seed", type=int, help="the same seed gives the same video (default: random)")
+    gen.add_argument("--quality", type=int, default=18, help="H.264 CRF: 0 lossless to 51 worst (default 18)")
+    gen.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda when available)")
+    gen.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    gen.add_argument("-o", "--output", help="the MP4 to write (default: wanlora-SEED.mp4)")
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random Wan2.1 model in the diffusers layout")
+    tiny.add_argument("dir")
+
+    lora = commands.add_parser("lora", help="inspect LoRA files or bake them into a model")
+    lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=OneLineParser)
+    inspect = lora_commands.add_parser("inspect", help="show a LoRA's layout, ranks, targets and trigger words")
+    inspect.add_argument("ref")
+    inspect.add_argument("--model", help="also check coverage against this base model: " + MODEL_HELP)
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    merge = lora_commands.add_parser("merge", help="write a diffusers-layout model with LoRAs baked in")
+    merge.add_argument("--model", required=True, help=MODEL_HELP)
+    merge.add_argument("--lora", action="append", required=True, metavar="REF[:STRENGTH]")
+    merge.add_argument("--out", required=True, help="a new (or empty) folder")
+    merge.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights dtype (default bf16)")
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() != ".mp4":
+        raise InvalidInput("--output", args.output, "a path ending in .mp4")
+    if not 0 <= args.quality <= 51:
+        raise InvalidInput("--quality", args.quality, "between 0 (lossless) and 51")
+    spec = resolve_model(args.model)
+    settings = resolve_settings(  # everything is checked before the (slow) model load
+        spec,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        resolution=args.resolution,
+        aspect_ratio=args.aspect_ratio,
+        width=args.width,
+        height=args.height,
+        num_frames=args.frames,
+        fps=args.fps,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        shift=args.shift,
+        seed=args.seed,
+    )
+    loras = [parse_lora_arg(text) for text in args.lora]
+    for ref, _ in loras:
+        resolve_local(ref)
+    from .pipeline import WanLoraPipeline
+
+    pipe = WanLoraPipeline.from_pretrained(args.model, device=args.device, attention=args.attention)
+    video = pipe.generate(
+        settings.prompt,
+        negative_prompt=settings.negative_prompt,
+        width=settings.width,
+        height=settings.height,
+        num_frames=settings.num_frames,
+        fps=settings.fps,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        shift=settings.shift,
+        seed=settings.seed,
+        loras=loras,
+    )
+    print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> None:
+    from .testing import write_tiny_model
+
+    target = Path(args.dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InvalidInput("DIR", args.dir, "a new or empty folder")
+    print(write_tiny_model(target))
+
+
+def describe_lora(ref: str, model: str | None) -> dict:
+    from .lora.formats import read_lora, trigger_words
+    from .lora.merge import fit_lora
+
+    path = resolve_local(ref)
+    lora = read_lora(path)
+    info = {
+        "path": str(path),
+        "layout": lora.layout,
+        "tensors": lora.tensor_count,
+        "parameters": len(lora.deltas),
+        "ranks": lora.ranks,
+        "alphas": lora.alphas,
+        "delta_kinds": sorted({d.kind for d in lora.deltas.values()}),
+        "targets": lora.module_kinds,
+        "base_model": lora.base_model_hint(),
+        "trigger_words": trigger_words(lora.metadata),
+    }
+    if model:
+        from .pipeline import meta_transformer
+
+        params = dict(meta_transformer(resolve_model(model)).named_parameters())
+        fit = fit_lora(lora, params)
+        blocks = {name.split(".")[1] for name in fit.deltas if name.startswith("blocks.")}
+        linears = [n for n, p in params.items() if n.endswith(".weight") and p.dim() == 2 and n.startswith("blocks.")]
+        info["coverage"] = {
+            "model": model,
+            "parameters_changed": len(fit.deltas),
+            "block_linears_changed": sum(1 for n in linears if n in fit.deltas),
+            "block_linears_total": len(linears),
+            "blocks_touched": len(blocks),
+            "blocks_total": sum(1 for n in params if n.endswith("attn1.to_q.weight")),
+            "skipped_image_parts": fit.skipped,
+        }
+    return info
+
+
+def cmd_lora_inspect(args: argparse.Namespace) -> None:
+    info = describe_lora(args.ref, args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    rows = [
+        ("file", info["path"]),
+        ("layout", info["layout"]),
+        ("tensors", f"{info['tensors']} ({info['parameters']} parameters changed)"),
+        ("ranks", ", ".join(map(str, info["ranks"])) or "-"),
+        ("alpha", ", ".join(f"{a:g}" for a in info["alphas"]) or "-"),
+        ("deltas", ", ".join(info["delta_kinds"])),
+        ("targets", ", ".join(info["targets"])),
+        ("made for", info["base_model"]),
+        ("trigger words", ", ".join(info["trigger_words"]) or "none found"),
+    ]
+    if "coverage" in info:
+        c = info["coverage"]
+        rows.append(
+            (
+                "coverage",
+                f"{c['block_linears_changed']}/{c['block_linears_total']} block linears in "
+                f"{c['blocks_touched']}/{c['blocks_total']} blocks of {c['model']}",
+            )
+        )
+        if c["skipped_image_parts"]:
+            rows.append(("skipped", f"{len(c['skipped_image_parts'])} image-to-video parameters"))
+    for key, value in rows:
+        print(f"{key:>14}: {value}")
+
+
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    import torch
+
+    from .pipeline import WanLoraPipeline
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInput("--out", args.out, "a new or empty folder")
+    loras = [parse_lora_arg(text) for text in args.lora]
+    pipe = WanLoraPipeline.from_pretrained(args.model, device="cpu", dtype=getattr(torch, DTYPES[args.dtype]))
+    pipe.set_loras(loras)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.pipe.save_pretrained(staging, safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(out)
+
+
+COMMANDS = {
+    ("generate", None): cmd_generate,
+    ("tiny-model", None): cmd_tiny_model,
+    ("lora", "inspect"): cmd_lora_inspect,
+    ("lora", "merge"): cmd_lora_merge,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        # diffusers and transformers speak up about experimental APIs on every load
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    handler = COMMANDS[(args.command, getattr(args, "lora_command", None))]
+    try:
+        handler(args)
+    except WanLoraError as exc:
+        print(f"wanlora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wanlora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LoRA references, downloads, file layouts and exact merging. Knows nothing of pipelines."""

@@ -1,0 +1,484 @@
+"""Every published Wan LoRA layout, read into one canonical form keyed by diffusers names.
+
+A file's keys are `<prefix><module><separator><factor>`. The prefix says who wrote it, the
+module is named in original-Wan or diffusers terms (dotted, or flattened with `_` by
+kohya and LyCORIS), and the factor says which piece of which delta it holds. All three are
+tables below; a new layout is a new row. Nothing is dropped silently: a key that fits no
+row is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import LoraFormatError
+
+# Prefixes that mean "the transformer", longest first. The namespace they imply, if any.
+PREFIXES: list[tuple[str, str | None]] = [
+    ("model.diffusion_model.", "original"),
+    ("diffusion_model.", "original"),
+    ("base_model.model.", None),
+    ("transformer.", "diffusers"),
+    ("pipe.dit.", "original"),
+    ("lora_unet__", "original"),
+    ("lora_unet_", "original"),
+    ("lycoris_", None),
+]
+
+# Factor suffixes, longest first: (suffix, role). A role names one input of the delta math.
+FACTORS: list[tuple[str, str]] = [
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".alpha", "alpha"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_w1", "lokr_w1"),
+    (".lokr_w2", "lokr_w2"),
+    (".diff_b", "diff_b"),
+    (".diff_m", "diff_m"),
+    (".diff", "diff"),
+]
+UNSUPPORTED_FACTORS = {
+    ".dora_scale": "DoRA magnitude vectors",
+    ".lora_magnitude_vector": "DoRA magnitude vectors",
+    ".lora_mid.weight": "LoCon Tucker factors",
+    ".hada_t1": "LoHa Tucker factors",
+    ".hada_t2": "LoHa Tucker factors",
+    ".lokr_t2": "LoKr Tucker factors",
+}
+
+# Original Wan module → diffusers module. {N} is a block index. Parameters (not modules)
+# are written with their parameter name: the modulation tables.
+NAME_MAP: list[tuple[str, str]] = [
+    ("blocks.{N}.self_attn.q", "blocks.{N}.attn1.to_q"),
+    ("blocks.{N}.self_attn.k", "blocks.{N}.attn1.to_k"),
+    ("blocks.{N}.self_attn.v", "blocks.{N}.attn1.to_v"),
+    ("blocks.{N}.self_attn.o", "blocks.{N}.attn1.to_out.0"),
+    ("blocks.{N}.self_attn.norm_q", "blocks.{N}.attn1.norm_q"),
+    ("blocks.{N}.self_attn.norm_k", "blocks.{N}.attn1.norm_k"),
+    ("blocks.{N}.cross_attn.q", "blocks.{N}.attn2.to_q"),
+    ("blocks.{N}.cross_attn.k", "blocks.{N}.attn2.to_k"),
+    ("blocks.{N}.cross_attn.v", "blocks.{N}.attn2.to_v"),
+    ("blocks.{N}.cross_attn.o", "blocks.{N}.attn2.to_out.0"),
+    ("blocks.{N}.cross_attn.norm_q", "blocks.{N}.attn2.norm_q"),
+    ("blocks.{N}.cross_attn.norm_k", "blocks.{N}.attn2.norm_k"),
+    ("blocks.{N}.cross_attn.k_img", "blocks.{N}.attn2.add_k_proj"),
+    ("blocks.{N}.cross_attn.v_img", "blocks.{N}.attn2.add_v_proj"),
+    ("blocks.{N}.cross_attn.norm_k_img", "blocks.{N}.attn2.norm_added_k"),
+    ("blocks.{N}.ffn.0", "blocks.{N}.ffn.net.0.proj"),
+    ("blocks.{N}.ffn.2", "blocks.{N}.ffn.net.2"),
+    ("blocks.{N}.norm3", "blocks.{N}.norm2"),  # the swap: original norm3 is the cross-attn norm
+    ("blocks.{N}.norm2", "blocks.{N}.norm3"),
+    ("blocks.{N}.modulation", "blocks.{N}.scale_shift_table"),
+    ("blocks.{N}", "blocks.{N}"),  # the owner of `blocks.N.diff_m`
+    ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("patch_embedding", "patch_embedding"),
+]
+PARAMETER_TARGETS = ("scale_shift_table",)  # targets that are parameters, not modules
+
+# Words that only one namespace uses: they decide a file whose prefix does not.
+ORIGINAL_MARKERS = (
+    "self_attn",
+    "cross_attn",
+    "head.head",
+    "head_head",
+    "ffn.0",
+    "ffn_0",
+    "ffn.2",
+    "ffn_2",
+    "modulation",
+    "text_embedding",
+    "time_embedding",
+    "img_emb",
+    "diff_m",
+)
+DIFFUSERS_MARKERS = ("attn1", "attn2", "proj_out", "condition_embedder", "ffn.net", "ffn_net", "scale_shift_table")
+
+# Modules that exist only in image-to-video models.
+I2V_ONLY = re.compile(r"(attn2\.(add_k_proj|add_v_proj|norm_added_k)|condition_embedder\.image_embedder)\b")
+
+
+def _name_pattern(template: str, sep: str) -> re.Pattern[str]:
+    parts = [re.escape(p) if p != "{N}" else r"(\d+)" for p in template.split(".")]
+    return re.compile(re.escape(sep).join(parts))
+
+
+def _build_lookup(namespace: str) -> list[tuple[re.Pattern[str], str]]:
+    """(pattern, diffusers template) for the dotted and the flattened names of a namespace."""
+    if namespace == "original":
+        pairs = NAME_MAP
+    else:
+        pairs = [(target, target) for _, target in NAME_MAP]
+    return [(_name_pattern(src, sep), dst) for src, dst in pairs for sep in (".", "_")]
+
+
+LOOKUPS = {ns: _build_lookup(ns) for ns in ("original", "diffusers")}
+
+
+def to_diffusers_name(module: str, namespace: str) -> str | None:
+    """The diffusers name of `module` (dotted or flattened) in `namespace`, or None."""
+    for pattern, target in LOOKUPS[namespace]:
+        match = pattern.fullmatch(module)
+        if match:
+            return target.replace("{N}", match.group(1)) if match.groups() else target
+    return None
+
+
+# ---------------------------------------------------------------------------- deltas
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds tensors
+class Delta:
+    """One parameter's change, in one of the published parameterisations (section 3).
+
+    `kind` is "lora", "loha", "lokr" or "full"; `factors` holds its tensors; `scale` is
+    the alpha/rank factor. `compute` returns the dense delta in float32 with `shape`.
+    """
+
+    kind: str
+    factors: tuple[torch.Tensor, ...]
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int | None:
+        if self.kind == "lora":
+            return self.factors[1].shape[0]
+        if self.kind == "loha":
+            return self.factors[1].shape[0]
+        return None
+
+    def dense_shape(self) -> tuple[int, int] | tuple[int, ...]:
+        """The shape of the delta before any reshape onto a conv kernel."""
+        f = self.factors
+        if self.kind == "lora":
+            return (f[0].shape[0], math.prod(f[1].shape[1:]))
+        if self.kind == "loha":
+            return (f[0].shape[0], f[1].shape[1])
+        if self.kind == "lokr":
+            w1, w2 = f
+            return (w1.shape[0] * w2.shape[0], w1.shape[1] * math.prod(w2.shape[1:]))
+        return tuple(f[0].shape)
+
+    def compute(self, device: torch.device | None = None) -> torch.Tensor:
+        f = [t.to(device=device, dtype=torch.float32) for t in self.factors]
+        if self.kind == "lora":
+            up, down = f[0].flatten(1), f[1].flatten(1)
+            return (up @ down).mul_(self.scale)
+        if self.kind == "loha":
+            w1a, w1b, w2a, w2b = f
+            return ((w1a @ w1b) * (w2a @ w2b)).mul_(self.scale)
+        if self.kind == "lokr":
+            w1, w2 = f[0], f[1].flatten(1)
+            return torch.kron(w1, w2).mul_(self.scale)
+        return f[0]
+
+    def add_to(self, acc: torch.Tensor, strength: float) -> None:
+        """acc += strength * delta, in acc's dtype (fp32), without a dense temporary for LoRA."""
+        if self.kind == "lora" and acc.dim() == 2:
+            up, down = (t.to(device=acc.device, dtype=acc.dtype) for t in self.factors)
+            acc.addmm_(up, down, alpha=strength * self.scale)
+        else:
+            acc.add_(self.compute(acc.device).reshape(acc.shape), alpha=strength)
+
+    def fits(self, shape: torch.Size) -> bool:
+        """Whether the delta has the parameter's shape, or its size for a conv kernel."""
+        dense = self.dense_shape()
+        if tuple(dense) == tuple(shape):
+            return True
+        return math.prod(dense) == math.prod(shape) and (self.kind == "full" or dense[0] == shape[0])
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read from one file: canonical deltas keyed by diffusers parameter names."""
+
+    path: str
+    layout: str
+    deltas: dict[str, Delta]
+    metadata: dict[str, str] = field(default_factory=dict)
+    tensor_count: int = 0
+    fingerprint: str = ""  # identifies the file's content for "same set as now"
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({d.rank for d in self.deltas.values() if d.rank is not None})
+
+    @property
+    def alphas(self) -> list[float]:
+        return sorted({round(d.scale * d.rank, 6) for d in self.deltas.values() if d.rank is not None})
+
+    @property
+    def module_kinds(self) -> list[str]:
+        """Targeted kinds, e.g. `attn1.to_q` or `proj_out`, block indices removed."""
+        return sorted({re.sub(r"^blocks\.\d+\.", "", name.rsplit(".", 1)[0]) for name in self.deltas})
+
+    @property
+    def is_i2v(self) -> bool:
+        return any(I2V_ONLY.search(name) for name in self.deltas)
+
+    def inner_dims(self) -> set[int]:
+        """The model widths the LoRA was made for, read off its attention and FFN deltas."""
+        dims = set()
+        for name, delta in self.deltas.items():
+            if re.search(r"attn[12]\.to_[qkvo]|to_out\.0|ffn\.net\.2\.weight", name) and name.endswith("weight"):
+                dims.add(delta.dense_shape()[0])
+        return dims
+
+    def base_model_hint(self) -> str:
+        """A readable guess at the base model, e.g. "Wan2.1 14B image-to-video (dim 5120)"."""
+        names = {1536: "Wan2.1 1.3B", 5120: "Wan2.1 14B"}
+        dims = sorted(self.inner_dims())
+        kind = "image-to-video" if self.is_i2v else "text-to-video"
+        if not dims:
+            return f"a Wan2.1 {kind} model (width unknown: no attention or FFN deltas)"
+        label = " / ".join(names.get(d, "an unknown Wan model") for d in dims)
+        return f"{label} {kind} (dim {', '.join(map(str, dims))})"
+
+
+TRIGGER_KEYS = ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "ss_trigger_words", "instance_prompt")
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
+    """Trigger words a trainer recorded: explicit phrases first, then kohya's most used tags."""
+    words: list[str] = []
+    for key in TRIGGER_KEYS:
+        value = metadata.get(key, "").strip()
+        if value:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = value
+            items = parsed if isinstance(parsed, list) else str(parsed).split(",")
+            words += [str(w).strip() for w in items if str(w).strip()]
+    if not words and metadata.get("ss_tag_frequency"):
+        try:
+            frequency: dict[str, int] = defaultdict(int)
+            for tags in json.loads(metadata["ss_tag_frequency"]).values():
+                for tag, count in tags.items():
+                    frequency[tag.strip()] += int(count)
+            words = sorted(frequency, key=lambda t: (-frequency[t], t))[:3]
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            pass  # a malformed optional hint: no trigger words, the LoRA still applies
+    return list(dict.fromkeys(words))[:limit]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a safetensors LoRA of any layout in lora-formats.md into a `LoraFile`."""
+    path = str(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraFormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if not tensors:
+        raise LoraFormatError(f"{path} holds no tensors")
+    return parse_state_dict(tensors, metadata, path)
+
+
+def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str = "<memory>") -> LoraFile:
+    stripped, namespace = _strip_prefixes(tensors)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    unexplained: list[str] = []
+    for key, (rest, tensor) in stripped.items():
+        for suffix, why in UNSUPPORTED_FACTORS.items():
+            if rest.endswith(suffix):
+                raise LoraFormatError(f"{path} uses {why} ({key}), which wanlora does not support yet")
+        for suffix, role in FACTORS:
+            if rest.endswith(suffix) or (role == "diff_m" and rest.endswith("_diff_m")):
+                module = rest[: -len(suffix)]
+                groups[module][role] = tensor
+                break
+        else:
+            unexplained.append(key)
+    if unexplained:
+        raise LoraFormatError(_listing(f"{path} has keys that are not LoRA factors", unexplained))
+
+    adapter = _peft_adapter_config(metadata)
+    deltas: dict[str, Delta] = {}
+    kinds: set[str] = set()
+    unknown: list[str] = []
+    for module, parts in groups.items():
+        target = to_diffusers_name(module, namespace)
+        if target is None:
+            unknown.append(module)
+            continue
+        for param, delta in _module_deltas(module, target, parts, adapter, path):
+            if param in deltas:
+                raise LoraFormatError(f"{path} has two deltas for {param} (from {module})")
+            deltas[param] = delta
+            kinds.add(delta.kind)
+    if unknown:
+        raise LoraFormatError(_listing(f"{path} targets modules that Wan2.1 does not have", unknown))
+    return LoraFile(
+        path=path,
+        layout=_describe_layout(tensors, namespace, kinds),
+        deltas=deltas,
+        metadata=metadata,
+        tensor_count=len(tensors),
+    )
+
+
+def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[str, torch.Tensor]], str]:
+    """Drop every known prefix and decide the namespace: by prefix, then by telling words."""
+    stripped = {}
+    votes: set[str] = set()
+    for key, tensor in tensors.items():
+        rest = key
+        changed = True
+        while changed:
+            changed = False
+            for prefix, namespace in PREFIXES:
+                if rest.startswith(prefix):
+                    rest = rest[len(prefix) :]
+                    if namespace:
+                        votes.add(namespace)
+                    changed = True
+        stripped[key] = (rest, tensor)
+    if len(votes) != 1:
+        names = " ".join(rest for rest, _ in stripped.values())
+        votes = {"diffusers"} if any(m in names for m in DIFFUSERS_MARKERS) else {"original"}
+        if any(m in names for m in ORIGINAL_MARKERS) and "diffusers" in votes:
+            raise LoraFormatError("the file mixes original-Wan and diffusers module names; it cannot be read safely")
+    return stripped, votes.pop()
+
+
+def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], adapter: dict, path: str):
+    """Yield (diffusers parameter name, Delta) for the tensors of one module."""
+    weight = target if target.endswith(PARAMETER_TARGETS) else f"{target}.weight"
+    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    roles = set(parts) - {"alpha"}
+
+    def need(*names: str) -> list[torch.Tensor]:
+        missing = [n for n in names if n not in parts]
+        if missing:
+            raise LoraFormatError(f"{path}: {module} has {sorted(roles)} but lacks {missing}")
+        return [parts[n] for n in names]
+
+    if "down" in roles or "up" in roles:
+        up, down = need("up", "down")
+        rank = down.shape[0]
+        if alpha is None:
+            alpha = _peft_alpha(adapter, target, rank)
+        yield weight, Delta("lora", (up, down), alpha / rank)
+    if any(r.startswith("hada_") for r in roles):
+        w1a, w1b, w2a, w2b = need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        yield weight, Delta("loha", (w1a, w1b, w2a, w2b), 1.0 if alpha is None else alpha / w1b.shape[0])
+    if any(r.startswith("lokr_") for r in roles):
+        yield weight, _lokr(parts, alpha, module, path)
+    if "diff" in roles:
+        yield weight, Delta("full", (parts["diff"],))
+    if "diff_b" in roles:
+        if target.endswith(PARAMETER_TARGETS):
+            raise LoraFormatError(f"{path}: {module} is a parameter table and has no bias for diff_b")
+        yield f"{target}.bias", Delta("full", (parts["diff_b"],))
+    if "diff_m" in roles:
+        if not re.fullmatch(r"blocks\.\d+", target):
+            raise LoraFormatError(f"{path}: diff_m belongs to a block, not to {module}")
+        yield f"{target}.scale_shift_table", Delta("full", (parts["diff_m"],))
+    if roles == set():
+        raise LoraFormatError(f"{path}: {module} has an alpha but no factors")
+
+
+def _lokr(parts: dict[str, torch.Tensor], alpha: float | None, module: str, path: str) -> Delta:
+    """LoKr: kron(w1, w2), each full or a low-rank pair; alpha/rank only for a low-rank one."""
+    rank = None
+    factors = []
+    for n in ("1", "2"):
+        if f"lokr_w{n}" in parts:
+            factors.append(parts[f"lokr_w{n}"])
+        elif f"lokr_w{n}_a" in parts and f"lokr_w{n}_b" in parts:
+            a, b = parts[f"lokr_w{n}_a"], parts[f"lokr_w{n}_b"]
+            factors.append(a.float() @ b.float().flatten(1))
+            rank = b.shape[0]
+        else:
+            raise LoraFormatError(f"{path}: {module} is LoKr but lacks lokr_w{n} (or lokr_w{n}_a and _b)")
+    scale = alpha / rank if alpha is not None and rank is not None else 1.0
+    return Delta("lokr", tuple(factors), scale)
+
+
+def _peft_adapter_config(metadata: dict[str, str]) -> dict[str, Any]:
+    """diffusers stores the PEFT LoraConfig (lora_alpha, r, patterns) in the file's metadata."""
+    raw = metadata.get("lora_adapter_metadata") or metadata.get("transformer.lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoraFormatError(f"the file's lora_adapter_metadata is not JSON: {exc}") from exc
+    return config.get("transformer", config) if isinstance(config, dict) else {}
+
+
+def _peft_alpha(adapter: dict[str, Any], module: str, rank: int) -> float:
+    """Alpha for a module without an `.alpha` key: PEFT's config if present, else rank (scale 1)."""
+    if not adapter.get("lora_alpha"):
+        return float(rank)
+    alpha = float(adapter["lora_alpha"])
+    for pattern, value in (adapter.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", module):
+            alpha = float(value)
+    # rsLoRA scales by alpha/sqrt(r); express it as an alpha over r.
+    return alpha * math.sqrt(rank) if adapter.get("use_rslora") else alpha
+
+
+def _describe_layout(tensors: dict[str, torch.Tensor], namespace: str, kinds: set[str]) -> str:
+    """A short human name for the file's layout, matching lora-formats.md's rows."""
+    keys = list(tensors)
+    any_key = lambda s: any(s in k for k in keys)  # noqa: E731
+    if "loha" in kinds:
+        family = "LyCORIS LoHa (G)"
+    elif "lokr" in kinds:
+        family = "LyCORIS LoKr (H)"
+    elif any_key(".lora_A.default."):
+        family = "DiffSynth-Studio PEFT (E)"
+    elif any(k.startswith("lora_unet_") for k in keys):
+        family = "kohya / musubi-tuner (C)"
+    elif any_key(".lora_A.") and namespace == "diffusers":
+        family = "diffusers PEFT (D)" if any(k.startswith("transformer.") for k in keys) else "bare PEFT (F)"
+    elif any_key(".lora_A."):
+        family = "original-Wan PEFT names (B)"
+    elif any_key(".lora_down."):
+        family = "original-Wan lora_down/up (A)"
+    else:
+        family = "full deltas only"
+    if "full" in kinds and "only" not in family:
+        family += " + full deltas (I)"
+    return family
+
+
+def _listing(headline: str, items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{headline}: {shown}{more}"

@@ -1,0 +1,254 @@
+"""`WanLoraPipeline`: a Wan2.1 base model loaded once, with LoRAs merged exactly and swapped fast.
+
+Example (offline, with the tiny random model):
+
+    >>> from wanlora import WanLoraPipeline
+    >>> pipe = WanLoraPipeline.from_pretrained("tiny")
+    >>> video = pipe.generate("a fox in the snow", width=64, height=48, num_frames=9, steps=2, seed=7)
+    >>> video.frames.shape
+    (9, 48, 64, 3)
+    >>> path = video.save("fox.mp4")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from . import __version__
+from .attention import choose_backend, install_backend
+from .errors import ModelNotFound
+from .lora.formats import trigger_words
+from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strengths
+from .lora.merge import LoraMerger
+from .models import ModelSpec, resolve_model
+from .settings import GenerationSettings, resolve_settings
+from .testing import tiny_pipeline
+from .video import Video
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast like diffusers' loader does: modules in `_keep_in_fp32_modules` stay fp32."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, param in model.named_parameters():
+        if not any(part in keep for part in name.split(".")):
+            param.data = param.data.to(dtype)
+
+
+class WanLoraPipeline:
+    """A Wan2.1 text-to-video pipeline that takes LoRAs from anywhere.
+
+    Build it with `from_pretrained`; call `generate` as often as you like. LoRAs given to
+    `set_loras` or `generate(loras=...)` are merged into the transformer weights exactly,
+    and swapped without reloading the base model.
+    """
+
+    def __init__(self, pipe: WanPipeline, spec: ModelSpec, device: torch.device, attention: str = "auto") -> None:
+        self.pipe = pipe
+        self.spec = spec
+        self.device = device
+        self.attention = choose_backend(attention, device)
+        if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
+            install_backend(pipe.transformer, self.attention)
+        self.loader = LoraLoader()
+        self.merger = LoraMerger(pipe.transformer)
+        self.active_loras: list[LoraRequest] = []
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "t2v-14b",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attention: str = "auto",
+    ) -> WanLoraPipeline:
+        """Load a base model once.
+
+        `model` is a catalogue variant (`t2v-1.3b`, `t2v-14b`, ...), a Hub repo id, a local
+        diffusers-layout folder, or `tiny` (random weights, built offline: noise, not art).
+        `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
+        keeps in fp32 stay fp32 either way.
+        """
+        spec = resolve_model(model)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        started = time.perf_counter()
+        if spec.source == "tiny":
+            pipe = tiny_pipeline()
+            cast_keeping_fp32(pipe.transformer, dtype)
+            pipe.text_encoder.to(dtype)
+        else:
+            pipe = load_diffusers_pipeline(spec.source, dtype)
+        pipe.to(device)
+        logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, time.perf_counter() - started)
+        return cls(pipe, spec, device, attention)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The diffusers `WanTransformer3DModel` that LoRAs are merged into."""
+        return self.pipe.transformer
+
+    def set_loras(self, loras: Sequence[tuple[str, float | Sequence[float]]] | None) -> None:
+        """Make the weights equal to base + sum(strength_i * delta_i), exactly.
+
+        Every LoRA is fetched, parsed and checked against the model before any weight
+        changes; if one fails, the model stays as it was. The same set as now does nothing.
+        A list strength is a schedule over equal phases of the denoising steps; outside
+        `generate` its first value applies.
+        """
+        requests = parse_requests(loras or [])
+        loaded = [self.loader.load(r.ref) for r in requests]
+        started = time.perf_counter()
+        rewritten = self.merger.apply(
+            [(lora, phase_strengths(r.strength, 0)) for lora, r in zip(loaded, requests, strict=True)]
+        )
+        self.active_loras = requests
+        if rewritten:
+            seconds = time.perf_counter() - started
+            for lora, r in zip(loaded, requests, strict=True):
+                logger.info(
+                    "applied %s at strength %s: %s, %d tensors, trigger words: %s (merge %.2fs)",
+                    r.ref,
+                    r.strength,
+                    lora.layout,
+                    len(lora.deltas),
+                    ", ".join(trigger_words(lora.metadata)) or "none found",
+                    seconds,
+                )
+            if not requests:
+                logger.info("LoRAs removed: base weights restored (%.2fs)", seconds)
+
+    def _merge_phase(self, phase: int) -> None:
+        self.merger.apply([(self.loader.load(r.ref), phase_strengths(r.strength, phase)) for r in self.active_loras])
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        resolution: str | None = None,
+        aspect_ratio: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_frames: int | None = None,
+        fps: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        seed: int | None = None,
+        loras: Sequence[tuple[str, float | Sequence[float]]] | None = None,
+        progress: bool = True,
+    ) -> Video:
+        """Generate a video. Every argument is checked before any work starts.
+
+        Unset arguments take the model's defaults (Wan's: 81 frames at 16 fps, 50 steps,
+        guidance 5, flow shift 3 at 480p and 5 at 720p). `seed=None` picks a random seed,
+        reported in `Video.seed`. `loras` replaces the current LoRA set for this call and
+        the ones after it; `None` keeps the current set.
+        """
+        settings = resolve_settings(
+            self.spec,
+            prompt,
+            negative_prompt=negative_prompt,
+            resolution=resolution,
+            aspect_ratio=aspect_ratio,
+            width=width,
+            height=height,
+            num_frames=num_frames,
+            fps=fps,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            shift=shift,
+            seed=seed,
+        )
+        if loras is not None:
+            self.set_loras(loras)
+        return self._denoise(settings, progress)
+
+    def _denoise(self, settings: GenerationSettings, progress: bool) -> Video:
+        self.pipe.scheduler = UniPCMultistepScheduler.from_config(self.pipe.scheduler.config, flow_shift=settings.shift)
+        self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
+        logger.info(
+            "generating seed=%d %dx%d %d frames, %d steps",
+            settings.seed,
+            settings.width,
+            settings.height,
+            settings.num_frames,
+            settings.steps,
+        )
+        started = time.perf_counter()
+        output = self.pipe(
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt,
+            width=settings.width,
+            height=settings.height,
+            num_frames=settings.num_frames,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(settings.seed),
+            output_type="np",
+            callback_on_step_end=self._schedule_callback(settings.steps),
+        )
+        frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        logger.info("denoised in %.1fs", time.perf_counter() - started)
+        return Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=self._metadata(settings))
+
+    def _schedule_callback(self, steps: int):
+        """Re-merge at phase boundaries when a LoRA strength is a schedule, else nothing."""
+        phases = max((len(r.strength) for r in self.active_loras if isinstance(r.strength, tuple)), default=1)
+        if phases == 1:
+            return None
+        self._merge_phase(0)
+
+        def on_step_end(pipe: WanPipeline, step: int, timestep: Any, tensors: dict) -> dict:
+            phase, next_phase = step * phases // steps, (step + 1) * phases // steps
+            if step + 1 < steps and next_phase != phase:
+                self._merge_phase(next_phase)
+            return tensors
+
+        return on_step_end
+
+    def _metadata(self, settings: GenerationSettings) -> dict[str, Any]:
+        return {
+            **settings.as_dict(),
+            "model": self.spec.name,
+            "loras": [{"ref": r.ref, "strength": r.strength} for r in self.active_loras],
+            "wanlora": __version__,
+        }
+
+
+def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:
+    """The transformer a spec describes, on the meta device: shapes and names, no memory."""
+    with torch.device("meta"):
+        return WanTransformer3DModel(**spec.arch.transformer_config())
+
+
+def load_diffusers_pipeline(source: str, dtype: torch.dtype) -> WanPipeline:
+    """Load a diffusers-layout Wan model from a folder or the Hub, VAE in fp32 as Wan advises."""
+    try:
+        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32)
+        return WanPipeline.from_pretrained(source, vae=vae, dtype=dtype)
+    except GatedRepoError as exc:
+        raise ModelNotFound(f"{source} is gated: accept its terms on the Hub and set HF_TOKEN") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFound(f"{source} is not a Hub repo you can read: check the name, or set HF_TOKEN") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotFound(
+            f"{source} is not in the Hugging Face cache and the Hub cannot be reached: "
+            "connect once, or point --model at a local diffusers-layout folder"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"could not load {source} as a diffusers Wan model: {exc}") from exc
