@@ -72,3 +72,175 @@ def write_tiny_model(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ------------------------------------------------------------------ LoRA files in every layout
+#
+# Written from lora-formats.md's tables directly, not from wanlora.lora.formats, so tests
+# that read these files check the reader against an independent transcription.
+
+BLOCK_ORIGINAL_NAMES = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+TOP_ORIGINAL_NAMES = {
+    "proj_out": "head.head",
+    "patch_embedding": "patch_embedding",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+}
+
+# layout -> (prefix, namespace, flatten names?, down suffix, up suffix, writes alpha?)
+LORA_LAYOUTS = {
+    "A": ("diffusion_model.", "original", False, "lora_down.weight", "lora_up.weight", True),
+    "B": ("diffusion_model.", "original", False, "lora_A.weight", "lora_B.weight", True),
+    "C": ("lora_unet_", "original", True, "lora_down.weight", "lora_up.weight", True),
+    "D": ("transformer.", "diffusers", False, "lora_A.weight", "lora_B.weight", False),
+    "E": ("", "original", False, "lora_A.default.weight", "lora_B.default.weight", False),
+    "F": ("", "diffusers", False, "lora_A.weight", "lora_B.weight", False),
+}
+ALL_LAYOUTS = (*LORA_LAYOUTS, "G", "H", "I", "J")
+PREFIX_VARIANTS = ("model.diffusion_model.", "pipe.dit.", "lora_unet__", "base_model.model.")
+
+
+def original_name(module: str) -> str:
+    """The original-Wan name of a diffusers module name, per lora-formats.md section 1."""
+    if module.startswith("blocks."):
+        _, index, rest = module.split(".", 2)
+        return f"blocks.{index}.{BLOCK_ORIGINAL_NAMES[rest]}"
+    return TOP_ORIGINAL_NAMES[module]
+
+
+def block_linears(shapes: dict[str, tuple[int, ...]], blocks: list[int] | None = None) -> list[str]:
+    """Every block linear a model has (10 per T2V block, 12 per I2V block), as module names."""
+    names = []
+    for param, shape in shapes.items():
+        module = param.removesuffix(".weight")
+        parts = module.split(".", 2)
+        if parts[0] == "blocks" and len(shape) == 2 and parts[2] in BLOCK_ORIGINAL_NAMES:
+            if blocks is None or int(parts[1]) in blocks:
+                names.append(module)
+    return names
+
+
+def _low_rank_factors(out_features: int, in_shape: tuple[int, ...], rank: int, gen: torch.Generator):
+    down = torch.randn(rank, *in_shape, generator=gen) / rank
+    up = torch.randn(out_features, rank, *([1] * (len(in_shape) - 1)), generator=gen) * 0.1
+    return up, down
+
+
+def lora_tensors(
+    shapes: dict[str, tuple[int, ...]],
+    layout: str,
+    *,
+    targets: list[str] | None = None,
+    rank: int = 4,
+    seed: int = 0,
+    prefix: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A LoRA state dict in `layout` (lora-formats.md section 2) and the fp32 deltas it means.
+
+    `shapes` maps diffusers parameter names to shapes (from any model, meta or real);
+    `targets` are module names (default: every block linear). The second dict maps each
+    changed parameter to its delta, computed with section 3's math.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    targets = targets or block_linears(shapes)
+    tensors: dict[str, torch.Tensor] = {}
+    expected: dict[str, torch.Tensor] = {}
+
+    def low_rank(module: str, key_base: str, down_suffix: str, up_suffix: str, alpha: float | None):
+        shape = shapes[f"{module}.weight"]
+        up, down = _low_rank_factors(shape[0], tuple(shape[1:]), rank, gen)
+        tensors[f"{key_base}.{down_suffix}"], tensors[f"{key_base}.{up_suffix}"] = down, up
+        scale = 1.0
+        if alpha is not None:
+            tensors[f"{key_base}.alpha"] = torch.tensor(alpha)
+            scale = alpha / rank
+        expected[f"{module}.weight"] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+
+    if layout in LORA_LAYOUTS:
+        default_prefix, namespace, flat, down_suffix, up_suffix, with_alpha = LORA_LAYOUTS[layout]
+        for module in targets:
+            name = original_name(module) if namespace == "original" else module
+            name = name.replace(".", "_") if flat else name
+            key = f"{default_prefix if prefix is None else prefix}{name}"
+            low_rank(module, key, down_suffix, up_suffix, rank / 2 if with_alpha else None)
+    elif layout in ("G", "H"):
+        for module in targets:
+            out_features, in_features = shapes[f"{module}.weight"]
+            key = f"lycoris_{original_name(module).replace('.', '_')}"
+            alpha = rank / 2
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+            if layout == "G":
+                w1a, w2a = (torch.randn(out_features, rank, generator=gen) * 0.3 for _ in range(2))
+                w1b, w2b = (torch.randn(rank, in_features, generator=gen) * 0.3 for _ in range(2))
+                for suffix, value in zip(("w1_a", "w1_b", "w2_a", "w2_b"), (w1a, w1b, w2a, w2b), strict=True):
+                    tensors[f"{key}.hada_{suffix}"] = value
+                expected[f"{module}.weight"] = (w1a @ w1b) * (w2a @ w2b) * (alpha / rank)
+            else:
+                w1 = torch.randn(2, 2, generator=gen)
+                w2a = torch.randn(out_features // 2, rank, generator=gen) * 0.1
+                w2b = torch.randn(rank, in_features // 2, generator=gen) * 0.1
+                tensors.update({f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b})
+                expected[f"{module}.weight"] = torch.kron(w1, w2a @ w2b) * (alpha / rank)
+    elif layout == "I":  # lightx2v-style: LoRA on attention, full deltas elsewhere
+        for module in targets:
+            key = f"diffusion_model.{original_name(module)}"
+            if ".attn" in module:
+                low_rank(module, key, "lora_down.weight", "lora_up.weight", float(rank))
+                continue
+            delta = torch.randn(shapes[f"{module}.weight"], generator=gen) * 0.01
+            bias = torch.randn(shapes[f"{module}.bias"], generator=gen) * 0.01
+            tensors[f"{key}.diff"], tensors[f"{key}.diff_b"] = delta, bias
+            expected[f"{module}.weight"], expected[f"{module}.bias"] = delta, bias
+        blocks = sorted({int(m.split(".")[1]) for m in targets if m.startswith("blocks.")})
+        for n in blocks:
+            for original, param in (
+                (f"blocks.{n}.norm3.diff", f"blocks.{n}.norm2.weight"),
+                (f"blocks.{n}.self_attn.norm_q.diff", f"blocks.{n}.attn1.norm_q.weight"),
+                (f"blocks.{n}.diff_m", f"blocks.{n}.scale_shift_table"),
+            ):
+                delta = torch.randn(shapes[param], generator=gen) * 0.01
+                tensors[f"diffusion_model.{original}"] = expected[param] = delta
+        head = torch.randn(shapes["proj_out.weight"], generator=gen) * 0.01
+        tensors["diffusion_model.head.head.diff"] = expected["proj_out.weight"] = head
+    elif layout == "J":  # non-block layers, original names, A-style factors
+        for module in [m for m in TOP_ORIGINAL_NAMES if f"{m}.weight" in shapes and "norm" not in m]:
+            low_rank(module, f"diffusion_model.{original_name(module)}", "lora_down.weight", "lora_up.weight", None)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(ALL_LAYOUTS)}")
+    return {k: v.to(dtype).contiguous() for k, v in tensors.items()}, expected
+
+
+def write_lora(
+    path: str | Path,
+    model: torch.nn.Module,
+    layout: str,
+    *,
+    metadata: dict[str, str] | None = None,
+    **options,
+) -> dict[str, torch.Tensor]:
+    """Write a LoRA for `model`'s shapes in `layout`; return the deltas it means (see lora_tensors)."""
+    from safetensors.torch import save_file
+
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    tensors, expected = lora_tensors(shapes, layout, **options)
+    save_file(tensors, str(path), metadata=metadata)
+    return expected

@@ -239,7 +239,8 @@ class LoraFile:
     @property
     def module_kinds(self) -> list[str]:
         """Targeted kinds, e.g. `attn1.to_q` or `proj_out`, block indices removed."""
-        return sorted({re.sub(r"^blocks\.\d+\.", "", name.rsplit(".", 1)[0]) for name in self.deltas})
+        modules = (name.removesuffix(".weight").removesuffix(".bias") for name in self.deltas)
+        return sorted({re.sub(r"^blocks\.\d+\.", "", module) for module in modules})
 
     @property
     def is_i2v(self) -> bool:

@@ -1,0 +1,26 @@
+"""Helpers for LoRA tests: snapshots and the expected weights."""
+
+from __future__ import annotations
+
+import torch
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def assert_weights(module: torch.nn.Module, base: dict, deltas: list[tuple[dict, float]], atol: float = 1e-6):
+    """Every parameter equals base + sum(strength * delta); untouched ones bitwise."""
+    for name, param in module.named_parameters():
+        touched = [(d[name], s) for d, s in deltas if name in d]
+        if not touched:
+            assert torch.equal(param, base[name]), f"{name} changed but no LoRA targets it"
+            continue
+        want = base[name].double() + sum(s * d.double().reshape(param.shape) for d, s in touched)
+        err = (param.double() - want).abs().max().item()
+        assert err <= atol, f"{name} is off by {err}"
+
+
+def assert_bitwise(module: torch.nn.Module, reference: dict[str, torch.Tensor]):
+    for name, param in module.named_parameters():
+        assert torch.equal(param, reference[name]), f"{name} differs"

@@ -1,0 +1,173 @@
+"""Every layout of lora-formats.md, read and merged exactly; diffusers as the oracle where it works."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from wanlora.errors import LoraFormatError, LoraMismatch
+from wanlora.lora.formats import read_lora, trigger_words
+from wanlora.lora.merge import LoraMerger
+from wanlora.testing import (
+    ALL_LAYOUTS,
+    PREFIX_VARIANTS,
+    block_linears,
+    lora_tensors,
+    tiny_pipeline,
+    tiny_transformer,
+    write_lora,
+)
+
+from .lora_helpers import assert_weights, snapshot
+
+
+@pytest.fixture
+def model():
+    return tiny_transformer()
+
+
+def shapes_of(model):
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_every_layout_merges_to_the_math(model, tmp_path, layout):
+    base = snapshot(model)
+    expected = write_lora(tmp_path / "l.safetensors", model, layout)
+    lora = read_lora(tmp_path / "l.safetensors")
+    assert set(lora.deltas) == set(expected)
+    LoraMerger(model).apply([(lora, -0.6)])
+    assert_weights(model, base, [(expected, -0.6)])
+
+
+@pytest.mark.parametrize("prefix", PREFIX_VARIANTS)
+def test_prefix_variants_mean_the_same(model, tmp_path, prefix):
+    tensors, expected = lora_tensors(shapes_of(model), "A", prefix=prefix)
+    save_file(tensors, tmp_path / "l.safetensors")
+    base = snapshot(model)
+    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    assert_weights(model, base, [(expected, 1.0)])
+
+
+def test_lycoris_on_diffusers_names(model, tmp_path):
+    tensors, expected = lora_tensors(shapes_of(model), "G")
+    renamed = {}
+    for key, value in tensors.items():
+        renamed[
+            key.replace("self_attn_q", "attn1_to_q")
+            .replace("self_attn_k", "attn1_to_k")
+            .replace("self_attn_v", "attn1_to_v")
+            .replace("self_attn_o", "attn1_to_out_0")
+            .replace("cross_attn_q", "attn2_to_q")
+            .replace("cross_attn_k", "attn2_to_k")
+            .replace("cross_attn_v", "attn2_to_v")
+            .replace("cross_attn_o", "attn2_to_out_0")
+            .replace("ffn_0", "ffn_net_0_proj")
+            .replace("ffn_2", "ffn_net_2")
+        ] = value
+    save_file(renamed, tmp_path / "l.safetensors")
+    base = snapshot(model)
+    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    assert_weights(model, base, [(expected, 1.0)])
+
+
+@pytest.mark.parametrize("layout", ["A", "B", "C", "D"])
+def test_matches_diffusers_fuse_lora_where_diffusers_loads(tmp_path, layout):
+    ours, theirs = tiny_pipeline(), tiny_pipeline()
+    write_lora(tmp_path / "l.safetensors", ours.transformer, layout, seed=3)
+    LoraMerger(ours.transformer).apply([(read_lora(tmp_path / "l.safetensors"), 0.8)])
+    theirs.load_lora_weights(str(tmp_path / "l.safetensors"), adapter_name="style")
+    theirs.fuse_lora(lora_scale=0.8, components=["transformer"])
+    theirs.unload_lora_weights()
+    reference = dict(theirs.transformer.named_parameters())
+    for name, param in ours.transformer.named_parameters():
+        torch.testing.assert_close(param, reference[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["E", "F"])
+def test_diffusers_silently_ignores_what_we_apply(tmp_path, layout):
+    """DiffSynth `.default` and bare PEFT keys: diffusers warns and changes nothing."""
+    pipe = tiny_pipeline()
+    base = snapshot(pipe.transformer)
+    write_lora(tmp_path / "l.safetensors", pipe.transformer, layout)
+    pipe.load_lora_weights(str(tmp_path / "l.safetensors"), adapter_name="style")
+    pipe.fuse_lora(lora_scale=1.0, components=["transformer"])
+    pipe.unload_lora_weights()
+    assert all(torch.equal(p, base[n]) for n, p in pipe.transformer.named_parameters())
+    assert len(read_lora(tmp_path / "l.safetensors").deltas) == 20
+
+
+def test_partial_loras_touch_only_their_modules(model, tmp_path):
+    shapes = shapes_of(model)
+    attention_only = [m for m in block_linears(shapes, blocks=[1]) if ".attn1." in m]
+    expected = write_lora(tmp_path / "l.safetensors", model, "C", targets=attention_only)
+    base = snapshot(model)
+    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    assert_weights(model, base, [(expected, 1.0)])
+    assert len(expected) == 4
+
+
+def test_peft_metadata_alpha_is_honoured(model, tmp_path):
+    tensors, expected = lora_tensors(shapes_of(model), "D")
+    config = {"r": 4, "lora_alpha": 8, "use_rslora": False}
+    save_file(tensors, tmp_path / "l.safetensors", metadata={"lora_adapter_metadata": json.dumps(config)})
+    base = snapshot(model)
+    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    assert_weights(model, base, [({k: 2 * v for k, v in expected.items()}, 1.0)])
+
+
+def test_unknown_keys_are_listed_up_to_ten(tmp_path):
+    junk = {f"diffusion_model.blocks.{i}.self_attn.q.lora_down.weight": torch.zeros(4, 24) for i in range(12)}
+    junk |= {f"diffusion_model.blocks.{i}.self_attn.q.lora_up.weight": torch.zeros(24, 4) for i in range(12)}
+    junk["diffusion_model.blocks.0.weird_layer.lora_down.weight"] = torch.zeros(4, 24)
+    junk["diffusion_model.blocks.0.weird_layer.lora_up.weight"] = torch.zeros(24, 4)
+    save_file(junk, tmp_path / "l.safetensors")
+    with pytest.raises(LoraFormatError, match="does not have: blocks.0.weird_layer"):
+        read_lora(tmp_path / "l.safetensors")
+    save_file({f"something_else_{i}": torch.zeros(1) for i in range(13)}, tmp_path / "m.safetensors")
+    with pytest.raises(LoraFormatError, match="not LoRA factors: .* and 3 more"):
+        read_lora(tmp_path / "m.safetensors")
+
+
+def test_missing_factor_and_unsupported_kinds_are_explained(tmp_path):
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 24)}, tmp_path / "a.safetensors")
+    with pytest.raises(LoraFormatError, match=r"lacks \['up'\]"):
+        read_lora(tmp_path / "a.safetensors")
+    save_file({"diffusion_model.blocks.0.self_attn.q.dora_scale": torch.zeros(1, 24)}, tmp_path / "b.safetensors")
+    with pytest.raises(LoraFormatError, match="DoRA"):
+        read_lora(tmp_path / "b.safetensors")
+    (tmp_path / "c.safetensors").write_bytes(b"<html>login</html>")
+    with pytest.raises(LoraFormatError, match="not a readable safetensors"):
+        read_lora(tmp_path / "c.safetensors")
+
+
+def test_a_14b_lora_on_the_small_model_names_its_base(model, tmp_path):
+    shapes = {"blocks.0.attn1.to_q.weight": (5120, 5120), "blocks.0.attn1.to_k.weight": (5120, 5120)}
+    tensors, _ = lora_tensors(shapes, "A", rank=2)
+    save_file(tensors, tmp_path / "big.safetensors")
+    with pytest.raises(LoraMismatch, match=r"Wan2.1 14B text-to-video \(dim 5120\).*dim 24"):
+        LoraMerger(model).apply([(read_lora(tmp_path / "big.safetensors"), 1.0)])
+
+
+def test_i2v_parts_on_a_t2v_model_are_skipped_with_a_warning(model, tmp_path, caplog):
+    shapes = shapes_of(model) | {
+        "blocks.0.attn2.add_k_proj.weight": (24, 32),
+        "condition_embedder.image_embedder.ff.net.0.proj.weight": (32, 32),
+    }
+    targets = ["blocks.0.attn1.to_q", "blocks.0.attn2.add_k_proj", "condition_embedder.image_embedder.ff.net.0.proj"]
+    tensors, expected = lora_tensors(shapes, "A", targets=targets)
+    save_file(tensors, tmp_path / "i2v.safetensors")
+    lora = read_lora(tmp_path / "i2v.safetensors")
+    assert lora.is_i2v and "image-to-video" in lora.base_model_hint()
+    base = snapshot(model)
+    LoraMerger(model).apply([(lora, 1.0)])
+    assert_weights(model, base, [({"blocks.0.attn1.to_q.weight": expected["blocks.0.attn1.to_q.weight"]}, 1.0)])
+    assert "blocks.0.attn2.add_k_proj.weight" in caplog.text and "image-to-video" in caplog.text
+
+
+def test_trigger_words_from_metadata():
+    assert trigger_words({"modelspec.trigger_phrase": "sks dog, in style"}) == ["sks dog", "in style"]
+    freq = json.dumps({"10_set": {"wanstyle": 30, "a dog": 2, "blue": 5}})
+    assert trigger_words({"ss_tag_frequency": freq}) == ["wanstyle", "blue", "a dog"]
+    assert trigger_words({"ss_tag_frequency": "not json"}) == []
