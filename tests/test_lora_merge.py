@@ -100,18 +100,18 @@ def test_interrupted_write_puts_the_previous_set_back(pool, monkeypatch):
     merger.apply([(loaded["a"], 1.0)])
     before = snapshot(model)
     calls = {"n": 0}
-    original = Delta.add_to
+    original = Delta.row_adder
 
-    def flaky(self, acc, strength):
+    def flaky(self, shape, device):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt  # a cancellation in the middle of the swap
-        original(self, acc, strength)
+        return original(self, shape, device)
 
-    monkeypatch.setattr(Delta, "add_to", flaky)
+    monkeypatch.setattr(Delta, "row_adder", flaky)
     with pytest.raises(KeyboardInterrupt):
         merger.apply([(loaded["b"], 1.0), (loaded["c"], 1.0)])
-    monkeypatch.setattr(Delta, "add_to", original)
+    monkeypatch.setattr(Delta, "row_adder", original)
     assert_bitwise(model, before)
     merger.apply([(loaded["b"], 1.0)])  # and the next request works
     assert_bitwise(model, reference_weights(tiny_transformer, [(loaded["b"], 1.0)]))
@@ -166,3 +166,17 @@ def test_strength_schedule_remerges_only_at_phase_boundaries(fresh_tiny_pipe, po
     assert applied == [[1.0, 0.5], [1.0, 0.5], [0.25, 0.5]]
     expected = reference_weights(tiny_transformer, [(read_lora(pool["a"][0]), 0.25), (read_lora(pool["b"][0]), 0.5)])
     assert_bitwise(pipe.transformer, expected)
+
+
+def test_bf16_single_gemm_rounds_once_from_fp32(tmp_path):
+    """The one-GEMM path for bf16 factors on bf16 weights equals round(fp32 math) to one ulp."""
+    model = bf16_tiny()
+    base = snapshot(model)
+    expected = write_lora(tmp_path / "l.safetensors", model, "A", dtype=torch.bfloat16, seed=9)
+    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 0.9)])
+    for name, delta in expected.items():
+        param = dict(model.named_parameters())[name]
+        want = (base[name].float() + 0.9 * delta).to(torch.bfloat16)
+        ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-30)
+        assert ((param.float() - want.float()).abs() <= ulp).all(), name
+        assert (param != want).float().mean() < 0.01, name

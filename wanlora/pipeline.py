@@ -179,7 +179,10 @@ class WanLoraPipeline:
         return self._denoise(settings, progress)
 
     def _denoise(self, settings: GenerationSettings, progress: bool) -> Video:
-        self.pipe.scheduler = UniPCMultistepScheduler.from_config(self.pipe.scheduler.config, flow_shift=settings.shift)
+        if self.pipe.scheduler.config.flow_shift != settings.shift:
+            self.pipe.scheduler = UniPCMultistepScheduler.from_config(
+                self.pipe.scheduler.config, flow_shift=settings.shift
+            )
         self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
         logger.info(
             "generating seed=%d %dx%d %d frames, %d steps",

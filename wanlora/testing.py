@@ -138,12 +138,6 @@ def block_linears(shapes: dict[str, tuple[int, ...]], blocks: list[int] | None =
     return names
 
 
-def _low_rank_factors(out_features: int, in_shape: tuple[int, ...], rank: int, gen: torch.Generator):
-    down = torch.randn(rank, *in_shape, generator=gen) / rank
-    up = torch.randn(out_features, rank, *([1] * (len(in_shape) - 1)), generator=gen) * 0.1
-    return up, down
-
-
 def lora_tensors(
     shapes: dict[str, tuple[int, ...]],
     layout: str,
@@ -161,13 +155,19 @@ def lora_tensors(
     changed parameter to its delta, computed with section 3's math.
     """
     gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        """Random values already rounded to `dtype`, so `expected` is exact for the file."""
+        return (torch.randn(shape, generator=gen) * scale).to(dtype).float()
+
     targets = targets or block_linears(shapes)
     tensors: dict[str, torch.Tensor] = {}
     expected: dict[str, torch.Tensor] = {}
 
     def low_rank(module: str, key_base: str, down_suffix: str, up_suffix: str, alpha: float | None):
         shape = shapes[f"{module}.weight"]
-        up, down = _low_rank_factors(shape[0], tuple(shape[1:]), rank, gen)
+        down = randn(rank, *shape[1:], scale=1 / rank)
+        up = randn(shape[0], rank, *([1] * (len(shape) - 2)), scale=0.1)
         tensors[f"{key_base}.{down_suffix}"], tensors[f"{key_base}.{up_suffix}"] = down, up
         scale = 1.0
         if alpha is not None:
@@ -189,15 +189,15 @@ def lora_tensors(
             alpha = rank / 2
             tensors[f"{key}.alpha"] = torch.tensor(alpha)
             if layout == "G":
-                w1a, w2a = (torch.randn(out_features, rank, generator=gen) * 0.3 for _ in range(2))
-                w1b, w2b = (torch.randn(rank, in_features, generator=gen) * 0.3 for _ in range(2))
+                w1a, w2a = (randn(out_features, rank, scale=0.3) for _ in range(2))
+                w1b, w2b = (randn(rank, in_features, scale=0.3) for _ in range(2))
                 for suffix, value in zip(("w1_a", "w1_b", "w2_a", "w2_b"), (w1a, w1b, w2a, w2b), strict=True):
                     tensors[f"{key}.hada_{suffix}"] = value
                 expected[f"{module}.weight"] = (w1a @ w1b) * (w2a @ w2b) * (alpha / rank)
             else:
-                w1 = torch.randn(2, 2, generator=gen)
-                w2a = torch.randn(out_features // 2, rank, generator=gen) * 0.1
-                w2b = torch.randn(rank, in_features // 2, generator=gen) * 0.1
+                w1 = randn(2, 2)
+                w2a = randn(out_features // 2, rank, scale=0.1)
+                w2b = randn(rank, in_features // 2, scale=0.1)
                 tensors.update({f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b})
                 expected[f"{module}.weight"] = torch.kron(w1, w2a @ w2b) * (alpha / rank)
     elif layout == "I":  # lightx2v-style: LoRA on attention, full deltas elsewhere
@@ -206,8 +206,8 @@ def lora_tensors(
             if ".attn" in module:
                 low_rank(module, key, "lora_down.weight", "lora_up.weight", float(rank))
                 continue
-            delta = torch.randn(shapes[f"{module}.weight"], generator=gen) * 0.01
-            bias = torch.randn(shapes[f"{module}.bias"], generator=gen) * 0.01
+            delta = randn(*shapes[f"{module}.weight"], scale=0.01)
+            bias = randn(*shapes[f"{module}.bias"], scale=0.01)
             tensors[f"{key}.diff"], tensors[f"{key}.diff_b"] = delta, bias
             expected[f"{module}.weight"], expected[f"{module}.bias"] = delta, bias
         blocks = sorted({int(m.split(".")[1]) for m in targets if m.startswith("blocks.")})
@@ -217,9 +217,9 @@ def lora_tensors(
                 (f"blocks.{n}.self_attn.norm_q.diff", f"blocks.{n}.attn1.norm_q.weight"),
                 (f"blocks.{n}.diff_m", f"blocks.{n}.scale_shift_table"),
             ):
-                delta = torch.randn(shapes[param], generator=gen) * 0.01
+                delta = randn(*shapes[param], scale=0.01)
                 tensors[f"diffusion_model.{original}"] = expected[param] = delta
-        head = torch.randn(shapes["proj_out.weight"], generator=gen) * 0.01
+        head = randn(*shapes["proj_out.weight"], scale=0.01)
         tensors["diffusion_model.head.head.diff"] = expected["proj_out.weight"] = head
     elif layout == "J":  # non-block layers, original names, A-style factors
         for module in [m for m in TOP_ORIGINAL_NAMES if f"{m}.weight" in shapes and "norm" not in m]:

@@ -201,13 +201,41 @@ class Delta:
             return torch.kron(w1, w2).mul_(self.scale)
         return f[0]
 
-    def add_to(self, acc: torch.Tensor, strength: float) -> None:
-        """acc += strength * delta, in acc's dtype (fp32), without a dense temporary for LoRA."""
-        if self.kind == "lora" and acc.dim() == 2:
-            up, down = (t.to(device=acc.device, dtype=acc.dtype) for t in self.factors)
-            acc.addmm_(up, down, alpha=strength * self.scale)
-        else:
-            acc.add_(self.compute(acc.device).reshape(acc.shape), alpha=strength)
+    def gemm_factors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up, down) as 2-D matrices in `dtype` when that cast is exact, else None.
+
+        Exact means the factors already have `dtype`, or `dtype` is float32 (which holds
+        every bf16/fp16 value). Then one GEMM, which accumulates in fp32 and rounds once,
+        can add this delta to a weight with no fp32 copy of the weight.
+        """
+        if self.kind != "lora" or any(t.dtype not in (dtype, torch.bfloat16, torch.float16) for t in self.factors):
+            return None
+        if dtype != torch.float32 and any(t.dtype != dtype for t in self.factors):
+            return None
+        up, down = (t.to(device=device, dtype=dtype).flatten(1) for t in self.factors)
+        return up, down
+
+    def row_adder(self, shape: torch.Size, device: torch.device):
+        """A function `add(acc, start, stop, strength)` that adds rows start:stop of the delta.
+
+        The delta is seen as a (rows, -1) matrix of the parameter's shape. LoRA rows come
+        from `up[start:stop] @ down`, so a dense delta is never built; other kinds are
+        computed once, here.
+        """
+        if self.kind == "lora":
+            up = self.factors[0].to(device=device, dtype=torch.float32).flatten(1)
+            down = self.factors[1].to(device=device, dtype=torch.float32).flatten(1)
+
+            def add_lora(acc: torch.Tensor, start: int, stop: int, strength: float) -> None:
+                acc.addmm_(up[start:stop], down, alpha=strength * self.scale)
+
+            return add_lora
+        dense = self.compute(device).reshape(shape[0], -1)
+
+        def add_dense(acc: torch.Tensor, start: int, stop: int, strength: float) -> None:
+            acc.add_(dense[start:stop], alpha=strength)
+
+        return add_dense
 
     def fits(self, shape: torch.Size) -> bool:
         """Whether the delta has the parameter's shape, or its size for a conv kernel."""

@@ -20,6 +20,7 @@ from .formats import I2V_ONLY, Delta, LoraFile, _listing
 logger = logging.getLogger(__name__)
 
 Plan = dict[str, list[tuple[Delta, float]]]  # parameter name -> its deltas and strengths
+CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 rows: stays in L2 while the LoRA rows are added
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class LoraMerger:
         self.params = dict(module.named_parameters())
         self.pristine: dict[str, torch.Tensor] = {}
         self.plan: Plan = {}
+        self._buffers: dict[torch.device, torch.Tensor] = {}
 
     def check(self, loras: Sequence[tuple[LoraFile, float]]) -> list[Fit]:
         """Fit every LoRA without changing anything; raises on the first that does not fit."""
@@ -124,6 +126,12 @@ class LoraMerger:
         return len(changed)
 
     def _write(self, name: str, entries: list[tuple[Delta, float]]) -> None:
+        """param = round(pristine + sum(strength * delta)), computed in fp32.
+
+        A lone LoRA whose factors are exact in the weight's dtype is one GEMM (fp32
+        accumulation, one rounding at the output). Anything else is summed in an fp32
+        accumulator in row chunks, small on CPU so that they stay in cache.
+        """
         param = self.params[name]
         if name not in self.pristine:
             self.pristine[name] = _host_copy(param)
@@ -132,10 +140,31 @@ class LoraMerger:
             if not entries:
                 param.copy_(base, non_blocking=True)
                 return
-            acc = base.to(device=param.device, dtype=torch.float32, copy=True, non_blocking=True)
-            for delta, strength in entries:
-                delta.add_to(acc, strength)
-            param.copy_(acc)  # the one rounding to the model dtype
+            if len(entries) == 1 and param.dim() == 2:
+                delta, strength = entries[0]
+                factors = delta.gemm_factors(param.dtype, param.device)
+                if factors is not None:  # one GEMM: fp32 accumulation, one rounding
+                    source = base.to(param.device, non_blocking=True)
+                    torch.addmm(source, *factors, alpha=strength * delta.scale, out=param.data)
+                    return
+            adders = [(delta.row_adder(param.shape, param.device), strength) for delta, strength in entries]
+            rows, target, source = param.shape[0], param.view(param.shape[0], -1), base.view(param.shape[0], -1)
+            step = rows if param.device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // target.shape[1])
+            workspace = self._workspace(param.device, min(step, rows) * target.shape[1])
+            for start in range(0, rows, step):
+                stop = min(start + step, rows)
+                acc = workspace[: (stop - start) * target.shape[1]].view(stop - start, -1)
+                acc.copy_(source[start:stop], non_blocking=True)
+                for add, strength in adders:
+                    add(acc, start, stop, strength)
+                target[start:stop].copy_(acc)  # the one rounding to the model dtype
+
+    def _workspace(self, device: torch.device, elements: int) -> torch.Tensor:
+        """A reused fp32 buffer: allocating a fresh one per tensor costs more than the math."""
+        buffer = self._buffers.get(device)
+        if buffer is None or buffer.numel() < elements:
+            buffer = self._buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
+        return buffer
 
 
 def _host_copy(param: torch.nn.Parameter) -> torch.Tensor:
