@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from wanlora.errors import LoraFormatError, LoraMismatch
-from wanlora.lora.formats import read_lora, trigger_words
+from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
+from wanlora.lora.metadata import trigger_words
 from wanlora.testing import (
     ALL_LAYOUTS,
     PREFIX_VARIANTS,

@@ -14,7 +14,6 @@ from pathlib import Path
 from . import __version__
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
-from .lora.refs import resolve_local
 from .models import ASPECT_RATIOS, CATALOGUE, SIZE_PRESETS, resolve_model
 from .settings import resolve_settings
 
@@ -24,6 +23,10 @@ from .settings import resolve_settings
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
     "folder, or 'tiny': a random offline model for smoke runs that makes noise, not art"
+)
+REF_HELP = (
+    "owner/repo, owner/repo/file.safetensors, owner/repo@rev/file, a huggingface.co, civitai.com or "
+    "replicate.com link, civitai:VERSION_ID, any https:// link to a .safetensors file, or a local path"
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -87,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lora = commands.add_parser("lora", help="inspect LoRA files or bake them into a model")
     lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=OneLineParser)
+    fetch = lora_commands.add_parser("fetch", help="download and verify a LoRA; print its local path")
+    fetch.add_argument("ref", help=REF_HELP)
     inspect = lora_commands.add_parser("inspect", help="show a LoRA's layout, ranks, targets and trigger words")
-    inspect.add_argument("ref")
+    inspect.add_argument("ref", help=REF_HELP)
     inspect.add_argument("--model", help="also check coverage against this base model: " + MODEL_HELP)
     inspect.add_argument("--json", action="store_true", help="print JSON")
     merge = lora_commands.add_parser("merge", help="write a diffusers-layout model with LoRAs baked in")
@@ -96,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--lora", action="append", required=True, metavar="REF[:STRENGTH]")
     merge.add_argument("--out", required=True, help="a new (or empty) folder")
     merge.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights dtype (default bf16)")
+    cache = commands.add_parser("cache", help="the LoRA download cache (WANLORA_CACHE)")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, parser_class=OneLineParser)
+    cache_commands.add_parser("list", help="show cached LoRAs, most recently used first")
+    cache_commands.add_parser("clear", help="delete every cached LoRA and unfinished download")
     return parser
 
 
@@ -122,8 +131,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     loras = [parse_lora_arg(text) for text in args.lora]
-    for ref, _ in loras:
-        resolve_local(ref)
+    from .lora.fetch import fetch_lora
+
+    for ref, _ in loras:  # download and verify before the (slow) model load
+        fetch_lora(ref)
     from .pipeline import WanLoraPipeline
 
     pipe = WanLoraPipeline.from_pretrained(args.model, device=args.device, attention=args.attention)
@@ -153,13 +164,15 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 
 
 def describe_lora(ref: str, model: str | None) -> dict:
-    from .lora.formats import read_lora, trigger_words
+    from .lora.fetch import fetch_lora
+    from .lora.formats import read_lora
     from .lora.merge import fit_lora
 
-    path = resolve_local(ref)
-    lora = read_lora(path)
+    fetched = fetch_lora(ref)
+    lora = read_lora(fetched.path)
     info = {
-        "path": str(path),
+        "source": fetched.source,
+        "path": str(fetched.path),
         "layout": lora.layout,
         "tensors": lora.tensor_count,
         "parameters": len(lora.deltas),
@@ -168,7 +181,7 @@ def describe_lora(ref: str, model: str | None) -> dict:
         "delta_kinds": sorted({d.kind for d in lora.deltas.values()}),
         "targets": lora.module_kinds,
         "base_model": lora.base_model_hint(),
-        "trigger_words": trigger_words(lora.metadata),
+        "trigger_words": fetched.trigger_words,
     }
     if model:
         from .pipeline import meta_transformer
@@ -195,6 +208,7 @@ def cmd_lora_inspect(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
         return
     rows = [
+        ("source", info["source"]),
         ("file", info["path"]),
         ("layout", info["layout"]),
         ("tensors", f"{info['tensors']} ({info['parameters']} parameters changed)"),
@@ -243,10 +257,41 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     print(out)
 
 
+def cmd_lora_fetch(args: argparse.Namespace) -> None:
+    from .lora.fetch import fetch_lora
+
+    fetched = fetch_lora(args.ref)
+    print(f"source: {fetched.source}")
+    print(f"size: {fetched.size / 2**20:.1f} MiB" + (f", sha256 {fetched.sha256}" if fetched.sha256 else ""))
+    print(f"trigger words: {', '.join(fetched.trigger_words) or 'none found'}")
+    print(fetched.path)
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    import time
+
+    from .lora.cache import LoraCache, cache_limit_bytes
+
+    cache = LoraCache()
+    if args.cache_command == "clear":
+        freed = cache.clear()
+        print(f"cleared {cache.root} ({freed / 2**20:.1f} MiB freed)")
+        return
+    entries = cache.entries()
+    total = sum(e.size for e in entries)
+    print(f"{cache.root}: {len(entries)} LoRAs, {total / 2**20:.1f} MiB of {cache_limit_bytes() / 2**30:g} GiB")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        print(f"{e.size / 2**20:9.1f} MiB  {used}  {e.source}")
+
+
 COMMANDS = {
     ("generate", None): cmd_generate,
     ("tiny-model", None): cmd_tiny_model,
+    ("lora", "fetch"): cmd_lora_fetch,
     ("lora", "inspect"): cmd_lora_inspect,
+    ("cache", "list"): cmd_cache,
+    ("cache", "clear"): cmd_cache,
     ("lora", "merge"): cmd_lora_merge,
 }
 
@@ -262,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # diffusers and transformers speak up about experimental APIs on every load
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         logging.getLogger("transformers").setLevel(logging.ERROR)
-    handler = COMMANDS[(args.command, getattr(args, "lora_command", None))]
+    sub = getattr(args, "lora_command", None) or getattr(args, "cache_command", None)
+    handler = COMMANDS[(args.command, sub)]
     try:
         handler(args)
     except WanLoraError as exc:

@@ -25,7 +25,7 @@ from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, Repo
 from . import __version__
 from .attention import choose_backend, install_backend
 from .errors import ModelNotFound
-from .lora.formats import trigger_words
+from .lora.fetch import Credentials
 from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strengths
 from .lora.merge import LoraMerger
 from .models import ModelSpec, resolve_model
@@ -101,16 +101,21 @@ class WanLoraPipeline:
         """The diffusers `WanTransformer3DModel` that LoRAs are merged into."""
         return self.pipe.transformer
 
-    def set_loras(self, loras: Sequence[tuple[str, float | Sequence[float]]] | None) -> None:
+    def set_loras(
+        self,
+        loras: Sequence[tuple[str, float | Sequence[float]]] | None,
+        credentials: Credentials | None = None,
+    ) -> None:
         """Make the weights equal to base + sum(strength_i * delta_i), exactly.
 
         Every LoRA is fetched, parsed and checked against the model before any weight
         changes; if one fails, the model stays as it was. The same set as now does nothing.
         A list strength is a schedule over equal phases of the denoising steps; outside
-        `generate` its first value applies.
+        `generate` its first value applies. `credentials` carries per-request Hub and
+        Civitai tokens (HF_TOKEN and CIVITAI_API_TOKEN apply otherwise).
         """
         requests = parse_requests(loras or [])
-        loaded = [self.loader.load(r.ref) for r in requests]
+        loaded = [self.loader.load(r.ref, credentials) for r in requests]
         started = time.perf_counter()
         rewritten = self.merger.apply(
             [(lora, phase_strengths(r.strength, 0)) for lora, r in zip(loaded, requests, strict=True)]
@@ -125,7 +130,7 @@ class WanLoraPipeline:
                     r.strength,
                     lora.layout,
                     len(lora.deltas),
-                    ", ".join(trigger_words(lora.metadata)) or "none found",
+                    ", ".join(lora.trigger_words) or "none found",
                     seconds,
                 )
             if not requests:
@@ -150,6 +155,7 @@ class WanLoraPipeline:
         shift: float | None = None,
         seed: int | None = None,
         loras: Sequence[tuple[str, float | Sequence[float]]] | None = None,
+        credentials: Credentials | None = None,
         progress: bool = True,
     ) -> Video:
         """Generate a video. Every argument is checked before any work starts.
@@ -175,7 +181,7 @@ class WanLoraPipeline:
             seed=seed,
         )
         if loras is not None:
-            self.set_loras(loras)
+            self.set_loras(loras, credentials)
         return self._denoise(settings, progress)
 
     def _denoise(self, settings: GenerationSettings, progress: bool) -> Video:

@@ -255,6 +255,7 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     tensor_count: int = 0
     fingerprint: str = ""  # identifies the file's content for "same set as now"
+    trigger_words: list[str] = field(default_factory=list)
 
     @property
     def ranks(self) -> list[int]:
@@ -291,33 +292,6 @@ class LoraFile:
             return f"a Wan2.1 {kind} model (width unknown: no attention or FFN deltas)"
         label = " / ".join(names.get(d, "an unknown Wan model") for d in dims)
         return f"{label} {kind} (dim {', '.join(map(str, dims))})"
-
-
-TRIGGER_KEYS = ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "ss_trigger_words", "instance_prompt")
-
-
-def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
-    """Trigger words a trainer recorded: explicit phrases first, then kohya's most used tags."""
-    words: list[str] = []
-    for key in TRIGGER_KEYS:
-        value = metadata.get(key, "").strip()
-        if value:
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError:
-                parsed = value
-            items = parsed if isinstance(parsed, list) else str(parsed).split(",")
-            words += [str(w).strip() for w in items if str(w).strip()]
-    if not words and metadata.get("ss_tag_frequency"):
-        try:
-            frequency: dict[str, int] = defaultdict(int)
-            for tags in json.loads(metadata["ss_tag_frequency"]).values():
-                for tag, count in tags.items():
-                    frequency[tag.strip()] += int(count)
-            words = sorted(frequency, key=lambda t: (-frequency[t], t))[:3]
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-            pass  # a malformed optional hint: no trigger words, the LoRA still applies
-    return list(dict.fromkeys(words))[:limit]
 
 
 # ---------------------------------------------------------------------------- reading

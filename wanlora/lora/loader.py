@@ -8,10 +8,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InvalidInput
-from .formats import LoraFile, read_lora, trigger_words
-from .refs import resolve_local
+from .fetch import Credentials, fetch_lora
+from .formats import LoraFile, read_lora
 
 logger = logging.getLogger(__name__)
 
@@ -60,32 +61,46 @@ def phase_strengths(strength: Strength, phase: int) -> float:
 
 
 class LoraLoader:
-    """Resolves references to files and keeps the last few parsed LoRAs for fast swaps."""
+    """Fetches references to verified files and keeps the last few parsed LoRAs for fast swaps.
+
+    A reference seen recently is not fetched again: swapping back to it costs no network.
+    A local file is re-read when it changes on disk.
+    """
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = capacity
-        self._cache: OrderedDict[tuple, LoraFile] = OrderedDict()
+        self._parsed: OrderedDict[str, tuple[tuple, LoraFile]] = OrderedDict()
 
-    def load(self, ref: str) -> LoraFile:
-        path = resolve_local(ref)
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+    def load(self, ref: str, credentials: Credentials | None = None) -> LoraFile:
+        known = self._parsed.get(ref)
+        if known and known[0] == _identity(known[1].path):
+            self._parsed.move_to_end(ref)
+            return known[1]
         started = time.perf_counter()
-        lora = read_lora(path)
-        lora.fingerprint = f"{key[0]}:{key[1]}:{key[2]}"
-        self._cache[key] = lora
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
+        fetched = fetch_lora(ref, credentials)
+        lora = read_lora(fetched.path)
+        lora.trigger_words = fetched.trigger_words
+        identity = _identity(lora.path)
+        lora.fingerprint = ":".join(map(str, identity))
+        self._parsed[ref] = (identity, lora)
+        while len(self._parsed) > self.capacity:
+            self._parsed.popitem(last=False)
         logger.info(
-            "LoRA %s: %s, rank %s, %d parameters, trigger words %s, read in %.2fs",
+            "LoRA %s: %s, rank %s, %d parameters, trigger words %s, fetched and read in %.2fs",
             ref,
             lora.layout,
             "/".join(map(str, lora.ranks)) or "-",
             len(lora.deltas),
-            trigger_words(lora.metadata) or "none found",
+            ", ".join(lora.trigger_words) or "none found",
             time.perf_counter() - started,
         )
         return lora
+
+
+def _identity(path: str) -> tuple:
+    """Changes when the file does: its size and modification time."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return ()
+    return (path, stat.st_size, stat.st_mtime_ns)
