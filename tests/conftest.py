@@ -73,3 +73,41 @@ def fresh_tiny_pipe() -> WanLoraPipeline:
 def comment_tags(text: str) -> dict:
     line = next(line for line in text.splitlines() if line.strip().startswith("comment"))
     return json.loads(line.split(":", 1)[1].strip())
+
+
+@pytest.fixture
+def offline_net(tmp_path, monkeypatch):
+    """A fresh LoRA cache, loopback URLs allowed, fast retries; returns the env for subprocesses."""
+    from wanlora.lora import fetch
+
+    env = {"WANLORA_CACHE": str(tmp_path / "cache"), "WANLORA_ALLOW_PRIVATE_URLS": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.01)
+    return env
+
+
+@pytest.fixture
+def file_server():
+    from .servers import FileServer
+
+    with FileServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """The stand-in Hub behind HF_ENDPOINT, with its own Hub cache."""
+    import huggingface_hub.constants as constants
+
+    from .servers import FakeHub
+
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        yield hub

@@ -58,6 +58,10 @@ def private_urls_allowed() -> bool:
     return os.environ.get("WANLORA_ALLOW_PRIVATE_URLS") == "1"
 
 
+class NoSuchHubRepo(LoraNotFound):
+    """The Hub has no such repo (or hides a private one): `owner/repo` may be a Replicate model."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Per-request tokens; None falls back to HF_TOKEN / CIVITAI_API_TOKEN."""
@@ -94,11 +98,11 @@ def fetch_lora(ref: str, credentials: Credentials | None = None, cache: LoraCach
     if source.kind == "hub_or_replicate":
         try:
             return _fetch_hub(source, label, credentials)
-        except LoraNotFound as hub_error:
+        except NoSuchHubRepo as hub_error:
             replicate = Source("replicate", f"replicate:{source.repo_id}", repo_id=source.repo_id)
             try:
                 return _fetch_replicate(replicate, label, cache)
-            except LoraNotFound as replicate_error:
+            except LoraError as replicate_error:
                 raise LoraNotFound(
                     f"{label} was tried as a Hugging Face repo ({hub_error}) and as a Replicate model "
                     f"({replicate_error}); check the name"
@@ -134,10 +138,12 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> FetchedL
             raise _too_big(label, size)
         path = Path(hf_hub_download(repo, filename, revision=revision, token=token))
     except GatedRepoError as exc:
-        raise LoraAuthRequired(f"{label}: {repo} is gated; accept its terms on the Hub, then set HF_TOKEN "
-                               "(or hf_api_token) to a token with access") from exc
+        raise LoraAuthRequired(
+            f"{label}: {repo} is gated; accept its terms on the Hub, then set HF_TOKEN "
+            "(or hf_api_token) to a token with access"
+        ) from exc
     except RepositoryNotFoundError as exc:
-        raise LoraNotFound(f"no Hugging Face repo {repo} (or it is private: set HF_TOKEN / hf_api_token)") from exc
+        raise NoSuchHubRepo(f"no Hugging Face repo {repo} (or it is private: set HF_TOKEN / hf_api_token)") from exc
     except RevisionNotFoundError as exc:
         raise LoraNotFound(f"{label}: {repo} has no revision {revision!r}") from exc
     except EntryNotFoundError as exc:
@@ -151,7 +157,7 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> FetchedL
         raise LoraDownloadError(f"{label}: the Hub answered {status or 'an error'}; try again later") from exc
     canonical = f"hf:{repo}@{revision or 'main'}/{filename}"
     fetched = _verified(path, canonical, label)
-    words = list(dict.fromkeys(fetched.trigger_words + _card_trigger_words(repo, revision, token)))
+    words = list(dict.fromkeys(fetched.trigger_words + _card_trigger_words(repo, token)))
     return FetchedLora(fetched.path, canonical, fetched.size, None, words)
 
 
@@ -165,12 +171,12 @@ def _single_safetensors(api, repo: str, revision: str | None, label: str) -> str
     raise LoraNotFound(f"{label}: {repo} has several .safetensors files; pick one as {repo}/FILE: {listing}")
 
 
-def _card_trigger_words(repo: str, revision: str | None, token: str | None) -> list[str]:
+def _card_trigger_words(repo: str, token: str | None) -> list[str]:
     from huggingface_hub import ModelCard
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        card = ModelCard.load(repo, revision=revision, token=token)
+        card = ModelCard.load(repo, token=token)
     except (HfHubHTTPError, OSError, ValueError):
         return []  # no card is normal; trigger words are a hint
     return card_trigger_words(card.data.to_dict())
@@ -199,8 +205,9 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
             "page id, not the version id: use the page link with ?modelVersionId=V, or the file's download link"
         ) from exc
     except LoraAuthRequired as exc:
-        raise LoraAuthRequired(f"{label}: Civitai needs an API token for this file; set CIVITAI_API_TOKEN "
-                               "(or the civitai_api_token input)") from exc
+        raise LoraAuthRequired(
+            f"{label}: Civitai needs an API token for this file; set CIVITAI_API_TOKEN (or the civitai_api_token input)"
+        ) from exc
     return fetched
 
 
@@ -258,8 +265,9 @@ def _open(session: requests.Session, url: str, headers: dict[str, str], label: s
     origin = urlsplit(url).netloc
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url, label)
-        response = session.get(url, headers=headers, stream=True, allow_redirects=False,
-                               timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        response = session.get(
+            url, headers=headers, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
+        )
         if response.is_redirect:
             response.close()
             url = urljoin(url, response.headers["Location"])
@@ -367,9 +375,20 @@ def _stream(session: requests.Session, url: str, headers: dict[str, str], partia
                 if total is not None and total > limit:
                     raise _too_big(label, total)
                 mode = "ab" if resumed else "wb"
-                with partial.open(mode) as out, tqdm(total=total, initial=offset if resumed else 0, unit="B",
-                                                     unit_scale=True, unit_divisor=1024, desc=label[-40:],
-                                                     file=sys.stderr, leave=False) as bar:
+                with (
+                    partial.open(mode) as out,
+                    tqdm(
+                        total=total,
+                        initial=offset if resumed else 0,
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=label[-40:],
+                        file=sys.stderr,
+                        leave=False,
+                        disable=None,
+                    ) as bar,
+                ):
                     for chunk in response.iter_content(CHUNK):
                         out.write(chunk)
                         bar.update(len(chunk))
@@ -379,8 +398,12 @@ def _stream(session: requests.Session, url: str, headers: dict[str, str], partia
                 if total is not None and size != total:
                     raise _Retryable(f"got {size} of {total} bytes")
                 return
-        except (_Retryable, requests.ConnectionError, requests.Timeout,
-                requests.exceptions.ChunkedEncodingError) as exc:
+        except (
+            _Retryable,
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ) as exc:
             if attempt + 1 == MAX_ATTEMPTS:
                 raise LoraDownloadError(
                     f"{label}: the download failed after {MAX_ATTEMPTS} attempts ({_describe(exc)}); try again"
@@ -413,8 +436,10 @@ def _unpack_tar(archive: Path, label: str) -> Path:
                 named = [m for m in members if os.path.basename(m.name) == "lora.safetensors"]
                 if len(named) != 1:
                     found = ", ".join(m.name for m in members) or "none"
-                    raise LoraFormatError(f"{label} is a tar that must hold exactly one .safetensors file "
-                                          f"(or one lora.safetensors); it holds: {found}")
+                    raise LoraFormatError(
+                        f"{label} is a tar that must hold exactly one .safetensors file "
+                        f"(or one lora.safetensors); it holds: {found}"
+                    )
                 members = named
             target = archive.with_suffix(".extracted")
             with tar.extractfile(members[0]) as data, target.open("wb") as out:  # type: ignore[union-attr]
@@ -452,4 +477,3 @@ def _too_big(label: str, size: int) -> LoraDownloadError:
 
 def _describe(exc: Exception) -> str:
     return str(exc).split("\n")[0][:200] if str(exc) else type(exc).__name__
-

@@ -27,8 +27,9 @@ REPLICATE_HOSTS = {"replicate.com", "www.replicate.com"}
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 REPO = re.compile(rf"(?P<repo>{NAME}/{NAME})(?:@(?P<rev>[^/\s]+))?(?:/(?P<path>\S+))?")
 # Query parameters that carry credentials or signatures: never part of a cache key.
-SECRET_QUERY = re.compile(r"(token|key|sig|signature|credential|auth|expires|policy|^x-amz-|^x-goog-|^s[eprtv]$)",
-                          re.IGNORECASE)
+SECRET_QUERY = re.compile(
+    r"(token|key|sig|signature|credential|auth|expires|policy|^x-amz-|^x-goog-|^s[eprtv]$)", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ def _parse_url(ref: str, text: str) -> Source:
     if host in REPLICATE_HOSTS and len(segments) >= 2:
         repo = "/".join(segments[:2])
         version = segments[3] if len(segments) >= 4 and segments[2] == "versions" else None
-        return Source("replicate", f"replicate:{repo}" + (f"@{version}" if version else ""),
-                      repo_id=repo, version_id=version)
+        return Source(
+            "replicate", f"replicate:{repo}" + (f"@{version}" if version else ""), repo_id=repo, version_id=version
+        )
     return Source("url", canonical_url(text), url=text)
 
 

@@ -1,0 +1,205 @@
+"""Loopback stand-ins for the outside world: a file server that misbehaves on purpose, and a
+Hub that speaks the endpoints huggingface_hub uses for downloads and file listings."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+@dataclass
+class Route:
+    """What the file server does for one path."""
+
+    body: bytes = b""
+    status: int = 200
+    redirect: str | None = None  # a Location to send instead
+    fail_first: int = 0  # answer 500 this many times first
+    drop_first: int = 0  # send half the body, then hang up, this many times first
+    ignore_range: bool = False
+    delay: float = 0.0  # seconds before the body
+    content_type: str = "application/octet-stream"
+    require_auth: str | None = None  # the Authorization header value that is accepted
+
+
+class _Base(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, handler):
+        super().__init__(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class FileServer(_Base):
+    """Serves `routes`; counts requests and full-body GETs per path; records headers seen."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: Counter[str] = Counter()
+        self.full_bodies: Counter[str] = Counter()
+        self.headers_seen: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+        super().__init__(_FileHandler)
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    server: FileServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        server = self.server
+        with server.lock:
+            server.requests[path] += 1
+            server.headers_seen.append(dict(self.headers))
+            route = server.routes.get(path)
+            attempt = server.requests[path]
+        if route is None:
+            return self._empty(404)
+        if route.require_auth and self.headers.get("Authorization") != route.require_auth:
+            return self._empty(401)
+        if attempt <= route.fail_first:
+            return self._empty(500)
+        if route.redirect:
+            self.send_response(302)
+            self.send_header("Location", route.redirect)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if route.status != 200:
+            return self._empty(route.status, route.body)
+        body, start = route.body, 0
+        ranged = self.headers.get("Range")
+        if ranged and not route.ignore_range:
+            start = int(ranged.removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        part = body[start:]
+        self.send_header("Content-Type", route.content_type)
+        self.send_header("Content-Length", str(len(part)))
+        self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+        self.end_headers()
+        if route.delay:
+            time.sleep(route.delay)
+        if attempt <= route.fail_first + route.drop_first:
+            self.wfile.write(part[: len(part) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(part)
+        if start == 0:
+            with server.lock:
+                server.full_bodies[path] += 1
+
+    def _empty(self, status: int, body: bytes = b"") -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@dataclass
+class HubRepo:
+    files: dict[str, bytes] = field(default_factory=dict)
+    revisions: tuple[str, ...] = ("main",)
+    token: str | None = None  # a private repo: only this Bearer token sees it
+
+
+class FakeHub(_Base):
+    """The parts of the Hub API that huggingface_hub's download and listing calls use."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, HubRepo] = {}
+        self.downloads: Counter[str] = Counter()
+        super().__init__(_HubHandler)
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    server: FakeHub
+    protocol_version = "HTTP/1.1"
+    commit = "a" * 40
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def _serve(self, head: bool) -> None:
+        parts = [p for p in urlsplit(self.path).path.split("/") if p]
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+            repo = self._repo(f"{parts[2]}/{parts[3]}", parts[5])
+            if repo is None:
+                return
+            listing = [
+                {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for p, b in repo.files.items()
+            ]
+            return self._send(200, json.dumps(listing).encode(), head, {"Content-Type": "application/json"})
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo = self._repo(f"{parts[0]}/{parts[1]}", parts[3])
+            if repo is None:
+                return
+            path = "/".join(parts[4:])
+            if path not in repo.files:
+                return self._error(404, "EntryNotFound", head)
+            body = repo.files[path]
+            if not head:
+                self.server.downloads[f"{parts[0]}/{parts[1]}/{path}"] += 1
+            etag = f'"{hashlib.sha256(body).hexdigest()}"'
+            return self._send(200, body, head, {"X-Repo-Commit": self.commit, "ETag": etag})
+        self._error(404, "RepoNotFound", head)
+
+    def _repo(self, name: str, revision: str) -> HubRepo | None:
+        repo = self.server.repos.get(name)
+        if repo is None or (repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}"):
+            self._error(401 if repo else 404, "RepoNotFound", self.command == "HEAD")
+            return None
+        if revision not in repo.revisions:
+            self._error(404, "RevisionNotFound", self.command == "HEAD")
+            return None
+        return repo
+
+    def _error(self, status: int, code: str, head: bool) -> None:
+        self._send(
+            status,
+            json.dumps({"error": code}).encode(),
+            head,
+            {"X-Error-Code": code, "X-Error-Message": code, "Content-Type": "application/json"},
+        )
+
+    def _send(self, status: int, body: bytes, head: bool, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)

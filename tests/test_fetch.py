@@ -1,0 +1,348 @@
+"""LoRA references from anywhere, against loopback stand-ins: never the real network."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from safetensors.torch import save
+
+from wanlora.errors import LoraAuthRequired, LoraDownloadError, LoraFormatError, LoraNotFound
+from wanlora.lora import fetch
+from wanlora.lora.cache import LoraCache
+from wanlora.lora.fetch import Credentials, fetch_lora
+from wanlora.lora.refs import parse_ref
+from wanlora.testing import lora_tensors, tiny_transformer
+
+from .conftest import run_cli
+from .servers import FileServer, HubRepo, Route
+
+
+def lora_bytes(seed: int = 0, metadata: dict | None = None) -> bytes:
+    shapes = {n: tuple(p.shape) for n, p in tiny_transformer().named_parameters()}
+    tensors, _ = lora_tensors(shapes, "A", seed=seed, targets=["blocks.0.attn1.to_q"])
+    return save(tensors, metadata=metadata)
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------ the grammar
+
+
+@pytest.mark.parametrize(
+    ("ref", "kind", "canonical"),
+    [
+        ("alice/wan-style", "hub_or_replicate", "hf:alice/wan-style"),
+        ("alice/wan-style/loras/v2.safetensors", "hub", "hf:alice/wan-style@main/loras/v2.safetensors"),
+        ("alice/wan-style@dev", "hub", "hf:alice/wan-style@dev"),
+        ("alice/wan-style@dev/x.safetensors", "hub", "hf:alice/wan-style@dev/x.safetensors"),
+        ("https://huggingface.co/alice/wan-style", "hub_or_replicate", "hf:alice/wan-style"),
+        (
+            "https://huggingface.co/alice/wan-style/blob/main/sub/x.safetensors?download=true",
+            "hub",
+            "hf:alice/wan-style@main/sub/x.safetensors",
+        ),
+        (
+            "https://huggingface.co/alice/wan-style/resolve/0123abc/x.safetensors",
+            "hub",
+            "hf:alice/wan-style@0123abc/x.safetensors",
+        ),
+        ("https://civitai.com/models/1234/some-style?modelVersionId=5678", "civitai", "civitai:5678"),
+        ("https://civitai.com/models/1234", "civitai", "civitai-model:1234"),
+        ("https://civitai.com/api/download/models/5678?type=Model&token=SECRET", "civitai", "civitai:5678"),
+        ("civitai:5678", "civitai", "civitai:5678"),
+        ("https://replicate.com/bob/wan-lora", "replicate", "replicate:bob/wan-lora"),
+        ("https://replicate.com/bob/wan-lora/versions/abc123", "replicate", "replicate:bob/wan-lora@abc123"),
+        (
+            "https://cdn.example.com/x.safetensors?X-Amz-Signature=zz&X-Amz-Credential=yy&id=3",
+            "url",
+            "https://cdn.example.com/x.safetensors?id=3",
+        ),
+        (
+            "https://replicate.delivery/xezq/abc/trained_model.tar",
+            "url",
+            "https://replicate.delivery/xezq/abc/trained_model.tar",
+        ),
+    ],
+)
+def test_reference_grammar(ref, kind, canonical):
+    source = parse_ref(ref)
+    assert (source.kind, source.canonical) == (kind, canonical)
+    assert "SECRET" not in source.canonical
+
+
+@pytest.mark.parametrize(
+    "ref", ["", "not a ref", "ftp://x/y.safetensors", "https://civitai.com/user/bob", "civitai:abc"]
+)
+def test_malformed_references_say_what_is_accepted(ref):
+    with pytest.raises(LoraNotFound):
+        parse_ref(ref)
+
+
+# ------------------------------------------------------------------ plain HTTPS downloads
+
+
+def test_download_is_cached_verified_and_reused_without_network(offline_net, file_server):
+    body = lora_bytes(metadata={"modelspec.trigger_phrase": "wanstyle"})
+    file_server.routes["/x.safetensors"] = Route(body)
+    first = fetch_lora(f"{file_server.url}/x.safetensors")
+    assert first.path.read_bytes() == body and first.trigger_words == ["wanstyle"]
+    again = fetch_lora(f"{file_server.url}/x.safetensors")
+    assert again.path == first.path and file_server.requests["/x.safetensors"] == 1
+    [entry] = LoraCache().entries()
+    assert (entry.size, entry.source) == (len(body), f"{file_server.url}/x.safetensors")
+    assert len(entry.sha256) == 64
+
+
+def test_redirects_retries_and_resume(offline_net, file_server, monkeypatch):
+    monkeypatch.setattr(fetch, "CHUNK", 256)  # the bytes read before the drop are kept
+    body = lora_bytes(seed=1)
+    file_server.routes["/moved"] = Route(redirect="/flaky")
+    file_server.routes["/flaky"] = Route(body, fail_first=2)
+    assert fetch_lora(f"{file_server.url}/moved").path.read_bytes() == body
+
+    file_server.routes["/dropped"] = Route(body, drop_first=1)
+    assert fetch_lora(f"{file_server.url}/dropped").path.read_bytes() == body
+    [sent] = [h["Range"] for h in file_server.headers_seen if h.get("Range")]
+    assert 0 < int(sent.removeprefix("bytes=").rstrip("-")) <= len(body) // 2  # resumed, not restarted
+
+    file_server.routes["/no-range"] = Route(body, drop_first=1, ignore_range=True)
+    assert fetch_lora(f"{file_server.url}/no-range").path.read_bytes() == body  # started over
+
+
+@pytest.mark.parametrize(
+    ("route", "error", "words"),
+    [
+        (Route(status=401), LoraAuthRequired, r"refused access \(401\)"),
+        (Route(status=404), LoraNotFound, r"not found \(404\)"),
+        (Route(fail_first=99), LoraDownloadError, "after 4 attempts"),
+        (
+            Route(b"<!DOCTYPE html><html><title>Log in</title></html>", content_type="text/html"),
+            LoraFormatError,
+            "HTML page",
+        ),
+        (Route(b'{"error": "Unauthorized"}'), LoraFormatError, "JSON document"),
+        (Route(b"PK\x03\x04" + b"\0" * 100), LoraFormatError, "pickle"),
+        (Route(b"\x80\x04\x95" + b"\0" * 100), LoraFormatError, "pickle"),
+        (Route(lora_bytes()[:-10]), LoraFormatError, "truncated"),
+        (Route(b"\xff" * 64), LoraFormatError, "not a safetensors file"),
+        (
+            Route(tar_of({"a.safetensors": lora_bytes(), "b.safetensors": lora_bytes(1)})),
+            LoraFormatError,
+            "exactly one .safetensors",
+        ),
+    ],
+)
+def test_refusals_are_typed_and_leave_no_cache_entry(offline_net, file_server, route, error, words):
+    file_server.routes["/f"] = route
+    with pytest.raises(error, match=words):
+        fetch_lora(f"{file_server.url}/f")
+    assert LoraCache().entries() == []
+    assert list((LoraCache().root / "partial").glob("*")) == [] if (LoraCache().root / "partial").exists() else True
+
+
+def test_size_limit_and_read_timeout(offline_net, file_server, monkeypatch):
+    file_server.routes["/big"] = Route(lora_bytes())
+    monkeypatch.setenv("WANLORA_MAX_LORA_GB", "0.000001")
+    with pytest.raises(LoraDownloadError, match="over the .* GiB limit"):
+        fetch_lora(f"{file_server.url}/big")
+    monkeypatch.delenv("WANLORA_MAX_LORA_GB")
+    monkeypatch.setattr(fetch, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(fetch, "MAX_ATTEMPTS", 2)
+    file_server.routes["/slow"] = Route(lora_bytes(), delay=1.0)
+    with pytest.raises(LoraDownloadError, match="failed after 2 attempts"):
+        fetch_lora(f"{file_server.url}/slow")
+    assert LoraCache().entries() == []
+
+
+def test_tar_with_one_lora_is_unpacked_and_nothing_escapes(offline_net, file_server, tmp_path):
+    body = lora_bytes(seed=3)
+    file_server.routes["/w.tar"] = Route(tar_of({"../../escape.safetensors": body, "README.txt": b"hi"}))
+    assert fetch_lora(f"{file_server.url}/w.tar").path.read_bytes() == body
+    assert not list(tmp_path.rglob("escape.safetensors"))
+    file_server.routes["/two.tar"] = Route(tar_of({"x/lora.safetensors": body, "x/other.safetensors": lora_bytes()}))
+    assert fetch_lora(f"{file_server.url}/two.tar").path.read_bytes() == body
+
+
+# ------------------------------------------------------------------ address safety (mocked DNS)
+
+
+@pytest.mark.parametrize(
+    ("address", "opt_in", "refused"),
+    [
+        ("169.254.169.254", True, "link-local"),
+        ("fe80::1", True, "link-local"),
+        ("10.1.2.3", False, "private"),
+        ("127.0.0.1", False, "private"),
+        ("::ffff:192.168.1.1", False, "private"),
+        ("224.0.0.1", True, "non-routable"),
+        ("0.0.0.0", True, "non-routable"),
+    ],
+)
+def test_private_and_link_local_addresses_are_refused(monkeypatch, tmp_path, address, opt_in, refused):
+    monkeypatch.setenv("WANLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(fetch, "resolve_host", lambda host, port: [address])
+    if opt_in:
+        monkeypatch.setenv("WANLORA_ALLOW_PRIVATE_URLS", "1")
+    else:
+        monkeypatch.delenv("WANLORA_ALLOW_PRIVATE_URLS", raising=False)
+    with pytest.raises(LoraDownloadError, match=refused):
+        fetch_lora("https://lora.example.com/x.safetensors")
+
+
+def test_http_needs_the_opt_in(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANLORA_CACHE", str(tmp_path))
+    monkeypatch.delenv("WANLORA_ALLOW_PRIVATE_URLS", raising=False)
+    monkeypatch.setattr(fetch, "resolve_host", lambda host, port: ["93.184.216.34"])
+    with pytest.raises(LoraDownloadError, match="only https"):
+        fetch_lora("http://lora.example.com/x.safetensors")
+
+
+def test_a_redirect_to_cloud_metadata_is_refused_before_connecting(offline_net, file_server, monkeypatch):
+    real = fetch.resolve_host
+    monkeypatch.setattr(
+        fetch,
+        "resolve_host",
+        lambda host, port: ["169.254.169.254"] if host == "metadata.internal" else real(host, port),
+    )
+    file_server.routes["/x"] = Route(redirect="http://metadata.internal/latest/meta-data/")
+    with pytest.raises(LoraDownloadError, match="link-local"):
+        fetch_lora(f"{file_server.url}/x")
+
+
+# ------------------------------------------------------------------ Civitai and Replicate
+
+
+def test_civitai_page_maps_to_its_download_with_the_token_kept_in_its_host(
+    offline_net, file_server, monkeypatch, caplog
+):
+    body = lora_bytes(seed=4)
+    with FileServer() as cdn:
+        cdn.routes["/signed/file.safetensors"] = Route(body)
+        file_server.routes["/api/v1/models/1234"] = Route(
+            json.dumps({"modelVersions": [{"id": 5678, "trainedWords": ["wanstyle"]}]}).encode()
+        )
+        file_server.routes["/api/download/models/5678"] = Route(
+            redirect=f"{cdn.url}/signed/file.safetensors", require_auth="Bearer sekrit-token"
+        )
+        monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+        caplog.set_level(logging.DEBUG)
+        with pytest.raises(LoraAuthRequired, match="CIVITAI_API_TOKEN"):
+            fetch_lora("https://civitai.com/models/1234")
+        got = fetch_lora("https://civitai.com/models/1234", Credentials(civitai_token="sekrit-token"))
+        assert got.path.read_bytes() == body and got.trigger_words == ["wanstyle"] and got.source == "civitai:5678"
+        assert all("Authorization" not in h for h in cdn.headers_seen)
+    cache_text = "".join(p.read_text(errors="ignore") + str(p) for p in LoraCache().root.rglob("*") if p.is_file())
+    assert "sekrit" not in cache_text and "sekrit" not in caplog.text
+
+
+def test_civitai_404_explains_page_id_versus_version_id(offline_net, file_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    with pytest.raises(LoraNotFound, match="page id, not the version id"):
+        fetch_lora("civitai:1234")
+
+
+def test_replicate_weights_tar_and_cheap_second_fetch(offline_net, file_server, monkeypatch):
+    body = lora_bytes(seed=5)
+    monkeypatch.setenv("WANLORA_REPLICATE_URL", file_server.url)
+    file_server.routes["/bob/wan-lora/_weights"] = Route(redirect="/delivery/abc/trained_model.tar")
+    file_server.routes["/delivery/abc/trained_model.tar"] = Route(tar_of({"lora.safetensors": body}))
+    assert fetch_lora("https://replicate.com/bob/wan-lora").path.read_bytes() == body
+    assert fetch_lora("https://replicate.com/bob/wan-lora").path.read_bytes() == body
+    assert file_server.requests["/bob/wan-lora/_weights"] == 2  # the freshness check
+    assert file_server.requests["/delivery/abc/trained_model.tar"] == 1
+
+
+# ------------------------------------------------------------------ the Hub
+
+
+def test_hub_repo_file_link_revision_and_card_trigger_words(offline_net, fake_hub):
+    body = lora_bytes(seed=6)
+    card = b"---\ninstance_prompt: wnstyl\nwidget:\n- text: a wnstyl fox\n---\n# Style\n"
+    fake_hub.repos["alice/wan-style"] = HubRepo(
+        {"sub/style.safetensors": body, "README.md": card}, revisions=("main", "v2")
+    )
+    got = fetch_lora("alice/wan-style")
+    assert got.path.read_bytes() == body and got.trigger_words == ["wnstyl", "a wnstyl fox"]
+    link = "https://huggingface.co/alice/wan-style/blob/v2/sub/style.safetensors?download=true"
+    assert fetch_lora(link).path.read_bytes() == body
+    assert (
+        fetch_lora("alice/wan-style@v2/sub/style.safetensors").source == "hf:alice/wan-style@v2/sub/style.safetensors"
+    )
+    with pytest.raises(LoraNotFound, match="no revision 'v3'"):
+        fetch_lora("alice/wan-style@v3/sub/style.safetensors")
+    with pytest.raises(LoraNotFound, match="no file 'nope.safetensors'"):
+        fetch_lora("alice/wan-style/nope.safetensors")
+
+
+def test_hub_repo_with_several_files_lists_them(offline_net, fake_hub):
+    fake_hub.repos["alice/many"] = HubRepo({"a.safetensors": lora_bytes(), "b.safetensors": lora_bytes(1)})
+    with pytest.raises(LoraNotFound, match="several .safetensors files.*a.safetensors, b.safetensors"):
+        fetch_lora("alice/many")
+
+
+def test_private_hub_repo_needs_a_token(offline_net, fake_hub):
+    fake_hub.repos["alice/private"] = HubRepo({"x.safetensors": lora_bytes()}, token="hf_good")
+    with pytest.raises(LoraNotFound, match="private: set HF_TOKEN"):
+        fetch_lora("alice/private")
+    assert fetch_lora("alice/private", Credentials(hf_token="hf_good")).size > 0
+
+
+def test_owner_repo_falls_back_to_replicate_and_reports_both(offline_net, fake_hub, file_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_REPLICATE_URL", file_server.url)
+    with pytest.raises(LoraNotFound, match="tried as a Hugging Face repo .* and as a Replicate model"):
+        fetch_lora("bob/nowhere")
+    body = lora_bytes(seed=7)
+    file_server.routes["/bob/wan-lora/_weights"] = Route(tar_of({"out/lora.safetensors": body}))
+    assert fetch_lora("bob/wan-lora").path.read_bytes() == body
+
+
+# ------------------------------------------------------------------ processes, LRU, the CLI
+
+
+def test_two_processes_download_one_file_once(offline_net, file_server):
+    file_server.routes["/shared.safetensors"] = Route(lora_bytes(seed=8), delay=0.5)
+    code = f"from wanlora.lora.fetch import fetch_lora; print(fetch_lora('{file_server.url}/shared.safetensors').path)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(paths) == 1
+    assert file_server.full_bodies["/shared.safetensors"] == 1
+
+
+def test_least_recently_used_entries_are_evicted(offline_net, file_server, monkeypatch):
+    bodies = {f"/{i}.safetensors": lora_bytes(seed=i) for i in range(3)}
+    for path, body in bodies.items():
+        file_server.routes[path] = Route(body)
+    monkeypatch.setenv("WANLORA_CACHE_MAX_GB", str(2.5 * len(bodies["/0.safetensors"]) / 2**30))
+    fetch_lora(f"{file_server.url}/0.safetensors")
+    fetch_lora(f"{file_server.url}/1.safetensors")
+    fetch_lora(f"{file_server.url}/0.safetensors")  # 0 is now more recent than 1
+    fetch_lora(f"{file_server.url}/2.safetensors")
+    assert {e.source.rsplit("/", 1)[1] for e in LoraCache().entries()} == {"0.safetensors", "2.safetensors"}
+
+
+def test_cli_fetch_cache_list_and_clear(offline_net, file_server):
+    file_server.routes["/ok.safetensors"] = Route(lora_bytes())
+    file_server.routes["/page"] = Route(b"<html>Sign in</html>")
+    good = run_cli("lora", "fetch", f"{file_server.url}/ok.safetensors", env=offline_net)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip().splitlines()[-1].endswith("lora.safetensors")
+    bad = run_cli("lora", "fetch", f"{file_server.url}/page", env=offline_net)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "HTML page" in bad.stderr
+    listing = run_cli("cache", "list", env=offline_net).stdout
+    assert "ok.safetensors" in listing and "/page" not in listing and "1 LoRAs" in listing
+    assert "freed" in run_cli("cache", "clear", env=offline_net).stdout
+    assert "0 LoRAs" in run_cli("cache", "list", env=offline_net).stdout
