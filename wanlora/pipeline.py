@@ -25,6 +25,7 @@ from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, Repo
 from . import __version__
 from .attention import choose_backend, install_backend
 from .errors import ModelNotFound
+from .fastmode import apply_fast_mode, check_fast_mode
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strengths
 from .lora.merge import LoraMerger
@@ -74,27 +75,41 @@ class WanLoraPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         attention: str = "auto",
+        share_from: WanLoraPipeline | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
 
         `model` is a catalogue variant (`t2v-1.3b`, `t2v-14b`, ...), a Hub repo id, a local
         diffusers-layout folder, or `tiny` (random weights, built offline: noise, not art).
         `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
-        keeps in fp32 stay fp32 either way.
+        keeps in fp32 stay fp32 either way. `share_from` reuses another pipeline's tokenizer,
+        text encoder and VAE (the same for every Wan2.1 variant) instead of loading them.
         """
         spec = resolve_model(model)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
+        shared = share_from.shared_components() if share_from is not None else {}
         if spec.source == "tiny":
             pipe = tiny_pipeline()
             cast_keeping_fp32(pipe.transformer, dtype)
             pipe.text_encoder.to(dtype)
+            pipe.register_modules(**shared)
         else:
-            pipe = load_diffusers_pipeline(spec.source, dtype)
+            pipe = load_diffusers_pipeline(spec.source, dtype, shared)
         pipe.to(device)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, time.perf_counter() - started)
         return cls(pipe, spec, device, attention)
+
+    def shared_components(self) -> dict[str, Any]:
+        """The parts every Wan2.1 variant has in common."""
+        return {name: getattr(self.pipe, name) for name in ("tokenizer", "text_encoder", "vae")}
+
+    def release_transformer(self) -> None:
+        """Drop the transformer and its LoRA state, to free memory for another variant."""
+        self.pipe.transformer = None
+        self.merger = None
+        self.active_loras = []
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -156,6 +171,7 @@ class WanLoraPipeline:
         seed: int | None = None,
         loras: Sequence[tuple[str, float | Sequence[float]]] | None = None,
         credentials: Credentials | None = None,
+        fast_mode: str = "off",
         progress: bool = True,
     ) -> Video:
         """Generate a video. Every argument is checked before any work starts.
@@ -163,7 +179,8 @@ class WanLoraPipeline:
         Unset arguments take the model's defaults (Wan's: 81 frames at 16 fps, 50 steps,
         guidance 5, flow shift 3 at 480p and 5 at 720p). `seed=None` picks a random seed,
         reported in `Video.seed`. `loras` replaces the current LoRA set for this call and
-        the ones after it; `None` keeps the current set.
+        the ones after it; `None` keeps the current set. `fast_mode` ("off", "balanced",
+        "fast") skips transformer work on steps that change little (First Block Cache).
         """
         settings = resolve_settings(
             self.spec,
@@ -180,9 +197,18 @@ class WanLoraPipeline:
             shift=shift,
             seed=seed,
         )
+        check_fast_mode(fast_mode)
         if loras is not None:
             self.set_loras(loras, credentials)
+        self._hint_trigger_words(settings.prompt)
+        apply_fast_mode(self.transformer, self.spec, fast_mode)
         return self._denoise(settings, progress)
+
+    def _hint_trigger_words(self, prompt: str) -> None:
+        for request in self.active_loras:
+            words = self.loader.load(request.ref).trigger_words
+            if words and not any(word.lower() in prompt.lower() for word in words):
+                logger.warning("the prompt has none of %s's trigger words: %s", request.ref, ", ".join(words[:5]))
 
     def _denoise(self, settings: GenerationSettings, progress: bool) -> Video:
         if self.pipe.scheduler.config.flow_shift != settings.shift:
@@ -212,8 +238,11 @@ class WanLoraPipeline:
             callback_on_step_end=self._schedule_callback(settings.steps),
         )
         frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        logger.info("denoised in %.1fs", time.perf_counter() - started)
-        return Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=self._metadata(settings))
+        seconds = time.perf_counter() - started
+        logger.info("denoised and decoded in %.1fs", seconds)
+        video = Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=self._metadata(settings))
+        video.timings["denoise_seconds"] = seconds
+        return video
 
     def _schedule_callback(self, steps: int):
         """Re-merge at phase boundaries when a LoRA strength is a schedule, else nothing."""
@@ -245,11 +274,16 @@ def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:
         return WanTransformer3DModel(**spec.arch.transformer_config())
 
 
-def load_diffusers_pipeline(source: str, dtype: torch.dtype) -> WanPipeline:
-    """Load a diffusers-layout Wan model from a folder or the Hub, VAE in fp32 as Wan advises."""
+def load_diffusers_pipeline(source: str, dtype: torch.dtype, shared: dict[str, Any] | None = None) -> WanPipeline:
+    """Load a diffusers-layout Wan model from a folder or the Hub, VAE in fp32 as Wan advises.
+
+    Components in `shared` are taken as they are instead of being loaded.
+    """
+    shared = dict(shared or {})
     try:
-        vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32)
-        return WanPipeline.from_pretrained(source, vae=vae, dtype=dtype)
+        if "vae" not in shared:
+            shared["vae"] = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32)
+        return WanPipeline.from_pretrained(source, dtype=dtype, **shared)
     except GatedRepoError as exc:
         raise ModelNotFound(f"{source} is gated: accept its terms on the Hub and set HF_TOKEN") from exc
     except RepositoryNotFoundError as exc:

@@ -29,6 +29,7 @@ class Video:
     fps: int
     seed: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # not saved: outputs stay reproducible
 
     def save(self, path: str | os.PathLike, crf: int = DEFAULT_CRF) -> Path:
         """Write an MP4 to `path` and return it; see `encode_mp4`."""

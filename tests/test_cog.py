@@ -1,0 +1,273 @@
+"""The Cog predictor: cog.yaml against Cog's schema, the real Cog HTTP server, and in-process runs."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from wanlora.testing import tiny_transformer, write_lora
+
+from .conftest import probe
+from .servers import FileServer, Route
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
+
+
+def test_cog_yaml_validates_against_cogs_schema():
+    import jsonschema
+
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    jsonschema.validate(config, json.loads(SCHEMA.read_text()))
+    assert config["build"]["gpu"] is True and config["run"] == "predict.py:Predictor"
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / config["build"]["python_requirements"]).read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    assert {"torch", "xformers", "diffusers", "transformers"} <= set(pins)
+
+
+def test_inputs_are_visible_with_types_defaults_and_ranges():
+    from cog._inspector import create_predictor
+
+    inputs = create_predictor("predict", "Predictor").inputs
+    for name in (
+        "prompt",
+        "negative_prompt",
+        "image",
+        "model",
+        "resolution",
+        "aspect_ratio",
+        "num_frames",
+        "fps",
+        "sample_steps",
+        "sample_guide_scale",
+        "sample_shift",
+        "seed",
+        "fast_mode",
+        "lora_weights",
+        "lora_scale",
+        "extra_lora",
+        "extra_lora_scale",
+        "hf_api_token",
+        "civitai_api_token",
+        "output_quality",
+    ):
+        assert name in inputs, name
+    assert (inputs["lora_scale"].ge, inputs["lora_scale"].le) == (-1, 3)
+    assert (inputs["num_frames"].ge, inputs["num_frames"].le) == (5, 81)
+    assert inputs["fast_mode"].choices == ["Off", "Balanced", "Fast"]
+    assert "civitai.com" in inputs["lora_weights"].description
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cog-loras")
+    model = tiny_transformer()
+    with FileServer() as server:
+        for name, layout, seed in (("style", "A", 1), ("motion", "C", 2)):
+            path = folder / f"{name}.safetensors"
+            write_lora(path, model, layout, seed=seed, metadata={"modelspec.trigger_phrase": f"{name}word"})
+            server.routes[f"/{name}.safetensors"] = Route(path.read_bytes())
+        server.routes["/login.safetensors"] = Route(b"<!DOCTYPE html><html>Please sign in</html>")
+        yield server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cog_server(tmp_path_factory):
+    """`python -m cog.server.http` from PyPI's cog, serving predict.py with the tiny model."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "PORT": str(port),
+        "WANLORA_MODEL": "tiny",
+        "WANLORA_CACHE": str(tmp_path_factory.mktemp("cog-cache")),
+        "WANLORA_ALLOW_PRIVATE_URLS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log = open(tmp_path_factory.mktemp("cog-log") / "server.log", "w+")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health-check", timeout=2).json().get("status") == "READY":
+                break
+        except requests.RequestException:
+            pass
+        assert server.poll() is None, "the Cog server exited"
+        time.sleep(0.5)
+    else:
+        server.kill()
+        log.seek(0)
+        pytest.fail(f"the Cog server never became ready:\n{log.read()[-3000:]}")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def predict(url: str, **inputs) -> dict:
+    return requests.post(f"{url}/predictions", json={"input": inputs}, timeout=300).json()
+
+
+def video_of(response: dict, tmp_path: Path, name: str) -> Path:
+    assert response["status"] == "succeeded", response.get("error")
+    header, data = response["output"].split(",", 1)
+    assert header.startswith("data:video/mp4")
+    path = tmp_path / name
+    path.write_bytes(base64.b64decode(data))
+    return path
+
+
+SMALL = {"num_frames": 9, "sample_steps": 2, "fps": 12, "seed": 11}
+
+
+def test_server_runs_two_loras_fails_cleanly_and_reproduces(cog_server, lora_server, tmp_path):
+    two = {
+        "prompt": "styleword motionword a fox",
+        "lora_weights": f"{lora_server.url}/style.safetensors",
+        "lora_scale": 0.8,
+        "extra_lora": f"{lora_server.url}/motion.safetensors",
+        "extra_lora_scale": -0.5,
+        "aspect_ratio": "1:1",
+        **SMALL,
+    }
+    first = predict(cog_server, **two)
+    got = probe(video_of(first, tmp_path, "a.mp4"))
+    assert (got.codec, got.width, got.height, len(got.frames), got.fps) == ("h264", 64, 64, 9, 12.0)
+    assert {"lora_load_seconds", "denoising_seconds", "frames"} <= set(first["metrics"])
+    assert first["metrics"]["frames"] == 9
+
+    bad_inputs = [
+        {"lora_weights": f"{lora_server.url}/missing.safetensors"},
+        {"lora_weights": f"{lora_server.url}/login.safetensors"},
+        {"num_frames": 500},
+        {"lora_scale": 40},
+        {"prompt": ""},
+    ]
+    for bad in bad_inputs:
+        response = predict(cog_server, **{**two, **bad})
+        assert response["status"] == "failed", bad
+        assert len(response["error"]) < 600 and "Traceback" not in response["error"]
+        assert requests.get(f"{cog_server}/health-check", timeout=5).json()["status"] == "READY"
+    errors = [predict(cog_server, **{**two, **bad})["error"] for bad in bad_inputs[2:]]
+    assert "num_frames=500" in errors[0] and "lora_scale=40" in errors[1] and "prompt" in errors[2]
+
+    again = predict(cog_server, **two)
+    assert again["output"] == first["output"]  # byte-identical after the failures
+
+    plain = predict(cog_server, **{**two, "lora_weights": None, "extra_lora": None})
+    assert not np.array_equal(probe(video_of(plain, tmp_path, "b.mp4")).frames, got.frames)
+    assert predict(cog_server, **{**two, "aspect_ratio": "16:9"})["status"] == "succeeded"
+
+
+# ------------------------------------------------------------------ in-process, for fast iteration
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    os.environ["WANLORA_MODEL"] = "tiny"
+    from predict import Predictor
+
+    runner = Predictor()
+    runner.setup()
+    yield runner
+    del os.environ["WANLORA_MODEL"]
+
+
+def inputs(**overrides):
+    from predict import Predictor
+
+    defaults = {
+        name: param.default.default
+        for name, param in inspect.signature(Predictor.run).parameters.items()
+        if name != "self"
+    }
+    return {**defaults, **SMALL, **overrides}
+
+
+def test_in_process_same_loras_do_no_work_and_a_cancel_leaves_a_consistent_model(
+    predictor, lora_server, offline_net, monkeypatch
+):
+    style = f"{lora_server.url}/style.safetensors"
+    first = Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes()
+    pipe = predictor.service.pipe
+    applied = []
+    original = pipe.merger.apply
+    monkeypatch.setattr(pipe.merger, "apply", lambda loras: applied.append(original(loras)) or applied[-1])
+    assert Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes() == first
+    assert applied == [0]  # the same LoRA set: not a tensor rewritten
+
+    from cog import CancelationException
+
+    def cancel_mid_run(*args, **kwargs):
+        raise CancelationException()
+
+    monkeypatch.setattr(pipe, "_denoise", cancel_mid_run)
+    with pytest.raises(CancelationException):
+        predictor.run(**inputs(prompt="motionword fox", lora_weights=f"{lora_server.url}/motion.safetensors"))
+    monkeypatch.undo()
+    assert Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes() == first
+
+
+def test_in_process_refuses_an_image_and_a_bad_model(predictor):
+    from wanlora.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="image-to-video"):
+        predictor.run(**inputs(prompt="a fox", image="photo.png"))
+    with pytest.raises(InvalidInput, match="model='7b'"):
+        predictor.run(**inputs(prompt="a fox", model="7b"))
+
+
+@pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)
+def test_samples_use_only_real_inputs_with_valid_values(sample):
+    from predict import Predictor
+    from wanlora.models import resolve_model
+    from wanlora.service import MODEL_CHOICES, replicate_loras
+    from wanlora.settings import resolve_settings
+
+    values = json.loads(sample.read_text())
+    assert set(values) <= set(inspect.signature(Predictor.run).parameters), sample.name
+    spec = resolve_model(MODEL_CHOICES[values.get("model", "14b")])
+    resolve_settings(
+        spec,
+        values["prompt"],
+        resolution=values.get("resolution"),
+        aspect_ratio=values.get("aspect_ratio"),
+        num_frames=values.get("num_frames"),
+        steps=values.get("sample_steps"),
+        seed=values.get("seed"),
+    )
+    replicate_loras(
+        values.get("lora_weights"),
+        values.get("lora_scale", 1.0),
+        values.get("extra_lora"),
+        values.get("extra_lora_scale", 1.0),
+    )
