@@ -46,12 +46,8 @@ class Predictor(BaseRunner):
             description=f"A second LoRA, combined with the first: {REF_FORMS}", default=None
         ),
         extra_lora_scale: float = Input(description="Strength of extra_lora", ge=-1, le=3, default=1.0),
-        hf_api_token: Secret | None = Input(
-            description="Hugging Face token for private or gated LoRAs", default=None
-        ),
-        civitai_api_token: Secret | None = Input(
-            description="Civitai API token for LoRAs that need one", default=None
-        ),
+        hf_api_token: Secret | None = Input(description="Hugging Face token for private or gated LoRAs", default=None),
+        civitai_api_token: Secret | None = Input(description="Civitai API token for LoRAs that need one", default=None),
         output_quality: int = Input(description="MP4 quality, 0 to 100 (80 is H.264 CRF 18)", ge=0, le=100, default=80),
     ) -> Path:
         result = self.service.generate(

@@ -81,3 +81,22 @@ def test_unavailable_attention_backend_is_a_clear_error():
         WanLoraPipeline.from_pretrained("tiny", attention="xformers")
     with pytest.raises(InvalidInput, match="one of auto"):
         WanLoraPipeline.from_pretrained("tiny", attention="fastest")
+
+
+def test_fast_mode_skips_block_work_and_off_is_bit_identical(fresh_tiny_pipe):
+    pipe = fresh_tiny_pipe
+    runs = {"n": 0}
+    pipe.transformer.blocks[1].ffn.register_forward_hook(lambda *_: runs.__setitem__("n", runs["n"] + 1))
+    settings = {**SMALL, "steps": 8, "seed": 3}
+    counts, frames = {}, {}
+    for mode in ("off", "balanced", "fast", "off"):
+        runs["n"] = 0
+        frames[mode] = pipe.generate("a fox", fast_mode=mode, **settings).frames
+        counts[mode] = runs["n"]
+    assert counts["off"] == 16  # 8 steps x (cond + uncond)
+    assert counts["fast"] < counts["balanced"] < counts["off"]
+    runs["n"] = 0
+    plain = WanLoraPipeline.from_pretrained("tiny").generate("a fox", **settings).frames
+    assert np.array_equal(frames["off"], plain)  # after fast runs, "off" leaves no trace
+    with pytest.raises(InvalidInput, match="fast_mode"):
+        pipe.generate("a fox", fast_mode="turbo", **settings)
