@@ -18,7 +18,10 @@ REF_FORMS = (
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        """Load the default model (t2v-14b, or WANLORA_MODEL) once; other variants load on first use."""
+        """Load the default model (t2v-14b, or WANLORA_MODEL) once; other variants load on first use.
+
+        WANLORA_I2V_MODEL likewise overrides the image-to-video model.
+        """
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
         self.service = VideoService()
         self.service.load(self.service.model_for("14b"))
@@ -30,7 +33,11 @@ class Predictor(BaseRunner):
         image: Path | None = Input(description="Reserved for image-to-video; not available yet", default=None),
         model: str = Input(description="Wan2.1 base model", choices=list(MODEL_CHOICES), default="14b"),
         resolution: str = Input(description="480p, or 720p (14b only)", choices=["480p", "720p"], default="480p"),
-        aspect_ratio: str = Input(description="Frame shape", choices=["16:9", "9:16", "1:1"], default="16:9"),
+        aspect_ratio: str = Input(
+            description="Frame shape (with an image, the image's aspect decides)",
+            choices=["16:9", "9:16", "1:1"],
+            default="16:9",
+        ),
         num_frames: int = Input(description="Frames: 4k+1, from 5 to 81", ge=5, le=81, default=81),
         fps: int = Input(description="Frames per second of the MP4", ge=1, le=60, default=16),
         sample_steps: int = Input(description="Denoising steps", ge=1, le=100, default=30),

@@ -101,6 +101,7 @@ def cog_server(tmp_path_factory):
         "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
         "PORT": str(port),
         "WANLORA_MODEL": "tiny",
+        "WANLORA_I2V_MODEL": "tiny-i2v",
         "WANLORA_CACHE": str(tmp_path_factory.mktemp("cog-cache")),
         "WANLORA_ALLOW_PRIVATE_URLS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -131,6 +132,16 @@ def cog_server(tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
     log.close()
+
+
+def health_settles(url: str, seconds: float = 10.0) -> str:
+    """The server's status once it has finished the last request (it reports BUSY briefly)."""
+    deadline = time.time() + seconds
+    while True:
+        status = requests.get(f"{url}/health-check", timeout=5).json()["status"]
+        if status != "BUSY" or time.time() > deadline:
+            return status
+        time.sleep(0.1)
 
 
 def predict(url: str, **inputs) -> dict:
@@ -176,7 +187,7 @@ def test_server_runs_two_loras_fails_cleanly_and_reproduces(cog_server, lora_ser
         response = predict(cog_server, **{**two, **bad})
         assert response["status"] == "failed", bad
         assert len(response["error"]) < 600 and "Traceback" not in response["error"]
-        assert requests.get(f"{cog_server}/health-check", timeout=5).json()["status"] == "READY"
+        assert health_settles(cog_server) == "READY"
     errors = [predict(cog_server, **{**two, **bad})["error"] for bad in bad_inputs[2:]]
     assert "num_frames=500" in errors[0] and "lora_scale=40" in errors[1] and "prompt" in errors[2]
 
@@ -188,18 +199,31 @@ def test_server_runs_two_loras_fails_cleanly_and_reproduces(cog_server, lora_ser
     assert predict(cog_server, **{**two, "aspect_ratio": "16:9"})["status"] == "succeeded"
 
 
+def test_server_image_to_video(cog_server, tmp_path):
+    from PIL import Image
+
+    buffer = tmp_path / "wide.png"
+    Image.new("RGB", (320, 180), (20, 120, 200)).save(buffer)
+    image = "data:image/png;base64," + base64.b64encode(buffer.read_bytes()).decode()
+    response = predict(cog_server, prompt="the sea moves", image=image, **SMALL)
+    got = probe(video_of(response, tmp_path, "i2v.mp4"))
+    assert (got.width, got.height, len(got.frames)) == (112, 64, 9)
+    refused = predict(cog_server, prompt="the sea moves", image=image, model="1.3b", **SMALL)
+    assert refused["status"] == "failed" and "text-to-video only" in refused["error"]
+
+
 # ------------------------------------------------------------------ in-process, for fast iteration
 
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    os.environ["WANLORA_MODEL"] = "tiny"
+    os.environ.update(WANLORA_MODEL="tiny", WANLORA_I2V_MODEL="tiny-i2v")
     from predict import Predictor
 
     runner = Predictor()
     runner.setup()
     yield runner
-    del os.environ["WANLORA_MODEL"]
+    del os.environ["WANLORA_MODEL"], os.environ["WANLORA_I2V_MODEL"]
 
 
 def inputs(**overrides):
@@ -237,13 +261,21 @@ def test_in_process_same_loras_do_no_work_and_a_cancel_leaves_a_consistent_model
     assert Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes() == first
 
 
-def test_in_process_refuses_an_image_and_a_bad_model(predictor):
+def test_in_process_image_switches_to_i2v_and_bad_models_are_refused(predictor, tmp_path):
+    from PIL import Image
+
     from wanlora.errors import InvalidInput
 
-    with pytest.raises(InvalidInput, match="image-to-video"):
-        predictor.run(**inputs(prompt="a fox", image="photo.png"))
+    photo = tmp_path / "portrait.png"
+    Image.new("RGB", (90, 160), (200, 40, 40)).save(photo)
+    got = probe(predictor.run(**inputs(prompt="a fox", image=Path(photo))))
+    assert (got.width, got.height, len(got.frames)) == (64, 112, 9)  # 9:16 from the image
+    assert predictor.service.model == "tiny-i2v"
+    with pytest.raises(InvalidInput, match="model=1.3b is text-to-video only"):
+        predictor.run(**inputs(prompt="a fox", image=Path(photo), model="1.3b"))
     with pytest.raises(InvalidInput, match="model='7b'"):
         predictor.run(**inputs(prompt="a fox", model="7b"))
+    assert probe(predictor.run(**inputs(prompt="a fox"))).width == 112  # back to text-to-video
 
 
 @pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)

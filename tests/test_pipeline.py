@@ -100,3 +100,20 @@ def test_fast_mode_skips_block_work_and_off_is_bit_identical(fresh_tiny_pipe):
     assert np.array_equal(frames["off"], plain)  # after fast runs, "off" leaves no trace
     with pytest.raises(InvalidInput, match="fast_mode"):
         pipe.generate("a fox", fast_mode="turbo", **settings)
+
+
+def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
+    import json
+
+    from wanlora.models import TINY_I2V_ARCH, resolve_model, spec_for_config
+    from wanlora.pipeline import hub_transformer_config
+
+    from .servers import HubRepo
+
+    flf2v = {**TINY_I2V_ARCH.transformer_config(), "pos_embed_seq_len": 34}
+    fake_hub.repos["someone/wan-flf2v"] = HubRepo({"transformer/config.json": json.dumps(flf2v).encode()})
+    assert not resolve_model("someone/wan-flf2v").identified
+    spec = spec_for_config(hub_transformer_config("someone/wan-flf2v"), "someone/wan-flf2v")
+    assert spec.task == "i2v" and spec.arch.takes_last_image and spec.identified
+    with pytest.raises(ModelNotFound, match="not a Hub repo you can read"):
+        hub_transformer_config("someone/missing")

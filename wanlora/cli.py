@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
+from .images import load_image, nearest_aspect_ratio
 from .models import ASPECT_RATIOS, CATALOGUE, SIZE_PRESETS, resolve_model
 from .settings import resolve_settings
 
@@ -22,7 +24,7 @@ from .settings import resolve_settings
 
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
-    "folder, or 'tiny': a random offline model for smoke runs that makes noise, not art"
+    "folder, or 'tiny' / 'tiny-i2v': random offline models for smoke runs that make noise, not art"
 )
 REF_HELP = (
     "owner/repo, owner/repo/file.safetensors, owner/repo@rev/file, a huggingface.co, civitai.com or "
@@ -69,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REF[:STRENGTH]",
         help="a LoRA and its strength (default 1); repeat to combine several",
     )
+    gen.add_argument("--image", help="start image for image-to-video (i2v models)")
+    gen.add_argument("--last-image", help="end image for first-and-last-frame guidance (i2v models)")
+    gen.add_argument(
+        "--resize",
+        choices=["fit", "pad", "stretch"],
+        default="fit",
+        help="how the image meets the frame: fit (crop), pad (letterbox) or stretch; default fit",
+    )
     gen.add_argument("--negative-prompt")
     gen.add_argument("--resolution", choices=list(SIZE_PRESETS))
     gen.add_argument("--aspect-ratio", choices=ASPECT_RATIOS)
@@ -87,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Wan2.1 model in the diffusers layout")
     tiny.add_argument("dir")
+    tiny.add_argument("--i2v", action="store_true", help="an image-to-video model, with a tiny CLIP image encoder")
 
     lora = commands.add_parser("lora", help="inspect LoRA files or bake them into a model")
     lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=OneLineParser)
@@ -115,12 +126,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not 0 <= args.quality <= 51:
         raise InvalidInput("--quality", args.quality, "between 0 (lossless) and 51")
     spec = resolve_model(args.model)
+    images = [
+        load_image(path, field)
+        for path, field in ((args.image, "image"), (args.last_image, "last_image"))
+        if path is not None
+    ]
+    if spec.task == "t2v" and images:
+        raise InvalidInput("--image", args.image or args.last_image, f"{spec.name} is text-to-video; use an i2v model")
+    if spec.task == "i2v" and args.image is None:
+        raise InvalidInput("--image", None, f"{spec.name} is image-to-video and needs --image")
+    aspect_ratio = args.aspect_ratio
+    if images and aspect_ratio is None and args.width is None:
+        aspect_ratio = nearest_aspect_ratio(images[0])
     settings = resolve_settings(  # everything is checked before the (slow) model load
         spec,
         args.prompt,
         negative_prompt=args.negative_prompt,
         resolution=args.resolution,
-        aspect_ratio=args.aspect_ratio,
+        aspect_ratio=aspect_ratio,
         width=args.width,
         height=args.height,
         num_frames=args.frames,
@@ -149,6 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         guidance_scale=settings.guidance_scale,
         shift=settings.shift,
         seed=settings.seed,
+        image=images[0] if images else None,
+        last_image=images[1] if len(images) > 1 else None,
+        resize=args.resize,
         loras=loras,
     )
     print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
@@ -160,7 +186,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
     target = Path(args.dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InvalidInput("DIR", args.dir, "a new or empty folder")
-    print(write_tiny_model(target))
+    print(write_tiny_model(target, i2v=args.i2v))
 
 
 def describe_lora(ref: str, model: str | None) -> dict:
@@ -304,9 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        # diffusers and transformers speak up about experimental APIs on every load
-        logging.getLogger("diffusers").setLevel(logging.ERROR)
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        # diffusers and transformers speak up about experimental APIs and optional backends on
+        # every load; they read these before configuring their own loggers
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     sub = getattr(args, "lora_command", None) or getattr(args, "cache_command", None)
     handler = COMMANDS[(args.command, sub)]
     try:

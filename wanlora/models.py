@@ -37,6 +37,11 @@ class Architecture:
     image_dim: int | None = None
     added_kv_proj_dim: int | None = None
     rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None  # set on first-last-frame (FLF2V) models: two image embeddings
+
+    @property
+    def takes_last_image(self) -> bool:
+        return self.pos_embed_seq_len is not None
 
     @property
     def dim(self) -> int:
@@ -60,6 +65,7 @@ class Architecture:
             "image_dim": self.image_dim,
             "added_kv_proj_dim": self.added_kv_proj_dim,
             "rope_max_seq_len": self.rope_max_seq_len,
+            "pos_embed_seq_len": self.pos_embed_seq_len,
         }
 
     @classmethod
@@ -88,6 +94,8 @@ class ModelSpec:
     # First Block Cache thresholds for fast_mode (balanced, fast). Starting points taken from
     # the TeaCache settings used on Replicate; not yet calibrated on real weights.
     fast_thresholds: tuple[float, float] = (0.15, 0.2)
+    # False for a Hub repo outside the catalogue until its transformer config has been read.
+    identified: bool = True
 
     @property
     def default_resolution(self) -> str:
@@ -174,14 +182,15 @@ TINY_I2V_ARCH = Architecture(
     ffn_dim=32,
     in_channels=36,
     text_dim=32,
-    image_dim=32,
-    added_kv_proj_dim=32,
+    image_dim=32,  # the tiny CLIP's width
+    added_kv_proj_dim=24,  # the transformer's width, as in the real model (5120)
     rope_max_seq_len=32,
 )
 TINY_PRESETS = {"480p": {"16:9": (112, 64), "9:16": (64, 112), "1:1": (64, 64)}}
 
 
 def tiny_spec(source: str = "tiny", i2v: bool = False) -> ModelSpec:
+    """`tiny` or `tiny-i2v`, in memory or (with `source`) from a folder `wanlora tiny-model` wrote."""
     return ModelSpec(
         name="tiny-i2v" if i2v else "tiny",
         source=source,
@@ -205,8 +214,8 @@ def resolve_model(model: str) -> ModelSpec:
     """
     if model in CATALOGUE:
         return CATALOGUE[model]
-    if model == "tiny":
-        return tiny_spec()
+    if model in ("tiny", "tiny-i2v"):
+        return tiny_spec(i2v=model == "tiny-i2v")
     path = Path(model).expanduser()
     if path.exists():
         return spec_for_folder(path)
@@ -215,8 +224,8 @@ def resolve_model(model: str) -> ModelSpec:
             if spec.source == model:
                 return spec
         base = CATALOGUE["t2v-14b"]
-        return ModelSpec(**{**base.__dict__, "name": model, "source": model})
-    known = ", ".join([*CATALOGUE, "tiny"])
+        return ModelSpec(**{**base.__dict__, "name": model, "source": model, "identified": False})
+    known = ", ".join([*CATALOGUE, "tiny", "tiny-i2v"])
     raise ModelNotFound(
         f"model {model!r} is not a catalogue variant ({known}), an existing folder, or a Hub repo id (owner/name)"
     )
@@ -242,7 +251,7 @@ def spec_for_config(config: dict[str, Any], source: str) -> ModelSpec:
         if spec.arch == arch:
             return ModelSpec(**{**spec.__dict__, "source": source})
     i2v = arch.in_channels != 16
-    base = CATALOGUE["i2v-14b-720p" if i2v else "t2v-14b"]
+    base = CATALOGUE["i2v-14b-720p" if i2v else "t2v-14b"]  # e.g. Wan2.1-FLF2V-14B-720P-Diffusers
     return ModelSpec(
         **{**base.__dict__, "name": os.path.basename(source.rstrip("/")) or source, "source": source, "arch": arch}
     )

@@ -12,24 +12,34 @@ Example (offline, with the tiny random model):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+from transformers import CLIPVisionModel
 
 from . import __version__
 from .attention import choose_backend, install_backend
-from .errors import ModelNotFound
+from .errors import InvalidInput, ModelNotFound
 from .fastmode import apply_fast_mode, check_fast_mode
+from .images import RESIZE_MODES, ImageInput, load_image, nearest_aspect_ratio, resize_image
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strengths
 from .lora.merge import LoraMerger
-from .models import ModelSpec, resolve_model
+from .models import ModelSpec, resolve_model, spec_for_config
 from .settings import GenerationSettings, resolve_settings
 from .testing import tiny_pipeline
 from .video import Video
@@ -86,17 +96,19 @@ class WanLoraPipeline:
         text encoder and VAE (the same for every Wan2.1 variant) instead of loading them.
         """
         spec = resolve_model(model)
+        if not spec.identified:  # a Hub repo outside the catalogue: its config says what it is
+            spec = spec_for_config(hub_transformer_config(spec.source), spec.source)
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
         shared = share_from.shared_components() if share_from is not None else {}
         if spec.source == "tiny":
-            pipe = tiny_pipeline()
+            pipe = tiny_pipeline(i2v=spec.task == "i2v")
             cast_keeping_fp32(pipe.transformer, dtype)
             pipe.text_encoder.to(dtype)
             pipe.register_modules(**shared)
         else:
-            pipe = load_diffusers_pipeline(spec.source, dtype, shared)
+            pipe = load_diffusers_pipeline(spec.source, dtype, shared, i2v=spec.task == "i2v")
         pipe.to(device)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, time.perf_counter() - started)
         return cls(pipe, spec, device, attention)
@@ -169,6 +181,9 @@ class WanLoraPipeline:
         guidance_scale: float | None = None,
         shift: float | None = None,
         seed: int | None = None,
+        image: ImageInput | None = None,
+        last_image: ImageInput | None = None,
+        resize: str = "fit",
         loras: Sequence[tuple[str, float | Sequence[float]]] | None = None,
         credentials: Credentials | None = None,
         fast_mode: str = "off",
@@ -181,7 +196,15 @@ class WanLoraPipeline:
         reported in `Video.seed`. `loras` replaces the current LoRA set for this call and
         the ones after it; `None` keeps the current set. `fast_mode` ("off", "balanced",
         "fast") skips transformer work on steps that change little (First Block Cache).
+
+        Image-to-video models need `image` (a path, PIL image or uint8 array), and take an
+        optional `last_image` to end on. Without an explicit size, the preset whose aspect
+        is nearest the image's is used; `resize` brings the image to it: "fit" (scale and
+        center-crop), "pad" (scale and letterbox) or "stretch".
         """
+        images = self._check_images(image, last_image, resize)
+        if images and aspect_ratio is None and width is None:
+            aspect_ratio = nearest_aspect_ratio(images[0])
         settings = resolve_settings(
             self.spec,
             prompt,
@@ -202,7 +225,37 @@ class WanLoraPipeline:
             self.set_loras(loras, credentials)
         self._hint_trigger_words(settings.prompt)
         apply_fast_mode(self.transformer, self.spec, fast_mode)
-        return self._denoise(settings, progress)
+        size = (settings.width, settings.height)
+        conditioning = {
+            name: resize_image(img, size, resize) for name, img in zip(("image", "last_image"), images, strict=False)
+        }
+        extra = {}
+        if images:
+            logger.info("image %dx%d brought to %dx%d (%s)", *images[0].size, *size, resize)
+            extra = {"image_size": list(images[0].size), "resize": resize}
+        return self._denoise(settings, progress, conditioning, extra)
+
+    def _check_images(self, image, last_image, resize: str) -> list:
+        """The conditioning images, read and checked; the right number for the model's task."""
+        if self.spec.task == "t2v":
+            if image is not None or last_image is not None:
+                raise InvalidInput("image", "(an image)", f"{self.spec.name} is text-to-video; use an i2v model")
+            return []
+        if image is None:
+            raise InvalidInput("image", None, f"{self.spec.name} is image-to-video and needs a start image")
+        if resize not in RESIZE_MODES:
+            raise InvalidInput("resize", resize, f"one of {', '.join(RESIZE_MODES)}")
+        images = [load_image(image)]
+        if last_image is not None:
+            if not self.spec.arch.takes_last_image:
+                raise InvalidInput(
+                    "last_image",
+                    "(an image)",
+                    f"{self.spec.name} takes one image; a last frame "
+                    "needs a first-last-frame model such as Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
+                )
+            images.append(load_image(last_image, "last_image"))
+        return images
 
     def _hint_trigger_words(self, prompt: str) -> None:
         for request in self.active_loras:
@@ -210,7 +263,9 @@ class WanLoraPipeline:
             if words and not any(word.lower() in prompt.lower() for word in words):
                 logger.warning("the prompt has none of %s's trigger words: %s", request.ref, ", ".join(words[:5]))
 
-    def _denoise(self, settings: GenerationSettings, progress: bool) -> Video:
+    def _denoise(
+        self, settings: GenerationSettings, progress: bool, conditioning: dict[str, Any], extra: dict[str, Any]
+    ) -> Video:
         if self.pipe.scheduler.config.flow_shift != settings.shift:
             self.pipe.scheduler = UniPCMultistepScheduler.from_config(
                 self.pipe.scheduler.config, flow_shift=settings.shift
@@ -236,11 +291,13 @@ class WanLoraPipeline:
             generator=torch.Generator("cpu").manual_seed(settings.seed),
             output_type="np",
             callback_on_step_end=self._schedule_callback(settings.steps),
+            **conditioning,
         )
         frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
         seconds = time.perf_counter() - started
         logger.info("denoised and decoded in %.1fs", seconds)
-        video = Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=self._metadata(settings))
+        metadata = {**self._metadata(settings), **extra}
+        video = Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=metadata)
         video.timings["denoise_seconds"] = seconds
         return video
 
@@ -274,15 +331,42 @@ def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:
         return WanTransformer3DModel(**spec.arch.transformer_config())
 
 
-def load_diffusers_pipeline(source: str, dtype: torch.dtype, shared: dict[str, Any] | None = None) -> WanPipeline:
-    """Load a diffusers-layout Wan model from a folder or the Hub, VAE in fp32 as Wan advises.
+def hub_transformer_config(repo_id: str) -> dict[str, Any]:
+    """A Hub model's transformer config.json, a few hundred bytes, to identify it before loading."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, "transformer/config.json")).read_text())
+    except EntryNotFoundError as exc:
+        raise ModelNotFound(
+            f"{repo_id} has no transformer/config.json: it is not a diffusers-layout Wan model"
+        ) from exc
+    except GatedRepoError as exc:
+        raise ModelNotFound(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFound(f"{repo_id} is not a Hub repo you can read: check the name, or set HF_TOKEN") from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelNotFound(f"cannot read {repo_id} from the Hub ({type(exc).__name__}); check the network") from exc
+
+
+def load_diffusers_pipeline(
+    source: str, dtype: torch.dtype, shared: dict[str, Any] | None = None, i2v: bool = False
+) -> WanPipeline | WanImageToVideoPipeline:
+    """Load a diffusers-layout Wan model from a folder or the Hub.
+
+    The VAE and the CLIP image encoder stay fp32, as Wan's reference code runs them.
     Components in `shared` are taken as they are instead of being loaded.
     """
     shared = dict(shared or {})
     try:
         if "vae" not in shared:
             shared["vae"] = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32)
+        if i2v:
+            shared["image_encoder"] = CLIPVisionModel.from_pretrained(
+                source, subfolder="image_encoder", dtype=torch.float32
+            )
+            return WanImageToVideoPipeline.from_pretrained(source, dtype=dtype, **shared)
         return WanPipeline.from_pretrained(source, dtype=dtype, **shared)
     except GatedRepoError as exc:
         raise ModelNotFound(f"{source} is gated: accept its terms on the Hub and set HF_TOKEN") from exc

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput
+from .images import load_image, nearest_aspect_ratio
 from .lora.fetch import Credentials
 from .models import resolve_model
 from .settings import resolve_settings
@@ -73,16 +74,22 @@ class Result:
 class VideoService:
     """Loads models lazily, one transformer at a time, and runs validated requests."""
 
-    def __init__(self, override: str | None = None, device: str | None = None) -> None:
+    def __init__(self, override: str | None = None, i2v_override: str | None = None, device: str | None = None) -> None:
         self.override = override if override is not None else os.environ.get("WANLORA_MODEL") or None
+        self.i2v_override = i2v_override if i2v_override is not None else os.environ.get("WANLORA_I2V_MODEL") or None
         self.device = device
         self.pipe = None  # the resident WanLoraPipeline
         self.model = None  # the model name it was loaded from
 
-    def model_for(self, choice: str) -> str:
+    def model_for(self, choice: str, image: bool = False, resolution: str = "480p") -> str:
+        """The model a request runs on: an image switches 14b to its I2V variant for the resolution."""
         if choice not in MODEL_CHOICES:
             raise InvalidInput("model", choice, f"one of {', '.join(MODEL_CHOICES)}")
-        return self.override or MODEL_CHOICES[choice]
+        if not image:
+            return self.override or MODEL_CHOICES[choice]
+        if choice != "14b":
+            raise InvalidInput("image", "(an image)", f"model={choice} is text-to-video only; use model=14b")
+        return self.i2v_override or ("i2v-14b-720p" if resolution == "720p" else "i2v-14b-480p")
 
     def load(self, model: str):
         """The pipeline for `model`, loading it (and dropping the resident one) if needed."""
@@ -125,12 +132,13 @@ class VideoService:
         out_dir: Path,
     ) -> Result:
         """Validate every input, then make the LoRA state match and generate an MP4 in `out_dir`."""
-        name = self.model_for(model)
+        name = self.model_for(model, image is not None, resolution)
         spec = resolve_model(name)
-        if image is not None:
-            raise InvalidInput("image", "(an image)", "image-to-video is not available in this release; leave it empty")
+        start_image = load_image(image) if image is not None else None
         if fast_mode not in FAST_MODES:
             raise InvalidInput("fast_mode", fast_mode, f"one of {', '.join(FAST_MODES)}")
+        if start_image is not None:  # with an image, its own aspect picks the frame shape
+            aspect_ratio = nearest_aspect_ratio(start_image)
         settings = resolve_settings(
             spec, prompt, negative_prompt=negative_prompt, resolution=resolution, aspect_ratio=aspect_ratio,
             num_frames=num_frames, fps=fps, steps=sample_steps, guidance_scale=sample_guide_scale,
@@ -156,6 +164,7 @@ class VideoService:
             shift=settings.shift,
             seed=settings.seed,
             fast_mode=FAST_MODES[fast_mode],
+            image=start_image,
         )
         path = video.save(Path(out_dir) / f"wanlora-{video.seed}.mp4", crf=crf)
         timings = {"lora_load_seconds": lora_seconds, **video.timings}

@@ -10,11 +10,24 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    T5TokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
-from .models import TINY_ARCH, Architecture
+from .models import TINY_ARCH, TINY_I2V_ARCH, Architecture
 
 TINY_TEXT_CONFIG = {
     "d_model": 32,
@@ -49,8 +62,13 @@ def tiny_transformer(arch: Architecture = TINY_ARCH, seed: int = 0) -> WanTransf
     return WanTransformer3DModel(**arch.transformer_config()).eval()
 
 
-def tiny_pipeline(seed: int = 0) -> WanPipeline:
-    """A complete tiny text-to-video `WanPipeline` in fp32, the same for the same seed."""
+def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline | WanImageToVideoPipeline:
+    """A complete tiny Wan pipeline in fp32, the same for the same seed.
+
+    The image-to-video one has a tiny CLIP vision encoder whose width is the transformer's
+    `image_dim`. Its text is padded to 512 tokens like the real model's, because diffusers'
+    Wan attention takes everything before the last 512 context tokens as image tokens.
+    """
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT_CONFIG)).eval()
@@ -58,19 +76,32 @@ def tiny_pipeline(seed: int = 0) -> WanPipeline:
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     ).eval()
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=flow_scheduler(),
-        transformer=tiny_transformer(seed=seed),
+    common = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": flow_scheduler()}
+    if not i2v:
+        return WanPipeline(**common, transformer=tiny_transformer(seed=seed))
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=TINY_I2V_ARCH.image_dim,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    return WanImageToVideoPipeline(
+        **common,
+        image_encoder=image_encoder,
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        transformer=tiny_transformer(TINY_I2V_ARCH, seed=seed),
     )
 
 
-def write_tiny_model(path: str | Path, seed: int = 0) -> Path:
+def write_tiny_model(path: str | Path, seed: int = 0, i2v: bool = False) -> Path:
     """Save a tiny model in the exact diffusers folder layout and return the folder."""
     path = Path(path)
-    tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    tiny_pipeline(seed, i2v=i2v).save_pretrained(path, safe_serialization=True)
     return path
 
 
