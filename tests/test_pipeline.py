@@ -117,3 +117,49 @@ def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     assert spec.task == "i2v" and spec.arch.takes_last_image and spec.identified
     with pytest.raises(ModelNotFound, match="not a Hub repo you can read"):
         hub_transformer_config("someone/missing")
+
+
+def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path):
+    from torch._dynamo.utils import counters
+
+    from wanlora.testing import tiny_transformer, write_lora
+
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "A", seed=1)
+    write_lora(tmp_path / "b.safetensors", tiny_transformer(), "G", seed=2)
+    a, b = (str(tmp_path / "a.safetensors"), 1.0), (str(tmp_path / "b.safetensors"), -0.5)
+    counters.clear()
+    compiled = WanLoraPipeline.from_pretrained("tiny", compile="aot_eager")
+    first = compiled.generate("a fox", loras=[a], seed=1, **SMALL).frames
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    compiled.generate("a fox", loras=[b], seed=1, **SMALL)
+    again = compiled.generate("a fox", loras=[a], seed=1, **SMALL).frames
+    assert counters["stats"]["unique_graphs"] == graphs  # weights changed in place: no new graph
+    assert np.array_equal(first, again)
+    eager = WanLoraPipeline.from_pretrained("tiny").generate("a fox", loras=[a], seed=1, **SMALL).frames
+    assert np.abs(eager.astype(int) - first.astype(int)).max() <= 1
+
+
+def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch):
+    from wanlora import memory
+
+    with pytest.raises(InvalidInput, match="offloading moves weights to a GPU"):
+        WanLoraPipeline.from_pretrained("tiny", offload="model")
+    with pytest.raises(InvalidInput, match="one of none, model, group"):
+        WanLoraPipeline.from_pretrained("tiny", offload="disk")
+    untiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
+    assert not tiny_pipe.pipe.vae.use_tiling
+    monkeypatch.setattr(memory, "VAE_TILING_MIN_PIXELS", 0)  # treat the tiny frames as large
+    calls = []
+    original = type(tiny_pipe.pipe.vae).tiled_decode
+    monkeypatch.setattr(
+        type(tiny_pipe.pipe.vae), "tiled_decode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    tiny_pipe.pipe.vae.tile_sample_min_height = tiny_pipe.pipe.vae.tile_sample_min_width = 32
+    tiny_pipe.pipe.vae.tile_sample_stride_height = tiny_pipe.pipe.vae.tile_sample_stride_width = 16
+    tiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
+    assert calls and tiny_pipe.pipe.vae.use_tiling
+    assert tiled.shape == untiled.shape and np.abs(tiled.astype(int) - untiled.astype(int)).mean() < 8
+    monkeypatch.undo()
+    tiny_pipe.generate("a fox", seed=2, **SMALL)
+    assert not tiny_pipe.pipe.vae.use_tiling

@@ -93,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quality", type=int, default=18, help="H.264 CRF: 0 lossless to 51 worst (default 18)")
     gen.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda when available)")
     gen.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    gen.add_argument(
+        "--fast-mode",
+        choices=["off", "balanced", "fast"],
+        default="off",
+        help="skip transformer work on steps that change little (First Block Cache)",
+    )
+    gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
+    gen.add_argument(
+        "--offload",
+        choices=["none", "model", "group"],
+        default="none",
+        help="save GPU memory: model (components on demand) or group (blocks streamed)",
+    )
     gen.add_argument("-o", "--output", help="the MP4 to write (default: wanlora-SEED.mp4)")
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Wan2.1 model in the diffusers layout")
@@ -160,7 +173,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fetch_lora(ref)
     from .pipeline import WanLoraPipeline
 
-    pipe = WanLoraPipeline.from_pretrained(args.model, device=args.device, attention=args.attention)
+    pipe = WanLoraPipeline.from_pretrained(
+        args.model, device=args.device, attention=args.attention, compile=args.compile, offload=args.offload
+    )
     video = pipe.generate(
         settings.prompt,
         negative_prompt=settings.negative_prompt,
@@ -176,6 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         last_image=images[1] if len(images) > 1 else None,
         resize=args.resize,
         loras=loras,
+        fast_mode=args.fast_mode,
     )
     print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
 

@@ -39,6 +39,7 @@ from .images import RESIZE_MODES, ImageInput, load_image, nearest_aspect_ratio, 
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strengths
 from .lora.merge import LoraMerger
+from .memory import check_offload, place, set_vae_tiling
 from .models import ModelSpec, resolve_model, spec_for_config
 from .settings import GenerationSettings, resolve_settings
 from .testing import tiny_pipeline
@@ -86,6 +87,8 @@ class WanLoraPipeline:
         dtype: torch.dtype | None = None,
         attention: str = "auto",
         share_from: WanLoraPipeline | None = None,
+        compile: bool | str = False,
+        offload: str = "none",
     ) -> WanLoraPipeline:
         """Load a base model once.
 
@@ -94,11 +97,16 @@ class WanLoraPipeline:
         `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
         keeps in fp32 stay fp32 either way. `share_from` reuses another pipeline's tokenizer,
         text encoder and VAE (the same for every Wan2.1 variant) instead of loading them.
+
+        `compile=True` compiles the repeated transformer blocks with torch.compile (a string
+        names the backend); LoRA swaps rewrite weights in place and never recompile.
+        `offload` ("none", "model", "group") trades speed for GPU memory: see wanlora.memory.
         """
         spec = resolve_model(model)
         if not spec.identified:  # a Hub repo outside the catalogue: its config says what it is
             spec = spec_for_config(hub_transformer_config(spec.source), spec.source)
         device = torch.device(device) if device is not None else default_device()
+        check_offload(offload, device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
         shared = share_from.shared_components() if share_from is not None else {}
@@ -109,9 +117,14 @@ class WanLoraPipeline:
             pipe.register_modules(**shared)
         else:
             pipe = load_diffusers_pipeline(spec.source, dtype, shared, i2v=spec.task == "i2v")
-        pipe.to(device)
+        place(pipe, device, offload)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, time.perf_counter() - started)
-        return cls(pipe, spec, device, attention)
+        loaded = cls(pipe, spec, device, attention)
+        if compile:
+            backend = "inductor" if compile is True else compile
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+            logger.info("compiled the transformer blocks with torch.compile (%s)", backend)
+        return loaded
 
     def shared_components(self) -> dict[str, Any]:
         """The parts every Wan2.1 variant has in common."""
@@ -266,6 +279,7 @@ class WanLoraPipeline:
     def _denoise(
         self, settings: GenerationSettings, progress: bool, conditioning: dict[str, Any], extra: dict[str, Any]
     ) -> Video:
+        set_vae_tiling(self.pipe.vae, settings.width, settings.height)
         if self.pipe.scheduler.config.flow_shift != settings.shift:
             self.pipe.scheduler = UniPCMultistepScheduler.from_config(
                 self.pipe.scheduler.config, flow_shift=settings.shift

@@ -18,14 +18,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    T5TokenizerFast,
-    UMT5Config,
-    UMT5EncoderModel,
-)
+from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from .models import TINY_ARCH, TINY_I2V_ARCH, Architecture
 
@@ -79,6 +72,9 @@ def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline | WanImageToV
     common = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": flow_scheduler()}
     if not i2v:
         return WanPipeline(**common, transformer=tiny_transformer(seed=seed))
+    # imported here: without torchvision, transformers warns about CLIP's image processor on import
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
     torch.manual_seed(seed)
     image_encoder = CLIPVisionModel(
         CLIPVisionConfig(
