@@ -17,28 +17,16 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import WanPipeline, WanTransformer3DModel
+from diffusers import WanPipeline
 
 from wanlora.models import WAN_1_3B, WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
-from wanlora.testing import block_linears, lora_tensors
+from wanlora.testing import block_linears, lora_tensors, random_transformer
 
 CACHE = Path(tempfile.gettempdir()) / "wanlora-bench-loras"
-
-
-def random_transformer(arch, num_layers: int) -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    config = replace(arch, num_layers=num_layers).transformer_config()
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**config)
-    model.to_empty(device="cpu")
-    for param in model.parameters():
-        param.data = (torch.randn(param.shape, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-    return model.eval().requires_grad_(False)
 
 
 def cached_loras(model: torch.nn.Module, tag: str, rank: int = 32) -> list[str]:

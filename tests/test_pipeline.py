@@ -163,3 +163,38 @@ def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch
     monkeypatch.undo()
     tiny_pipe.generate("a fox", seed=2, **SMALL)
     assert not tiny_pipe.pipe.vae.use_tiling
+
+
+def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny_pipe, tmp_path, monkeypatch):
+    from wanlora import accelerators
+    from wanlora.testing import tiny_transformer, write_lora
+
+    distill, style = tmp_path / "distill.safetensors", tmp_path / "style.safetensors"
+    write_lora(distill, tiny_transformer(), "I", seed=1)
+    write_lora(style, tiny_transformer(), "A", seed=2)
+    preset = accelerators.Accelerator(
+        "test-4step", {"tiny": str(distill)}, steps=4, guidance=1.0, shift=5.0, timesteps=(1000, 750, 500, 250)
+    )
+    monkeypatch.setitem(accelerators.ACCELERATORS, "test-4step", preset)
+    pipe = fresh_tiny_pipe
+    passes = {"n": 0}
+    pipe.transformer.blocks[0].ffn.register_forward_hook(lambda *_: passes.__setitem__("n", passes["n"] + 1))
+    video = pipe.generate(
+        "a fox", loras=[(str(style), 0.7)], accelerator="test-4step", width=64, height=48, num_frames=9, seed=1
+    )
+    assert passes["n"] == 4  # four steps, one pass each: guidance 1 skips the unconditional pass
+    assert [round(float(t), 1) for t in pipe.pipe.scheduler.timesteps] == [1000.0, 937.5, 833.3, 625.0]
+    assert [(r.ref, r.strength) for r in pipe.active_loras] == [(str(style), 0.7), (str(distill), 1.0)]
+    assert (video.metadata["steps"], video.metadata["guidance_scale"], video.metadata["accelerator"]) == (
+        4,
+        1.0,
+        "test-4step",
+    )
+    with pytest.raises(InvalidInput, match="4 with test-4step"):
+        pipe.generate("a fox", accelerator="test-4step", steps=6, width=64, height=48, num_frames=9)
+    with pytest.raises(InvalidInput, match="available for t2v-14b"):
+        pipe.generate("a fox", accelerator="causvid", width=64, height=48, num_frames=9)
+    with pytest.raises(InvalidInput, match="one of lightx2v-4step"):
+        pipe.generate("a fox", accelerator="turbo", width=64, height=48, num_frames=9)
+    plain = pipe.generate("a fox", loras=[], width=64, height=48, num_frames=9, steps=2, seed=1)
+    assert type(pipe.pipe.scheduler).__name__ == "UniPCMultistepScheduler" and plain.frames.std() > 0

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="off",
         help="skip transformer work on steps that change little (First Block Cache)",
     )
+    gen.add_argument(
+        "--accelerator",
+        choices=["lightx2v-4step", "causvid"],
+        help="stack a step-distillation LoRA and sample as it was trained (4-8 steps, no CFG)",
+    )
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
     gen.add_argument(
         "--offload",
@@ -148,6 +153,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise InvalidInput("--image", args.image or args.last_image, f"{spec.name} is text-to-video; use an i2v model")
     if spec.task == "i2v" and args.image is None:
         raise InvalidInput("--image", None, f"{spec.name} is image-to-video and needs --image")
+    if args.accelerator:  # the preset's sampling fills what the command line leaves open
+        from .accelerators import accelerator_for
+
+        preset, _ = accelerator_for(args.accelerator, spec.name)
+        args.steps = preset.steps if args.steps is None else args.steps
+        args.guidance = preset.guidance if args.guidance is None else args.guidance
+        args.shift = preset.shift if args.shift is None else args.shift
     aspect_ratio = args.aspect_ratio
     if images and aspect_ratio is None and args.width is None:
         aspect_ratio = nearest_aspect_ratio(images[0])
@@ -192,6 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         resize=args.resize,
         loras=loras,
         fast_mode=args.fast_mode,
+        accelerator=args.accelerator,
     )
     print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
 

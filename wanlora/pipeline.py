@@ -21,17 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    UniPCMultistepScheduler,
-    WanImageToVideoPipeline,
-    WanPipeline,
-    WanTransformer3DModel,
-)
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-from transformers import CLIPVisionModel
 
 from . import __version__
+from .accelerators import Accelerator, accelerator_for, accelerator_refs, fixed_timestep_scheduler
 from .attention import choose_backend, install_backend
 from .errors import InvalidInput, ModelNotFound
 from .fastmode import apply_fast_mode, check_fast_mode
@@ -61,7 +55,7 @@ def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 class WanLoraPipeline:
-    """A Wan2.1 text-to-video pipeline that takes LoRAs from anywhere.
+    """A Wan2.1 text- or image-to-video pipeline that takes LoRAs from anywhere.
 
     Build it with `from_pretrained`; call `generate` as often as you like. LoRAs given to
     `set_loras` or `generate(loras=...)` are merged into the transformer weights exactly,
@@ -75,6 +69,7 @@ class WanLoraPipeline:
         self.attention = choose_backend(attention, device)
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
             install_backend(pipe.transformer, self.attention)
+        self.base_scheduler_config = pipe.scheduler.config
         self.loader = LoraLoader()
         self.merger = LoraMerger(pipe.transformer)
         self.active_loras: list[LoraRequest] = []
@@ -165,10 +160,11 @@ class WanLoraPipeline:
             seconds = time.perf_counter() - started
             for lora, r in zip(loaded, requests, strict=True):
                 logger.info(
-                    "applied %s at strength %s: %s, %d tensors, trigger words: %s (merge %.2fs)",
+                    "applied %s at strength %s: %s, rank %s, %d tensors, trigger words: %s (merge %.2fs)",
                     r.ref,
                     r.strength,
                     lora.layout,
+                    "/".join(map(str, lora.ranks)) or "-",
                     len(lora.deltas),
                     ", ".join(lora.trigger_words) or "none found",
                     seconds,
@@ -200,6 +196,7 @@ class WanLoraPipeline:
         loras: Sequence[tuple[str, float | Sequence[float]]] | None = None,
         credentials: Credentials | None = None,
         fast_mode: str = "off",
+        accelerator: str | None = None,
         progress: bool = True,
     ) -> Video:
         """Generate a video. Every argument is checked before any work starts.
@@ -214,8 +211,22 @@ class WanLoraPipeline:
         optional `last_image` to end on. Without an explicit size, the preset whose aspect
         is nearest the image's is used; `resize` brings the image to it: "fit" (scale and
         center-crop), "pad" (scale and letterbox) or "stretch".
+
+        `accelerator` ("lightx2v-4step", "causvid") stacks a step-distillation LoRA on the
+        LoRA set and samples as it was trained: few steps, no guidance, its own shift and
+        timesteps. Explicit steps, guidance or shift still win where the preset allows.
         """
         images = self._check_images(image, last_image, resize)
+        preset = None
+        if accelerator is not None:
+            preset, accelerator_ref = accelerator_for(accelerator, self.spec.name)
+            steps = preset.steps if steps is None else steps
+            guidance_scale = preset.guidance if guidance_scale is None else guidance_scale
+            shift = preset.shift if shift is None else shift
+            if preset.timesteps and steps != len(preset.timesteps):
+                raise InvalidInput(
+                    "steps", steps, f"{len(preset.timesteps)} with {accelerator}: it samples fixed timesteps"
+                )
         if images and aspect_ratio is None and width is None:
             aspect_ratio = nearest_aspect_ratio(images[0])
         settings = resolve_settings(
@@ -234,6 +245,10 @@ class WanLoraPipeline:
             seed=seed,
         )
         check_fast_mode(fast_mode)
+        if preset is not None:
+            style = parse_requests(loras) if loras is not None else self.active_loras
+            loras = [(r.ref, r.strength) for r in style if r.ref not in accelerator_refs()]
+            loras.append((accelerator_ref, preset.strength))
         if loras is not None:
             self.set_loras(loras, credentials)
         self._hint_trigger_words(settings.prompt)
@@ -246,7 +261,9 @@ class WanLoraPipeline:
         if images:
             logger.info("image %dx%d brought to %dx%d (%s)", *images[0].size, *size, resize)
             extra = {"image_size": list(images[0].size), "resize": resize}
-        return self._denoise(settings, progress, conditioning, extra)
+        if preset is not None:
+            extra["accelerator"] = preset.name
+        return self._denoise(settings, progress, conditioning, extra, preset)
 
     def _check_images(self, image, last_image, resize: str) -> list:
         """The conditioning images, read and checked; the right number for the model's task."""
@@ -277,12 +294,19 @@ class WanLoraPipeline:
                 logger.warning("the prompt has none of %s's trigger words: %s", request.ref, ", ".join(words[:5]))
 
     def _denoise(
-        self, settings: GenerationSettings, progress: bool, conditioning: dict[str, Any], extra: dict[str, Any]
+        self,
+        settings: GenerationSettings,
+        progress: bool,
+        conditioning: dict[str, Any],
+        extra: dict[str, Any],
+        preset: Accelerator | None = None,
     ) -> Video:
         set_vae_tiling(self.pipe.vae, settings.width, settings.height)
-        if self.pipe.scheduler.config.flow_shift != settings.shift:
+        if preset is not None and preset.timesteps:
+            self.pipe.scheduler = fixed_timestep_scheduler(preset)
+        elif getattr(self.pipe.scheduler.config, "flow_shift", None) != settings.shift:
             self.pipe.scheduler = UniPCMultistepScheduler.from_config(
-                self.pipe.scheduler.config, flow_shift=settings.shift
+                self.base_scheduler_config, flow_shift=settings.shift
             )
         self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
         logger.info(
@@ -366,8 +390,8 @@ def hub_transformer_config(repo_id: str) -> dict[str, Any]:
 
 def load_diffusers_pipeline(
     source: str, dtype: torch.dtype, shared: dict[str, Any] | None = None, i2v: bool = False
-) -> WanPipeline | WanImageToVideoPipeline:
-    """Load a diffusers-layout Wan model from a folder or the Hub.
+) -> WanPipeline:
+    """Load a diffusers-layout Wan model from a folder or the Hub (an image-to-video one with `i2v`).
 
     The VAE and the CLIP image encoder stay fp32, as Wan's reference code runs them.
     Components in `shared` are taken as they are instead of being loaded.
@@ -376,7 +400,10 @@ def load_diffusers_pipeline(
     try:
         if "vae" not in shared:
             shared["vae"] = AutoencoderKLWan.from_pretrained(source, subfolder="vae", dtype=torch.float32)
-        if i2v:
+        if i2v:  # imported here: without torchvision, transformers warns about CLIP's processor
+            from diffusers import WanImageToVideoPipeline
+            from transformers import CLIPVisionModel
+
             shared["image_encoder"] = CLIPVisionModel.from_pretrained(
                 source, subfolder="image_encoder", dtype=torch.float32
             )

@@ -10,13 +10,7 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    UniPCMultistepScheduler,
-    WanImageToVideoPipeline,
-    WanPipeline,
-    WanTransformer3DModel,
-)
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -55,7 +49,7 @@ def tiny_transformer(arch: Architecture = TINY_ARCH, seed: int = 0) -> WanTransf
     return WanTransformer3DModel(**arch.transformer_config()).eval()
 
 
-def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline | WanImageToVideoPipeline:
+def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline:
     """A complete tiny Wan pipeline in fp32, the same for the same seed.
 
     The image-to-video one has a tiny CLIP vision encoder whose width is the transformer's
@@ -73,6 +67,7 @@ def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline | WanImageToV
     if not i2v:
         return WanPipeline(**common, transformer=tiny_transformer(seed=seed))
     # imported here: without torchvision, transformers warns about CLIP's image processor on import
+    from diffusers import WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
@@ -271,3 +266,60 @@ def write_lora(
     tensors, expected = lora_tensors(shapes, layout, **options)
     save_file(tensors, str(path), metadata=metadata)
     return expected
+
+
+# ------------------------------------------------------------------ real-shaped models for benchmarks
+
+
+def random_transformer(
+    arch: Architecture, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> WanTransformer3DModel:
+    """A transformer at `arch`'s real shapes (optionally fewer blocks) with random weights.
+
+    Built on the meta device and materialised once on `device`, so a 14B shape costs no
+    fp32 detour; the modules diffusers keeps in fp32 stay fp32.
+    """
+    from dataclasses import replace
+
+    config = replace(arch, num_layers=num_layers or arch.num_layers).transformer_config()
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**config)
+    model.to_empty(device=device)
+    keep = model._keep_in_fp32_modules or []
+    generator = torch.Generator(device).manual_seed(0)
+    for name, param in model.named_parameters():
+        fp32 = any(part in keep for part in name.split("."))
+        param.data = torch.randn(param.shape, generator=generator, device=device).mul_(0.02)
+        param.data = param.data if fp32 else param.data.to(dtype)
+    # to_empty left the rotary tables uninitialised: rebuild them
+    model.rope = type(model.rope)(arch.attention_head_dim, (1, 2, 2), arch.rope_max_seq_len).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def step_inputs(
+    arch: Architecture, frames: int, height: int, width: int, batch: int = 1, dtype=torch.bfloat16, device="cpu"
+) -> dict[str, torch.Tensor]:
+    """Transformer inputs for one denoising step of a video of that size (512 text tokens)."""
+    latent_frames = (frames - 1) // 4 + 1
+    generator = torch.Generator(device).manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(batch, arch.in_channels, latent_frames, height // 8, width // 8,
+                                     generator=generator, device=device).to(dtype),
+        "timestep": torch.full((batch,), 500.0, device=device),
+        "encoder_hidden_states": torch.randn(batch, 512, arch.text_dim, generator=generator, device=device).to(dtype),
+    }  # fmt: skip
+    if arch.image_dim:
+        inputs["encoder_hidden_states_image"] = torch.randn(
+            batch, 257, arch.image_dim, generator=generator, device=device
+        ).to(dtype)
+    return inputs
+
+
+def forward_flops(arch: Architecture, frames: int, height: int, width: int) -> float:
+    """Matmul FLOPs of one transformer forward: block linears, self-attention and cross-attention."""
+    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    dim, text = arch.dim, 512
+    per_token_linear = 2 * (4 * dim * dim + 2 * dim * dim + 2 * dim * arch.ffn_dim)  # attn1, attn2 q/o, ffn
+    text_kv = 2 * 2 * dim * dim * text  # attn2 k/v on the text tokens, once per block
+    attention = 4 * tokens * tokens * dim + 4 * tokens * text * dim
+    return arch.num_layers * (tokens * per_token_linear + text_kv + attention)
