@@ -6,6 +6,10 @@ blocks are skipped and their cached residual is reused. cond and uncond passes k
 separate caches (the pipeline's cache contexts), so classifier-free guidance stays correct.
 Thresholds live in the model catalogue; "off" removes the hooks, so it is bit-identical to
 never having enabled the cache.
+
+Why not the other diffusers caches: FasterCache assumes cond and uncond in one batch, and
+Wan's pipeline runs them as separate passes; TaylorSeer's default module pattern matches
+nothing in Wan's transformer, so it silently caches nothing.
 """
 
 from __future__ import annotations
