@@ -24,7 +24,7 @@ from diffusers import WanPipeline
 
 from wanlora.models import WAN_1_3B, WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
-from wanlora.testing import block_linears, lora_tensors, random_transformer
+from wanlora.testing import block_linears, flow_scheduler, lora_tensors, random_transformer
 
 CACHE = Path(tempfile.gettempdir()) / "wanlora-bench-loras"
 
@@ -55,7 +55,8 @@ def median_seconds(step, swaps: int) -> float:
 
 
 def time_wanlora(model, paths, swaps: int) -> float:
-    pipe = WanLoraPipeline(WanPipeline(None, None, None, None, transformer=model), tiny_spec(), torch.device("cpu"))
+    wan = WanPipeline(None, None, None, flow_scheduler(), transformer=model)
+    pipe = WanLoraPipeline(wan, tiny_spec(), torch.device("cpu"))
     pipe.set_loras([(paths[1], 1.0)])  # warm: parse both files, make the pristine copies
     pipe.set_loras([(paths[0], 1.0)])
     seconds = median_seconds(lambda i: pipe.set_loras([(paths[(i + 1) % 2], 1.0)]), swaps)
