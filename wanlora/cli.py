@@ -189,16 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.model, device=args.device, attention=args.attention, compile=args.compile, offload=args.offload
     )
     video = pipe.generate(
-        settings.prompt,
-        negative_prompt=settings.negative_prompt,
-        width=settings.width,
-        height=settings.height,
-        num_frames=settings.num_frames,
-        fps=settings.fps,
-        steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        shift=settings.shift,
-        seed=settings.seed,
+        **settings.as_dict(),
         image=images[0] if images else None,
         last_image=images[1] if len(images) > 1 else None,
         resize=args.resize,

@@ -153,16 +153,7 @@ class VideoService:
         pipe.set_loras(loras, credentials)
         lora_seconds = time.perf_counter() - started
         video = pipe.generate(
-            settings.prompt,
-            negative_prompt=settings.negative_prompt,
-            width=settings.width,
-            height=settings.height,
-            num_frames=settings.num_frames,
-            fps=settings.fps,
-            steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            shift=settings.shift,
-            seed=settings.seed,
+            **settings.as_dict(),
             fast_mode=FAST_MODES[fast_mode],
             image=start_image,
         )

@@ -38,6 +38,7 @@ class GenerationSettings:
     seed: int
 
     def as_dict(self) -> dict:
+        """The fields by name; they are also `WanLoraPipeline.generate`'s keyword arguments."""
         return asdict(self)
 
 
