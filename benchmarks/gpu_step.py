@@ -29,7 +29,6 @@ from wanlora.models import CATALOGUE, WAN_1_3B, WAN_14B
 from wanlora.testing import forward_flops, lora_tensors, random_transformer, step_inputs
 
 CUDA = torch.device("cuda")
-CASES = {"1.3B 480p": (WAN_1_3B, 480, 832), "14B 480p": (WAN_14B, 480, 832), "14B 720p": (WAN_14B, 720, 1280)}
 FRAMES = 81
 
 

@@ -254,7 +254,6 @@ class LoraFile:
     deltas: dict[str, Delta]
     metadata: dict[str, str] = field(default_factory=dict)
     tensor_count: int = 0
-    fingerprint: str = ""  # identifies the file's content for "same set as now"
     trigger_words: list[str] = field(default_factory=list)
 
     @property

@@ -80,9 +80,7 @@ class LoraLoader:
         fetched = fetch_lora(ref, credentials)
         lora = read_lora(fetched.path)
         lora.trigger_words = fetched.trigger_words
-        identity = _identity(lora.path)
-        lora.fingerprint = ":".join(map(str, identity))
-        self._parsed[ref] = (identity, lora)
+        self._parsed[ref] = (_identity(lora.path), lora)
         while len(self._parsed) > self.capacity:
             self._parsed.popitem(last=False)
         logger.info(
