@@ -346,3 +346,16 @@ def test_cli_fetch_cache_list_and_clear(offline_net, file_server):
     assert "ok.safetensors" in listing and "/page" not in listing and "1 LoRAs" in listing
     assert "freed" in run_cli("cache", "clear", env=offline_net).stdout
     assert "0 LoRAs" in run_cli("cache", "list", env=offline_net).stdout
+
+
+def test_an_unreachable_hub_is_a_download_error(offline_net, monkeypatch):
+    import time
+
+    import huggingface_hub.constants as constants
+
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # skip huggingface_hub's retry back-off
+    with pytest.raises(LoraDownloadError, match="Hugging Face Hub cannot be reached"):
+        fetch_lora("alice/wan-style")

@@ -11,6 +11,7 @@ logs, errors or cache keys.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import ipaddress
 import logging
 import os
@@ -150,6 +151,11 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> FetchedL
         raise LoraNotFound(f"{label}: {repo} has no file {source.filename!r}") from exc
     except LocalEntryNotFoundError as exc:
         raise LoraDownloadError(f"{label}: the Hugging Face Hub cannot be reached and the file is not cached") from exc
+    except hub_transport_errors() as exc:
+        raise LoraDownloadError(
+            f"{label}: the Hugging Face Hub cannot be reached ({type(exc).__name__}); "
+            "check the network, or set HF_HUB_OFFLINE=1 to use cached files"
+        ) from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
@@ -159,6 +165,17 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> FetchedL
     fetched = _verified(path, canonical, label)
     words = list(dict.fromkeys(fetched.trigger_words + _card_trigger_words(repo, token)))
     return FetchedLora(fetched.path, canonical, fetched.size, None, words)
+
+
+def hub_transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection errors of whichever HTTP client this huggingface_hub version uses."""
+    errors: list[type[BaseException]] = [requests.ConnectionError, requests.Timeout]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def _single_safetensors(api, repo: str, revision: str | None, label: str) -> str:
