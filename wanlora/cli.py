@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -355,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=UserWarning)  # libraries' deprecation chatter
+        warnings.filterwarnings("ignore", category=FutureWarning)
     sub = getattr(args, "lora_command", None) or getattr(args, "cache_command", None)
     handler = COMMANDS[(args.command, sub)]
     try:

@@ -30,7 +30,7 @@ from .attention import choose_backend, install_backend
 from .errors import InvalidInput, ModelNotFound
 from .fastmode import apply_fast_mode, check_fast_mode
 from .images import RESIZE_MODES, ImageInput, load_image, nearest_aspect_ratio, resize_image
-from .lora.fetch import Credentials
+from .lora.fetch import Credentials, hub_transport_errors
 from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strengths
 from .lora.merge import LoraMerger
 from .memory import check_offload, place, set_vae_tiling
@@ -98,8 +98,12 @@ class WanLoraPipeline:
         `offload` ("none", "model", "group") trades speed for GPU memory: see wanlora.memory.
         """
         spec = resolve_model(model)
-        if not spec.identified:  # a Hub repo outside the catalogue: its config says what it is
-            spec = spec_for_config(hub_transformer_config(spec.source), spec.source)
+        if spec.source != "tiny" and not Path(spec.source).exists():
+            # A Hub model: its small transformer config comes first, so that a missing repo, a
+            # gated one or no network is named as such, and a repo outside the catalogue is identified.
+            config = hub_transformer_config(spec.source)
+            if not spec.identified:
+                spec = spec_for_config(config, spec.source)
         device = torch.device(device) if device is not None else default_device()
         check_offload(offload, device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -376,6 +380,11 @@ def hub_transformer_config(repo_id: str) -> dict[str, Any]:
 
     try:
         return json.loads(Path(hf_hub_download(repo_id, "transformer/config.json")).read_text())
+    except (LocalEntryNotFoundError, *hub_transport_errors()) as exc:  # before EntryNotFoundError, its base
+        raise ModelNotFound(
+            f"{repo_id} is not in the Hugging Face cache and the Hub cannot be reached: connect once, "
+            "or point --model at a local diffusers-layout folder"
+        ) from exc
     except EntryNotFoundError as exc:
         raise ModelNotFound(
             f"{repo_id} has no transformer/config.json: it is not a diffusers-layout Wan model"
@@ -384,8 +393,8 @@ def hub_transformer_config(repo_id: str) -> dict[str, Any]:
         raise ModelNotFound(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN") from exc
     except RepositoryNotFoundError as exc:
         raise ModelNotFound(f"{repo_id} is not a Hub repo you can read: check the name, or set HF_TOKEN") from exc
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise ModelNotFound(f"cannot read {repo_id} from the Hub ({type(exc).__name__}); check the network") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelNotFound(f"cannot read {repo_id} from the Hub ({type(exc).__name__}); check the name") from exc
 
 
 def load_diffusers_pipeline(

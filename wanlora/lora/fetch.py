@@ -147,10 +147,10 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> FetchedL
         raise NoSuchHubRepo(f"no Hugging Face repo {repo} (or it is private: set HF_TOKEN / hf_api_token)") from exc
     except RevisionNotFoundError as exc:
         raise LoraNotFound(f"{label}: {repo} has no revision {revision!r}") from exc
+    except LocalEntryNotFoundError as exc:  # before EntryNotFoundError, its base class
+        raise LoraDownloadError(f"{label}: the Hugging Face Hub cannot be reached and the file is not cached") from exc
     except EntryNotFoundError as exc:
         raise LoraNotFound(f"{label}: {repo} has no file {source.filename!r}") from exc
-    except LocalEntryNotFoundError as exc:
-        raise LoraDownloadError(f"{label}: the Hugging Face Hub cannot be reached and the file is not cached") from exc
     except hub_transport_errors() as exc:
         raise LoraDownloadError(
             f"{label}: the Hugging Face Hub cannot be reached ({type(exc).__name__}); "
