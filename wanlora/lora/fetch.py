@@ -329,19 +329,32 @@ def _first_redirect(url: str, label: str) -> str:
             return url
 
 
+RETRYABLE = (_Retryable, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def _with_retries(action, label: str, what: str):
+    """Run `action` up to MAX_ATTEMPTS times, backing off after failures worth another try."""
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            return action()
+        except RETRYABLE as exc:
+            if attempt + 1 == MAX_ATTEMPTS:
+                raise LoraDownloadError(
+                    f"{label}: {what} failed after {MAX_ATTEMPTS} attempts ({_describe(exc)}); try again"
+                ) from exc
+            logger.warning("%s: %s; retrying", label, _describe(exc))
+            time.sleep(BACKOFF_SECONDS * 2**attempt)
+
+
 def _get_json(url: str, headers: dict[str, str], label: str, what: str) -> dict:
-    with requests.Session() as session:
-        for attempt in range(MAX_ATTEMPTS):
+    def lookup() -> dict:
+        with requests.Session() as session:
             try:
-                response = _open(session, url, headers, label)
-                return response.json()
-            except (_Retryable, requests.ConnectionError, requests.Timeout) as exc:
-                if attempt + 1 == MAX_ATTEMPTS:
-                    raise LoraDownloadError(f"{label}: the {what} lookup failed: {exc}") from exc
-                time.sleep(BACKOFF_SECONDS * 2**attempt)
+                return _open(session, url, headers, label).json()
             except ValueError as exc:
                 raise LoraDownloadError(f"{label}: the {what} lookup did not return JSON") from exc
-    raise AssertionError("unreachable")
+
+    return _with_retries(lookup, label, f"the {what} lookup")
 
 
 def _download(
@@ -380,56 +393,34 @@ def _is_tar_file(path: Path) -> bool:
 
 def _stream(session: requests.Session, url: str, headers: dict[str, str], partial: Path, label: str) -> None:
     """Fill `partial` with the whole body: resume by Range, retry with backoff, check lengths."""
+    try:
+        _with_retries(lambda: _stream_once(session, url, headers, partial, label), label, "the download")
+    except LoraError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _stream_once(session: requests.Session, url: str, headers: dict[str, str], partial: Path, label: str) -> None:
+    """One attempt: continue from what `partial` holds when the server honours Range."""
     limit = max_lora_bytes()
-    for attempt in range(MAX_ATTEMPTS):
-        offset = partial.stat().st_size if partial.exists() else 0
-        request_headers = {**headers, **({"Range": f"bytes={offset}-"} if offset else {})}
-        try:
-            response = _open(session, url, request_headers, label)
-            with response:
-                resumed = response.status_code == 206 and offset > 0
-                total = _declared_total(response, offset if resumed else 0)
-                if total is not None and total > limit:
-                    raise _too_big(label, total)
-                mode = "ab" if resumed else "wb"
-                with (
-                    partial.open(mode) as out,
-                    tqdm(
-                        total=total,
-                        initial=offset if resumed else 0,
-                        unit="B",
-                        unit_scale=True,
-                        unit_divisor=1024,
-                        desc=label[-40:],
-                        file=sys.stderr,
-                        leave=False,
-                        disable=None,
-                    ) as bar,
-                ):
-                    for chunk in response.iter_content(CHUNK):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-                        if out.tell() > limit:
-                            raise _too_big(label, out.tell())
-                size = partial.stat().st_size
-                if total is not None and size != total:
-                    raise _Retryable(f"got {size} of {total} bytes")
-                return
-        except (
-            _Retryable,
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-        ) as exc:
-            if attempt + 1 == MAX_ATTEMPTS:
-                raise LoraDownloadError(
-                    f"{label}: the download failed after {MAX_ATTEMPTS} attempts ({_describe(exc)}); try again"
-                ) from exc
-            logger.warning("%s: %s; retrying", label, _describe(exc))
-            time.sleep(BACKOFF_SECONDS * 2**attempt)
-        except LoraError:
-            partial.unlink(missing_ok=True)
-            raise
+    offset = partial.stat().st_size if partial.exists() else 0
+    request_headers = {**headers, **({"Range": f"bytes={offset}-"} if offset else {})}
+    with _open(session, url, request_headers, label) as response:
+        resumed = response.status_code == 206 and offset > 0
+        total = _declared_total(response, offset if resumed else 0)
+        if total is not None and total > limit:
+            raise _too_big(label, total)
+        progress = tqdm(total=total, initial=offset if resumed else 0, unit="B", unit_scale=True,
+                        unit_divisor=1024, desc=label[-40:], file=sys.stderr, leave=False, disable=None)  # fmt: skip
+        with partial.open("ab" if resumed else "wb") as out, progress:
+            for chunk in response.iter_content(CHUNK):
+                out.write(chunk)
+                progress.update(len(chunk))
+                if out.tell() > limit:
+                    raise _too_big(label, out.tell())
+    size = partial.stat().st_size
+    if total is not None and size != total:
+        raise _Retryable(f"got {size} of {total} bytes")
 
 
 def _declared_total(response: requests.Response, offset: int) -> int | None:
