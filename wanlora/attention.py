@@ -20,45 +20,60 @@ class Backend:
     dispatcher_name: str  # diffusers' AttentionBackendName value
     needs_cuda: bool
     package: str | None = None  # the import that must exist
+    context_parallel: bool = False  # diffusers can split it across processes (Ulysses)
+    ring: bool = False  # it returns log-sum-exp, which ring attention needs
 
 
 BACKENDS: dict[str, Backend] = {
-    "sdpa": Backend("native", needs_cuda=False),
-    "sdpa-cudnn": Backend("_native_cudnn", needs_cuda=True),
-    "sdpa-flash": Backend("_native_flash", needs_cuda=True),
+    "sdpa": Backend("native", needs_cuda=False, context_parallel=True),
+    "sdpa-cudnn": Backend("_native_cudnn", needs_cuda=True, context_parallel=True, ring=True),
+    "sdpa-flash": Backend("_native_flash", needs_cuda=True, context_parallel=True, ring=True),
     "sdpa-efficient": Backend("_native_efficient", needs_cuda=True),
     "xformers": Backend("xformers", needs_cuda=True, package="xformers"),
-    "flash": Backend("flash", needs_cuda=True, package="flash_attn"),
+    "flash": Backend("flash", needs_cuda=True, package="flash_attn", context_parallel=True, ring=True),
     "flash3": Backend("_flash_3", needs_cuda=True, package="flash_attn_interface"),
-    "sage": Backend("sage", needs_cuda=True, package="sageattention"),
+    "sage": Backend("sage", needs_cuda=True, package="sageattention", context_parallel=True, ring=True),
 }
 CHOICES = ("auto", *BACKENDS)
 
 
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """Why `name` cannot run on `device`, or None when it can."""
+def unavailable_reason(name: str, device: torch.device, parallel: str | None = None) -> str | None:
+    """Why `name` cannot run on `device` (split `parallel`: "ulysses" or "ring"), or None when it can."""
     backend = BACKENDS[name]
     if backend.needs_cuda and device.type != "cuda":
         return f"it needs a CUDA GPU and the model is on {device.type}"
     if backend.package and importlib.util.find_spec(backend.package) is None:
         return f"the `{backend.package}` package is not installed"
+    if parallel and not backend.context_parallel:
+        return "diffusers cannot split it across processes"
+    if parallel == "ring" and not backend.ring:
+        return "ring attention needs a kernel that returns log-sum-exp"
     return None
 
 
-def choose_backend(requested: str, device: torch.device) -> str:
+def choose_backend(requested: str, device: torch.device, parallel: str | None = None) -> str:
     """Resolve `requested` ("auto" or a name in BACKENDS) to a backend that can run here.
 
     auto: xformers' memory-efficient kernel on CUDA when installed (the Cog image has it),
     else torch's SDPA, whose own dispatcher then picks flash, cuDNN or mem-efficient.
+    Split across processes (`parallel`), xformers cannot take part: SDPA for Ulysses, and
+    for ring a kernel that returns log-sum-exp (flash-attn when installed, else cuDNN's).
     """
     if requested not in CHOICES:
         raise InvalidInput("attention", requested, f"one of {', '.join(CHOICES)}")
     if requested != "auto":
-        reason = unavailable_reason(requested, device)
+        reason = unavailable_reason(requested, device, parallel)
         if reason:
             raise InvalidInput("attention", requested, f"not available here: {reason}; use attention='auto'")
         logger.info("attention: %s (requested)", requested)
         return requested
+    if parallel == "ring":
+        name = "flash" if unavailable_reason("flash", device, parallel) is None else "sdpa-cudnn"
+        logger.info("attention: %s (auto: ring attention)", name)
+        return name
+    if parallel:
+        logger.info("attention: sdpa (auto: context parallel)")
+        return "sdpa"
     if device.type == "cuda" and unavailable_reason("xformers", device) is None:
         logger.info("attention: xformers (auto: CUDA with xformers installed)")
         return "xformers"

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, Repo
 from . import __version__
 from .accelerators import Accelerator, accelerator_for, accelerator_refs, fixed_timestep_scheduler
 from .attention import choose_backend, install_backend
+from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound
 from .fastmode import apply_fast_mode, check_fast_mode
 from .images import RESIZE_MODES, ImageInput, load_image, nearest_aspect_ratio, resize_image
@@ -35,6 +37,7 @@ from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strength
 from .lora.merge import LoraMerger
 from .memory import check_offload, place, set_vae_tiling
 from .models import ModelSpec, resolve_model, spec_for_config
+from .parallel import ParallelPlan
 from .settings import GenerationSettings, resolve_settings
 from .testing import tiny_pipeline
 from .video import Video
@@ -62,13 +65,22 @@ class WanLoraPipeline:
     and swapped without reloading the base model.
     """
 
-    def __init__(self, pipe: WanPipeline, spec: ModelSpec, device: torch.device, attention: str = "auto") -> None:
+    def __init__(
+        self,
+        pipe: WanPipeline,
+        spec: ModelSpec,
+        device: torch.device,
+        attention: str = "auto",
+        parallel: ParallelPlan | None = None,
+    ) -> None:
         self.pipe = pipe
         self.spec = spec
         self.device = device
-        self.attention = choose_backend(attention, device)
+        split = None if parallel is None or parallel.context_degree == 1 else "ring" if parallel.ring > 1 else "ulysses"
+        self.attention = choose_backend(attention, device, split)
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
             install_backend(pipe.transformer, self.attention)
+        self.parallel = Parallel(pipe.transformer, parallel, device) if parallel is not None else None
         self.base_scheduler_config = pipe.scheduler.config
         self.loader = LoraLoader()
         self.merger = LoraMerger(pipe.transformer)
@@ -84,6 +96,7 @@ class WanLoraPipeline:
         share_from: WanLoraPipeline | None = None,
         compile: bool | str = False,
         offload: str = "none",
+        parallel: ParallelPlan | str | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
 
@@ -96,6 +109,11 @@ class WanLoraPipeline:
         `compile=True` compiles the repeated transformer blocks with torch.compile (a string
         names the backend); LoRA swaps rewrite weights in place and never recompile.
         `offload` ("none", "model", "group") trades speed for GPU memory: see wanlora.memory.
+
+        `parallel` ("auto" or a `ParallelPlan`) shares each generation between the processes
+        of a torch.distributed group, one per GPU (torchrun starts them; the process group is
+        joined here if needed): see wanlora.parallel. Call `generate` on every rank with the
+        same arguments; rank 0 gets the video, the others None.
         """
         spec = resolve_model(model)
         if spec.source != "tiny" and not Path(spec.source).exists():
@@ -104,6 +122,11 @@ class WanLoraPipeline:
             config = hub_transformer_config(spec.source)
             if not spec.identified:
                 spec = spec_for_config(config, spec.source)
+        plan = None
+        if parallel is not None:
+            rank_device = init_distributed()
+            device = torch.device(device) if device is not None else rank_device
+            plan = resolve_plan(parallel, spec.arch.num_attention_heads, spec.name, device)
         device = torch.device(device) if device is not None else default_device()
         check_offload(offload, device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -118,7 +141,7 @@ class WanLoraPipeline:
             pipe = load_diffusers_pipeline(spec.source, dtype, shared, i2v=spec.task == "i2v")
         place(pipe, device, offload)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, time.perf_counter() - started)
-        loaded = cls(pipe, spec, device, attention)
+        loaded = cls(pipe, spec, device, attention, plan)
         if compile:
             backend = "inductor" if compile is True else compile
             pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
@@ -152,7 +175,25 @@ class WanLoraPipeline:
         A list strength is a schedule over equal phases of the denoising steps; outside
         `generate` its first value applies. `credentials` carries per-request Hub and
         Civitai tokens (HF_TOKEN and CIVITAI_API_TOKEN apply otherwise).
+
+        In a parallel run every rank must succeed: if one fails, all raise and keep their set.
         """
+        if self.parallel is None:
+            return self._set_loras(loras, credentials)
+        previous = [(r.ref, r.strength) for r in self.active_loras]
+        error = None
+        try:
+            self._set_loras(loras, credentials)
+        except Exception as exc:  # any failure: the other ranks must hear of it, or they wait forever
+            error = exc
+        failure = self.parallel.first_failure(error)
+        if failure is None:
+            return None
+        if error is None:  # another rank failed and kept its set: keep the ranks' weights equal
+            self._set_loras(previous, credentials)
+        raise failure
+
+    def _set_loras(self, loras, credentials: Credentials | None) -> None:
         requests = parse_requests(loras or [])
         loaded = [self.loader.load(r.ref, credentials) for r in requests]
         started = time.perf_counter()
@@ -202,7 +243,7 @@ class WanLoraPipeline:
         fast_mode: str = "off",
         accelerator: str | None = None,
         progress: bool = True,
-    ) -> Video:
+    ) -> Video | None:
         """Generate a video. Every argument is checked before any work starts.
 
         Unset arguments take the model's defaults (Wan's: 81 frames at 16 fps, 50 steps,
@@ -219,6 +260,9 @@ class WanLoraPipeline:
         `accelerator` ("lightx2v-4step", "causvid") stacks a step-distillation LoRA on the
         LoRA set and samples as it was trained: few steps, no guidance, its own shift and
         timesteps. Explicit steps, guidance or shift still win where the preset allows.
+
+        In a parallel run (see `from_pretrained`) every rank calls this with the same
+        arguments; rank 0's seed is used everywhere, and only rank 0 gets the Video.
         """
         images = self._check_images(image, last_image, resize)
         preset = None
@@ -249,6 +293,10 @@ class WanLoraPipeline:
             seed=seed,
         )
         check_fast_mode(fast_mode)
+        if self.parallel is not None:
+            self.parallel.plan.check_fast_mode(fast_mode)
+            self.parallel.plan.check_tokens(settings.token_count, settings.size)
+            settings = replace(settings, seed=self.parallel.shared_seed(settings.seed))
         if preset is not None:
             style = parse_requests(loras) if loras is not None else self.active_loras
             loras = [(r.ref, r.strength) for r in style if r.ref not in accelerator_refs()]
@@ -304,7 +352,7 @@ class WanLoraPipeline:
         conditioning: dict[str, Any],
         extra: dict[str, Any],
         preset: Accelerator | None = None,
-    ) -> Video:
+    ) -> Video | None:
         set_vae_tiling(self.pipe.vae, settings.width, settings.height)
         if preset is not None and preset.timesteps:
             self.pipe.scheduler = fixed_timestep_scheduler(preset)
@@ -312,7 +360,10 @@ class WanLoraPipeline:
             self.pipe.scheduler = UniPCMultistepScheduler.from_config(
                 self.base_scheduler_config, flow_shift=settings.shift
             )
-        self.pipe.set_progress_bar_config(disable=not progress, desc="denoising", leave=False)
+        main = self.parallel is None or self.parallel.is_main
+        if self.parallel is not None:
+            self.parallel.set_guidance(settings.guidance_scale > 1)
+        self.pipe.set_progress_bar_config(disable=not (progress and main), desc="denoising", leave=False)
         logger.info(
             "generating seed=%d %dx%d %d frames, %d steps",
             settings.seed,
@@ -331,12 +382,14 @@ class WanLoraPipeline:
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
             generator=torch.Generator("cpu").manual_seed(settings.seed),
-            output_type="np",
+            output_type="np" if main else "latent",  # only rank 0 decodes
             callback_on_step_end=self._schedule_callback(settings.steps),
             **conditioning,
         )
-        frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
         seconds = time.perf_counter() - started
+        if not main:
+            return None
+        frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
         logger.info("denoised and decoded in %.1fs", seconds)
         metadata = {**self._metadata(settings), **extra}
         video = Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=metadata)

@@ -37,6 +37,15 @@ class GenerationSettings:
     shift: float
     seed: int
 
+    @property
+    def token_count(self) -> int:
+        """Transformer tokens: latent frames (4x fewer, plus the first) x the latent 2x2 patches."""
+        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}, {self.num_frames} frames"
+
     def as_dict(self) -> dict:
         """The fields by name; they are also `WanLoraPipeline.generate`'s keyword arguments."""
         return asdict(self)

@@ -1,0 +1,95 @@
+"""How several processes share one video: the parallel plan, checked before anything loads.
+
+Each process (one per GPU) holds the whole model and a share of the video's tokens.
+Between transformer blocks nothing moves; inside attention, diffusers' context-parallel
+hooks exchange what is needed: Ulysses swaps sequence shards for head shards with
+all-to-all (its degree must divide the head count), ring attention passes key/value
+shards around (any degree, but it needs a kernel that returns log-sum-exp). With
+CFG-parallel the processes split in two halves, one per guidance pass, which swap results
+once per step. The runtime is in wanlora.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How the processes of a torch.distributed group share one generation.
+
+    `ulysses * ring` processes split the tokens; `cfg=True` doubles that, one half per
+    guidance branch. The product must equal the number of processes.
+    """
+
+    ulysses: int = 1
+    ring: int = 1
+    cfg: bool = False
+
+    @property
+    def context_degree(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.context_degree * (2 if self.cfg else 1)
+
+    @classmethod
+    def auto(cls, world_size: int, heads: int, cfg: bool = False) -> ParallelPlan:
+        """Ulysses as far as the head count allows (it is the faster of the two), ring for the rest."""
+        if cfg and world_size % 2:
+            raise InvalidInput("cfg_parallel", True, f"an even number of processes, not {world_size}")
+        degree = world_size // 2 if cfg else world_size
+        ulysses = max(d for d in range(1, degree + 1) if degree % d == 0 and heads % d == 0)
+        return cls(ulysses=ulysses, ring=degree // ulysses, cfg=cfg)
+
+    def check(self, heads: int, world_size: int, model: str, device_type: str) -> None:
+        for field, value in (("ulysses", self.ulysses), ("ring", self.ring)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(field, value, "a whole number, 1 or more")
+        if self.world_size != world_size:
+            raise InvalidInput(
+                "parallel",
+                self.describe(),
+                f"ulysses x ring{' x 2 (cfg)' if self.cfg else ''} = {self.world_size} processes, "
+                f"but {world_size} are running",
+            )
+        if heads % self.ulysses:
+            divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+            raise InvalidInput(
+                "ulysses",
+                self.ulysses,
+                f"a divisor of {model}'s {heads} attention heads ({divisors}); put the rest in ring",
+            )
+        if self.ring > 1 and device_type != "cuda":
+            raise InvalidInput(
+                "ring", self.ring, f"1 on {device_type}: ring attention needs a CUDA kernel; use ulysses"
+            )
+
+    def check_tokens(self, tokens: int, size: str) -> None:
+        """The context-parallel ranks split the tokens evenly, or not at all."""
+        if tokens % self.context_degree:
+            raise InvalidInput(
+                "size",
+                size,
+                f"a video whose {tokens} tokens split evenly across {self.context_degree} processes; "
+                "pick another aspect ratio or frame count",
+            )
+
+    def check_fast_mode(self, mode: str) -> None:
+        """The step cache would judge each rank's share of the tokens apart, and ranks would disagree."""
+        if mode != "off" and self.context_degree > 1:
+            raise InvalidInput(
+                "fast_mode", mode, "off with context parallelism: the step cache would judge each rank's tokens apart"
+            )
+
+    def describe(self) -> str:
+        return f"ulysses={self.ulysses} ring={self.ring}" + (" cfg" if self.cfg else "")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun (or `--gpus`) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
