@@ -17,8 +17,9 @@ from . import __version__
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
 from .images import load_image, nearest_aspect_ratio
-from .models import ASPECT_RATIOS, CATALOGUE, SIZE_PRESETS, resolve_model
-from .settings import resolve_settings
+from .models import ASPECT_RATIOS, CATALOGUE, SIZE_PRESETS, ModelSpec, resolve_model
+from .parallel import ParallelPlan, launched_by_torchrun
+from .settings import GenerationSettings, resolve_settings
 
 # torch, diffusers and the LoRA engine are imported inside the commands that use them, so
 # that --help and input errors answer at once.
@@ -112,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="save GPU memory: model (components on demand) or group (blocks streamed)",
     )
+    gen.add_argument(
+        "--gpus",
+        type=int,
+        help="split each video across N processes, one per GPU (N CPU processes without CUDA); "
+        "under torchrun, its process count decides",
+    )
+    gen.add_argument("--ulysses", type=int, help="Ulysses degree (default: as many as the head count allows)")
+    gen.add_argument("--ring", type=int, help="ring-attention degree (default: what Ulysses leaves)")
+    gen.add_argument(
+        "--cfg-parallel", action="store_true", help="run the two guidance passes on two halves of the processes"
+    )
     gen.add_argument("-o", "--output", help="the MP4 to write (default: wanlora-SEED.mp4)")
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Wan2.1 model in the diffusers layout")
@@ -138,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_generate(args: argparse.Namespace) -> int | None:
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() != ".mp4":
         raise InvalidInput("--output", args.output, "a path ending in .mp4")
@@ -182,12 +194,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     loras = [parse_lora_arg(text) for text in args.lora]
     from .lora.fetch import fetch_lora
 
+    processes = check_parallel_args(args, spec, settings)
     for ref, _ in loras:  # download and verify before the (slow) model load
         fetch_lora(ref)
+    if processes > 1 and not launched_by_torchrun():
+        from .launch import run_workers
+
+        return run_workers(processes, args.argv, quiet=not args.verbose)
     from .pipeline import WanLoraPipeline
 
+    parallel = plan_from_args(args, spec, processes) if launched_by_torchrun() else None
     pipe = WanLoraPipeline.from_pretrained(
-        args.model, device=args.device, attention=args.attention, compile=args.compile, offload=args.offload
+        args.model,
+        device=args.device,
+        attention=args.attention,
+        compile=args.compile,
+        offload=args.offload,
+        parallel=parallel,
     )
     video = pipe.generate(
         **settings.as_dict(),
@@ -198,7 +221,48 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fast_mode=args.fast_mode,
         accelerator=args.accelerator,
     )
-    print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
+    if video is not None:  # None on every rank but 0 of a parallel run
+        print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
+    return None
+
+
+def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: GenerationSettings) -> int:
+    """The number of processes to run; the parallel flags are checked before anything loads."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise InvalidInput("--gpus", args.gpus, "1 or more")
+        if launched_by_torchrun() and args.gpus != world:
+            raise InvalidInput("--gpus", args.gpus, f"{world}, the process count torchrun started (or leave it out)")
+        world = args.gpus
+    if world == 1:
+        for flag, value in (("--ulysses", args.ulysses), ("--ring", args.ring), ("--cfg-parallel", args.cfg_parallel)):
+            if value:
+                raise InvalidInput(flag, value, "used with --gpus 2 or more (or under torchrun)")
+        return 1
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible and world > visible and not launched_by_torchrun():
+        raise InvalidInput("--gpus", world, f"at most the {visible} GPUs visible here")
+    plan = plan_from_args(args, spec, world)
+    plan.check(spec.arch.num_attention_heads, world, spec.name, "cuda" if visible else "cpu")
+    plan.check_tokens(settings.token_count, settings.size)
+    plan.check_fast_mode(args.fast_mode)
+    return world
+
+
+def plan_from_args(args: argparse.Namespace, spec: ModelSpec, world: int) -> ParallelPlan:
+    """--ulysses / --ring / --cfg-parallel over `world` processes; what is left open is chosen as in auto."""
+    plan = ParallelPlan.auto(world, spec.arch.num_attention_heads, args.cfg_parallel)
+    degree = plan.context_degree
+    for flag, value in (("--ulysses", args.ulysses), ("--ring", args.ring)):
+        if value is not None and (value < 1 or degree % value):
+            raise InvalidInput(flag, value, f"a divisor of {degree}, the processes that split each pass")
+    if args.ulysses or args.ring:
+        ulysses = args.ulysses or degree // args.ring
+        plan = ParallelPlan(ulysses, args.ring or degree // ulysses, args.cfg_parallel)
+    return plan
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -344,7 +408,9 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `--gpus` hands to each worker
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         stream=sys.stderr,
@@ -361,14 +427,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = getattr(args, "lora_command", None) or getattr(args, "cache_command", None)
     handler = COMMANDS[(args.command, sub)]
     try:
-        handler(args)
+        return handler(args) or 0
     except WanLoraError as exc:
-        print(f"wanlora: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the ranks of a parallel run fail alike: say it once
+            print(f"wanlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wanlora: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
