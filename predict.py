@@ -7,6 +7,7 @@ import tempfile
 from cog import BaseRunner, Input, Path, Secret
 
 from wanlora.service import FAST_MODES, MODEL_CHOICES, VideoService
+from wanlora.workers import WorkerGroup, worker_count
 
 REF_FORMS = (
     "a Hugging Face repo (owner/repo, owner/repo/file.safetensors, owner/repo@revision/file) or huggingface.co link; "
@@ -20,11 +21,17 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the default model (t2v-14b, or WANLORA_MODEL) once; other variants load on first use.
 
-        WANLORA_I2V_MODEL likewise overrides the image-to-video model.
+        WANLORA_I2V_MODEL likewise overrides the image-to-video model. With several GPUs
+        visible (or WANLORA_GPUS set), one persistent worker per GPU shares every prediction.
         """
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
-        self.service = VideoService()
-        self.service.load(self.service.model_for("14b"))
+        workers = worker_count()
+        if workers > 1:
+            self.service = WorkerGroup(workers)
+            self.service.wait_ready()
+        else:
+            self.service = VideoService()
+            self.service.load(self.service.model_for("14b"))
 
     def run(
         self,

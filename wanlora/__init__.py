@@ -24,6 +24,7 @@ _EXPORTS = {
             "ModelNotFound",
             "VideoEncodeError",
             "WanLoraError",
+            "WorkerCrashed",
         )
     },
 }

@@ -18,6 +18,9 @@ class InvalidInput(WanLoraError, ValueError):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field}={value!r} is not allowed: {allowed}")
 
+    def __reduce__(self):  # to cross process boundaries (parallel workers) intact
+        return type(self), (self.field, self.value, self.allowed)
+
 
 class ModelNotFound(WanLoraError):
     """The base model reference names nothing that can be loaded."""
@@ -25,6 +28,10 @@ class ModelNotFound(WanLoraError):
 
 class VideoEncodeError(WanLoraError):
     """Frames that the H.264 encoder cannot take, or ffmpeg failed."""
+
+
+class WorkerCrashed(WanLoraError):
+    """A parallel worker process died during a request (out of memory, a fault, a kill)."""
 
 
 class LoraError(WanLoraError):

@@ -74,7 +74,14 @@ class Result:
 class VideoService:
     """Loads models lazily, one transformer at a time, and runs validated requests."""
 
-    def __init__(self, override: str | None = None, i2v_override: str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        override: str | None = None,
+        i2v_override: str | None = None,
+        device: str | None = None,
+        parallel: str | None = None,
+    ) -> None:
+        self.parallel = parallel  # "auto" in a worker of a WorkerGroup (wanlora.workers)
         self.override = override if override is not None else os.environ.get("WANLORA_MODEL") or None
         self.i2v_override = i2v_override if i2v_override is not None else os.environ.get("WANLORA_I2V_MODEL") or None
         self.device = device
@@ -102,7 +109,9 @@ class VideoService:
             previous.release_transformer()
             gc.collect()
             _empty_cuda_cache()
-        self.pipe = WanLoraPipeline.from_pretrained(model, device=self.device, share_from=previous)
+        self.pipe = WanLoraPipeline.from_pretrained(
+            model, device=self.device, share_from=previous, parallel=self.parallel
+        )
         self.model = model
         return self.pipe
 
@@ -130,8 +139,11 @@ class VideoService:
         civitai_api_token: str | None = None,
         output_quality: int = 80,
         out_dir: Path,
-    ) -> Result:
-        """Validate every input, then make the LoRA state match and generate an MP4 in `out_dir`."""
+    ) -> Result | None:
+        """Validate every input, then make the LoRA state match and generate an MP4 in `out_dir`.
+
+        In a parallel worker, only rank 0 writes the MP4; the other ranks return None.
+        """
         name = self.model_for(model, image is not None, resolution)
         spec = resolve_model(name)
         start_image = load_image(image) if image is not None else None
@@ -157,6 +169,8 @@ class VideoService:
             fast_mode=FAST_MODES[fast_mode],
             image=start_image,
         )
+        if video is None:
+            return None
         path = video.save(Path(out_dir) / f"wanlora-{video.seed}.mp4", crf=crf)
         timings = {"lora_load_seconds": lora_seconds, **video.timings}
         return Result(path, video.seed, len(video.frames), timings)
