@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import inspect
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,9 +95,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cog_server(tmp_path_factory):
-    """`python -m cog.server.http` from PyPI's cog, serving predict.py with the tiny model."""
+@contextlib.contextmanager
+def running_cog_server(tmp_path_factory, **env_overrides):
+    """`python -m cog.server.http` from PyPI's cog, serving predict.py with the tiny models."""
     port = free_port()
     env = {
         **os.environ,
@@ -105,6 +108,7 @@ def cog_server(tmp_path_factory):
         "WANLORA_CACHE": str(tmp_path_factory.mktemp("cog-cache")),
         "WANLORA_ALLOW_PRIVATE_URLS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **env_overrides,
     }
     log = open(tmp_path_factory.mktemp("cog-log") / "server.log", "w+")
     server = subprocess.Popen(
@@ -128,10 +132,18 @@ def cog_server(tmp_path_factory):
         server.kill()
         log.seek(0)
         pytest.fail(f"the Cog server never became ready:\n{log.read()[-3000:]}")
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+    try:
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def cog_server(tmp_path_factory):
+    with running_cog_server(tmp_path_factory) as (url, _):
+        yield url
 
 
 def health_settles(url: str, seconds: float = 10.0) -> str:
@@ -303,3 +315,31 @@ def test_samples_use_only_real_inputs_with_valid_values(sample):
         values.get("extra_lora"),
         values.get("extra_lora_scale", 1.0),
     )
+
+
+def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worker(
+    cog_server, tmp_path_factory, tmp_path
+):
+    """WANLORA_GPUS=2 on CPU: two persistent gloo workers share each prediction (Ulysses 2)."""
+    from .test_parallel import alive, children_with, wait_for
+
+    request = {"prompt": "a fox", **SMALL}
+    reference = predict(cog_server, **request)
+    with running_cog_server(tmp_path_factory, WANLORA_GPUS="2") as (url, pid):
+        assert predict(url, **request)["output"] == reference["output"]  # byte-identical MP4
+
+        workers = children_with(pid, "spawn_main")
+        assert len(workers) == 2, workers
+        victim = max(workers)
+        long_request = {**request, "num_frames": 81, "sample_steps": 100}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(predict, url, **long_request)
+            time.sleep(2)
+            os.kill(victim, signal.SIGKILL)
+            crashed = pending.result(timeout=60)
+        assert crashed["status"] == "failed"
+        assert f"pid {victim}, exit code -9) stopped during the request" in crashed["error"]
+        assert "restarting" in crashed["error"]
+        assert health_settles(url) == "READY"
+        wait_for(lambda: not alive(victim), 10)
+        assert predict(url, **request)["output"] == reference["output"]  # the new group serves

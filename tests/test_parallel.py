@@ -1,0 +1,355 @@
+"""Context parallelism on CPU: two gloo processes, Ulysses degree 2 or CFG-parallel, on the tiny model.
+
+Each parallel run is compared with a single process: the frames must be equal, and so must
+the merged weights on every rank after each LoRA swap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wanlora import InvalidInput, LoraDownloadError, WanLoraError, WanLoraPipeline, WorkerCrashed
+from wanlora.attention import BACKENDS, choose_backend, unavailable_reason
+from wanlora.parallel import ParallelPlan
+from wanlora.settings import resolve_settings
+from wanlora.testing import tiny_transformer, write_lora
+
+from .conftest import SMALL, probe, run_cli
+from .test_cli import FOX
+
+# ------------------------------------------------------------------ plans, checked before anything loads
+
+
+@pytest.mark.parametrize(
+    ("world", "heads", "cfg", "plan"),
+    [
+        (2, 40, False, ParallelPlan(ulysses=2)),
+        (5, 40, False, ParallelPlan(ulysses=5)),
+        (8, 40, False, ParallelPlan(ulysses=8)),
+        (8, 12, False, ParallelPlan(ulysses=4, ring=2)),  # 1.3B needs ring for 8
+        (6, 12, False, ParallelPlan(ulysses=6)),
+        (8, 40, True, ParallelPlan(ulysses=4, cfg=True)),
+        (2, 12, True, ParallelPlan(cfg=True)),
+    ],
+)
+def test_auto_plan_uses_ulysses_as_far_as_the_heads_allow(world, heads, cfg, plan):
+    got = ParallelPlan.auto(world, heads, cfg)
+    assert got == plan and got.world_size == world
+    got.check(heads, world, "model", "cuda")
+
+
+def test_plans_that_cannot_work_are_refused_with_the_reason():
+    with pytest.raises(InvalidInput, match=r"ulysses=3 .*divisor of t2v-14b's 40 attention heads \(1, 2, 4, 5, 8"):
+        ParallelPlan(ulysses=3).check(40, 3, "t2v-14b", "cuda")
+    with pytest.raises(InvalidInput, match="ulysses=8 .*12 attention heads.*put the rest in ring"):
+        ParallelPlan(ulysses=8).check(12, 8, "t2v-1.3b", "cuda")
+    with pytest.raises(InvalidInput, match="= 4 processes, but 2 are running"):
+        ParallelPlan(ulysses=2, ring=2).check(40, 2, "t2v-14b", "cuda")
+    with pytest.raises(InvalidInput, match="ring=2 .*1 on cpu"):
+        ParallelPlan(ring=2).check(40, 2, "t2v-14b", "cpu")
+    with pytest.raises(InvalidInput, match="ring=0"):
+        ParallelPlan(ulysses=2, ring=0).check(40, 2, "t2v-14b", "cuda")
+    with pytest.raises(InvalidInput, match="cfg_parallel.*even number of processes, not 3"):
+        ParallelPlan.auto(3, 40, cfg=True)
+
+
+def test_token_split_is_checked_for_the_real_sizes():
+    from wanlora.models import CATALOGUE
+
+    spec = CATALOGUE["t2v-14b"]
+    wide = resolve_settings(spec, "p", resolution="480p", aspect_ratio="16:9")
+    assert wide.token_count == 21 * 30 * 52
+    for degree in (2, 4, 5, 8):
+        ParallelPlan(ulysses=degree).check_tokens(wide.token_count, wide.size)
+    ParallelPlan(ulysses=8).check_tokens(resolve_settings(spec, "p", resolution="720p").token_count, "720p")
+    square = resolve_settings(spec, "p", resolution="480p", aspect_ratio="1:1")
+    with pytest.raises(InvalidInput, match="31941 tokens split evenly across 2 processes"):
+        ParallelPlan(ulysses=2).check_tokens(square.token_count, square.size)
+    ParallelPlan(cfg=True).check_tokens(square.token_count, square.size)  # CFG-parallel splits no tokens
+
+
+def test_attention_backends_match_what_diffusers_can_split():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    splittable = _AttentionBackendRegistry._supports_context_parallel
+    for name, backend in BACKENDS.items():
+        assert backend.context_parallel == (AttentionBackendName(backend.dispatcher_name).value in splittable), name
+    assert choose_backend("auto", torch.device("cpu"), "ulysses") == "sdpa"
+    cuda = torch.device("cuda")
+    assert "cannot split" in unavailable_reason("sdpa-efficient", cuda, "ulysses")
+    assert "log-sum-exp" in unavailable_reason("sdpa", cuda, "ring")
+    assert choose_backend("auto", cuda, "ulysses") == "sdpa"  # never xformers, which cannot be split
+    assert choose_backend("auto", cuda, "ring") in ("flash", "sdpa-cudnn")
+
+
+def test_parallel_outside_a_process_group_says_how_to_launch(monkeypatch):
+    for name in ("MASTER_ADDR", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(InvalidInput, match="launch with `torchrun`, or `wanlora generate --gpus N`"):
+        WanLoraPipeline.from_pretrained("tiny", parallel="auto")
+
+
+# ------------------------------------------------------------------ two gloo processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out: Path, scenario, options: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(scenario(rank, **options)))
+
+
+def run_ranks(scenario, out: Path, world: int = 2, **options) -> list:
+    """`scenario(rank, **options)` in `world` processes of one gloo group; each rank's return value."""
+    torch.multiprocessing.spawn(_rank_main, args=(world, free_port(), out, scenario, options), nprocs=world)
+    return [pickle.loads((out / f"rank{rank}.pkl").read_bytes()) for rank in range(world)]
+
+
+def weights_digest(pipe: WanLoraPipeline) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(pipe.transformer.named_parameters()):
+        digest.update(name.encode() + param.detach().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frames_of(video):
+    return None if video is None else video.frames
+
+
+def _swaps(rank: int, plan: ParallelPlan, style: str, motion: str, guidance: float) -> dict:
+    """Generate, swap LoRAs, and fail a swap on rank 1 only; record frames and weight digests."""
+    pipe = WanLoraPipeline.from_pretrained("tiny", parallel=plan)
+    got = {"plain": frames_of(pipe.generate("a fox", seed=5, guidance_scale=guidance, **SMALL, progress=False))}
+    both = [(style, 0.8), (motion, -0.5)]
+    video = pipe.generate("a fox", seed=5, guidance_scale=guidance, loras=both, **SMALL, progress=False)
+    got["both"], got["both_digest"] = frames_of(video), weights_digest(pipe)
+    pipe.set_loras([(style, 1.0)])
+    got["style_digest"] = weights_digest(pipe)
+
+    if rank == 1:  # a download that fails on one rank only
+        load = pipe.loader.load
+
+        def flaky(ref, credentials=None):
+            if ref == motion:
+                raise LoraDownloadError("connection reset")
+            return load(ref, credentials)
+
+        pipe.loader.load = flaky
+    try:
+        pipe.set_loras([(motion, 1.0)])
+    except WanLoraError as exc:
+        got["failure"] = f"{type(exc).__name__}: {exc}"
+    got["after_failure_digest"] = weights_digest(pipe)
+    random_seed = pipe.generate("a fox", guidance_scale=guidance, **SMALL, progress=False)
+    got["random_seed"] = None if random_seed is None else random_seed.seed
+    return got
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("parallel-loras")
+    model = tiny_transformer()
+    paths = (folder / "style.safetensors", folder / "motion.safetensors")
+    write_lora(paths[0], model, "A", seed=1)
+    write_lora(paths[1], model, "C", seed=2)
+    return str(paths[0]), str(paths[1])
+
+
+@pytest.mark.parametrize(
+    ("plan", "guidance"),
+    [(ParallelPlan(ulysses=2), 5.0), (ParallelPlan(cfg=True), 5.0), (ParallelPlan(cfg=True), 1.0)],
+    ids=["ulysses2", "cfg-parallel", "cfg-parallel-unguided"],
+)
+def test_two_processes_match_one_and_swap_loras_alike(plan, guidance, loras, tmp_path):
+    style, motion = loras
+    single = WanLoraPipeline.from_pretrained("tiny")
+    plain = single.generate("a fox", seed=5, guidance_scale=guidance, **SMALL).frames
+    both = single.generate("a fox", seed=5, guidance_scale=guidance, loras=[(style, 0.8), (motion, -0.5)], **SMALL)
+    both_digest = weights_digest(single)
+    single.set_loras([(style, 1.0)])
+    style_digest = weights_digest(single)
+
+    ranks = run_ranks(_swaps, tmp_path, plan=plan, style=style, motion=motion, guidance=guidance)
+
+    main, other = ranks
+    assert np.array_equal(main["plain"], plain)
+    assert np.array_equal(main["both"], both.frames)
+    assert other["plain"] is None and other["both"] is None  # only rank 0 decodes
+    for rank in ranks:
+        assert rank["both_digest"] == both_digest
+        assert rank["style_digest"] == style_digest
+        assert rank["after_failure_digest"] == style_digest  # the failed swap changed nothing anywhere
+    assert main["failure"] == "WanLoraError: rank 1 failed, so every rank stopped: LoraDownloadError: connection reset"
+    assert other["failure"] == "LoraDownloadError: connection reset"
+    assert isinstance(main["random_seed"], int) and other["random_seed"] is None
+
+
+def _refuses_fast_mode(rank: int) -> str:
+    pipe = WanLoraPipeline.from_pretrained("tiny", parallel="auto")
+    try:
+        pipe.generate("a fox", fast_mode="fast", **SMALL, progress=False)
+    except InvalidInput as exc:
+        return str(exc)
+    return "generated"
+
+
+def test_fast_mode_is_refused_under_context_parallelism(tmp_path):
+    for message in run_ranks(_refuses_fast_mode, tmp_path):
+        assert "fast_mode='fast'" in message and "context parallelism" in message
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def test_cli_gpus_2_writes_the_single_process_video(tmp_path):
+    single = run_cli(*FOX, "-o", str(tmp_path / "one.mp4"))
+    assert single.returncode == 0, single.stderr
+    for extra in (["--gpus", "2"], ["--gpus", "2", "--cfg-parallel"]):
+        out = tmp_path / f"{'-'.join(extra)}.mp4"
+        split = run_cli(*FOX, *extra, "-o", str(out))
+        assert split.returncode == 0, split.stderr
+        assert split.stdout.strip().splitlines() == [str(out)]  # one path, from rank 0
+        assert np.array_equal(probe(out).frames, probe(tmp_path / "one.mp4").frames)
+
+
+def test_cli_parallel_flags_are_checked_before_any_process_starts(tmp_path):
+    cases = [
+        (["--gpus", "2", "--ulysses", "3"], "--ulysses=3 is not allowed: a divisor of 2"),
+        (["--gpus", "2", "--ring", "2"], "ring=2 is not allowed: 1 on cpu"),
+        (["--ring", "2"], "--ring=2 is not allowed: used with --gpus 2 or more"),
+        (["--gpus", "3", "--cfg-parallel"], "even number of processes"),
+        (["--gpus", "2", "--width", "80"], "45 tokens split evenly across 2 processes"),
+        (["--gpus", "2", "--fast-mode", "fast"], "context parallelism"),
+    ]
+    for extra, message in cases:
+        result = run_cli(*FOX, *extra, "-o", str(tmp_path / "x.mp4"))
+        assert result.returncode == 2, (extra, result.stderr)
+        assert message in result.stderr, (extra, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def children_with(parent: int, marker: str) -> dict[int, dict[str, str]]:
+    """Live processes below `parent` whose command line holds `marker`: pid -> environment."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ancestors, pid = set(), int(entry.name)
+        while pid > 1 and pid not in ancestors:
+            ancestors.add(pid)
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                break
+        if parent in ancestors and int(entry.name) != parent and marker in cmdline and stat:
+            env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+            found[int(entry.name)] = env
+    return found
+
+
+def wait_for(condition, seconds: float):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {seconds}s")
+
+
+def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
+    command = [sys.executable, "-m", "wanlora.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
+    launcher = subprocess.Popen(
+        [*command, "-o", str(tmp_path / "x.mp4")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    workers = {}
+    try:
+        workers = wait_for(lambda: len(found := children_with(launcher.pid, "wanlora.cli")) == 2 and found, 60)
+        rank1 = next(pid for pid, env in workers.items() if env.get("RANK") == "1")
+        time.sleep(3)  # loading or denoising: either way rank 0 now waits on rank 1
+        os.kill(rank1, signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 1
+    assert "wanlora: error: worker process 1 was killed by SIGKILL; the other workers were stopped" in stderr
+    assert not (tmp_path / "x.mp4").exists()
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10)  # rank 0 was stopped too
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+# ------------------------------------------------------------------ the predictor's persistent workers
+
+
+@pytest.fixture(scope="module")
+def worker_group():
+    from wanlora.workers import WorkerGroup
+
+    os.environ["WANLORA_MODEL"] = "tiny"
+    group = WorkerGroup(2)
+    yield group
+    group.close()
+    del os.environ["WANLORA_MODEL"]
+
+
+REQUEST = {"prompt": "a fox", "num_frames": 9, "sample_steps": 2, "fps": 12, "seed": 11}
+
+
+def test_worker_group_answers_like_one_process_and_relays_errors(worker_group, tmp_path):
+    from wanlora.service import VideoService
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    single = VideoService(override="tiny").generate(**REQUEST, out_dir=tmp_path / "one")
+    shared = worker_group.generate(**REQUEST, out_dir=tmp_path / "two")
+    assert (shared.seed, shared.frames) == (single.seed, single.frames)
+    assert np.array_equal(probe(shared.path).frames, probe(single.path).frames)
+    with pytest.raises(InvalidInput, match="num_frames=500"):
+        worker_group.generate(**{**REQUEST, "num_frames": 500}, out_dir=tmp_path)
+    assert worker_group.generate(**REQUEST, out_dir=tmp_path / "two").seed == 11  # still serving
+
+
+def test_worker_group_survives_a_killed_worker(worker_group, tmp_path):
+    import threading
+
+    worker_group.wait_ready()
+    victim = worker_group.pids[1]
+    threading.Timer(2.0, os.kill, (victim, signal.SIGKILL)).start()
+    started = time.perf_counter()
+    with pytest.raises(WorkerCrashed, match=rf"worker 1 \(pid {victim}, exit code -9\) stopped during the request"):
+        worker_group.generate(**{**REQUEST, "num_frames": 81, "sample_steps": 100}, out_dir=tmp_path)
+    assert time.perf_counter() - started < 30
+    assert victim not in worker_group.pids  # a fresh group is starting
+    assert worker_group.generate(**REQUEST, out_dir=tmp_path).frames == 9
