@@ -3,9 +3,10 @@
 Prints one table: seconds per transformer forward and per denoising step (two forwards
 with classifier-free guidance) for 1.3B at 480p and 14B at 480p and 720p, 81 frames, for
 each installed attention backend, with torch.compile off and on; the effective TFLOP/s
-against the bf16 matmul peak measured first; peak GPU memory. Then fast mode at 1.3B,
-the LoRA swap at 14B, and the 4-step accelerated 14B 480p time end to end (random UMT5
-text encoder and VAE at their real shapes). Run it through benchmarks/gpu.sh.
+against the bf16 matmul peak measured first; peak GPU memory. Then fast mode and CFG
+batching at 1.3B, the LoRA swap at 14B, and the 4-step accelerated 14B 480p time end to
+end (random UMT5 text encoder and VAE at their real shapes). Run it through
+benchmarks/gpu.sh.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.hooks import FirstBlockCacheConfig
 from safetensors.torch import save_file
 
 from wanlora.attention import BACKENDS, install_backend, unavailable_reason
+from wanlora.fastmode import apply_fast_mode
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.models import CATALOGUE, WAN_1_3B, WAN_14B
@@ -101,10 +102,19 @@ def bench_fast_mode(model, repeats: int) -> str:
                                                  return_dict=False)[0]  # fmt: skip
 
     off = cuda_time(ten_steps, repeats)
-    model.enable_cache(FirstBlockCacheConfig(threshold=CATALOGUE["t2v-1.3b"].fast_thresholds[0]))
+    apply_fast_mode(model, CATALOGUE["t2v-1.3b"], "balanced", steps=10)
     on = cuda_time(ten_steps, repeats)
-    model.disable_cache()
+    apply_fast_mode(model, CATALOGUE["t2v-1.3b"], "off", steps=10)
     return f"fast mode, 1.3B 480p, 10 steps: off {off:.2f} s, balanced {on:.2f} s ({on / off:.2f}x; random weights)"
+
+
+def bench_cfg_batch(model, repeats: int) -> str:
+    """One guided step as two batch-one forwards, or as one batch-of-two forward (cfg_batch)."""
+    single = step_inputs(WAN_1_3B, FRAMES, 480, 832, dtype=torch.bfloat16, device="cuda")
+    pair = step_inputs(WAN_1_3B, FRAMES, 480, 832, batch=2, dtype=torch.bfloat16, device="cuda")
+    two = cuda_time(lambda: [model(**single, return_dict=False) for _ in range(2)], repeats)
+    one = cuda_time(lambda: model(**pair, return_dict=False), repeats)
+    return f"CFG step, 1.3B 480p: two forwards {two:.2f} s, one batch of two {one:.2f} s ({one / two:.2f}x)"
 
 
 def bench_lora_swap(model, folder: Path) -> str:
@@ -167,6 +177,7 @@ def main() -> None:
     small = random_transformer(WAN_1_3B, device="cuda")
     bench_case("1.3B 480p", small, WAN_1_3B, 480, 832, peak, args.repeats, not args.no_compile, rows)
     extras.append(bench_fast_mode(small, args.repeats))
+    extras.append(bench_cfg_batch(small, args.repeats))
     del small
     torch.cuda.empty_cache()
     big = random_transformer(WAN_14B, device="cuda")

@@ -239,6 +239,7 @@ def test_cli_parallel_flags_are_checked_before_any_process_starts(tmp_path):
         (["--gpus", "3", "--cfg-parallel"], "even number of processes"),
         (["--gpus", "2", "--width", "80"], "45 tokens split evenly across 2 processes"),
         (["--gpus", "2", "--fast-mode", "fast"], "context parallelism"),
+        (["--gpus", "2", "--cfg-parallel", "--cfg-batch"], "--cfg-batch=True is not allowed"),
     ]
     for extra, message in cases:
         result = run_cli(*FOX, *extra, "-o", str(tmp_path / "x.mp4"))

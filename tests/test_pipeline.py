@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +102,40 @@ def test_fast_mode_skips_block_work_and_off_is_bit_identical(fresh_tiny_pipe):
     assert np.array_equal(frames["off"], plain)  # after fast runs, "off" leaves no trace
     with pytest.raises(InvalidInput, match="fast_mode"):
         pipe.generate("a fox", fast_mode="turbo", **settings)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-i2v"])
+def test_cfg_batch_runs_one_forward_per_step_with_the_same_result(model):
+    pipe = WanLoraPipeline.from_pretrained(model)
+    image = {"image": np.full((48, 64, 3), 90, np.uint8)} if model == "tiny-i2v" else {}
+    forwards = {"n": 0}
+    pipe.transformer.blocks[0].register_forward_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+
+    def run(**options):
+        forwards["n"] = 0
+        frames = pipe.generate("a fox", seed=3, **SMALL, **image, **options).frames
+        return frames, forwards["n"]
+
+    two_passes, two_count = run()
+    batched, batched_count = run(cfg_batch=True)
+    assert (two_count, batched_count) == (2 * SMALL["steps"], SMALL["steps"])
+    assert np.abs(batched.astype(int) - two_passes.astype(int)).max() <= 1  # matmul order may differ
+    assert np.array_equal(run()[0], two_passes)  # the hook leaves no trace when off
+    unguided, unguided_count = run(guidance_scale=1.0, cfg_batch=True)
+    assert unguided_count == SMALL["steps"] and np.array_equal(unguided, run(guidance_scale=1.0)[0])
+    with pytest.raises(InvalidInput, match="cfg_batch"):
+        pipe.generate("a fox", cfg_batch="yes", **SMALL, **image)
+
+
+def test_fast_mode_runs_the_first_tenth_of_the_steps_in_full(fresh_tiny_pipe):
+    pipe = fresh_tiny_pipe
+    pipe.spec = replace(pipe.spec, fast_thresholds=(1e9, 1e9))  # skip whatever may be skipped
+    runs = {"n": 0}
+    pipe.transformer.blocks[1].ffn.register_forward_hook(lambda *_: runs.__setitem__("n", runs["n"] + 1))
+    for steps, full_steps in ((8, 1), (20, 2), (25, 3)):
+        runs["n"] = 0
+        pipe.generate("a fox", fast_mode="fast", **{**SMALL, "steps": steps, "seed": 3})
+        assert runs["n"] == 2 * full_steps, steps  # cond and uncond each
 
 
 def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):

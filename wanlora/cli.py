@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stack a step-distillation LoRA and sample as it was trained (4-8 steps, no CFG)",
     )
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
+    gen.add_argument("--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two")
     gen.add_argument(
         "--offload",
         choices=["none", "model", "group"],
@@ -220,6 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         loras=loras,
         fast_mode=args.fast_mode,
         accelerator=args.accelerator,
+        cfg_batch=args.cfg_batch,
     )
     if video is not None:  # None on every rank but 0 of a parallel run
         print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
@@ -249,6 +251,8 @@ def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: Gen
     plan.check(spec.arch.num_attention_heads, world, spec.name, "cuda" if visible else "cpu")
     plan.check_tokens(settings.token_count, settings.size)
     plan.check_fast_mode(args.fast_mode)
+    if args.cfg_batch and plan.cfg:
+        raise InvalidInput("--cfg-batch", True, "left out with --cfg-parallel, which runs both passes at once")
     return world
 
 

@@ -14,16 +14,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import StateManager
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .errors import InvalidInput, WanLoraError
+from .guidance import SplitGuidance
 from .parallel import ParallelPlan
 
 logger = logging.getLogger(__name__)
-
-CFG_HOOK = "wanlora_cfg_parallel"
 
 
 def resolve_plan(parallel: ParallelPlan | str, heads: int, model: str, device: torch.device) -> ParallelPlan:
@@ -91,10 +87,10 @@ class Parallel:
             )
             with _cpu_counts_as_one_device(device):
                 transformer.enable_parallelism(config=config)
-        self.cfg_hook = None
+        self.split_guidance = None
         if plan.cfg:
-            self.cfg_hook = CfgSplitHook(mesh["cfg"].get_local_rank(), mesh["cfg"].get_group())
-            HookRegistry.check_if_exists_or_initialize(transformer).register_hook(self.cfg_hook, CFG_HOOK)
+            self.split_guidance = SplitGuidance(mesh["cfg"].get_local_rank(), mesh["cfg"].get_group())
+            self.split_guidance.install(transformer)
         logger.info("rank %d of %d: %s", self.rank, plan.world_size, plan.describe())
 
     @property
@@ -123,55 +119,5 @@ class Parallel:
 
     def set_guidance(self, guided: bool) -> None:
         """CFG-parallel splits the two passes only when the pipeline runs both."""
-        if self.cfg_hook is not None:
-            self.cfg_hook.active = guided
-
-
-class _NoState:
-    def reset(self) -> None:
-        pass
-
-
-class CfgSplitHook(ModelHook):
-    """Runs only this rank's guidance branch and swaps results with the other half.
-
-    The pipeline calls the transformer for "cond" and then "uncond" (its cache contexts)
-    and combines the two afterwards. Each half computes its own branch and returns an empty
-    tensor for the other; at the "uncond" call both results are exchanged and the "cond"
-    placeholder is filled in place, before the pipeline reads it.
-    """
-
-    _is_stateful = True  # so that the pipeline's cache context (the branch name) reaches it
-
-    def __init__(self, branch: int, group) -> None:
-        super().__init__()
-        self.branch = branch  # 0: cond, 1: uncond
-        self.group = group
-        self.state_manager = StateManager(_NoState)
-        self.active = True
-        self.cond_placeholder = None
-
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if not self.active:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        name = self.state_manager.context.name
-        wanted = name == ("cond", "uncond")[self.branch]
-        if wanted:
-            output = self.fn_ref.original_forward(*args, **{**kwargs, "return_dict": False})[0]
-        else:
-            latents = kwargs["hidden_states"]
-            shape = (latents.shape[0], module.config.out_channels, *latents.shape[2:])
-            output = latents.new_empty(shape)
-        if name == "cond":
-            self.cond_placeholder = output
-        else:
-            computed = self.cond_placeholder if self.branch == 0 else output
-            results = [torch.empty_like(output) for _ in range(2)]
-            dist.all_gather(results, computed.contiguous(), group=self.group)
-            self.cond_placeholder.copy_(results[0])
-            self.cond_placeholder, output = None, results[1]
-        return (output,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=output)
-
-    def reset_state(self, module):
-        self.cond_placeholder = None
-        return module
+        if self.split_guidance is not None:
+            self.split_guidance.active = guided

@@ -31,6 +31,7 @@ from .attention import choose_backend, install_backend
 from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound
 from .fastmode import apply_fast_mode, check_fast_mode
+from .guidance import BatchedGuidance
 from .images import RESIZE_MODES, ImageInput, load_image, nearest_aspect_ratio, resize_image
 from .lora.fetch import Credentials, hub_transport_errors
 from .lora.loader import LoraLoader, LoraRequest, parse_requests, phase_strengths
@@ -81,6 +82,7 @@ class WanLoraPipeline:
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
             install_backend(pipe.transformer, self.attention)
         self.parallel = Parallel(pipe.transformer, parallel, device) if parallel is not None else None
+        self.batched_guidance = BatchedGuidance().install(pipe.transformer)
         self.base_scheduler_config = pipe.scheduler.config
         self.loader = LoraLoader()
         self.merger = LoraMerger(pipe.transformer)
@@ -242,6 +244,7 @@ class WanLoraPipeline:
         credentials: Credentials | None = None,
         fast_mode: str = "off",
         accelerator: str | None = None,
+        cfg_batch: bool = False,
         progress: bool = True,
     ) -> Video | None:
         """Generate a video. Every argument is checked before any work starts.
@@ -260,6 +263,10 @@ class WanLoraPipeline:
         `accelerator` ("lightx2v-4step", "causvid") stacks a step-distillation LoRA on the
         LoRA set and samples as it was trained: few steps, no guidance, its own shift and
         timesteps. Explicit steps, guidance or shift still win where the preset allows.
+
+        `cfg_batch=True` runs the guided and unguided passes of each step as one forward of
+        batch two: fewer, larger matmuls for twice the activation memory. Whether it pays
+        depends on the GPU and the size; benchmarks/ measure it.
 
         In a parallel run (see `from_pretrained`) every rank calls this with the same
         arguments; rank 0's seed is used everywhere, and only rank 0 gets the Video.
@@ -293,8 +300,12 @@ class WanLoraPipeline:
             seed=seed,
         )
         check_fast_mode(fast_mode)
+        if not isinstance(cfg_batch, bool):
+            raise InvalidInput("cfg_batch", cfg_batch, "True or False")
         if self.parallel is not None:
             self.parallel.plan.check_fast_mode(fast_mode)
+            if cfg_batch and self.parallel.plan.cfg:
+                raise InvalidInput("cfg_batch", True, "False with CFG-parallel, which runs both passes at once already")
             self.parallel.plan.check_tokens(settings.token_count, settings.size)
             settings = replace(settings, seed=self.parallel.shared_seed(settings.seed))
         if preset is not None:
@@ -304,7 +315,7 @@ class WanLoraPipeline:
         if loras is not None:
             self.set_loras(loras, credentials)
         self._hint_trigger_words(settings.prompt)
-        apply_fast_mode(self.transformer, self.spec, fast_mode)
+        apply_fast_mode(self.transformer, self.spec, fast_mode, settings.steps)
         size = (settings.width, settings.height)
         conditioning = {
             name: resize_image(img, size, resize) for name, img in zip(("image", "last_image"), images, strict=False)
@@ -315,6 +326,7 @@ class WanLoraPipeline:
             extra = {"image_size": list(images[0].size), "resize": resize}
         if preset is not None:
             extra["accelerator"] = preset.name
+        self.batched_guidance.active = cfg_batch and settings.guidance_scale > 1
         return self._denoise(settings, progress, conditioning, extra, preset)
 
     def _check_images(self, image, last_image, resize: str) -> list:
