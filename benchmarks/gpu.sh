@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu.sh [--no-compile] [--repeats N]
 #
+# With several GPUs it then times context-parallel scaling (benchmarks/gpu_parallel.py).
+#
 # The device image has torch but not diffusers. Carry the wheels it lacks in .whl/ (ignored
 # by git), made on the developer machine with:
 #
@@ -22,3 +24,8 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 timeout 470 python3 benchmarks/gpu_step.py "$@"
+# Context-parallel scaling, on a machine with several GPUs (14B 720p, 81 frames).
+gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)
+if [ "$gpus" -gt 1 ]; then
+    timeout 600 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" benchmarks/gpu_parallel.py
+fi

@@ -1,0 +1,83 @@
+"""Context-parallel scaling: one transformer forward on 1 GPU, then split across all of them.
+
+Run under torchrun, one process per GPU (benchmarks/gpu.sh does this when it sees several):
+
+    torchrun --standalone --nproc-per-node 8 benchmarks/gpu_parallel.py [--model 14b] [--resolution 720p]
+
+Rank 0 first times the forward alone (the others wait), then every rank times it with the
+tokens split by wanlora's auto plan (Ulysses as far as the heads allow, ring for the rest).
+It prints the speedup next to the one the reference Wan code publishes for 14B 720p on
+H100s (1838 s on 1 GPU, 945 on 2, 497 on 4, 288 on 8). Random weights at the real shapes.
+On a CPU machine `--model tiny` runs it with gloo, to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from wanlora.attention import choose_backend, install_backend
+from wanlora.distributed import Parallel, init_distributed
+from wanlora.models import SIZE_PRESETS, TINY_ARCH, WAN_1_3B, WAN_14B
+from wanlora.parallel import ParallelPlan
+from wanlora.testing import forward_flops, random_transformer, step_inputs
+
+ARCHES = {"14b": WAN_14B, "1.3b": WAN_1_3B, "tiny": TINY_ARCH}
+PUBLISHED_SECONDS = {1: 1838, 2: 945, 4: 497, 8: 288}  # Wan2.1 14B 720p, 81 frames, H100s
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(ARCHES), default="14b")
+    parser.add_argument("--resolution", choices=list(SIZE_PRESETS), default="720p")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    torch.set_grad_enabled(False)
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    arch = ARCHES[args.model]
+    width, height = (112, 64) if args.model == "tiny" else SIZE_PRESETS[args.resolution]["16:9"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_transformer(arch, dtype=dtype, device=str(device))
+    inputs = step_inputs(arch, args.frames, height, width, dtype=dtype, device=str(device))
+    forward = lambda: model(**inputs, return_dict=False)  # noqa: E731
+
+    plan = ParallelPlan.auto(world, arch.num_attention_heads)
+    install_backend(model, choose_backend("auto", device, "ring" if plan.ring > 1 else "ulysses"))
+    alone = timed(forward, device, args.repeats) if rank == 0 else 0.0
+    dist.barrier()
+    Parallel(model, plan, device)
+    split = timed(forward, device, args.repeats)
+    if rank == 0:
+        flops = forward_flops(arch, args.frames, height, width)
+        print(f"{args.model} {width}x{height}, {args.frames} frames, {plan.describe()} on {world} x {device.type}")
+        print(f"1 process: {alone:.2f} s/forward ({flops / alone / 1e12:.0f} TFLOP/s)")
+        print(f"{world} processes: {split:.2f} s/forward, speedup {alone / split:.2f}x")
+        if world in PUBLISHED_SECONDS:
+            print(f"published (reference code, H100, 14B 720p): {PUBLISHED_SECONDS[1] / PUBLISHED_SECONDS[world]:.2f}x")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
