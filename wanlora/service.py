@@ -5,8 +5,8 @@ between variants (they are the same for every Wan2.1 model), so switching from 1
 1.3B frees the 14B weights instead of stacking them. LoRA state follows each request:
 the same LoRAs as last time cost nothing, others are an exact swap.
 
-GPU memory plan (bf16 weights, one transformer resident, text encoder offloaded to the
-CPU after encoding when memory is short):
+GPU memory plan (bf16 weights; one transformer, the text encoder and the VAE resident,
+which an 80 GB GPU holds; the library's offload="model" or "group" is for smaller ones):
 - t2v-14b: transformer 28.6 GB + UMT5-XXL 11.4 GB + VAE 0.5 GB (fp32) + activations,
   about 8 GB at 480p and 20 GB at 720p x 81 frames: fits an 80 GB GPU.
 - t2v-1.3b: transformer 2.8 GB + the same encoder and VAE: fits a 24 GB GPU at 480p.
