@@ -55,7 +55,7 @@ def test_plans_that_cannot_work_are_refused_with_the_reason():
         ParallelPlan(ulysses=3).check(40, 3, "t2v-14b", "cuda")
     with pytest.raises(InvalidInput, match="ulysses=8 .*12 attention heads.*put the rest in ring"):
         ParallelPlan(ulysses=8).check(12, 8, "t2v-1.3b", "cuda")
-    with pytest.raises(InvalidInput, match="= 4 processes, but 2 are running"):
+    with pytest.raises(InvalidInput, match="= 4 processes, but there are 2"):
         ParallelPlan(ulysses=2, ring=2).check(40, 2, "t2v-14b", "cuda")
     with pytest.raises(InvalidInput, match="ring=2 .*1 on cpu"):
         ParallelPlan(ring=2).check(40, 2, "t2v-14b", "cpu")
@@ -240,6 +240,7 @@ def test_cli_parallel_flags_are_checked_before_any_process_starts(tmp_path):
         (["--gpus", "2", "--width", "80"], "45 tokens split evenly across 2 processes"),
         (["--gpus", "2", "--fast-mode", "fast"], "context parallelism"),
         (["--gpus", "2", "--cfg-parallel", "--cfg-batch"], "--cfg-batch=True is not allowed"),
+        (["--gpus", "2", "--device", "cpu"], "each process takes its own device"),
     ]
     for extra, message in cases:
         result = run_cli(*FOX, *extra, "-o", str(tmp_path / "x.mp4"))
@@ -354,3 +355,33 @@ def test_worker_group_survives_a_killed_worker(worker_group, tmp_path):
     assert time.perf_counter() - started < 30
     assert victim not in worker_group.pids  # a fresh group is starting
     assert worker_group.generate(**REQUEST, out_dir=tmp_path).frames == 9
+
+
+def _answer_then_hang(conn, error: Exception | None) -> None:
+    request_id, _ = conn.recv()
+    if error is not None:
+        conn.send((request_id, error))
+    time.sleep(600)  # stuck, as a rank left alone in a collective would be
+
+
+def test_worker_group_stops_a_group_where_one_rank_failed_alone(monkeypatch):
+    import multiprocessing
+
+    from wanlora import workers
+
+    monkeypatch.setattr(workers, "STRAGGLER_SECONDS", 0.5)
+    group = object.__new__(workers.WorkerGroup)  # two stand-in workers instead of loaded models
+    group.size, group.ready, group.next_request = 2, True, 0
+    group.processes, group.connections = [], []
+    for error in (LoraDownloadError("connection reset"), None):
+        ours, theirs = multiprocessing.get_context("fork").Pipe()
+        process = multiprocessing.get_context("fork").Process(target=_answer_then_hang, args=(theirs, error))
+        process.start()
+        group.processes.append(process)
+        group.connections.append(ours)
+    stand_ins = list(group.processes)
+    started = time.perf_counter()
+    with pytest.raises(LoraDownloadError, match="connection reset"):
+        group.generate(prompt="a fox")
+    assert time.perf_counter() - started < 5
+    assert group.processes == [] and not any(p.is_alive() for p in stand_ins)  # the next request starts afresh

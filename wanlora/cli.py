@@ -242,6 +242,8 @@ def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: Gen
             if value:
                 raise InvalidInput(flag, value, "used with --gpus 2 or more (or under torchrun)")
         return 1
+    if args.device:
+        raise InvalidInput("--device", args.device, "left out with --gpus: each process takes its own device")
     import torch
 
     visible = torch.cuda.device_count()

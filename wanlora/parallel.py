@@ -55,7 +55,7 @@ class ParallelPlan:
                 "parallel",
                 self.describe(),
                 f"ulysses x ring{' x 2 (cfg)' if self.cfg else ''} = {self.world_size} processes, "
-                f"but {world_size} are running",
+                f"but there are {world_size}",
             )
         if heads % self.ulysses:
             divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)

@@ -27,6 +27,8 @@ from .errors import InvalidInput, WanLoraError, WorkerCrashed
 
 logger = logging.getLogger(__name__)
 
+STRAGGLER_SECONDS = 30.0
+
 
 def worker_count() -> int:
     """WANLORA_GPUS, else every visible GPU (at least one process)."""
@@ -143,24 +145,36 @@ class WorkerGroup:
         return self._collect(self.next_request)
 
     def _collect(self, request_id: int | None):
-        """Every worker's reply to `request_id`, watching the processes while waiting."""
+        """Every worker's reply to `request_id`, watching the processes while waiting.
+
+        Once one worker has failed, the others get STRAGGLER_SECONDS to answer too: a rank
+        that failed alone leaves the rest waiting in a collective, and then the group is
+        stopped (the next request starts a fresh one).
+        """
         replies: dict[int, Any] = {}
+        deadline = None
         while len(replies) < self.size:
             waiting = {conn: rank for rank, conn in enumerate(self.connections) if rank not in replies}
             sentinels = {self.processes[rank].sentinel: (conn, rank) for conn, rank in waiting.items()}
-            for ready in wait([*waiting, *sentinels]):
-                if ready in sentinels:
-                    conn, rank = sentinels[ready]
+            ready = wait([*waiting, *sentinels], None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self.close(grace=0)
+                break
+            for handle in ready:
+                if handle in sentinels:
+                    conn, rank = sentinels[handle]
                     if not conn.poll():
                         self._restart_after_crash(rank)  # it ended with nothing left to say
                     continue
-                rank = waiting[ready]
+                rank = waiting[handle]
                 try:
-                    got, outcome = ready.recv()
+                    got, outcome = handle.recv()
                 except (EOFError, OSError):
                     self._restart_after_crash(rank)
                 if got == request_id:  # older replies belong to an abandoned (cancelled) request
                     replies[rank] = outcome
+                    if isinstance(outcome, BaseException) and deadline is None:
+                        deadline = time.monotonic() + STRAGGLER_SECONDS
         errors = [outcome for _, outcome in sorted(replies.items()) if isinstance(outcome, BaseException)]
         if errors:
             raise errors[0]  # rank 0's when it has one: it names another rank's failure too
