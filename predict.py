@@ -37,7 +37,9 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="What the video shows. Include your LoRAs' trigger words."),
         negative_prompt: str = Input(description="What to avoid", default=""),
-        image: Path | None = Input(description="Reserved for image-to-video; not available yet", default=None),
+        image: Path | None = Input(
+            description="Start image: animates it with Wan2.1 I2V 14B (480p or 720p by resolution)", default=None
+        ),
         model: str = Input(description="Wan2.1 base model", choices=list(MODEL_CHOICES), default="14b"),
         resolution: str = Input(description="480p, or 720p (14b only)", choices=["480p", "720p"], default="480p"),
         aspect_ratio: str = Input(
