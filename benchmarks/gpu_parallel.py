@@ -64,7 +64,7 @@ def main() -> None:
     forward = lambda: model(**inputs, return_dict=False)  # noqa: E731
 
     plan = ParallelPlan.auto(world, arch.num_attention_heads)
-    install_backend(model, choose_backend("auto", device, "ring" if plan.ring > 1 else "ulysses"))
+    install_backend(model, choose_backend("auto", device, plan.attention_split))
     alone = timed(forward, device, args.repeats) if rank == 0 else 0.0
     dist.barrier()
     Parallel(model, plan, device)

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from wanlora import InvalidInput, LoraDownloadError, WanLoraError, WanLoraPipeline, WorkerCrashed
+from wanlora import InvalidInput, LoraDownloadError, ParallelPlan, WanLoraError, WanLoraPipeline, WorkerCrashed
 from wanlora.attention import BACKENDS, choose_backend, unavailable_reason
-from wanlora.parallel import ParallelPlan
 from wanlora.settings import resolve_settings
 from wanlora.testing import tiny_transformer, write_lora
 
@@ -220,7 +219,7 @@ def test_fast_mode_is_refused_under_context_parallelism(tmp_path):
 # ------------------------------------------------------------------ the CLI
 
 
-def test_cli_gpus_2_writes_the_single_process_video(tmp_path):
+def test_cli_gpus_2_and_torchrun_write_the_single_process_video(tmp_path):
     single = run_cli(*FOX, "-o", str(tmp_path / "one.mp4"))
     assert single.returncode == 0, single.stderr
     for extra in (["--gpus", "2"], ["--gpus", "2", "--cfg-parallel"]):
@@ -229,6 +228,13 @@ def test_cli_gpus_2_writes_the_single_process_video(tmp_path):
         assert split.returncode == 0, split.stderr
         assert split.stdout.strip().splitlines() == [str(out)]  # one path, from rank 0
         assert np.array_equal(probe(out).frames, probe(tmp_path / "one.mp4").frames)
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "wanlora.cli", *FOX, "-o", str(tmp_path / "torchrun.mp4")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert np.array_equal(probe(tmp_path / "torchrun.mp4").frames, probe(tmp_path / "one.mp4").frames)
 
 
 def test_cli_parallel_flags_are_checked_before_any_process_starts(tmp_path):

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "WanLoraPipeline": "pipeline",
     "Video": "video",
+    "ParallelPlan": "parallel",
     **{
         name: "errors"
         for name in (

@@ -37,6 +37,13 @@ class ParallelPlan:
     def world_size(self) -> int:
         return self.context_degree * (2 if self.cfg else 1)
 
+    @property
+    def attention_split(self) -> str | None:
+        """How attention is split across processes: "ring", "ulysses", or None (not at all)."""
+        if self.context_degree == 1:
+            return None
+        return "ring" if self.ring > 1 else "ulysses"
+
     @classmethod
     def auto(cls, world_size: int, heads: int, cfg: bool = False) -> ParallelPlan:
         """Ulysses as far as the head count allows (it is the faster of the two), ring for the rest."""

@@ -77,8 +77,7 @@ class WanLoraPipeline:
         self.pipe = pipe
         self.spec = spec
         self.device = device
-        split = None if parallel is None or parallel.context_degree == 1 else "ring" if parallel.ring > 1 else "ulysses"
-        self.attention = choose_backend(attention, device, split)
+        self.attention = choose_backend(attention, device, parallel.attention_split if parallel else None)
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
             install_backend(pipe.transformer, self.attention)
         self.parallel = Parallel(pipe.transformer, parallel, device) if parallel is not None else None
@@ -326,7 +325,10 @@ class WanLoraPipeline:
             extra = {"image_size": list(images[0].size), "resize": resize}
         if preset is not None:
             extra["accelerator"] = preset.name
-        self.batched_guidance.active = cfg_batch and settings.guidance_scale > 1
+        guided = settings.guidance_scale > 1  # else the pipeline makes one pass per step
+        self.batched_guidance.active = cfg_batch and guided
+        if self.parallel is not None:
+            self.parallel.set_guidance(guided)
         return self._denoise(settings, progress, conditioning, extra, preset)
 
     def _check_images(self, image, last_image, resize: str) -> list:
@@ -373,8 +375,6 @@ class WanLoraPipeline:
                 self.base_scheduler_config, flow_shift=settings.shift
             )
         main = self.parallel is None or self.parallel.is_main
-        if self.parallel is not None:
-            self.parallel.set_guidance(settings.guidance_scale > 1)
         self.pipe.set_progress_bar_config(disable=not (progress and main), desc="denoising", leave=False)
         logger.info(
             "generating seed=%d %dx%d %d frames, %d steps",
