@@ -222,7 +222,7 @@ def test_fast_mode_is_refused_under_context_parallelism(tmp_path):
 def test_cli_gpus_2_and_torchrun_write_the_single_process_video(tmp_path):
     single = run_cli(*FOX, "-o", str(tmp_path / "one.mp4"))
     assert single.returncode == 0, single.stderr
-    for extra in (["--gpus", "2"], ["--gpus", "2", "--cfg-parallel"]):
+    for extra in (["--gpus", "2"], ["--gpus", "2", "--cfg-parallel"], ["--gpus", "2", "--compile"]):
         out = tmp_path / f"{'-'.join(extra)}.mp4"
         split = run_cli(*FOX, *extra, "-o", str(out))
         assert split.returncode == 0, split.stderr

@@ -145,7 +145,8 @@ class WanLoraPipeline:
         loaded = cls(pipe, spec, device, attention, plan)
         if compile:
             backend = "inductor" if compile is True else compile
-            pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+            # context-parallel attention calls collectives that dynamo cannot trace in one graph
+            pipe.transformer.compile_repeated_blocks(fullgraph=plan is None, backend=backend)
             logger.info("compiled the transformer blocks with torch.compile (%s)", backend)
         return loaded
 
