@@ -202,18 +202,25 @@ def test_two_processes_match_one_and_swap_loras_alike(plan, guidance, loras, tmp
     assert isinstance(main["random_seed"], int) and other["random_seed"] is None
 
 
-def _refuses_fast_mode(rank: int) -> str:
-    pipe = WanLoraPipeline.from_pretrained("tiny", parallel="auto")
+def _diffusers_config_and_fast_mode(rank: int) -> tuple:
+    from diffusers import ContextParallelConfig
+
+    pipe = WanLoraPipeline.from_pretrained("tiny", parallel=ContextParallelConfig(ulysses_degree=2))
     try:
         pipe.generate("a fox", fast_mode="fast", **SMALL, progress=False)
+        refusal = "generated"
     except InvalidInput as exc:
-        return str(exc)
-    return "generated"
+        refusal = str(exc)
+    return pipe.parallel.plan, refusal, frames_of(pipe.generate("a fox", seed=5, **SMALL, progress=False))
 
 
-def test_fast_mode_is_refused_under_context_parallelism(tmp_path):
-    for message in run_ranks(_refuses_fast_mode, tmp_path):
-        assert "fast_mode='fast'" in message and "context parallelism" in message
+def test_diffusers_config_is_accepted_and_fast_mode_refused_under_context_parallelism(tmp_path):
+    ranks = run_ranks(_diffusers_config_and_fast_mode, tmp_path)
+    for plan, refusal, _ in ranks:
+        assert plan == ParallelPlan(ulysses=2)
+        assert "fast_mode='fast'" in refusal and "context parallelism" in refusal
+    single = WanLoraPipeline.from_pretrained("tiny").generate("a fox", seed=5, **SMALL)
+    assert np.array_equal(ranks[0][2], single.frames) and ranks[1][2] is None
 
 
 # ------------------------------------------------------------------ the CLI

@@ -22,15 +22,22 @@ from .parallel import ParallelPlan
 logger = logging.getLogger(__name__)
 
 
-def resolve_plan(parallel: ParallelPlan | str, heads: int, model: str, device: torch.device) -> ParallelPlan:
-    """`parallel` ("auto" or a plan) for this process group, checked against the model."""
+def resolve_plan(parallel, heads: int, model: str, device: torch.device) -> ParallelPlan:
+    """`parallel` for this process group, checked against the model.
+
+    "auto" (or True), a ParallelPlan, or diffusers' own ContextParallelConfig.
+    """
+    from diffusers import ContextParallelConfig
+
     world_size = dist.get_world_size()
     if isinstance(parallel, ParallelPlan):
         plan = parallel
-    elif parallel == "auto":
+    elif isinstance(parallel, ContextParallelConfig):
+        plan = ParallelPlan(ulysses=parallel.ulysses_degree, ring=parallel.ring_degree)
+    elif parallel == "auto" or parallel is True:
         plan = ParallelPlan.auto(world_size, heads)
     else:
-        raise InvalidInput("parallel", parallel, "'auto' or a ParallelPlan")
+        raise InvalidInput("parallel", parallel, "'auto', a ParallelPlan or a diffusers ContextParallelConfig")
     plan.check(heads, world_size, model, device.type)
     return plan
 

@@ -97,7 +97,7 @@ class WanLoraPipeline:
         share_from: WanLoraPipeline | None = None,
         compile: bool | str = False,
         offload: str = "none",
-        parallel: ParallelPlan | str | None = None,
+        parallel: ParallelPlan | str | bool | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
 
@@ -111,10 +111,11 @@ class WanLoraPipeline:
         names the backend); LoRA swaps rewrite weights in place and never recompile.
         `offload` ("none", "model", "group") trades speed for GPU memory: see wanlora.memory.
 
-        `parallel` ("auto" or a `ParallelPlan`) shares each generation between the processes
-        of a torch.distributed group, one per GPU (torchrun starts them; the process group is
-        joined here if needed): see wanlora.parallel. Call `generate` on every rank with the
-        same arguments; rank 0 gets the video, the others None.
+        `parallel` ("auto", a `ParallelPlan`, or diffusers' `ContextParallelConfig`) shares
+        each generation between the processes of a torch.distributed group, one per GPU
+        (torchrun starts them; the process group is joined here if needed): see
+        wanlora.parallel. Call `generate` on every rank with the same arguments; rank 0 gets
+        the video, the others None.
         """
         spec = resolve_model(model)
         if spec.source != "tiny" and not Path(spec.source).exists():

@@ -66,7 +66,13 @@ def _serve(rank: int, world_size: int, port: int, conn: Connection, service_opti
         _reply(conn, None, exc)
         return
     _reply(conn, None, None)
-    while (message := conn.recv()) is not None:
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the server went away without saying goodbye
+            return
+        if message is None:
+            return
         request_id, kwargs = message
         try:
             _reply(conn, request_id, service.generate(**kwargs))
