@@ -117,11 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--gpus",
         type=int,
+        metavar="N",
         help="split each video across N processes, one per GPU (N CPU processes without CUDA); "
         "under torchrun, its process count decides",
     )
-    gen.add_argument("--ulysses", type=int, help="Ulysses degree (default: as many as the head count allows)")
-    gen.add_argument("--ring", type=int, help="ring-attention degree (default: what Ulysses leaves)")
+    gen.add_argument("--ulysses", type=int, metavar="U", help="Ulysses degree (default: the most the heads allow)")
+    gen.add_argument("--ring", type=int, metavar="R", help="ring-attention degree (default: what Ulysses leaves)")
     gen.add_argument(
         "--cfg-parallel", action="store_true", help="run the two guidance passes on two halves of the processes"
     )
