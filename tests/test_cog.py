@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 from wanlora.testing import tiny_transformer, write_lora
 
 from .conftest import probe
+from .processes import alive, children_with, free_port, wait_for
 from .servers import FileServer, Route
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +87,6 @@ def lora_server(tmp_path_factory):
             server.routes[f"/{name}.safetensors"] = Route(path.read_bytes())
         server.routes["/login.safetensors"] = Route(b"<!DOCTYPE html><html>Please sign in</html>")
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -321,8 +315,6 @@ def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worke
     cog_server, tmp_path_factory, tmp_path
 ):
     """WANLORA_GPUS=2 on CPU: two persistent gloo workers share each prediction (Ulysses 2)."""
-    from .test_parallel import alive, children_with, wait_for
-
     request = {"prompt": "a fox", **SMALL}
     reference = predict(cog_server, **request)
     with running_cog_server(tmp_path_factory, WANLORA_GPUS="2") as (url, pid):

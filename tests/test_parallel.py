@@ -10,7 +10,6 @@ import hashlib
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from wanlora.settings import resolve_settings
 from wanlora.testing import tiny_transformer, write_lora
 
 from .conftest import SMALL, probe, run_cli
+from .processes import alive, children_with, free_port, wait_for
 from .test_cli import FOX
 
 # ------------------------------------------------------------------ plans, checked before anything loads
@@ -101,12 +101,6 @@ def test_parallel_outside_a_process_group_says_how_to_launch(monkeypatch):
 
 
 # ------------------------------------------------------------------ two gloo processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, out: Path, scenario, options: dict) -> None:
@@ -263,40 +257,6 @@ def test_cli_parallel_flags_are_checked_before_any_process_starts(tmp_path):
     assert not (tmp_path / "x.mp4").exists()
 
 
-def children_with(parent: int, marker: str) -> dict[int, dict[str, str]]:
-    """Live processes below `parent` whose command line holds `marker`: pid -> environment."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ancestors, pid = set(), int(entry.name)
-        while pid > 1 and pid not in ancestors:
-            ancestors.add(pid)
-            try:
-                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                break
-        if parent in ancestors and int(entry.name) != parent and marker in cmdline and stat:
-            env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
-            found[int(entry.name)] = env
-    return found
-
-
-def wait_for(condition, seconds: float):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {seconds}s")
-
-
 def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
     command = [sys.executable, "-m", "wanlora.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
     launcher = subprocess.Popen(
@@ -315,14 +275,6 @@ def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
     assert "wanlora: error: worker process 1 was killed by SIGKILL; the other workers were stopped" in stderr
     assert not (tmp_path / "x.mp4").exists()
     wait_for(lambda: not any(alive(pid) for pid in workers), 10)  # rank 0 was stopped too
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 # ------------------------------------------------------------------ the predictor's persistent workers

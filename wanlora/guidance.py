@@ -15,6 +15,8 @@ really is an "uncond" call to wait for.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
@@ -27,7 +29,7 @@ class _NoState:
         pass
 
 
-class GuidancePairHook(ModelHook):
+class GuidancePairHook(ModelHook, ABC):
     """The cond/uncond hand-over; subclasses say how each call is answered."""
 
     _is_stateful = True  # so that the pipeline's cache context (the branch name) reaches it
@@ -56,11 +58,13 @@ class GuidancePairHook(ModelHook):
             self.cond = self.cond_kwargs = None
         return (output,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=output)
 
+    @abstractmethod
     def answer_cond(self, module: torch.nn.Module, kwargs: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """The "cond" call's output: computed now, or a placeholder filled at the "uncond" call."""
 
+    @abstractmethod
     def answer_uncond(self, module: torch.nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Both branches' outputs, (cond, uncond), at the "uncond" call."""
 
     def forward(self, kwargs: dict) -> torch.Tensor:
         """The transformer's own forward (and any hooks inside this one)."""
