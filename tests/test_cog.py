@@ -151,6 +151,8 @@ def health_settles(url: str, seconds: float = 10.0) -> str:
 
 
 def predict(url: str, **inputs) -> dict:
+    """One prediction, once the last one has finished: Cog answers 409 while it is busy."""
+    health_settles(url)
     return requests.post(f"{url}/predictions", json={"input": inputs}, timeout=300).json()
 
 

@@ -277,6 +277,25 @@ def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
     wait_for(lambda: not any(alive(pid) for pid in workers), 10)  # rank 0 was stopped too
 
 
+def test_cli_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
+    command = [sys.executable, "-m", "wanlora.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
+    launcher = subprocess.Popen(
+        [*command, "-o", str(tmp_path / "x.mp4")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    workers = {}
+    try:
+        workers = wait_for(lambda: len(found := children_with(launcher.pid, "wanlora.cli")) == 2 and found, 60)
+        time.sleep(3)
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 130
+    said = [line for line in stderr.splitlines() if "wanlora:" in line]
+    assert said == ["wanlora: interrupted (SIGINT); the workers were stopped"], stderr
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+
+
 # ------------------------------------------------------------------ the predictor's persistent workers
 
 

@@ -18,7 +18,7 @@ from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
 from .images import load_image, nearest_aspect_ratio
 from .models import ASPECT_RATIOS, CATALOGUE, SIZE_PRESETS, ModelSpec, resolve_model
-from .parallel import ParallelPlan, launched_by_torchrun
+from .parallel import LAUNCHED_BY_GPUS, ParallelPlan, launched_by_torchrun
 from .settings import GenerationSettings, resolve_settings
 
 # torch, diffusers and the LoRA engine are imported inside the commands that use them, so
@@ -433,14 +433,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     sub = getattr(args, "lora_command", None) or getattr(args, "cache_command", None)
     handler = COMMANDS[(args.command, sub)]
+    speaks = os.environ.get("RANK", "0") == "0"  # the ranks of a parallel run fail alike: say it once
     try:
         return handler(args) or 0
     except WanLoraError as exc:
-        if os.environ.get("RANK", "0") == "0":  # the ranks of a parallel run fail alike: say it once
+        if speaks:
             print(f"wanlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("wanlora: interrupted", file=sys.stderr)
+        if speaks and not os.environ.get(LAUNCHED_BY_GPUS):  # under --gpus, the launcher says it
+            print("wanlora: interrupted", file=sys.stderr)
         return 130
 
 

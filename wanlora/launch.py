@@ -14,6 +14,8 @@ import sys
 import uuid
 from collections.abc import Sequence
 
+from .parallel import LAUNCHED_BY_GPUS
+
 USER_ERROR = 2  # the exit code of a worker that already printed a one-line error
 
 
@@ -22,13 +24,17 @@ def run_workers(nprocs: int, argv: Sequence[str], quiet: bool = True) -> int:
 
     `quiet` keeps the launcher's own log lines back; a failure is reported in one line.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if quiet:
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if quiet:  # each elastic module sets its own logger's level, so each is quieted
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     # Like torchrun: one OpenMP pool per process, sharing the cores instead of fighting over them.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    os.environ[LAUNCHED_BY_GPUS] = "1"
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -47,6 +53,9 @@ def run_workers(nprocs: int, argv: Sequence[str], quiet: bool = True) -> int:
             return USER_ERROR
         print(f"wanlora: error: worker process {rank} {describe_exit(failure.exitcode)}", file=sys.stderr)
         return 1
+    except SignalException as exc:  # Ctrl-C or a kill reached the launcher; it stopped the workers
+        print(f"wanlora: interrupted ({signal.Signals(exc.sigval).name}); the workers were stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -97,6 +97,9 @@ class ParallelPlan:
         return f"ulysses={self.ulysses} ring={self.ring}" + (" cfg" if self.cfg else "")
 
 
+LAUNCHED_BY_GPUS = "WANLORA_LAUNCHED_BY_GPUS"  # set in the workers `wanlora generate --gpus` starts
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several that torchrun (or `--gpus`) started."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
