@@ -369,3 +369,16 @@ def test_worker_group_stops_a_group_where_one_rank_failed_alone(monkeypatch):
         group.generate(prompt="a fox")
     assert time.perf_counter() - started < 5
     assert group.processes == [] and not any(p.is_alive() for p in stand_ins)  # the next request starts afresh
+
+
+def test_wanlora_gpus_sets_the_worker_count(monkeypatch):
+    from wanlora.workers import worker_count
+
+    monkeypatch.delenv("WANLORA_GPUS", raising=False)
+    assert worker_count() == max(1, torch.cuda.device_count())
+    monkeypatch.setenv("WANLORA_GPUS", "2")
+    assert worker_count() == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("WANLORA_GPUS", bad)
+        with pytest.raises(InvalidInput, match=f"WANLORA_GPUS='{bad}'"):
+            worker_count()
