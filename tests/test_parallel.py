@@ -257,43 +257,39 @@ def test_cli_parallel_flags_are_checked_before_any_process_starts(tmp_path):
     assert not (tmp_path / "x.mp4").exists()
 
 
-def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
+def interrupted_long_run(tmp_path: Path, interrupt) -> tuple[int, str]:
+    """A long `--gpus 2` run, hit by `interrupt(launcher, workers)` a few seconds after its workers
+    start: the launcher's exit code and stderr. No output, and no worker outlives it."""
     command = [sys.executable, "-m", "wanlora.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
     launcher = subprocess.Popen(
         [*command, "-o", str(tmp_path / "x.mp4")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    workers = {}
     try:
         workers = wait_for(lambda: len(found := children_with(launcher.pid, "wanlora.cli")) == 2 and found, 60)
-        rank1 = next(pid for pid, env in workers.items() if env.get("RANK") == "1")
-        time.sleep(3)  # loading or denoising: either way rank 0 now waits on rank 1
-        os.kill(rank1, signal.SIGKILL)
-        stdout, stderr = launcher.communicate(timeout=60)
-    finally:
-        launcher.kill()
-    assert launcher.returncode == 1
-    assert "wanlora: error: worker process 1 was killed by SIGKILL; the other workers were stopped" in stderr
-    assert not (tmp_path / "x.mp4").exists()
-    wait_for(lambda: not any(alive(pid) for pid in workers), 10)  # rank 0 was stopped too
-
-
-def test_cli_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
-    command = [sys.executable, "-m", "wanlora.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
-    launcher = subprocess.Popen(
-        [*command, "-o", str(tmp_path / "x.mp4")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    workers = {}
-    try:
-        workers = wait_for(lambda: len(found := children_with(launcher.pid, "wanlora.cli")) == 2 and found, 60)
-        time.sleep(3)
-        launcher.send_signal(signal.SIGINT)
+        time.sleep(3)  # loading or denoising: either way the ranks now wait on each other
+        interrupt(launcher, workers)
         _, stderr = launcher.communicate(timeout=60)
     finally:
         launcher.kill()
-    assert launcher.returncode == 130
+    assert not (tmp_path / "x.mp4").exists()
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10)
+    return launcher.returncode, stderr
+
+
+def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
+    def kill_rank_1(launcher, workers):
+        os.kill(next(pid for pid, env in workers.items() if env.get("RANK") == "1"), signal.SIGKILL)
+
+    code, stderr = interrupted_long_run(tmp_path, kill_rank_1)
+    assert code == 1
+    assert "wanlora: error: worker process 1 was killed by SIGKILL; the other workers were stopped" in stderr
+
+
+def test_cli_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
+    code, stderr = interrupted_long_run(tmp_path, lambda launcher, _: launcher.send_signal(signal.SIGINT))
+    assert code == 130
     said = [line for line in stderr.splitlines() if "wanlora:" in line]
     assert said == ["wanlora: interrupted (SIGINT); the workers were stopped"], stderr
-    wait_for(lambda: not any(alive(pid) for pid in workers), 10)
 
 
 # ------------------------------------------------------------------ the predictor's persistent workers
