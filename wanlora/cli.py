@@ -196,16 +196,15 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     loras = [parse_lora_arg(text) for text in args.lora]
     from .lora.fetch import fetch_lora
 
-    processes = check_parallel_args(args, spec, settings)
+    parallel = check_parallel_args(args, spec, settings)
     for ref, _ in loras:  # download and verify before the (slow) model load
         fetch_lora(ref)
-    if processes > 1 and not launched_by_torchrun():
+    if parallel is not None and not launched_by_torchrun():
         from .launch import run_workers
 
-        return run_workers(processes, args.argv, quiet=not args.verbose)
+        return run_workers(parallel.world_size, args.argv, quiet=not args.verbose)
     from .pipeline import WanLoraPipeline
 
-    parallel = plan_from_args(args, spec, processes) if launched_by_torchrun() else None
     pipe = WanLoraPipeline.from_pretrained(
         args.model,
         device=args.device,
@@ -229,8 +228,8 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     return None
 
 
-def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: GenerationSettings) -> int:
-    """The number of processes to run; the parallel flags are checked before anything loads."""
+def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: GenerationSettings) -> ParallelPlan | None:
+    """The plan the parallel flags ask for (None: one process), checked before anything loads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.gpus is not None:
         if args.gpus < 1:
@@ -242,7 +241,7 @@ def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: Gen
         for flag, value in (("--ulysses", args.ulysses), ("--ring", args.ring), ("--cfg-parallel", args.cfg_parallel)):
             if value:
                 raise InvalidInput(flag, value, "used with --gpus 2 or more (or under torchrun)")
-        return 1
+        return None
     if args.device:
         raise InvalidInput("--device", args.device, "left out with --gpus: each process takes its own device")
     import torch
@@ -256,7 +255,7 @@ def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: Gen
     plan.check_fast_mode(args.fast_mode)
     if args.cfg_batch and plan.cfg:
         raise InvalidInput("--cfg-batch", True, "left out with --cfg-parallel, which runs both passes at once")
-    return world
+    return plan
 
 
 def plan_from_args(args: argparse.Namespace, spec: ModelSpec, world: int) -> ParallelPlan:

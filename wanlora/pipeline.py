@@ -126,8 +126,8 @@ class WanLoraPipeline:
                 spec = spec_for_config(config, spec.source)
         plan = None
         if parallel is not None:
-            rank_device = init_distributed()
-            device = torch.device(device) if device is not None else rank_device
+            rank_device = init_distributed()  # joins the process group, so it runs either way
+            device = torch.device(device if device is not None else rank_device)
             plan = resolve_plan(parallel, spec.arch.num_attention_heads, spec.name, device)
         device = torch.device(device) if device is not None else default_device()
         check_offload(offload, device)
