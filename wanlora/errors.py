@@ -1,7 +1,8 @@
 """The library's own exception types.
 
 Every failure a user can cause is one of these. Each message says what was wrong, with
-which input, and what to do; front ends print it as one line.
+which input, and what to do; front ends print it as one line. No message holds a secret:
+references are shown without their tokens, and tokens never.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ class WanLoraError(Exception):
 
 
 class InvalidInput(WanLoraError, ValueError):
-    """A generation or CLI argument is out of range or malformed."""
+    """A generation or CLI argument (or an environment variable) is out of range or malformed."""
 
     def __init__(self, field: str, value: object, allowed: str) -> None:
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field}={value!r} is not allowed: {allowed}")
+        shown = repr(value)
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        super().__init__(f"{field}={shown} is not allowed: {allowed}")
 
     def __reduce__(self):  # to cross process boundaries (parallel workers) intact
         return type(self), (self.field, self.value, self.allowed)
@@ -35,11 +39,26 @@ class WorkerCrashed(WanLoraError):
 
 
 class LoraError(WanLoraError):
-    """Base class for everything that can go wrong with a LoRA."""
+    """Base class for everything that can go wrong with a LoRA.
+
+    `ref` is the reference as it may be shown (no secrets), `status` the HTTP status that
+    caused it, when one did.
+    """
+
+    def __init__(self, message: str, ref: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.ref, self.status = ref, status
+
+    def __reduce__(self):
+        return type(self), (str(self), self.ref, self.status)
 
 
 class LoraNotFound(LoraError):
     """The reference points at nothing: no file, repo, page or model."""
+
+
+class NoSuchHubRepo(LoraNotFound):
+    """The Hub has no such repo (or hides a private one): `owner/repo` may be a Replicate model."""
 
 
 class LoraAuthRequired(LoraError):
@@ -47,12 +66,19 @@ class LoraAuthRequired(LoraError):
 
 
 class LoraDownloadError(LoraError):
-    """The download failed: unreachable host, refused address, timeout, too large."""
+    """The download failed: unreachable host, refused address, timeout, too large, no disk space."""
 
 
 class LoraFormatError(LoraError):
-    """The file is not a usable safetensors LoRA, or its keys cannot be read."""
+    """The file is not a usable safetensors LoRA, or its keys or values cannot be used."""
 
 
 class LoraMismatch(LoraError):
-    """The LoRA is valid but made for another base model."""
+    """The LoRA is valid but made for another base model; `widths` are the model widths it fits."""
+
+    def __init__(self, message: str, ref: str | None = None, status: int | None = None, widths: tuple = ()) -> None:
+        super().__init__(message, ref, status)
+        self.widths = widths
+
+    def __reduce__(self):
+        return type(self), (str(self), self.ref, self.status, self.widths)
