@@ -3,13 +3,20 @@
 Layout under `WANLORA_CACHE` (default: the user cache folder, e.g. ~/.cache/wanlora):
 
     entries/<key>/lora.safetensors   the file, renamed into place once verified
-    entries/<key>/entry.json         size, sha256, source, trigger words, last use
+    entries/<key>/entry.json         size, sha256, source, validators, trigger words, last use
     partial/<key>.part               an unfinished download, resumable
+    partial/<key>.part.json          the validators (ETag, Last-Modified) that resuming must match
     locks/<key>.lock                 one downloader per key, across processes
 
 `<key>` is a hash of the canonical reference, which never holds a secret. An entry exists
 only once `entry.json` does, and that is written last, so a failed download is never
-listed or taken for a finished file.
+listed or taken for a finished file. An entry whose bytes no longer match its sha256 is
+dropped, not served. An entry fetched with credentials is `protected`: it is served only
+after the origin accepts the credentials of the request at hand (see fetch.py).
+
+No process ever holds two entries' locks: eviction takes only the locks that are free at
+that moment and skips the rest, so two processes evicting each other's entries cannot wait
+on each other.
 """
 
 from __future__ import annotations
@@ -19,29 +26,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-DEFAULT_MAX_GB = 50.0
+from ..errors import LoraDownloadError
+from ..settings import cache_dir, cache_max_bytes
+from .net import CHUNK, Validators, current_transfer
 
-
-def cache_root() -> Path:
-    configured = os.environ.get("WANLORA_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "wanlora"
-
-
-def cache_limit_bytes() -> int:
-    raw = os.environ.get("WANLORA_CACHE_MAX_GB", str(DEFAULT_MAX_GB))
-    try:
-        gb = float(raw)
-    except ValueError:
-        gb = DEFAULT_MAX_GB
-    return int(max(gb, 0.0) * 2**30)
+LOCK_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -55,11 +51,26 @@ class Entry:
     created: float = field(default_factory=time.time)
     trigger_words: list[str] = field(default_factory=list)
     path: str = ""
+    protected: bool = False  # fetched with credentials: access is re-checked on every use
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def validators(self) -> Validators:
+        return Validators(self.etag, self.last_modified)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class LoraCache:
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root or cache_root()
+        self.root = root or cache_dir()
 
     def key(self, canonical: str) -> str:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
@@ -67,38 +78,87 @@ class LoraCache:
     def _dir(self, key: str) -> Path:
         return self.root / "entries" / key
 
-    def partial_path(self, key: str) -> Path:
-        path = self.root / "partial" / f"{key}.part"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+    def _folder(self, name: str) -> Path:
+        folder = self.root / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self.unwritable(exc) from exc
+        return folder
 
-    def lock(self, key: str) -> FileLock:
-        folder = self.root / "locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(folder / f"{key}.lock"))
+    def unwritable(self, exc: OSError) -> LoraDownloadError:
+        return LoraDownloadError(
+            f"the LoRA cache folder {self.root} cannot be written ({exc.strerror or type(exc).__name__}); "
+            "set WANLORA_CACHE to a writable folder with free space"
+        )
+
+    def partial_path(self, key: str) -> Path:
+        return self._folder("partial") / f"{key}.part"
+
+    def _lock(self, key: str) -> FileLock:
+        return FileLock(str(self._folder("locks") / f"{key}.lock"))
+
+    @contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """Hold `key`'s lock, waiting for another process's download of it; a cancellation ends the wait."""
+        lock = self._lock(key)
+        transfer = current_transfer()
+        while True:
+            transfer.check()
+            try:
+                lock.acquire(timeout=LOCK_POLL_SECONDS)
+                break
+            except Timeout:
+                continue
+            except OSError as exc:
+                raise self.unwritable(exc) from exc
+        try:
+            yield
+        finally:
+            lock.release()
 
     def get(self, canonical: str) -> Entry | None:
-        """The complete entry for `canonical`, marked as used now, or None."""
+        """The complete, intact entry for `canonical`, marked as used now, or None."""
         folder = self._dir(self.key(canonical))
         entry = self._read(folder)
         if entry is None:
             return None
+        if sha256_of(Path(entry.path)) != entry.sha256:  # damaged on disk: fetch it again
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
         entry.last_used = time.time()
-        self._write_meta(folder, entry)
+        try:
+            self._write_meta(folder, entry)
+        except OSError:
+            pass  # a read-only cache still serves what it holds
         return entry
 
-    def put(self, canonical: str, file: Path, sha256: str, trigger_words: list[str]) -> Entry:
-        """Move a verified `file` into the cache and record it; then evict to the size limit."""
+    def put(
+        self,
+        canonical: str,
+        file: Path,
+        trigger_words: list[str],
+        protected: bool = False,
+        validators: Validators | None = None,
+    ) -> Entry:
+        """Move a verified `file` into the cache and record it (the caller holds its key's lock)."""
         folder = self._dir(self.key(canonical))
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        target = folder / "lora.safetensors"
-        os.replace(file, target)
-        now = time.time()
-        entry = Entry(canonical, target.stat().st_size, sha256, now, now, trigger_words, str(target))
-        self._write_meta(folder, entry)
-        self.evict(keep=folder.name)
+        try:
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            target = folder / "lora.safetensors"
+            os.replace(file, target)
+            now = time.time()
+            validators = validators or Validators()
+            entry = Entry(
+                canonical, target.stat().st_size, sha256_of(target), now, now, trigger_words, str(target),
+                protected, validators.etag, validators.last_modified,
+            )  # fmt: skip
+            self._write_meta(folder, entry)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise self.unwritable(exc) from exc
         return entry
 
     def entries(self) -> list[Entry]:
@@ -107,8 +167,11 @@ class LoraCache:
         return sorted((e for e in found if e), key=lambda e: e.last_used, reverse=True)
 
     def evict(self, keep: str | None = None) -> list[Entry]:
-        """Remove least-recently-used entries until the cache fits `WANLORA_CACHE_MAX_GB`."""
-        limit, removed = cache_limit_bytes(), []
+        """Remove least-recently-used entries until the cache fits `WANLORA_CACHE_MAX_GB`.
+
+        An entry whose lock another process holds (it is being fetched or re-checked) is skipped.
+        """
+        limit, removed = cache_max_bytes(), []
         entries = self.entries()
         total = sum(e.size for e in entries)
         for entry in reversed(entries):  # oldest first
@@ -117,8 +180,15 @@ class LoraCache:
             folder = Path(entry.path).parent
             if folder.name == keep:
                 continue
-            with self.lock(folder.name):
+            lock = self._lock(folder.name)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
                 shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                lock.release()
             total -= entry.size
             removed.append(entry)
         return removed
@@ -127,18 +197,21 @@ class LoraCache:
         """Remove every entry and unfinished download; return the bytes freed."""
         freed = sum(e.size for e in self.entries())
         for name in ("entries", "partial"):
-            shutil.rmtree(self.root / name, ignore_errors=True)
+            try:
+                shutil.rmtree(self.root / name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self.unwritable(exc) from exc
         return freed
 
     def _read(self, folder: Path) -> Entry | None:
         meta, file = folder / "entry.json", folder / "lora.safetensors"
-        if not meta.is_file() or not file.is_file():
-            return None
         try:
-            entry = Entry(**json.loads(meta.read_text()))
-        except (json.JSONDecodeError, TypeError):
+            entry = Entry(**{**json.loads(meta.read_text()), "path": str(file)})
+            return entry if entry.size == file.stat().st_size else None
+        except (OSError, ValueError, TypeError):
             return None
-        return entry if entry.size == file.stat().st_size else None
 
     def _write_meta(self, folder: Path, entry: Entry) -> None:
         tmp = folder / "entry.json.tmp"

@@ -1,77 +1,62 @@
 """Source -> a verified local .safetensors file.
 
-Hub files go through huggingface_hub (so HF_ENDPOINT, HF_TOKEN and the Hub cache apply).
-Everything else is downloaded here into wanlora's cache (see cache.py): over https only,
-to public addresses only (checked again after every redirect), streamed to a partial
-file, resumed with Range, retried with backoff, length-checked, size-capped, verified by
-content, and only then renamed into place. Tokens travel in headers, never in URLs,
-logs, errors or cache keys.
+Hub files go through huggingface_hub (so HF_ENDPOINT, HF_TOKEN and the Hub cache apply),
+or come from the pre-fetched weights folder (WANLORA_WEIGHTS) when it holds them.
+Everything else is downloaded into wanlora's cache (cache.py) by net.py: https to public
+addresses only, resumable, retried, size-capped, verified by content, and only then
+renamed into place. The whole fetch runs in a helper thread, so that a cancellation or
+the deadline (WANLORA_DOWNLOAD_TIMEOUT) ends it at once.
+
+Access is per request. A file fetched with credentials (a token, or secrets in the link)
+is `protected`: every later use, from the cache or from memory, first asks the origin
+with one cheap conditional request whether the credentials of the request at hand are
+accepted. The address policy, too, is applied before the cache is looked at. Tokens
+travel in headers, never in logs, errors, tags or cache keys.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import ipaddress
 import logging
-import os
-import socket
-import sys
-import tarfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
-import requests
-from tqdm import tqdm
-
-from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraFormatError, LoraNotFound
+from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound, NoSuchHubRepo
+from ..hub import hub_errors, local_copy
+from ..settings import civitai_token, civitai_url, max_lora_bytes, replicate_url
+from .archive import is_tar_file, unpack_single_lora
 from .cache import LoraCache
 from .metadata import card_trigger_words, trigger_words
-from .refs import Source, canonical_url, parse_ref, resolve_local
-from .sniff import header_metadata, is_tar, read_header
+from .net import (
+    check_url,
+    discard_partial,
+    download,
+    first_redirect,
+    get_json,
+    in_background,
+    revalidate,
+    too_big,
+)
+from .refs import Source, canonical_url, display_ref, parse_ref, resolve_local, url_has_secrets
+from .sniff import header_metadata, read_header
 
 logger = logging.getLogger(__name__)
-
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 60.0
-MAX_ATTEMPTS = 4
-BACKOFF_SECONDS = 1.0  # doubles after each failed attempt
-MAX_REDIRECTS = 10
-CHUNK = 1 << 20
-DEFAULT_MAX_GB = 4.0
-
-
-def civitai_base() -> str:
-    return os.environ.get("WANLORA_CIVITAI_URL", "https://civitai.com").rstrip("/")
-
-
-def replicate_base() -> str:
-    return os.environ.get("WANLORA_REPLICATE_URL", "https://replicate.com").rstrip("/")
-
-
-def max_lora_bytes() -> int:
-    return int(float(os.environ.get("WANLORA_MAX_LORA_GB", DEFAULT_MAX_GB)) * 2**30)
-
-
-def private_urls_allowed() -> bool:
-    return os.environ.get("WANLORA_ALLOW_PRIVATE_URLS") == "1"
-
-
-class NoSuchHubRepo(LoraNotFound):
-    """The Hub has no such repo (or hides a private one): `owner/repo` may be a Replicate model."""
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """Per-request tokens; None falls back to HF_TOKEN / CIVITAI_API_TOKEN."""
+    """What one request may use: its own tokens (None: the operator's HF_TOKEN / CIVITAI_API_TOKEN),
+    and whether its references may name files on this machine (not on a shared server)."""
 
     hf_token: str | None = None
     civitai_token: str | None = None
+    local_files: bool = True
 
     def civitai(self) -> str | None:
-        return self.civitai_token or os.environ.get("CIVITAI_API_TOKEN") or None
+        return self.civitai_token or civitai_token()
+
+    def __repr__(self) -> str:  # never print a token by accident
+        hidden = {name: "***" if getattr(self, name) else None for name in ("hf_token", "civitai_token")}
+        return f"Credentials({hidden}, local_files={self.local_files})"
 
 
 @dataclass(frozen=True)
@@ -83,17 +68,24 @@ class FetchedLora:
     size: int
     sha256: str | None = None
     trigger_words: list[str] = field(default_factory=list)
+    protected: bool = False  # fetched with credentials: re-check access before each use
+
+    @property
+    def local(self) -> bool:
+        return self.source.startswith("file:")
 
 
 def fetch_lora(ref: str, credentials: Credentials | None = None, cache: LoraCache | None = None) -> FetchedLora:
     """Resolve, download (or reuse) and verify the LoRA that `ref` names."""
     credentials = credentials or Credentials()
-    cache = cache or LoraCache()
-    source = parse_ref(ref)
-    label = canonical_url(ref) if "://" in ref else ref.strip()
+    source = parse_ref(ref, credentials.local_files)
+    label = display_ref(ref)
     if source.kind == "local":
-        path = resolve_local(str(source.path))
-        return _verified(path, source.canonical, label)
+        return _verified(resolve_local(source.path), source.canonical, label)
+    return in_background(lambda: _fetch_remote(source, label, credentials, cache or LoraCache()), label)
+
+
+def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: LoraCache) -> FetchedLora:
     if source.kind == "hub":
         return _fetch_hub(source, label, credentials)
     if source.kind == "hub_or_replicate":
@@ -106,76 +98,42 @@ def fetch_lora(ref: str, credentials: Credentials | None = None, cache: LoraCach
             except LoraError as replicate_error:
                 raise LoraNotFound(
                     f"{label} was tried as a Hugging Face repo ({hub_error}) and as a Replicate model "
-                    f"({replicate_error}); check the name"
+                    f"({replicate_error}); check the name",
+                    label,
+                    replicate_error.status,
                 ) from replicate_error
     if source.kind == "civitai":
         return _fetch_civitai(source, label, credentials, cache)
     if source.kind == "replicate":
         return _fetch_replicate(source, label, cache)
-    return _download(source.url, source.canonical, label, cache)
+    return _download(source.url, source.canonical, label, cache, protected=source.has_secrets)
 
 
 # ---------------------------------------------------------------------------- Hugging Face
 
 
 def _fetch_hub(source: Source, label: str, credentials: Credentials) -> FetchedLora:
-    from huggingface_hub import HfApi, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import HfApi, get_token, hf_hub_download, hf_hub_url
+    from huggingface_hub.constants import HF_HUB_OFFLINE
 
+    repo, revision = source.repo_id, source.revision
+    prefetched = local_copy(repo, source.filename) if revision is None else None
+    if prefetched is not None:  # the operator's weights folder: public files, baked in
+        return _verified(resolve_local(prefetched), f"file:{prefetched}", label)
     token = credentials.hf_token or None
     api = HfApi(token=token)
-    repo, revision = source.repo_id, source.revision
-    try:
+    with hub_errors(repo, ref=label, revision=revision, filename=source.filename):
         filename = source.filename or _single_safetensors(api, repo, revision, label)
-        size = api.get_hf_file_metadata(url=hf_hub_url(repo, filename, revision=revision), token=token).size
-        if size and size > max_lora_bytes():
-            raise _too_big(label, size)
+        if not HF_HUB_OFFLINE:
+            size = api.get_hf_file_metadata(url=hf_hub_url(repo, filename, revision=revision), token=token).size
+            if size and size > max_lora_bytes():
+                raise too_big(label, size)
         path = Path(hf_hub_download(repo, filename, revision=revision, token=token))
-    except GatedRepoError as exc:
-        raise LoraAuthRequired(
-            f"{label}: {repo} is gated; accept its terms on the Hub, then set HF_TOKEN "
-            "(or hf_api_token) to a token with access"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise NoSuchHubRepo(f"no Hugging Face repo {repo} (or it is private: set HF_TOKEN / hf_api_token)") from exc
-    except RevisionNotFoundError as exc:
-        raise LoraNotFound(f"{label}: {repo} has no revision {revision!r}") from exc
-    except LocalEntryNotFoundError as exc:  # before EntryNotFoundError, its base class
-        raise LoraDownloadError(f"{label}: the Hugging Face Hub cannot be reached and the file is not cached") from exc
-    except EntryNotFoundError as exc:
-        raise LoraNotFound(f"{label}: {repo} has no file {source.filename!r}") from exc
-    except hub_transport_errors() as exc:
-        raise LoraDownloadError(
-            f"{label}: the Hugging Face Hub cannot be reached ({type(exc).__name__}); "
-            "check the network, or set HF_HUB_OFFLINE=1 to use cached files"
-        ) from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise LoraAuthRequired(f"{label}: the Hub refused access ({status}); set HF_TOKEN or hf_api_token") from exc
-        raise LoraDownloadError(f"{label}: the Hub answered {status or 'an error'}; try again later") from exc
     canonical = f"hf:{repo}@{revision or 'main'}/{filename}"
     fetched = _verified(path, canonical, label)
     words = list(dict.fromkeys(fetched.trigger_words + _card_trigger_words(repo, token)))
-    return FetchedLora(fetched.path, canonical, fetched.size, None, words)
-
-
-def hub_transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection errors of whichever HTTP client this huggingface_hub version uses."""
-    errors: list[type[BaseException]] = [requests.ConnectionError, requests.Timeout]
-    for module in ("httpx2", "httpx"):
-        try:
-            errors.append(importlib.import_module(module).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
+    protected = (token or get_token()) is not None
+    return FetchedLora(fetched.path, canonical, fetched.size, None, words, protected)
 
 
 def _single_safetensors(api, repo: str, revision: str | None, label: str) -> str:
@@ -183,9 +141,9 @@ def _single_safetensors(api, repo: str, revision: str | None, label: str) -> str
     if len(files) == 1:
         return files[0]
     if not files:
-        raise LoraNotFound(f"{label}: {repo} has no .safetensors file")
+        raise LoraNotFound(f"{label}: {repo} has no .safetensors file", label)
     listing = ", ".join(files[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
-    raise LoraNotFound(f"{label}: {repo} has several .safetensors files; pick one as {repo}/FILE: {listing}")
+    raise LoraNotFound(f"{label}: {repo} has several .safetensors files; pick one as {repo}/FILE: {listing}", label)
 
 
 def _card_trigger_words(repo: str, token: str | None) -> list[str]:
@@ -207,154 +165,57 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     version, words = source.version_id, []
     if version is None:
-        model = _get_json(f"{civitai_base()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
-        versions = model.get("modelVersions") or []
-        if not versions:
-            raise LoraNotFound(f"{label}: the Civitai model {source.model_id} has no downloadable version")
-        version, words = str(versions[0]["id"]), versions[0].get("trainedWords") or []
+        model = get_json(f"{civitai_url()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
+        version, words = _latest_version(model, source.model_id, label)
     canonical = f"civitai:{version}"
-    url = f"{civitai_base()}/api/download/models/{version}"
+    url = f"{civitai_url()}/api/download/models/{version}"
     try:
-        fetched = _download(url, canonical, label, cache, headers, extra_words=words)
+        return _download(url, canonical, label, cache, headers, protected=token is not None, extra_words=words)
     except LoraNotFound as exc:
         raise LoraNotFound(
             f"{label}: Civitai has no model version {version}. The number in civitai.com/models/ID is the model "
-            "page id, not the version id: use the page link with ?modelVersionId=V, or the file's download link"
+            "page id, not the version id: use the page link with ?modelVersionId=V, or the file's download link",
+            label,
+            exc.status,
         ) from exc
     except LoraAuthRequired as exc:
         raise LoraAuthRequired(
-            f"{label}: Civitai needs an API token for this file; set CIVITAI_API_TOKEN (or the civitai_api_token input)"
+            f"{label}: Civitai needs an API token with access to this file; set CIVITAI_API_TOKEN "
+            "(or the civitai_api_token input)",
+            label,
+            exc.status,
         ) from exc
-    return fetched
+
+
+def _latest_version(model: object, model_id: str, label: str) -> tuple[str, list[str]]:
+    """The newest version id of a Civitai model page and its trigger words, from the API's JSON."""
+    versions = model.get("modelVersions") if isinstance(model, dict) else None
+    if not isinstance(versions, list):
+        raise LoraDownloadError(f"{label}: Civitai's answer for model {model_id} has no version list", label)
+    if not versions:
+        raise LoraNotFound(f"{label}: the Civitai model {model_id} has no downloadable version", label)
+    latest = versions[0]
+    version = latest.get("id") if isinstance(latest, dict) else None
+    if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).isdigit():
+        raise LoraDownloadError(f"{label}: Civitai's answer for model {model_id} has no usable version id", label)
+    words = latest.get("trainedWords")
+    return str(version), [w for w in words if isinstance(w, str)] if isinstance(words, list) else []
 
 
 def _fetch_replicate(source: Source, label: str, cache: LoraCache) -> FetchedLora:
     """Replicate's `/_weights` redirects to the current weights file: that URL keys the cache,
     so a second fetch costs one redirect lookup and downloads only when the weights changed."""
     versions = f"/versions/{source.version_id}" if source.version_id else ""
-    url = f"{replicate_base()}/{source.repo_id}{versions}/_weights"
+    url = f"{replicate_url()}/{source.repo_id}{versions}/_weights"
     try:
-        target = _first_redirect(url, label)
+        target = first_redirect(url, label)
         canonical = source.canonical if target == url else f"{source.canonical}={canonical_url(target)}"
         return _download(target, canonical, label, cache)
     except LoraNotFound as exc:
-        raise LoraNotFound(f"no Replicate model weights at {source.repo_id}{versions}") from exc
+        raise LoraNotFound(f"no Replicate model weights at {source.repo_id}{versions}", label, exc.status) from exc
 
 
-# ---------------------------------------------------------------------------- plain HTTPS
-
-
-def resolve_host(host: str, port: int) -> list[str]:
-    """All addresses `host` resolves to (a seam for tests that fake DNS)."""
-    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
-
-
-def check_url(url: str, label: str) -> None:
-    """Refuse non-https URLs and hosts that resolve to non-public addresses.
-
-    Loopback and private ranges (and plain http) pass only with WANLORA_ALLOW_PRIVATE_URLS=1;
-    link-local addresses (cloud metadata services) never do.
-    """
-    parts = urlsplit(url)
-    allow_private = private_urls_allowed()
-    if parts.scheme != "https" and not (parts.scheme == "http" and allow_private):
-        raise LoraDownloadError(f"{label}: only https:// links are allowed (got {parts.scheme}://)")
-    if not parts.hostname:
-        raise LoraDownloadError(f"{label}: the link has no host name")
-    try:
-        addresses = resolve_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except (OSError, UnicodeError) as exc:
-        raise LoraDownloadError(f"{label}: cannot resolve host {parts.hostname!r}: check the link") from exc
-    for text in addresses:
-        address = ipaddress.ip_address(text.split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if address.is_link_local:
-            raise LoraDownloadError(f"{label}: {parts.hostname} resolves to link-local {address}; refused")
-        if address.is_multicast or address.is_reserved or address.is_unspecified:
-            raise LoraDownloadError(f"{label}: {parts.hostname} resolves to non-routable {address}; refused")
-        if (address.is_loopback or address.is_private) and not allow_private:
-            raise LoraDownloadError(f"{label}: {parts.hostname} resolves to private address {address}; refused")
-
-
-def _open(session: requests.Session, url: str, headers: dict[str, str], label: str) -> requests.Response:
-    """GET with redirects followed by hand, so that every hop's address is checked."""
-    origin = urlsplit(url).netloc
-    for _ in range(MAX_REDIRECTS + 1):
-        check_url(url, label)
-        response = session.get(
-            url, headers=headers, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
-        )
-        if response.is_redirect:
-            response.close()
-            url = urljoin(url, response.headers["Location"])
-            if urlsplit(url).netloc != origin:  # credentials stay with the host they were meant for
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            continue
-        _raise_for_status(response, label)
-        return response
-    raise LoraDownloadError(f"{label}: more than {MAX_REDIRECTS} redirects")
-
-
-class _Retryable(Exception):
-    """A failure worth another attempt: 5xx, a dropped connection, a short body."""
-
-
-def _raise_for_status(response: requests.Response, label: str) -> None:
-    status = response.status_code
-    if status in (401, 403):
-        raise LoraAuthRequired(f"{label}: the server refused access ({status}); a token is missing or lacks rights")
-    if status in (404, 410):
-        raise LoraNotFound(f"{label}: not found ({status})")
-    if status == 416:
-        raise _Retryable("range not satisfiable")
-    if status >= 500 or status == 429:
-        raise _Retryable(f"server answered {status}")
-    if status >= 400:
-        raise LoraDownloadError(f"{label}: the server answered {status}")
-
-
-def _first_redirect(url: str, label: str) -> str:
-    """Where `url` redirects to (checked like any hop), or `url` itself when it does not."""
-    check_url(url, label)
-    with requests.Session() as session:
-        try:
-            response = session.get(url, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise LoraDownloadError(f"{label}: cannot reach {urlsplit(url).hostname}: {_describe(exc)}") from exc
-        with response:
-            if response.is_redirect:
-                return urljoin(url, response.headers["Location"])
-            _raise_for_status(response, label)
-            return url
-
-
-RETRYABLE = (_Retryable, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-
-
-def _with_retries(action, label: str, what: str):
-    """Run `action` up to MAX_ATTEMPTS times, backing off after failures worth another try."""
-    for attempt in range(MAX_ATTEMPTS):
-        try:
-            return action()
-        except RETRYABLE as exc:
-            if attempt + 1 == MAX_ATTEMPTS:
-                raise LoraDownloadError(
-                    f"{label}: {what} failed after {MAX_ATTEMPTS} attempts ({_describe(exc)}); try again"
-                ) from exc
-            logger.warning("%s: %s; retrying", label, _describe(exc))
-            time.sleep(BACKOFF_SECONDS * 2**attempt)
-
-
-def _get_json(url: str, headers: dict[str, str], label: str, what: str) -> dict:
-    def lookup() -> dict:
-        with requests.Session() as session:
-            try:
-                return _open(session, url, headers, label).json()
-            except ValueError as exc:
-                raise LoraDownloadError(f"{label}: the {what} lookup did not return JSON") from exc
-
-    return _with_retries(lookup, label, f"the {what} lookup")
+# ---------------------------------------------------------------------------- the cache
 
 
 def _download(
@@ -363,125 +224,40 @@ def _download(
     label: str,
     cache: LoraCache,
     headers: dict[str, str] | None = None,
+    protected: bool = False,
     extra_words: list[str] | None = None,
 ) -> FetchedLora:
-    """Download `url` into the cache under `canonical`, once across processes."""
+    """`url` from the cache (re-checking access for a protected entry), or downloaded into it, once."""
+    check_url(url, label)  # the address policy holds whatever the cache holds
+    headers = dict(headers or {})
+    protected = protected or url_has_secrets(url)
     key = cache.key(canonical)
-    with cache.lock(key):
+    with cache.locked(key):
         entry = cache.get(canonical)
+        if entry is not None and entry.protected and not revalidate(url, headers, entry.validators, label):
+            logger.info("%s changed on the server; downloading it again", label)
+            entry = None
         if entry is None:
             partial = cache.partial_path(key)
-            with requests.Session() as session:
-                _stream(session, url, dict(headers or {}), partial, label)
+            validators = download(url, headers, partial, label)
             try:
-                file = _unpack_tar(partial, label) if _is_tar_file(partial) else partial
+                file = unpack_single_lora(partial, label) if is_tar_file(partial) else partial
                 header = read_header(file, label)
             except LoraError:
-                partial.unlink(missing_ok=True)  # a bad file must not be resumed next time
+                discard_partial(partial)  # a bad file must not be resumed next time
                 partial.with_suffix(".extracted").unlink(missing_ok=True)
                 raise
             words = list(dict.fromkeys(trigger_words(header_metadata(header)) + list(extra_words or [])))
-            entry = cache.put(canonical, file, _sha256(file), words)
+            entry = cache.put(canonical, file, words, protected, validators)
+            discard_partial(partial)
             logger.info("downloaded %s (%.1f MiB)", label, entry.size / 2**20)
-    return FetchedLora(Path(entry.path), canonical, entry.size, entry.sha256, entry.trigger_words)
-
-
-def _is_tar_file(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return is_tar(handle.read(512))
-
-
-def _stream(session: requests.Session, url: str, headers: dict[str, str], partial: Path, label: str) -> None:
-    """Fill `partial` with the whole body: resume by Range, retry with backoff, check lengths."""
-    try:
-        _with_retries(lambda: _stream_once(session, url, headers, partial, label), label, "the download")
-    except LoraError:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-def _stream_once(session: requests.Session, url: str, headers: dict[str, str], partial: Path, label: str) -> None:
-    """One attempt: continue from what `partial` holds when the server honours Range."""
-    limit = max_lora_bytes()
-    offset = partial.stat().st_size if partial.exists() else 0
-    request_headers = {**headers, **({"Range": f"bytes={offset}-"} if offset else {})}
-    with _open(session, url, request_headers, label) as response:
-        resumed = response.status_code == 206 and offset > 0
-        total = _declared_total(response, offset if resumed else 0)
-        if total is not None and total > limit:
-            raise _too_big(label, total)
-        progress = tqdm(total=total, initial=offset if resumed else 0, unit="B", unit_scale=True,
-                        unit_divisor=1024, desc=label[-40:], file=sys.stderr, leave=False, disable=None)  # fmt: skip
-        with partial.open("ab" if resumed else "wb") as out, progress:
-            for chunk in response.iter_content(CHUNK):
-                out.write(chunk)
-                progress.update(len(chunk))
-                if out.tell() > limit:
-                    raise _too_big(label, out.tell())
-    size = partial.stat().st_size
-    if total is not None and size != total:
-        raise _Retryable(f"got {size} of {total} bytes")
-
-
-def _declared_total(response: requests.Response, offset: int) -> int | None:
-    if response.status_code == 206:
-        content_range = response.headers.get("Content-Range", "")
-        total = content_range.rpartition("/")[2]
-        start = content_range.removeprefix("bytes ").split("-")[0]
-        if not start.isdigit() or int(start) != offset:
-            raise _Retryable("the server resumed at the wrong offset")
-        return int(total) if total.isdigit() else None
-    length = response.headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
-
-
-def _unpack_tar(archive: Path, label: str) -> Path:
-    """The one .safetensors inside a tar (Replicate's format), extracted by content only."""
-    try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".safetensors")]
-            if len(members) != 1:
-                named = [m for m in members if os.path.basename(m.name) == "lora.safetensors"]
-                if len(named) != 1:
-                    found = ", ".join(m.name for m in members) or "none"
-                    raise LoraFormatError(
-                        f"{label} is a tar that must hold exactly one .safetensors file "
-                        f"(or one lora.safetensors); it holds: {found}"
-                    )
-                members = named
-            target = archive.with_suffix(".extracted")
-            with tar.extractfile(members[0]) as data, target.open("wb") as out:  # type: ignore[union-attr]
-                while block := data.read(CHUNK):
-                    out.write(block)
-    except tarfile.TarError as exc:
-        raise LoraFormatError(f"{label} is a damaged tar archive: {exc}") from exc
-    finally:
-        archive.unlink(missing_ok=True)
-    return target
+    cache.evict(keep=key)  # outside the lock: no process holds two entries' locks
+    return FetchedLora(Path(entry.path), canonical, entry.size, entry.sha256, entry.trigger_words, entry.protected)
 
 
 def _verified(path: Path, canonical: str, label: str) -> FetchedLora:
     size = path.stat().st_size
     if size > max_lora_bytes():
-        raise _too_big(label, size)
+        raise too_big(label, size)
     header = read_header(path, label)
     return FetchedLora(path, canonical, size, None, trigger_words(header_metadata(header)))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _too_big(label: str, size: int) -> LoraDownloadError:
-    return LoraDownloadError(
-        f"{label} is {size / 2**30:.2f} GiB, over the {max_lora_bytes() / 2**30:g} GiB limit "
-        "(raise WANLORA_MAX_LORA_GB if you trust it)"
-    )
-
-
-def _describe(exc: Exception) -> str:
-    return str(exc).split("\n")[0][:200] if str(exc) else type(exc).__name__

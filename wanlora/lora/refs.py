@@ -10,6 +10,9 @@
 | https://civitai.com/api/download/models/V, civitai:V   | civitai          |
 | https://replicate.com/owner/model[/versions/ID]        | replicate        |
 | any other https:// URL                                 | url              |
+
+A reference may carry secrets: a signed URL's query, a `?token=`, `user:password@`. They
+are used to fetch and nowhere else: `display_ref` and `Source.canonical` leave them out.
 """
 
 from __future__ import annotations
@@ -20,16 +23,22 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import LoraNotFound
+from ..settings import MAX_REF_CHARS
 
 HUB_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 CIVITAI_HOSTS = {"civitai.com", "www.civitai.com", "civitai.green"}
 REPLICATE_HOSTS = {"replicate.com", "www.replicate.com"}
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 REPO = re.compile(rf"(?P<repo>{NAME}/{NAME})(?:@(?P<rev>[^/\s]+))?(?:/(?P<path>\S+))?")
-# Query parameters that carry credentials or signatures: never part of a cache key.
+# Query parameters that carry credentials or signatures (S3, GCS, Azure SAS, CloudFront,
+# Akamai, JWTs, sessions): never part of a cache key, a log line, an error or a tag.
 SECRET_QUERY = re.compile(
-    r"(token|key|sig|signature|credential|auth|expires|policy|^x-amz-|^x-goog-|^s[eprtv]$)", re.IGNORECASE
+    r"(token|key|sig|signature|credential|auth|expires|policy|pass|pwd|secret|jwt|session|hdnts|hmac"
+    r"|^x-amz-|^x-goog-|^s[eprtv]$|^sr$|^skoid$|^sktid$|^code$)",
+    re.IGNORECASE,
 )
+PATH_PREFIXES = ("/", "./", "../", "~", ".\\")
+SHOWN_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -46,22 +55,53 @@ class Source:
     model_id: str | None = None  # Civitai model page id
     path: Path | None = None
 
+    @property
+    def has_secrets(self) -> bool:
+        """Whether the URL itself carries credentials: a secret query parameter or user:password@."""
+        return self.url is not None and url_has_secrets(self.url)
 
-def parse_ref(ref: str) -> Source:
-    """Parse any accepted reference; a malformed one is a `LoraNotFound` that shows the forms."""
+
+def display_ref(ref: str) -> str:
+    """`ref` as it may be shown: links without their secrets, and nothing too long."""
+    text = ref.strip()
+    if "://" in text:
+        try:
+            text = canonical_url(text)
+        except ValueError:
+            text = text.split("://", 1)[0] + "://(a link that cannot be parsed)"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def parse_ref(ref: str, local_files: bool = True) -> Source:
+    """Parse any accepted reference; a malformed one is a `LoraNotFound` that shows the forms.
+
+    With `local_files=False` (a server shared by many users) no reference names a file on
+    this machine, and the answer does not depend on which files exist.
+    """
+    if not isinstance(ref, str):
+        raise LoraNotFound(f"a LoRA reference must be text, not {type(ref).__name__}")
     text = ref.strip()
     if not text:
         raise LoraNotFound("the LoRA reference is empty")
-    local = Path(text).expanduser()
-    if local.exists() or text.startswith(("/", "./", "../", "~", ".\\")):
-        return Source("local", f"file:{local.resolve()}", path=local)
+    if len(text) > MAX_REF_CHARS:
+        raise LoraNotFound(f"the LoRA reference is {len(text)} characters long; at most {MAX_REF_CHARS} are accepted")
+    if text.startswith(PATH_PREFIXES) or (local_files and _exists(text)):
+        if not local_files:
+            raise LoraNotFound(
+                f"{display_ref(text)} is a path; here a LoRA must come from a link or a Hugging Face, "
+                "Civitai or Replicate reference"
+            )
+        return _local(text)
     if text.lower().startswith("civitai:"):
         version = text.split(":", 1)[1].strip()
         if not version.isdigit():
-            raise LoraNotFound(f"{ref!r}: civitai:V needs a numeric model version id")
+            raise LoraNotFound(f"{display_ref(text)!r}: civitai:V needs a numeric model version id")
         return Source("civitai", f"civitai:{version}", version_id=version)
     if "://" in text:
-        return _parse_url(ref, text)
+        try:
+            return _parse_url(text)
+        except ValueError as exc:  # urlsplit: a malformed host or port
+            raise LoraNotFound(f"{display_ref(text)} is not a valid link: check it") from exc
     match = REPO.fullmatch(text)
     if match:
         repo, rev, path = match["repo"], match["rev"], match["path"]
@@ -70,16 +110,31 @@ def parse_ref(ref: str) -> Source:
         canonical = f"hf:{repo}@{rev or 'main'}" + (f"/{path}" if path else "")
         return Source("hub", canonical, repo_id=repo, revision=rev, filename=path)
     raise LoraNotFound(
-        f"{ref!r} is not a LoRA reference wanlora understands: use owner/repo, owner/repo/file.safetensors, "
-        "a huggingface.co, civitai.com or replicate.com link, civitai:VERSION_ID, any https:// link to a "
-        ".safetensors file, or a local path"
+        f"{display_ref(text)!r} is not a LoRA reference wanlora understands: use owner/repo, "
+        "owner/repo/file.safetensors, a huggingface.co, civitai.com or replicate.com link, civitai:VERSION_ID, "
+        "any https:// link to a .safetensors file" + (", or a local path" if local_files else "")
     )
 
 
-def _parse_url(ref: str, text: str) -> Source:
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # too long for a file name, or a NUL in it
+        return False
+
+
+def _local(text: str) -> Source:
+    try:
+        local = Path(text).expanduser().resolve()
+    except (RuntimeError, OSError, ValueError) as exc:  # ~nouser/..., too long, a NUL
+        raise LoraNotFound(f"{display_ref(text)} is not a usable path: {type(exc).__name__}") from exc
+    return Source("local", f"file:{local}", path=local)
+
+
+def _parse_url(text: str) -> Source:
     parts = urlsplit(text)
     if parts.scheme not in ("https", "http"):
-        raise LoraNotFound(f"{ref!r}: only https:// links are accepted")
+        raise LoraNotFound(f"{display_ref(text)!r}: only https:// links are accepted")
     host = (parts.hostname or "").lower()
     segments = [s for s in parts.path.split("/") if s]
     query = dict(parse_qsl(parts.query))
@@ -102,7 +157,7 @@ def _parse_url(ref: str, text: str) -> Source:
                 return Source("civitai", f"civitai:{version}", version_id=version, model_id=segments[1])
             return Source("civitai", f"civitai-model:{segments[1]}", model_id=segments[1])
         raise LoraNotFound(
-            f"{ref!r} is a Civitai link wanlora cannot map: use the model page "
+            f"{display_ref(text)!r} is a Civitai link wanlora cannot map: use the model page "
             "(civitai.com/models/ID?modelVersionId=V) or its download link (civitai.com/api/download/models/V)"
         )
     if host in REPLICATE_HOSTS and len(segments) >= 2:
@@ -124,9 +179,27 @@ def canonical_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), ""))
 
 
-def resolve_local(ref: str) -> Path:
+def url_has_secrets(url: str) -> bool:
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password) or any(
+        SECRET_QUERY.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+    )
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values inside `url`, to scrub from text that quotes it (a library's error message)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if SECRET_QUERY.search(k) and v]
+    found += [s for s in (parts.username, parts.password) if s]
+    found += [parts.query] if found and parts.query else []
+    return found
+
+
+def resolve_local(path: Path) -> Path:
     """The local file a local reference names."""
-    path = Path(ref).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
@@ -134,5 +207,5 @@ def resolve_local(ref: str) -> Path:
         if len(files) == 1:
             return files[0]
         found = ", ".join(f.name for f in files) or "none"
-        raise LoraNotFound(f"{ref} is a folder; name one .safetensors file in it (found: {found})")
-    raise LoraNotFound(f"{ref} does not exist: give a path to a .safetensors LoRA file")
+        raise LoraNotFound(f"{path} is a folder; name one .safetensors file in it (found: {found})")
+    raise LoraNotFound(f"{path} does not exist: give a path to a .safetensors LoRA file")

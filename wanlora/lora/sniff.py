@@ -70,24 +70,30 @@ def read_header(path: str | os.PathLike, label: str) -> dict[str, Any]:
         head = handle.read(1024)
         what = describe_non_safetensors(head)
         if what:
-            raise LoraFormatError(f"{label} is {what}. wanlora only loads .safetensors LoRA files")
+            raise LoraFormatError(f"{label} is {what}. wanlora only loads .safetensors LoRA files", label)
         if size < 8:
-            raise LoraFormatError(f"{label} is {size} bytes: too short to be a safetensors file")
+            raise LoraFormatError(f"{label} is {size} bytes: too short to be a safetensors file", label)
         (header_len,) = struct.unpack("<Q", head[:8])
         if header_len < 2 or header_len > min(MAX_HEADER_BYTES, size - 8):
             raise LoraFormatError(
-                f"{label} is not a safetensors file (its first 8 bytes do not give a sane header length)"
+                f"{label} is not a safetensors file (its first 8 bytes do not give a sane header length)", label
             )
         handle.seek(8)
         raw = handle.read(header_len)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoraFormatError(f"{label} has a safetensors header that is not valid JSON: {exc}") from exc
+        raise LoraFormatError(f"{label} has a safetensors header that is not valid JSON: {exc}", label) from exc
+    except RecursionError as exc:  # a header nested thousands deep: an attack, not a LoRA
+        raise LoraFormatError(f"{label} has a safetensors header nested too deeply to be real", label) from exc
     if not isinstance(header, dict):
-        raise LoraFormatError(f"{label} has a safetensors header that is not a JSON object")
+        raise LoraFormatError(f"{label} has a safetensors header that is not a JSON object", label)
     _check_tensors(header, size - 8 - header_len, label)
     return header
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_tensors(header: dict[str, Any], data_size: int, label: str) -> None:
@@ -95,20 +101,26 @@ def _check_tensors(header: dict[str, Any], data_size: int, label: str) -> None:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LoraFormatError(f"{label}: tensor {name!r} has a malformed header entry") from exc
-        if dtype not in DTYPE_SIZES:
-            raise LoraFormatError(f"{label}: tensor {name!r} has unknown dtype {dtype!r}")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
-        if not 0 <= start <= end or end - start != expected:
-            raise LoraFormatError(f"{label}: tensor {name!r} has offsets that do not match its shape and dtype")
+        if not isinstance(info, dict):
+            raise LoraFormatError(f"{label}: tensor {name!r:.80} has a malformed header entry", label)
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):
+            raise LoraFormatError(f"{label}: tensor {name!r:.80} has a malformed shape {shape!r:.80}", label)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+            raise LoraFormatError(f"{label}: tensor {name!r:.80} has malformed data offsets {offsets!r:.80}", label)
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise LoraFormatError(f"{label}: tensor {name!r:.80} has unknown dtype {dtype!r:.40}", label)
+        start, end = offsets
+        if start > end or end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise LoraFormatError(
+                f"{label}: tensor {name!r:.80} has offsets that do not match its shape and dtype", label
+            )
         end_max = max(end_max, end)
     if end_max > data_size:
         raise LoraFormatError(
             f"{label} is truncated: its header needs {end_max} data bytes but the file has {data_size}; "
-            "download it again"
+            "download it again",
+            label,
         )
 
 
