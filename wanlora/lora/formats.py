@@ -1,4 +1,4 @@
-"""Every published Wan LoRA layout, read into one canonical form keyed by diffusers names.
+"""Every published Wan LoRA layout (docs/lora-formats.md), read into one canonical form keyed by diffusers names.
 
 A file's keys are `<prefix><module><separator><factor>`. The prefix says who wrote it, the
 module is named in original-Wan or diffusers terms (dotted, or flattened with `_` by
@@ -14,6 +14,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ NAME_MAP: list[tuple[str, str]] = [
     ("blocks.{N}", "blocks.{N}"),  # the owner of `blocks.N.diff_m`
     ("head.head", "proj_out"),
     ("head.modulation", "scale_shift_table"),
+    ("head", ""),  # the owner of `head.diff_m`: lightx2v's name for the head's modulation
     ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
     ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
     ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
@@ -104,6 +106,7 @@ NAME_MAP: list[tuple[str, str]] = [
     ("patch_embedding", "patch_embedding"),
 ]
 PARAMETER_TARGETS = ("scale_shift_table",)  # targets that are parameters, not modules
+BLOCK = re.compile(r"blocks\.\d+")
 
 # Words that only one namespace uses: they decide a file whose prefix does not.
 ORIGINAL_MARKERS = (
@@ -158,7 +161,7 @@ def to_diffusers_name(module: str, namespace: str) -> str | None:
 
 @dataclass(frozen=True, eq=False)  # compared by identity: it holds tensors
 class Delta:
-    """One parameter's change, in one of the published parameterisations (section 3).
+    """One parameter's change, in one of the published parameterisations (docs/lora-formats.md).
 
     `kind` is "lora", "loha", "lokr" or "full"; `factors` holds its tensors; `scale` is
     the alpha/rank factor. `compute` returns the dense delta in float32 with `shape`.
@@ -237,6 +240,20 @@ class Delta:
 
         return add_dense
 
+    @cached_property
+    def bound(self) -> float:
+        """An upper bound on any element of the dense delta, from the factors alone (may be inf)."""
+        peak = [float(t.detach().abs().max()) if t.numel() else 0.0 for t in self.factors]
+        if self.kind == "lora":
+            value = self.rank * peak[0] * peak[1]
+        elif self.kind == "loha":
+            value = (self.factors[0].shape[1] * peak[0] * peak[1]) * (self.factors[2].shape[1] * peak[2] * peak[3])
+        elif self.kind == "lokr":
+            value = peak[0] * peak[1]
+        else:
+            return peak[0]
+        return value * abs(self.scale)
+
     def fits(self, shape: torch.Size) -> bool:
         """Whether the delta has the parameter's shape, or its size for a conv kernel."""
         dense = self.dense_shape()
@@ -255,6 +272,10 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     tensor_count: int = 0
     trigger_words: list[str] = field(default_factory=list)
+    label: str = ""  # the reference as it may be shown; the path when read directly
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.path
 
     @property
     def ranks(self) -> list[int]:
@@ -296,28 +317,36 @@ class LoraFile:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a safetensors LoRA of any layout in lora-formats.md into a `LoraFile`."""
+def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
+    """Read a safetensors LoRA of any layout in docs/lora-formats.md into a `LoraFile`.
+
+    `label` names the file in errors (the reference the user gave); default its path.
+    """
     path = str(path)
+    label = label or path
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraFormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoraFormatError(f"{label} is not a readable safetensors file: {exc}", label) from exc
     if not tensors:
-        raise LoraFormatError(f"{path} holds no tensors")
-    return parse_state_dict(tensors, metadata, path)
+        raise LoraFormatError(f"{label} holds no tensors", label)
+    return parse_state_dict(tensors, metadata, path, label)
 
 
-def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str = "<memory>") -> LoraFile:
-    stripped, namespace = _strip_prefixes(tensors)
+def parse_state_dict(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str = "<memory>", label: str | None = None
+) -> LoraFile:
+    label = label or path
+    _check_finite(tensors, label)
+    stripped, namespace = _strip_prefixes(tensors, label)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unexplained: list[str] = []
     for key, (rest, tensor) in stripped.items():
         for suffix, why in UNSUPPORTED_FACTORS.items():
             if rest.endswith(suffix):
-                raise LoraFormatError(f"{path} uses {why} ({key}), which wanlora does not support yet")
+                raise LoraFormatError(f"{label} uses {why} ({key}), which wanlora does not support yet", label)
         for suffix, role in FACTORS:
             if rest.endswith(suffix) or (role == "diff_m" and rest.endswith("_diff_m")):
                 module = rest[: -len(suffix)]
@@ -326,9 +355,9 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         else:
             unexplained.append(key)
     if unexplained:
-        raise LoraFormatError(_listing(f"{path} has keys that are not LoRA factors", unexplained))
+        raise LoraFormatError(_listing(f"{label} has keys that are not LoRA factors", unexplained), label)
 
-    adapter = _peft_adapter_config(metadata)
+    adapter = _peft_adapter_config(metadata, label)
     deltas: dict[str, Delta] = {}
     kinds: set[str] = set()
     unknown: list[str] = []
@@ -337,23 +366,31 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         if target is None:
             unknown.append(module)
             continue
-        for param, delta in _module_deltas(module, target, parts, adapter, path):
+        for param, delta in _module_deltas(module, target, parts, adapter, label):
             if param in deltas:
-                raise LoraFormatError(f"{path} has two deltas for {param} (from {module})")
+                raise LoraFormatError(f"{label} has two deltas for {param} (from {module})", label)
             deltas[param] = delta
             kinds.add(delta.kind)
     if unknown:
-        raise LoraFormatError(_listing(f"{path} targets modules that Wan2.1 does not have", unknown))
+        raise LoraFormatError(_listing(f"{label} targets modules that Wan does not have", unknown), label)
     return LoraFile(
         path=path,
         layout=_describe_layout(tensors, namespace, kinds),
         deltas=deltas,
         metadata=metadata,
         tensor_count=len(tensors),
+        label=label,
     )
 
 
-def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[str, torch.Tensor]], str]:
+def _check_finite(tensors: dict[str, torch.Tensor], label: str) -> None:
+    """A NaN or Inf anywhere makes every frame black or noise: refuse the file, naming the tensor."""
+    bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise LoraFormatError(_listing(f"{label} holds NaN or infinite values, in", bad), label)
+
+
+def _strip_prefixes(tensors: dict[str, torch.Tensor], label: str) -> tuple[dict[str, tuple[str, torch.Tensor]], str]:
     """Drop every known prefix and decide the namespace: by prefix, then by telling words."""
     stripped = {}
     votes: set[str] = set()
@@ -373,110 +410,137 @@ def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[s
         names = " ".join(rest for rest, _ in stripped.values())
         votes = {"diffusers"} if any(m in names for m in DIFFUSERS_MARKERS) else {"original"}
         if any(m in names for m in ORIGINAL_MARKERS) and "diffusers" in votes:
-            raise LoraFormatError("the file mixes original-Wan and diffusers module names; it cannot be read safely")
+            raise LoraFormatError(
+                f"{label} mixes original-Wan and diffusers module names; it cannot be read safely", label
+            )
     return stripped, votes.pop()
 
 
-def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], adapter: dict, path: str):
+def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], adapter: dict, label: str):
     """Yield (diffusers parameter name, Delta) for the tensors of one module."""
     weight = target if target.endswith(PARAMETER_TARGETS) else f"{target}.weight"
-    alpha = float(parts["alpha"]) if "alpha" in parts else None
     roles = set(parts) - {"alpha"}
+    alpha = None
+    if "alpha" in parts:
+        if parts["alpha"].numel() != 1:
+            raise LoraFormatError(
+                f"{label}: {module}.alpha must be one number, not a {list(parts['alpha'].shape)}", label
+            )
+        alpha = float(parts["alpha"])  # int64 in some files (Wan2.2-Lightning): still alpha
 
-    def need(*names: str) -> list[torch.Tensor]:
+    def need(*names: str, matrix: bool = True) -> list[torch.Tensor]:
         missing = [n for n in names if n not in parts]
         if missing:
-            raise LoraFormatError(f"{path}: {module} has {sorted(roles)} but lacks {missing}")
+            raise LoraFormatError(f"{label}: {module} has {sorted(roles)} but lacks {missing}", label)
+        for name in names:
+            tensor = parts[name]
+            if tensor.numel() == 0 or (matrix and tensor.dim() < 2):
+                raise LoraFormatError(
+                    f"{label}: {module}'s {name} factor has shape {list(tensor.shape)}; "
+                    + ("a matrix with no empty side is needed" if matrix else "it is empty"),
+                    label,
+                )
         return [parts[n] for n in names]
 
     if "down" in roles or "up" in roles:
         up, down = need("up", "down")
         rank = down.shape[0]
         if alpha is None:
-            alpha = _peft_alpha(adapter, target, rank)
+            alpha = _peft_alpha(adapter, target, rank, label)
         yield weight, Delta("lora", (up, down), alpha / rank)
     if any(r.startswith("hada_") for r in roles):
         w1a, w1b, w2a, w2b = need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
         yield weight, Delta("loha", (w1a, w1b, w2a, w2b), 1.0 if alpha is None else alpha / w1b.shape[0])
     if any(r.startswith("lokr_") for r in roles):
-        yield weight, _lokr(parts, alpha, module, path)
+        yield weight, _lokr(parts, alpha, module, label)
     if "diff" in roles:
-        yield weight, Delta("full", (parts["diff"],))
+        yield weight, Delta("full", tuple(need("diff", matrix=False)))
     if "diff_b" in roles:
-        if target.endswith(PARAMETER_TARGETS):
-            raise LoraFormatError(f"{path}: {module} is a parameter table and has no bias for diff_b")
-        yield f"{target}.bias", Delta("full", (parts["diff_b"],))
+        if target.endswith(PARAMETER_TARGETS) or not target:
+            raise LoraFormatError(f"{label}: {module} is a parameter table and has no bias for diff_b", label)
+        yield f"{target}.bias", Delta("full", tuple(need("diff_b", matrix=False)))
     if "diff_m" in roles:
-        if not re.fullmatch(r"blocks\.\d+", target):
-            raise LoraFormatError(f"{path}: diff_m belongs to a block, not to {module}")
-        yield f"{target}.scale_shift_table", Delta("full", (parts["diff_m"],))
+        if not (target == "" or BLOCK.fullmatch(target)):
+            raise LoraFormatError(f"{label}: diff_m belongs to a block or the head, not to {module}", label)
+        table = f"{target}.scale_shift_table" if target else "scale_shift_table"
+        yield table, Delta("full", tuple(need("diff_m", matrix=False)))
     if roles == set():
-        raise LoraFormatError(f"{path}: {module} has an alpha but no factors")
+        raise LoraFormatError(f"{label}: {module} has an alpha but no factors", label)
 
 
-def _lokr(parts: dict[str, torch.Tensor], alpha: float | None, module: str, path: str) -> Delta:
+def _lokr(parts: dict[str, torch.Tensor], alpha: float | None, module: str, label: str) -> Delta:
     """LoKr: kron(w1, w2), each full or a low-rank pair; alpha/rank only for a low-rank one."""
     rank = None
     factors = []
     for n in ("1", "2"):
-        if f"lokr_w{n}" in parts:
-            factors.append(parts[f"lokr_w{n}"])
-        elif f"lokr_w{n}_a" in parts and f"lokr_w{n}_b" in parts:
-            a, b = parts[f"lokr_w{n}_a"], parts[f"lokr_w{n}_b"]
-            factors.append(a.float() @ b.float().flatten(1))
-            rank = b.shape[0]
+        names = [f"lokr_w{n}"] if f"lokr_w{n}" in parts else [f"lokr_w{n}_a", f"lokr_w{n}_b"]
+        if any(name not in parts for name in names):
+            raise LoraFormatError(f"{label}: {module} is LoKr but lacks lokr_w{n} (or lokr_w{n}_a and _b)", label)
+        tensors = [parts[name] for name in names]
+        if any(t.numel() == 0 or t.dim() < 2 for t in tensors):
+            raise LoraFormatError(f"{label}: {module}'s LoKr factors must be matrices with no empty side", label)
+        if len(tensors) == 1:
+            factors.append(tensors[0])
         else:
-            raise LoraFormatError(f"{path}: {module} is LoKr but lacks lokr_w{n} (or lokr_w{n}_a and _b)")
+            factors.append(tensors[0].float() @ tensors[1].float().flatten(1))
+            rank = tensors[1].shape[0]
     scale = alpha / rank if alpha is not None and rank is not None else 1.0
     return Delta("lokr", tuple(factors), scale)
 
 
-def _peft_adapter_config(metadata: dict[str, str]) -> dict[str, Any]:
+def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]:
     """diffusers stores the PEFT LoraConfig (lora_alpha, r, patterns) in the file's metadata."""
     raw = metadata.get("lora_adapter_metadata") or metadata.get("transformer.lora_adapter_metadata")
     if not raw:
         return {}
     try:
         config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LoraFormatError(f"the file's lora_adapter_metadata is not JSON: {exc}") from exc
-    return config.get("transformer", config) if isinstance(config, dict) else {}
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise LoraFormatError(f"{label}: its lora_adapter_metadata is not JSON: {exc}", label) from exc
+    config = config.get("transformer", config) if isinstance(config, dict) else {}
+    return config if isinstance(config, dict) else {}
 
 
-def _peft_alpha(adapter: dict[str, Any], module: str, rank: int) -> float:
+def _peft_alpha(adapter: dict[str, Any], module: str, rank: int, label: str) -> float:
     """Alpha for a module without an `.alpha` key: PEFT's config if present, else rank (scale 1)."""
     if not adapter.get("lora_alpha"):
         return float(rank)
-    alpha = float(adapter["lora_alpha"])
-    for pattern, value in (adapter.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", module):
-            alpha = float(value)
+    patterns = adapter.get("alpha_pattern")
+    try:
+        alpha = float(adapter["lora_alpha"])
+        for pattern, value in patterns.items() if isinstance(patterns, dict) else ():
+            if re.search(rf"(^|\.){pattern}$", module):
+                alpha = float(value)
+    except (TypeError, ValueError, re.error) as exc:
+        raise LoraFormatError(f"{label}: its lora_adapter_metadata has an unusable alpha: {exc}", label) from exc
+    if not math.isfinite(alpha):
+        raise LoraFormatError(f"{label}: its lora_adapter_metadata gives alpha {alpha}", label)
     # rsLoRA scales by alpha/sqrt(r); express it as an alpha over r.
     return alpha * math.sqrt(rank) if adapter.get("use_rslora") else alpha
 
 
 def _describe_layout(tensors: dict[str, torch.Tensor], namespace: str, kinds: set[str]) -> str:
-    """A short human name for the file's layout, matching lora-formats.md's rows."""
+    """A short human name for the file's layout, as docs/lora-formats.md names them."""
     keys = list(tensors)
     any_key = lambda s: any(s in k for k in keys)  # noqa: E731
     if "loha" in kinds:
-        family = "LyCORIS LoHa (G)"
+        family = "LyCORIS LoHa"
     elif "lokr" in kinds:
-        family = "LyCORIS LoKr (H)"
+        family = "LyCORIS LoKr"
     elif any_key(".lora_A.default."):
-        family = "DiffSynth-Studio PEFT (E)"
+        family = "DiffSynth-Studio PEFT"
     elif any(k.startswith("lora_unet_") for k in keys):
-        family = "kohya / musubi-tuner (C)"
+        family = "kohya / musubi-tuner"
     elif any_key(".lora_A.") and namespace == "diffusers":
-        family = "diffusers PEFT (D)" if any(k.startswith("transformer.") for k in keys) else "bare PEFT (F)"
+        family = "diffusers PEFT" if any(k.startswith("transformer.") for k in keys) else "bare PEFT"
     elif any_key(".lora_A."):
-        family = "original-Wan PEFT names (B)"
+        family = "original-Wan names, PEFT factors (ai-toolkit, diffusion-pipe)"
     elif any_key(".lora_down."):
-        family = "original-Wan lora_down/up (A)"
+        family = "original-Wan names, lora_down/up (ComfyUI, kijai)"
     else:
         family = "full deltas only"
     if "full" in kinds and "only" not in family:
-        family += " + full deltas (I)"
+        family += " + full deltas"
     return family
 
 

@@ -3,24 +3,42 @@
 The weights always equal `W0 + sum(strength_i * delta_i)`, computed in float32 from a
 pristine copy of `W0` and rounded once to the parameter's dtype. Nothing is ever
 "unfused", so the result depends only on the base and the requested set, bitwise.
+
+All or nothing: every LoRA is fitted, and every new weight is proven finite and within
+its dtype's range, before the first write. If a write still fails (a cancellation, an
+error on the device), every tensor touched so far, the failing one included, is put back
+to the previous set.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from ..errors import LoraMismatch
+from ..errors import LoraFormatError, LoraMismatch
 from .formats import I2V_ONLY, Delta, LoraFile, _listing
 
 logger = logging.getLogger(__name__)
 
-Plan = dict[str, list[tuple[Delta, float]]]  # parameter name -> its deltas and strengths
 CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 rows: stays in L2 while the LoRA rows are added
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+class Term(NamedTuple):
+    """One LoRA's share of one parameter: its delta, its strength, and whose it is."""
+
+    delta: Delta
+    strength: float
+    label: str
+
+
+Plan = dict[str, list[Term]]  # parameter name -> its terms
 
 
 @dataclass(frozen=True)
@@ -55,17 +73,15 @@ def fit_lora(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
             misfit.append(f"{name} {tuple(delta.dense_shape())} vs {tuple(param.shape)}")
         else:
             deltas[name] = delta
+    made_for = lora.base_model_hint()
     if misfit:
-        raise LoraMismatch(
-            _listing(f"{lora.path} was made for {lora.base_model_hint()}; {this_model}. Shapes differ", misfit)
-        )
+        message = _listing(f"{lora.label} was made for {made_for}; {this_model}. Shapes differ", misfit)
+        raise LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
     if missing:
-        raise LoraMismatch(
-            _listing(
-                f"{lora.path} (made for {lora.base_model_hint()}) has deltas for parameters {this_model} does not have",
-                missing,
-            )
+        message = _listing(
+            f"{lora.label} (made for {made_for}) has deltas for parameters {this_model} does not have", missing
         )
+        raise LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
     return Fit(deltas, skipped)
 
 
@@ -79,6 +95,7 @@ class LoraMerger:
     def __init__(self, module: torch.nn.Module) -> None:
         self.params = dict(module.named_parameters())
         self.pristine: dict[str, torch.Tensor] = {}
+        self.base_peak: dict[str, float] = {}  # max |W0| per touched parameter, for the range check
         self.plan: Plan = {}
         self._buffers: dict[torch.device, torch.Tensor] = {}
 
@@ -87,45 +104,82 @@ class LoraMerger:
         return [fit_lora(lora, self.params) for lora, _ in loras]
 
     def apply(self, loras: Sequence[tuple[LoraFile, float]]) -> int:
-        """Make the weights equal to base + the weighted sum of `loras`; return tensors rewritten.
+        """Make the weights equal to base + the weighted sum of `loras`; return tensors rewritten."""
+        return self.write(self.prepare(loras))
 
-        All LoRAs are checked first. If writing is interrupted (an error, a cancellation),
-        the weights written so far are put back to the previous set before re-raising.
-        """
+    def prepare(self, loras: Sequence[tuple[LoraFile, float]]) -> Plan:
+        """The plan for `loras`, fitted and range-checked; nothing is written."""
         fits = self.check(loras)
         for (lora, _), fit in zip(loras, fits, strict=True):
             if fit.skipped:
                 logger.warning(
                     "%s: skipping its image-to-video parts on this text-to-video model: %s",
-                    lora.path,
+                    lora.label,
                     _listing("", fit.skipped).lstrip(": "),
                 )
         plan: Plan = {}
-        for (_, strength), fit in zip(loras, fits, strict=True):
+        for (lora, strength), fit in zip(loras, fits, strict=True):
             if strength == 0:
                 continue
             for name, delta in fit.deltas.items():
-                plan.setdefault(name, []).append((delta, float(strength)))
-        changed = [
-            name for name in sorted(set(plan) | set(self.plan)) if not _same(plan.get(name), self.plan.get(name))
-        ]
+                plan.setdefault(name, []).append(Term(delta, float(strength), lora.label))
+        for name in self._changes(plan):  # nothing is written before every result is known to be representable
+            self._check_range(name, plan.get(name, []))
+        return plan
+
+    def write(self, plan: Plan) -> int:
+        """Write a prepared plan; return tensors rewritten. An interrupted write puts the previous set back."""
+        changed = self._changes(plan)
         if not changed:
             return 0
         started = time.perf_counter()
-        written: list[str] = []
+        touched: list[str] = []
         try:
             for name in changed:
+                touched.append(name)  # before the write: a write that fails half-way is undone too
                 self._write(name, plan.get(name, []))
-                written.append(name)
         except BaseException:
-            for name in written:
+            for name in touched:
                 self._write(name, self.plan.get(name, []))
             raise
         self.plan = plan
         logger.debug("rewrote %d tensors in %.3fs", len(changed), time.perf_counter() - started)
         return len(changed)
 
-    def _write(self, name: str, entries: list[tuple[Delta, float]]) -> None:
+    def _changes(self, plan: Plan) -> list[str]:
+        return [name for name in sorted(set(plan) | set(self.plan)) if not _same(plan.get(name), self.plan.get(name))]
+
+    def _base(self, name: str) -> torch.Tensor:
+        """The pristine W0 of `name`, copied to host memory the first time it is needed."""
+        if name not in self.pristine:
+            param = self.params[name]  # never written yet, so it still holds W0
+            self.base_peak[name] = float(param.detach().abs().max()) if param.numel() else 0.0
+            self.pristine[name] = _host_copy(param)
+        return self.pristine[name]
+
+    def _check_range(self, name: str, terms: list[Term]) -> None:
+        """Prove that the new `name` is finite and fits its dtype, cheaply when a bound allows."""
+        if not terms:
+            return
+        param = self.params[name]
+        self._base(name)
+        limit = torch.finfo(param.dtype).max
+        worst = max(terms, key=lambda t: abs(t.strength) * t.delta.bound)
+        overflow = LoraFormatError(
+            f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {param.dtype} "
+            "can hold: its alpha or factors are far too large for this strength",
+            worst.label,
+        )
+        if any(not abs(t.strength * t.delta.scale) <= FP32_MAX for t in terms):  # the kernels take it as fp32
+            raise overflow
+        bound = self.base_peak[name] + sum(abs(t.strength) * t.delta.bound for t in terms)
+        if math.isfinite(bound) and bound <= limit:
+            return
+        for _, _, rows in self._summed_rows(name, terms):  # the bound cannot vouch: compute it and look
+            if not bool(torch.isfinite(rows).all()) or float(rows.abs().max()) > limit:
+                raise overflow
+
+    def _write(self, name: str, terms: list[Term]) -> None:
         """param = round(pristine + sum(strength * delta)), computed in fp32.
 
         A lone LoRA whose factors are exact in the weight's dtype is one GEMM (fp32
@@ -133,31 +187,38 @@ class LoraMerger:
         accumulator in row chunks, small on CPU so that they stay in cache.
         """
         param = self.params[name]
-        if name not in self.pristine:
-            self.pristine[name] = _host_copy(param)
-        base = self.pristine[name]
+        base = self._base(name)
         with torch.no_grad():
-            if not entries:
+            if not terms:
                 param.copy_(base, non_blocking=True)
                 return
-            if len(entries) == 1 and param.dim() == 2:
-                delta, strength = entries[0]
+            if len(terms) == 1 and param.dim() == 2:
+                delta, strength, _ = terms[0]
                 factors = delta.gemm_factors(param.dtype, param.device)
                 if factors is not None:  # one GEMM: fp32 accumulation, one rounding
                     source = base.to(param.device, non_blocking=True)
                     torch.addmm(source, *factors, alpha=strength * delta.scale, out=param.data)
                     return
-            adders = [(delta.row_adder(param.shape, param.device), strength) for delta, strength in entries]
-            rows, target, source = param.shape[0], param.view(param.shape[0], -1), base.view(param.shape[0], -1)
-            step = rows if param.device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // target.shape[1])
-            workspace = self._workspace(param.device, min(step, rows) * target.shape[1])
-            for start in range(0, rows, step):
-                stop = min(start + step, rows)
-                acc = workspace[: (stop - start) * target.shape[1]].view(stop - start, -1)
-                acc.copy_(source[start:stop], non_blocking=True)
-                for add, strength in adders:
-                    add(acc, start, stop, strength)
-                target[start:stop].copy_(acc)  # the one rounding to the model dtype
+            target = param.view(param.shape[0], -1)
+            for start, stop, rows in self._summed_rows(name, terms):
+                target[start:stop].copy_(rows)  # the one rounding to the model dtype
+
+    def _summed_rows(self, name: str, terms: list[Term]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, rows) of pristine + sum(strength * delta) in fp32, a chunk of rows at a time."""
+        param = self.params[name]
+        adders = [(t.delta.row_adder(param.shape, param.device), t.strength) for t in terms]
+        rows = param.shape[0]
+        source = self._base(name).view(rows, -1)
+        width = source.shape[1]
+        step = rows if param.device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // width)
+        workspace = self._workspace(param.device, min(step, rows) * width)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            acc = workspace[: (stop - start) * width].view(stop - start, -1)
+            acc.copy_(source[start:stop], non_blocking=True)
+            for add, strength in adders:
+                add(acc, start, stop, strength)
+            yield start, stop, acc
 
     def _workspace(self, device: torch.device, elements: int) -> torch.Tensor:
         """A reused fp32 buffer: allocating a fresh one per tensor costs more than the math."""
@@ -172,5 +233,5 @@ def _host_copy(param: torch.nn.Parameter) -> torch.Tensor:
     return copy.pin_memory() if param.device.type == "cuda" else copy
 
 
-def _same(a: list[tuple[Delta, float]] | None, b: list[tuple[Delta, float]] | None) -> bool:
-    return [(id(d), s) for d, s in a or []] == [(id(d), s) for d, s in b or []]
+def _same(a: list[Term] | None, b: list[Term] | None) -> bool:
+    return [(id(t.delta), t.strength) for t in a or []] == [(id(t.delta), t.strength) for t in b or []]
