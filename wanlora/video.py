@@ -1,10 +1,19 @@
-"""Frames to H.264 MP4 through imageio-ffmpeg, with the generation recorded in the container tags."""
+"""Frames to H.264 MP4 with ffmpeg (the binary imageio-ffmpeg ships), the generation recorded in its tags.
+
+ffmpeg is run here rather than through `imageio_ffmpeg.write_frames`, which ignores
+ffmpeg's exit status (a full disk would pass for success) and has no room for a second
+input. The tags come from an FFMETADATA file, not the command line, so a prompt of any
+length or content cannot break the encode, and the MP4 appears under its name only once
+ffmpeg has finished it without error.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +22,13 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 
-from .errors import VideoEncodeError
+from .errors import InvalidInput, VideoEncodeError
+from .settings import DEFAULT_QUALITY, QUALITY_RANGE
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CRF = 18
 MAX_SIDE = 4096  # H.264 level 5.2 tops out near 4096x2304
+MAX_TITLE_CHARS = 1000
 
 
 @dataclass
@@ -31,9 +41,17 @@ class Video:
     metadata: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # not saved: outputs stay reproducible
 
-    def save(self, path: str | os.PathLike, crf: int = DEFAULT_CRF) -> Path:
-        """Write an MP4 to `path` and return it; see `encode_mp4`."""
-        return encode_mp4(self.frames, path, fps=self.fps, metadata=self.metadata, crf=crf)
+    def save(self, path: str | os.PathLike, quality: int = DEFAULT_QUALITY) -> Path:
+        """Write an MP4 to `path` and return it; `quality` is 0 to 100, higher is better (80: CRF 18)."""
+        return encode_mp4(self.frames, path, fps=self.fps, metadata=self.metadata, crf=quality_to_crf(quality))
+
+
+def quality_to_crf(quality: int, field: str = "quality") -> int:
+    """Quality 0-100 (higher is better) to H.264 CRF 51-10; 80 gives CRF 18, near-lossless to the eye."""
+    low, high = QUALITY_RANGE
+    if isinstance(quality, bool) or not isinstance(quality, int) or not low <= quality <= high:
+        raise InvalidInput(field, quality, f"a whole number between {low} (smallest file) and {high} (best)")
+    return round(51 - 0.41 * quality)
 
 
 def check_encodable(frames: np.ndarray) -> None:
@@ -49,13 +67,48 @@ def check_encodable(frames: np.ndarray) -> None:
         raise VideoEncodeError(f"{width}x{height} is outside what H.264 can take (2 to {MAX_SIDE} pixels a side)")
 
 
+def check_output(path: str | os.PathLike, field: str = "path") -> Path:
+    """Refuse an output path that cannot be written, before any work: a wrong suffix, a missing or read-only folder."""
+    path = Path(path)
+    where = f"{field}={str(path)!r}"
+    if path.suffix.lower() != ".mp4":
+        raise VideoEncodeError(f"{where}: the output must end in .mp4")
+    folder = path.parent
+    if not folder.is_dir():
+        raise VideoEncodeError(f"{where}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise VideoEncodeError(f"{where}: it is a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.stem}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise VideoEncodeError(f"{where}: cannot write there ({exc.strerror or exc})") from exc
+    return path
+
+
+def ffmetadata(metadata: dict[str, Any]) -> str:
+    """An FFMETADATA file: the prompt as `title`, everything as JSON in `comment`."""
+    lines = [";FFMETADATA1", f"comment={_escape(json.dumps(metadata, sort_keys=True))}"]
+    prompt = metadata.get("prompt")
+    if isinstance(prompt, str):
+        title = prompt if len(prompt) <= MAX_TITLE_CHARS else prompt[:MAX_TITLE_CHARS] + "..."
+        lines.append(f"title={_escape(title)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    """FFMETADATA escapes `=`, `;`, `#`, `\\` and newlines; control characters are dropped."""
+    value = re.sub(r"[\x00-\x09\x0b-\x1f\x7f]", "", value)
+    return re.sub(r"([=;#\\\n])", r"\\\1", value)
+
+
 def encode_mp4(
     frames: np.ndarray,
     path: str | os.PathLike,
     *,
     fps: int,
     metadata: dict[str, Any] | None = None,
-    crf: int = DEFAULT_CRF,
+    crf: int = 18,
 ) -> Path:
     """Encode H.264 (yuv420p, `+faststart`) at exactly `fps`, one output frame per input frame.
 
@@ -65,41 +118,50 @@ def encode_mp4(
     check_encodable(frames)
     if not 0 <= crf <= 51:
         raise VideoEncodeError(f"crf={crf} is outside H.264's range 0 (lossless) to 51 (worst)")
-    path = Path(path)
-    if path.suffix.lower() != ".mp4":
-        raise VideoEncodeError(f"{path} must end in .mp4")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = metadata or {}
+    path = check_output(path)
     height, width = frames.shape[1:3]
-    tags = ["-metadata", f"comment={json.dumps(metadata, sort_keys=True)}"]
-    if "prompt" in metadata:
-        tags += ["-metadata", f"title={metadata['prompt']}"]
-    params = ["-crf", str(crf), "-preset", "medium", "-movflags", "+faststart", *tags]
-
-    fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=path.parent, prefix=f".{path.stem}.")
-    os.close(fd)
     try:
-        writer = imageio_ffmpeg.write_frames(
-            tmp,
-            (width, height),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,  # the CRF in output_params decides quality
-            macro_block_size=1,
-            output_params=params,
-            ffmpeg_log_level="error",
-        )
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        raise VideoEncodeError(f"ffmpeg could not write {path}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as work:
+            tags = Path(work) / "tags.txt"
+            tags.write_text(ffmetadata(metadata or {}), encoding="utf-8")
+            partial = Path(work) / "video.mp4"
+            _run_ffmpeg(_command(frames, fps, crf, tags, partial), frames, partial, path)
+            os.replace(partial, path)
+    except OSError as exc:
+        raise VideoEncodeError(f"cannot write {path}: {exc.strerror or exc}") from exc
     logger.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(frames), width, height, fps)
     return path
+
+
+def _command(frames: np.ndarray, fps: int, crf: int, tags: Path, partial: Path) -> list[str]:
+    height, width = frames.shape[1:3]
+    return [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-v", "error",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
+        "-f", "ffmetadata", "-i", str(tags),
+        "-map", "0:v", "-map_metadata", "1",
+        "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-preset", "medium",
+        "-movflags", "+faststart", str(partial),
+    ]  # fmt: skip
+
+
+def _run_ffmpeg(command: list[str], frames: np.ndarray, partial: Path, path: Path) -> None:
+    """Feed the frames to ffmpeg; its failure (a full disk, a killed process) is ours to report."""
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            for frame in frames:
+                process.stdin.write(np.ascontiguousarray(frame).tobytes())
+            process.stdin.close()
+        except BrokenPipeError:
+            pass  # ffmpeg stopped early; its exit status and message tell why
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        code = process.wait()
+        if code != 0:
+            errors.seek(0)
+            said = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+            reason = said[-1].strip().replace(str(partial), str(path)) if said else f"exit status {code}"
+            raise VideoEncodeError(f"ffmpeg could not write {path}: {reason}")
