@@ -1,30 +1,37 @@
-"""Cog predictor: maps Replicate-style inputs onto wanlora's VideoService, and nothing else."""
+"""Cog predictor: maps Replicate-style inputs onto wanlora's VideoService, and nothing else.
+
+`cog build`, `cog predict` and `cog push` read the Input() arguments below from this file's
+source, without running it: every choice list, bound, default and description is a
+literal, or a constant of this module bound to one. tests/test_predict_schema.py holds
+them to Cog's rules, and to the library's own constants.
+"""
 
 import logging
+import pathlib
+import shutil
 import sys
 import tempfile
 
 from cog import BaseRunner, Input, Path, Secret
 
-from wanlora.service import FAST_MODES, MODEL_CHOICES, VideoService
+from wanlora.errors import InvalidInput, WanLoraError
+from wanlora.service import VideoService
 from wanlora.workers import WorkerGroup, worker_count
 
-REF_FORMS = (
-    "a Hugging Face repo (owner/repo, owner/repo/file.safetensors, owner/repo@revision/file) or huggingface.co link; "
-    "a Civitai link (civitai.com/models/ID?modelVersionId=V or civitai.com/api/download/models/V) or civitai:V; "
-    "a Replicate model (owner/model or replicate.com/owner/model) or replicate.delivery .tar; "
-    "or any https:// link to a .safetensors file"
-)
+LORA_HELP = "A LoRA to apply. Paste any of: a Hugging Face repo (owner/repo, owner/repo/file.safetensors, owner/repo@revision/file.safetensors) or a huggingface.co link; a Civitai page (civitai.com/models/ID?modelVersionId=V), its download link (civitai.com/api/download/models/V) or civitai:V; a Replicate model (owner/model, replicate.com/owner/model) or its trained_model.tar link; or any https:// link to a .safetensors file. Private files: add hf_api_token or civitai_api_token."
+EXTRA_LORA_HELP = "A second LoRA, applied together with the first (same forms as lora_weights): for example a style plus a motion LoRA."
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the default model (t2v-14b, or WANLORA_MODEL) once; other variants load on first use.
 
-        WANLORA_I2V_MODEL likewise overrides the image-to-video model. With several GPUs
+        WANLORA_I2V_MODEL likewise overrides the image-to-video model, and WANLORA_WEIGHTS
+        points at pre-fetched weights (cog.weights.yaml mounts them). With several GPUs
         visible (or WANLORA_GPUS set), one persistent worker per GPU shares every prediction.
         """
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
+        self.outputs = pathlib.Path(tempfile.mkdtemp(prefix="wanlora-out-"))
         workers = worker_count()
         if workers > 1:
             self.service = WorkerGroup(workers)
@@ -35,61 +42,154 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="What the video shows. Include your LoRAs' trigger words."),
-        negative_prompt: str = Input(description="What to avoid", default=""),
-        image: Path | None = Input(
-            description="Start image: animates it with Wan2.1 I2V 14B (480p or 720p by resolution)", default=None
+        prompt: str = Input(
+            description="What the video shows. Include your LoRAs' trigger words: the log names them when the prompt has none."
         ),
-        model: str = Input(description="Wan2.1 base model", choices=list(MODEL_CHOICES), default="14b"),
-        resolution: str = Input(description="480p, or 720p (14b only)", choices=["480p", "720p"], default="480p"),
+        negative_prompt: str = Input(
+            description="What the video should avoid, e.g. blurry, distorted, static.", default=""
+        ),
+        image: Path | None = Input(
+            description="A start image to animate (image-to-video). With model=14b it runs Wan2.1 I2V 14B, 480p or 720p by resolution; the image's aspect picks the frame shape.",
+            default=None,
+        ),
+        model: str = Input(
+            description="Wan2.1 base model: 14b (best, 480p or 720p) or 1.3b (fast, 480p only). A LoRA works only on the model size it was trained for.",
+            choices=["14b", "1.3b"],
+            default="14b",
+        ),
+        resolution: str = Input(
+            description="480p, or 720p (14b only; about 4 times slower).", choices=["480p", "720p"], default="480p"
+        ),
         aspect_ratio: str = Input(
-            description="Frame shape (with an image, the image's aspect decides)",
+            description="Frame shape: 16:9 is 832x480 at 480p, 9:16 is 480x832, 1:1 is 624x624 (1280x720, 720x1280, 960x960 at 720p). Ignored with an image.",
             choices=["16:9", "9:16", "1:1"],
             default="16:9",
         ),
-        num_frames: int = Input(description="Frames: 4k+1, from 5 to 81", ge=5, le=81, default=81),
-        fps: int = Input(description="Frames per second of the MP4", ge=1, le=60, default=16),
-        sample_steps: int = Input(description="Denoising steps", ge=1, le=100, default=30),
-        sample_guide_scale: float = Input(description="Classifier-free guidance", ge=0, le=20, default=5.0),
+        num_frames: int = Input(
+            description="Number of frames, 4k+1 from 5 to 81 (81 frames at 16 fps is 5 seconds).",
+            ge=5,
+            le=81,
+            default=81,
+        ),
+        fps: int = Input(description="Frames per second of the MP4. Wan was trained at 16.", ge=1, le=60, default=16),
+        sample_steps: int | None = Input(
+            description="Denoising steps: more is slower and finer. Empty: 30, or the accelerator's own (4 for lightx2v-4step, which needs exactly 4; 8 for causvid).",
+            ge=1,
+            le=100,
+            default=None,
+        ),
+        sample_guide_scale: float | None = Input(
+            description="How closely to follow the prompt (classifier-free guidance). Empty: 5, or 1 with an accelerator (guidance 1 skips the second pass of each step).",
+            ge=0,
+            le=20,
+            default=None,
+        ),
         sample_shift: float | None = Input(
-            description="Flow shift; empty picks 3 at 480p and 5 at 720p", ge=0.1, le=20, default=None
+            description="Flow shift of the sampler: higher spends more steps on composition. Empty: 3 at 480p and 5 at 720p, or 5 with an accelerator.",
+            ge=0.1,
+            le=20,
+            default=None,
         ),
-        seed: int | None = Input(description="Random seed; empty picks one (logged)", ge=0, default=None),
-        fast_mode: str = Input(description="Skip steps that change little", choices=list(FAST_MODES), default="Off"),
-        lora_weights: str | None = Input(description=f"A LoRA to apply: {REF_FORMS}", default=None),
-        lora_scale: float = Input(description="Strength of lora_weights", ge=-1, le=3, default=1.0),
-        extra_lora: str | None = Input(
-            description=f"A second LoRA, combined with the first: {REF_FORMS}", default=None
+        seed: int | None = Input(
+            description="Random seed. The same seed and inputs give the same video. Empty: a random one, shown in the log and stored in the MP4.",
+            ge=0,
+            default=None,
         ),
-        extra_lora_scale: float = Input(description="Strength of extra_lora", ge=-1, le=3, default=1.0),
-        hf_api_token: Secret | None = Input(description="Hugging Face token for private or gated LoRAs", default=None),
-        civitai_api_token: Secret | None = Input(description="Civitai API token for LoRAs that need one", default=None),
-        output_quality: int = Input(description="MP4 quality, 0 to 100 (80 is H.264 CRF 18)", ge=0, le=100, default=80),
+        fast_mode: str = Input(
+            description="Skip work on denoising steps that change little (First Block Cache): Balanced is faster with little change, Fast faster still.",
+            choices=["Off", "Balanced", "Fast"],
+            default="Off",
+        ),
+        accelerator: str = Input(
+            description="Step distillation for speed: lightx2v-4step samples 4 steps without guidance (14b text-to-video and image-to-video), causvid 8 steps (14b and 1.3b text-to-video). Its LoRA stacks with lora_weights and extra_lora, and it sets sample_steps, sample_guide_scale and sample_shift unless you do.",
+            choices=["none", "lightx2v-4step", "causvid"],
+            default="none",
+        ),
+        lora_weights: str | None = Input(description=LORA_HELP, default=None),
+        lora_scale: float = Input(
+            description="Strength of lora_weights (or of replicate_weights): 1 as trained, 0 off, negative to push away from the style.",
+            ge=-1,
+            le=3,
+            default=1.0,
+        ),
+        extra_lora: str | None = Input(description=EXTRA_LORA_HELP, default=None),
+        extra_lora_scale: float = Input(
+            description="Strength of extra_lora: 1 as trained, 0 off, negative to push away from the style.",
+            ge=-1,
+            le=3,
+            default=1.0,
+        ),
+        replicate_weights: str | None = Input(
+            description="The LoRA of a fine-tuned version of this model. Replicate fills this in when you run a trained version; leave it empty otherwise. It takes the place of lora_weights, at lora_scale.",
+            default=None,
+        ),
+        hf_api_token: Secret | None = Input(
+            description="Hugging Face token, for LoRAs in private or gated repos.", default=None
+        ),
+        civitai_api_token: Secret | None = Input(
+            description="Civitai API token, for LoRAs that need a login to download.", default=None
+        ),
+        output_quality: int = Input(
+            description="MP4 quality from 0 to 100, higher is better and larger: 80 is H.264 CRF 18, near-lossless to the eye.",
+            ge=0,
+            le=100,
+            default=80,
+        ),
     ) -> Path:
-        result = self.service.generate(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            image=str(image) if image else None,
-            model=model,
-            resolution=resolution,
-            aspect_ratio=aspect_ratio,
-            num_frames=num_frames,
-            fps=fps,
-            sample_steps=sample_steps,
-            sample_guide_scale=sample_guide_scale,
-            sample_shift=sample_shift,
-            seed=seed,
-            fast_mode=fast_mode,
-            lora_weights=lora_weights,
-            lora_scale=lora_scale,
-            extra_lora=extra_lora,
-            extra_lora_scale=extra_lora_scale,
-            hf_api_token=hf_api_token.get_secret_value() if hf_api_token else None,
-            civitai_api_token=civitai_api_token.get_secret_value() if civitai_api_token else None,
-            output_quality=output_quality,
-            out_dir=tempfile.mkdtemp(prefix="wanlora-"),
-        )
-        self.record_metric("lora_load_seconds", result.timings["lora_load_seconds"])
-        self.record_metric("denoising_seconds", result.timings["denoise_seconds"])
+        for stale in self.outputs.iterdir():  # Cog has delivered the previous output by now
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        try:
+            result = self.service.generate(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                image=downloaded_file("image", image),
+                model=model,
+                resolution=resolution,
+                aspect_ratio=aspect_ratio,
+                num_frames=num_frames,
+                fps=fps,
+                sample_steps=sample_steps,
+                sample_guide_scale=sample_guide_scale,
+                sample_shift=sample_shift,
+                seed=seed,
+                fast_mode=fast_mode,
+                accelerator=accelerator,
+                lora_weights=lora_weights,
+                lora_scale=lora_scale,
+                extra_lora=extra_lora,
+                extra_lora_scale=extra_lora_scale,
+                replicate_weights=replicate_weights,
+                hf_api_token=secret_text("hf_api_token", hf_api_token),
+                civitai_api_token=secret_text("civitai_api_token", civitai_api_token),
+                output_quality=output_quality,
+                out_dir=self.outputs,
+            )
+        except WanLoraError as exc:
+            raise exc from None  # the one-line message; no library exception chained below it
+        for name, seconds in result.timings.items():
+            self.record_metric(name, seconds)
         self.record_metric("frames", result.frames)
+        self.record_metric("steps", result.steps)
         return Path(result.path)
+
+
+def downloaded_file(field: str, value: object) -> str | None:
+    """A file input: only one Cog downloaded for this request (from a URL or an upload).
+
+    Cog passes a plain server path through as text, and a shared server must not open it;
+    the refusal does not depend on whether such a file exists.
+    """
+    if value is None:
+        return None
+    temp = pathlib.Path(tempfile.gettempdir())
+    if not isinstance(value, pathlib.Path) or value.parent != temp or not value.name.startswith("tmp"):
+        raise InvalidInput(field, "(a path on the server)", "a URL or an uploaded file")
+    return str(value)
+
+
+def secret_text(field: str, value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Secret):
+        return value.get_secret_value()
+    raise InvalidInput(field, type(value).__name__, "a token (text), or empty")

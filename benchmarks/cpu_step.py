@@ -55,7 +55,9 @@ def forward(model, inputs):
 
 def lora_file(model, folder: Path) -> str:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    tensors, _ = lora_tensors(shapes, "A", rank=min(32, shapes["blocks.0.attn1.to_q.weight"][0]), dtype=model.dtype)
+    tensors, _ = lora_tensors(
+        shapes, "original", rank=min(32, shapes["blocks.0.attn1.to_q.weight"][0]), dtype=model.dtype
+    )
     path = folder / "lora.safetensors"
     save_file(tensors, path)
     return str(path)

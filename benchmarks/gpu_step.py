@@ -121,7 +121,7 @@ def bench_lora_swap(model, folder: Path) -> str:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     loras = []
     for seed in (1, 2):
-        tensors, _ = lora_tensors(shapes, "A", rank=32, seed=seed, dtype=torch.bfloat16)
+        tensors, _ = lora_tensors(shapes, "original", rank=32, seed=seed, dtype=torch.bfloat16)
         save_file(tensors, folder / f"{seed}.safetensors")
         loras.append(read_lora(folder / f"{seed}.safetensors"))
     merger = LoraMerger(model)

@@ -39,7 +39,7 @@ def cached_loras(model: torch.nn.Module, tag: str, rank: int = 32) -> list[str]:
     for seed in (1, 2):
         path = CACHE / f"{tag}-r{rank}-{seed}.safetensors"
         if not path.exists():
-            tensors, _ = lora_tensors(shapes, "A", rank=rank, seed=seed, dtype=torch.bfloat16)
+            tensors, _ = lora_tensors(shapes, "original", rank=rank, seed=seed, dtype=torch.bfloat16)
             save_file(tensors, path)
         paths.append(str(path))
     return paths

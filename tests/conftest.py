@@ -16,7 +16,7 @@ import pytest
 from wanlora import WanLoraPipeline
 from wanlora.testing import write_tiny_model
 
-SMALL = {"width": 64, "height": 48, "num_frames": 9, "steps": 2, "fps": 12}
+SMALL = {"width": 64, "height": 48, "num_frames": 9, "num_inference_steps": 2, "fps": 12}
 
 
 @dataclass
@@ -78,12 +78,12 @@ def comment_tags(text: str) -> dict:
 @pytest.fixture
 def offline_net(tmp_path, monkeypatch):
     """A fresh LoRA cache, loopback URLs allowed, fast retries; returns the env for subprocesses."""
-    from wanlora.lora import fetch
+    from wanlora.lora import net
 
     env = {"WANLORA_CACHE": str(tmp_path / "cache"), "WANLORA_ALLOW_PRIVATE_URLS": "1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(fetch, "BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(net, "BACKOFF_SECONDS", 0.01)
     return env
 
 

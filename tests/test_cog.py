@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .processes import alive, children_with, free_port, wait_for
 from .servers import FileServer, Route
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT.parent / "shared" / "cog" / "config_schema_v1.0.json"
+SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"  # Cog's pkg/config/data, 0.22-0.23
 
 
 def test_cog_yaml_validates_against_cogs_schema():
@@ -81,7 +82,7 @@ def lora_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cog-loras")
     model = tiny_transformer()
     with FileServer() as server:
-        for name, layout, seed in (("style", "A", 1), ("motion", "C", 2)):
+        for name, layout, seed in (("style", "original", 1), ("motion", "kohya", 2)):
             path = folder / f"{name}.safetensors"
             write_lora(path, model, layout, seed=seed, metadata={"modelspec.trigger_phrase": f"{name}word"})
             server.routes[f"/{name}.safetensors"] = Route(path.read_bytes())
@@ -252,8 +253,8 @@ def test_in_process_same_loras_do_no_work_and_a_cancel_leaves_a_consistent_model
     first = Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes()
     pipe = predictor.service.pipe
     applied = []
-    original = pipe.merger.apply
-    monkeypatch.setattr(pipe.merger, "apply", lambda loras: applied.append(original(loras)) or applied[-1])
+    original = pipe.loras.merger.write
+    monkeypatch.setattr(pipe.loras.merger, "write", lambda plan: applied.append(original(plan)) or applied[-1])
     assert Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes() == first
     assert applied == [0]  # the same LoRA set: not a tensor rewritten
 
@@ -269,13 +270,19 @@ def test_in_process_same_loras_do_no_work_and_a_cancel_leaves_a_consistent_model
     assert Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes() == first
 
 
-def test_in_process_image_switches_to_i2v_and_bad_models_are_refused(predictor, tmp_path):
+def cog_download(image) -> Path:
+    """Where Cog puts a file input it downloaded for a request: a fresh temporary file."""
+    with tempfile.NamedTemporaryFile(suffix="photo.png", delete=False) as handle:
+        image.save(handle, format="PNG")
+    return Path(handle.name)
+
+
+def test_in_process_image_switches_to_i2v_and_bad_models_are_refused(predictor):
     from PIL import Image
 
     from wanlora.errors import InvalidInput
 
-    photo = tmp_path / "portrait.png"
-    Image.new("RGB", (90, 160), (200, 40, 40)).save(photo)
+    photo = cog_download(Image.new("RGB", (90, 160), (200, 40, 40)))
     got = probe(predictor.run(**inputs(prompt="a fox", image=Path(photo))))
     assert (got.width, got.height, len(got.frames)) == (64, 112, 9)  # 9:16 from the image
     assert predictor.service.model == "tiny-i2v"
@@ -289,28 +296,12 @@ def test_in_process_image_switches_to_i2v_and_bad_models_are_refused(predictor, 
 @pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)
 def test_samples_use_only_real_inputs_with_valid_values(sample):
     from predict import Predictor
-    from wanlora.models import resolve_model
-    from wanlora.service import MODEL_CHOICES, replicate_loras
-    from wanlora.settings import resolve_settings
+    from wanlora.service import VideoService
 
     values = json.loads(sample.read_text())
     assert set(values) <= set(inspect.signature(Predictor.run).parameters), sample.name
-    spec = resolve_model(MODEL_CHOICES[values.get("model", "14b")])
-    resolve_settings(
-        spec,
-        values["prompt"],
-        resolution=values.get("resolution"),
-        aspect_ratio=values.get("aspect_ratio"),
-        num_frames=values.get("num_frames"),
-        steps=values.get("sample_steps"),
-        seed=values.get("seed"),
-    )
-    replicate_loras(
-        values.get("lora_weights"),
-        values.get("lora_scale", 1.0),
-        values.get("extra_lora"),
-        values.get("extra_lora_scale", 1.0),
-    )
+    values.pop("image", None)  # a URL: Cog downloads it before the predictor sees it
+    VideoService(override="", i2v_override="").resolve(**values)
 
 
 def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worker(

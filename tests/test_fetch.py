@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import save
 
 from wanlora.errors import LoraAuthRequired, LoraDownloadError, LoraFormatError, LoraNotFound
-from wanlora.lora import fetch
+from wanlora.lora import net
 from wanlora.lora.cache import LoraCache
 from wanlora.lora.fetch import Credentials, fetch_lora
 from wanlora.lora.refs import parse_ref
@@ -25,7 +25,7 @@ from .servers import FileServer, HubRepo, Route
 
 def lora_bytes(seed: int = 0, metadata: dict | None = None) -> bytes:
     shapes = {n: tuple(p.shape) for n, p in tiny_transformer().named_parameters()}
-    tensors, _ = lora_tensors(shapes, "A", seed=seed, targets=["blocks.0.attn1.to_q"])
+    tensors, _ = lora_tensors(shapes, "original", seed=seed, targets=["blocks.0.attn1.to_q"])
     return save(tensors, metadata=metadata)
 
 
@@ -108,7 +108,7 @@ def test_download_is_cached_verified_and_reused_without_network(offline_net, fil
 
 
 def test_redirects_retries_and_resume(offline_net, file_server, monkeypatch):
-    monkeypatch.setattr(fetch, "CHUNK", 256)  # the bytes read before the drop are kept
+    monkeypatch.setattr(net, "CHUNK", 256)  # the bytes read before the drop are kept
     body = lora_bytes(seed=1)
     file_server.routes["/moved"] = Route(redirect="/flaky")
     file_server.routes["/flaky"] = Route(body, fail_first=2)
@@ -160,8 +160,8 @@ def test_size_limit_and_read_timeout(offline_net, file_server, monkeypatch):
     with pytest.raises(LoraDownloadError, match="over the .* GiB limit"):
         fetch_lora(f"{file_server.url}/big")
     monkeypatch.delenv("WANLORA_MAX_LORA_GB")
-    monkeypatch.setattr(fetch, "READ_TIMEOUT", 0.2)
-    monkeypatch.setattr(fetch, "MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(net, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(net, "MAX_ATTEMPTS", 2)
     file_server.routes["/slow"] = Route(lora_bytes(), delay=1.0)
     with pytest.raises(LoraDownloadError, match="failed after 2 attempts"):
         fetch_lora(f"{file_server.url}/slow")
@@ -194,7 +194,7 @@ def test_tar_with_one_lora_is_unpacked_and_nothing_escapes(offline_net, file_ser
 )
 def test_private_and_link_local_addresses_are_refused(monkeypatch, tmp_path, address, opt_in, refused):
     monkeypatch.setenv("WANLORA_CACHE", str(tmp_path))
-    monkeypatch.setattr(fetch, "resolve_host", lambda host, port: [address])
+    monkeypatch.setattr(net, "resolve_host", lambda host, port: [address])
     if opt_in:
         monkeypatch.setenv("WANLORA_ALLOW_PRIVATE_URLS", "1")
     else:
@@ -206,15 +206,15 @@ def test_private_and_link_local_addresses_are_refused(monkeypatch, tmp_path, add
 def test_http_needs_the_opt_in(monkeypatch, tmp_path):
     monkeypatch.setenv("WANLORA_CACHE", str(tmp_path))
     monkeypatch.delenv("WANLORA_ALLOW_PRIVATE_URLS", raising=False)
-    monkeypatch.setattr(fetch, "resolve_host", lambda host, port: ["93.184.216.34"])
+    monkeypatch.setattr(net, "resolve_host", lambda host, port: ["93.184.216.34"])
     with pytest.raises(LoraDownloadError, match="only https"):
         fetch_lora("http://lora.example.com/x.safetensors")
 
 
 def test_a_redirect_to_cloud_metadata_is_refused_before_connecting(offline_net, file_server, monkeypatch):
-    real = fetch.resolve_host
+    real = net.resolve_host
     monkeypatch.setattr(
-        fetch,
+        net,
         "resolve_host",
         lambda host, port: ["169.254.169.254"] if host == "metadata.internal" else real(host, port),
     )

@@ -28,11 +28,11 @@ def loras(tmp_path_factory):
 
 
 def test_inspect_prints_layout_ranks_targets_base_and_triggers(loras):
-    result = run_cli("lora", "inspect", loras["C"][0], "--model", "tiny")
+    result = run_cli("lora", "inspect", loras["kohya"][0], "--model", "tiny")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for text in (
-        "kohya / musubi-tuner (C)",
+        "kohya / musubi-tuner",
         "ranks: 4",
         "alpha: 2",
         "attn1.to_q",
@@ -44,7 +44,7 @@ def test_inspect_prints_layout_ranks_targets_base_and_triggers(loras):
 
 
 def test_inspect_json(loras):
-    result = run_cli("lora", "inspect", loras["I"][0], "--json")
+    result = run_cli("lora", "inspect", loras["full-deltas"][0], "--json")
     info = json.loads(result.stdout)
     assert info["delta_kinds"] == ["full", "lora"] and info["tensors"] == 2 * (8 * 3 + 2 * 2 + 3) + 1  # 2 blocks + head
     assert "blocks.N" not in info["targets"] and "scale_shift_table" in info["targets"]
@@ -70,7 +70,7 @@ def test_merge_refusals_exit_2_with_one_line_and_write_nothing(loras, tmp_path, 
         "missing": str(tmp_path / "nope.safetensors"),
         "html": str(tmp_path / "page.safetensors"),
         "mismatch": str(tmp_path / "big.safetensors"),
-        "strength": f"{loras['A'][0]}:nan",
+        "strength": f"{loras['original'][0]}:nan",
     }[problem]
     (tmp_path / "page.safetensors").write_text("<html><body>Please log in</body></html>")
     save_file(
@@ -81,7 +81,9 @@ def test_merge_refusals_exit_2_with_one_line_and_write_nothing(loras, tmp_path, 
         tmp_path / "big.safetensors",
     )
     out = tmp_path / "out"
-    result = run_cli("lora", "merge", "--model", "tiny", "--lora", loras["A"][0], "--lora", lora, "--out", str(out))
+    result = run_cli(
+        "lora", "merge", "--model", "tiny", "--lora", loras["original"][0], "--lora", lora, "--out", str(out)
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wanlora: error:"), result.stderr

@@ -44,7 +44,7 @@ def test_every_layout_merges_to_the_math(model, tmp_path, layout):
 
 @pytest.mark.parametrize("prefix", PREFIX_VARIANTS)
 def test_prefix_variants_mean_the_same(model, tmp_path, prefix):
-    tensors, expected = lora_tensors(shapes_of(model), "A", prefix=prefix)
+    tensors, expected = lora_tensors(shapes_of(model), "original", prefix=prefix)
     save_file(tensors, tmp_path / "l.safetensors")
     base = snapshot(model)
     LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
@@ -52,7 +52,7 @@ def test_prefix_variants_mean_the_same(model, tmp_path, prefix):
 
 
 def test_lycoris_on_diffusers_names(model, tmp_path):
-    tensors, expected = lora_tensors(shapes_of(model), "G")
+    tensors, expected = lora_tensors(shapes_of(model), "loha")
     renamed = {}
     for key, value in tensors.items():
         renamed[
@@ -73,7 +73,7 @@ def test_lycoris_on_diffusers_names(model, tmp_path):
     assert_weights(model, base, [(expected, 1.0)])
 
 
-@pytest.mark.parametrize("layout", ["A", "B", "C", "D"])
+@pytest.mark.parametrize("layout", ["original", "original-peft", "kohya", "diffusers"])
 def test_matches_diffusers_fuse_lora_where_diffusers_loads(tmp_path, layout):
     ours, theirs = tiny_pipeline(), tiny_pipeline()
     write_lora(tmp_path / "l.safetensors", ours.transformer, layout, seed=3)
@@ -86,7 +86,7 @@ def test_matches_diffusers_fuse_lora_where_diffusers_loads(tmp_path, layout):
         torch.testing.assert_close(param, reference[name], atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("layout", ["E", "F"])
+@pytest.mark.parametrize("layout", ["diffsynth", "bare-peft"])
 def test_diffusers_silently_ignores_what_we_apply(tmp_path, layout):
     """DiffSynth `.default` and bare PEFT keys: diffusers warns and changes nothing."""
     pipe = tiny_pipeline()
@@ -102,7 +102,7 @@ def test_diffusers_silently_ignores_what_we_apply(tmp_path, layout):
 def test_partial_loras_touch_only_their_modules(model, tmp_path):
     shapes = shapes_of(model)
     attention_only = [m for m in block_linears(shapes, blocks=[1]) if ".attn1." in m]
-    expected = write_lora(tmp_path / "l.safetensors", model, "C", targets=attention_only)
+    expected = write_lora(tmp_path / "l.safetensors", model, "kohya", targets=attention_only)
     base = snapshot(model)
     LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [(expected, 1.0)])
@@ -110,7 +110,7 @@ def test_partial_loras_touch_only_their_modules(model, tmp_path):
 
 
 def test_peft_metadata_alpha_is_honoured(model, tmp_path):
-    tensors, expected = lora_tensors(shapes_of(model), "D")
+    tensors, expected = lora_tensors(shapes_of(model), "diffusers")
     config = {"r": 4, "lora_alpha": 8, "use_rslora": False}
     save_file(tensors, tmp_path / "l.safetensors", metadata={"lora_adapter_metadata": json.dumps(config)})
     base = snapshot(model)
@@ -145,7 +145,7 @@ def test_missing_factor_and_unsupported_kinds_are_explained(tmp_path):
 
 def test_a_14b_lora_on_the_small_model_names_its_base(model, tmp_path):
     shapes = {"blocks.0.attn1.to_q.weight": (5120, 5120), "blocks.0.attn1.to_k.weight": (5120, 5120)}
-    tensors, _ = lora_tensors(shapes, "A", rank=2)
+    tensors, _ = lora_tensors(shapes, "original", rank=2)
     save_file(tensors, tmp_path / "big.safetensors")
     with pytest.raises(LoraMismatch, match=r"Wan2.1 14B text-to-video \(dim 5120\).*dim 24"):
         LoraMerger(model).apply([(read_lora(tmp_path / "big.safetensors"), 1.0)])
@@ -157,7 +157,7 @@ def test_i2v_parts_on_a_t2v_model_are_skipped_with_a_warning(model, tmp_path, ca
         "condition_embedder.image_embedder.ff.net.0.proj.weight": (32, 32),
     }
     targets = ["blocks.0.attn1.to_q", "blocks.0.attn2.add_k_proj", "condition_embedder.image_embedder.ff.net.0.proj"]
-    tensors, expected = lora_tensors(shapes, "A", targets=targets)
+    tensors, expected = lora_tensors(shapes, "original", targets=targets)
     save_file(tensors, tmp_path / "i2v.safetensors")
     lora = read_lora(tmp_path / "i2v.safetensors")
     assert lora.is_i2v and "image-to-video" in lora.base_model_hint()

@@ -22,7 +22,7 @@ def pool(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     model = tiny_transformer()
     files = {}
-    for name, layout, seed in (("a", "A", 1), ("b", "G", 2), ("c", "I", 3)):
+    for name, layout, seed in (("a", "original", 1), ("b", "loha", 2), ("c", "full-deltas", 3)):
         path = folder / f"{name}.safetensors"
         files[name] = (str(path), write_lora(path, model, layout, seed=seed))
     return files
@@ -155,14 +155,16 @@ def test_generate_with_loras_changes_the_video_and_dropping_them_restores_it(fre
 def test_strength_schedule_remerges_only_at_phase_boundaries(fresh_tiny_pipe, pool, monkeypatch):
     pipe = fresh_tiny_pipe
     applied = []
-    original = LoraMerger.apply
+    original = LoraMerger.prepare
 
     def spy(self, loras):
         applied.append([s for _, s in loras])
         return original(self, loras)
 
-    monkeypatch.setattr(LoraMerger, "apply", spy)
-    pipe.generate("a fox", seed=1, loras=[(pool["a"][0], [1.0, 0.25]), (pool["b"][0], 0.5)], **{**SMALL, "steps": 4})
+    monkeypatch.setattr(LoraMerger, "prepare", spy)
+    pipe.generate(
+        "a fox", seed=1, loras=[(pool["a"][0], [1.0, 0.25]), (pool["b"][0], 0.5)], **{**SMALL, "num_inference_steps": 4}
+    )
     assert applied == [[1.0, 0.5], [1.0, 0.5], [0.25, 0.5]]
     expected = reference_weights(tiny_transformer, [(read_lora(pool["a"][0]), 0.25), (read_lora(pool["b"][0]), 0.5)])
     assert_bitwise(pipe.transformer, expected)
@@ -172,7 +174,7 @@ def test_bf16_single_gemm_rounds_once_from_fp32(tmp_path):
     """The one-GEMM path for bf16 factors on bf16 weights equals round(fp32 math) to one ulp."""
     model = bf16_tiny()
     base = snapshot(model)
-    expected = write_lora(tmp_path / "l.safetensors", model, "A", dtype=torch.bfloat16, seed=9)
+    expected = write_lora(tmp_path / "l.safetensors", model, "original", dtype=torch.bfloat16, seed=9)
     LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 0.9)])
     for name, delta in expected.items():
         param = dict(model.named_parameters())[name]

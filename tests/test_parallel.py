@@ -21,7 +21,7 @@ import torch
 
 from wanlora import InvalidInput, LoraDownloadError, ParallelPlan, WanLoraError, WanLoraPipeline, WorkerCrashed
 from wanlora.attention import BACKENDS, choose_backend, unavailable_reason
-from wanlora.settings import resolve_settings
+from wanlora.request import resolve_settings
 from wanlora.testing import tiny_transformer, write_lora
 
 from .conftest import SMALL, probe, run_cli
@@ -162,8 +162,8 @@ def loras(tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("parallel-loras")
     model = tiny_transformer()
     paths = (folder / "style.safetensors", folder / "motion.safetensors")
-    write_lora(paths[0], model, "A", seed=1)
-    write_lora(paths[1], model, "C", seed=2)
+    write_lora(paths[0], model, "original", seed=1)
+    write_lora(paths[1], model, "kohya", seed=2)
     return str(paths[0]), str(paths[1])
 
 

@@ -40,7 +40,7 @@ def test_random_seed_is_reported_and_reproduces(tiny_pipe):
 
 
 def test_validation_happens_before_any_work(tiny_pipe, monkeypatch):
-    monkeypatch.setattr(tiny_pipe, "pipe", None)  # any denoising attempt would crash
+    monkeypatch.setattr(tiny_pipe, "diffusers_pipeline", None)  # any denoising attempt would crash
     with pytest.raises(InvalidInput, match="num_frames=10"):
         tiny_pipe.generate("a fox", **{**SMALL, "num_frames": 10})
 
@@ -60,7 +60,7 @@ def test_cpu_loads_fp32_and_bf16_keeps_diffusers_fp32_modules(tiny_pipe, tiny_di
     assert transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert transformer.scale_shift_table.dtype == torch.float32
     assert transformer.blocks[0].scale_shift_table.dtype == torch.float32
-    assert half.pipe.vae.dtype == torch.float32
+    assert half.diffusers_pipeline.vae.dtype == torch.float32
     tiny_half = WanLoraPipeline.from_pretrained("tiny", dtype=torch.bfloat16).transformer
     assert {n: p.dtype for n, p in tiny_half.named_parameters()} == {
         n: p.dtype for n, p in transformer.named_parameters()
@@ -89,7 +89,7 @@ def test_fast_mode_skips_block_work_and_off_is_bit_identical(fresh_tiny_pipe):
     pipe = fresh_tiny_pipe
     runs = {"n": 0}
     pipe.transformer.blocks[1].ffn.register_forward_hook(lambda *_: runs.__setitem__("n", runs["n"] + 1))
-    settings = {**SMALL, "steps": 8, "seed": 3}
+    settings = {**SMALL, "num_inference_steps": 8, "seed": 3}
     counts, frames = {}, {}
     for mode in ("off", "balanced", "fast", "off"):
         runs["n"] = 0
@@ -118,11 +118,11 @@ def test_cfg_batch_runs_one_forward_per_step_with_the_same_result(model):
 
     two_passes, two_count = run()
     batched, batched_count = run(cfg_batch=True)
-    assert (two_count, batched_count) == (2 * SMALL["steps"], SMALL["steps"])
+    assert (two_count, batched_count) == (2 * SMALL["num_inference_steps"], SMALL["num_inference_steps"])
     assert np.abs(batched.astype(int) - two_passes.astype(int)).max() <= 1  # matmul order may differ
     assert np.array_equal(run()[0], two_passes)  # the hook leaves no trace when off
     unguided, unguided_count = run(guidance_scale=1.0, cfg_batch=True)
-    assert unguided_count == SMALL["steps"] and np.array_equal(unguided, run(guidance_scale=1.0)[0])
+    assert unguided_count == SMALL["num_inference_steps"] and np.array_equal(unguided, run(guidance_scale=1.0)[0])
     with pytest.raises(InvalidInput, match="cfg_batch"):
         pipe.generate("a fox", cfg_batch="yes", **SMALL, **image)
 
@@ -134,25 +134,25 @@ def test_fast_mode_runs_the_first_tenth_of_the_steps_in_full(fresh_tiny_pipe):
     pipe.transformer.blocks[1].ffn.register_forward_hook(lambda *_: runs.__setitem__("n", runs["n"] + 1))
     for steps, full_steps in ((8, 1), (20, 2), (25, 3)):
         runs["n"] = 0
-        pipe.generate("a fox", fast_mode="fast", **{**SMALL, "steps": steps, "seed": 3})
+        pipe.generate("a fox", fast_mode="fast", **{**SMALL, "num_inference_steps": steps, "seed": 3})
         assert runs["n"] == 2 * full_steps, steps  # cond and uncond each
 
 
 def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     import json
 
+    from wanlora.hub import transformer_config
     from wanlora.models import TINY_I2V_ARCH, resolve_model, spec_for_config
-    from wanlora.pipeline import hub_transformer_config
 
     from .servers import HubRepo
 
     flf2v = {**TINY_I2V_ARCH.transformer_config(), "pos_embed_seq_len": 34}
     fake_hub.repos["someone/wan-flf2v"] = HubRepo({"transformer/config.json": json.dumps(flf2v).encode()})
     assert not resolve_model("someone/wan-flf2v").identified
-    spec = spec_for_config(hub_transformer_config("someone/wan-flf2v"), "someone/wan-flf2v")
+    spec = spec_for_config(transformer_config("someone/wan-flf2v"), "someone/wan-flf2v")
     assert spec.task == "i2v" and spec.arch.takes_last_image and spec.identified
     with pytest.raises(ModelNotFound, match="not a Hub repo you can read"):
-        hub_transformer_config("someone/missing")
+        transformer_config("someone/missing")
 
 
 def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path):
@@ -160,8 +160,8 @@ def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path):
 
     from wanlora.testing import tiny_transformer, write_lora
 
-    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "A", seed=1)
-    write_lora(tmp_path / "b.safetensors", tiny_transformer(), "G", seed=2)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "original", seed=1)
+    write_lora(tmp_path / "b.safetensors", tiny_transformer(), "loha", seed=2)
     a, b = (str(tmp_path / "a.safetensors"), 1.0), (str(tmp_path / "b.safetensors"), -0.5)
     counters.clear()
     compiled = WanLoraPipeline.from_pretrained("tiny", compile="aot_eager")
@@ -184,21 +184,27 @@ def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch
     with pytest.raises(InvalidInput, match="one of none, model, group"):
         WanLoraPipeline.from_pretrained("tiny", offload="disk")
     untiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
-    assert not tiny_pipe.pipe.vae.use_tiling
+    assert not tiny_pipe.diffusers_pipeline.vae.use_tiling
     monkeypatch.setattr(memory, "VAE_TILING_MIN_PIXELS", 0)  # treat the tiny frames as large
     calls = []
-    original = type(tiny_pipe.pipe.vae).tiled_decode
+    original = type(tiny_pipe.diffusers_pipeline.vae).tiled_decode
     monkeypatch.setattr(
-        type(tiny_pipe.pipe.vae), "tiled_decode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+        type(tiny_pipe.diffusers_pipeline.vae),
+        "tiled_decode",
+        lambda self, *a, **k: calls.append(1) or original(self, *a, **k),
     )
-    tiny_pipe.pipe.vae.tile_sample_min_height = tiny_pipe.pipe.vae.tile_sample_min_width = 32
-    tiny_pipe.pipe.vae.tile_sample_stride_height = tiny_pipe.pipe.vae.tile_sample_stride_width = 16
+    tiny_pipe.diffusers_pipeline.vae.tile_sample_min_height = tiny_pipe.diffusers_pipeline.vae.tile_sample_min_width = (
+        32
+    )
+    tiny_pipe.diffusers_pipeline.vae.tile_sample_stride_height = (
+        tiny_pipe.diffusers_pipeline.vae.tile_sample_stride_width
+    ) = 16
     tiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
-    assert calls and tiny_pipe.pipe.vae.use_tiling
+    assert calls and tiny_pipe.diffusers_pipeline.vae.use_tiling
     assert tiled.shape == untiled.shape and np.abs(tiled.astype(int) - untiled.astype(int)).mean() < 8
     monkeypatch.undo()
     tiny_pipe.generate("a fox", seed=2, **SMALL)
-    assert not tiny_pipe.pipe.vae.use_tiling
+    assert not tiny_pipe.diffusers_pipeline.vae.use_tiling
 
 
 def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny_pipe, tmp_path, monkeypatch):
@@ -206,8 +212,8 @@ def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny
     from wanlora.testing import tiny_transformer, write_lora
 
     distill, style = tmp_path / "distill.safetensors", tmp_path / "style.safetensors"
-    write_lora(distill, tiny_transformer(), "I", seed=1)
-    write_lora(style, tiny_transformer(), "A", seed=2)
+    write_lora(distill, tiny_transformer(), "full-deltas", seed=1)
+    write_lora(style, tiny_transformer(), "original", seed=2)
     preset = accelerators.Accelerator(
         "test-4step", {"tiny": str(distill)}, steps=4, guidance=1.0, shift=5.0, timesteps=(1000, 750, 500, 250)
     )
@@ -219,18 +225,18 @@ def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny
         "a fox", loras=[(str(style), 0.7)], accelerator="test-4step", width=64, height=48, num_frames=9, seed=1
     )
     assert passes["n"] == 4  # four steps, one pass each: guidance 1 skips the unconditional pass
-    assert [round(float(t), 1) for t in pipe.pipe.scheduler.timesteps] == [1000.0, 937.5, 833.3, 625.0]
+    assert [round(float(t), 1) for t in pipe.diffusers_pipeline.scheduler.timesteps] == [1000.0, 937.5, 833.3, 625.0]
     assert [(r.ref, r.strength) for r in pipe.active_loras] == [(str(style), 0.7), (str(distill), 1.0)]
-    assert (video.metadata["steps"], video.metadata["guidance_scale"], video.metadata["accelerator"]) == (
+    assert (video.metadata["num_inference_steps"], video.metadata["guidance_scale"], video.metadata["accelerator"]) == (
         4,
         1.0,
         "test-4step",
     )
     with pytest.raises(InvalidInput, match="4 with test-4step"):
-        pipe.generate("a fox", accelerator="test-4step", steps=6, width=64, height=48, num_frames=9)
+        pipe.generate("a fox", accelerator="test-4step", num_inference_steps=6, width=64, height=48, num_frames=9)
     with pytest.raises(InvalidInput, match="available for t2v-14b"):
         pipe.generate("a fox", accelerator="causvid", width=64, height=48, num_frames=9)
     with pytest.raises(InvalidInput, match="one of lightx2v-4step"):
         pipe.generate("a fox", accelerator="turbo", width=64, height=48, num_frames=9)
-    plain = pipe.generate("a fox", loras=[], width=64, height=48, num_frames=9, steps=2, seed=1)
-    assert type(pipe.pipe.scheduler).__name__ == "UniPCMultistepScheduler" and plain.frames.std() > 0
+    plain = pipe.generate("a fox", loras=[], width=64, height=48, num_frames=9, num_inference_steps=2, seed=1)
+    assert type(pipe.diffusers_pipeline.scheduler).__name__ == "UniPCMultistepScheduler" and plain.frames.std() > 0

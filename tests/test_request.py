@@ -4,10 +4,18 @@ import pytest
 
 from wanlora.errors import InvalidInput
 from wanlora.models import CATALOGUE, tiny_spec
-from wanlora.settings import resolve_settings
+from wanlora.request import resolve_settings
 
 SPEC = tiny_spec()
-GOOD = {"width": 64, "height": 48, "num_frames": 9, "steps": 2, "fps": 12, "guidance_scale": 5.0, "seed": 1}
+GOOD = {
+    "width": 64,
+    "height": 48,
+    "num_frames": 9,
+    "num_inference_steps": 2,
+    "fps": 12,
+    "guidance_scale": 5.0,
+    "seed": 1,
+}
 
 
 @pytest.mark.parametrize(
@@ -19,15 +27,15 @@ GOOD = {"width": 64, "height": 48, "num_frames": 9, "steps": 2, "fps": 12, "guid
         ("width", 65, "multiple of 16"),
         ("height", 8, "multiple of 16"),
         ("width", 4096, "multiple of 16 between 16 and 1920"),
-        ("steps", 0, "between 1 and 100"),
-        ("steps", 101, "between 1 and 100"),
+        ("num_inference_steps", 0, "between 1 and 100"),
+        ("num_inference_steps", 101, "between 1 and 100"),
         ("guidance_scale", -3, "between 0.0 and 20.0"),
         ("guidance_scale", float("nan"), "finite number"),
         ("fps", 0, "between 1 and 60"),
         ("fps", 61, "between 1 and 60"),
-        ("shift", 0, "greater than 0"),
+        ("flow_shift", 0, "between 0.1 and 20.0"),
         ("seed", -1, "between 0 and"),
-        ("steps", 2.5, "whole number"),
+        ("num_inference_steps", 2.5, "whole number"),
     ],
 )
 def test_each_bad_value_names_field_value_and_range(field, value, message):
@@ -50,10 +58,15 @@ def test_width_and_height_come_together():
 
 def test_defaults_follow_the_model():
     settings = resolve_settings(CATALOGUE["t2v-14b"], "a fox", resolution="720p", seed=3)
-    assert (settings.width, settings.height, settings.shift) == (1280, 720, 5.0)
-    assert (settings.num_frames, settings.fps, settings.steps, settings.guidance_scale) == (81, 16, 50, 5.0)
+    assert (settings.width, settings.height, settings.flow_shift) == (1280, 720, 5.0)
+    assert (settings.num_frames, settings.fps, settings.num_inference_steps, settings.guidance_scale) == (
+        81,
+        16,
+        50,
+        5.0,
+    )
     i2v = resolve_settings(CATALOGUE["i2v-14b-480p"], "a fox", aspect_ratio="9:16")
-    assert (i2v.width, i2v.height, i2v.steps, i2v.shift) == (480, 832, 40, 3.0)
+    assert (i2v.width, i2v.height, i2v.num_inference_steps, i2v.flow_shift) == (480, 832, 40, 3.0)
     with pytest.raises(InvalidInput, match="supports 480p only"):
         resolve_settings(CATALOGUE["t2v-1.3b"], "a fox", resolution="720p")
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import InvalidInput
+from .models import ModelSpec
 
 KIJAI = "Kijai/WanVideo_comfy"
+TINY_FOLDER = "accelerators"  # `wanlora tiny-model` writes a random stand-in for each preset here
 
 
 @dataclass(frozen=True)
@@ -55,18 +58,28 @@ ACCELERATORS: dict[str, Accelerator] = {
 }
 
 
-def accelerator_for(name: str, model: str) -> tuple[Accelerator, str]:
-    """The preset `name` and its LoRA for base model `model`, or a clear error."""
+def _lora_for(preset: Accelerator, spec: ModelSpec) -> str | None:
+    """The preset's LoRA for `spec`: the catalogue's, or, in a tiny model folder, its own random one."""
+    if spec.name in preset.loras:
+        return preset.loras[spec.name]
+    tiny_copy = Path(spec.source) / TINY_FOLDER / f"{preset.name}.safetensors"
+    return str(tiny_copy) if spec.name in ("tiny", "tiny-i2v") and tiny_copy.is_file() else None
+
+
+def accelerator_for(name: str, spec: ModelSpec) -> tuple[Accelerator, str]:
+    """The preset `name` and its LoRA for the base model `spec`, or a clear error."""
     if name not in ACCELERATORS:
         raise InvalidInput("accelerator", name, f"one of {', '.join(ACCELERATORS)}")
     preset = ACCELERATORS[name]
-    if model not in preset.loras:
-        raise InvalidInput("accelerator", name, f"available for {', '.join(preset.loras)}, not {model}")
-    return preset, preset.loras[model]
+    ref = _lora_for(preset, spec)
+    if ref is None:
+        raise InvalidInput("accelerator", name, f"available for {', '.join(preset.loras)}, not {spec.name}")
+    return preset, ref
 
 
-def accelerator_refs() -> set[str]:
-    return {ref for preset in ACCELERATORS.values() for ref in preset.loras.values()}
+def accelerator_refs(spec: ModelSpec) -> set[str]:
+    """Every preset's LoRA for `spec`: what a new preset replaces in the LoRA set."""
+    return {ref for preset in ACCELERATORS.values() if (ref := _lora_for(preset, spec)) is not None}
 
 
 def fixed_timestep_scheduler(preset: Accelerator):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -14,12 +15,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .accelerators import ACCELERATORS
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
-from .images import load_image, nearest_aspect_ratio
-from .models import ASPECT_RATIOS, CATALOGUE, SIZE_PRESETS, ModelSpec, resolve_model
-from .parallel import LAUNCHED_BY_GPUS, ParallelPlan, launched_by_torchrun
-from .settings import GenerationSettings, resolve_settings
+from .models import CATALOGUE, ModelSpec, identify_model, resolve_model
+from .parallel import LAUNCHED_BY_GPUS, ParallelPlan, launched_by_torchrun, process_rank, world_size
+from .request import GenerationSettings, resolve_request
+from .settings import (
+    ASPECT_RATIOS,
+    DEFAULT_QUALITY,
+    FAST_MODES,
+    OFFLOAD_MODES,
+    QUALITY_RANGE,
+    RESIZE_MODES,
+    RESOLUTIONS,
+)
 
 # torch, diffusers and the LoRA engine are imported inside the commands that use them, so
 # that --help and input errors answer at once.
@@ -33,6 +43,7 @@ REF_HELP = (
     "replicate.com link, civitai:VERSION_ID, any https:// link to a .safetensors file, or a local path"
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # `civitai` in civitai:12345
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -46,15 +57,16 @@ def parse_lora_arg(text: str) -> tuple[str, float | tuple[float, ...]]:
     """`REF[:STRENGTH]`: the strength is the text after the last ':' when it is a number.
 
     A comma-separated list of numbers is a strength schedule (`style.safetensors:1,0.5`).
+    A bare scheme such as `civitai:12345` is a reference, not a strength.
     """
     ref, sep, tail = text.rpartition(":")
-    if sep and ref:
-        try:
-            values = tuple(float(v) for v in tail.split(","))
-        except ValueError:
-            return text, 1.0
-        return ref, values if len(values) > 1 else values[0]
-    return text, 1.0
+    if not sep or not ref or SCHEME.fullmatch(ref):
+        return text, 1.0
+    try:
+        values = tuple(float(v) for v in tail.split(","))
+    except ValueError:
+        return text, 1.0
+    return ref, values if len(values) > 1 else values[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,40 +89,46 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--last-image", help="end image for first-and-last-frame guidance (i2v models)")
     gen.add_argument(
         "--resize",
-        choices=["fit", "pad", "stretch"],
+        choices=RESIZE_MODES,
         default="fit",
         help="how the image meets the frame: fit (crop), pad (letterbox) or stretch; default fit",
     )
     gen.add_argument("--negative-prompt")
-    gen.add_argument("--resolution", choices=list(SIZE_PRESETS))
+    gen.add_argument("--resolution", choices=RESOLUTIONS)
     gen.add_argument("--aspect-ratio", choices=ASPECT_RATIOS)
     gen.add_argument("--width", type=int, help="overrides the preset; give --height too")
     gen.add_argument("--height", type=int)
     gen.add_argument("--frames", type=int, help="4k+1 frames, 5 to 81 (default 81)")
     gen.add_argument("--fps", type=int, help="frames per second, 1 to 60 (default 16)")
-    gen.add_argument("--steps", type=int, help="denoising steps, 1 to 100")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 20")
-    gen.add_argument("--shift", type=float, help="flow shift (default 3 at 480p, 5 at 720p)")
+    gen.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps, 1 to 100")
+    gen.add_argument("--guidance", type=float, dest="guidance_scale", help="classifier-free guidance scale, 0 to 20")
+    gen.add_argument("--shift", type=float, dest="flow_shift", help="flow shift (default 3 at 480p, 5 at 720p)")
     gen.add_argument("--seed", type=int, help="the same seed gives the same video (default: random)")
-    gen.add_argument("--quality", type=int, default=18, help="H.264 CRF: 0 lossless to 51 worst (default 18)")
+    gen.add_argument(
+        "--quality",
+        type=int,
+        default=DEFAULT_QUALITY,
+        help=f"MP4 quality {QUALITY_RANGE[0]} to {QUALITY_RANGE[1]}, higher is better "
+        f"(default {DEFAULT_QUALITY}: H.264 CRF 18)",
+    )
     gen.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda when available)")
     gen.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
     gen.add_argument(
         "--fast-mode",
-        choices=["off", "balanced", "fast"],
+        choices=FAST_MODES,
         default="off",
         help="skip transformer work on steps that change little (First Block Cache)",
     )
     gen.add_argument(
         "--accelerator",
-        choices=["lightx2v-4step", "causvid"],
+        choices=list(ACCELERATORS),
         help="stack a step-distillation LoRA and sample as it was trained (4-8 steps, no CFG)",
     )
     gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
     gen.add_argument("--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two")
     gen.add_argument(
         "--offload",
-        choices=["none", "model", "group"],
+        choices=OFFLOAD_MODES,
         default="none",
         help="save GPU memory: model (components on demand) or group (blocks streamed)",
     )
@@ -153,52 +171,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
-    output = Path(args.output) if args.output else None
-    if output is not None and output.suffix.lower() != ".mp4":
-        raise InvalidInput("--output", args.output, "a path ending in .mp4")
-    if not 0 <= args.quality <= 51:
-        raise InvalidInput("--quality", args.quality, "between 0 (lossless) and 51")
+    options = {
+        "negative_prompt": args.negative_prompt,
+        "resolution": args.resolution,
+        "aspect_ratio": args.aspect_ratio,
+        "width": args.width,
+        "height": args.height,
+        "num_frames": args.frames,
+        "fps": args.fps,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "flow_shift": args.flow_shift,
+        "seed": args.seed,
+        "image": args.image,
+        "last_image": args.last_image,
+        "resize": args.resize,
+        "loras": [parse_lora_arg(text) for text in args.lora],
+        "fast_mode": args.fast_mode,
+        "accelerator": args.accelerator,
+        "cfg_batch": args.cfg_batch,
+    }
     spec = resolve_model(args.model)
-    images = [
-        load_image(path, field)
-        for path, field in ((args.image, "image"), (args.last_image, "last_image"))
-        if path is not None
-    ]
-    if spec.task == "t2v" and images:
-        raise InvalidInput("--image", args.image or args.last_image, f"{spec.name} is text-to-video; use an i2v model")
-    if spec.task == "i2v" and args.image is None:
-        raise InvalidInput("--image", None, f"{spec.name} is image-to-video and needs --image")
-    if args.accelerator:  # the preset's sampling fills what the command line leaves open
-        from .accelerators import accelerator_for
+    request = resolve_request(spec, args.prompt, **options)  # everything is checked offline, first
+    from .pipeline import resolve_device
+    from .video import check_output, quality_to_crf
 
-        preset, _ = accelerator_for(args.accelerator, spec.name)
-        args.steps = preset.steps if args.steps is None else args.steps
-        args.guidance = preset.guidance if args.guidance is None else args.guidance
-        args.shift = preset.shift if args.shift is None else args.shift
-    aspect_ratio = args.aspect_ratio
-    if images and aspect_ratio is None and args.width is None:
-        aspect_ratio = nearest_aspect_ratio(images[0])
-    settings = resolve_settings(  # everything is checked before the (slow) model load
-        spec,
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        resolution=args.resolution,
-        aspect_ratio=aspect_ratio,
-        width=args.width,
-        height=args.height,
-        num_frames=args.frames,
-        fps=args.fps,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        shift=args.shift,
-        seed=args.seed,
-    )
-    loras = [parse_lora_arg(text) for text in args.lora]
+    quality_to_crf(args.quality, "--quality")
+    output = check_output(args.output or f"wanlora-{request.settings.seed}.mp4", "--output")
+    parallel = check_parallel_args(args, spec, request.settings)
+    if parallel is None:
+        resolve_device(args.device)
+    identified = identify_model(args.model)  # a Hub repo's own config may name another variant
+    if identified != spec:
+        options["seed"] = request.settings.seed
+        spec, request = identified, resolve_request(identified, args.prompt, **options)
     from .lora.fetch import fetch_lora
 
-    parallel = check_parallel_args(args, spec, settings)
-    for ref, _ in loras:  # download and verify before the (slow) model load
-        fetch_lora(ref)
+    for lora in request.loras:  # download and verify before the (slow) model load
+        fetch_lora(lora.ref)
     if parallel is not None and not launched_by_torchrun():
         from .launch import run_workers
 
@@ -206,31 +216,22 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     from .pipeline import WanLoraPipeline
 
     pipe = WanLoraPipeline.from_pretrained(
-        args.model,
+        spec,
         device=args.device,
         attention=args.attention,
         compile=args.compile,
         offload=args.offload,
         parallel=parallel,
     )
-    video = pipe.generate(
-        **settings.as_dict(),
-        image=images[0] if images else None,
-        last_image=images[1] if len(images) > 1 else None,
-        resize=args.resize,
-        loras=loras,
-        fast_mode=args.fast_mode,
-        accelerator=args.accelerator,
-        cfg_batch=args.cfg_batch,
-    )
+    video = pipe.run(request)
     if video is not None:  # None on every rank but 0 of a parallel run
-        print(video.save(output or Path(f"wanlora-{video.seed}.mp4"), crf=args.quality))
+        print(video.save(output, quality=args.quality))
     return None
 
 
 def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: GenerationSettings) -> ParallelPlan | None:
     """The plan the parallel flags ask for (None: one process), checked before anything loads."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if args.gpus is not None:
         if args.gpus < 1:
             raise InvalidInput("--gpus", args.gpus, "1 or more")
@@ -284,9 +285,10 @@ def describe_lora(ref: str, model: str | None) -> dict:
     from .lora.fetch import fetch_lora
     from .lora.formats import read_lora
     from .lora.merge import fit_lora
+    from .lora.refs import display_ref
 
     fetched = fetch_lora(ref)
-    lora = read_lora(fetched.path)
+    lora = read_lora(fetched.path, label=display_ref(ref))
     info = {
         "source": fetched.source,
         "path": str(fetched.path),
@@ -354,18 +356,19 @@ def cmd_lora_inspect(args: argparse.Namespace) -> None:
 def cmd_lora_merge(args: argparse.Namespace) -> None:
     import torch
 
+    from .lora.selection import parse_requests
     from .pipeline import WanLoraPipeline
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInput("--out", args.out, "a new or empty folder")
-    loras = [parse_lora_arg(text) for text in args.lora]
+    loras = parse_requests([parse_lora_arg(text) for text in args.lora])
     pipe = WanLoraPipeline.from_pretrained(args.model, device="cpu", dtype=getattr(torch, DTYPES[args.dtype]))
     pipe.set_loras(loras)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pipe.pipe.save_pretrained(staging, safe_serialization=True)
+        pipe.diffusers_pipeline.save_pretrained(staging, safe_serialization=True)
         if out.exists():
             out.rmdir()
         staging.rename(out)
@@ -387,7 +390,8 @@ def cmd_lora_fetch(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     import time
 
-    from .lora.cache import LoraCache, cache_limit_bytes
+    from .lora.cache import LoraCache
+    from .settings import cache_max_bytes
 
     cache = LoraCache()
     if args.cache_command == "clear":
@@ -396,7 +400,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
         return
     entries = cache.entries()
     total = sum(e.size for e in entries)
-    print(f"{cache.root}: {len(entries)} LoRAs, {total / 2**20:.1f} MiB of {cache_limit_bytes() / 2**30:g} GiB")
+    print(f"{cache.root}: {len(entries)} LoRAs, {total / 2**20:.1f} MiB of {cache_max_bytes() / 2**30:g} GiB")
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
         print(f"{e.size / 2**20:9.1f} MiB  {used}  {e.source}")
@@ -432,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     sub = getattr(args, "lora_command", None) or getattr(args, "cache_command", None)
     handler = COMMANDS[(args.command, sub)]
-    speaks = os.environ.get("RANK", "0") == "0"  # the ranks of a parallel run fail alike: say it once
+    speaks = process_rank() == 0  # the ranks of a parallel run fail alike: say it once
     try:
         return handler(args) or 0
     except WanLoraError as exc:

@@ -24,10 +24,10 @@ from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
 from .errors import InvalidInput
 from .models import ModelSpec
+from .settings import FAST_MODES
 
 logger = logging.getLogger(__name__)
 
-FAST_MODES = ("off", "balanced", "fast")
 FULL_STEPS_FRACTION = 0.1
 
 

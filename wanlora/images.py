@@ -9,9 +9,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput
-from .models import ASPECT_RATIOS
+from .settings import ASPECT_RATIOS, RESIZE_MODES
 
-RESIZE_MODES = ("fit", "pad", "stretch")
 MIN_IMAGE_SIDE = 32
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray

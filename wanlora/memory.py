@@ -24,10 +24,10 @@ import logging
 import torch
 
 from .errors import InvalidInput
+from .settings import OFFLOAD_MODES
 
 logger = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("none", "model", "group")
 VAE_TILING_MIN_PIXELS = 832 * 480 + 1  # tile the VAE decode above 480p-sized frames
 
 

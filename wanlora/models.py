@@ -1,7 +1,9 @@
-"""The catalogue of Wan2.1 base models: where they live, their shapes and their defaults.
+"""The catalogue of Wan base models: where they live, their shapes and their defaults.
 
 Pure data and lookups; nothing here touches torch state. `resolve_model` turns whatever a
-person typed for `--model` into a `ModelSpec` without downloading anything.
+person typed for `--model` into a `ModelSpec` without downloading anything;
+`identify_model` then settles a Hub repo by its transformer config (a few hundred bytes),
+or finds it pre-fetched in the weights folder.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput, ModelNotFound
-
-ASPECT_RATIOS = ("16:9", "9:16", "1:1")
+from .settings import ASPECT_RATIOS
 
 # Wan's published sizes (its SIZE_CONFIGS); every side is a multiple of 16.
 SIZE_PRESETS: dict[str, dict[str, tuple[int, int]]] = {
@@ -255,3 +256,20 @@ def spec_for_config(config: dict[str, Any], source: str) -> ModelSpec:
     return ModelSpec(
         **{**base.__dict__, "name": os.path.basename(source.rstrip("/")) or source, "source": source, "arch": arch}
     )
+
+
+def identify_model(model: str) -> ModelSpec:
+    """`resolve_model`, then for a Hub repo: its copy in the weights folder (WANLORA_WEIGHTS) when
+    there, else its transformer config from the Hub, so that a missing repo, a gated one or no
+    network is named as such before anything large moves, and a repo outside the catalogue is
+    identified."""
+    from .hub import local_copy, transformer_config
+
+    spec = resolve_model(model)
+    if spec.source == "tiny" or Path(spec.source).exists():
+        return spec
+    prefetched = local_copy(spec.source)
+    if prefetched is not None:
+        return spec_for_folder(prefetched)
+    config = transformer_config(spec.source)
+    return spec if spec.identified else spec_for_config(config, spec.source)

@@ -100,6 +100,16 @@ class ParallelPlan:
 LAUNCHED_BY_GPUS = "WANLORA_LAUNCHED_BY_GPUS"  # set in the workers `wanlora generate --gpus` starts
 
 
+def world_size() -> int:
+    """How many processes torchrun (or `--gpus`) started: its WORLD_SIZE; 1 outside it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_rank() -> int:
+    """This process's rank among them: torchrun's RANK; 0 outside it."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several that torchrun (or `--gpus`) started."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1

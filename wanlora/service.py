@@ -1,66 +1,42 @@
 """A long-lived generation service with Replicate's input conventions, for the Cog predictor.
 
-It keeps one Wan transformer resident at a time and shares the text encoder and VAE
-between variants (they are the same for every Wan2.1 model), so switching from 14B to
-1.3B frees the 14B weights instead of stacking them. LoRA state follows each request:
-the same LoRAs as last time cost nothing, others are an exact swap.
+Replicate's names (`sample_steps`, `lora_weights`, `output_quality`, ...) live here and
+nowhere else; the library speaks diffusers' names. The service keeps one Wan transformer
+resident at a time and shares the text encoder and VAE between variants, so switching
+from 14B to 1.3B frees the 14B weights instead of stacking them (the memory plan is in
+wanlora.memory). LoRA state follows each request: the same LoRAs as last time cost
+nothing, others are an exact swap.
 
-GPU memory plan (bf16 weights; one transformer, the text encoder and the VAE resident,
-which an 80 GB GPU holds; the library's offload="model" or "group" is for smaller ones):
-- t2v-14b: transformer 28.6 GB + UMT5-XXL 11.4 GB + VAE 0.5 GB (fp32) + activations,
-  about 8 GB at 480p and 20 GB at 720p x 81 frames: fits an 80 GB GPU.
-- t2v-1.3b: transformer 2.8 GB + the same encoder and VAE: fits a 24 GB GPU at 480p.
-- i2v-14b: transformer 32.8 GB + CLIP ViT-H 1.3 GB, otherwise as t2v-14b.
-LoRA pristine copies live in host memory, never on the GPU.
+The server is shared by everyone who runs the model, so every reference must be remote
+(no file on the server is reachable through an input), and access to a LoRA that needed a
+token is re-checked with the origin on every request.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidInput
-from .images import load_image, nearest_aspect_ratio
+from .errors import InvalidInput, LoraMismatch
 from .lora.fetch import Credentials
+from .lora.refs import display_ref
+from .lora.selection import LoraRequest
 from .models import resolve_model
-from .settings import resolve_settings
+from .request import resolve_request
+from .settings import LORA_SCALE_RANGE, model_override
 
 logger = logging.getLogger(__name__)
 
+# Replicate's choices, and what they mean to the library. predict.py repeats them as literals.
 MODEL_CHOICES = {"14b": "t2v-14b", "1.3b": "t2v-1.3b"}
+I2V_CHOICES = {"480p": "i2v-14b-480p", "720p": "i2v-14b-720p"}  # model=14b with an image
 FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
-LORA_SCALE_RANGE = (-1.0, 3.0)
-
-
-def quality_to_crf(quality: int) -> int:
-    """output_quality 0-100 (higher is better) to H.264 CRF 51-10; 80 gives CRF 18."""
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
-        raise InvalidInput("output_quality", quality, "a whole number between 0 and 100")
-    return round(51 - 0.41 * quality)
-
-
-def replicate_loras(
-    lora_weights: str | None, lora_scale: float, extra_lora: str | None, extra_lora_scale: float
-) -> list[tuple[str, float]]:
-    """Replicate's two-slot LoRA inputs as a LoRA list; scales must be within -1 to 3."""
-    loras = []
-    for field, ref, scale in (
-        ("lora_scale", lora_weights, lora_scale),
-        ("extra_lora_scale", extra_lora, extra_lora_scale),
-    ):
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, (int, float))
-            or not (LORA_SCALE_RANGE[0] <= scale <= LORA_SCALE_RANGE[1])
-        ):
-            raise InvalidInput(field, scale, f"a number between {LORA_SCALE_RANGE[0]:g} and {LORA_SCALE_RANGE[1]:g}")
-        if ref is not None and ref.strip():
-            loras.append((ref.strip(), float(scale)))
-    return loras
+ACCELERATORS = {"none": None, "lightx2v-4step": "lightx2v-4step", "causvid": "causvid"}
+WIDTH_CHOICES = {1536: "1.3b", 5120: "14b"}  # a LoRA's model width -> the model input it fits
+DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
 
 
 @dataclass
@@ -68,7 +44,65 @@ class Result:
     path: Path
     seed: int
     frames: int
+    steps: int
     timings: dict[str, float]
+
+
+def _choice(field: str, value: object, choices: dict) -> object:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInput(field, value, f"one of {', '.join(choices)}")
+    return choices[value]
+
+
+def _text_or_none(field: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(field, type(value).__name__, "a text (a link or reference), or empty")
+    return value.strip() or None
+
+
+def _scale(field: str, value: object) -> float:
+    low, high = LORA_SCALE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidInput(field, value, f"a number between {low:g} and {high:g}")
+    return float(value)
+
+
+def replicate_loras(
+    lora_weights: object,
+    lora_scale: object,
+    extra_lora: object,
+    extra_lora_scale: object,
+    replicate_weights: object = None,
+) -> list[LoraRequest]:
+    """Replicate's LoRA inputs as a LoRA list.
+
+    `replicate_weights` is what Replicate passes when a fine-tuned version of this model
+    runs (its trainer's weights tar): it takes the main slot, at `lora_scale`.
+    """
+    main, extra = _text_or_none("lora_weights", lora_weights), _text_or_none("extra_lora", extra_lora)
+    trained = _text_or_none("replicate_weights", replicate_weights)
+    scale, extra_scale = _scale("lora_scale", lora_scale), _scale("extra_lora_scale", extra_lora_scale)
+    if trained and main:
+        raise InvalidInput(
+            "lora_weights",
+            display_ref(main),
+            "empty when running a fine-tuned version (replicate_weights is its LoRA); use extra_lora to add one",
+        )
+    loras = [LoraRequest(ref, s) for ref, s in ((trained or main, scale), (extra, extra_scale)) if ref]
+    return loras
+
+
+@dataclass(frozen=True)
+class ServiceRequest:
+    """A Replicate request resolved for the library: the model to run and what to run."""
+
+    model: str
+    request: object  # wanlora.request.Request
+    loras: list[LoraRequest]
+    quality: int
+    credentials: Credentials
 
 
 class VideoService:
@@ -82,21 +116,21 @@ class VideoService:
         parallel: str | None = None,
     ) -> None:
         self.parallel = parallel  # "auto" in a worker of a WorkerGroup (wanlora.workers)
-        self.override = override if override is not None else os.environ.get("WANLORA_MODEL") or None
-        self.i2v_override = i2v_override if i2v_override is not None else os.environ.get("WANLORA_I2V_MODEL") or None
+        self.override = override if override is not None else model_override("t2v")
+        self.i2v_override = i2v_override if i2v_override is not None else model_override("i2v")
         self.device = device
         self.pipe = None  # the resident WanLoraPipeline
         self.model = None  # the model name it was loaded from
+        self.unreported_setup: dict[str, float] = {}  # cold-start timings for the first prediction's metrics
 
-    def model_for(self, choice: str, image: bool = False, resolution: str = "480p") -> str:
+    def model_for(self, choice: object, image: bool = False, resolution: object = "480p") -> str:
         """The model a request runs on: an image switches 14b to its I2V variant for the resolution."""
-        if choice not in MODEL_CHOICES:
-            raise InvalidInput("model", choice, f"one of {', '.join(MODEL_CHOICES)}")
+        name = _choice("model", choice, MODEL_CHOICES)
         if not image:
-            return self.override or MODEL_CHOICES[choice]
+            return self.override or name
         if choice != "14b":
             raise InvalidInput("image", "(an image)", f"model={choice} is text-to-video only; use model=14b")
-        return self.i2v_override or ("i2v-14b-720p" if resolution == "720p" else "i2v-14b-480p")
+        return self.i2v_override or I2V_CHOICES.get(resolution, I2V_CHOICES["480p"])
 
     def load(self, model: str):
         """The pipeline for `model`, loading it (and dropping the resident one) if needed."""
@@ -112,68 +146,102 @@ class VideoService:
         self.pipe = WanLoraPipeline.from_pretrained(
             model, device=self.device, share_from=previous, parallel=self.parallel
         )
+        if previous is not None:
+            self.pipe.loader = previous.loader  # parsed LoRAs fit any variant of their width
         self.model = model
+        self.unreported_setup = {f"setup_{k}": v for k, v in self.pipe.load_timings.items()}
         return self.pipe
 
-    def generate(
+    def resolve(
         self,
         *,
-        prompt: str,
-        negative_prompt: str = "",
+        prompt: object,
+        negative_prompt: object = "",
         image: str | None = None,
-        model: str = "14b",
-        resolution: str = "480p",
-        aspect_ratio: str = "16:9",
-        num_frames: int = 81,
-        fps: int = 16,
-        sample_steps: int | None = None,
-        sample_guide_scale: float | None = None,
-        sample_shift: float | None = None,
-        seed: int | None = None,
-        fast_mode: str = "Off",
-        lora_weights: str | None = None,
-        lora_scale: float = 1.0,
-        extra_lora: str | None = None,
-        extra_lora_scale: float = 1.0,
-        hf_api_token: str | None = None,
-        civitai_api_token: str | None = None,
-        output_quality: int = 80,
-        out_dir: Path,
-    ) -> Result | None:
+        model: object = "14b",
+        resolution: object = "480p",
+        aspect_ratio: object = "16:9",
+        num_frames: object = 81,
+        fps: object = 16,
+        sample_steps: object = None,
+        sample_guide_scale: object = None,
+        sample_shift: object = None,
+        seed: object = None,
+        fast_mode: object = "Off",
+        accelerator: object = "none",
+        lora_weights: object = None,
+        lora_scale: object = 1.0,
+        extra_lora: object = None,
+        extra_lora_scale: object = 1.0,
+        replicate_weights: object = None,
+        hf_api_token: object = None,
+        civitai_api_token: object = None,
+        output_quality: object = 80,
+    ) -> ServiceRequest:
+        """Check every input and map Replicate's names onto the library's, before any work."""
+        for field, token in (("hf_api_token", hf_api_token), ("civitai_api_token", civitai_api_token)):
+            if token is not None and not isinstance(token, str):
+                raise InvalidInput(field, type(token).__name__, "a token (text), or empty")
+        name = self.model_for(model, image is not None, resolution)
+        accelerator = _choice("accelerator", accelerator, ACCELERATORS)
+        if sample_steps is None and accelerator is None:
+            sample_steps = DEFAULT_SAMPLE_STEPS
+        request = resolve_request(
+            self.pipe.spec if self.model == name else resolve_model(name),
+            prompt,
+            negative_prompt=negative_prompt,
+            image=image,
+            resolution=resolution,
+            aspect_ratio=None if image is not None else aspect_ratio,  # an image's own aspect decides
+            num_frames=num_frames,
+            fps=fps,
+            num_inference_steps=sample_steps,
+            guidance_scale=sample_guide_scale,
+            flow_shift=sample_shift,
+            seed=seed,
+            fast_mode=_choice("fast_mode", fast_mode, FAST_MODES),
+            accelerator=accelerator,
+        )
+        loras = replicate_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale, replicate_weights)
+        if isinstance(output_quality, bool) or not isinstance(output_quality, int):
+            raise InvalidInput("output_quality", output_quality, "a whole number between 0 and 100")
+        credentials = Credentials(hf_token=hf_api_token or None, civitai_token=civitai_api_token or None,
+                                  local_files=False)  # fmt: skip
+        return ServiceRequest(name, request, loras, output_quality, credentials)
+
+    def generate(self, *, out_dir: Path, **inputs: object) -> Result | None:
         """Validate every input, then make the LoRA state match and generate an MP4 in `out_dir`.
 
         In a parallel worker, only rank 0 writes the MP4; the other ranks return None.
         """
-        name = self.model_for(model, image is not None, resolution)
-        spec = resolve_model(name)
-        start_image = load_image(image) if image is not None else None
-        if fast_mode not in FAST_MODES:
-            raise InvalidInput("fast_mode", fast_mode, f"one of {', '.join(FAST_MODES)}")
-        if start_image is not None:  # with an image, its own aspect picks the frame shape
-            aspect_ratio = nearest_aspect_ratio(start_image)
-        settings = resolve_settings(
-            spec, prompt, negative_prompt=negative_prompt, resolution=resolution, aspect_ratio=aspect_ratio,
-            num_frames=num_frames, fps=fps, steps=sample_steps, guidance_scale=sample_guide_scale,
-            shift=sample_shift, seed=seed,
-        )  # fmt: skip
-        loras = replicate_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale)
-        crf = quality_to_crf(output_quality)
-        credentials = Credentials(hf_token=hf_api_token or None, civitai_token=civitai_api_token or None)
-
-        pipe = self.load(name)
+        resolved = self.resolve(**inputs)
+        pipe = self.load(resolved.model)
+        if resolved.request.spec != pipe.spec:  # the model's own config decided (a folder, the weights)
+            resolved = self.resolve(**inputs)
         started = time.perf_counter()
-        pipe.set_loras(loras, credentials)
+        try:
+            pipe.set_loras(resolved.loras, resolved.credentials)
+        except LoraMismatch as exc:
+            raise _with_model_hint(exc, inputs.get("model", "14b")) from None
         lora_seconds = time.perf_counter() - started
-        video = pipe.generate(
-            **settings.as_dict(),
-            fast_mode=FAST_MODES[fast_mode],
-            image=start_image,
-        )
+        video = pipe.run(resolved.request, resolved.credentials)
         if video is None:
             return None
-        path = video.save(Path(out_dir) / f"wanlora-{video.seed}.mp4", crf=crf)
-        timings = {"lora_load_seconds": lora_seconds, **video.timings}
-        return Result(path, video.seed, len(video.frames), timings)
+        path = video.save(Path(out_dir) / f"wanlora-{video.seed}.mp4", quality=resolved.quality)
+        timings = {"lora_load_seconds": lora_seconds, **video.timings, **self.unreported_setup}
+        self.unreported_setup = {}
+        steps = resolved.request.settings.num_inference_steps
+        return Result(path, video.seed, len(video.frames), steps, timings)
+
+
+def _with_model_hint(exc: LoraMismatch, model: object) -> LoraMismatch:
+    """The mismatch, plus the `model` input that fits the LoRA when there is exactly one."""
+    fits = {WIDTH_CHOICES[w] for w in exc.widths if w in WIDTH_CHOICES}
+    if len(fits) == 1 and model not in fits:
+        (choice,) = fits
+        return LoraMismatch(f"{exc}. This LoRA is for model={choice}: run it with model={choice}", exc.ref,
+                            exc.status, exc.widths)  # fmt: skip
+    return exc
 
 
 def _empty_cuda_cache() -> None:

@@ -1,149 +1,143 @@
-"""Generation settings, validated in full before any work starts.
+"""Every limit, choice list and environment variable of wanlora, defined once.
 
-Pure Python: the CLI and the predictor validate a request against the model's spec before
-the (slow) model load, and `WanLoraPipeline.generate` validates again on its own.
+Pure Python, imported by the CLI before anything heavy. The front ends derive their
+choices and ranges from here; predict.py keeps literal copies for Cog's static schema,
+and a test holds them equal.
+
+Environment variables have one policy: unset or empty means the default, and a value
+that cannot be used is an `InvalidInput` that names the variable, never a traceback or a
+silent fallback.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
-from dataclasses import asdict, dataclass
+import os
+from pathlib import Path
 
 from .errors import InvalidInput
-from .models import ModelSpec
 
-MIN_SIDE, MAX_SIDE = 16, 1920
-MIN_FRAMES = 5
+# ---------------------------------------------------------------------------- generation limits
+
+MIN_SIDE, MAX_SIDE = 16, 1920  # pixels; sides are multiples of 16
+MIN_FRAMES = 5  # the most frames is the model's own (81 for Wan2.1)
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
-MAX_SHIFT = 20.0
+MIN_SHIFT, MAX_SHIFT = 0.1, 20.0
 MAX_FPS = 60
 MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 100_000  # the text encoder reads 512 tokens; this only bounds the work
+
+# ---------------------------------------------------------------------------- choices
+
+RESOLUTIONS = ("480p", "720p")
+ASPECT_RATIOS = ("16:9", "9:16", "1:1")
+FAST_MODES = ("off", "balanced", "fast")
+OFFLOAD_MODES = ("none", "model", "group")
+RESIZE_MODES = ("fit", "pad", "stretch")
+
+# ---------------------------------------------------------------------------- output and LoRAs
+
+QUALITY_RANGE = (0, 100)  # higher is better; see wanlora.video.quality_to_crf
+DEFAULT_QUALITY = 80
+LORA_SCALE_RANGE = (-1.0, 3.0)  # the predictor's bound; the library takes any finite strength
+MAX_REF_CHARS = 4096  # a LoRA reference longer than this is not a reference
+
+# ---------------------------------------------------------------------------- the environment
+
+CIVITAI_URL = "https://civitai.com"
+REPLICATE_URL = "https://replicate.com"
+DEFAULT_CACHE_MAX_GB = 50.0
+DEFAULT_MAX_LORA_GB = 4.0
+DEFAULT_DOWNLOAD_TIMEOUT_S = 1800.0
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that decides the frames, with every default filled in."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_frames: int
-    fps: int
-    steps: int
-    guidance_scale: float
-    shift: float
-    seed: int
-
-    @property
-    def token_count(self) -> int:
-        """Transformer tokens: latent frames (4x fewer, plus the first) x the latent 2x2 patches."""
-        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
-
-    @property
-    def size(self) -> str:
-        return f"{self.width}x{self.height}, {self.num_frames} frames"
-
-    def as_dict(self) -> dict:
-        """The fields by name; they are also `WanLoraPipeline.generate`'s keyword arguments."""
-        return asdict(self)
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
 
 
-def _require_int(field: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(field, value, "a whole number")
+def _number(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum:
+        raise InvalidInput(name, raw, f"a finite number, {minimum:g} or more (unset: {default:g})")
     return value
 
 
-def _require_number(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInput(field, value, "a finite number")
-    return float(value)
+def _flag(name: str) -> bool:
+    raw = _raw(name)
+    if raw is None or raw == "0":
+        return False
+    if raw == "1":
+        return True
+    raise InvalidInput(name, raw, "1 to enable, 0 or unset to disable")
 
 
-def _in_range(field: str, value, low, high, unit: str = "") -> None:
-    if not low <= value <= high:
-        raise InvalidInput(field, value, f"between {low} and {high}{unit}")
+def cache_dir() -> Path:
+    """WANLORA_CACHE: the LoRA download cache; default the user cache folder (XDG_CACHE_HOME)."""
+    configured = _raw("WANLORA_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(_raw("XDG_CACHE_HOME") or Path.home() / ".cache") / "wanlora"
 
 
-def validate_side(field: str, value: object) -> int:
-    value = _require_int(field, value)
-    if value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
-        raise InvalidInput(field, value, f"a multiple of 16 between {MIN_SIDE} and {MAX_SIDE} pixels")
-    return value
+def cache_max_bytes() -> int:
+    """WANLORA_CACHE_MAX_GB: the cache is trimmed, least recently used first, to this size."""
+    return int(_number("WANLORA_CACHE_MAX_GB", DEFAULT_CACHE_MAX_GB) * 2**30)
 
 
-def validate_num_frames(value: object, max_frames: int) -> int:
-    value = _require_int("num_frames", value)
-    if (value - 1) % 4 or not MIN_FRAMES <= value <= max_frames:
-        raise InvalidInput(
-            "num_frames", value, f"4k+1 between {MIN_FRAMES} and {max_frames} (5, 9, 13, ... {max_frames})"
-        )
-    return value
+def max_lora_bytes() -> int:
+    """WANLORA_MAX_LORA_GB: the largest LoRA file wanlora downloads or unpacks."""
+    return int(_number("WANLORA_MAX_LORA_GB", DEFAULT_MAX_LORA_GB) * 2**30)
 
 
-def resolve_settings(
-    spec: ModelSpec,
-    prompt: object,
-    *,
-    negative_prompt: str | None = None,
-    resolution: str | None = None,
-    aspect_ratio: str | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    num_frames: int | None = None,
-    fps: int | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    shift: float | None = None,
-    seed: int | None = None,
-) -> GenerationSettings:
-    """Check every argument against `spec` and fill in its defaults.
+def download_timeout() -> float:
+    """WANLORA_DOWNLOAD_TIMEOUT: seconds one LoRA download may take in all, retries included."""
+    return _number("WANLORA_DOWNLOAD_TIMEOUT", DEFAULT_DOWNLOAD_TIMEOUT_S, minimum=1.0)
 
-    `width`/`height` override the `resolution`/`aspect_ratio` preset and must come together.
-    A `None` seed becomes a fresh random one, reported in the settings.
-    """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidInput("prompt", prompt, "a non-empty text")
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise InvalidInput("negative_prompt", negative_prompt, "a text")
 
-    if (width is None) != (height is None):
-        raise InvalidInput("width" if width is None else "height", None, "give width and height together")
-    if width is None:
-        width, height = spec.size(resolution, aspect_ratio or "16:9")
-    else:
-        width, height = validate_side("width", width), validate_side("height", height)
+def private_urls_allowed() -> bool:
+    """WANLORA_ALLOW_PRIVATE_URLS=1: plain http and loopback/private addresses, for tests only."""
+    return _flag("WANLORA_ALLOW_PRIVATE_URLS")
 
-    num_frames = validate_num_frames(spec.default_frames if num_frames is None else num_frames, spec.max_frames)
 
-    fps = _require_int("fps", spec.default_fps if fps is None else fps)
-    _in_range("fps", fps, 1, MAX_FPS)
+def civitai_url() -> str:
+    """WANLORA_CIVITAI_URL: where Civitai's API lives (a stand-in in tests)."""
+    return (_raw("WANLORA_CIVITAI_URL") or CIVITAI_URL).rstrip("/")
 
-    steps = _require_int("steps", spec.default_steps if steps is None else steps)
-    _in_range("steps", steps, 1, MAX_STEPS)
 
-    guidance = _require_number("guidance_scale", spec.default_guidance if guidance_scale is None else guidance_scale)
-    _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
+def replicate_url() -> str:
+    """WANLORA_REPLICATE_URL: where Replicate's model pages live (a stand-in in tests)."""
+    return (_raw("WANLORA_REPLICATE_URL") or REPLICATE_URL).rstrip("/")
 
-    shift = _require_number("shift", spec.default_shift(width, height) if shift is None else shift)
-    if not 0.0 < shift <= MAX_SHIFT:
-        raise InvalidInput("shift", shift, f"greater than 0 and at most {MAX_SHIFT}")
 
-    seed = secrets.randbelow(2**32) if seed is None else _require_int("seed", seed)
-    _in_range("seed", seed, 0, MAX_SEED)
+def civitai_token() -> str | None:
+    """CIVITAI_API_TOKEN: the operator's Civitai token, used when a request brings none."""
+    return _raw("CIVITAI_API_TOKEN")
 
-    return GenerationSettings(
-        prompt=prompt,
-        negative_prompt=negative_prompt or "",
-        width=width,
-        height=height,
-        num_frames=num_frames,
-        fps=fps,
-        steps=steps,
-        guidance_scale=guidance,
-        shift=shift,
-        seed=seed,
-    )
+
+def model_override(task: str) -> str | None:
+    """WANLORA_MODEL (text-to-video) or WANLORA_I2V_MODEL: the predictor's base model, e.g. a folder."""
+    return _raw("WANLORA_I2V_MODEL" if task == "i2v" else "WANLORA_MODEL")
+
+
+def weights_dir() -> Path | None:
+    """WANLORA_WEIGHTS: a folder of pre-fetched Hub repos (`OWNER/NAME/...`), such as Cog's managed weights."""
+    configured = _raw("WANLORA_WEIGHTS")
+    return Path(configured).expanduser() if configured else None
+
+
+def gpu_workers() -> int | None:
+    """WANLORA_GPUS: how many GPU workers the predictor starts; unset: one per visible GPU."""
+    raw = _raw("WANLORA_GPUS")
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidInput("WANLORA_GPUS", raw, "a whole number, 1 or more")
+    return int(raw)

@@ -98,8 +98,8 @@ def write_tiny_model(path: str | Path, seed: int = 0, i2v: bool = False) -> Path
 
 # ------------------------------------------------------------------ LoRA files in every layout
 #
-# Written from lora-formats.md's tables directly, not from wanlora.lora.formats, so tests
-# that read these files check the reader against an independent transcription.
+# Written from docs/lora-formats.md's tables directly, not from wanlora.lora.formats, so
+# tests that read these files check the reader against an independent transcription.
 
 BLOCK_ORIGINAL_NAMES = {
     "attn1.to_q": "self_attn.q",
@@ -129,19 +129,19 @@ TOP_ORIGINAL_NAMES = {
 
 # layout -> (prefix, namespace, flatten names?, down suffix, up suffix, writes alpha?)
 LORA_LAYOUTS = {
-    "A": ("diffusion_model.", "original", False, "lora_down.weight", "lora_up.weight", True),
-    "B": ("diffusion_model.", "original", False, "lora_A.weight", "lora_B.weight", True),
-    "C": ("lora_unet_", "original", True, "lora_down.weight", "lora_up.weight", True),
-    "D": ("transformer.", "diffusers", False, "lora_A.weight", "lora_B.weight", False),
-    "E": ("", "original", False, "lora_A.default.weight", "lora_B.default.weight", False),
-    "F": ("", "diffusers", False, "lora_A.weight", "lora_B.weight", False),
+    "original": ("diffusion_model.", "original", False, "lora_down.weight", "lora_up.weight", True),
+    "original-peft": ("diffusion_model.", "original", False, "lora_A.weight", "lora_B.weight", True),
+    "kohya": ("lora_unet_", "original", True, "lora_down.weight", "lora_up.weight", True),
+    "diffusers": ("transformer.", "diffusers", False, "lora_A.weight", "lora_B.weight", False),
+    "diffsynth": ("", "original", False, "lora_A.default.weight", "lora_B.default.weight", False),
+    "bare-peft": ("", "diffusers", False, "lora_A.weight", "lora_B.weight", False),
 }
-ALL_LAYOUTS = (*LORA_LAYOUTS, "G", "H", "I", "J")
+ALL_LAYOUTS = (*LORA_LAYOUTS, "loha", "lokr", "full-deltas", "non-block")
 PREFIX_VARIANTS = ("model.diffusion_model.", "pipe.dit.", "lora_unet__", "base_model.model.")
 
 
 def original_name(module: str) -> str:
-    """The original-Wan name of a diffusers module name, per lora-formats.md section 1."""
+    """The original-Wan name of a diffusers module name (docs/lora-formats.md, "Module names")."""
     if module.startswith("blocks."):
         _, index, rest = module.split(".", 2)
         return f"blocks.{index}.{BLOCK_ORIGINAL_NAMES[rest]}"
@@ -170,11 +170,11 @@ def lora_tensors(
     prefix: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A LoRA state dict in `layout` (lora-formats.md section 2) and the fp32 deltas it means.
+    """A LoRA state dict in `layout` (docs/lora-formats.md, "Layouts") and the fp32 deltas it means.
 
     `shapes` maps diffusers parameter names to shapes (from any model, meta or real);
     `targets` are module names (default: every block linear). The second dict maps each
-    changed parameter to its delta, computed with section 3's math.
+    changed parameter to its delta, computed with the doc's "The math".
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -204,13 +204,13 @@ def lora_tensors(
             name = name.replace(".", "_") if flat else name
             key = f"{default_prefix if prefix is None else prefix}{name}"
             low_rank(module, key, down_suffix, up_suffix, rank / 2 if with_alpha else None)
-    elif layout in ("G", "H"):
+    elif layout in ("loha", "lokr"):
         for module in targets:
             out_features, in_features = shapes[f"{module}.weight"]
             key = f"lycoris_{original_name(module).replace('.', '_')}"
             alpha = rank / 2
             tensors[f"{key}.alpha"] = torch.tensor(alpha)
-            if layout == "G":
+            if layout == "loha":
                 w1a, w2a = (randn(out_features, rank, scale=0.3) for _ in range(2))
                 w1b, w2b = (randn(rank, in_features, scale=0.3) for _ in range(2))
                 for suffix, value in zip(("w1_a", "w1_b", "w2_a", "w2_b"), (w1a, w1b, w2a, w2b), strict=True):
@@ -222,7 +222,7 @@ def lora_tensors(
                 w2b = randn(rank, in_features // 2, scale=0.1)
                 tensors.update({f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": w2a, f"{key}.lokr_w2_b": w2b})
                 expected[f"{module}.weight"] = torch.kron(w1, w2a @ w2b) * (alpha / rank)
-    elif layout == "I":  # lightx2v-style: LoRA on attention, full deltas elsewhere
+    elif layout == "full-deltas":  # lightx2v-style: LoRA on attention, full deltas elsewhere
         for module in targets:
             key = f"diffusion_model.{original_name(module)}"
             if ".attn" in module:
@@ -243,7 +243,7 @@ def lora_tensors(
                 tensors[f"diffusion_model.{original}"] = expected[param] = delta
         head = randn(*shapes["proj_out.weight"], scale=0.01)
         tensors["diffusion_model.head.head.diff"] = expected["proj_out.weight"] = head
-    elif layout == "J":  # non-block layers, original names, A-style factors
+    elif layout == "non-block":  # non-block layers, original names, lora_down/up factors
         for module in [m for m in TOP_ORIGINAL_NAMES if f"{m}.weight" in shapes and "norm" not in m]:
             low_rank(module, f"diffusion_model.{original_name(module)}", "lora_down.weight", "lora_up.weight", None)
     else:

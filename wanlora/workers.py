@@ -23,7 +23,8 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from .errors import InvalidInput, WanLoraError, WorkerCrashed
+from .errors import WanLoraError, WorkerCrashed
+from .settings import gpu_workers
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,9 @@ STRAGGLER_SECONDS = 30.0
 
 def worker_count() -> int:
     """WANLORA_GPUS, else every visible GPU (at least one process)."""
-    configured = os.environ.get("WANLORA_GPUS", "").strip()
-    if configured:
-        if not configured.isdigit() or int(configured) < 1:
-            raise InvalidInput("WANLORA_GPUS", configured, "a whole number, 1 or more")
-        return int(configured)
+    configured = gpu_workers()
+    if configured is not None:
+        return configured
     import torch
 
     return max(1, torch.cuda.device_count())

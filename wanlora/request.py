@@ -1,0 +1,271 @@
+"""One request, resolved once: every argument checked against the model, every default filled in.
+
+The CLI, the predictor's service and `WanLoraPipeline.generate` all go through
+`resolve_request`, before the (slow) model load where they can. Pure Python apart from
+reading the conditioning images.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .accelerators import Accelerator, accelerator_for
+from .errors import InvalidInput
+from .images import ImageInput, load_image, nearest_aspect_ratio
+from .lora.selection import LoraRequest, parse_requests
+from .models import ModelSpec
+from .settings import (
+    FAST_MODES,
+    MAX_FPS,
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SHIFT,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_FRAMES,
+    MIN_SHIFT,
+    MIN_SIDE,
+    RESIZE_MODES,
+)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides the frames, with every default filled in; diffusers' names."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    flow_shift: float
+    seed: int
+
+    @property
+    def token_count(self) -> int:
+        """Transformer tokens: latent frames (4x fewer, plus the first) x the latent 2x2 patches."""
+        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}, {self.num_frames} frames"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation request, valid for `spec`: what `WanLoraPipeline.run` takes."""
+
+    spec: ModelSpec
+    settings: GenerationSettings
+    images: tuple  # PIL images: the start image, and a last one where the model takes it
+    resize: str
+    loras: tuple[LoraRequest, ...] | None  # None keeps the pipeline's current set
+    fast_mode: str
+    accelerator: Accelerator | None
+    accelerator_ref: str | None
+    cfg_batch: bool
+
+
+def _require_int(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field, value, "a whole number")
+    return value
+
+
+def _require_number(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(field, value, "a finite number")
+    return float(value)
+
+
+def _in_range(field: str, value, low, high) -> None:
+    if not low <= value <= high:
+        raise InvalidInput(field, value, f"between {low} and {high}")
+
+
+def _check_text(field: str, value: object, required: bool) -> str:
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise InvalidInput(field, value, "a non-empty text" if required else "a text")
+    if len(value) > MAX_PROMPT_CHARS:
+        shown = f"{len(value)} characters"
+        raise InvalidInput(field, shown, f"at most {MAX_PROMPT_CHARS} characters (the model reads about 2,000)")
+    return value
+
+
+def validate_side(field: str, value: object) -> int:
+    value = _require_int(field, value)
+    if value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
+        raise InvalidInput(field, value, f"a multiple of 16 between {MIN_SIDE} and {MAX_SIDE} pixels")
+    return value
+
+
+def validate_num_frames(value: object, max_frames: int) -> int:
+    value = _require_int("num_frames", value)
+    if (value - 1) % 4 or not MIN_FRAMES <= value <= max_frames:
+        raise InvalidInput(
+            "num_frames", value, f"4k+1 between {MIN_FRAMES} and {max_frames} (5, 9, 13, ... {max_frames})"
+        )
+    return value
+
+
+def resolve_settings(
+    spec: ModelSpec,
+    prompt: object,
+    *,
+    negative_prompt: str | None = None,
+    resolution: str | None = None,
+    aspect_ratio: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    num_frames: int | None = None,
+    fps: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    flow_shift: float | None = None,
+    seed: int | None = None,
+) -> GenerationSettings:
+    """Check the frame-deciding arguments against `spec` and fill in its defaults.
+
+    `width`/`height` override the `resolution`/`aspect_ratio` preset and must come together.
+    A `None` seed becomes a fresh random one, reported in the settings.
+    """
+    prompt = _check_text("prompt", prompt, required=True)
+    negative_prompt = _check_text("negative_prompt", negative_prompt or "", required=False)
+
+    if (width is None) != (height is None):
+        raise InvalidInput("width" if width is None else "height", None, "give width and height together")
+    if width is None:
+        width, height = spec.size(resolution, aspect_ratio or "16:9")
+    else:
+        width, height = validate_side("width", width), validate_side("height", height)
+
+    num_frames = validate_num_frames(spec.default_frames if num_frames is None else num_frames, spec.max_frames)
+
+    fps = _require_int("fps", spec.default_fps if fps is None else fps)
+    _in_range("fps", fps, 1, MAX_FPS)
+
+    steps = _require_int(
+        "num_inference_steps", spec.default_steps if num_inference_steps is None else num_inference_steps
+    )
+    _in_range("num_inference_steps", steps, 1, MAX_STEPS)
+
+    guidance = _require_number("guidance_scale", spec.default_guidance if guidance_scale is None else guidance_scale)
+    _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
+
+    shift = _require_number("flow_shift", spec.default_shift(width, height) if flow_shift is None else flow_shift)
+    _in_range("flow_shift", shift, MIN_SHIFT, MAX_SHIFT)
+
+    seed = secrets.randbelow(2**32) if seed is None else _require_int("seed", seed)
+    _in_range("seed", seed, 0, MAX_SEED)
+
+    return GenerationSettings(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        num_frames=num_frames,
+        fps=fps,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        flow_shift=shift,
+        seed=seed,
+    )
+
+
+def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageInput | None) -> tuple:
+    """The conditioning images, read and checked: the right number for the model's task."""
+    if spec.task == "t2v":
+        if image is not None or last_image is not None:
+            raise InvalidInput("image", "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
+        return ()
+    if image is None:
+        raise InvalidInput("image", None, f"{spec.name} is image-to-video and needs a start image")
+    if last_image is not None and not spec.arch.takes_last_image:
+        raise InvalidInput(
+            "last_image",
+            "(an image)",
+            f"{spec.name} takes one image; a last frame needs a first-last-frame model "
+            "such as Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
+        )
+    images = [load_image(image)]
+    if last_image is not None:
+        images.append(load_image(last_image, "last_image"))
+    return tuple(images)
+
+
+def resolve_request(
+    spec: ModelSpec,
+    prompt: object,
+    *,
+    image: ImageInput | None = None,
+    last_image: ImageInput | None = None,
+    resize: str = "fit",
+    loras=None,
+    fast_mode: str = "off",
+    accelerator: str | None = None,
+    cfg_batch: bool = False,
+    aspect_ratio: str | None = None,
+    width: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    flow_shift: float | None = None,
+    **settings: Any,
+) -> Request:
+    """Resolve a whole request for `spec`; the keyword arguments are `WanLoraPipeline.generate`'s.
+
+    With an image and no explicit size, the preset whose aspect is nearest the image's is
+    used. An accelerator preset fills in the steps, guidance and shift it was trained for,
+    unless the caller set them (and a fixed-timestep preset takes exactly its step count).
+    """
+    images = resolve_images(spec, image, last_image)
+    if resize not in RESIZE_MODES:
+        raise InvalidInput("resize", resize, f"one of {', '.join(RESIZE_MODES)}")
+    if fast_mode not in FAST_MODES:
+        raise InvalidInput("fast_mode", fast_mode, f"one of {', '.join(FAST_MODES)}")
+    if not isinstance(cfg_batch, bool):
+        raise InvalidInput("cfg_batch", cfg_batch, "True or False")
+    preset = accelerator_ref = None
+    if accelerator is not None:
+        preset, accelerator_ref = accelerator_for(accelerator, spec)
+        num_inference_steps = preset.steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = preset.guidance if guidance_scale is None else guidance_scale
+        flow_shift = preset.shift if flow_shift is None else flow_shift
+        if preset.timesteps and num_inference_steps != len(preset.timesteps):
+            raise InvalidInput(
+                "num_inference_steps",
+                num_inference_steps,
+                f"{len(preset.timesteps)} with {accelerator}: it samples fixed timesteps",
+            )
+    if images and aspect_ratio is None and width is None:
+        aspect_ratio = nearest_aspect_ratio(images[0])
+    resolved = resolve_settings(
+        spec,
+        prompt,
+        aspect_ratio=aspect_ratio,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        flow_shift=flow_shift,
+        **settings,
+    )
+    return Request(
+        spec=spec,
+        settings=resolved,
+        images=images,
+        resize=resize,
+        loras=None if loras is None else tuple(parse_requests(loras)),
+        fast_mode=fast_mode,
+        accelerator=preset,
+        accelerator_ref=accelerator_ref,
+        cfg_batch=cfg_batch,
+    )
