@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,7 +44,19 @@ def probe(path: str | Path) -> Probe:
     return Probe(meta["codec"], meta["pix_fmt"].split("(")[0], width, height, meta["fps"], frames, info.stderr)
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def file_size_limit(size: int):
+    """For a child process: writes past `size` bytes fail (EFBIG) as they would on a full disk."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, preexec_fn=None
+) -> subprocess.CompletedProcess:
     """Run the installed `wanlora` entry point in a fresh process, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "wanlora.cli", *args],
@@ -51,6 +65,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
         cwd=cwd,
         env={**os.environ, **(env or {})},
         timeout=600,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -70,9 +85,35 @@ def fresh_tiny_pipe() -> WanLoraPipeline:
     return WanLoraPipeline.from_pretrained("tiny")
 
 
-def comment_tags(text: str) -> dict:
-    line = next(line for line in text.splitlines() if line.strip().startswith("comment"))
-    return json.loads(line.split(":", 1)[1].strip())
+def container_tags(path: str | Path) -> dict[str, str]:
+    """The MP4's global tags, read back in full through ffmpeg's FFMETADATA dump."""
+    dump = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    tags, key, value, escaped = {}, None, [], False
+    for char in dump.split("\n", 1)[1]:  # after the ;FFMETADATA1 line
+        if escaped:
+            value.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "=" and key is None:
+            key = "".join(value)
+            value = []
+        elif char == "\n":
+            tags[key] = "".join(value)
+            key, value = None, []
+        else:
+            value.append(char)
+    return tags
+
+
+def recorded(path: str | Path) -> dict:
+    """The generation as the MP4 records it: the JSON of its `comment` tag."""
+    return json.loads(container_tags(path)["comment"])
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
-"""Helpers for LoRA tests: snapshots and the expected weights."""
+"""Helpers for LoRA tests: snapshots, the expected weights, and archives like Replicate's."""
 
 from __future__ import annotations
+
+import io
+import tarfile
 
 import torch
 
@@ -24,3 +27,13 @@ def assert_weights(module: torch.nn.Module, base: dict, deltas: list[tuple[dict,
 def assert_bitwise(module: torch.nn.Module, reference: dict[str, torch.Tensor]):
     for name, param in module.named_parameters():
         assert torch.equal(param, reference[name]), f"{name} differs"
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return buffer.getvalue()

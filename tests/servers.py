@@ -3,6 +3,7 @@ Hub that speaks the endpoints huggingface_hub uses for downloads and file listin
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -20,12 +21,22 @@ class Route:
     body: bytes = b""
     status: int = 200
     redirect: str | None = None  # a Location to send instead
-    fail_first: int = 0  # answer 500 this many times first
+    fail_first: int = 0  # answer `fail_status` this many times first
+    fail_status: int = 500
+    retry_after: str | None = None  # a Retry-After header on those failures
     drop_first: int = 0  # send half the body, then hang up, this many times first
     ignore_range: bool = False
+    honour_if_range: bool = True  # a server that ignores If-Range resumes whatever it holds now
     delay: float = 0.0  # seconds before the body
+    drip: float = 0.0  # seconds between single bytes of the body: a stalled server
+    gzip: bool = False  # send the body gzip-encoded, with the compressed length
     content_type: str = "application/octet-stream"
     require_auth: str | None = None  # the Authorization header value that is accepted
+    require_query: str | None = None  # a `name=value` the query must carry (a signed or token link)
+
+    @property
+    def etag(self) -> str:
+        return f'"{hashlib.md5(self.body).hexdigest()}"'
 
 
 class _Base(http.server.ThreadingHTTPServer):
@@ -79,8 +90,12 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             return self._empty(404)
         if route.require_auth and self.headers.get("Authorization") != route.require_auth:
             return self._empty(401)
+        if route.require_query and route.require_query not in urlsplit(self.path).query.split("&"):
+            return self._empty(403)
         if attempt <= route.fail_first:
-            return self._empty(500)
+            return self._empty(
+                route.fail_status, headers={"Retry-After": route.retry_after} if route.retry_after else {}
+            )
         if route.redirect:
             self.send_response(302)
             self.send_header("Location", route.redirect)
@@ -89,18 +104,28 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             return
         if route.status != 200:
             return self._empty(route.status, route.body)
+        if self.headers.get("If-None-Match") == route.etag:
+            return self._empty(304, headers={"ETag": route.etag})
         body, start = route.body, 0
         ranged = self.headers.get("Range")
-        if ranged and not route.ignore_range:
+        if_range = self.headers.get("If-Range")
+        same_version = if_range is None or if_range == route.etag or not route.honour_if_range
+        if ranged and not route.ignore_range and same_version:
             start = int(ranged.removeprefix("bytes=").split("-")[0])
+            stop = ranged.split("-")[1]
+            end = min(int(stop), len(body) - 1) if stop else len(body) - 1
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+            part = body[start : end + 1]
         else:
             self.send_response(200)
-        part = body[start:]
+            part = body
+        if route.gzip:
+            part = gzip.compress(part)
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Type", route.content_type)
         self.send_header("Content-Length", str(len(part)))
-        self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+        self.send_header("ETag", route.etag)
         self.end_headers()
         if route.delay:
             time.sleep(route.delay)
@@ -110,13 +135,24 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        self.wfile.write(part)
-        if start == 0:
+        try:
+            if route.drip:
+                for i in range(len(part)):
+                    self.wfile.write(part[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(route.drip)
+            else:
+                self.wfile.write(part)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client gave up: a cancelled or timed-out download
+        if start == 0 and len(part) > 1:
             with server.lock:
                 server.full_bodies[path] += 1
 
-    def _empty(self, status: int, body: bytes = b"") -> None:
+    def _empty(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -154,6 +190,16 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, head: bool) -> None:
         parts = [p for p in urlsplit(self.path).path.split("/") if p]
+        if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "revision":  # repo_info
+            repo = self._repo(f"{parts[2]}/{parts[3]}", parts[5])
+            if repo is None:
+                return
+            info = {
+                "id": f"{parts[2]}/{parts[3]}",
+                "sha": self.commit,
+                "siblings": [{"rfilename": p} for p in repo.files],
+            }
+            return self._send(200, json.dumps(info).encode(), head, {"Content-Type": "application/json"})
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
             repo = self._repo(f"{parts[2]}/{parts[3]}", parts[5])
             if repo is None:
@@ -182,7 +228,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         if repo is None or (repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}"):
             self._error(401 if repo else 404, "RepoNotFound", self.command == "HEAD")
             return None
-        if revision not in repo.revisions:
+        if revision not in repo.revisions and revision != self.commit:
             self._error(404, "RevisionNotFound", self.command == "HEAD")
             return None
         return repo

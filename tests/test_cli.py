@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from .conftest import comment_tags, probe, run_cli
+from wanlora.testing import tiny_transformer, write_lora
+
+from .conftest import file_size_limit, probe, recorded, run_cli
 
 FOX = [
     "generate",
@@ -37,7 +39,7 @@ def test_generate_writes_the_requested_mp4_and_is_deterministic(tmp_path):
         12.0,
         9,
     )
-    tags = comment_tags(got.tags)
+    tags = recorded(tmp_path / "a.mp4")
     assert (tags["seed"], tags["model"], tags["prompt"]) == (7, "tiny", "a fox") and "wanlora" in tags
 
     second = run_cli(*FOX, "-o", str(tmp_path / "b.mp4"))
@@ -102,3 +104,61 @@ def test_tiny_model_writes_the_diffusers_layout_and_generates_from_it(tmp_path):
 def test_help_says_tiny_makes_noise():
     result = run_cli("generate", "--help")
     assert "noise, not art" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("civitai:12345", ("civitai:12345", 1.0)),
+        ("civitai:12345:0.5", ("civitai:12345", 0.5)),
+        ("owner/repo/style.safetensors:-0.3", ("owner/repo/style.safetensors", -0.3)),
+        ("style.safetensors:1,0.5", ("style.safetensors", (1.0, 0.5))),
+        ("https://host/x.safetensors", ("https://host/x.safetensors", 1.0)),
+        ("https://host:8443/x.safetensors:0.7", ("https://host:8443/x.safetensors", 0.7)),
+    ],
+)
+def test_lora_arguments_split_at_a_numeric_strength_only(text, parsed):
+    from wanlora.cli import parse_lora_arg
+
+    assert parse_lora_arg(text) == parsed
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--lora", "style.safetensors:nan"], "lora strength=nan"),
+        (["-o", "missing/x.mp4"], "folder missing does not exist"),
+        (["-o", "/sys/x.mp4"], "cannot write there"),
+        (["--quality", "101"], "--quality=101"),
+        (["--prompt-file-that-does-not-exist"], "unrecognized arguments"),
+    ],
+    ids=["strength", "missing-folder", "read-only-folder", "quality", "usage"],
+)
+def test_bad_arguments_are_refused_before_the_model_loads(tmp_path, args, words):
+    """t2v-14b is not reachable here: only an error raised before loading can name the argument."""
+    result = run_cli("generate", "a fox", "--model", "t2v-14b", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("device", "words"), [("cuda", "this machine has no CUDA GPU"), ("foo", "cpu, cuda")])
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, device, words):
+    result = run_cli(*FOX, "--device", device, cwd=tmp_path)
+    assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_environment_variable_is_named(tmp_path):
+    lora = tmp_path / "style.safetensors"
+    write_lora(lora, tiny_transformer(), "original")
+    result = run_cli(*FOX, "--lora", str(lora), cwd=tmp_path, env={"WANLORA_MAX_LORA_GB": "lots"})
+    assert result.returncode == 2 and "WANLORA_MAX_LORA_GB='lots' is not allowed" in result.stderr
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_no_mp4(tmp_path):
+    result = run_cli(*FOX, "-o", str(tmp_path / "fox.mp4"), preexec_fn=file_size_limit(3000))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("wanlora: error: ffmpeg could not write") and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".fox*"))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,11 @@ import pytest
 import requests
 import yaml
 
-from wanlora.testing import tiny_transformer, write_lora
+from wanlora.errors import LoraMismatch
+from wanlora.testing import tiny_transformer, write_lora, write_tiny_model
 
-from .conftest import probe
+from .conftest import probe, recorded
+from .lora_helpers import tar_of
 from .processes import alive, children_with, free_port, wait_for
 from .servers import FileServer, Route
 
@@ -30,18 +33,38 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"  # Cog's pkg/config/data, 0.22-0.23
 
 
-def test_cog_yaml_validates_against_cogs_schema():
+@pytest.mark.parametrize("name", ["cog.yaml", "cog.weights.yaml"])
+def test_cog_configs_validate_against_cogs_schema(name):
     import jsonschema
 
-    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    config = yaml.safe_load((ROOT / name).read_text())
     jsonschema.validate(config, json.loads(SCHEMA.read_text()))
     assert config["build"]["gpu"] is True and config["run"] == "predict.py:Predictor"
+    assert "HF_XET_HIGH_PERFORMANCE=1" in config["environment"]
     pins = dict(
         line.split("==")
         for line in (ROOT / config["build"]["python_requirements"]).read_text().splitlines()
         if "==" in line and not line.startswith("#")
     )
-    assert {"torch", "xformers", "diffusers", "transformers"} <= set(pins)
+    assert {"torch", "xformers", "diffusers", "transformers", "hf_xet"} <= set(pins)
+
+
+def test_managed_weights_hold_what_the_library_looks_for():
+    """Each entry lands where wanlora.hub.local_copy looks, with the files a load or an accelerator needs."""
+    from wanlora.accelerators import ACCELERATORS
+    from wanlora.hub import MODEL_FILES
+    from wanlora.models import CATALOGUE
+
+    config = yaml.safe_load((ROOT / "cog.weights.yaml").read_text())
+    root = next(v.split("=", 1)[1] for v in config["environment"] if v.startswith("WANLORA_WEIGHTS="))
+    for entry in config["weights"]:
+        repo = entry["source"]["uri"].removeprefix("hf://")
+        assert entry["target"] == f"{root}/{repo}"
+        if repo in {spec.source for spec in CATALOGUE.values()}:
+            assert entry["source"]["include"] == list(MODEL_FILES)
+    baked = next(e for e in config["weights"] if e["source"]["uri"] == "hf://Kijai/WanVideo_comfy")
+    needed = {ref.split("/", 2)[2] for preset in ACCELERATORS.values() for ref in preset.loras.values()}
+    assert needed == set(baked["source"]["include"])
 
 
 def test_inputs_are_visible_with_types_defaults_and_ranges():
@@ -79,15 +102,30 @@ def test_inputs_are_visible_with_types_defaults_and_ranges():
 
 @pytest.fixture(scope="module")
 def lora_server(tmp_path_factory):
+    """LoRAs over loopback: two styles, a login page, a Replicate trainer's tar, a private Civitai file."""
     folder = tmp_path_factory.mktemp("cog-loras")
     model = tiny_transformer()
     with FileServer() as server:
-        for name, layout, seed in (("style", "original", 1), ("motion", "kohya", 2)):
+        for name, layout, seed in (("style", "original", 1), ("motion", "kohya", 2), ("trained", "original-peft", 3)):
             path = folder / f"{name}.safetensors"
             write_lora(path, model, layout, seed=seed, metadata={"modelspec.trigger_phrase": f"{name}word"})
             server.routes[f"/{name}.safetensors"] = Route(path.read_bytes())
         server.routes["/login.safetensors"] = Route(b"<!DOCTYPE html><html>Please sign in</html>")
+        trained = server.routes["/trained.safetensors"].body  # diffusion-pipe's layout, as Replicate's trainers use
+        server.routes["/trained_model.tar"] = Route(tar_of({"wan_train_replicate/14b-lora.safetensors": trained}))
+        server.routes["/api/download/models/4242"] = Route(server.routes["/motion.safetensors"].body,
+                                                           require_auth="Bearer good-token")  # fmt: skip
         yield server
+
+
+@dataclass
+class CogServer:
+    url: str
+    pid: int
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
 
 
 @contextlib.contextmanager
@@ -105,7 +143,8 @@ def running_cog_server(tmp_path_factory, **env_overrides):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **env_overrides,
     }
-    log = open(tmp_path_factory.mktemp("cog-log") / "server.log", "w+")
+    log_path = tmp_path_factory.mktemp("cog-log") / "server.log"
+    log = open(log_path, "w+")
     server = subprocess.Popen(
         [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
         cwd=ROOT,
@@ -128,7 +167,7 @@ def running_cog_server(tmp_path_factory, **env_overrides):
         log.seek(0)
         pytest.fail(f"the Cog server never became ready:\n{log.read()[-3000:]}")
     try:
-        yield url, server.pid
+        yield CogServer(url, server.pid, log_path)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -136,9 +175,16 @@ def running_cog_server(tmp_path_factory, **env_overrides):
 
 
 @pytest.fixture(scope="module")
-def cog_server(tmp_path_factory):
-    with running_cog_server(tmp_path_factory) as (url, _):
-        yield url
+def cog(tmp_path_factory, lora_server):
+    """The shared server: the tiny model from a folder (with its stand-in accelerators), Civitai on loopback."""
+    folder = write_tiny_model(tmp_path_factory.mktemp("cog-model") / "tiny")
+    with running_cog_server(tmp_path_factory, WANLORA_MODEL=str(folder), WANLORA_CIVITAI_URL=lora_server.url) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def cog_server(cog):
+    return cog.url
 
 
 def health_settles(url: str, seconds: float = 10.0) -> str:
@@ -310,7 +356,8 @@ def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worke
     """WANLORA_GPUS=2 on CPU: two persistent gloo workers share each prediction (Ulysses 2)."""
     request = {"prompt": "a fox", **SMALL}
     reference = predict(cog_server, **request)
-    with running_cog_server(tmp_path_factory, WANLORA_GPUS="2") as (url, pid):
+    with running_cog_server(tmp_path_factory, WANLORA_GPUS="2") as server:
+        url, pid = server.url, server.pid
         assert predict(url, **request)["output"] == reference["output"]  # byte-identical MP4
 
         workers = children_with(pid, "spawn_main")
@@ -328,3 +375,137 @@ def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worke
         assert health_settles(url) == "READY"
         wait_for(lambda: not alive(victim), 10)
         assert predict(url, **request)["output"] == reference["output"]  # the new group serves
+
+
+# ------------------------------------------------------------------ Replicate's fine-tunes, accelerators, errors
+
+
+def test_server_replicate_weights_are_the_trained_lora(cog_server, lora_server, tmp_path):
+    """A trained version's trained_model.tar runs as the main LoRA, exactly as the file inside it would."""
+    request = {"prompt": "trainedword a fox", "lora_scale": 0.8, **SMALL}
+    trained = predict(cog_server, replicate_weights=f"{lora_server.url}/trained_model.tar", **request)
+    direct = predict(cog_server, lora_weights=f"{lora_server.url}/trained.safetensors", **request)
+    assert trained["status"] == direct["status"] == "succeeded", trained.get("error")
+    frames = probe(video_of(trained, tmp_path, "trained.mp4")).frames
+    assert np.array_equal(frames, probe(video_of(direct, tmp_path, "direct.mp4")).frames)
+    assert not np.array_equal(frames, probe(video_of(predict(cog_server, **request), tmp_path, "plain.mp4")).frames)
+    stacked = predict(cog_server, replicate_weights=f"{lora_server.url}/trained_model.tar",
+                      extra_lora=f"{lora_server.url}/style.safetensors", **request)  # fmt: skip
+    assert stacked["status"] == "succeeded" and stacked["output"] != trained["output"]
+    both = predict(cog_server, replicate_weights=f"{lora_server.url}/trained_model.tar",
+                   lora_weights=f"{lora_server.url}/style.safetensors", **request)  # fmt: skip
+    assert both["status"] == "failed" and len(both["error"].splitlines()) == 1
+    assert "lora_weights=" in both["error"] and "replicate_weights is its LoRA" in both["error"]
+
+
+def test_server_accelerator_samples_its_own_steps(cog_server, tmp_path):
+    request = {"prompt": "a fox", "num_frames": 9, "fps": 12, "seed": 3}
+    fast = predict(cog_server, accelerator="lightx2v-4step", **request)
+    assert fast["status"] == "succeeded", fast.get("error")
+    assert fast["metrics"]["steps"] == 4
+    tags = recorded(video_of(fast, tmp_path, "fast.mp4"))
+    assert (tags["accelerator"], tags["num_inference_steps"], tags["guidance_scale"]) == ("lightx2v-4step", 4, 1.0)
+    assert [lora["ref"].rsplit("/", 1)[1] for lora in tags["loras"]] == ["lightx2v-4step.safetensors"]
+    assert predict(cog_server, accelerator="causvid", **request)["metrics"]["steps"] == 8
+    assert predict(cog_server, **request)["metrics"]["steps"] == 30  # Replicate's default without one
+    wrong = predict(cog_server, accelerator="lightx2v-4step", sample_steps=6, **request)
+    assert wrong["status"] == "failed" and "4 with lightx2v-4step" in wrong["error"]
+
+
+def test_server_private_lora_needs_its_token_on_every_request(cog_server):
+    private = {"prompt": "a fox", "lora_weights": "civitai:4242", **SMALL}
+    first = predict(cog_server, civitai_api_token="good-token", **private)
+    assert first["status"] == "succeeded", first.get("error")
+    for token in (None, "wrong-token"):
+        refused = predict(cog_server, civitai_api_token=token, **private)
+        assert refused["status"] == "failed" and "Civitai needs an API token" in refused["error"], refused
+        assert health_settles(cog_server) == "READY"
+    assert predict(cog_server, civitai_api_token="good-token", **private)["output"] == first["output"]
+
+
+def test_server_keeps_secrets_out_of_errors_logs_and_tags(cog, lora_server, tmp_path):
+    host = lora_server.url.removeprefix("http://")
+    signed = "?token=tok3n-secret&X-Amz-Signature=s1g-secret"
+    missing = predict(cog.url, prompt="a fox", lora_weights=f"http://bob:pw-secret@{host}/missing.safetensors{signed}",
+                      hf_api_token="hf-secret", civitai_api_token="civ-secret", **SMALL)  # fmt: skip
+    assert missing["status"] == "failed" and "not found (404)" in missing["error"]
+    made = predict(cog.url, prompt="a fox", lora_weights=f"{lora_server.url}/style.safetensors{signed}", **SMALL)
+    tags = probe(video_of(made, tmp_path, "signed.mp4")).tags
+    for secret in ("tok3n-secret", "s1g-secret", "pw-secret", "hf-secret", "civ-secret"):
+        assert secret not in missing["error"] and secret not in "".join(missing["logs"] or "")
+        assert secret not in tags and secret not in cog.log_text(), secret
+
+
+def test_server_paths_on_the_server_are_refused_alike(cog_server, tmp_path):
+    """No input reaches a file on the server, and the answer does not tell whether it exists."""
+    for image in ("/etc/hostname", "/no/such/file.png"):
+        refused = predict(cog_server, prompt="a fox", image=image, **SMALL)
+        assert refused["status"] == "failed" and "image='(a path on the server)'" in refused["error"], refused
+    errors = set()
+    for ref in ("/etc/passwd", "/no/such/lora.safetensors"):
+        refused = predict(cog_server, prompt="a fox", lora_weights=ref, **SMALL)
+        assert refused["status"] == "failed"
+        errors.add(refused["error"].replace(ref, "PATH"))
+    assert len(errors) == 1 and "is a path; here a LoRA must come from a link" in errors.pop()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"lora_weights": 123}, {"lora_weights": ["a/b"]}, {"hf_api_token": 123}, {"num_frames": "nine"}, {"seed": -5}],
+    ids=["int-ref", "list-ref", "int-token", "text-frames", "negative-seed"],
+)
+def test_server_wrongly_typed_inputs_are_one_line(cog_server, bad):
+    refused = predict(cog_server, prompt="a fox", **{**SMALL, **bad})
+    assert refused["status"] == "failed" and len(refused["error"].splitlines()) == 1, refused
+    assert "Traceback" not in refused["error"] and health_settles(cog_server) == "READY"
+
+
+def test_server_a_lora_that_overflows_leaves_the_model_as_it_was(cog_server, lora_server, tmp_path):
+    import torch
+    from safetensors.torch import save
+
+    huge = {"lora_unet_blocks_0_self_attn_k.lora_down.weight": torch.full((4, 24), 0.01),
+            "lora_unet_blocks_0_self_attn_k.lora_up.weight": torch.full((24, 4), 0.01),
+            "lora_unet_blocks_0_self_attn_k.alpha": torch.tensor(1e300, dtype=torch.float64)}  # fmt: skip
+    lora_server.routes["/huge.safetensors"] = Route(save(huge))
+    style = {"prompt": "styleword a fox", "lora_weights": f"{lora_server.url}/style.safetensors", **SMALL}
+    before = predict(cog_server, **style)
+    refused = predict(cog_server, **{**style, "extra_lora": f"{lora_server.url}/huge.safetensors"})
+    assert refused["status"] == "failed" and "far too large" in refused["error"]
+    assert predict(cog_server, **style)["output"] == before["output"]  # not a half-changed model
+
+
+def test_server_cancel_during_a_stalled_download_frees_the_server_at_once(cog_server, lora_server):
+    lora_server.routes["/stalled.safetensors"] = Route(lora_server.routes["/style.safetensors"].body, drip=5.0)
+    health_settles(cog_server)
+    started = requests.put(
+        f"{cog_server}/predictions/stalled-1",
+        json={"input": {"prompt": "a fox", "lora_weights": f"{lora_server.url}/stalled.safetensors", **SMALL}},
+        headers={"Prefer": "respond-async"},
+        timeout=10,
+    )
+    assert started.status_code in (200, 202), started.text
+    time.sleep(3)  # well into the dripping body
+    cancelled_at = time.monotonic()
+    assert requests.post(f"{cog_server}/predictions/stalled-1/cancel", timeout=10).status_code == 200
+    while requests.get(f"{cog_server}/health-check", timeout=5).json()["status"] != "READY":
+        assert time.monotonic() - cancelled_at < 5, "the cancel did not free the server"
+        time.sleep(0.1)
+    assert predict(cog_server, prompt="a fox", **SMALL)["status"] == "succeeded"
+
+
+def test_in_process_outputs_do_not_pile_up(predictor):
+    for seed in range(3):
+        path = Path(predictor.run(**inputs(prompt="a fox", seed=seed)))
+        assert sorted(predictor.outputs.iterdir()) == [path]
+
+
+def test_in_process_a_lora_for_the_other_size_names_the_model_input(predictor, lora_server, offline_net):
+    import torch
+    from safetensors.torch import save
+
+    wide = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 5120),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(5120, 2)}  # fmt: skip
+    lora_server.routes["/wan14b.safetensors"] = Route(save(wide))
+    with pytest.raises(LoraMismatch, match="made for Wan2.1 14B.*run it with model=14b"):
+        predictor.run(**inputs(prompt="a fox", model="1.3b", lora_weights=f"{lora_server.url}/wan14b.safetensors"))

@@ -2,41 +2,35 @@
 
 from __future__ import annotations
 
-import io
+import ctypes
 import json
 import logging
+import os
 import subprocess
 import sys
-import tarfile
+import threading
+import time
 
 import pytest
 from safetensors.torch import save
 
-from wanlora.errors import LoraAuthRequired, LoraDownloadError, LoraFormatError, LoraNotFound
+from wanlora.errors import InvalidInput, LoraAuthRequired, LoraDownloadError, LoraFormatError, LoraNotFound
 from wanlora.lora import net
 from wanlora.lora.cache import LoraCache
 from wanlora.lora.fetch import Credentials, fetch_lora
 from wanlora.lora.refs import parse_ref
 from wanlora.testing import lora_tensors, tiny_transformer
 
-from .conftest import run_cli
+from .conftest import file_size_limit, run_cli
+from .lora_helpers import tar_of
 from .servers import FileServer, HubRepo, Route
+
+SHAPES = {n: tuple(p.shape) for n, p in tiny_transformer().named_parameters()}
 
 
 def lora_bytes(seed: int = 0, metadata: dict | None = None) -> bytes:
-    shapes = {n: tuple(p.shape) for n, p in tiny_transformer().named_parameters()}
-    tensors, _ = lora_tensors(shapes, "original", seed=seed, targets=["blocks.0.attn1.to_q"])
+    tensors, _ = lora_tensors(SHAPES, "original", seed=seed, targets=["blocks.0.attn1.to_q"])
     return save(tensors, metadata=metadata)
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, body in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------ the grammar
@@ -359,3 +353,256 @@ def test_an_unreachable_hub_is_a_download_error(offline_net, monkeypatch):
     monkeypatch.setattr(time, "sleep", lambda seconds: None)  # skip huggingface_hub's retry back-off
     with pytest.raises(LoraDownloadError, match="Hugging Face Hub cannot be reached"):
         fetch_lora("alice/wan-style")
+
+
+# ------------------------------------------------------------------ retries, encodings, resumes (hardening)
+
+
+def test_replicate_weights_lookup_is_retried_after_a_503(offline_net, file_server, monkeypatch):
+    body = lora_bytes(seed=9)
+    monkeypatch.setenv("WANLORA_REPLICATE_URL", file_server.url)
+    file_server.routes["/bob/flaky/_weights"] = Route(redirect="/delivery/w.tar", fail_first=1, fail_status=503)
+    file_server.routes["/delivery/w.tar"] = Route(tar_of({"lora.safetensors": body}))
+    assert fetch_lora("https://replicate.com/bob/flaky").path.read_bytes() == body
+    assert file_server.requests["/bob/flaky/_weights"] == 2
+
+
+def test_a_429_waits_for_its_retry_after(offline_net, file_server):
+    body = lora_bytes(seed=10)
+    file_server.routes["/busy.safetensors"] = Route(body, fail_first=1, fail_status=429, retry_after="1")
+    started = time.monotonic()
+    assert fetch_lora(f"{file_server.url}/busy.safetensors").path.read_bytes() == body
+    assert time.monotonic() - started >= 1.0  # not the 0.01 s backoff of the fixture
+    file_server.routes["/later.safetensors"] = Route(body, fail_first=1, fail_status=429, retry_after="3600")
+    with pytest.raises(LoraDownloadError, match="asks to wait 3600 s") as info:
+        fetch_lora(f"{file_server.url}/later.safetensors")
+    assert info.value.status == 429
+
+
+def test_a_gzip_encoded_answer_is_read_whole(offline_net, file_server):
+    body = lora_bytes(seed=11)
+    file_server.routes["/zipped.safetensors"] = Route(body, gzip=True)
+    assert fetch_lora(f"{file_server.url}/zipped.safetensors").path.read_bytes() == body
+    assert file_server.headers_seen[-1]["Accept-Encoding"] == "identity"
+
+
+def _killed_download(cache: LoraCache, url: str, first_half: bytes, etag: str) -> None:
+    """What a killed download leaves: half a body, and the validators it was resuming under."""
+    partial = cache.partial_path(cache.key(url))
+    partial.write_bytes(first_half)
+    partial.with_name(partial.name + ".json").write_text(json.dumps({"etag": etag, "last_modified": None}))
+
+
+@pytest.mark.parametrize("honours_if_range", [True, False], ids=["if-range", "ignores-if-range"])
+def test_a_resume_never_splices_two_versions(offline_net, file_server, honours_if_range):
+    old, new = lora_bytes(seed=12), lora_bytes(seed=13)
+    assert len(old) == len(new) and old != new
+    url = f"{file_server.url}/v.safetensors"
+    _killed_download(LoraCache(), url, old[: len(old) // 2], Route(old).etag)
+    file_server.routes["/v.safetensors"] = Route(new, honour_if_range=honours_if_range)
+    assert fetch_lora(url).path.read_bytes() == new
+    assert file_server.full_bodies["/v.safetensors"] == 1
+
+
+def test_a_resume_of_the_same_version_continues(offline_net, file_server):
+    body = lora_bytes(seed=14)
+    url = f"{file_server.url}/same.safetensors"
+    _killed_download(LoraCache(), url, body[:100], Route(body).etag)
+    file_server.routes["/same.safetensors"] = Route(body)
+    assert fetch_lora(url).path.read_bytes() == body
+    assert file_server.headers_seen[-1]["Range"] == "bytes=100-" and file_server.full_bodies["/same.safetensors"] == 0
+
+
+def test_a_damaged_cache_entry_is_fetched_again(offline_net, file_server):
+    body = lora_bytes(seed=15)
+    file_server.routes["/d.safetensors"] = Route(body)
+    first = fetch_lora(f"{file_server.url}/d.safetensors")
+    damaged = bytearray(first.path.read_bytes())
+    damaged[-1] ^= 0xFF  # same size, other bytes
+    first.path.write_bytes(bytes(damaged))
+    assert fetch_lora(f"{file_server.url}/d.safetensors").path.read_bytes() == body
+    assert file_server.full_bodies["/d.safetensors"] == 2
+
+
+def test_the_address_policy_holds_on_cache_hits(offline_net, file_server, monkeypatch):
+    file_server.routes["/c.safetensors"] = Route(lora_bytes(seed=16))
+    fetch_lora(f"{file_server.url}/c.safetensors")  # cached under the tests' opt-in
+    monkeypatch.delenv("WANLORA_ALLOW_PRIVATE_URLS")
+    with pytest.raises(LoraDownloadError, match="only https"):
+        fetch_lora(f"{file_server.url}/c.safetensors")
+    with pytest.raises(LoraDownloadError, match="private address 127.0.0.1"):
+        fetch_lora(f"{file_server.url.replace('http:', 'https:')}/c.safetensors")
+    assert file_server.requests["/c.safetensors"] == 1
+
+
+# ------------------------------------------------------------------ deadlines and cancellation
+
+
+def test_a_dripping_server_meets_the_overall_deadline(offline_net, file_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_DOWNLOAD_TIMEOUT", "1.5")
+    file_server.routes["/drip.safetensors"] = Route(lora_bytes(seed=17), drip=0.2)
+    started = time.monotonic()
+    with pytest.raises(LoraDownloadError, match=r"took longer than 1.5 s \(WANLORA_DOWNLOAD_TIMEOUT\)"):
+        fetch_lora(f"{file_server.url}/drip.safetensors")
+    assert time.monotonic() - started < 4
+    assert LoraCache().entries() == []
+
+
+def test_a_cancellation_ends_a_stalled_download_at_once(offline_net, file_server):
+    """Cog cancels by raising an exception inside the predicting thread (PyThreadState_SetAsyncExc)."""
+
+    class Cancelled(BaseException):
+        pass
+
+    file_server.routes["/stall.safetensors"] = Route(lora_bytes(seed=18), drip=5.0)
+    outcome = {}
+
+    def predict():
+        try:
+            fetch_lora(f"{file_server.url}/stall.safetensors")
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=predict)
+    worker.start()
+    time.sleep(1.0)
+    cancelled_at = time.monotonic()
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(Cancelled))
+    worker.join(10)
+    assert not worker.is_alive() and isinstance(outcome["error"], Cancelled)
+    assert time.monotonic() - cancelled_at < 2
+
+
+# ------------------------------------------------------------------ archives, odd answers, odd references
+
+
+def gnu_sparse_tar(name: str, real_size: int, data: bytes = b"w" * 512) -> bytes:
+    """A tar whose one member is an old-GNU sparse file: `data` stored, `real_size` bytes declared."""
+    header = bytearray(512)
+
+    def put(offset: int, value: bytes) -> None:
+        header[offset : offset + len(value)] = value
+
+    put(0, name.encode())
+    put(100, b"0000644\0")
+    put(108, b"0000000\0")
+    put(116, b"0000000\0")
+    put(124, f"{len(data):011o}\0".encode())
+    put(136, b"00000000000\0")
+    put(156, b"S")
+    put(257, b"ustar  \0")
+    put(386, f"{real_size - len(data):011o}\0".encode())  # one stretch of data, at the very end
+    put(398, f"{len(data):011o}\0".encode())
+    put(483, f"{real_size:011o}\0".encode())
+    put(148, b" " * 8)
+    put(148, f"{sum(header):06o}\0 ".encode())
+    return bytes(header) + data.ljust(512, b"\0") + b"\0" * 1024
+
+
+@pytest.mark.parametrize(("declared", "limit_gb"), [(8 * 2**30 - 1024, None), (64 * 2**20, "0.01")])
+def test_a_sparse_tar_bomb_is_refused_before_it_fills_the_disk(
+    offline_net, file_server, monkeypatch, declared, limit_gb
+):
+    if limit_gb:
+        monkeypatch.setenv("WANLORA_MAX_LORA_GB", limit_gb)
+    file_server.routes["/bomb.tar"] = Route(gnu_sparse_tar("lora.safetensors", declared))
+    with pytest.raises(LoraDownloadError, match="over the .* GiB limit"):
+        fetch_lora(f"{file_server.url}/bomb.tar")
+    written = sum(f.stat().st_size for f in LoraCache().root.rglob("*") if f.is_file())
+    assert written < 1_000_000
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"[]", b'{"modelVersions": "x"}', b'{"modelVersions": [{"id": "abc"}]}', b'{"modelVersions": [7]}'],
+)
+def test_a_malformed_civitai_answer_is_one_clear_error(offline_net, file_server, monkeypatch, answer):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    file_server.routes["/api/v1/models/99"] = Route(answer, content_type="application/json")
+    with pytest.raises(LoraDownloadError, match="Civitai's answer for model 99"):
+        fetch_lora("https://civitai.com/models/99")
+
+
+@pytest.mark.parametrize(
+    ("ref", "words"),
+    [
+        ("x" * 5000, "at most 4096"),
+        ("https://example.com/" + "a" * 5000, "at most 4096"),
+        ("~nouser-anywhere/x.safetensors", "not a usable path"),
+        ("https://[::1/x.safetensors", "not a valid link"),
+    ],
+)
+def test_odd_references_are_one_clear_error(offline_net, ref, words):
+    with pytest.raises(LoraNotFound, match=words):
+        fetch_lora(ref)
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-1"])
+def test_a_bad_size_limit_names_the_variable(offline_net, file_server, monkeypatch, value):
+    file_server.routes["/x.safetensors"] = Route(lora_bytes())
+    monkeypatch.setenv("WANLORA_MAX_LORA_GB", value)
+    with pytest.raises(InvalidInput, match=f"WANLORA_MAX_LORA_GB='{value}' is not allowed"):
+        fetch_lora(f"{file_server.url}/x.safetensors")
+
+
+def test_an_unwritable_cache_is_named(offline_net, file_server, monkeypatch):
+    file_server.routes["/x.safetensors"] = Route(lora_bytes())
+    monkeypatch.setenv("WANLORA_CACHE", "/sys/wanlora-cache")  # not writable, even by root
+    with pytest.raises(LoraDownloadError, match="LoRA cache folder /sys/wanlora-cache cannot be written"):
+        fetch_lora(f"{file_server.url}/x.safetensors")
+
+
+def test_a_full_disk_during_a_download_leaves_nothing_behind(offline_net, file_server):
+    body = save(lora_tensors(SHAPES, "original", seed=19)[0])  # a few kB
+    file_server.routes["/big.safetensors"] = Route(body)
+    code = f"from wanlora.lora.fetch import fetch_lora; fetch_lora('{file_server.url}/big.safetensors')"
+    full = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=file_size_limit(2000)
+    )
+    assert full.returncode != 0 and "cannot write to the LoRA cache" in full.stderr
+    assert not list((LoraCache().root / "partial").glob("*.part"))
+    assert fetch_lora(f"{file_server.url}/big.safetensors").path.read_bytes() == body  # and the next one works
+
+
+# ------------------------------------------------------------------ addresses
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("100.100.100.200", "cloud metadata"),  # Alibaba Cloud's metadata service
+        ("100.64.0.1", "private"),  # carrier-grade NAT
+        ("fd00:ec2::254", "cloud metadata"),  # AWS's, over IPv6
+        ("2002:a9fe:a9fe::1", "link-local"),  # 6to4 of 169.254.169.254
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of it
+        ("2002:0a00:0001::1", "private"),  # 6to4 of 10.0.0.1
+        ("fec0::1", "non-routable"),  # site-local
+    ],
+)
+def test_addresses_hidden_in_other_forms_are_refused(monkeypatch, tmp_path, address, refused):
+    monkeypatch.setenv("WANLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv("WANLORA_ALLOW_PRIVATE_URLS", "1" if refused != "private" else "0")
+    monkeypatch.setattr(net, "resolve_host", lambda host, port: [address])
+    with pytest.raises(LoraDownloadError, match=refused):
+        fetch_lora("https://lora.example.com/x.safetensors")
+
+
+# ------------------------------------------------------------------ two processes at a full cache
+
+
+def test_two_processes_at_a_full_cache_never_wait_on_each_other(offline_net, file_server):
+    """Each evicts the other's entries: with eviction under its own lock, they deadlocked."""
+    for i in range(6):
+        file_server.routes[f"/{i}.safetensors"] = Route(lora_bytes(seed=20 + i), delay=0.3)
+    code = (
+        "import sys; from wanlora.lora.fetch import fetch_lora\n"
+        f"for i in sys.argv[1:]: fetch_lora('{file_server.url}/' + i + '.safetensors')"
+    )
+    env = {**os.environ, "WANLORA_CACHE_MAX_GB": "0"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, *order], env=env, stderr=subprocess.PIPE, text=True)
+        for order in (["0", "1", "2", "3", "4", "5"], ["5", "4", "3", "2", "1", "0"])
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err

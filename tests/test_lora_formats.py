@@ -1,12 +1,14 @@
-"""Every layout of lora-formats.md, read and merged exactly; diffusers as the oracle where it works."""
+"""Every layout of docs/lora-formats.md, read and merged exactly; diffusers as the oracle where it works."""
 
 import json
+import struct
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from wanlora.errors import LoraFormatError, LoraMismatch
+from wanlora.lora.fetch import fetch_lora
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.lora.metadata import trigger_words
@@ -172,3 +174,34 @@ def test_trigger_words_from_metadata():
     freq = json.dumps({"10_set": {"wanstyle": 30, "a dog": 2, "blue": 5}})
     assert trigger_words({"ss_tag_frequency": freq}) == ["wanstyle", "blue", "a dog"]
     assert trigger_words({"ss_tag_frequency": "not json"}) == []
+
+
+def test_lightx2v_head_modulation_maps_to_the_top_level_table(model, tmp_path):
+    """lightx2v's extractor turns `.modulation` into `.diff_m`, the head's included."""
+    delta = torch.randn(1, 2, 24) * 0.01
+    save_file({"diffusion_model.head.diff_m": delta}, tmp_path / "l.safetensors")
+    base = snapshot(model)
+    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.5)])
+    assert_weights(model, base, [({"scale_shift_table": delta}, 1.5)])
+
+
+def _with_header(path, header: bytes, data: bytes = b"\0" * 16) -> str:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": "ab"}}', "malformed data offsets"),
+        (b'{"a": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]}}', "malformed shape"),
+        (b'{"a": {"dtype": 7, "shape": [2], "data_offsets": [0, 8]}}', "unknown dtype"),
+        (b'{"a": [1, 2]}', "malformed header entry"),
+        (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    ],
+    ids=["offsets", "shape", "dtype", "entry", "deep"],
+)
+def test_malformed_safetensors_headers_are_one_clear_error(tmp_path, header, words):
+    path = _with_header(tmp_path / "bad.safetensors", header)
+    with pytest.raises(LoraFormatError, match=words):
+        fetch_lora(path)

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from wanlora import WanLoraPipeline
 from wanlora.errors import InvalidInput, LoraFormatError, LoraMismatch, LoraNotFound
 from wanlora.lora.formats import Delta, read_lora
 from wanlora.lora.merge import LoraMerger
@@ -182,3 +183,111 @@ def test_bf16_single_gemm_rounds_once_from_fp32(tmp_path):
         ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-30)
         assert ((param.float() - want.float()).abs() <= ulp).all(), name
         assert (param != want).float().mean() < 0.01, name
+
+
+# ------------------------------------------------------------------ all or nothing, for every exception
+
+
+def lora_with_alpha(path, alpha: torch.Tensor, factor: float = 0.01) -> str:
+    """A kohya-style LoRA on one module whose alpha is `alpha` (a float64 1e300, a NaN, ...)."""
+    tensors = {
+        "lora_unet_blocks_0_self_attn_k.lora_down.weight": torch.full((4, 24), factor),
+        "lora_unet_blocks_0_self_attn_k.lora_up.weight": torch.full((24, 4), factor),
+        "lora_unet_blocks_0_self_attn_k.alpha": alpha,
+    }
+    save_file(tensors, path)
+    return str(path)
+
+
+def test_an_overflowing_alpha_is_refused_before_any_write(fresh_tiny_pipe, pool, tmp_path):
+    pipe = fresh_tiny_pipe
+    pipe.set_loras([(pool["a"][0], 1.0)])
+    before = snapshot(pipe.transformer)
+    huge = lora_with_alpha(tmp_path / "huge.safetensors", torch.tensor(1e300, dtype=torch.float64))
+    with pytest.raises(LoraFormatError, match="would push blocks.0.attn1.to_k.weight beyond what"):
+        pipe.set_loras([(pool["b"][0], 1.0), (huge, 1.0)])
+    assert_bitwise(pipe.transformer, before)
+    assert [r.ref for r in pipe.active_loras] == [pool["a"][0]]
+    bf16 = WanLoraPipeline.from_pretrained("tiny", dtype=torch.bfloat16)
+    big = lora_with_alpha(tmp_path / "big.safetensors", torch.tensor(4.0), factor=100.0)
+    bf16.set_loras([(big, 1e32)])  # 4e36 per weight: large, but bf16 holds it
+    merged = snapshot(bf16.transformer)
+    with pytest.raises(LoraFormatError, match="beyond what torch.bfloat16 can hold"):
+        bf16.set_loras([(big, 1e36)])  # 4e40: the bound cannot vouch, and the exact sum overflows
+    assert_bitwise(bf16.transformer, merged)
+
+
+def test_a_write_that_fails_half_way_through_a_tensor_is_undone_too(pool, monkeypatch):
+    from wanlora.lora import merge
+
+    loaded = {k: read_lora(path) for k, (path, _) in pool.items()}
+    model = tiny_transformer()
+    merger = LoraMerger(model)
+    merger.apply([(loaded["a"], 1.0)])
+    before = snapshot(model)
+    monkeypatch.setattr(merge, "CPU_CHUNK_ELEMENTS", 24 * 4)  # several chunks per tensor
+    chunks = {"n": 0}
+    original = merger._summed_rows
+
+    def failing(name, terms):
+        for chunk in original(name, terms):
+            chunks["n"] += 1
+            if chunks["n"] == 9:  # the third chunk of the third tensor: some rows already written
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            yield chunk
+
+    monkeypatch.setattr(merger, "_summed_rows", failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        merger.apply([(loaded["b"], 1.0), (loaded["c"], 0.5)])
+    monkeypatch.setattr(merger, "_summed_rows", original)
+    assert_bitwise(model, before)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lora_unet_blocks_0_self_attn_k.alpha", torch.tensor(float("nan"))),
+        ("lora_unet_blocks_0_self_attn_k.lora_up.weight", torch.full((24, 4), float("inf"))),
+    ],
+)
+def test_nan_or_inf_in_a_file_is_refused_by_name(tmp_path, key, value):
+    path = lora_with_alpha(tmp_path / "l.safetensors", torch.tensor(2.0))
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    tensors[key] = value
+    save_file(tensors, path)
+    with pytest.raises(LoraFormatError, match=f"NaN or infinite values, in: {key}"):
+        read_lora(path)
+
+
+@pytest.mark.parametrize(
+    ("down", "up", "alpha", "words"),
+    [
+        (torch.tensor(1.0), torch.zeros(24, 1), None, r"down factor has shape \[\]"),
+        (torch.zeros(0, 24), torch.zeros(24, 0), None, r"up factor has shape \[24, 0\]"),
+        (torch.zeros(4, 24), torch.zeros(24, 4), torch.ones(4), r"alpha must be one number, not a \[4\]"),
+    ],
+    ids=["0-dim", "empty", "vector-alpha"],
+)
+def test_malformed_factors_are_refused_by_name(tmp_path, down, up, alpha, words):
+    tensors = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up}  # fmt: skip
+    if alpha is not None:
+        tensors["diffusion_model.blocks.0.self_attn.q.alpha"] = alpha
+    save_file(tensors, tmp_path / "l.safetensors")
+    with pytest.raises(LoraFormatError, match=words):
+        read_lora(tmp_path / "l.safetensors")
+
+
+def test_an_integer_alpha_is_still_alpha(tmp_path):
+    """Wan2.2-Lightning stores alpha as an int64 scalar: dropping it runs the LoRA at rank/alpha times its strength."""
+    model = tiny_transformer()
+    base = snapshot(model)
+    down, up = torch.randn(32, 24) * 0.01, torch.randn(24, 32) * 0.01
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
+               "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4, dtype=torch.int64)},
+              tmp_path / "l.safetensors")  # fmt: skip
+    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    assert_weights(model, base, [({"blocks.0.attn1.to_q.weight": (up @ down) * 4 / 32}, 1.0)])

@@ -1,10 +1,14 @@
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from wanlora import Video, VideoEncodeError
 from wanlora.video import encode_mp4
 
-from .conftest import comment_tags, probe
+from .conftest import container_tags, file_size_limit, probe, recorded
 
 
 def gradient_frames(count=9, height=48, width=64):
@@ -24,7 +28,7 @@ def test_encodes_h264_yuv420p_with_exact_frames_fps_and_tags(tmp_path):
     assert got.frames.shape == frames.shape
     assert np.abs(got.frames.astype(int) - frames.astype(int)).mean() < 4  # CRF 18 is near-lossless
     assert "title           : a fox" in got.tags
-    assert comment_tags(got.tags) == {"prompt": "a fox", "seed": 7, "loras": [["x", 0.5]]}
+    assert recorded(path) == {"prompt": "a fox", "seed": 7, "loras": [["x", 0.5]]}
     assert b"moov" in path.read_bytes()[:4096]  # +faststart puts the index up front
 
 
@@ -44,3 +48,38 @@ def test_refuses_bad_crf_and_suffix(tmp_path):
     with pytest.raises(VideoEncodeError, match=".mp4"):
         encode_mp4(gradient_frames(), tmp_path / "x.avi", fps=12)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_any_prompt_is_tagged_without_breaking_the_encode(tmp_path):
+    """Tags go through a metadata file: no argv limit, no NUL trouble, escapes kept."""
+    prompt = "a fox; #1 = best\\ and\nmore\x00 " + "long " * 40_000  # 200 kB, over the old argv limit
+    path = Video(frames=gradient_frames(), fps=12, seed=1, metadata={"prompt": prompt}).save(tmp_path / "x.mp4")
+    assert len(probe(path).frames) == 9
+    tags = container_tags(path)
+    assert json.loads(tags["comment"])["prompt"] == prompt  # recorded in full, exactly
+    assert tags["title"].startswith("a fox; #1 = best\\ and\nmore ") and len(tags["title"]) < 1100
+
+
+def test_a_full_disk_is_an_error_and_leaves_no_file(tmp_path):
+    code = (
+        "import numpy as np, sys; from wanlora.video import encode_mp4\n"
+        "frames = np.random.default_rng(0).integers(0, 255, (30, 256, 256, 3), dtype=np.uint8)\n"
+        f"encode_mp4(frames, {str(tmp_path / 'out.mp4')!r}, fps=12)"
+    )
+    full = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=file_size_limit(20_000)
+    )
+    assert full.returncode != 0 and "VideoEncodeError: ffmpeg could not write" in full.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_places_are_checked_before_any_work(tmp_path):
+    frames = gradient_frames()
+    (tmp_path / "file").write_text("x")
+    for path, words in (
+        (tmp_path / "missing" / "x.mp4", "does not exist"),
+        (tmp_path / "file" / "x.mp4", "does not exist"),
+        ("/sys/x.mp4", "cannot write there"),  # read-only even for root
+    ):
+        with pytest.raises(VideoEncodeError, match=words):
+            encode_mp4(frames, path, fps=12)

@@ -19,7 +19,7 @@ from .accelerators import ACCELERATORS
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
 from .models import CATALOGUE, ModelSpec, identify_model, resolve_model
-from .parallel import LAUNCHED_BY_GPUS, ParallelPlan, launched_by_torchrun, process_rank, world_size
+from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
 from .request import GenerationSettings, resolve_request
 from .settings import (
     ASPECT_RATIOS,
@@ -43,7 +43,7 @@ REF_HELP = (
     "replicate.com link, civitai:VERSION_ID, any https:// link to a .safetensors file, or a local path"
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # `civitai` in civitai:12345
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+-]*")  # `civitai` in civitai:12345
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -193,7 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     }
     spec = resolve_model(args.model)
     request = resolve_request(spec, args.prompt, **options)  # everything is checked offline, first
-    from .pipeline import resolve_device
+    from .devices import resolve_device
     from .video import check_output, quality_to_crf
 
     quality_to_crf(args.quality, "--quality")
@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wanlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if speaks and not os.environ.get(LAUNCHED_BY_GPUS):  # under --gpus, the launcher says it
+        if speaks and not launched_by_gpus():  # under --gpus, the launcher says it
             print("wanlora: interrupted", file=sys.stderr)
         return 130
 

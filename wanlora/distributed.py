@@ -9,7 +9,6 @@ it would judge each rank's share of the tokens on its own, and the ranks would d
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 
 import torch
@@ -17,7 +16,7 @@ import torch.distributed as dist
 
 from .errors import InvalidInput, WanLoraError
 from .guidance import SplitGuidance
-from .parallel import ParallelPlan
+from .parallel import ParallelPlan, has_rendezvous, local_rank
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +44,12 @@ def resolve_plan(parallel, heads: int, model: str, device: torch.device) -> Para
 def init_distributed() -> torch.device:
     """Join the process group torchrun described in the environment; return this rank's device."""
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
+        if not has_rendezvous():
             raise InvalidInput(
                 "parallel",
                 "(set)",

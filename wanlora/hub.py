@@ -22,7 +22,7 @@ from .settings import weights_dir
 logger = logging.getLogger(__name__)
 
 # What a diffusers-layout Wan repo needs for loading; duplicate .bin/.pth weights are left out.
-MODEL_FILES = ("model_index.json", "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer/*")
+MODEL_FILES = ("model_index.json", "*.json", "*.safetensors", "*.txt", "*.model")
 
 
 def transport_errors() -> tuple[type[BaseException], ...]:

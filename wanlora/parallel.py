@@ -100,6 +100,9 @@ class ParallelPlan:
 LAUNCHED_BY_GPUS = "WANLORA_LAUNCHED_BY_GPUS"  # set in the workers `wanlora generate --gpus` starts
 
 
+# torchrun describes each process in its environment; these read it, here and nowhere else.
+
+
 def world_size() -> int:
     """How many processes torchrun (or `--gpus`) started: its WORLD_SIZE; 1 outside it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,6 +113,21 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank() -> int:
+    """This process's GPU on its machine: torchrun's LOCAL_RANK; 0 outside it."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def has_rendezvous() -> bool:
+    """Whether torchrun told this process where to meet the others (MASTER_ADDR)."""
+    return "MASTER_ADDR" in os.environ
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several that torchrun (or `--gpus`) started."""
     return world_size() > 1
+
+
+def launched_by_gpus() -> bool:
+    """Whether `wanlora generate --gpus` started this process (its launcher reports failures)."""
+    return LAUNCHED_BY_GPUS in os.environ

@@ -26,6 +26,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from . import __version__
 from .accelerators import accelerator_refs, fixed_timestep_scheduler
 from .attention import choose_backend, install_backend
+from .devices import resolve_device
 from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound
 from .fastmode import apply_fast_mode
@@ -45,25 +46,6 @@ from .video import Video
 logger = logging.getLogger(__name__)
 
 SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")  # the same for every Wan2.1 variant
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device` checked against this machine; None: CUDA when there is a GPU, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InvalidInput("device", device, "cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise InvalidInput("device", device, "cpu: this machine has no CUDA GPU")
-        if resolved.index is not None and resolved.index >= count:
-            raise InvalidInput("device", device, f"cuda:0 to cuda:{count - 1}: this machine has {count} GPU(s)")
-    elif resolved.type != "cpu":
-        raise InvalidInput("device", device, "cpu, cuda or cuda:N")
-    return resolved
 
 
 def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -225,7 +207,9 @@ class WanLoraPipeline:
         raise failure
 
     def _set_loras(self, requests: list[LoraRequest], credentials: Credentials | None) -> None:
-        chosen = [Chosen(r, self.loader.load(r.ref, credentials)) for r in requests]
+        credentials = credentials or Credentials()
+        builtin = replace(credentials, local_files=True)  # a preset's own file, not a user's path
+        chosen = [Chosen(r, self.loader.load(r.ref, builtin if r.builtin else credentials)) for r in requests]
         started = time.perf_counter()
         rewritten = apply_together([(self.loras, chosen)])
         if not rewritten:
@@ -288,14 +272,14 @@ class WanLoraPipeline:
                 raise InvalidInput("cfg_batch", True, "False with CFG-parallel, which runs both passes at once already")
             self.parallel.plan.check_tokens(settings.token_count, settings.size)
             settings = replace(settings, seed=self.parallel.shared_seed(settings.seed))
-        loras = request.loras
+        loras = list(request.loras if request.loras is not None else self.active_loras)  # access is re-checked
         if request.accelerator is not None:
-            style = loras if loras is not None else self.active_loras
             distillers = accelerator_refs(self.spec)
-            loras = [r for r in style if r.ref not in distillers]
-            loras.append(LoraRequest(request.accelerator_ref, request.accelerator.strength))
-        if loras is not None:
-            self.set_loras(loras, credentials)
+            loras = [r for r in loras if r.ref not in distillers]
+            loras.append(LoraRequest(request.accelerator_ref, request.accelerator.strength, builtin=True))
+        started = time.perf_counter()
+        self.set_loras(loras, credentials)
+        lora_seconds = time.perf_counter() - started
         self._hint_trigger_words(settings.prompt)
         apply_fast_mode(self.transformer, self.spec, request.fast_mode, settings.num_inference_steps)
         size = (settings.width, settings.height)
@@ -313,7 +297,10 @@ class WanLoraPipeline:
         self.batched_guidance.active = request.cfg_batch and guided
         if self.parallel is not None:
             self.parallel.set_guidance(guided)
-        return self._denoise(settings, progress, conditioning, extra, request)
+        video = self._denoise(settings, progress, conditioning, extra, request)
+        if video is not None:
+            video.timings["lora_load_seconds"] = lora_seconds
+        return video
 
     def _hint_trigger_words(self, prompt: str) -> None:
         for chosen in self.loras.active:

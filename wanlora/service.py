@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from .lora.fetch import Credentials
 from .lora.refs import display_ref
 from .lora.selection import LoraRequest
 from .models import resolve_model
-from .request import resolve_request
+from .request import Request, resolve_request
 from .settings import LORA_SCALE_RANGE, model_override
 
 logger = logging.getLogger(__name__)
@@ -99,8 +98,7 @@ class ServiceRequest:
     """A Replicate request resolved for the library: the model to run and what to run."""
 
     model: str
-    request: object  # wanlora.request.Request
-    loras: list[LoraRequest]
+    request: Request
     quality: int
     credentials: Credentials
 
@@ -201,13 +199,13 @@ class VideoService:
             seed=seed,
             fast_mode=_choice("fast_mode", fast_mode, FAST_MODES),
             accelerator=accelerator,
+            loras=replicate_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale, replicate_weights),
         )
-        loras = replicate_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale, replicate_weights)
         if isinstance(output_quality, bool) or not isinstance(output_quality, int):
             raise InvalidInput("output_quality", output_quality, "a whole number between 0 and 100")
         credentials = Credentials(hf_token=hf_api_token or None, civitai_token=civitai_api_token or None,
                                   local_files=False)  # fmt: skip
-        return ServiceRequest(name, request, loras, output_quality, credentials)
+        return ServiceRequest(name, request, output_quality, credentials)
 
     def generate(self, *, out_dir: Path, **inputs: object) -> Result | None:
         """Validate every input, then make the LoRA state match and generate an MP4 in `out_dir`.
@@ -218,17 +216,14 @@ class VideoService:
         pipe = self.load(resolved.model)
         if resolved.request.spec != pipe.spec:  # the model's own config decided (a folder, the weights)
             resolved = self.resolve(**inputs)
-        started = time.perf_counter()
         try:
-            pipe.set_loras(resolved.loras, resolved.credentials)
+            video = pipe.run(resolved.request, resolved.credentials)
         except LoraMismatch as exc:
             raise _with_model_hint(exc, inputs.get("model", "14b")) from None
-        lora_seconds = time.perf_counter() - started
-        video = pipe.run(resolved.request, resolved.credentials)
         if video is None:
             return None
         path = video.save(Path(out_dir) / f"wanlora-{video.seed}.mp4", quality=resolved.quality)
-        timings = {"lora_load_seconds": lora_seconds, **video.timings, **self.unreported_setup}
+        timings = {**video.timings, **self.unreported_setup}
         self.unreported_setup = {}
         steps = resolved.request.settings.num_inference_steps
         return Result(path, video.seed, len(video.frames), steps, timings)

@@ -90,9 +90,23 @@ def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline:
 
 
 def write_tiny_model(path: str | Path, seed: int = 0, i2v: bool = False) -> Path:
-    """Save a tiny model in the exact diffusers folder layout and return the folder."""
+    """Save a tiny model in the exact diffusers folder layout and return the folder.
+
+    Beside it, `accelerators/` holds a random stand-in for each accelerator preset's LoRA
+    (wanlora.accelerators), so that `--accelerator` runs offline on the tiny model too.
+    """
+    from safetensors.torch import save_file
+
+    from .accelerators import ACCELERATORS, TINY_FOLDER
+
     path = Path(path)
-    tiny_pipeline(seed, i2v=i2v).save_pretrained(path, safe_serialization=True)
+    pipeline = tiny_pipeline(seed, i2v=i2v)
+    pipeline.save_pretrained(path, safe_serialization=True)
+    shapes = {name: tuple(p.shape) for name, p in pipeline.transformer.named_parameters()}
+    (path / TINY_FOLDER).mkdir()
+    for number, name in enumerate(ACCELERATORS):
+        tensors, _ = lora_tensors(shapes, "full-deltas", seed=seed + number)
+        save_file(tensors, str(path / TINY_FOLDER / f"{name}.safetensors"))
     return path
 
 

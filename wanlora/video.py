@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -160,6 +161,8 @@ def _run_ffmpeg(command: list[str], frames: np.ndarray, partial: Path, path: Pat
             process.wait()
             raise
         code = process.wait()
+        if code < 0:  # a file size limit, an out-of-memory kill
+            raise VideoEncodeError(f"ffmpeg could not write {path}: it was stopped by {signal.Signals(-code).name}")
         if code != 0:
             errors.seek(0)
             said = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]

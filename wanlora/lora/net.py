@@ -223,12 +223,27 @@ class Retryable(Exception):
 RETRYABLE = (Retryable, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
+QUERY = re.compile(r"((?:https?://)?[^\s'\"?]*)\?[^\s'\")]+")
+
+
 def describe(exc: BaseException, url: str | None = None) -> str:
     """A one-line reason for `exc`, without the URL's query or any secret in it."""
     text = str(exc).split("\n")[0][:300] if str(exc) else type(exc).__name__
     for secret in url_secrets(url or ""):
         text = text.replace(secret, "***")
-    return re.sub(r"((?:https?://)?[^\s'\"?]*)\?[^\s'\")]+", r"\1?...", text)
+    return QUERY.sub(r"\1?...", text)
+
+
+class _WithoutQueries(logging.Filter):
+    """urllib3 logs every request line at DEBUG, query and all: a signed link's secrets with it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(QUERY.sub(r"\1?...", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_WithoutQueries())
 
 
 def retry_after(response: requests.Response) -> float | None:

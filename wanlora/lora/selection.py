@@ -18,6 +18,7 @@ class LoraRequest:
 
     ref: str
     strength: Strength = 1.0
+    builtin: bool = False  # chosen by wanlora (an accelerator preset), not by a user: may be a local file
 
     @property
     def label(self) -> str:
@@ -37,6 +38,9 @@ def parse_requests(loras: Sequence[str | tuple[str, float | Sequence[float]]]) -
         raise InvalidInput("loras", type(loras).__name__, "a list of (reference, strength) pairs")
     requests = []
     for item in loras:
+        if isinstance(item, LoraRequest):  # already checked
+            requests.append(item)
+            continue
         ref, strength = (item, 1.0) if isinstance(item, str) else _pair(item)
         if not isinstance(ref, str) or not ref.strip():
             raise InvalidInput("lora", ref, "a LoRA reference (a path, URL or repo id)")
@@ -53,8 +57,6 @@ def parse_requests(loras: Sequence[str | tuple[str, float | Sequence[float]]]) -
 
 
 def _pair(item: object) -> tuple[object, object]:
-    if isinstance(item, LoraRequest):
-        return item.ref, item.strength
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise InvalidInput("lora", item, "a reference, or a (reference, strength) pair")
     return item[0], item[1]

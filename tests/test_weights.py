@@ -1,0 +1,74 @@
+"""Cold start: models and accelerator LoRAs from the weights folder (Cog's managed weights) or the Hub."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import huggingface_hub.constants as constants
+import pytest
+
+from wanlora import WanLoraPipeline
+from wanlora.lora.fetch import fetch_lora
+from wanlora.service import VideoService
+
+from .conftest import probe
+from .servers import HubRepo
+
+SMALL = {"num_frames": 9, "sample_steps": 2, "fps": 12, "seed": 4}
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No Hub at all: anything that tries it fails."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_the_service_loads_a_catalogue_model_from_the_weights_folder(tiny_dir, tmp_path, monkeypatch, offline_hub):
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_dir, weights / "Wan-AI" / "Wan2.1-T2V-14B-Diffusers")
+    monkeypatch.setenv("WANLORA_WEIGHTS", str(weights))
+    service = VideoService(override="", i2v_override="")
+    pipe = service.load(service.model_for("14b"))
+    assert pipe.spec.source == str(weights / "Wan-AI" / "Wan2.1-T2V-14B-Diffusers")
+    assert set(pipe.load_timings) == {"load_seconds"}  # nothing was downloaded
+    result = service.generate(prompt="a fox", out_dir=tmp_path, **SMALL)
+    assert len(probe(result.path).frames) == 9
+
+
+def test_an_accelerator_lora_comes_from_the_weights_folder(tiny_dir, tmp_path, monkeypatch, offline_hub):
+    name = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
+    weights = tmp_path / "weights"
+    (weights / "Kijai" / "WanVideo_comfy").mkdir(parents=True)
+    shutil.copy(tiny_dir / "accelerators" / "lightx2v-4step.safetensors", weights / "Kijai" / "WanVideo_comfy" / name)
+    monkeypatch.setenv("WANLORA_WEIGHTS", str(weights))
+    fetched = fetch_lora(f"Kijai/WanVideo_comfy/{name}")
+    assert fetched.path == weights / "Kijai" / "WanVideo_comfy" / name and not fetched.protected
+
+
+def test_a_hub_model_is_downloaded_once_then_loaded_with_both_times_reported(tiny_dir, fake_hub, tmp_path, caplog):
+    files = {str(p.relative_to(tiny_dir)): p.read_bytes() for p in tiny_dir.rglob("*") if p.is_file()}
+    fake_hub.repos["someone/tiny-wan"] = HubRepo(files)
+    caplog.set_level(logging.INFO, logger="wanlora")
+    shared = WanLoraPipeline.from_pretrained("tiny")
+    pipe = WanLoraPipeline.from_pretrained("someone/tiny-wan", share_from=shared)
+    assert pipe.spec.name == "tiny" and set(pipe.load_timings) == {"download_seconds", "load_seconds"}
+    assert "downloaded someone/tiny-wan in" in caplog.text
+    transformer, encoder = (f"someone/tiny-wan/{c}" for c in ("transformer/diffusion_pytorch_model.safetensors",
+                                                            "text_encoder/model.safetensors"))  # fmt: skip
+    assert (fake_hub.downloads[transformer], fake_hub.downloads[encoder]) == (1, 0)  # shared parts are not fetched
+    assert pipe.generate("a fox", num_inference_steps=2, num_frames=9, seed=1).frames.shape[0] == 9
+    WanLoraPipeline.from_pretrained("someone/tiny-wan")
+    assert (fake_hub.downloads[transformer], fake_hub.downloads[encoder]) == (1, 1)  # the Hub cache serves the rest
+
+
+def test_the_first_prediction_reports_the_setup_times(fake_hub, tiny_dir, tmp_path, monkeypatch):
+    files = {str(p.relative_to(tiny_dir)): p.read_bytes() for p in tiny_dir.rglob("*") if p.is_file()}
+    fake_hub.repos["someone/tiny-wan"] = HubRepo(files)
+    service = VideoService(override="someone/tiny-wan", i2v_override="")
+    service.load(service.model_for("14b"))
+    first = service.generate(prompt="a fox", out_dir=tmp_path, **SMALL)
+    assert {"setup_download_seconds", "setup_load_seconds"} <= set(first.timings)
+    assert "setup_load_seconds" not in service.generate(prompt="a fox", out_dir=tmp_path, **SMALL).timings
