@@ -24,7 +24,8 @@ from diffusers import WanPipeline
 
 from wanlora.models import WAN_1_3B, WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
-from wanlora.testing import block_linears, flow_scheduler, lora_tensors, random_transformer
+from wanlora.testing import block_linears, lora_tensors, random_transformer
+from wanlora.tiny import flow_scheduler
 
 CACHE = Path(tempfile.gettempdir()) / "wanlora-bench-loras"
 

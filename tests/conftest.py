@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from wanlora import WanLoraPipeline
-from wanlora.testing import write_tiny_model
+from wanlora.tiny import write_tiny_model
 
 SMALL = {"width": 64, "height": 48, "num_frames": 9, "num_inference_steps": 2, "fps": 12}
 

@@ -17,7 +17,8 @@ from wanlora.errors import LoraAuthRequired, LoraDownloadError, LoraNotFound
 from wanlora.lora.cache import LoraCache
 from wanlora.lora.fetch import Credentials, fetch_lora
 from wanlora.lora.loader import LoraLoader
-from wanlora.testing import tiny_transformer, write_lora
+from wanlora.testing import write_lora
+from wanlora.tiny import tiny_transformer
 
 from .conftest import SMALL, probe, run_cli
 from .lora_helpers import assert_bitwise, snapshot

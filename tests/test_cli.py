@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from wanlora.testing import tiny_transformer, write_lora
+from wanlora.testing import write_lora
+from wanlora.tiny import tiny_transformer
 
 from .conftest import file_size_limit, probe, recorded, run_cli
 

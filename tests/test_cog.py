@@ -21,8 +21,9 @@ import pytest
 import requests
 import yaml
 
-from wanlora.errors import LoraMismatch
-from wanlora.testing import tiny_transformer, write_lora, write_tiny_model
+from wanlora.errors import InvalidInput, LoraMismatch
+from wanlora.testing import write_lora
+from wanlora.tiny import tiny_transformer, write_tiny_model
 
 from .conftest import probe, recorded
 from .lora_helpers import tar_of
@@ -509,3 +510,26 @@ def test_in_process_a_lora_for_the_other_size_names_the_model_input(predictor, l
     lora_server.routes["/wan14b.safetensors"] = Route(save(wide))
     with pytest.raises(LoraMismatch, match="made for Wan2.1 14B.*run it with model=14b"):
         predictor.run(**inputs(prompt="a fox", model="1.3b", lora_weights=f"{lora_server.url}/wan14b.safetensors"))
+
+
+def test_in_process_a_huge_prompt_or_a_nul_is_generated_and_recorded(predictor):
+    """Cog passes a prompt of any size: past the old 128 kB argv limit, it still ends in a video."""
+    for prompt in ("a fox " * 40_000, "a fox\x00 in the snow"):
+        path = predictor.run(**inputs(prompt=prompt))
+        assert recorded(path)["prompt"] == prompt
+    with pytest.raises(InvalidInput, match="at most 1000000 characters"):
+        predictor.run(**inputs(prompt="x" * 1_000_001))
+
+
+def test_in_process_two_private_loras_with_a_cache_smaller_than_both(predictor, lora_server, offline_net, monkeypatch):
+    """Each is downloaded once; the trigger-word hint no longer fetches again (without the token)."""
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", lora_server.url)
+    monkeypatch.setenv("WANLORA_CACHE_MAX_GB", "0")
+    for version, name in (("5001", "style"), ("5002", "motion")):
+        lora_server.routes[f"/api/download/models/{version}"] = Route(
+            lora_server.routes[f"/{name}.safetensors"].body, require_auth="Bearer two-loras"
+        )
+    path = predictor.run(**inputs(prompt="a fox", lora_weights="civitai:5001", extra_lora="civitai:5002",
+                                  civitai_api_token="two-loras"))  # fmt: skip
+    assert len(recorded(path)["loras"]) == 2
+    assert [lora_server.full_bodies[f"/api/download/models/{v}"] for v in ("5001", "5002")] == [1, 1]

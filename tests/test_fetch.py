@@ -19,7 +19,8 @@ from wanlora.lora import net
 from wanlora.lora.cache import LoraCache
 from wanlora.lora.fetch import Credentials, fetch_lora
 from wanlora.lora.refs import parse_ref
-from wanlora.testing import lora_tensors, tiny_transformer
+from wanlora.testing import lora_tensors
+from wanlora.tiny import tiny_transformer
 
 from .conftest import file_size_limit, run_cli
 from .lora_helpers import tar_of

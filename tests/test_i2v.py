@@ -11,7 +11,8 @@ from wanlora.images import nearest_aspect_ratio, resize_image
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.models import TINY_I2V_ARCH
-from wanlora.testing import ALL_LAYOUTS, tiny_transformer, write_lora
+from wanlora.testing import ALL_LAYOUTS, write_lora
+from wanlora.tiny import tiny_transformer
 
 from .conftest import probe, run_cli
 from .lora_helpers import assert_weights, snapshot

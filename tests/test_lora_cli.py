@@ -7,7 +7,8 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from wanlora.testing import ALL_LAYOUTS, tiny_transformer, write_lora
+from wanlora.testing import ALL_LAYOUTS, write_lora
+from wanlora.tiny import tiny_transformer
 
 from .conftest import run_cli
 from .lora_helpers import assert_weights, snapshot

@@ -12,15 +12,8 @@ from wanlora.lora.fetch import fetch_lora
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.lora.metadata import trigger_words
-from wanlora.testing import (
-    ALL_LAYOUTS,
-    PREFIX_VARIANTS,
-    block_linears,
-    lora_tensors,
-    tiny_pipeline,
-    tiny_transformer,
-    write_lora,
-)
+from wanlora.testing import ALL_LAYOUTS, PREFIX_VARIANTS, block_linears, lora_tensors, write_lora
+from wanlora.tiny import tiny_pipeline, tiny_transformer
 
 from .lora_helpers import assert_weights, snapshot
 

@@ -11,7 +11,8 @@ from wanlora import WanLoraPipeline
 from wanlora.errors import InvalidInput, LoraFormatError, LoraMismatch, LoraNotFound
 from wanlora.lora.formats import Delta, read_lora
 from wanlora.lora.merge import LoraMerger
-from wanlora.testing import tiny_transformer, write_lora
+from wanlora.testing import write_lora
+from wanlora.tiny import tiny_transformer
 
 from .conftest import SMALL
 from .lora_helpers import assert_bitwise, assert_weights, snapshot

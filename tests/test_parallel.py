@@ -22,7 +22,8 @@ import torch
 from wanlora import InvalidInput, LoraDownloadError, ParallelPlan, WanLoraError, WanLoraPipeline, WorkerCrashed
 from wanlora.attention import BACKENDS, choose_backend, unavailable_reason
 from wanlora.request import resolve_settings
-from wanlora.testing import tiny_transformer, write_lora
+from wanlora.testing import write_lora
+from wanlora.tiny import tiny_transformer
 
 from .conftest import SMALL, probe, run_cli
 from .processes import alive, children_with, free_port, wait_for

@@ -158,7 +158,8 @@ def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
 def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path):
     from torch._dynamo.utils import counters
 
-    from wanlora.testing import tiny_transformer, write_lora
+    from wanlora.testing import write_lora
+    from wanlora.tiny import tiny_transformer
 
     write_lora(tmp_path / "a.safetensors", tiny_transformer(), "original", seed=1)
     write_lora(tmp_path / "b.safetensors", tiny_transformer(), "loha", seed=2)
@@ -209,7 +210,8 @@ def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch
 
 def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny_pipe, tmp_path, monkeypatch):
     from wanlora import accelerators
-    from wanlora.testing import tiny_transformer, write_lora
+    from wanlora.testing import write_lora
+    from wanlora.tiny import tiny_transformer
 
     distill, style = tmp_path / "distill.safetensors", tmp_path / "style.safetensors"
     write_lora(distill, tiny_transformer(), "full-deltas", seed=1)

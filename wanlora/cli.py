@@ -273,7 +273,7 @@ def plan_from_args(args: argparse.Namespace, spec: ModelSpec, world: int) -> Par
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
-    from .testing import write_tiny_model
+    from .tiny import write_tiny_model
 
     target = Path(args.dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):

@@ -41,6 +41,7 @@ from .memory import check_offload, place, set_vae_tiling
 from .models import ModelSpec, identify_model
 from .parallel import ParallelPlan
 from .request import Request, resolve_request
+from .tiny import tiny_pipeline
 from .video import Video
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,6 @@ class WanLoraPipeline:
         timings = {}
         started = time.perf_counter()
         if spec.source == "tiny":
-            from .testing import tiny_pipeline  # the offline test model, built from code
-
             diffusers_pipeline = tiny_pipeline(i2v=spec.task == "i2v")
             cast_keeping_fp32(diffusers_pipeline.transformer, dtype)
             diffusers_pipeline.text_encoder.to(dtype)

@@ -26,7 +26,7 @@ MAX_GUIDANCE = 20.0
 MIN_SHIFT, MAX_SHIFT = 0.1, 20.0
 MAX_FPS = 60
 MAX_SEED = 2**63 - 1
-MAX_PROMPT_CHARS = 100_000  # the text encoder reads 512 tokens; this only bounds the work
+MAX_PROMPT_CHARS = 1_000_000  # the text encoder reads 512 tokens; this only bounds the work
 
 # ---------------------------------------------------------------------------- choices
 
