@@ -1,31 +1,34 @@
 #!/usr/bin/env bash
-# GPU benchmark for a device session (one H200, no network): random weights at the real
-# Wan2.1 shapes, finishing in under 8 minutes. Run from the repository root:
+# The GPU run for a device session (one H200, no network), in under 7 minutes of wall time:
+# random weights at the real Wan shapes, sections in order of value, each under its own
+# time limit, results in $OUT/gpu_results.json and .md after every section.
 #
-#   bash benchmarks/gpu.sh [--no-compile] [--repeats N]
+#   bash benchmarks/gpu.sh              # on the device: see the README's "GPU benchmark" section
+#   bash benchmarks/gpu.sh --rehearse   # every section on this CPU at tiny shapes (the tests run it)
 #
-# With several GPUs it then times context-parallel scaling (benchmarks/gpu_parallel.py).
-#
-# The device image has torch but not diffusers. Carry the wheels it lacks in .whl/ (ignored
-# by git), made on the developer machine with:
-#
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#       diffusers==0.42.1 imageio-ffmpeg==0.8.1 ftfy==6.3.1 xformers==0.0.35
-#
-# (xformers only where its wheel matches the device's torch; without it the table simply
-# has no xformers rows.)
+# The device image has torch but not diffusers or xformers: benchmarks/device_wheels.sh puts
+# the wheels it lacks in .whl/ (ignored by git), which the device call carries along.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+PYTHON=${PYTHON:-python3}
+export OUT=${OUT:-$PWD/gpu-results} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+rehearse=0
+for arg in "$@"; do [ "$arg" = "--rehearse" ] && rehearse=1; done
+if [ "$rehearse" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 470 python3 benchmarks/gpu_step.py "$@"
-# Context-parallel scaling, on a machine with several GPUs (14B 720p, 81 frames).
-gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)
-if [ "$gpus" -gt 1 ]; then
-    timeout 600 python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" benchmarks/gpu_parallel.py
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+timeout 420 "$PYTHON" benchmarks/gpu_step.py "$@" || echo "gpu_step.py stopped (exit $?); the results so far are in $OUT"
+# Context parallelism: two CPU processes with gloo in the rehearsal, every GPU on a machine with several.
+if [ "$rehearse" = 1 ]; then
+    timeout 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \
+        benchmarks/gpu_parallel.py --model tiny --frames 9 --repeats 1
+else
+    gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)
+    if [ "$gpus" -gt 1 ]; then
+        timeout 300 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$gpus" benchmarks/gpu_parallel.py
+    fi
 fi

@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from results import Results, out_dir
 
 from wanlora.attention import choose_backend, install_backend
 from wanlora.distributed import Parallel, init_distributed
@@ -54,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
+    started = time.perf_counter()
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     arch = ARCHES[args.model]
@@ -71,11 +73,19 @@ def main() -> None:
     split = timed(forward, device, args.repeats)
     if rank == 0:
         flops = forward_flops(arch, args.frames, height, width)
-        print(f"{args.model} {width}x{height}, {args.frames} frames, {plan.describe()} on {world} x {device.type}")
-        print(f"1 process: {alone:.2f} s/forward ({flops / alone / 1e12:.0f} TFLOP/s)")
-        print(f"{world} processes: {split:.2f} s/forward, speedup {alone / split:.2f}x")
+        case = f"{args.model} {width}x{height}, {args.frames} frames, {plan.describe()} on {world} x {device.type}"
+        rows = [
+            {"processes": 1, "s/forward": f"{alone:.2f}", "TFLOP/s": f"{flops / alone / 1e12:.1f}", "speedup": "1.00"},
+            {"processes": world, "s/forward": f"{split:.2f}", "speedup": f"{alone / split:.2f}"},
+        ]
         if world in PUBLISHED_SECONDS:
-            print(f"published (reference code, H100, 14B 720p): {PUBLISHED_SECONDS[1] / PUBLISHED_SECONDS[world]:.2f}x")
+            published = PUBLISHED_SECONDS[1] / PUBLISHED_SECONDS[world]
+            rows.append(
+                {"processes": f"{world}, published (reference code, H100, 14B 720p)", "speedup": f"{published:.2f}"}
+            )
+        Results(out_dir(), "wanlora GPU run").add(f"context-parallel: {case}", "ok", time.perf_counter() - started,
+                                                  rows, [])  # fmt: skip
+        print("\n".join(f"{row}" for row in rows))
     dist.destroy_process_group()
 
 

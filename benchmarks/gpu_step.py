@@ -1,197 +1,336 @@
-"""GPU step benchmark at the real Wan2.1 shapes with random weights (no network needed).
+"""The GPU run: random weights at the real Wan shapes, in sections ordered by value.
 
-Prints one table: seconds per transformer forward and per denoising step (two forwards
-with classifier-free guidance) for 1.3B at 480p and 14B at 480p and 720p, 81 frames, for
-each installed attention backend, with torch.compile off and on; the effective TFLOP/s
-against the bf16 matmul peak measured first; peak GPU memory. Then fast mode and CFG
-batching at 1.3B, the LoRA swap at 14B, and the 4-step accelerated 14B 480p time end to
-end (random UMT5 text encoder and VAE at their real shapes). Run it through
-benchmarks/gpu.sh.
+Each section runs under its own time limit (and the run under an overall budget), and its
+results are written to $OUT/gpu_results.json and .md as soon as it ends, so a run that is
+stopped still brings back everything finished before. Run it through benchmarks/gpu.sh.
+
+1. step-14b-480p: one denoising step of Wan2.1 14B at 480p, 81 frames, per attention
+   backend: seconds, TFLOP/s as a share of the bf16 matmul peak measured first, peak memory;
+2. compile-14b-480p: the same step with torch.compile of the repeated blocks;
+3. e2e-14b-480p-4step: UMT5-XXL encoding, 4 steps at guidance 1 and the VAE decode, the
+   accelerated run, beside LightX2V's published H200 figures;
+4. swap-14b: a LoRA swap, two rank-32 LoRAs on all 400 block linears;
+5. fast-mode-1.3b: 10 steps with First Block Cache off and on;
+6. cfg-batch-1.3b: a guided step as two forwards or as one batch of two;
+7. step-14b-720p: one step at 720p.
+
+`--rehearse` runs every section on the CPU at tiny shapes through the same code, so that
+the first GPU session spends its minutes on numbers, not on an import error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
+import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from results import Results, out_dir
 from safetensors.torch import save_file
 
 from wanlora.attention import BACKENDS, install_backend, unavailable_reason
 from wanlora.fastmode import apply_fast_mode
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
-from wanlora.models import CATALOGUE, WAN_1_3B, WAN_14B
+from wanlora.models import CATALOGUE, TINY_ARCH, WAN_1_3B, WAN_14B, Architecture
 from wanlora.testing import forward_flops, lora_tensors, random_transformer, step_inputs
+from wanlora.tiny import TINY_TEXT_CONFIG
 
-CUDA = torch.device("cuda")
-FRAMES = 81
-
-
-def cuda_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+LIGHTX2V_H200 = {"4-step I2V 480p": 14.0, "40-step FP8 480p": 191.0}  # seconds, LightX2V's published figures
+UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+            "feed_forward_proj": "gated-gelu"}  # fmt: skip
+TINY_VAE = {"base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+            "temperal_downsample": [False, True, True]}  # fmt: skip
 
 
-def matmul_peak() -> float:
-    a = torch.randn(8192, 8192, device=CUDA, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=CUDA, dtype=torch.bfloat16)
-    seconds = cuda_time(lambda: a @ b, repeats=10, warmup=3)
-    return 2 * 8192**3 / seconds / 1e12
+@dataclasses.dataclass
+class Setup:
+    """What differs between the GPU run and its CPU rehearsal; the code is the same."""
+
+    device: torch.device
+    dtype: torch.dtype
+    archs: dict[str, Architecture]
+    sizes: dict[str, tuple[int, int]]  # (height, width)
+    frames: int
+    repeats: int
+    compile_backend: str
+    text_config: dict
+    vae_config: dict
+    peak_size: int
+
+    @classmethod
+    def make(cls, rehearse: bool, repeats: int) -> Setup:
+        if rehearse:
+            return cls(torch.device("cpu"), torch.float32, {"14B": TINY_ARCH, "1.3B": TINY_ARCH},
+                       {"480p": (64, 112), "720p": (96, 176)}, 9, 1, "aot_eager",
+                       {"vocab_size": 64, **TINY_TEXT_CONFIG}, TINY_VAE, 256)  # fmt: skip
+        return cls(torch.device("cuda"), torch.bfloat16, {"14B": WAN_14B, "1.3B": WAN_1_3B},
+                   {"480p": (480, 832), "720p": (720, 1280)}, 81, repeats, "inductor", UMT5_XXL, {}, 8192)  # fmt: skip
 
 
-def installed_backends() -> list[str]:
-    return [name for name in BACKENDS if unavailable_reason(name, CUDA) is None]
+class Bench:
+    """The models and measurements the sections share: each model is built once, on first use."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.models: dict[str, torch.nn.Module] = {}
+        self.best_forward: float | None = None  # 14B 480p, the fastest backend: for the 40-step estimate
+        self.peak = self.matmul_peak()
+
+    def model(self, size: str) -> torch.nn.Module:
+        if size not in self.models:
+            self.models[size] = random_transformer(self.setup.archs[size], dtype=self.setup.dtype,
+                                                   device=str(self.setup.device))  # fmt: skip
+        return self.models[size]
+
+    def inputs(self, size: str, resolution: str, batch: int = 1) -> dict[str, torch.Tensor]:
+        height, width = self.setup.sizes[resolution]
+        return step_inputs(self.setup.archs[size], self.setup.frames, height, width, batch=batch,
+                           dtype=self.setup.dtype, device=str(self.setup.device))  # fmt: skip
+
+    def flops(self, size: str, resolution: str) -> float:
+        height, width = self.setup.sizes[resolution]
+        return forward_flops(self.setup.archs[size], self.setup.frames, height, width)
+
+    def time(self, fn: Callable[[], object], repeats: int | None = None, warmup: int = 1) -> float:
+        """Median seconds of `fn`: CUDA events on the GPU, the wall clock on the CPU."""
+        cuda = self.setup.device.type == "cuda"
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats or self.setup.repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    def matmul_peak(self) -> float:
+        n = self.setup.peak_size
+        a = torch.randn(n, n, device=self.setup.device, dtype=self.setup.dtype)
+        return 2 * n**3 / self.time(lambda: a @ a, repeats=10, warmup=3) / 1e12
+
+    def reset_peak_memory(self) -> None:
+        if self.setup.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> str:
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if self.setup.device.type == "cuda" else "-"
+
+    def step_row(self, case: str, backend: str, compiled: str, seconds: float, flops: float) -> dict:
+        tflops = flops / seconds / 1e12
+        return {"case": case, "attention": backend, "compile": compiled, "s/forward": f"{seconds:.3f}",
+                "s/step (CFG)": f"{2 * seconds:.3f}", "TFLOP/s": f"{tflops:.1f}",
+                "of peak": f"{100 * tflops / self.peak:.0f}%", "peak GiB": self.peak_gib()}  # fmt: skip
 
 
-def bench_case(name, model, arch, height, width, peak, repeats, compile_too, rows):
-    inputs = step_inputs(arch, FRAMES, height, width, dtype=torch.bfloat16, device="cuda")
-    flops = forward_flops(arch, FRAMES, height, width)
-    for backend in installed_backends():
+# ---------------------------------------------------------------------------- the sections
+
+
+def step_14b_480p(bench: Bench) -> tuple[list[dict], list[str]]:
+    model, inputs, flops = bench.model("14B"), bench.inputs("14B", "480p"), bench.flops("14B", "480p")
+    rows, notes = [], []
+    backends = [name for name in BACKENDS if unavailable_reason(name, bench.setup.device) is None]
+    for backend in backends:
         try:
             install_backend(model, backend)
-            torch.cuda.reset_peak_memory_stats()
-            seconds = cuda_time(lambda: model(**inputs, return_dict=False), repeats)
-        except Exception as exc:  # a kernel that rejects these shapes is a result to report, not a crash
-            rows.append((name, backend, "off", f"failed: {type(exc).__name__}", "", "", "", ""))
+            bench.reset_peak_memory()
+            seconds = bench.time(lambda: model(**inputs, return_dict=False))
+        except Exception as exc:  # a kernel that refuses these shapes is a result, not a crash
+            notes.append(f"{backend}: failed ({type(exc).__name__}: {str(exc)[:120]})")
             continue
-        rows.append(row(name, backend, "off", seconds, flops, peak))
-    if compile_too:
-        install_backend(model, "sdpa")
-        started = time.perf_counter()
-        model.compile_repeated_blocks(fullgraph=True)
-        model(**inputs, return_dict=False)
+        rows.append(bench.step_row("14B 480p", backend, "off", seconds, flops))
+        bench.best_forward = min(seconds, bench.best_forward or seconds)
+    install_backend(model, "sdpa")
+    skipped = [f"{name} ({unavailable_reason(name, bench.setup.device)})" for name in BACKENDS if name not in backends]
+    notes.append("not available here: " + (", ".join(skipped) or "none"))
+    return rows, notes
+
+
+def compile_14b_480p(bench: Bench) -> tuple[list[dict], list[str]]:
+    """On a model of its own: compiled blocks would recompile at 720p, and that is not what 720p measures."""
+    model = random_transformer(bench.setup.archs["14B"], dtype=bench.setup.dtype, device=str(bench.setup.device))
+    inputs = bench.inputs("14B", "480p")
+    started = time.perf_counter()
+    model.compile_repeated_blocks(fullgraph=True, backend=bench.setup.compile_backend)
+    model(**inputs, return_dict=False)
+    if bench.setup.device.type == "cuda":
         torch.cuda.synchronize()
-        compile_seconds = time.perf_counter() - started
-        torch.cuda.reset_peak_memory_stats()
-        seconds = cuda_time(lambda: model(**inputs, return_dict=False), repeats, warmup=0)
-        rows.append(row(name, "sdpa", f"on ({compile_seconds:.0f}s)", seconds, flops, peak))
+    compile_seconds = time.perf_counter() - started
+    bench.reset_peak_memory()
+    seconds = bench.time(lambda: model(**inputs, return_dict=False), warmup=0)
+    row = bench.step_row("14B 480p", "sdpa", f"on ({compile_seconds:.0f} s to compile)", seconds,
+                         bench.flops("14B", "480p"))  # fmt: skip
+    return [row], [f"torch.compile backend {bench.setup.compile_backend}, regional (one block graph)"]
 
 
-def row(name, backend, compiled, seconds, flops, peak):
-    tflops = flops / seconds / 1e12
-    gib = torch.cuda.max_memory_allocated() / 2**30
-    return (name, backend, compiled, f"{seconds:.2f}", f"{2 * seconds:.2f}", f"{tflops:.0f}",
-            f"{100 * tflops / peak:.0f}%", f"{gib:.1f}")  # fmt: skip
+def e2e_14b_480p_4step(bench: Bench) -> tuple[list[dict], list[str]]:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    device, dtype = bench.setup.device, bench.setup.dtype
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(UMT5Config(**bench.setup.text_config))
+    encoder = encoder.to_empty(device=device).to(dtype).eval()
+    for param in encoder.parameters():
+        param.data.normal_(0, 0.02)
+    vae = AutoencoderKLWan(**bench.setup.vae_config).to(device).eval()
+    model, inputs = bench.model("14B"), bench.inputs("14B", "480p")
+    tokens = torch.randint(0, bench.setup.text_config["vocab_size"], (1, 512), device=device)
+    height, width = bench.setup.sizes["480p"]
+    latents = torch.randn(1, 16, (bench.setup.frames - 1) // 4 + 1, height // 8, width // 8, device=device)
+    encode = bench.time(lambda: encoder(tokens), repeats=1)
+    steps = bench.time(lambda: [model(**inputs, return_dict=False) for _ in range(4)], repeats=1)
+    decode = bench.time(lambda: vae.decode(latents), repeats=1, warmup=0)
+    total = encode + steps + decode
+    rows = [
+        {"run": "wanlora, 4 steps at guidance 1, T2V 14B 480p, 81 frames", "seconds": f"{total:.1f}",
+         "encode / steps / decode": f"{encode:.1f} / {steps:.1f} / {decode:.1f}"},
+        {"run": "LightX2V on H200, published: 4-step I2V 480p", "seconds": LIGHTX2V_H200["4-step I2V 480p"]},
+    ]  # fmt: skip
+    if bench.best_forward is not None:
+        forty = encode + 40 * 2 * bench.best_forward + decode
+        rows += [
+            {"run": "wanlora, 40 steps with CFG, bf16 (estimate from the measured step)", "seconds": f"{forty:.1f}"},
+            {"run": "LightX2V on H200, published: 40-step FP8 480p", "seconds": LIGHTX2V_H200["40-step FP8 480p"]},
+        ]
+    return rows, ["random UMT5-XXL, VAE and transformer at the real shapes; eager, sdpa"]
 
 
-def bench_fast_mode(model, repeats: int) -> str:
-    inputs = step_inputs(WAN_1_3B, FRAMES, 480, 832, dtype=torch.bfloat16, device="cuda")
+def swap_14b(bench: Bench) -> tuple[list[dict], list[str]]:
+    model = bench.model("14B")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    with tempfile.TemporaryDirectory() as folder:
+        loras = []
+        for seed in (1, 2):
+            tensors, _ = lora_tensors(shapes, "original", rank=32, seed=seed, dtype=bench.setup.dtype)
+            save_file(tensors, Path(folder) / f"{seed}.safetensors")
+            loras.append(read_lora(Path(folder) / f"{seed}.safetensors"))
+    merger = LoraMerger(model)
+    merger.apply([(loras[1], 1.0)])  # the first merge also makes the pristine copies
+    state = {"next": 0}
 
-    def ten_steps():
+    def swap() -> None:
+        merger.apply([(loras[state["next"] % 2], 1.0)])
+        state["next"] += 1
+
+    seconds = bench.time(swap, repeats=4, warmup=0)
+    merger.apply([])
+    linears = sum(1 for name in loras[0].deltas if name.startswith("blocks."))
+    return [{"swap": f"two rank-32 LoRAs on all {linears} block linears", "seconds": f"{seconds:.2f}"}], []
+
+
+def fast_mode_13b(bench: Bench) -> tuple[list[dict], list[str]]:
+    model, inputs = bench.model("1.3B"), bench.inputs("1.3B", "480p")
+    spec = CATALOGUE["t2v-1.3b"]
+
+    def ten_steps() -> None:
         model._reset_stateful_cache()
         latents = inputs["hidden_states"]
         for step in range(10):
             t = torch.full_like(inputs["timestep"], 1000.0 * (1 - step / 10))
             with model.cache_context("cond"):
-                latents = latents - 0.05 * model(**{**inputs, "hidden_states": latents, "timestep": t},
-                                                 return_dict=False)[0]  # fmt: skip
+                out = model(**{**inputs, "hidden_states": latents, "timestep": t}, return_dict=False)[0]
+            latents = latents - 0.05 * out
 
-    off = cuda_time(ten_steps, repeats)
-    apply_fast_mode(model, CATALOGUE["t2v-1.3b"], "balanced", steps=10)
-    on = cuda_time(ten_steps, repeats)
-    apply_fast_mode(model, CATALOGUE["t2v-1.3b"], "off", steps=10)
-    return f"fast mode, 1.3B 480p, 10 steps: off {off:.2f} s, balanced {on:.2f} s ({on / off:.2f}x; random weights)"
-
-
-def bench_cfg_batch(model, repeats: int) -> str:
-    """One guided step as two batch-one forwards, or as one batch-of-two forward (cfg_batch)."""
-    single = step_inputs(WAN_1_3B, FRAMES, 480, 832, dtype=torch.bfloat16, device="cuda")
-    pair = step_inputs(WAN_1_3B, FRAMES, 480, 832, batch=2, dtype=torch.bfloat16, device="cuda")
-    two = cuda_time(lambda: [model(**single, return_dict=False) for _ in range(2)], repeats)
-    one = cuda_time(lambda: model(**pair, return_dict=False), repeats)
-    return f"CFG step, 1.3B 480p: two forwards {two:.2f} s, one batch of two {one:.2f} s ({one / two:.2f}x)"
+    off = bench.time(ten_steps)
+    apply_fast_mode(model, spec, "balanced", steps=10)
+    on = bench.time(ten_steps)
+    apply_fast_mode(model, spec, "off", steps=10)
+    row = {"run": "1.3B 480p, 10 steps", "off s": f"{off:.2f}", "balanced s": f"{on:.2f}", "ratio": f"{on / off:.2f}"}
+    return [row], ["random weights: how often blocks are skipped on real weights differs"]
 
 
-def bench_lora_swap(model, folder: Path) -> str:
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    loras = []
-    for seed in (1, 2):
-        tensors, _ = lora_tensors(shapes, "original", rank=32, seed=seed, dtype=torch.bfloat16)
-        save_file(tensors, folder / f"{seed}.safetensors")
-        loras.append(read_lora(folder / f"{seed}.safetensors"))
-    merger = LoraMerger(model)
-    merger.apply([(loras[1], 1.0)])
-    times = []
-    for i in range(4):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        merger.apply([(loras[i % 2], 1.0)])
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    merger.apply([])
-    return f"LoRA swap, 14B, two rank-32 LoRAs on all 400 block linears: {statistics.median(times):.2f} s (median)"
+def cfg_batch_13b(bench: Bench) -> tuple[list[dict], list[str]]:
+    model = bench.model("1.3B")
+    single, pair = bench.inputs("1.3B", "480p"), bench.inputs("1.3B", "480p", batch=2)
+    two = bench.time(lambda: [model(**single, return_dict=False) for _ in range(2)])
+    one = bench.time(lambda: model(**pair, return_dict=False))
+    row = {"run": "a guided 1.3B 480p step", "two forwards s": f"{two:.3f}", "one batch of two s": f"{one:.3f}",
+           "ratio": f"{one / two:.2f}"}  # fmt: skip
+    return [row], []
 
 
-def bench_accelerated(model, repeats: int) -> str:
-    """4 steps at guidance 1 (one pass each), plus UMT5-XXL encoding and the VAE decode."""
-    from transformers import UMT5Config, UMT5EncoderModel
+def step_14b_720p(bench: Bench) -> tuple[list[dict], list[str]]:
+    model, inputs = bench.model("14B"), bench.inputs("14B", "720p")
+    bench.reset_peak_memory()
+    seconds = bench.time(lambda: model(**inputs, return_dict=False), repeats=1)
+    return [bench.step_row("14B 720p", "sdpa", "off", seconds, bench.flops("14B", "720p"))], []
 
-    with torch.device("meta"):
-        encoder = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
-                                              num_layers=24, feed_forward_proj="gated-gelu"))  # fmt: skip
-    encoder = encoder.to_empty(device=CUDA).to(torch.bfloat16)
-    for param in encoder.parameters():
-        param.data.normal_(0, 0.02)
-    vae = AutoencoderKLWan().to(CUDA).eval()
-    tokens = torch.randint(0, 256384, (1, 512), device=CUDA)
-    inputs = step_inputs(WAN_14B, FRAMES, 480, 832, dtype=torch.bfloat16, device="cuda")
-    latents = torch.randn(1, 16, 21, 60, 104, device=CUDA)
 
-    def end_to_end():
-        encoder(tokens)
-        for _ in range(4):
-            model(**inputs, return_dict=False)
-        vae.decode(latents)
+SECTIONS: list[tuple[str, Callable[[Bench], tuple[list[dict], list[str]]], int]] = [  # by value; GPU seconds
+    ("step-14b-480p", step_14b_480p, 120),
+    ("compile-14b-480p", compile_14b_480p, 90),
+    ("e2e-14b-480p-4step", e2e_14b_480p_4step, 60),
+    ("swap-14b", swap_14b, 30),
+    ("fast-mode-1.3b", fast_mode_13b, 30),
+    ("cfg-batch-1.3b", cfg_batch_13b, 25),
+    ("step-14b-720p", step_14b_720p, 45),
+]
 
-    seconds = cuda_time(end_to_end, repeats)
-    return f"4-step accelerated 14B 480p, 81 frames, end to end: {seconds:.1f} s (goal < 15 s)"
+
+class SectionTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    def expire(signum, frame):
+        raise SectionTimeout(f"stopped at its {seconds} s limit")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(max(1, seconds))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rehearse", action="store_true", help="every section on the CPU at tiny shapes")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--budget", type=int, default=400, help="seconds for all sections together")
     args = parser.parse_args()
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
-    peak = matmul_peak()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 matmul peak {peak:.0f} TFLOP/s")
-    print(f"attention backends installed: {', '.join(installed_backends())}")
-    rows: list[tuple] = []
-    extras = []
-    small = random_transformer(WAN_1_3B, device="cuda")
-    bench_case("1.3B 480p", small, WAN_1_3B, 480, 832, peak, args.repeats, not args.no_compile, rows)
-    extras.append(bench_fast_mode(small, args.repeats))
-    extras.append(bench_cfg_batch(small, args.repeats))
-    del small
-    torch.cuda.empty_cache()
-    big = random_transformer(WAN_14B, device="cuda")
-    bench_case("14B 480p", big, WAN_14B, 480, 832, peak, args.repeats, not args.no_compile, rows)
-    bench_case("14B 720p", big, WAN_14B, 720, 1280, peak, 1, False, rows)
-    with tempfile.TemporaryDirectory() as folder:
-        extras.append(bench_lora_swap(big, Path(folder)))
-    extras.append(bench_accelerated(big, 1))
-
-    header = ("case", "attention", "compile", "s/forward", "s/step (CFG)", "TFLOP/s", "of peak", "peak GiB")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for line in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
-    print("\n".join(extras))
+    deadline = time.monotonic() + args.budget
+    setup = Setup.make(args.rehearse, args.repeats)
+    title = "wanlora GPU run" + (" (CPU rehearsal, tiny shapes)" if args.rehearse else "")
+    results = Results(out_dir(), title, fresh=True)
+    bench = Bench(setup)
+    name = torch.cuda.get_device_name() if setup.device.type == "cuda" else "CPU"
+    results.environment(device=name, torch=torch.__version__, matmul_peak=f"{bench.peak:.1f} TFLOP/s ({setup.dtype})",
+                        date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    print(f"{name}, torch {torch.__version__}, matmul peak {bench.peak:.1f} TFLOP/s", flush=True)
+    for title, section, limit in SECTIONS:
+        left = int(deadline - time.monotonic())
+        if left < 5:
+            results.add(title, "skipped: the run's budget is spent", 0.0, [], [])
+            continue
+        started = time.perf_counter()
+        try:
+            with time_limit(min(limit, left)):
+                rows, notes = section(bench)
+            status = "ok"
+        except Exception as exc:  # one section's failure (a timeout, out of memory) must not cost the others
+            rows, notes, status = [], [], f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            if setup.device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.add(title, status, time.perf_counter() - started, rows, notes)
+        print(f"{title}: {status} ({time.perf_counter() - started:.1f} s)", flush=True)
+    print(results.md_path.read_text())
 
 
 if __name__ == "__main__":

@@ -29,16 +29,16 @@ def main() -> None:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
     ours = WanLoraPipeline.from_pretrained("tiny")
-    plain = ours.pipe  # the very same diffusers WanPipeline and components
+    plain = ours.diffusers_pipeline  # the very same diffusers WanPipeline and components
     plain.set_progress_bar_config(disable=True)
     common = {"width": args.width, "height": args.height, "num_frames": args.frames}
 
     def run_wanlora() -> None:
         ours.generate(
             "a fox in the snow",
-            steps=args.steps,
+            num_inference_steps=args.steps,
             guidance_scale=5.0,
-            shift=3.0,
+            flow_shift=3.0,
             seed=1,
             fps=16,
             progress=False,
