@@ -149,6 +149,21 @@ def test_refusals_are_typed_and_leave_no_cache_entry(offline_net, file_server, r
     assert list((LoraCache().root / "partial").glob("*")) == [] if (LoraCache().root / "partial").exists() else True
 
 
+@pytest.mark.parametrize("header_bytes", [0x280, 0x380, 0x480, 0x580, 0x10280])
+def test_a_header_length_that_looks_like_a_pickle_marker_is_still_safetensors(tmp_path, header_bytes):
+    """0x280 bytes of header begin the file with 80 02, a pickle's protocol marker: the framing decides."""
+    import json
+    import struct
+
+    from wanlora.lora.sniff import read_header
+
+    entry = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    text = json.dumps(entry).encode().ljust(header_bytes, b" ")  # safetensors pads its header with spaces
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", header_bytes) + text + b"\0" * 8)
+    assert read_header(path, "padded") == entry
+
+
 def test_size_limit_and_read_timeout(offline_net, file_server, monkeypatch):
     file_server.routes["/big"] = Route(lora_bytes())
     monkeypatch.setenv("WANLORA_MAX_LORA_GB", "0.000001")

@@ -40,6 +40,15 @@ def is_tar(head: bytes) -> bool:
     return len(head) > 262 and head[257:262] == b"ustar"
 
 
+def has_safetensors_framing(head: bytes, size: int) -> bool:
+    """A header length that fits the file, followed by the JSON object's `{`.
+
+    Checked before any other signature: a header of 640 bytes starts with the bytes of a
+    pickle's protocol marker, one of 123 bytes with `{`, one of 35615 with gzip's magic.
+    """
+    return len(head) > 8 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
 def describe_non_safetensors(head: bytes) -> str | None:
     """A readable name for well-known non-safetensors content, or None."""
     stripped = head.lstrip()
@@ -68,7 +77,7 @@ def read_header(path: str | os.PathLike, label: str) -> dict[str, Any]:
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(1024)
-        what = describe_non_safetensors(head)
+        what = None if has_safetensors_framing(head, size) else describe_non_safetensors(head)
         if what:
             raise LoraFormatError(f"{label} is {what}. wanlora only loads .safetensors LoRA files", label)
         if size < 8:
