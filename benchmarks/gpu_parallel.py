@@ -69,7 +69,7 @@ def main() -> None:
     install_backend(model, choose_backend("auto", device, plan.attention_split))
     alone = timed(forward, device, args.repeats) if rank == 0 else 0.0
     dist.barrier()
-    Parallel(model, plan, device)
+    Parallel([model], plan, device)
     split = timed(forward, device, args.repeats)
     if rank == 0:
         flops = forward_flops(arch, args.frames, height, width)

@@ -65,7 +65,16 @@ def test_the_loaders_memory_rechecks_a_private_lora(civitai):
     first = loader.load("civitai:77", Credentials(civitai_token="good"))
     with pytest.raises(LoraAuthRequired):
         loader.load("civitai:77", Credentials())
-    assert loader.load("civitai:77", Credentials(civitai_token="good")) is first  # parsed once
+    assert loader.load("civitai:77", Credentials(civitai_token="good"))[0][1] is first[0][1]  # parsed once
+
+
+def test_the_loaders_memory_does_not_open_a_local_file_to_a_shared_servers_request(tmp_path):
+    write_lora(tmp_path / "operator.safetensors", tiny_transformer(), "kohya", seed=5)
+    loader = LoraLoader()
+    path = str(tmp_path / "operator.safetensors")
+    assert loader.load(path, Credentials(local_files=True))  # the operator's own use puts it in memory
+    with pytest.raises(LoraNotFound, match="is a path; here a LoRA must come from a link"):
+        loader.load(path, Credentials(local_files=False))
 
 
 def test_the_same_merged_set_is_not_reused_without_a_token(civitai, fresh_tiny_pipe):

@@ -159,9 +159,9 @@ def test_strength_schedule_remerges_only_at_phase_boundaries(fresh_tiny_pipe, po
     applied = []
     original = LoraMerger.prepare
 
-    def spy(self, loras):
+    def spy(self, loras, warned=None):
         applied.append([s for _, s in loras])
-        return original(self, loras)
+        return original(self, loras, warned)
 
     monkeypatch.setattr(LoraMerger, "prepare", spy)
     pipe.generate(

@@ -6,6 +6,7 @@ from diffusers import WanTransformer3DModel
 
 from wanlora.errors import InvalidInput, ModelNotFound
 from wanlora.models import CATALOGUE, resolve_model
+from wanlora.request import resolve_settings
 
 
 @pytest.mark.parametrize("name", list(CATALOGUE))
@@ -19,7 +20,7 @@ def test_catalogue_transformer_matches_published_size(name):
 def test_catalogue_repos_and_defaults():
     assert CATALOGUE["t2v-1.3b"].source == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert CATALOGUE["t2v-14b"].source == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
-    for spec in CATALOGUE.values():
+    for spec in (s for s in CATALOGUE.values() if s.family == "Wan2.1"):
         assert spec.default_steps == (50 if spec.task == "t2v" else 40)
         assert (spec.default_guidance, spec.default_fps, spec.default_frames) == (5.0, 16, 81)
         for resolution in spec.resolutions:
@@ -30,6 +31,48 @@ def test_catalogue_repos_and_defaults():
     assert t2v.size("480p", "16:9") == (832, 480) and t2v.size("720p", "9:16") == (720, 1280)
     assert t2v.default_shift(832, 480) == 3.0 and t2v.default_shift(1280, 720) == 5.0
     assert CATALOGUE["i2v-14b-480p"].arch.in_channels == 36
+
+
+# Wan2.2's reference configs (wan/configs/wan_t2v_A14B.py, wan_i2v_A14B.py, wan_ti2v_5B.py):
+# steps, (high, low) guidance, shift, boundary, frames, fps; and SUPPORTED_SIZES.
+WAN22 = {
+    "t2v-a14b": (40, (4.0, 3.0), 12.0, 0.875, 81, 16, {(1280, 720), (720, 1280), (832, 480), (480, 832)}),
+    "i2v-a14b": (40, (3.5, 3.5), 5.0, 0.9, 81, 16, {(1280, 720), (720, 1280), (832, 480), (480, 832)}),
+    "ti2v-5b": (50, (5.0, None), 5.0, None, 121, 24, {(1280, 704), (704, 1280)}),
+}
+
+
+@pytest.mark.parametrize("name", list(WAN22))
+def test_wan22_defaults_match_the_reference_configs(name):
+    spec = CATALOGUE[name]
+    steps, guidance, shift, boundary, frames, fps, sizes = WAN22[name]
+    assert spec.family == "Wan2.2" and spec.default_steps == steps
+    assert (spec.default_guidance, spec.default_guidance_2) == guidance
+    assert spec.default_shift(832, 480) == spec.default_shift(1280, 720) == shift
+    assert spec.boundary_ratio == boundary and spec.experts == (("high", "low") if boundary else ("all",))
+    assert (spec.default_frames, spec.max_frames, spec.default_fps) == (frames, frames, fps)
+    assert {wh for presets in spec.presets.values() for wh in presets.values()} == sizes
+    assert all(w % spec.side_multiple == 0 and h % spec.side_multiple == 0 for w, h in sizes)
+    assert spec.source == f"Wan-AI/Wan2.2-{name.split('-')[0].upper()}-{name.split('-')[1].upper()}-Diffusers"
+
+
+def test_wan22_sizes_and_guidance_are_checked(monkeypatch):
+    a14b, ti2v = CATALOGUE["t2v-a14b"], CATALOGUE["ti2v-5b"]
+    with pytest.raises(InvalidInput, match="t2v-a14b was trained at 16:9, 9:16 only"):
+        a14b.size("480p", "1:1")
+    with pytest.raises(InvalidInput, match="ti2v-5b supports 720p only"):
+        ti2v.size("480p")
+    with pytest.raises(InvalidInput, match="a multiple of 32"):
+        resolve_settings(ti2v, "p", width=1280, height=720)
+    both = resolve_settings(a14b, "p")
+    assert (both.guidance_scale, both.guidance_scale_2) == (4.0, 3.0)
+    same = resolve_settings(a14b, "p", guidance_scale=6.0)  # diffusers: one scale given serves both experts
+    assert (same.guidance_scale, same.guidance_scale_2) == (6.0, 6.0)
+    assert resolve_settings(a14b, "p", guidance_scale_2=1.5).guidance_scale_2 == 1.5
+    with pytest.raises(InvalidInput, match="guidance_scale_2.*ti2v-5b has one transformer"):
+        resolve_settings(ti2v, "p", guidance_scale_2=2.0)
+    with pytest.raises(InvalidInput, match="guidance_scale_2"):
+        resolve_settings(a14b, "p", guidance_scale_2=21.0)
 
 
 def test_small_model_refuses_720p_by_name():

@@ -69,15 +69,21 @@ def test_token_split_is_checked_for_the_real_sizes():
     from wanlora.models import CATALOGUE
 
     spec = CATALOGUE["t2v-14b"]
+
+    def tokens(settings):
+        return spec.token_count(settings.width, settings.height, settings.num_frames)
+
     wide = resolve_settings(spec, "p", resolution="480p", aspect_ratio="16:9")
-    assert wide.token_count == 21 * 30 * 52
+    assert tokens(wide) == 21 * 30 * 52
     for degree in (2, 4, 5, 8):
-        ParallelPlan(ulysses=degree).check_tokens(wide.token_count, wide.size)
-    ParallelPlan(ulysses=8).check_tokens(resolve_settings(spec, "p", resolution="720p").token_count, "720p")
+        ParallelPlan(ulysses=degree).check_tokens(tokens(wide), wide.size)
+    ParallelPlan(ulysses=8).check_tokens(tokens(resolve_settings(spec, "p", resolution="720p")), "720p")
     square = resolve_settings(spec, "p", resolution="480p", aspect_ratio="1:1")
     with pytest.raises(InvalidInput, match="31941 tokens split evenly across 2 processes"):
-        ParallelPlan(ulysses=2).check_tokens(square.token_count, square.size)
-    ParallelPlan(cfg=True).check_tokens(square.token_count, square.size)  # CFG-parallel splits no tokens
+        ParallelPlan(ulysses=2).check_tokens(tokens(square), square.size)
+    ParallelPlan(cfg=True).check_tokens(tokens(square), square.size)  # CFG-parallel splits no tokens
+    ti2v = CATALOGUE["ti2v-5b"]  # 16x VAE: 31 latent frames x (704/32) x (1280/32)
+    assert ti2v.token_count(1280, 704, 121) == 31 * 22 * 40
 
 
 def test_attention_backends_match_what_diffusers_can_split():

@@ -141,18 +141,21 @@ def test_fast_mode_runs_the_first_tenth_of_the_steps_in_full(fresh_tiny_pipe):
 def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     import json
 
-    from wanlora.hub import transformer_config
-    from wanlora.models import TINY_I2V_ARCH, resolve_model, spec_for_config
+    from wanlora.hub import model_configs
+    from wanlora.models import TINY_I2V_ARCH, identify_model, resolve_model
 
     from .servers import HubRepo
 
     flf2v = {**TINY_I2V_ARCH.transformer_config(), "pos_embed_seq_len": 34}
-    fake_hub.repos["someone/wan-flf2v"] = HubRepo({"transformer/config.json": json.dumps(flf2v).encode()})
+    index = {"_class_name": "WanImageToVideoPipeline"}
+    fake_hub.repos["someone/wan-flf2v"] = HubRepo(
+        {"transformer/config.json": json.dumps(flf2v).encode(), "model_index.json": json.dumps(index).encode()}
+    )
     assert not resolve_model("someone/wan-flf2v").identified
-    spec = spec_for_config(transformer_config("someone/wan-flf2v"), "someone/wan-flf2v")
+    spec = identify_model("someone/wan-flf2v")
     assert spec.task == "i2v" and spec.arch.takes_last_image and spec.identified
     with pytest.raises(ModelNotFound, match="not a Hub repo you can read"):
-        transformer_config("someone/missing")
+        model_configs("someone/missing")
 
 
 def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path):
@@ -182,7 +185,7 @@ def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch
 
     with pytest.raises(InvalidInput, match="offloading moves weights to a GPU"):
         WanLoraPipeline.from_pretrained("tiny", offload="model")
-    with pytest.raises(InvalidInput, match="one of none, model, group"):
+    with pytest.raises(InvalidInput, match="one of auto, none, model, group, experts"):
         WanLoraPipeline.from_pretrained("tiny", offload="disk")
     untiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
     assert not tiny_pipe.diffusers_pipeline.vae.use_tiling

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput
-from .models import ModelSpec
+from .models import TINY_NAMES, ModelSpec
 
 KIJAI = "Kijai/WanVideo_comfy"
+LIGHTNING = "lightx2v/Wan2.2-Lightning"  # a folder per model, each a high/low pair
 TINY_FOLDER = "accelerators"  # `wanlora tiny-model` writes a random stand-in for each preset here
 
 
@@ -31,13 +32,17 @@ class Accelerator:
 
 
 ACCELERATORS: dict[str, Accelerator] = {
-    # CFG and step distillation; the I2V LoRA was trained at 480p and serves 720p too.
+    # CFG and step distillation; the I2V LoRA was trained at 480p and serves 720p too. For
+    # Wan2.2 A14B, Wan2.2-Lightning: a folder holding a LoRA per expert, at strength 1 each,
+    # sampled on the same four timesteps (LightX2V's sigmas 1, 0.9375, 0.8333, 0.625).
     "lightx2v-4step": Accelerator(
         name="lightx2v-4step",
         loras={
             "t2v-14b": f"{KIJAI}/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
             "i2v-14b-480p": f"{KIJAI}/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
             "i2v-14b-720p": f"{KIJAI}/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
+            "t2v-a14b": f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1",
+            "i2v-a14b": f"{LIGHTNING}/Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1",
         },
         steps=4,
         guidance=1.0,
@@ -62,8 +67,11 @@ def _lora_for(preset: Accelerator, spec: ModelSpec) -> str | None:
     """The preset's LoRA for `spec`: the catalogue's, or, in a tiny model folder, its own random one."""
     if spec.name in preset.loras:
         return preset.loras[spec.name]
-    tiny_copy = Path(spec.source) / TINY_FOLDER / f"{preset.name}.safetensors"
-    return str(tiny_copy) if spec.name in ("tiny", "tiny-i2v") and tiny_copy.is_file() else None
+    if spec.name not in TINY_NAMES:
+        return None
+    folder = Path(spec.source) / TINY_FOLDER
+    found = [p for p in (folder / f"{preset.name}.safetensors", folder / preset.name) if p.exists()]
+    return str(found[0]) if found else None
 
 
 def accelerator_for(name: str, spec: ModelSpec) -> tuple[Accelerator, str]:

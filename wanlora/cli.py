@@ -18,7 +18,7 @@ from . import __version__
 from .accelerators import ACCELERATORS
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
-from .models import CATALOGUE, ModelSpec, identify_model, resolve_model
+from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
 from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
 from .request import GenerationSettings, resolve_request
 from .settings import (
@@ -36,7 +36,8 @@ from .settings import (
 
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
-    "folder, or 'tiny' / 'tiny-i2v': random offline models for smoke runs that make noise, not art"
+    f"folder, or a tiny stand-in ({', '.join(TINY_NAMES)}): random offline models for smoke runs that make "
+    "noise, not art"
 )
 REF_HELP = (
     "owner/repo, owner/repo/file.safetensors, owner/repo@rev/file, a huggingface.co, civitai.com or "
@@ -69,8 +70,33 @@ def parse_lora_arg(text: str) -> tuple[str, float | tuple[float, ...]]:
     return ref, values if len(values) > 1 else values[0]
 
 
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="REF[:STRENGTH]",
+        help="a LoRA and its strength (default 1), on every transformer; repeat to combine several. A Wan2.2 "
+        "high/low pair (a repo or folder holding both files) puts each file on its expert",
+    )
+    for expert in ("high", "low"):
+        parser.add_argument(
+            f"--lora-{expert}",
+            action="append",
+            default=[],
+            metavar="REF[:STRENGTH]",
+            help=f"a LoRA on Wan2.2 A14B's {expert}-noise expert only",
+        )
+
+
+def requested_loras(args: argparse.Namespace) -> list[tuple[str, float | tuple[float, ...], str]]:
+    """--lora, --lora-high and --lora-low as (reference, strength, expert) triples."""
+    aimed = [("both", args.lora), ("high", args.lora_high), ("low", args.lora_low)]
+    return [(*parse_lora_arg(text), expert) for expert, texts in aimed for text in texts]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="wanlora", description="Wan2.1 video generation with LoRAs from anywhere.")
+    parser = OneLineParser(prog="wanlora", description="Wan2.1 and Wan2.2 video generation with LoRAs from anywhere.")
     parser.add_argument("--version", action="version", version=f"wanlora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -78,13 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="make an MP4 from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--model", default="t2v-14b", help=MODEL_HELP)
-    gen.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="REF[:STRENGTH]",
-        help="a LoRA and its strength (default 1); repeat to combine several",
-    )
+    add_lora_options(gen)
     gen.add_argument("--image", help="start image for image-to-video (i2v models)")
     gen.add_argument("--last-image", help="end image for first-and-last-frame guidance (i2v models)")
     gen.add_argument(
@@ -98,11 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--aspect-ratio", choices=ASPECT_RATIOS)
     gen.add_argument("--width", type=int, help="overrides the preset; give --height too")
     gen.add_argument("--height", type=int)
-    gen.add_argument("--frames", type=int, help="4k+1 frames, 5 to 81 (default 81)")
-    gen.add_argument("--fps", type=int, help="frames per second, 1 to 60 (default 16)")
+    gen.add_argument(
+        "--frames", type=int, help="4k+1 frames, 5 to 81 (default 81; up to and by default 121 on ti2v-5b)"
+    )
+    gen.add_argument("--fps", type=int, help="frames per second, 1 to 60 (default 16; 24 on ti2v-5b)")
     gen.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps, 1 to 100")
     gen.add_argument("--guidance", type=float, dest="guidance_scale", help="classifier-free guidance scale, 0 to 20")
-    gen.add_argument("--shift", type=float, dest="flow_shift", help="flow shift (default 3 at 480p, 5 at 720p)")
+    gen.add_argument(
+        "--guidance-2",
+        type=float,
+        dest="guidance_scale_2",
+        help="the low-noise expert's guidance on Wan2.2 A14B (default: the model's, or --guidance)",
+    )
+    gen.add_argument(
+        "--shift",
+        type=float,
+        dest="flow_shift",
+        help="flow shift (default: the model's; Wan2.1's 3 at 480p, 5 at 720p)",
+    )
     gen.add_argument("--seed", type=int, help="the same seed gives the same video (default: random)")
     gen.add_argument(
         "--quality",
@@ -129,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--offload",
         choices=OFFLOAD_MODES,
-        default="none",
-        help="save GPU memory: model (components on demand) or group (blocks streamed)",
+        default="auto",
+        help="save GPU memory: experts (only the working Wan2.2 A14B expert on the GPU; what auto picks for "
+        "A14B on a GPU), model (components on demand) or group (blocks streamed)",
     )
     gen.add_argument(
         "--gpus",
@@ -146,9 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-o", "--output", help="the MP4 to write (default: wanlora-SEED.mp4)")
 
-    tiny = commands.add_parser("tiny-model", help="write a tiny random Wan2.1 model in the diffusers layout")
+    tiny = commands.add_parser("tiny-model", help="write a tiny random Wan model in the diffusers layout")
     tiny.add_argument("dir")
-    tiny.add_argument("--i2v", action="store_true", help="an image-to-video model, with a tiny CLIP image encoder")
+    tiny.add_argument(
+        "--kind",
+        choices=list(TINY_KINDS),
+        default="t2v",
+        help="the variant it stands in for: t2v (Wan2.1), i2v (Wan2.1, with a tiny CLIP), t2v-a14b and i2v-a14b "
+        "(Wan2.2, two experts), ti2v-5b (Wan2.2's VAE)",
+    )
+    tiny.add_argument("--i2v", action="store_const", const="i2v", dest="kind", help="the same as --kind i2v")
 
     lora = commands.add_parser("lora", help="inspect LoRA files or bake them into a model")
     lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=OneLineParser)
@@ -160,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     merge = lora_commands.add_parser("merge", help="write a diffusers-layout model with LoRAs baked in")
     merge.add_argument("--model", required=True, help=MODEL_HELP)
-    merge.add_argument("--lora", action="append", required=True, metavar="REF[:STRENGTH]")
+    add_lora_options(merge)
     merge.add_argument("--out", required=True, help="a new (or empty) folder")
     merge.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights dtype (default bf16)")
     cache = commands.add_parser("cache", help="the LoRA download cache (WANLORA_CACHE)")
@@ -181,12 +222,13 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         "fps": args.fps,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
+        "guidance_scale_2": args.guidance_scale_2,
         "flow_shift": args.flow_shift,
         "seed": args.seed,
         "image": args.image,
         "last_image": args.last_image,
         "resize": args.resize,
-        "loras": [parse_lora_arg(text) for text in args.lora],
+        "loras": requested_loras(args),
         "fast_mode": args.fast_mode,
         "accelerator": args.accelerator,
         "cfg_batch": args.cfg_batch,
@@ -205,10 +247,10 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     if identified != spec:
         options["seed"] = request.settings.seed
         spec, request = identified, resolve_request(identified, args.prompt, **options)
-    from .lora.fetch import fetch_lora
+    from .lora.fetch import fetch_lora_files
 
     for lora in request.loras:  # download and verify before the (slow) model load
-        fetch_lora(lora.ref)
+        fetch_lora_files(lora.ref)
     if parallel is not None and not launched_by_torchrun():
         from .launch import run_workers
 
@@ -252,7 +294,7 @@ def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: Gen
         raise InvalidInput("--gpus", world, f"at most the {visible} GPUs visible here")
     plan = plan_from_args(args, spec, world)
     plan.check(spec.arch.num_attention_heads, world, spec.name, "cuda" if visible else "cpu")
-    plan.check_tokens(settings.token_count, settings.size)
+    plan.check_tokens(spec.token_count(settings.width, settings.height, settings.num_frames), settings.size)
     plan.check_fast_mode(args.fast_mode)
     if args.cfg_batch and plan.cfg:
         raise InvalidInput("--cfg-batch", True, "left out with --cfg-parallel, which runs both passes at once")
@@ -278,79 +320,91 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
     target = Path(args.dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InvalidInput("DIR", args.dir, "a new or empty folder")
-    print(write_tiny_model(target, i2v=args.i2v))
+    print(write_tiny_model(target, kind=args.kind))
 
 
-def describe_lora(ref: str, model: str | None) -> dict:
-    from .lora.fetch import fetch_lora
+def describe_lora(ref: str, model: str | None) -> list[dict]:
+    """What `lora inspect` shows: one entry per file (two for a Wan2.2 pair)."""
+    from .lora.fetch import expert_of, fetch_lora_files
     from .lora.formats import read_lora
     from .lora.merge import fit_lora
     from .lora.refs import display_ref
 
-    fetched = fetch_lora(ref)
-    lora = read_lora(fetched.path, label=display_ref(ref))
-    info = {
-        "source": fetched.source,
-        "path": str(fetched.path),
-        "layout": lora.layout,
-        "tensors": lora.tensor_count,
-        "parameters": len(lora.deltas),
-        "ranks": lora.ranks,
-        "alphas": lora.alphas,
-        "delta_kinds": sorted({d.kind for d in lora.deltas.values()}),
-        "targets": lora.module_kinds,
-        "base_model": lora.base_model_hint(),
-        "trigger_words": fetched.trigger_words,
-    }
+    params = None
     if model:
         from .pipeline import meta_transformer
 
         params = dict(meta_transformer(resolve_model(model)).named_parameters())
-        fit = fit_lora(lora, params)
-        blocks = {name.split(".")[1] for name in fit.deltas if name.startswith("blocks.")}
-        linears = [n for n, p in params.items() if n.endswith(".weight") and p.dim() == 2 and n.startswith("blocks.")]
-        info["coverage"] = {
-            "model": model,
-            "parameters_changed": len(fit.deltas),
-            "block_linears_changed": sum(1 for n in linears if n in fit.deltas),
-            "block_linears_total": len(linears),
-            "blocks_touched": len(blocks),
-            "blocks_total": sum(1 for n in params if n.endswith("attn1.to_q.weight")),
-            "skipped_image_parts": fit.skipped,
+    infos = []
+    for role, fetched in fetch_lora_files(ref):
+        lora = read_lora(fetched.path, label=display_ref(ref))
+        info = {
+            "source": fetched.source,
+            "path": str(fetched.path),
+            "layout": lora.layout,
+            "tensors": lora.tensor_count,
+            "parameters": len(lora.deltas),
+            "ranks": lora.ranks,
+            "alphas": lora.alphas,
+            "delta_kinds": sorted({d.kind for d in lora.deltas.values()}),
+            "targets": lora.module_kinds,
+            "base_model": lora.base_model_hint(),
+            "expert": role if role != "both" else expert_of(fetched.path),  # None: its name does not say
+            "trigger_words": fetched.trigger_words,
         }
-    return info
+        if params is not None:
+            fit = fit_lora(lora, params)
+            blocks = {name.split(".")[1] for name in fit.deltas if name.startswith("blocks.")}
+            linears = [
+                n for n, p in params.items() if n.endswith(".weight") and p.dim() == 2 and n.startswith("blocks.")
+            ]
+            info["coverage"] = {
+                "model": model,
+                "parameters_changed": len(fit.deltas),
+                "block_linears_changed": sum(1 for n in linears if n in fit.deltas),
+                "block_linears_total": len(linears),
+                "blocks_touched": len(blocks),
+                "blocks_total": sum(1 for n in params if n.endswith("attn1.to_q.weight")),
+                "skipped_image_parts": fit.skipped,
+            }
+        infos.append(info)
+    return infos
 
 
 def cmd_lora_inspect(args: argparse.Namespace) -> None:
-    info = describe_lora(args.ref, args.model)
+    infos = describe_lora(args.ref, args.model)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(infos[0] if len(infos) == 1 else infos, indent=2))
         return
-    rows = [
-        ("source", info["source"]),
-        ("file", info["path"]),
-        ("layout", info["layout"]),
-        ("tensors", f"{info['tensors']} ({info['parameters']} parameters changed)"),
-        ("ranks", ", ".join(map(str, info["ranks"])) or "-"),
-        ("alpha", ", ".join(f"{a:g}" for a in info["alphas"]) or "-"),
-        ("deltas", ", ".join(info["delta_kinds"])),
-        ("targets", ", ".join(info["targets"])),
-        ("made for", info["base_model"]),
-        ("trigger words", ", ".join(info["trigger_words"]) or "none found"),
-    ]
-    if "coverage" in info:
-        c = info["coverage"]
-        rows.append(
-            (
-                "coverage",
-                f"{c['block_linears_changed']}/{c['block_linears_total']} block linears in "
-                f"{c['blocks_touched']}/{c['blocks_total']} blocks of {c['model']}",
+    for number, info in enumerate(infos):
+        if number:
+            print()
+        rows = [
+            ("source", info["source"]),
+            ("file", info["path"]),
+            ("layout", info["layout"]),
+            ("tensors", f"{info['tensors']} ({info['parameters']} parameters changed)"),
+            ("ranks", ", ".join(map(str, info["ranks"])) or "-"),
+            ("alpha", ", ".join(f"{a:g}" for a in info["alphas"]) or "-"),
+            ("deltas", ", ".join(info["delta_kinds"])),
+            ("targets", ", ".join(info["targets"])),
+            ("made for", info["base_model"]),
+            ("expert", f"the {info['expert']}-noise expert (Wan2.2 A14B)" if info["expert"] else "not said"),
+            ("trigger words", ", ".join(info["trigger_words"]) or "none found"),
+        ]
+        if "coverage" in info:
+            c = info["coverage"]
+            rows.append(
+                (
+                    "coverage",
+                    f"{c['block_linears_changed']}/{c['block_linears_total']} block linears in "
+                    f"{c['blocks_touched']}/{c['blocks_total']} blocks of {c['model']}",
+                )
             )
-        )
-        if c["skipped_image_parts"]:
-            rows.append(("skipped", f"{len(c['skipped_image_parts'])} image-to-video parameters"))
-    for key, value in rows:
-        print(f"{key:>14}: {value}")
+            if c["skipped_image_parts"]:
+                rows.append(("skipped", f"{len(c['skipped_image_parts'])} image-branch parameters"))
+        for key, value in rows:
+            print(f"{key:>14}: {value}")
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
@@ -362,7 +416,9 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInput("--out", args.out, "a new or empty folder")
-    loras = parse_requests([parse_lora_arg(text) for text in args.lora])
+    loras = parse_requests(requested_loras(args))
+    if not loras:
+        raise InvalidInput("--lora", None, "at least one --lora, --lora-high or --lora-low to bake in")
     pipe = WanLoraPipeline.from_pretrained(args.model, device="cpu", dtype=getattr(torch, DTYPES[args.dtype]))
     pipe.set_loras(loras)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -378,13 +434,15 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_fetch(args: argparse.Namespace) -> None:
-    from .lora.fetch import fetch_lora
+    from .lora.fetch import fetch_lora_files
 
-    fetched = fetch_lora(args.ref)
-    print(f"source: {fetched.source}")
-    print(f"size: {fetched.size / 2**20:.1f} MiB" + (f", sha256 {fetched.sha256}" if fetched.sha256 else ""))
-    print(f"trigger words: {', '.join(fetched.trigger_words) or 'none found'}")
-    print(fetched.path)
+    files = fetch_lora_files(args.ref)
+    for role, fetched in files:
+        expert = "" if role == "both" else f" ({role}-noise expert)"
+        print(f"source: {fetched.source}{expert}")
+        print(f"size: {fetched.size / 2**20:.1f} MiB" + (f", sha256 {fetched.sha256}" if fetched.sha256 else ""))
+        print(f"trigger words: {', '.join(fetched.trigger_words) or 'none found'}")
+    print("\n".join(str(fetched.path) for _, fetched in files))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:

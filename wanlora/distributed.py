@@ -74,9 +74,10 @@ def _cpu_counts_as_one_device(device: torch.device):
 
 
 class Parallel:
-    """A transformer made context- (and optionally CFG-) parallel over the current process group."""
+    """Transformers (one, or Wan2.2's two experts) made context- (and optionally CFG-) parallel
+    over the current process group."""
 
-    def __init__(self, transformer: torch.nn.Module, plan: ParallelPlan, device: torch.device) -> None:
+    def __init__(self, transformers: list[torch.nn.Module], plan: ParallelPlan, device: torch.device) -> None:
         from diffusers import ContextParallelConfig
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -92,11 +93,12 @@ class Parallel:
                 ulysses_degree=plan.ulysses, ring_degree=plan.ring, mesh=mesh["ring", "ulysses"]
             )
             with _cpu_counts_as_one_device(device):
-                transformer.enable_parallelism(config=config)
-        self.split_guidance = None
+                for transformer in transformers:
+                    transformer.enable_parallelism(config=config)
+        self.split_guidance = []
         if plan.cfg:
-            self.split_guidance = SplitGuidance(mesh["cfg"].get_local_rank(), mesh["cfg"].get_group())
-            self.split_guidance.install(transformer)
+            branch, group = mesh["cfg"].get_local_rank(), mesh["cfg"].get_group()
+            self.split_guidance = [SplitGuidance(branch, group).install(t) for t in transformers]
         logger.info("rank %d of %d: %s", self.rank, plan.world_size, plan.describe())
 
     @property
@@ -125,5 +127,5 @@ class Parallel:
 
     def set_guidance(self, guided: bool) -> None:
         """CFG-parallel splits the two passes only when the pipeline runs both."""
-        if self.split_guidance is not None:
-            self.split_guidance.active = guided
+        for hook in self.split_guidance:
+            hook.active = guided

@@ -151,10 +151,12 @@ def download_model(repo: str, skip: list[str] | None = None) -> Path:
         return Path(snapshot_download(repo, allow_patterns=list(MODEL_FILES), ignore_patterns=ignored))
 
 
-def transformer_config(repo: str) -> dict[str, Any]:
-    """A Hub model's transformer config.json, a few hundred bytes, to identify it before loading."""
+def model_configs(repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Hub model's transformer config.json and model_index.json, a few hundred bytes each, to identify it."""
     from huggingface_hub import hf_hub_download
 
-    filename = "transformer/config.json"
-    with hub_errors(repo, filename=filename, missing_means="it is not a diffusers-layout Wan model"):
-        return json.loads(Path(hf_hub_download(repo, filename)).read_text())
+    found = []
+    for filename in ("transformer/config.json", "model_index.json"):
+        with hub_errors(repo, filename=filename, missing_means="it is not a diffusers-layout Wan model"):
+            found.append(json.loads(Path(hf_hub_download(repo, filename)).read_text()))
+    return found[0], found[1]

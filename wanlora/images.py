@@ -41,10 +41,10 @@ def load_image(image: ImageInput, field: str = "image") -> Image.Image:
     return loaded.convert("RGB")
 
 
-def nearest_aspect_ratio(image: Image.Image) -> str:
-    """The preset aspect ratio closest to the image's, compared on a log scale."""
+def nearest_aspect_ratio(image: Image.Image, choices: tuple[str, ...] = ASPECT_RATIOS) -> str:
+    """The aspect ratio among `choices` closest to the image's, compared on a log scale."""
     width, height = image.size
-    ratios = {name: int(name.split(":")[0]) / int(name.split(":")[1]) for name in ASPECT_RATIOS}
+    ratios = {name: int(name.split(":")[0]) / int(name.split(":")[1]) for name in choices}
     return min(ratios, key=lambda name: abs(np.log(width / height) - np.log(ratios[name])))
 
 

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput, ModelNotFound
 from .settings import ASPECT_RATIOS
 
-# Wan's published sizes (its SIZE_CONFIGS); every side is a multiple of 16.
+# Wan's published sizes (its SIZE_CONFIGS); Wan2.1's sides are multiples of 16.
 SIZE_PRESETS: dict[str, dict[str, tuple[int, int]]] = {
     "480p": {"16:9": (832, 480), "9:16": (480, 832), "1:1": (624, 624)},
     "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "1:1": (960, 960)},
 }
-FLOW_SHIFT = {"480p": 3.0, "720p": 5.0}
+# Wan2.2's SUPPORTED_SIZES: A14B at 480p and 720p without a square; TI2V-5B at 1280x704 only
+# (its VAE compresses 16x, so sides are multiples of 32).
+A14B_PRESETS = {size: {a: wh for a, wh in presets.items() if a != "1:1"} for size, presets in SIZE_PRESETS.items()}
+TI2V_PRESETS = {"720p": {"16:9": (1280, 704), "9:16": (704, 1280)}}
+TWO_EXPERTS = ("high", "low")  # Wan2.2 A14B: `transformer` takes the high-noise steps, `transformer_2` the rest
+ONE_TRANSFORMER = ("all",)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class Architecture:
     attention_head_dim: int
     ffn_dim: int
     in_channels: int = 16
+    out_channels: int = 16
     text_dim: int = 4096
     image_dim: int | None = None
     added_kv_proj_dim: int | None = None
@@ -55,7 +61,7 @@ class Architecture:
             "num_attention_heads": self.num_attention_heads,
             "attention_head_dim": self.attention_head_dim,
             "in_channels": self.in_channels,
-            "out_channels": 16,
+            "out_channels": self.out_channels,
             "text_dim": self.text_dim,
             "freq_dim": 256,
             "ffn_dim": self.ffn_dim,
@@ -83,15 +89,21 @@ class ModelSpec:
     name: str
     source: str  # a Hub repo id, a local folder, or "tiny"
     arch: Architecture
-    task: str  # "t2v" or "i2v"
+    task: str  # "t2v", "i2v", or "ti2v" (text-to-video, or image-to-video with an image)
     resolutions: tuple[str, ...]
     default_steps: int
     presets: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: SIZE_PRESETS)
     default_guidance: float = 5.0
+    default_guidance_2: float | None = None  # the low-noise expert's, on two-expert models
+    flow_shifts: tuple[float, float] = (3.0, 5.0)  # up to 480p-sized frames, and above
     default_fps: int = 16
     default_frames: int = 81
     max_frames: int = 81
-    published_params: int | None = None
+    family: str = "Wan2.1"
+    boundary_ratio: float | None = None  # two experts: `transformer` takes t >= ratio x 1000
+    expand_timesteps: bool = False  # TI2V-5B: a timestep per token, the first frame's kept clean
+    vae_scale: int = 8  # the VAE's spatial compression: 16 for Wan2.2's TI2V VAE
+    published_params: int | None = None  # per transformer
     # First Block Cache thresholds for fast_mode (balanced, fast). Starting points taken from
     # the TeaCache settings used on Replicate; not yet calibrated on real weights.
     fast_thresholds: tuple[float, float] = (0.15, 0.2)
@@ -102,19 +114,41 @@ class ModelSpec:
     def default_resolution(self) -> str:
         return self.resolutions[0]
 
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """The transformers LoRAs can be aimed at: "high" and "low" on Wan2.2 A14B, else "all"."""
+        return TWO_EXPERTS if self.boundary_ratio is not None else ONE_TRANSFORMER
+
+    @property
+    def side_multiple(self) -> int:
+        """Sides are a multiple of the VAE's compression times the transformer's 2x2 patches."""
+        return self.vae_scale * 2
+
+    @property
+    def aspect_ratios(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(a for presets in self.presets.values() for a in presets))
+
     def size(self, resolution: str | None = None, aspect_ratio: str = "16:9") -> tuple[int, int]:
-        """(width, height) of a preset, refusing resolutions this model was not trained for."""
+        """(width, height) of a preset, refusing resolutions and shapes this model was not trained for."""
         resolution = resolution or self.default_resolution
         if resolution not in self.resolutions:
             allowed = " or ".join(self.resolutions)
             raise InvalidInput("resolution", resolution, f"{self.name} supports {allowed} only")
         if aspect_ratio not in ASPECT_RATIOS:
             raise InvalidInput("aspect_ratio", aspect_ratio, f"one of {', '.join(ASPECT_RATIOS)}")
+        if aspect_ratio not in self.presets[resolution]:
+            shapes = ", ".join(self.presets[resolution])
+            raise InvalidInput("aspect_ratio", aspect_ratio, f"{self.name} was trained at {shapes} only")
         return self.presets[resolution][aspect_ratio]
 
     def default_shift(self, width: int, height: int) -> float:
-        """Wan's flow shift: 3.0 up to 480p-sized frames, 5.0 above."""
-        return FLOW_SHIFT["480p"] if width * height <= 832 * 480 else FLOW_SHIFT["720p"]
+        """The flow shift the model was trained with: Wan2.1's depends on the frame size, Wan2.2's does not."""
+        return self.flow_shifts[0] if width * height <= 832 * 480 else self.flow_shifts[1]
+
+    def token_count(self, width: int, height: int, num_frames: int) -> int:
+        """Transformer tokens: latent frames (4x fewer, plus the first) x the latent 2x2 patches."""
+        patch = self.side_multiple
+        return ((num_frames - 1) // 4 + 1) * (height // patch) * (width // patch)
 
 
 WAN_1_3B = Architecture(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
@@ -128,8 +162,17 @@ WAN_14B_I2V = Architecture(
     image_dim=1280,
     added_kv_proj_dim=5120,
 )
+# Wan2.2 (diffusers' convert_wan_to_diffusers.py; Wan2.2's wan/configs). The A14B experts are
+# Wan2.1 14B's architecture; the I2V ones take the image through 20 more latent channels and
+# have no CLIP branch; TI2V-5B is a new 3072-wide model on Wan2.2's 48-channel VAE.
+WAN22_I2V_A14B = Architecture(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
+                              in_channels=36)  # fmt: skip
+WAN22_TI2V_5B = Architecture(num_layers=30, num_attention_heads=24, attention_head_dim=128, ffn_dim=14336,
+                             in_channels=48, out_channels=48)  # fmt: skip
 
-# Parameter counts are the published checkpoints' safetensors index total_size / 4 (fp32).
+# Parameter counts are per transformer. Wan2.1's are the published checkpoints' safetensors
+# index total_size / 4 (fp32); Wan2.2's A14B experts share Wan2.1 14B's shapes (the I2V ones
+# add 409,600 to the patch embedding for their 36 input channels).
 CATALOGUE: dict[str, ModelSpec] = {
     "t2v-1.3b": ModelSpec(
         name="t2v-1.3b",
@@ -170,53 +213,115 @@ CATALOGUE: dict[str, ModelSpec] = {
         published_params=16_394_878_784,
         fast_thresholds=(0.2, 0.3),
     ),
+    # Wan2.2's defaults are its reference code's (wan/configs): guidance is (high, low).
+    "t2v-a14b": ModelSpec(
+        name="t2v-a14b",
+        source="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        arch=WAN_14B,
+        task="t2v",
+        resolutions=("480p", "720p"),
+        default_steps=40,
+        presets=A14B_PRESETS,
+        default_guidance=4.0,
+        default_guidance_2=3.0,
+        flow_shifts=(12.0, 12.0),
+        family="Wan2.2",
+        boundary_ratio=0.875,
+        published_params=14_288_491_584,
+    ),
+    "i2v-a14b": ModelSpec(
+        name="i2v-a14b",
+        source="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        arch=WAN22_I2V_A14B,
+        task="i2v",
+        resolutions=("480p", "720p"),
+        default_steps=40,
+        presets=A14B_PRESETS,
+        default_guidance=3.5,
+        default_guidance_2=3.5,
+        flow_shifts=(5.0, 5.0),
+        family="Wan2.2",
+        boundary_ratio=0.9,
+        published_params=14_288_901_184,
+    ),
+    "ti2v-5b": ModelSpec(
+        name="ti2v-5b",
+        source="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        arch=WAN22_TI2V_5B,
+        task="ti2v",
+        resolutions=("720p",),
+        default_steps=50,
+        presets=TI2V_PRESETS,
+        flow_shifts=(5.0, 5.0),
+        default_fps=24,
+        default_frames=121,
+        max_frames=121,
+        family="Wan2.2",
+        expand_timesteps=True,
+        vae_scale=16,
+        published_params=4_999_787_712,
+    ),
 }
 
-# The offline test model: real layout, random weights, tiny shapes. It makes noise, not art.
-TINY_ARCH = Architecture(
-    num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, text_dim=32, rope_max_seq_len=32
-)
+# The offline test models: real layouts, random weights, tiny shapes. They make noise, not art.
+_TINY = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "text_dim": 32,
+         "rope_max_seq_len": 32}  # fmt: skip
+TINY_ARCH = Architecture(**_TINY)
 TINY_I2V_ARCH = Architecture(
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=12,
-    ffn_dim=32,
+    **_TINY,
     in_channels=36,
-    text_dim=32,
     image_dim=32,  # the tiny CLIP's width
     added_kv_proj_dim=24,  # the transformer's width, as in the real model (5120)
-    rope_max_seq_len=32,
 )
 TINY_PRESETS = {"480p": {"16:9": (112, 64), "9:16": (64, 112), "1:1": (64, 64)}}
+TINY_A14B_PRESETS = {"480p": {"16:9": (112, 64), "9:16": (64, 112)}}
+TINY_TI2V_PRESETS = {"720p": {"16:9": (128, 64), "9:16": (64, 128)}}
+# kind -> the catalogue variant it stands in for, and its tiny transformer
+TINY_KINDS: dict[str, tuple[str, Architecture]] = {
+    "t2v": ("t2v-14b", TINY_ARCH),
+    "i2v": ("i2v-14b-480p", TINY_I2V_ARCH),
+    "t2v-a14b": ("t2v-a14b", TINY_ARCH),
+    "i2v-a14b": ("i2v-a14b", Architecture(**_TINY, in_channels=36)),
+    "ti2v-5b": ("ti2v-5b", Architecture(**_TINY, in_channels=48, out_channels=48)),
+}
+TINY_NAMES = {"tiny" if kind == "t2v" else f"tiny-{kind}": kind for kind in TINY_KINDS}
 
 
-def tiny_spec(source: str = "tiny", i2v: bool = False) -> ModelSpec:
-    """`tiny` or `tiny-i2v`, in memory or (with `source`) from a folder `wanlora tiny-model` wrote."""
-    return ModelSpec(
-        name="tiny-i2v" if i2v else "tiny",
+def tiny_spec(source: str = "tiny", kind: str = "t2v") -> ModelSpec:
+    """A tiny stand-in for a catalogue variant, in memory or (with `source`) from a `wanlora tiny-model` folder.
+
+    It keeps the variant's task, experts, boundary, guidance and VAE, at tiny sizes and few steps.
+    """
+    like, arch = TINY_KINDS[kind]
+    real = CATALOGUE[like]
+    presets = {"t2v-a14b": TINY_A14B_PRESETS, "i2v-a14b": TINY_A14B_PRESETS, "ti2v-5b": TINY_TI2V_PRESETS}
+    return replace(
+        real,
+        name="tiny" if kind == "t2v" else f"tiny-{kind}",
         source=source,
-        arch=TINY_I2V_ARCH if i2v else TINY_ARCH,
-        task="i2v" if i2v else "t2v",
-        resolutions=("480p",),
+        arch=arch,
+        resolutions=tuple(presets.get(kind, TINY_PRESETS)),
         default_steps=4,
-        presets=TINY_PRESETS,
+        presets=presets.get(kind, TINY_PRESETS),
         default_frames=9,
+        max_frames=real.max_frames,
+        published_params=None,
         fast_thresholds=(0.05, 0.1),  # measured on the tiny model: 14 and 4 of 16 block runs
     )
 
 
 def resolve_model(model: str) -> ModelSpec:
-    """Map a `--model` value to a spec: a variant name, `tiny`, a local folder or a Hub repo id.
+    """Map a `--model` value to a spec: a variant name, a tiny one, a local folder or a Hub repo id.
 
-    A local folder's own transformer config decides its architecture, and the catalogue's
-    defaults apply when it matches a known variant. A repo id outside the catalogue gets the
-    defaults of the variant whose architecture it declares once loaded; until then it is
-    assumed to be like `t2v-14b`, the most permissive variant.
+    A local folder's own configs decide its architecture and layout, and the catalogue's
+    defaults apply when they match a known variant. A repo id outside the catalogue gets the
+    defaults of the variant whose architecture it declares once identified; until then it is
+    assumed to be like `t2v-14b`.
     """
     if model in CATALOGUE:
         return CATALOGUE[model]
-    if model in ("tiny", "tiny-i2v"):
-        return tiny_spec(i2v=model == "tiny-i2v")
+    if model in TINY_NAMES:
+        return tiny_spec(kind=TINY_NAMES[model])
     path = Path(model).expanduser()
     if path.exists():
         return spec_for_folder(path)
@@ -225,51 +330,57 @@ def resolve_model(model: str) -> ModelSpec:
             if spec.source == model:
                 return spec
         base = CATALOGUE["t2v-14b"]
-        return ModelSpec(**{**base.__dict__, "name": model, "source": model, "identified": False})
-    known = ", ".join([*CATALOGUE, "tiny", "tiny-i2v"])
+        return replace(base, name=model, source=model, identified=False)
+    known = ", ".join([*CATALOGUE, *TINY_NAMES])
     raise ModelNotFound(
         f"model {model!r} is not a catalogue variant ({known}), an existing folder, or a Hub repo id (owner/name)"
     )
 
 
 def spec_for_folder(path: Path) -> ModelSpec:
-    """The spec of a diffusers-layout folder, matched to the catalogue by its transformer config."""
-    config_file = path / "transformer" / "config.json"
-    if not (path / "model_index.json").is_file() or not config_file.is_file():
+    """The spec of a diffusers-layout folder, matched to the catalogue by its configs."""
+    index_file, config_file = path / "model_index.json", path / "transformer" / "config.json"
+    if not index_file.is_file() or not config_file.is_file():
         raise ModelNotFound(
             f"{path} is not a diffusers-layout Wan model: it needs model_index.json and transformer/config.json "
             "(write one with `wanlora tiny-model DIR` or download a *-Diffusers repo)"
         )
-    return spec_for_config(json.loads(config_file.read_text()), str(path))
+    return spec_for_config(json.loads(config_file.read_text()), str(path), json.loads(index_file.read_text()))
 
 
-def spec_for_config(config: dict[str, Any], source: str) -> ModelSpec:
+def spec_for_config(config: dict[str, Any], source: str, index: dict[str, Any]) -> ModelSpec:
+    """The spec whose transformer config and pipeline layout (model_index.json: experts, VAE) these are."""
     arch = Architecture.from_config(config)
-    for candidate in (TINY_ARCH, TINY_I2V_ARCH):
-        if arch == candidate:
-            return tiny_spec(source, i2v=candidate is TINY_I2V_ARCH)
+    layout = (index.get("boundary_ratio") is not None, bool(index.get("expand_timesteps")))
+    for kind, (_, tiny_arch) in TINY_KINDS.items():
+        candidate = tiny_spec(source, kind)
+        if arch == tiny_arch and layout == (candidate.boundary_ratio is not None, candidate.expand_timesteps):
+            return candidate
     for spec in CATALOGUE.values():
-        if spec.arch == arch:
-            return ModelSpec(**{**spec.__dict__, "source": source})
-    i2v = arch.in_channels != 16
-    base = CATALOGUE["i2v-14b-720p" if i2v else "t2v-14b"]  # e.g. Wan2.1-FLF2V-14B-720P-Diffusers
-    return ModelSpec(
-        **{**base.__dict__, "name": os.path.basename(source.rstrip("/")) or source, "source": source, "arch": arch}
-    )
+        if spec.arch == arch and layout == (spec.boundary_ratio is not None, spec.expand_timesteps):
+            return replace(spec, source=source, boundary_ratio=index.get("boundary_ratio", spec.boundary_ratio))
+    if layout[0]:
+        base = CATALOGUE["i2v-a14b" if arch.in_channels != 16 else "t2v-a14b"]
+    else:
+        base = CATALOGUE["i2v-14b-720p" if arch.in_channels != 16 else "t2v-14b"]  # e.g. Wan2.1-FLF2V-14B-720P
+    name = os.path.basename(source.rstrip("/")) or source
+    return replace(base, name=name, source=source, arch=arch, boundary_ratio=index.get("boundary_ratio"))
 
 
 def identify_model(model: str) -> ModelSpec:
     """`resolve_model`, then for a Hub repo: its copy in the weights folder (WANLORA_WEIGHTS) when
-    there, else its transformer config from the Hub, so that a missing repo, a gated one or no
-    network is named as such before anything large moves, and a repo outside the catalogue is
-    identified."""
-    from .hub import local_copy, transformer_config
+    there, else its transformer config and model index from the Hub, so that a missing repo, a
+    gated one or no network is named as such before anything large moves, and a repo outside
+    the catalogue is identified."""
+    from .hub import local_copy, model_configs
 
     spec = resolve_model(model)
     if spec.source == "tiny" or Path(spec.source).exists():
         return spec
     prefetched = local_copy(spec.source)
     if prefetched is not None:
-        return spec_for_folder(prefetched)
-    config = transformer_config(spec.source)
-    return spec if spec.identified else spec_for_config(config, spec.source)
+        found = spec_for_folder(prefetched)  # i2v-14b-720p's configs are i2v-14b-480p's: keep the name asked for
+        same = (spec.arch, spec.experts, spec.expand_timesteps) == (found.arch, found.experts, found.expand_timesteps)
+        return replace(spec, source=found.source) if same else found
+    config, index = model_configs(spec.source)
+    return spec if spec.identified else spec_for_config(config, spec.source, index)

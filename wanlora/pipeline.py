@@ -29,16 +29,17 @@ from .attention import choose_backend, install_backend
 from .devices import resolve_device
 from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound
+from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .fastmode import apply_fast_mode
 from .guidance import BatchedGuidance
 from .hub import download_model
 from .images import resize_image
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
-from .lora.selection import LoraRequest, parse_requests
-from .lora.state import Chosen, TransformerLoras, apply_together
-from .memory import check_offload, place, set_vae_tiling
-from .models import ModelSpec, identify_model
+from .lora.selection import LoraRequest, check_targets, parse_requests
+from .lora.state import apply_together
+from .memory import ExpertSwitch, place, resolve_offload, set_vae_tiling
+from .models import TINY_NAMES, ModelSpec, identify_model
 from .parallel import ParallelPlan
 from .request import Request, resolve_request
 from .tiny import tiny_pipeline
@@ -46,7 +47,7 @@ from .video import Video
 
 logger = logging.getLogger(__name__)
 
-SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")  # the same for every Wan2.1 variant
+SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")  # the same for every Wan model on Wan2.1's VAE
 
 
 def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -72,18 +73,24 @@ class WanLoraPipeline:
         device: torch.device,
         attention: str = "auto",
         parallel: ParallelPlan | None = None,
+        offload: str = "none",
     ) -> None:
         self.diffusers_pipeline = diffusers_pipeline
         self.spec = spec
         self.device = device
+        self.experts: list[Expert] = experts_of(diffusers_pipeline, spec.experts)
+        transformers = [expert.module for expert in self.experts]
         self.attention = choose_backend(attention, device, parallel.attention_split if parallel else None)
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
-            install_backend(diffusers_pipeline.transformer, self.attention)
-        self.parallel = Parallel(diffusers_pipeline.transformer, parallel, device) if parallel is not None else None
-        self.batched_guidance = BatchedGuidance().install(diffusers_pipeline.transformer)
+            for transformer in transformers:
+                install_backend(transformer, self.attention)
+        self.parallel = Parallel(transformers, parallel, device) if parallel is not None else None
+        self.batched_guidance = [BatchedGuidance().install(transformer) for transformer in transformers]
         self.base_scheduler_config = diffusers_pipeline.scheduler.config
         self.loader = LoraLoader()
-        self.loras = TransformerLoras(diffusers_pipeline.transformer)
+        self.switch = None
+        if offload == "experts":
+            self.switch = ExpertSwitch([(e.module, e.loras) for e in self.experts], device)
         self.load_timings: dict[str, float] = {}
 
     @classmethod
@@ -95,7 +102,7 @@ class WanLoraPipeline:
         attention: str = "auto",
         share_from: WanLoraPipeline | None = None,
         compile: bool | str = False,
-        offload: str = "none",
+        offload: str = "auto",
         parallel: ParallelPlan | str | bool | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
@@ -105,11 +112,12 @@ class WanLoraPipeline:
         A catalogue model found in the weights folder (WANLORA_WEIGHTS) loads from there.
         `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
         keeps in fp32 stay fp32 either way. `share_from` reuses another pipeline's tokenizer,
-        text encoder and VAE (the same for every Wan2.1 variant) instead of loading them.
+        text encoder and VAE (the same for every Wan model on Wan2.1's VAE) instead of loading them.
 
         `compile=True` compiles the repeated transformer blocks with torch.compile (a string
         names the backend); LoRA swaps rewrite weights in place and never recompile.
-        `offload` ("none", "model", "group") trades speed for GPU memory: see wanlora.memory.
+        `offload` ("auto", "none", "experts", "model", "group") trades speed for GPU memory;
+        "auto" keeps only the active Wan2.2 A14B expert on the GPU: see wanlora.memory.
 
         `parallel` ("auto", a `ParallelPlan`, or diffusers' `ContextParallelConfig`) shares
         each generation between the processes of a torch.distributed group, one per GPU
@@ -124,14 +132,16 @@ class WanLoraPipeline:
             device = resolve_device(device if device is not None else rank_device)
             plan = resolve_plan(parallel, spec.arch.num_attention_heads, spec.name, device)
         device = resolve_device(device)
-        check_offload(offload, device)
+        offload = resolve_offload(offload, device, len(spec.experts) == 2)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        shared = share_from.shared_components() if share_from is not None else {}
+        shared = share_from.shared_components(spec) if share_from is not None else {}
         timings = {}
         started = time.perf_counter()
         if spec.source == "tiny":
-            diffusers_pipeline = tiny_pipeline(i2v=spec.task == "i2v")
-            cast_keeping_fp32(diffusers_pipeline.transformer, dtype)
+            diffusers_pipeline = tiny_pipeline(kind=TINY_NAMES[spec.name])
+            for name in ("transformer", "transformer_2"):
+                if getattr(diffusers_pipeline, name, None) is not None:
+                    cast_keeping_fp32(getattr(diffusers_pipeline, name), dtype)
             diffusers_pipeline.text_encoder.to(dtype)
             diffusers_pipeline.register_modules(**shared)
         else:
@@ -140,37 +150,46 @@ class WanLoraPipeline:
                 folder = download_model(spec.source, skip=list(shared))
                 timings["download_seconds"] = time.perf_counter() - started
                 logger.info("downloaded %s in %.1fs", spec.source, timings["download_seconds"])
-            diffusers_pipeline = load_diffusers_pipeline(folder, dtype, shared, i2v=spec.task == "i2v")
+            diffusers_pipeline = load_diffusers_pipeline(folder, dtype, shared, spec)
         place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
-        loaded = cls(diffusers_pipeline, spec, device, attention, plan)
+        loaded = cls(diffusers_pipeline, spec, device, attention, plan, offload)
         loaded.load_timings = timings
         if compile:
             backend = "inductor" if compile is True else compile
-            # context-parallel attention calls collectives that dynamo cannot trace in one graph
-            diffusers_pipeline.transformer.compile_repeated_blocks(fullgraph=plan is None, backend=backend)
+            for expert in loaded.experts:
+                # context-parallel attention calls collectives that dynamo cannot trace in one graph
+                expert.module.compile_repeated_blocks(fullgraph=plan is None, backend=backend)
             logger.info("compiled the transformer blocks with torch.compile (%s)", backend)
         return loaded
 
-    def shared_components(self) -> dict[str, Any]:
-        """The parts every Wan2.1 variant has in common."""
-        return {name: getattr(self.diffusers_pipeline, name) for name in SHARED_COMPONENTS}
+    def shared_components(self, spec: ModelSpec) -> dict[str, Any]:
+        """What `spec`'s model can take from this one: the text encoder and tokenizer, and the VAE if the same."""
+        names = [n for n in SHARED_COMPONENTS if n != "vae" or spec.vae_scale == self.spec.vae_scale]
+        return {name: getattr(self.diffusers_pipeline, name) for name in names}
 
     def release_transformer(self) -> None:
-        """Drop the transformer and its LoRA state, to free memory for another variant."""
-        self.diffusers_pipeline.transformer = None
-        self.loras = None
+        """Drop the transformers and their LoRA state, to free memory for another variant."""
+        for expert in self.experts:
+            setattr(self.diffusers_pipeline, ATTRIBUTES[expert.name], None)
+        # and whatever else holds them: the switch (with the waiting expert's pinned copy), the hooks
+        self.experts, self.switch, self.batched_guidance, self.parallel = [], None, [], None
 
     @property
     def transformer(self) -> torch.nn.Module:
-        """The diffusers `WanTransformer3DModel` that LoRAs are merged into."""
+        """The diffusers `WanTransformer3DModel` LoRAs are merged into (Wan2.2 A14B: the high-noise expert)."""
         return self.diffusers_pipeline.transformer
 
     @property
+    def loras(self):
+        """The LoRA state of the (first) transformer: its merger, pristine copies and active set."""
+        return self.experts[0].loras
+
+    @property
     def active_loras(self) -> list[LoraRequest]:
-        """The LoRA set merged now, as requested."""
-        return [c.request for c in self.loras.active]
+        """The LoRA set merged now, as requested (each request once, whatever experts it is on)."""
+        return list(dict.fromkeys(c.request for expert in self.experts for c in expert.loras.active))
 
     def set_loras(
         self,
@@ -206,26 +225,30 @@ class WanLoraPipeline:
         raise failure
 
     def _set_loras(self, requests: list[LoraRequest], credentials: Credentials | None) -> None:
+        check_targets(requests, self.spec.experts, self.spec.name)
         credentials = credentials or Credentials()
         builtin = replace(credentials, local_files=True)  # a preset's own file, not a user's path
-        chosen = [Chosen(r, self.loader.load(r.ref, builtin if r.builtin else credentials)) for r in requests]
+        loaded = [(r, self.loader.load(r.ref, builtin if r.builtin else credentials)) for r in requests]
+        chosen = assign(loaded, self.spec.experts)
         started = time.perf_counter()
-        rewritten = apply_together([(self.loras, chosen)])
+        rewritten = apply_together([(expert.loras, chosen[expert.name]) for expert in self.experts])
         if not rewritten:
             return
         seconds = time.perf_counter() - started
-        for c in chosen:
-            logger.info(
-                "applied %s at strength %s: %s, rank %s, %d tensors, trigger words: %s (merge %.2fs)",
-                c.request.label,
-                c.request.strength,
-                c.lora.layout,
-                "/".join(map(str, c.lora.ranks)) or "-",
-                len(c.lora.deltas),
-                ", ".join(c.lora.trigger_words) or "none found",
-                seconds,
-            )
-        if not chosen:
+        for request, files in loaded:
+            for _, lora in files:
+                logger.info(
+                    "applied %s at strength %s%s: %s, rank %s, %d tensors, trigger words: %s (merge %.2fs)",
+                    lora.label,
+                    request.strength,
+                    "" if request.expert == "both" else f" on the {request.expert}-noise expert",
+                    lora.layout,
+                    "/".join(map(str, lora.ranks)) or "-",
+                    len(lora.deltas),
+                    ", ".join(lora.trigger_words) or "none found",
+                    seconds,
+                )
+        if not requests:
             logger.info("LoRAs removed: base weights restored (%.2fs)", seconds)
 
     def generate(
@@ -269,7 +292,8 @@ class WanLoraPipeline:
             self.parallel.plan.check_fast_mode(request.fast_mode)
             if request.cfg_batch and self.parallel.plan.cfg:
                 raise InvalidInput("cfg_batch", True, "False with CFG-parallel, which runs both passes at once already")
-            self.parallel.plan.check_tokens(settings.token_count, settings.size)
+            tokens = self.spec.token_count(settings.width, settings.height, settings.num_frames)
+            self.parallel.plan.check_tokens(tokens, settings.size)
             settings = replace(settings, seed=self.parallel.shared_seed(settings.seed))
         loras = list(request.loras if request.loras is not None else self.active_loras)  # access is re-checked
         if request.accelerator is not None:
@@ -280,7 +304,8 @@ class WanLoraPipeline:
         self.set_loras(loras, credentials)
         lora_seconds = time.perf_counter() - started
         self._hint_trigger_words(settings.prompt)
-        apply_fast_mode(self.transformer, self.spec, request.fast_mode, settings.num_inference_steps)
+        for expert in self.experts:
+            apply_fast_mode(expert.module, self.spec, request.fast_mode, settings.num_inference_steps)
         size = (settings.width, settings.height)
         names = ("image", "last_image")
         conditioning = {
@@ -292,8 +317,9 @@ class WanLoraPipeline:
             extra = {"image_size": list(request.images[0].size), "resize": request.resize}
         if request.accelerator is not None:
             extra["accelerator"] = request.accelerator.name
-        guided = settings.guidance_scale > 1  # else the pipeline makes one pass per step
-        self.batched_guidance.active = request.cfg_batch and guided
+        guided = settings.guidance_scale > 1  # else the pipeline makes one pass per step (diffusers' rule)
+        for hook in self.batched_guidance:
+            hook.active = request.cfg_batch and guided
         if self.parallel is not None:
             self.parallel.set_guidance(guided)
         video = self._denoise(settings, progress, conditioning, extra, request)
@@ -302,12 +328,11 @@ class WanLoraPipeline:
         return video
 
     def _hint_trigger_words(self, prompt: str) -> None:
-        for chosen in self.loras.active:
-            words = chosen.lora.trigger_words
+        files = {c.lora.label: c.lora for expert in self.experts for c in expert.loras.active}
+        for label, lora in files.items():
+            words = lora.trigger_words
             if words and not any(word.lower() in prompt.lower() for word in words):
-                logger.warning(
-                    "the prompt has none of %s's trigger words: %s", chosen.request.label, ", ".join(words[:5])
-                )
+                logger.warning("the prompt has none of %s's trigger words: %s", label, ", ".join(words[:5]))
 
     def _denoise(
         self,
@@ -317,7 +342,7 @@ class WanLoraPipeline:
         extra: dict[str, Any],
         request: Request,
     ) -> Video | None:
-        pipeline = self.diffusers_pipeline
+        pipeline = self._diffusers_pipeline_for(request)
         set_vae_tiling(pipeline.vae, settings.width, settings.height)
         if request.accelerator is not None and request.accelerator.timesteps:
             pipeline.scheduler = fixed_timestep_scheduler(request.accelerator)
@@ -325,6 +350,9 @@ class WanLoraPipeline:
             pipeline.scheduler = UniPCMultistepScheduler.from_config(
                 self.base_scheduler_config, flow_shift=settings.flow_shift
             )
+        self.diffusers_pipeline.scheduler = pipeline.scheduler
+        steps = expert_steps(pipeline.scheduler, settings.num_inference_steps, self.spec.boundary_ratio,
+                             self.spec.experts)  # fmt: skip
         main = self.parallel is None or self.parallel.is_main
         pipeline.set_progress_bar_config(disable=not (progress and main), desc="denoising", leave=False)
         logger.info(
@@ -346,7 +374,8 @@ class WanLoraPipeline:
             guidance_scale=settings.guidance_scale,
             generator=torch.Generator("cpu").manual_seed(settings.seed),
             output_type="np" if main else "latent",  # only rank 0 decodes
-            callback_on_step_end=self._schedule_callback(settings.num_inference_steps),
+            callback_on_step_end=schedule_callback(self.experts, steps),
+            **({"guidance_scale_2": settings.guidance_scale_2} if settings.guidance_scale_2 is not None else {}),
             **conditioning,
         )
         seconds = time.perf_counter() - started
@@ -359,26 +388,21 @@ class WanLoraPipeline:
         video.timings["denoising_seconds"] = seconds
         return video
 
-    def _schedule_callback(self, steps: int):
-        """Re-merge at phase boundaries when a LoRA strength is a schedule, else nothing."""
-        phases = self.loras.phases
-        if phases == 1:
-            return None
-        self.loras.merge_phase(0)
+    def _diffusers_pipeline_for(self, request: Request) -> WanPipeline:
+        """diffusers' pipeline for the request: TI2V-5B takes an image through its image-to-video twin."""
+        pipeline = self.diffusers_pipeline
+        if self.spec.task != "ti2v" or not request.images:
+            return pipeline
+        from diffusers import WanImageToVideoPipeline
 
-        def on_step_end(pipeline: WanPipeline, step: int, timestep: Any, tensors: dict) -> dict:
-            phase, next_phase = step * phases // steps, (step + 1) * phases // steps
-            if step + 1 < steps and next_phase != phase:
-                self.loras.merge_phase(next_phase)
-            return tensors
-
-        return on_step_end
+        return WanImageToVideoPipeline(**pipeline.components, image_encoder=None, image_processor=None,
+                                       expand_timesteps=True)  # fmt: skip
 
     def _metadata(self, settings) -> dict[str, Any]:
         return {
             **settings.as_dict(),
             "model": self.spec.name,
-            "loras": [{"ref": r.label, "strength": r.strength} for r in self.active_loras],
+            "loras": [r.describe() for r in self.active_loras],
             "wanlora": __version__,
         }
 
@@ -389,26 +413,27 @@ def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:
         return WanTransformer3DModel(**spec.arch.transformer_config())
 
 
-def load_diffusers_pipeline(
-    folder: Path, dtype: torch.dtype, shared: dict[str, Any] | None = None, i2v: bool = False
-) -> WanPipeline:
-    """Load a diffusers-layout Wan model from a folder (an image-to-video one with `i2v`).
+def load_diffusers_pipeline(folder: Path, dtype: torch.dtype, shared: dict[str, Any], spec: ModelSpec) -> WanPipeline:
+    """Load a diffusers-layout Wan model from a folder, as the pipeline class its task needs.
 
-    The VAE and the CLIP image encoder stay fp32, as Wan's reference code runs them.
-    Components in `shared` are taken as they are instead of being loaded.
+    The VAE and the CLIP image encoder (Wan2.1 I2V) stay fp32, as Wan's reference code runs
+    them; Wan2.2's two experts load as `transformer` and `transformer_2`. Components in
+    `shared` are taken as they are instead of being loaded.
     """
-    shared = dict(shared or {})
+    shared = dict(shared)
     try:
         if "vae" not in shared:
             shared["vae"] = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32)
-        if i2v:  # imported here: without torchvision, transformers warns about CLIP's processor
-            from diffusers import WanImageToVideoPipeline
-            from transformers import CLIPVisionModel
+        if spec.task != "i2v":
+            return WanPipeline.from_pretrained(folder, dtype=dtype, **shared)
+        # imported here: without torchvision, transformers warns about CLIP's processor
+        from diffusers import WanImageToVideoPipeline
+        from transformers import CLIPVisionModel
 
+        if spec.arch.image_dim is not None:
             shared["image_encoder"] = CLIPVisionModel.from_pretrained(
                 folder, subfolder="image_encoder", dtype=torch.float32
             )
-            return WanImageToVideoPipeline.from_pretrained(folder, dtype=dtype, **shared)
-        return WanPipeline.from_pretrained(folder, dtype=dtype, **shared)
+        return WanImageToVideoPipeline.from_pretrained(folder, dtype=dtype, **shared)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load {folder} as a diffusers Wan model: {exc}") from exc

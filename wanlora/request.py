@@ -15,7 +15,7 @@ from typing import Any
 from .accelerators import Accelerator, accelerator_for
 from .errors import InvalidInput
 from .images import ImageInput, load_image, nearest_aspect_ratio
-from .lora.selection import LoraRequest, parse_requests
+from .lora.selection import LoraRequest, check_targets, parse_requests
 from .models import ModelSpec
 from .settings import (
     FAST_MODES,
@@ -45,13 +45,9 @@ class GenerationSettings:
     fps: int
     num_inference_steps: int
     guidance_scale: float
+    guidance_scale_2: float | None  # the low-noise expert's, on Wan2.2 A14B; None with one transformer
     flow_shift: float
     seed: int
-
-    @property
-    def token_count(self) -> int:
-        """Transformer tokens: latent frames (4x fewer, plus the first) x the latent 2x2 patches."""
-        return ((self.num_frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
 
     @property
     def size(self) -> str:
@@ -102,10 +98,10 @@ def _check_text(field: str, value: object, required: bool) -> str:
     return value
 
 
-def validate_side(field: str, value: object) -> int:
+def validate_side(field: str, value: object, multiple: int = 16) -> int:
     value = _require_int(field, value)
-    if value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
-        raise InvalidInput(field, value, f"a multiple of 16 between {MIN_SIDE} and {MAX_SIDE} pixels")
+    if value % multiple or not MIN_SIDE <= value <= MAX_SIDE:
+        raise InvalidInput(field, value, f"a multiple of {multiple} between {MIN_SIDE} and {MAX_SIDE} pixels")
     return value
 
 
@@ -131,13 +127,16 @@ def resolve_settings(
     fps: int | None = None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    guidance_scale_2: float | None = None,
     flow_shift: float | None = None,
     seed: int | None = None,
 ) -> GenerationSettings:
     """Check the frame-deciding arguments against `spec` and fill in its defaults.
 
     `width`/`height` override the `resolution`/`aspect_ratio` preset and must come together.
-    A `None` seed becomes a fresh random one, reported in the settings.
+    On two experts, `guidance_scale` is the high-noise one's and `guidance_scale_2` the
+    low-noise one's; given only `guidance_scale`, both use it (diffusers' rule). A `None`
+    seed becomes a fresh random one, reported in the settings.
     """
     prompt = _check_text("prompt", prompt, required=True)
     negative_prompt = _check_text("negative_prompt", negative_prompt or "", required=False)
@@ -147,7 +146,8 @@ def resolve_settings(
     if width is None:
         width, height = spec.size(resolution, aspect_ratio or "16:9")
     else:
-        width, height = validate_side("width", width), validate_side("height", height)
+        width = validate_side("width", width, spec.side_multiple)
+        height = validate_side("height", height, spec.side_multiple)
 
     num_frames = validate_num_frames(spec.default_frames if num_frames is None else num_frames, spec.max_frames)
 
@@ -161,6 +161,16 @@ def resolve_settings(
 
     guidance = _require_number("guidance_scale", spec.default_guidance if guidance_scale is None else guidance_scale)
     _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
+    if spec.boundary_ratio is None and guidance_scale_2 is not None:
+        raise InvalidInput("guidance_scale_2", guidance_scale_2, f"left out: {spec.name} has one transformer")
+    guidance_2 = None
+    if spec.boundary_ratio is not None:
+        default_2 = spec.default_guidance_2 if guidance_scale is None else guidance
+        guidance_2 = _require_number("guidance_scale_2", default_2 if guidance_scale_2 is None else guidance_scale_2)
+        _in_range("guidance_scale_2", guidance_2, 0.0, MAX_GUIDANCE)
+        if guidance <= 1 < guidance_2:  # diffusers runs the unconditional pass only for guidance_scale > 1
+            raise InvalidInput("guidance_scale_2", guidance_2, "at most 1 when guidance_scale is 1 or less: "
+                               "the unconditional pass runs only when the high-noise expert is guided")  # fmt: skip
 
     shift = _require_number("flow_shift", spec.default_shift(width, height) if flow_shift is None else flow_shift)
     _in_range("flow_shift", shift, MIN_SHIFT, MAX_SHIFT)
@@ -177,6 +187,7 @@ def resolve_settings(
         fps=fps,
         num_inference_steps=steps,
         guidance_scale=guidance,
+        guidance_scale_2=guidance_2,
         flow_shift=shift,
         seed=seed,
     )
@@ -189,6 +200,8 @@ def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageI
             raise InvalidInput("image", "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
         return ()
     if image is None:
+        if spec.task == "ti2v" and last_image is None:
+            return ()  # TI2V-5B: text-to-video without an image
         raise InvalidInput("image", None, f"{spec.name} is image-to-video and needs a start image")
     if last_image is not None and not spec.arch.takes_last_image:
         raise InvalidInput(
@@ -218,6 +231,7 @@ def resolve_request(
     width: int | None = None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    guidance_scale_2: float | None = None,
     flow_shift: float | None = None,
     **settings: Any,
 ) -> Request:
@@ -239,6 +253,8 @@ def resolve_request(
         preset, accelerator_ref = accelerator_for(accelerator, spec)
         num_inference_steps = preset.steps if num_inference_steps is None else num_inference_steps
         guidance_scale = preset.guidance if guidance_scale is None else guidance_scale
+        if spec.boundary_ratio is not None:
+            guidance_scale_2 = preset.guidance if guidance_scale_2 is None else guidance_scale_2
         flow_shift = preset.shift if flow_shift is None else flow_shift
         if preset.timesteps and num_inference_steps != len(preset.timesteps):
             raise InvalidInput(
@@ -247,7 +263,7 @@ def resolve_request(
                 f"{len(preset.timesteps)} with {accelerator}: it samples fixed timesteps",
             )
     if images and aspect_ratio is None and width is None:
-        aspect_ratio = nearest_aspect_ratio(images[0])
+        aspect_ratio = nearest_aspect_ratio(images[0], spec.aspect_ratios)
     resolved = resolve_settings(
         spec,
         prompt,
@@ -255,15 +271,18 @@ def resolve_request(
         width=width,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        guidance_scale_2=guidance_scale_2,
         flow_shift=flow_shift,
         **settings,
     )
+    requests = None if loras is None else tuple(parse_requests(loras))
+    check_targets(list(requests or ()), spec.experts, spec.name)
     return Request(
         spec=spec,
         settings=resolved,
         images=images,
         resize=resize,
-        loras=None if loras is None else tuple(parse_requests(loras)),
+        loras=requests,
         fast_mode=fast_mode,
         accelerator=preset,
         accelerator_ref=accelerator_ref,

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
-from .models import TINY_ARCH, TINY_I2V_ARCH, Architecture
+from .models import TINY_ARCH, TINY_I2V_ARCH, TINY_KINDS, Architecture, tiny_spec
 
 TINY_TEXT_CONFIG = {
     "d_model": 32,
@@ -49,29 +49,24 @@ def tiny_transformer(arch: Architecture = TINY_ARCH, seed: int = 0) -> WanTransf
     return WanTransformer3DModel(**arch.transformer_config()).eval()
 
 
-def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline:
-    """A complete tiny Wan pipeline in fp32, the same for the same seed.
+def tiny_vae(seed: int, wan22: bool = False) -> AutoencoderKLWan:
+    """Wan2.1's VAE (16 latent channels, 8x8), or Wan2.2's (48 channels, 16x16: 2x2 patches, residual blocks)."""
+    torch.manual_seed(seed)
+    shape = {"dim_mult": [1, 1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [False, True, True]}
+    if not wan22:
+        return AutoencoderKLWan(base_dim=3, z_dim=16, **shape).eval()
+    return AutoencoderKLWan(base_dim=4, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                            scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+                            **shape).eval()  # fmt: skip
 
-    The image-to-video one has a tiny CLIP vision encoder whose width is the transformer's
-    `image_dim`. Its text is padded to 512 tokens like the real model's, because diffusers'
-    Wan attention takes everything before the last 512 context tokens as image tokens.
-    """
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT_CONFIG)).eval()
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-    common = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": flow_scheduler()}
-    if not i2v:
-        return WanPipeline(**common, transformer=tiny_transformer(seed=seed))
+
+def tiny_clip(seed: int):
+    """A tiny CLIP vision encoder and its processor, for Wan2.1's image-to-video models."""
     # imported here: without torchvision, transformers warns about CLIP's image processor on import
-    from diffusers import WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
-    image_encoder = CLIPVisionModel(
+    encoder = CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=TINY_I2V_ARCH.image_dim,
             intermediate_size=37,
@@ -81,19 +76,46 @@ def tiny_pipeline(seed: int = 0, i2v: bool = False) -> WanPipeline:
             patch_size=8,
         )
     ).eval()
-    return WanImageToVideoPipeline(
-        **common,
-        image_encoder=image_encoder,
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        transformer=tiny_transformer(TINY_I2V_ARCH, seed=seed),
-    )
+    return encoder, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
-def write_tiny_model(path: str | Path, seed: int = 0, i2v: bool = False) -> Path:
+def tiny_pipeline(seed: int = 0, kind: str = "t2v") -> WanPipeline:
+    """A complete tiny Wan pipeline in fp32, the same for the same seed, for a kind of `TINY_KINDS`.
+
+    It has the real variant's layout: two experts with their boundary for A14B, the
+    Wan2.2 VAE and per-token timesteps for TI2V-5B, a tiny CLIP for Wan2.1 image-to-video.
+    Its text is padded to 512 tokens like the real model's, because diffusers' Wan
+    attention takes everything before the last 512 context tokens as image tokens.
+    """
+    from diffusers import WanImageToVideoPipeline
+
+    spec = tiny_spec(kind=kind)
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT_CONFIG)).eval()
+    parts = {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "scheduler": flow_scheduler(),
+        "vae": tiny_vae(seed, wan22=spec.vae_scale == 16),
+        "transformer": tiny_transformer(spec.arch, seed),
+    }
+    if spec.boundary_ratio is not None:
+        parts.update(transformer_2=tiny_transformer(spec.arch, seed + 1), boundary_ratio=spec.boundary_ratio)
+    if spec.expand_timesteps:
+        parts["expand_timesteps"] = True
+    if spec.task != "i2v":
+        return WanPipeline(**parts)
+    encoder, processor = tiny_clip(seed) if spec.arch.image_dim else (None, None)
+    return WanImageToVideoPipeline(**parts, image_encoder=encoder, image_processor=processor)
+
+
+def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v") -> Path:
     """Save a tiny model in the exact diffusers folder layout and return the folder.
 
     Beside it, `accelerators/` holds a random stand-in for each accelerator preset's LoRA
-    (wanlora.accelerators), so that `--accelerator` runs offline on the tiny model too.
+    that the real variant has (a high/low pair for A14B), so that `--accelerator` runs
+    offline on the tiny model too.
     """
     from safetensors.torch import save_file
 
@@ -101,11 +123,22 @@ def write_tiny_model(path: str | Path, seed: int = 0, i2v: bool = False) -> Path
     from .testing import lora_tensors
 
     path = Path(path)
-    pipeline = tiny_pipeline(seed, i2v=i2v)
+    pipeline = tiny_pipeline(seed, kind)
     pipeline.save_pretrained(path, safe_serialization=True)
     shapes = {name: tuple(p.shape) for name, p in pipeline.transformer.named_parameters()}
-    (path / TINY_FOLDER).mkdir()
-    for number, name in enumerate(ACCELERATORS):
-        tensors, _ = lora_tensors(shapes, "full-deltas", seed=seed + number)
-        save_file(tensors, str(path / TINY_FOLDER / f"{name}.safetensors"))
+    like = TINY_KINDS[kind][0]
+    for number, preset in enumerate(ACCELERATORS.values()):
+        if like not in preset.loras:
+            continue
+        if pipeline.transformer_2 is None:
+            files = {path / TINY_FOLDER / f"{preset.name}.safetensors": seed + number}
+        else:  # a Wan2.2 pair, laid out as lightx2v's Lightning LoRAs are
+            folder = path / TINY_FOLDER / preset.name
+            files = {
+                folder / "high_noise_model.safetensors": seed + number,
+                folder / "low_noise_model.safetensors": seed,
+            }
+        for target, file_seed in files.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_file(lora_tensors(shapes, "full-deltas", seed=file_seed)[0], str(target))
     return path

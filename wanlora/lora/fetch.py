@@ -17,6 +17,7 @@ travel in headers, never in logs, errors, tags or cache keys.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,17 +76,36 @@ class FetchedLora:
         return self.source.startswith("file:")
 
 
-def fetch_lora(ref: str, credentials: Credentials | None = None, cache: LoraCache | None = None) -> FetchedLora:
-    """Resolve, download (or reuse) and verify the LoRA that `ref` names."""
+Files = list[tuple[str, FetchedLora]]  # each file with the expert it is for: "both", "high" or "low"
+
+
+def fetch_lora_files(ref: str, credentials: Credentials | None = None, cache: LoraCache | None = None) -> Files:
+    """Resolve, download (or reuse) and verify what `ref` names: one LoRA file, or a Wan2.2 pair.
+
+    A Hub repo, a folder in one, or a local folder that holds one high-noise and one
+    low-noise file (`high_noise_model.safetensors` and `low_noise_model.safetensors`, or
+    names with HIGH and LOW) is a pair: each file goes to its expert.
+    """
     credentials = credentials or Credentials()
     source = parse_ref(ref, credentials.local_files)
     label = display_ref(ref)
     if source.kind == "local":
-        return _verified(resolve_local(source.path), source.canonical, label)
+        return [(role, _verified(path, f"file:{path}", label)) for role, path in local_files(source.path, label)]
     return in_background(lambda: _fetch_remote(source, label, credentials, cache or LoraCache()), label)
 
 
-def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: LoraCache) -> FetchedLora:
+def fetch_lora(ref: str, credentials: Credentials | None = None, cache: LoraCache | None = None) -> FetchedLora:
+    """The one LoRA file `ref` names; a Wan2.2 pair is an error that says so."""
+    files = fetch_lora_files(ref, credentials, cache)
+    if len(files) > 1:
+        names = " and ".join(Path(fetched.path).name for _, fetched in files)
+        raise LoraNotFound(
+            f"{display_ref(ref)} is a Wan2.2 high/low pair ({names}); name one of its files", display_ref(ref)
+        )
+    return files[0][1]
+
+
+def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: LoraCache) -> Files:
     if source.kind == "hub":
         return _fetch_hub(source, label, credentials)
     if source.kind == "hub_or_replicate":
@@ -94,7 +114,7 @@ def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: L
         except NoSuchHubRepo as hub_error:
             replicate = Source("replicate", f"replicate:{source.repo_id}", repo_id=source.repo_id)
             try:
-                return _fetch_replicate(replicate, label, cache)
+                return [("both", _fetch_replicate(replicate, label, cache))]
             except LoraError as replicate_error:
                 raise LoraNotFound(
                     f"{label} was tried as a Hugging Face repo ({hub_error}) and as a Replicate model "
@@ -103,47 +123,87 @@ def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: L
                     replicate_error.status,
                 ) from replicate_error
     if source.kind == "civitai":
-        return _fetch_civitai(source, label, credentials, cache)
+        return [("both", _fetch_civitai(source, label, credentials, cache))]
     if source.kind == "replicate":
-        return _fetch_replicate(source, label, cache)
-    return _download(source.url, source.canonical, label, cache, protected=source.has_secrets)
+        return [("both", _fetch_replicate(source, label, cache))]
+    return [("both", _download(source.url, source.canonical, label, cache, protected=source.has_secrets))]
+
+
+# ---------------------------------------------------------------------------- pairs
+
+
+def expert_of(filename: str) -> str | None:
+    """The Wan2.2 expert a file's name says it is for (high_noise_model, ..._HIGH...), or None."""
+    name = Path(filename).name.lower()
+    said = [expert for expert in ("high", "low") if re.search(rf"(^|[^a-z]){expert}([^a-z]|$)", name)]
+    return said[0] if len(said) == 1 else None
+
+
+def choose_files(files: list[str], where: str, label: str) -> list[tuple[str, str]]:
+    """The one .safetensors among `files`, or their high/low pair; anything else lists them to pick from."""
+    if len(files) == 1:
+        return [("both", files[0])]
+    roles = {expert_of(f): f for f in files}
+    if len(files) == 2 and set(roles) == {"high", "low"}:
+        return [("high", roles["high"]), ("low", roles["low"])]
+    if not files:
+        raise LoraNotFound(f"{label}: {where} has no .safetensors file", label)
+    listing = ", ".join(files[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
+    raise LoraNotFound(
+        f"{label}: {where} has several .safetensors files and no single high/low pair; pick one file, or the "
+        f"folder of one pair, as {where}/NAME: {listing}",
+        label,
+    )
+
+
+def local_files(path: Path, label: str) -> list[tuple[str, Path]]:
+    """A local file, or the one file (or the pair) in a local folder."""
+    if path.is_dir():
+        names = sorted(p.name for p in path.glob("*.safetensors"))
+        return [(role, path / name) for role, name in choose_files(names, str(path), label)]
+    return [("both", resolve_local(path))]
 
 
 # ---------------------------------------------------------------------------- Hugging Face
 
 
-def _fetch_hub(source: Source, label: str, credentials: Credentials) -> FetchedLora:
-    from huggingface_hub import HfApi, get_token, hf_hub_download, hf_hub_url
-    from huggingface_hub.constants import HF_HUB_OFFLINE
+def _fetch_hub(source: Source, label: str, credentials: Credentials) -> Files:
+    from huggingface_hub import HfApi, get_token
 
-    repo, revision = source.repo_id, source.revision
-    prefetched = local_copy(repo, source.filename) if revision is None else None
+    repo, revision, named = source.repo_id, source.revision, source.filename
+    prefetched = local_copy(repo, named) if revision is None else None
     if prefetched is not None:  # the operator's weights folder: public files, baked in
-        return _verified(resolve_local(prefetched), f"file:{prefetched}", label)
+        return [(role, _verified(path, f"file:{path}", label)) for role, path in local_files(prefetched, label)]
     token = credentials.hf_token or None
     api = HfApi(token=token)
-    with hub_errors(repo, ref=label, revision=revision, filename=source.filename):
-        filename = source.filename or _single_safetensors(api, repo, revision, label)
-        if not HF_HUB_OFFLINE:
-            size = api.get_hf_file_metadata(url=hf_hub_url(repo, filename, revision=revision), token=token).size
-            if size and size > max_lora_bytes():
-                raise too_big(label, size)
-        path = Path(hf_hub_download(repo, filename, revision=revision, token=token))
-    canonical = f"hf:{repo}@{revision or 'main'}/{filename}"
-    fetched = _verified(path, canonical, label)
-    words = list(dict.fromkeys(fetched.trigger_words + _card_trigger_words(repo, token)))
+    with hub_errors(repo, ref=label, revision=revision, filename=named):
+        if named and named.endswith(".safetensors"):
+            chosen = [("both", named)]
+        else:  # the repo, or a folder in it: its one file, or its pair
+            folder = named.strip("/") if named else None
+            files = [f for f in api.list_repo_files(repo, revision=revision) if f.endswith(".safetensors")]
+            if folder:
+                files = [f for f in files if f.startswith(f"{folder}/") and "/" not in f[len(folder) + 1 :]]
+            chosen = choose_files(files, f"{repo}/{folder}" if folder else repo, label)
+        fetched = [(role, _hub_file(api, repo, revision, filename, token, label)) for role, filename in chosen]
+    words = _card_trigger_words(repo, token)
     protected = (token or get_token()) is not None
-    return FetchedLora(fetched.path, canonical, fetched.size, None, words, protected)
+    return [
+        (role, FetchedLora(f.path, f.source, f.size, None, list(dict.fromkeys(f.trigger_words + words)), protected))
+        for role, f in fetched
+    ]
 
 
-def _single_safetensors(api, repo: str, revision: str | None, label: str) -> str:
-    files = [f for f in api.list_repo_files(repo, revision=revision) if f.endswith(".safetensors")]
-    if len(files) == 1:
-        return files[0]
-    if not files:
-        raise LoraNotFound(f"{label}: {repo} has no .safetensors file", label)
-    listing = ", ".join(files[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
-    raise LoraNotFound(f"{label}: {repo} has several .safetensors files; pick one as {repo}/FILE: {listing}", label)
+def _hub_file(api, repo: str, revision: str | None, filename: str, token: str | None, label: str) -> FetchedLora:
+    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if not HF_HUB_OFFLINE:
+        size = api.get_hf_file_metadata(url=hf_hub_url(repo, filename, revision=revision), token=token).size
+        if size and size > max_lora_bytes():
+            raise too_big(label, size)
+    path = Path(hf_hub_download(repo, filename, revision=revision, token=token))
+    return _verified(path, f"hf:{repo}@{revision or 'main'}/{filename}", label)
 
 
 def _card_trigger_words(repo: str, token: str | None) -> list[str]:

@@ -304,14 +304,21 @@ class LoraFile:
         return dims
 
     def base_model_hint(self) -> str:
-        """A readable guess at the base model, e.g. "Wan2.1 14B image-to-video (dim 5120)"."""
-        names = {1536: "Wan2.1 1.3B", 5120: "Wan2.1 14B"}
+        """A readable guess at the base model, e.g. "Wan2.1 14B image-to-video (dim 5120)".
+
+        Wan2.2's A14B experts have Wan2.1 14B's shapes, so a 5120-wide LoRA without
+        image-branch parts fits either; only Wan2.1 I2V has an image branch.
+        """
         dims = sorted(self.inner_dims())
-        kind = "image-to-video" if self.is_i2v else "text-to-video"
         if not dims:
-            return f"a Wan2.1 {kind} model (width unknown: no attention or FFN deltas)"
-        label = " / ".join(names.get(d, "an unknown Wan model") for d in dims)
-        return f"{label} {kind} (dim {', '.join(map(str, dims))})"
+            return "a Wan model of unknown width (no attention or FFN deltas)"
+        if self.is_i2v:
+            names = {1536: "a Wan2.1 1.3B image-to-video model", 5120: "Wan2.1 14B image-to-video"}
+        else:
+            names = {1536: "Wan2.1 1.3B", 3072: "Wan2.2 TI2V-5B", 5120: "Wan2.1 14B or Wan2.2 A14B"}
+        unknown = "an unknown Wan2.1 image-to-video model" if self.is_i2v else "an unknown Wan model"
+        label = " / ".join(names.get(d, unknown) for d in dims)
+        return f"{label} (dim {', '.join(map(str, dims))})"
 
 
 # ---------------------------------------------------------------------------- reading

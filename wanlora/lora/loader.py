@@ -1,9 +1,10 @@
-"""From a LoRA reference to a parsed `LoraFile`, fetched once and kept for fast swaps.
+"""From a LoRA reference to parsed `LoraFile`s, fetched once and kept for fast swaps.
 
 A reference seen recently is not fetched or parsed again: swapping back to it costs no
 network. Two things still go back to the source: a local file is re-read when it changed
 on disk, and a protected LoRA (one that needed credentials) has its access re-checked
-with the origin on every use, with the credentials of the request at hand.
+with the origin on every use, with the credentials of the request at hand. Whether a
+request may name a local file at all is decided before the memory is looked at.
 """
 
 from __future__ import annotations
@@ -14,18 +15,24 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fetch import Credentials, FetchedLora, fetch_lora
+from .fetch import Credentials, FetchedLora, fetch_lora_files
 from .formats import LoraFile, read_lora
-from .refs import display_ref
+from .refs import display_ref, parse_ref
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _Known:
+    role: str  # the expert the file is for: "both", or "high"/"low" in a Wan2.2 pair
     fetched: FetchedLora
     lora: LoraFile
     identity: tuple
+
+    @property
+    def current(self) -> bool:
+        """Still usable without asking anyone: public, and unchanged if it is a local file."""
+        return not self.fetched.protected and (not self.fetched.local or self.identity == _identity(self.fetched.path))
 
 
 class LoraLoader:
@@ -33,36 +40,44 @@ class LoraLoader:
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = capacity
-        self._known: OrderedDict[str, _Known] = OrderedDict()
+        self._known: OrderedDict[str, list[_Known]] = OrderedDict()
 
-    def load(self, ref: str, credentials: Credentials | None = None) -> LoraFile:
+    def load(self, ref: str, credentials: Credentials | None = None) -> list[tuple[str, LoraFile]]:
+        """The LoRA file(s) `ref` names, each with the expert it is for ("both" unless a Wan2.2 pair)."""
+        credentials = credentials or Credentials()
+        parse_ref(ref, credentials.local_files)  # before the memory: a server's request may not name a file here
         known = self._known.get(ref)
-        unchanged = known is not None and (not known.fetched.local or known.identity == _identity(known.fetched.path))
-        if unchanged and not known.fetched.protected:
-            self._known.move_to_end(ref)
-            return known.lora
+        if not (known and all(k.current for k in known)):
+            known = self._fetch(ref, credentials, known or [])
+        self._known[ref] = known
+        self._known.move_to_end(ref)
+        while len(self._known) > self.capacity:
+            self._known.popitem(last=False)
+        return [(k.role, k.lora) for k in known]
+
+    def _fetch(self, ref: str, credentials: Credentials | None, before: list[_Known]) -> list[_Known]:
         started = time.perf_counter()
-        fetched = fetch_lora(ref, credentials)
-        identity = _identity(fetched.path)
-        if known and known.fetched.path == fetched.path and known.identity == identity:
-            lora = known.lora  # access confirmed, the same file: nothing to read again
-        else:
-            lora = read_lora(fetched.path, label=display_ref(ref))
+        found = []
+        for role, fetched in fetch_lora_files(ref, credentials):
+            identity = _identity(fetched.path)
+            same = next((k for k in before if k.fetched.path == fetched.path and k.identity == identity), None)
+            if same is not None:  # access confirmed, the same file: nothing to read again
+                found.append(same)
+                continue
+            label = display_ref(ref) + ("" if role == "both" else f" ({role}-noise expert)")
+            lora = read_lora(fetched.path, label=label)
             lora.trigger_words = fetched.trigger_words
             logger.info(
                 "LoRA %s: %s, rank %s, %d parameters, trigger words %s, fetched and read in %.2fs",
-                display_ref(ref),
+                label,
                 lora.layout,
                 "/".join(map(str, lora.ranks)) or "-",
                 len(lora.deltas),
                 ", ".join(lora.trigger_words) or "none found",
                 time.perf_counter() - started,
             )
-        self._known[ref] = _Known(fetched, lora, identity)
-        self._known.move_to_end(ref)
-        while len(self._known) > self.capacity:
-            self._known.popitem(last=False)
-        return lora
+            found.append(_Known(role, fetched, lora, identity))
+        return found
 
 
 def _identity(path: Path) -> tuple:

@@ -43,10 +43,11 @@ Plan = dict[str, list[Term]]  # parameter name -> its terms
 
 @dataclass(frozen=True)
 class Fit:
-    """How one LoRA lands on one model: the deltas that apply and the I2V parts skipped."""
+    """How one LoRA lands on one model: the deltas that apply, and the image-branch parts skipped and why."""
 
     deltas: dict[str, Delta]
     skipped: list[str]
+    why_skipped: str = ""
 
 
 def model_width(params: dict[str, torch.nn.Parameter]) -> int | None:
@@ -54,21 +55,29 @@ def model_width(params: dict[str, torch.nn.Parameter]) -> int | None:
     return None if weight is None else weight.shape[0]
 
 
+def model_kind(params: dict[str, torch.nn.Parameter]) -> str:
+    """What kind of Wan transformer these parameters are, as far as LoRAs care."""
+    if any(I2V_ONLY.search(name) for name in params):
+        return "Wan2.1 image-to-video"
+    patch = params.get("patch_embedding.weight")
+    channels = None if patch is None else patch.shape[1]
+    return {36: "Wan2.2 image-to-video", 48: "Wan2.2 TI2V"}.get(channels, "text-to-video")
+
+
 def fit_lora(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
     """Check every delta of `lora` against the model's parameters.
 
-    Image-to-video parts on a text-to-video model are skipped (the caller warns); any
-    other missing target or wrong shape is a `LoraMismatch` that names the base model the
-    LoRA was made for.
+    Image-branch parts (Wan2.1 I2V's `add_k_proj`, `image_embedder`, ...) on a model without
+    that branch are skipped, with the reason (the caller warns); any other missing target or
+    wrong shape is a `LoraMismatch` that names the base model the LoRA was made for.
     """
-    width = model_width(params)
-    is_i2v_model = any(I2V_ONLY.search(name) for name in params)
-    this_model = f"this model is {'image' if is_i2v_model else 'text'}-to-video with dim {width}"
+    kind = model_kind(params)
+    this_model = f"this model ({kind}) has dim {model_width(params)}"
     deltas, skipped, missing, misfit = {}, [], [], []
     for name, delta in lora.deltas.items():
         param = params.get(name)
         if param is None:
-            (skipped if I2V_ONLY.search(name) and not is_i2v_model else missing).append(name)
+            (skipped if I2V_ONLY.search(name) else missing).append(name)
         elif not delta.fits(param.shape):
             misfit.append(f"{name} {tuple(delta.dense_shape())} vs {tuple(param.shape)}")
         else:
@@ -78,11 +87,14 @@ def fit_lora(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
         message = _listing(f"{lora.label} was made for {made_for}; {this_model}. Shapes differ", misfit)
         raise LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
     if missing:
-        message = _listing(
-            f"{lora.label} (made for {made_for}) has deltas for parameters {this_model} does not have", missing
-        )
+        message = _listing(f"{lora.label} (made for {made_for}) has deltas for parameters {this_model} lacks", missing)
         raise LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
-    return Fit(deltas, skipped)
+    why = (
+        "Wan2.2 image-to-video takes the image through its latents and has no image branch"
+        if kind == "Wan2.2 image-to-video"
+        else f"this {kind} model has no image branch"
+    )
+    return Fit(deltas, skipped, why if skipped else "")
 
 
 class LoraMerger:
@@ -107,16 +119,19 @@ class LoraMerger:
         """Make the weights equal to base + the weighted sum of `loras`; return tensors rewritten."""
         return self.write(self.prepare(loras))
 
-    def prepare(self, loras: Sequence[tuple[LoraFile, float]]) -> Plan:
-        """The plan for `loras`, fitted and range-checked; nothing is written."""
+    def prepare(self, loras: Sequence[tuple[LoraFile, float]], warned: set[str] | None = None) -> Plan:
+        """The plan for `loras`, fitted and range-checked; nothing is written.
+
+        Skipped image-branch parts are warned about once per LoRA label not in `warned`
+        (which collects them), so that two experts taking one LoRA warn once.
+        """
         fits = self.check(loras)
+        warned = set() if warned is None else warned
         for (lora, _), fit in zip(loras, fits, strict=True):
-            if fit.skipped:
-                logger.warning(
-                    "%s: skipping its image-to-video parts on this text-to-video model: %s",
-                    lora.label,
-                    _listing("", fit.skipped).lstrip(": "),
-                )
+            if fit.skipped and lora.label not in warned:
+                warned.add(lora.label)
+                logger.warning("%s: skipping its %d image-branch parameters (%s); applying the rest: %s", lora.label,
+                               len(fit.skipped), fit.why_skipped, _listing("", fit.skipped).lstrip(": "))  # fmt: skip
         plan: Plan = {}
         for (lora, strength), fit in zip(loras, fits, strict=True):
             if strength == 0:

@@ -199,13 +199,7 @@ def url_secrets(url: str) -> list[str]:
 
 
 def resolve_local(path: Path) -> Path:
-    """The local file a local reference names."""
+    """The local file a local reference names (a folder is wanlora.lora.fetch.local_files' business)."""
     if path.is_file():
         return path
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) == 1:
-            return files[0]
-        found = ", ".join(f.name for f in files) or "none"
-        raise LoraNotFound(f"{path} is a folder; name one .safetensors file in it (found: {found})")
     raise LoraNotFound(f"{path} does not exist: give a path to a .safetensors LoRA file")

@@ -1,4 +1,14 @@
-"""Which LoRAs a request asks for, at which strengths. Pure Python: checked before any work."""
+"""Which LoRAs a request asks for, at which strengths, on which experts. Pure Python: checked before any work.
+
+Wan2.2's A14B models have two experts: "high" denoises the high-noise steps, "low" the
+rest. A LoRA goes on both unless the request aims it at one:
+
+    ("style.safetensors", 0.8)                          # both experts, 0.8
+    ("style.safetensors", {"high": 0.8})                # the high-noise expert only
+    ("lightning.safetensors", {"high": 3.0, "low": 1.0})  # each its own strength
+    ("style.safetensors", [1.0, 0.5])                   # a schedule over equal phases of the steps
+    ("style.safetensors", {"low": [1.0, 0.5]})          # a schedule over the low-noise expert's steps
+"""
 
 from __future__ import annotations
 
@@ -10,14 +20,16 @@ from ..errors import InvalidInput
 from .refs import display_ref
 
 Strength = float | tuple[float, ...]
+EXPERT_TARGETS = ("both", "high", "low")
 
 
 @dataclass(frozen=True)
 class LoraRequest:
-    """One LoRA and its strength: a number, or a schedule of numbers over equal phases of the steps."""
+    """One LoRA, its strength (a number, or a schedule over equal phases), and the expert(s) it is for."""
 
     ref: str
     strength: Strength = 1.0
+    expert: str = "both"
     builtin: bool = False  # chosen by wanlora (an accelerator preset), not by a user: may be a local file
 
     @property
@@ -25,15 +37,34 @@ class LoraRequest:
         """The reference as it may be shown: in logs, errors and the video's tags."""
         return display_ref(self.ref)
 
+    def describe(self) -> dict:
+        """How the video's tags record it."""
+        return {"ref": self.label, "strength": self.strength} | (
+            {} if self.expert == "both" else {"expert": self.expert}
+        )
 
-def _check_strength(ref: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidInput("lora strength", value, f"a finite number (for {display_ref(ref)})")
-    return float(value)
+
+def _check_strength(ref: str, value: object) -> Strength:
+    def number(item: object) -> float:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+            raise InvalidInput("lora strength", item, f"a finite number (for {display_ref(ref)})")
+        return float(item)
+
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidInput(
+                "lora strength", value, f"a number or a non-empty list of numbers (for {display_ref(ref)})"
+            )
+        schedule = tuple(number(item) for item in value)
+        return schedule if len(schedule) > 1 else schedule[0]
+    return number(value)
 
 
-def parse_requests(loras: Sequence[str | tuple[str, float | Sequence[float]]]) -> list[LoraRequest]:
-    """Check references and strengths; a list strength becomes a schedule."""
+def parse_requests(loras: Sequence) -> list[LoraRequest]:
+    """Check references, strengths and experts: `ref`, `(ref, strength)` or `(ref, strength, expert)`.
+
+    A strength may be a dict of experts, `{"high": s1, "low": s2}`, which makes one request each.
+    """
     if isinstance(loras, (str, bytes)) or not isinstance(loras, Sequence):
         raise InvalidInput("loras", type(loras).__name__, "a list of (reference, strength) pairs")
     requests = []
@@ -41,25 +72,39 @@ def parse_requests(loras: Sequence[str | tuple[str, float | Sequence[float]]]) -
         if isinstance(item, LoraRequest):  # already checked
             requests.append(item)
             continue
-        ref, strength = (item, 1.0) if isinstance(item, str) else _pair(item)
+        ref, strength, expert = _parts(item)
         if not isinstance(ref, str) or not ref.strip():
             raise InvalidInput("lora", ref, "a LoRA reference (a path, URL or repo id)")
-        if isinstance(strength, (list, tuple)):
-            if not strength:
+        if expert not in EXPERT_TARGETS:
+            raise InvalidInput("lora expert", expert, f"one of {', '.join(EXPERT_TARGETS)} (for {display_ref(ref)})")
+        if isinstance(strength, dict):
+            if expert != "both" or not strength or set(strength) - {"high", "low"}:
                 raise InvalidInput(
-                    "lora strength", strength, f"a number or a non-empty list of numbers (for {display_ref(ref)})"
+                    "lora strength", strength, f'{{"high": s, "low": s}}, one or both (for {display_ref(ref)})'
                 )
-            schedule = tuple(_check_strength(ref, s) for s in strength)
-            requests.append(LoraRequest(ref.strip(), schedule if len(schedule) > 1 else schedule[0]))
+            for target, value in strength.items():
+                requests.append(LoraRequest(ref.strip(), _check_strength(ref, value), target))
         else:
-            requests.append(LoraRequest(ref.strip(), _check_strength(ref, strength)))
+            requests.append(LoraRequest(ref.strip(), _check_strength(ref, strength), expert))
     return requests
 
 
-def _pair(item: object) -> tuple[object, object]:
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise InvalidInput("lora", item, "a reference, or a (reference, strength) pair")
-    return item[0], item[1]
+def _parts(item: object) -> tuple[object, object, object]:
+    if isinstance(item, str):
+        return item, 1.0, "both"
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        raise InvalidInput("lora", item, "a reference, (reference, strength) or (reference, strength, expert)")
+    return item[0], item[1], item[2] if len(item) == 3 else "both"
+
+
+def check_targets(requests: list[LoraRequest], names: tuple[str, ...], model: str) -> None:
+    """Refuse a request aimed at an expert the model does not have."""
+    for request in requests:
+        if request.expert != "both" and request.expert not in names:
+            raise InvalidInput(
+                "lora", f"{request.label} on the {request.expert}-noise expert",
+                f"on every transformer: {model} has one, not Wan2.2 A14B's two experts",
+            )  # fmt: skip
 
 
 def strength_at(strength: Strength, phase: int) -> float:

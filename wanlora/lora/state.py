@@ -3,6 +3,10 @@
 A pipeline holds one of these per transformer (Wan2.2's A14B models have two experts).
 `apply_together` changes several of them as one step: every plan is fitted and
 range-checked first, and a write that fails on one puts the others back too.
+
+A transformer whose weights wait in host memory (the expert not on the GPU) is `deferred`:
+its plan, already checked, is written when it next comes to the GPU (`flush`), where the
+merge is fast, rather than by the CPU now.
 """
 
 from __future__ import annotations
@@ -28,33 +32,60 @@ class Chosen:
 class TransformerLoras:
     def __init__(self, module: torch.nn.Module) -> None:
         self.merger = LoraMerger(module)
-        self.active: list[Chosen] = []
+        self.active: list[Chosen] = []  # the set requested, and merged unless a plan is pending
+        self.written: list[Chosen] = []  # the set the weights hold now
+        self.pending: Plan | None = None
+        self.deferred = False
 
     @property
     def phases(self) -> int:
         return phase_count([c.request for c in self.active])
 
-    def prepare(self, chosen: Sequence[Chosen], phase: int = 0) -> Plan:
-        return self.merger.prepare([(c.lora, strength_at(c.request.strength, phase)) for c in chosen])
+    def prepare(self, chosen: Sequence[Chosen], phase: int = 0, warned: set[str] | None = None) -> Plan:
+        """`chosen`'s plan at `phase`; skipped parts are warned about for labels not in `warned`."""
+        loras = [(c.lora, strength_at(c.request.strength, phase)) for c in chosen]
+        return self.merger.prepare(loras, warned)
+
+    def commit(self, chosen: Sequence[Chosen], plan: Plan) -> int:
+        """Hold `chosen`, merged by `plan` now, or when the transformer is next on the GPU."""
+        self.active = list(chosen)
+        if self.deferred:
+            self.pending = plan
+            return 0
+        rewritten = self.merger.write(plan)
+        self.written, self.pending = list(chosen), None
+        return rewritten
+
+    def flush(self) -> None:
+        """Write a pending plan; if that fails, the weights and the active set stay as they were."""
+        if self.pending is None:
+            return
+        plan, self.pending = self.pending, None
+        try:
+            self.merger.write(plan)
+        except BaseException:
+            self.active = self.written
+            raise
+        self.written = self.active
 
     def merge_phase(self, phase: int) -> None:
         """Re-merge the active set at the strengths of schedule phase `phase`."""
-        self.merger.write(self.prepare(self.active, phase))
+        self.commit(self.active, self.prepare(self.active, phase, warned={c.lora.label for c in self.active}))
 
 
 def apply_together(changes: Sequence[tuple[TransformerLoras, list[Chosen]]]) -> int:
     """Make each state hold its chosen set (at phase 0), all or none; return tensors rewritten."""
-    plans = [(state, chosen, state.prepare(chosen)) for state, chosen in changes]
-    done: list[tuple[TransformerLoras, list[Chosen], Plan]] = []
+    warned: set[str] = set()  # a LoRA on both experts is warned about once
+    plans = [(state, chosen, state.prepare(chosen, warned=warned)) for state, chosen in changes]
+    done: list[tuple[TransformerLoras, list[Chosen], list[Chosen], Plan, Plan | None]] = []
     rewritten = 0
     try:
         for state, chosen, plan in plans:
-            done.append((state, state.active, state.merger.plan))
-            rewritten += state.merger.write(plan)
-            state.active = list(chosen)
+            done.append((state, state.active, state.written, state.merger.plan, state.pending))
+            rewritten += state.commit(chosen, plan)
     except BaseException:
-        for state, active, plan in done:
+        for state, active, written, plan, pending in done:
             state.merger.write(plan)
-            state.active = active
+            state.active, state.written, state.pending = active, written, pending
         raise
     return rewritten

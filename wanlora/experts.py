@@ -1,0 +1,96 @@
+"""The transformers of a pipeline, as LoRAs see them: one, or Wan2.2 A14B's two experts.
+
+`transformer` denoises the steps whose timestep is at least `boundary_ratio` x 1000
+(diffusers' rule), `transformer_2` the rest. Each has its own LoRA state, and a LoRA goes
+on the experts its request names. A strength schedule spans the steps of its expert.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidInput
+from .lora.fetch import expert_of
+from .lora.formats import LoraFile
+from .lora.selection import LoraRequest
+from .lora.state import Chosen, TransformerLoras
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTES = {"all": "transformer", "high": "transformer", "low": "transformer_2"}
+WORDS = {"all": "the transformer", "high": "the high-noise expert", "low": "the low-noise expert"}
+
+
+@dataclass
+class Expert:
+    name: str  # "all" (one transformer), or "high" / "low" (Wan2.2 A14B)
+    module: torch.nn.Module
+    loras: TransformerLoras
+
+
+def experts_of(diffusers_pipeline: Any, names: tuple[str, ...]) -> list[Expert]:
+    modules = [getattr(diffusers_pipeline, ATTRIBUTES[name]) for name in names]
+    return [Expert(name, module, TransformerLoras(module)) for name, module in zip(names, modules, strict=True)]
+
+
+def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: tuple[str, ...]) -> dict:
+    """Which LoRA files each expert takes: {expert name: [Chosen]}.
+
+    A file for "both" goes where its request aims; each file of a Wan2.2 pair goes to its
+    own expert (and a request aimed at one expert takes only that one's file).
+    """
+    chosen: dict[str, list[Chosen]] = {name: [] for name in names}
+    for request, files in loaded:
+        for role, lora in files:
+            if role != "both" and role not in names:
+                raise InvalidInput("lora", request.label, "a single file here: it is a Wan2.2 high/low pair, and this "
+                                   "model has one transformer")  # fmt: skip
+            aimed = names if request.expert == "both" else (request.expert,)
+            named = expert_of(lora.path)
+            if role == "both" and len(aimed) == 2 and named is not None:
+                logger.warning("%s is named for the %s-noise expert but goes on both; aim it at one expert to "
+                               "use it as its name says", request.label, named)  # fmt: skip
+            for name in aimed if role == "both" else [role] if role in aimed else []:
+                chosen[name].append(Chosen(request, lora))
+        if len(files) > 1:
+            logger.info("%s is a Wan2.2 pair: %s", request.label,
+                        "; ".join(f"{lora.label} on {WORDS[role]}" for role, lora in files))  # fmt: skip
+    return chosen
+
+
+def expert_steps(scheduler: Any, steps: int, boundary_ratio: float | None, names: tuple[str, ...]) -> dict[str, range]:
+    """The denoising steps each expert takes, as diffusers' loop decides them."""
+    if boundary_ratio is None:
+        return {names[0]: range(steps)}
+    scheduler.set_timesteps(steps)
+    boundary = boundary_ratio * scheduler.config.num_train_timesteps
+    high = sum(1 for t in scheduler.timesteps if t >= boundary)
+    return {"high": range(0, high), "low": range(high, steps)}
+
+
+def schedule_callback(experts: list[Expert], ranges: dict[str, range]):
+    """Re-merge each expert's schedule at its phase boundaries, inside its own steps; None without schedules."""
+    scheduled = [(e, ranges[e.name], e.loras.phases) for e in experts if e.loras.phases > 1]
+    if not scheduled:
+        return None
+    for expert, _, _ in scheduled:
+        expert.loras.merge_phase(0)
+
+    def phase_of(step: int, steps: range, phases: int) -> int:
+        return (step - steps.start) * phases // max(1, len(steps))
+
+    def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        for expert, steps, phases in scheduled:
+            if (
+                step in steps
+                and step + 1 in steps
+                and phase_of(step + 1, steps, phases) != phase_of(step, steps, phases)
+            ):
+                expert.loras.merge_phase(phase_of(step + 1, steps, phases))
+        return tensors
+
+    return on_step_end
