@@ -18,8 +18,10 @@ from wanlora.errors import InvalidInput, WanLoraError
 from wanlora.service import VideoService
 from wanlora.workers import WorkerGroup, worker_count
 
-LORA_HELP = "A LoRA to apply. Paste any of: a Hugging Face repo (owner/repo, owner/repo/file.safetensors, owner/repo@revision/file.safetensors) or a huggingface.co link; a Civitai page (civitai.com/models/ID?modelVersionId=V), its download link (civitai.com/api/download/models/V) or civitai:V; a Replicate model (owner/model, replicate.com/owner/model) or its trained_model.tar link; or any https:// link to a .safetensors file. Private files: add hf_api_token or civitai_api_token."
+LORA_HELP = "A LoRA to apply. Paste any of: a Hugging Face repo (owner/repo, owner/repo/file.safetensors, owner/repo@revision/file.safetensors) or a huggingface.co link; a Civitai page (civitai.com/models/ID?modelVersionId=V), its download link (civitai.com/api/download/models/V) or civitai:V; a Replicate model (owner/model, replicate.com/owner/model) or its trained_model.tar link; or any https:// link to a .safetensors file. Private files: add hf_api_token or civitai_api_token. On 2.2-a14b it goes on both experts, and a Wan2.2 pair (a repo or folder holding a high_noise_model and a low_noise_model file, or *HIGH* and *LOW* ones) puts each file on its own expert."
 EXTRA_LORA_HELP = "A second LoRA, applied together with the first (same forms as lora_weights): for example a style plus a motion LoRA."
+HIGH_LORA_HELP = "A LoRA for diffusers' transformer only: with model=2.2-a14b the high-noise expert (the first steps: composition and motion), with the other models their one transformer. Same forms as lora_weights; stacks with lora_weights and extra_lora, which go on both experts. Give a Wan2.2 pair's high_noise_model file here and its low_noise_model file in lora_weights_transformer_2 (or give the pair's repo or folder once, in lora_weights)."
+LOW_LORA_HELP = "A LoRA for transformer_2, Wan2.2 A14B's low-noise expert (the last steps: detail and texture); model=2.2-a14b only. Same forms as lora_weights; stacks with the other LoRA inputs."
 
 
 class Predictor(BaseRunner):
@@ -49,29 +51,36 @@ class Predictor(BaseRunner):
             description="What the video should avoid, e.g. blurry, distorted, static.", default=""
         ),
         image: Path | None = Input(
-            description="A start image to animate (image-to-video). With model=14b it runs Wan2.1 I2V 14B, 480p or 720p by resolution; the image's aspect picks the frame shape.",
+            description="A start image to animate (image-to-video). model=14b runs Wan2.1 I2V 14B (480p or 720p by resolution), 2.2-a14b runs Wan2.2 I2V A14B, 2.2-5b conditions Wan2.2 TI2V 5B on it; 1.3b takes none. The image's aspect picks the frame shape.",
             default=None,
         ),
         model: str = Input(
-            description="Wan2.1 base model: 14b (best, 480p or 720p) or 1.3b (fast, 480p only). A LoRA works only on the model size it was trained for.",
-            choices=["14b", "1.3b"],
+            description="Base model: 14b (Wan2.1 14B, 480p or 720p), 1.3b (Wan2.1 1.3B: fast, 480p only), 2.2-a14b (Wan2.2 A14B: two 14B experts, high-noise then low-noise, 480p or 720p, 16:9 and 9:16) or 2.2-5b (Wan2.2 TI2V 5B: 1280x704 or 704x1280 only, 24 fps, up to 121 frames). A LoRA works only on the model size it was trained for; Wan2.1 14B LoRAs also fit 2.2-a14b.",
+            choices=["14b", "1.3b", "2.2-a14b", "2.2-5b"],
             default="14b",
         ),
         resolution: str = Input(
-            description="480p, or 720p (14b only; about 4 times slower).", choices=["480p", "720p"], default="480p"
+            description="480p, or 720p (14b and 2.2-a14b; about 4 times slower). 2.2-5b ignores it: it runs at 720p (1280x704) only.",
+            choices=["480p", "720p"],
+            default="480p",
         ),
         aspect_ratio: str = Input(
-            description="Frame shape: 16:9 is 832x480 at 480p, 9:16 is 480x832, 1:1 is 624x624 (1280x720, 720x1280, 960x960 at 720p). Ignored with an image.",
+            description="Frame shape: 16:9 is 832x480 at 480p, 9:16 is 480x832, 1:1 is 624x624 (1280x720, 720x1280, 960x960 at 720p; 1280x704 and 704x1280 on 2.2-5b). The Wan2.2 models have no 1:1. Ignored with an image.",
             choices=["16:9", "9:16", "1:1"],
             default="16:9",
         ),
-        num_frames: int = Input(
-            description="Number of frames, 4k+1 from 5 to 81 (81 frames at 16 fps is 5 seconds).",
+        num_frames: int | None = Input(
+            description="Number of frames, 4k+1 from 5: up to 81 (5 seconds at 16 fps), or 121 on 2.2-5b (5 seconds at 24 fps). Empty: the model's most, 81 or 121.",
             ge=5,
-            le=81,
-            default=81,
+            le=121,
+            default=None,
         ),
-        fps: int = Input(description="Frames per second of the MP4. Wan was trained at 16.", ge=1, le=60, default=16),
+        fps: int | None = Input(
+            description="Frames per second of the MP4. Empty: the model's own, 16 (Wan2.1, 2.2-a14b) or 24 (2.2-5b).",
+            ge=1,
+            le=60,
+            default=None,
+        ),
         sample_steps: int | None = Input(
             description="Denoising steps: more is slower and finer. Empty: 30, or the accelerator's own (4 for lightx2v-4step, which needs exactly 4; 8 for causvid).",
             ge=1,
@@ -79,13 +88,19 @@ class Predictor(BaseRunner):
             default=None,
         ),
         sample_guide_scale: float | None = Input(
-            description="How closely to follow the prompt (classifier-free guidance). Empty: 5, or 1 with an accelerator (guidance 1 skips the second pass of each step).",
+            description="How closely to follow the prompt (classifier-free guidance); on 2.2-a14b, the high-noise expert's. Empty: 5 (2.2-a14b: 4, or 3.5 with an image), or 1 with an accelerator (guidance 1 skips the second pass of each step).",
+            ge=0,
+            le=20,
+            default=None,
+        ),
+        sample_guide_scale_2: float | None = Input(
+            description="Guidance of 2.2-a14b's low-noise expert; other models take none. Empty: sample_guide_scale when you set it, else 3 (3.5 with an image), or 1 with an accelerator.",
             ge=0,
             le=20,
             default=None,
         ),
         sample_shift: float | None = Input(
-            description="Flow shift of the sampler: higher spends more steps on composition. Empty: 3 at 480p and 5 at 720p, or 5 with an accelerator.",
+            description="Flow shift of the sampler: higher spends more steps on composition. Empty: Wan2.1 3 at 480p and 5 at 720p; 2.2-a14b 12 (5 with an image); 2.2-5b 5; 5 with an accelerator.",
             ge=0.1,
             le=20,
             default=None,
@@ -101,7 +116,7 @@ class Predictor(BaseRunner):
             default="Off",
         ),
         accelerator: str = Input(
-            description="Step distillation for speed: lightx2v-4step samples 4 steps without guidance (14b text-to-video and image-to-video), causvid 8 steps (14b and 1.3b text-to-video). Its LoRA stacks with lora_weights and extra_lora, and it sets sample_steps, sample_guide_scale and sample_shift unless you do.",
+            description="Step distillation for speed: lightx2v-4step samples 4 steps without guidance (14b and 2.2-a14b, text-to-video and image-to-video; on 2.2-a14b the Wan2.2-Lightning pair, one file per expert), causvid 8 steps (14b and 1.3b text-to-video). Its LoRA stacks with the LoRA inputs, and it sets sample_steps, the guidance and sample_shift unless you do.",
             choices=["none", "lightx2v-4step", "causvid"],
             default="none",
         ),
@@ -122,6 +137,20 @@ class Predictor(BaseRunner):
         replicate_weights: str | None = Input(
             description="The LoRA of a fine-tuned version of this model. Replicate fills this in when you run a trained version; leave it empty otherwise. It takes the place of lora_weights, at lora_scale.",
             default=None,
+        ),
+        lora_weights_transformer: str | None = Input(description=HIGH_LORA_HELP, default=None),
+        lora_scale_transformer: float = Input(
+            description="Strength of lora_weights_transformer: 1 as trained, 0 off, negative to push away from the style.",
+            ge=-1,
+            le=3,
+            default=1.0,
+        ),
+        lora_weights_transformer_2: str | None = Input(description=LOW_LORA_HELP, default=None),
+        lora_scale_transformer_2: float = Input(
+            description="Strength of lora_weights_transformer_2: 1 as trained, 0 off, negative to push away from the style.",
+            ge=-1,
+            le=3,
+            default=1.0,
         ),
         hf_api_token: Secret | None = Input(
             description="Hugging Face token, for LoRAs in private or gated repos.", default=None
@@ -150,6 +179,7 @@ class Predictor(BaseRunner):
                 fps=fps,
                 sample_steps=sample_steps,
                 sample_guide_scale=sample_guide_scale,
+                sample_guide_scale_2=sample_guide_scale_2,
                 sample_shift=sample_shift,
                 seed=seed,
                 fast_mode=fast_mode,
@@ -159,6 +189,10 @@ class Predictor(BaseRunner):
                 extra_lora=extra_lora,
                 extra_lora_scale=extra_lora_scale,
                 replicate_weights=replicate_weights,
+                lora_weights_transformer=lora_weights_transformer,
+                lora_scale_transformer=lora_scale_transformer,
+                lora_weights_transformer_2=lora_weights_transformer_2,
+                lora_scale_transformer_2=lora_scale_transformer_2,
                 hf_api_token=secret_text("hf_api_token", hf_api_token),
                 civitai_api_token=secret_text("civitai_api_token", civitai_api_token),
                 output_quality=output_quality,

@@ -63,9 +63,14 @@ def test_managed_weights_hold_what_the_library_looks_for():
         assert entry["target"] == f"{root}/{repo}"
         if repo in {spec.source for spec in CATALOGUE.values()}:
             assert entry["source"]["include"] == list(MODEL_FILES)
-    baked = next(e for e in config["weights"] if e["source"]["uri"] == "hf://Kijai/WanVideo_comfy")
-    needed = {ref.split("/", 2)[2] for preset in ACCELERATORS.values() for ref in preset.loras.values()}
-    assert needed == set(baked["source"]["include"])
+    baked = {e["source"]["uri"].removeprefix("hf://"): set(e["source"]["include"]) for e in config["weights"]}
+    needed: dict[str, set[str]] = {}
+    for ref in {ref for preset in ACCELERATORS.values() for ref in preset.loras.values()}:
+        owner, name, path = ref.split("/", 2)
+        pair = {f"{path}/{expert}_noise_model.safetensors" for expert in ("high", "low")}  # a Wan2.2-Lightning folder
+        files = {path} if path.endswith(".safetensors") else pair
+        needed.setdefault(f"{owner}/{name}", set()).update(files)
+    assert {repo: baked[repo] for repo in needed} == needed
 
 
 def test_inputs_are_visible_with_types_defaults_and_ranges():
@@ -83,6 +88,7 @@ def test_inputs_are_visible_with_types_defaults_and_ranges():
         "fps",
         "sample_steps",
         "sample_guide_scale",
+        "sample_guide_scale_2",
         "sample_shift",
         "seed",
         "fast_mode",
@@ -90,13 +96,17 @@ def test_inputs_are_visible_with_types_defaults_and_ranges():
         "lora_scale",
         "extra_lora",
         "extra_lora_scale",
+        "lora_weights_transformer",
+        "lora_scale_transformer",
+        "lora_weights_transformer_2",
+        "lora_scale_transformer_2",
         "hf_api_token",
         "civitai_api_token",
         "output_quality",
     ):
         assert name in inputs, name
     assert (inputs["lora_scale"].ge, inputs["lora_scale"].le) == (-1, 3)
-    assert (inputs["num_frames"].ge, inputs["num_frames"].le) == (5, 81)
+    assert (inputs["num_frames"].ge, inputs["num_frames"].le) == (5, 121)  # 121 on Wan2.2 TI2V-5B
     assert inputs["fast_mode"].choices == ["Off", "Balanced", "Fast"]
     assert "civitai.com" in inputs["lora_weights"].description
 
@@ -266,6 +276,60 @@ def test_server_image_to_video(cog_server, tmp_path):
     assert (got.width, got.height, len(got.frames)) == (112, 64, 9)
     refused = predict(cog_server, prompt="the sea moves", image=image, model="1.3b", **SMALL)
     assert refused["status"] == "failed" and "text-to-video only" in refused["error"]
+
+
+# ------------------------------------------------------------------ Wan2.2 through the real server
+
+
+@pytest.fixture(scope="module")
+def cog22(tmp_path_factory, lora_server):
+    """No model override: the `model` input chooses, each catalogue repo a tiny stand-in in the weights folder."""
+    weights = tmp_path_factory.mktemp("cog-weights")
+    for repo, kind in (("Wan2.1-T2V-14B", "t2v"), ("Wan2.2-T2V-A14B", "t2v-a14b"), ("Wan2.2-I2V-A14B", "i2v-a14b"),
+                       ("Wan2.2-TI2V-5B", "ti2v-5b")):  # fmt: skip
+        write_tiny_model(weights / "Wan-AI" / f"{repo}-Diffusers", kind=kind)
+    env = {"WANLORA_MODEL": "", "WANLORA_I2V_MODEL": "", "WANLORA_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1"}
+    with running_cog_server(tmp_path_factory, **env) as server:
+        yield server.url
+
+
+def test_server_runs_wan22_a14b_with_a_lora_per_expert_and_ti2v(cog22, lora_server, tmp_path):
+    from PIL import Image
+
+    style, motion = f"{lora_server.url}/style.safetensors", f"{lora_server.url}/motion.safetensors"
+    per_expert = {
+        **{"lora_weights": style, "lora_scale": 0.5},
+        **{"lora_weights_transformer": motion, "lora_scale_transformer": 3.0},
+        **{"lora_weights_transformer_2": motion, "lora_scale_transformer_2": 1.0},
+    }
+    a14b = predict(cog22, prompt="styleword motionword a fox", model="2.2-a14b", sample_guide_scale_2=2.0,
+                   **per_expert, **SMALL)  # fmt: skip
+    path = video_of(a14b, tmp_path, "a14b.mp4")
+    got, tags = probe(path), recorded(path)
+    assert (got.width, got.height, len(got.frames)) == (112, 64, 9)
+    assert tags["model"] == "tiny-t2v-a14b" and (tags["guidance_scale"], tags["guidance_scale_2"]) == (4.0, 2.0)
+    assert tags["loras"] == [{"ref": style, "strength": 0.5}, {"ref": motion, "strength": 3.0, "expert": "high"},
+                             {"ref": motion, "strength": 1.0, "expert": "low"}]  # fmt: skip
+
+    lightning = {**SMALL, "accelerator": "lightx2v-4step", "sample_steps": None}  # its own 4 steps
+    fast = predict(cog22, prompt="a fox", model="2.2-a14b", **lightning)
+    assert fast["status"] == "succeeded" and fast["metrics"]["steps"] == 4, fast.get("error")
+
+    Image.new("RGB", (320, 180), (20, 120, 200)).save(tmp_path / "wide.png")
+    image = "data:image/png;base64," + base64.b64encode((tmp_path / "wide.png").read_bytes()).decode()
+    i2v = predict(cog22, prompt="the sea", model="2.2-a14b", image=image, **SMALL)
+    i2v = recorded(video_of(i2v, tmp_path, "i2v.mp4"))
+    assert i2v["model"] == "tiny-i2v-a14b" and i2v["guidance_scale_2"] == 3.5
+
+    for extra in ({}, {"image": image}):  # TI2V-5B: text-to-video, or with a first frame; the resolution is moot
+        ti2v = video_of(predict(cog22, prompt="a fox", model="2.2-5b", resolution="480p", **extra, **SMALL), tmp_path,
+                        "ti2v.mp4")  # fmt: skip
+        assert (probe(ti2v).width, probe(ti2v).height) == (128, 64) and recorded(ti2v)["model"] == "tiny-ti2v-5b"
+
+    refused = predict(cog22, prompt="a fox", model="14b", lora_weights_transformer_2=motion, **SMALL)
+    assert refused["status"] == "failed" and "only model=2.2-a14b has a second transformer" in refused["error"]
+    back = predict(cog22, prompt="a fox", model="14b", lora_weights=style, **SMALL)
+    assert recorded(video_of(back, tmp_path, "back.mp4"))["model"] == "tiny"
 
 
 # ------------------------------------------------------------------ in-process, for fast iteration

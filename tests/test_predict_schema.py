@@ -161,6 +161,7 @@ def input_problems(source: str) -> list[str]:
 
 
 PREDICT = (ROOT / "predict.py").read_text()
+FPS_HELP = 'description="Frames per second of the MP4. Empty: the model\'s own, 16 (Wan2.1, 2.2-a14b) or 24 (2.2-5b)."'
 
 
 def test_predict_py_follows_cogs_static_schema_rules():
@@ -176,24 +177,24 @@ def _edited(old: str, new: str) -> str:
     ("old", "new", "words"),
     [
         (
-            'choices=["14b", "1.3b"]',
+            'choices=["14b", "1.3b", "2.2-a14b", "2.2-5b"]',
             "choices=list(MODEL_CHOICES)",
             "model: choices expression cannot be statically resolved",
         ),  # MODEL_CHOICES would come from wanlora.service: Cog never resolves an import
         ('choices=["480p", "720p"]', 'choices=["480p"] + RESOLUTIONS', "resolution: choices expression"),
         ("description=LORA_HELP", 'description=f"A LoRA: {LORA_HELP}"', "lora_weights: description is not a string"),
         (
-            'description="Frames per second of the MP4. Wan was trained at 16."',
+            FPS_HELP,
             'description=("Frames per second " "of the MP4.")',
             "fps: description is a parenthesized string",
         ),
         (
-            'description="Frames per second of the MP4. Wan was trained at 16."',
+            FPS_HELP,
             'description="Frames per second " "of the MP4."',
             "fps: description is an implicit concatenation",
         ),
         ("ge=5,", "ge=MIN_FRAMES,", "num_frames: ge is not a number literal"),
-        ("default=16)", "default_factory=lambda: 16)", "fps: default_factory is not supported"),
+        ("default=80,", "default_factory=lambda: 80,", "output_quality: default_factory is not supported"),
         ('default="Off"', 'default=FAST_MODES["off"]', "fast_mode: default cannot be statically resolved"),
     ],
     ids=["imported-name", "unbound-name", "f-string", "parenthesized", "concatenated", "bound-name", "factory", "call"],
@@ -204,7 +205,7 @@ def test_the_rules_catch_what_cog_refuses_or_drops(old, new, words):
 
 
 def test_module_constants_of_predict_py_pass_where_imports_do_not():
-    bound = _edited('choices=["14b", "1.3b"]', "choices=MODELS").replace(
+    bound = _edited('choices=["14b", "1.3b", "2.2-a14b", "2.2-5b"]', "choices=MODELS").replace(
         "\nclass Predictor", '\nMODELS = ["14b", "1.3b"]\n\n\nclass Predictor', 1
     )
     assert input_problems(bound) == []
@@ -261,8 +262,9 @@ def test_predictor_literals_equal_the_librarys_constants(inputs):
     assert bounds("num_frames") == (MIN_FRAMES, max_frames)
     assert bounds("fps") == (1, MAX_FPS)
     assert bounds("sample_steps") == (1, MAX_STEPS)
-    assert bounds("sample_guide_scale") == (0, MAX_GUIDANCE)
+    assert bounds("sample_guide_scale") == bounds("sample_guide_scale_2") == (0, MAX_GUIDANCE)
     assert bounds("sample_shift") == (MIN_SHIFT, MAX_SHIFT)
-    assert bounds("lora_scale") == bounds("extra_lora_scale") == LORA_SCALE_RANGE
+    scales = ("lora_scale", "extra_lora_scale", "lora_scale_transformer", "lora_scale_transformer_2")
+    assert {bounds(name) for name in scales} == {LORA_SCALE_RANGE}
     assert bounds("output_quality") == QUALITY_RANGE and inputs["output_quality"].default == DEFAULT_QUALITY
     assert f"Empty: {service.DEFAULT_SAMPLE_STEPS}," in inputs["sample_steps"].description

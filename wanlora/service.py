@@ -30,11 +30,16 @@ from .settings import LORA_SCALE_RANGE, model_override
 logger = logging.getLogger(__name__)
 
 # Replicate's choices, and what they mean to the library. predict.py repeats them as literals.
-MODEL_CHOICES = {"14b": "t2v-14b", "1.3b": "t2v-1.3b"}
-I2V_CHOICES = {"480p": "i2v-14b-480p", "720p": "i2v-14b-720p"}  # model=14b with an image
+MODEL_CHOICES = {"14b": "t2v-14b", "1.3b": "t2v-1.3b", "2.2-a14b": "t2v-a14b", "2.2-5b": "ti2v-5b"}
+IMAGE_CHOICES = {  # the model an image switches each choice to; Wan2.1 14B's by resolution
+    "14b": {"480p": "i2v-14b-480p", "720p": "i2v-14b-720p"},
+    "2.2-a14b": {"480p": "i2v-a14b", "720p": "i2v-a14b"},
+    "2.2-5b": {"480p": "ti2v-5b", "720p": "ti2v-5b"},
+}
+ONE_SIZE_CHOICES = {"2.2-5b"}  # runs at its one trained size: `resolution` does not apply
 FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
 ACCELERATORS = {"none": None, "lightx2v-4step": "lightx2v-4step", "causvid": "causvid"}
-WIDTH_CHOICES = {1536: "1.3b", 5120: "14b"}  # a LoRA's model width -> the model input it fits
+WIDTH_CHOICES = {1536: ("1.3b",), 3072: ("2.2-5b",), 5120: ("14b", "2.2-a14b")}  # LoRA width -> models it fits
 DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
 
 
@@ -74,23 +79,45 @@ def replicate_loras(
     extra_lora: object,
     extra_lora_scale: object,
     replicate_weights: object = None,
+    lora_weights_transformer: object = None,
+    lora_scale_transformer: object = 1.0,
+    lora_weights_transformer_2: object = None,
+    lora_scale_transformer_2: object = 1.0,
+    experts: tuple[str, ...] = ("all",),
 ) -> list[LoraRequest]:
-    """Replicate's LoRA inputs as a LoRA list.
+    """Replicate's LoRA inputs as a LoRA list; all of them stack.
 
+    `lora_weights` and `extra_lora` go on every transformer (each file of a Wan2.2 pair on
+    its own expert). `lora_weights_transformer` goes on diffusers' `transformer` (Wan2.2
+    A14B's high-noise expert; the only transformer of the others), and
+    `lora_weights_transformer_2` on `transformer_2` (the low-noise expert, A14B only).
     `replicate_weights` is what Replicate passes when a fine-tuned version of this model
     runs (its trainer's weights tar): it takes the main slot, at `lora_scale`.
     """
     main, extra = _text_or_none("lora_weights", lora_weights), _text_or_none("extra_lora", extra_lora)
     trained = _text_or_none("replicate_weights", replicate_weights)
+    high = _text_or_none("lora_weights_transformer", lora_weights_transformer)
+    low = _text_or_none("lora_weights_transformer_2", lora_weights_transformer_2)
     scale, extra_scale = _scale("lora_scale", lora_scale), _scale("extra_lora_scale", extra_lora_scale)
+    high_scale = _scale("lora_scale_transformer", lora_scale_transformer)
+    low_scale = _scale("lora_scale_transformer_2", lora_scale_transformer_2)
     if trained and main:
         raise InvalidInput(
             "lora_weights",
             display_ref(main),
             "empty when running a fine-tuned version (replicate_weights is its LoRA); use extra_lora to add one",
         )
-    loras = [LoraRequest(ref, s) for ref, s in ((trained or main, scale), (extra, extra_scale)) if ref]
-    return loras
+    two_experts = len(experts) == 2
+    if low and not two_experts:
+        raise InvalidInput("lora_weights_transformer_2", display_ref(low),
+                           "empty: only model=2.2-a14b has a second transformer; use lora_weights")  # fmt: skip
+    slots = [
+        (trained or main, scale, "both"),
+        (extra, extra_scale, "both"),
+        (high, high_scale, "high" if two_experts else "both"),
+        (low, low_scale, "low"),
+    ]
+    return [LoraRequest(ref, strength, expert) for ref, strength, expert in slots if ref]
 
 
 @dataclass(frozen=True)
@@ -122,13 +149,15 @@ class VideoService:
         self.unreported_setup: dict[str, float] = {}  # cold-start timings for the first prediction's metrics
 
     def model_for(self, choice: object, image: bool = False, resolution: object = "480p") -> str:
-        """The model a request runs on: an image switches 14b to its I2V variant for the resolution."""
+        """The model a request runs on: an image switches the choice to its image-to-video variant."""
         name = _choice("model", choice, MODEL_CHOICES)
         if not image:
             return self.override or name
-        if choice != "14b":
-            raise InvalidInput("image", "(an image)", f"model={choice} is text-to-video only; use model=14b")
-        return self.i2v_override or I2V_CHOICES.get(resolution, I2V_CHOICES["480p"])
+        if choice not in IMAGE_CHOICES:
+            raise InvalidInput("image", "(an image)",
+                               f"model={choice} is text-to-video only; use {' or '.join(IMAGE_CHOICES)}")  # fmt: skip
+        by_resolution = IMAGE_CHOICES[choice]
+        return self.i2v_override or by_resolution.get(resolution, by_resolution["480p"])
 
     def load(self, model: str):
         """The pipeline for `model`, loading it (and dropping the resident one) if needed."""
@@ -159,10 +188,11 @@ class VideoService:
         model: object = "14b",
         resolution: object = "480p",
         aspect_ratio: object = "16:9",
-        num_frames: object = 81,
-        fps: object = 16,
+        num_frames: object = None,
+        fps: object = None,
         sample_steps: object = None,
         sample_guide_scale: object = None,
+        sample_guide_scale_2: object = None,
         sample_shift: object = None,
         seed: object = None,
         fast_mode: object = "Off",
@@ -172,6 +202,10 @@ class VideoService:
         extra_lora: object = None,
         extra_lora_scale: object = 1.0,
         replicate_weights: object = None,
+        lora_weights_transformer: object = None,
+        lora_scale_transformer: object = 1.0,
+        lora_weights_transformer_2: object = None,
+        lora_scale_transformer_2: object = 1.0,
         hf_api_token: object = None,
         civitai_api_token: object = None,
         output_quality: object = 80,
@@ -184,22 +218,30 @@ class VideoService:
         accelerator = _choice("accelerator", accelerator, ACCELERATORS)
         if sample_steps is None and accelerator is None:
             sample_steps = DEFAULT_SAMPLE_STEPS
+        spec = self.pipe.spec if self.model == name else resolve_model(name)
+        loras = replicate_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale, replicate_weights,
+                                lora_weights_transformer, lora_scale_transformer, lora_weights_transformer_2,
+                                lora_scale_transformer_2, spec.experts)  # fmt: skip
+        if sample_guide_scale_2 is not None and len(spec.experts) == 1:
+            raise InvalidInput("sample_guide_scale_2", sample_guide_scale_2,
+                               "empty: only model=2.2-a14b has a second expert; use sample_guide_scale")  # fmt: skip
         request = resolve_request(
-            self.pipe.spec if self.model == name else resolve_model(name),
+            spec,
             prompt,
             negative_prompt=negative_prompt,
             image=image,
-            resolution=resolution,
+            resolution=None if model in ONE_SIZE_CHOICES else resolution,
             aspect_ratio=None if image is not None else aspect_ratio,  # an image's own aspect decides
             num_frames=num_frames,
             fps=fps,
             num_inference_steps=sample_steps,
             guidance_scale=sample_guide_scale,
+            guidance_scale_2=sample_guide_scale_2,
             flow_shift=sample_shift,
             seed=seed,
             fast_mode=_choice("fast_mode", fast_mode, FAST_MODES),
             accelerator=accelerator,
-            loras=replicate_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale, replicate_weights),
+            loras=loras,
         )
         if isinstance(output_quality, bool) or not isinstance(output_quality, int):
             raise InvalidInput("output_quality", output_quality, "a whole number between 0 and 100")
@@ -230,12 +272,12 @@ class VideoService:
 
 
 def _with_model_hint(exc: LoraMismatch, model: object) -> LoraMismatch:
-    """The mismatch, plus the `model` input that fits the LoRA when there is exactly one."""
-    fits = {WIDTH_CHOICES[w] for w in exc.widths if w in WIDTH_CHOICES}
-    if len(fits) == 1 and model not in fits:
-        (choice,) = fits
-        return LoraMismatch(f"{exc}. This LoRA is for model={choice}: run it with model={choice}", exc.ref,
-                            exc.status, exc.widths)  # fmt: skip
+    """The mismatch, plus the `model` inputs that fit the LoRA when its width names them."""
+    fits = [choice for width in exc.widths for choice in WIDTH_CHOICES.get(width, ())]
+    if len(exc.widths) == 1 and fits and model not in fits:
+        choices = " or ".join(f"model={choice}" for choice in fits)
+        return LoraMismatch(f"{exc}. This LoRA is for {choices}: run it with {choices}", exc.ref, exc.status,
+                            exc.widths)  # fmt: skip
     return exc
 
 
