@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run for a device session (one H200, no network), in under 8 minutes of wall time:
+# The GPU run for a device session (one H200, no network), in under 7 minutes of wall time:
 # random weights at the real Wan shapes, sections in order of value, each under its own
 # time limit, results in $OUT/gpu_results.json and .md after every section.
 #
@@ -21,7 +21,7 @@ if [ "$rehearse" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-timeout 440 "$PYTHON" benchmarks/gpu_step.py "$@" || echo "gpu_step.py stopped (exit $?); the results so far are in $OUT"
+timeout 410 "$PYTHON" benchmarks/gpu_step.py "$@" || echo "gpu_step.py stopped (exit $?); the results so far are in $OUT"
 # Context parallelism: two CPU processes with gloo in the rehearsal, every GPU on a machine with several.
 if [ "$rehearse" = 1 ]; then
     timeout 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \
