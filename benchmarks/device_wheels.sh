@@ -5,7 +5,7 @@
 #   bash benchmarks/device_wheels.sh
 #
 # The device image has torch, transformers, huggingface_hub, safetensors, tokenizers,
-# accelerate, numpy and pillow (/work/.library/device/KINDS.md); it lacks diffusers and
+# accelerate, numpy and pillow (its description, 2026-11-29); it lacks diffusers and
 # xformers. xformers 0.0.35 is a small wheel that needs torch>=2.10, so it fits torch
 # 2.11; its earlier builds pin torch exactly (0.0.34: torch==2.10.0, 110 MB) and do not.
 # imageio-ffmpeg is left out: the GPU run encodes no video.
