@@ -107,6 +107,21 @@ def test_parallel_outside_a_process_group_says_how_to_launch(monkeypatch):
         WanLoraPipeline.from_pretrained("tiny", parallel="auto")
 
 
+def test_a_joined_process_group_is_left_before_the_process_exits():
+    """Exiting with the group alive can abort in gloo's or NCCL's destructors after the work is done."""
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(lambda: print('still joined at exit:', dist.is_initialized()))  # runs last\n"
+        "from wanlora.distributed import init_distributed\n"
+        "init_distributed()\n"
+        "print('joined:', dist.is_initialized())\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["joined: True", "still joined at exit: False"]
+
+
 # ------------------------------------------------------------------ two gloo processes
 
 

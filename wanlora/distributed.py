@@ -8,6 +8,7 @@ it would judge each rank's share of the tokens on its own, and the ranks would d
 
 from __future__ import annotations
 
+import atexit
 import logging
 from contextlib import contextmanager
 
@@ -56,7 +57,15 @@ def init_distributed() -> torch.device:
                 "a torch.distributed process group: launch with `torchrun`, or `wanlora generate --gpus N`",
             )
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A process that exits with its group alive can abort in the backend's destructors
+        # ("terminate called without an active exception") after its work is done.
+        atexit.register(_leave_group)
     return device
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextmanager
