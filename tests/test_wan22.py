@@ -446,18 +446,25 @@ def test_cli_runs_a14b_with_a_lora_per_expert_and_records_it(tmp_path, loras):
 
 
 def test_cli_tiny_model_kinds_write_folders_that_generate(tmp_path):
+    from PIL import Image
+
     from .conftest import probe, run_cli
 
-    for kind, size in (("t2v-a14b", (112, 64)), ("ti2v-5b", (128, 64))):
+    Image.new("RGB", (300, 170), (200, 80, 20)).save(tmp_path / "wide.png")
+    runs = {
+        "t2v-a14b": ["--accelerator", "lightx2v-4step"],
+        "i2v-a14b": ["--image", str(tmp_path / "wide.png"), "--steps", "2"],
+        "ti2v-5b": ["--image", str(tmp_path / "wide.png"), "--steps", "2"],
+    }
+    for kind, args in runs.items():
         folder = tmp_path / kind
         assert run_cli("tiny-model", str(folder), "--kind", kind).returncode == 0
-        assert (folder / "transformer_2").is_dir() == (kind == "t2v-a14b")
+        assert (folder / "transformer_2").is_dir() == kind.endswith("a14b")
         out = tmp_path / f"{kind}.mp4"
-        args = ["--accelerator", "lightx2v-4step"] if kind == "t2v-a14b" else ["--steps", "2"]
         result = run_cli("generate", "a fox", "--model", str(folder), "--frames", "5", *args, "-o", str(out))
         assert result.returncode == 0, result.stderr
         got = probe(out)
-        assert (got.width, got.height, len(got.frames)) == (*size, 5)
+        assert (got.width, got.height, len(got.frames)) == ((128, 64) if kind == "ti2v-5b" else (112, 64)) + (5,)
 
 
 def test_cli_inspect_names_each_experts_file_and_the_model(tmp_path):
