@@ -17,6 +17,7 @@ random bf16 weights, and rank-32 LoRAs on every block linear.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import statistics
 import time
@@ -87,6 +88,8 @@ def main() -> None:
     paths = cached_loras(high, f"14b-{args.blocks}")
     keep = cached_loras(low, f"14b-{args.blocks}", rank=16)[0]
     one, both = time_wanlora_one_expert(high, low, paths, keep, args.swaps)
+    del high, low
+    gc.collect()  # the experts and their pristine copies: diffusers' side runs in the same memory
     diffusers = time_diffusers(random_transformer(WAN_14B, args.blocks), paths, args.swaps)
     print("\na LoRA swap on the high-noise expert (the low-noise one keeps its own LoRA)")
     print(f"  wanlora, one expert                   {one * scale:8.2f} s")
