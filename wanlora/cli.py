@@ -118,9 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--aspect-ratio", choices=ASPECT_RATIOS)
     gen.add_argument("--width", type=int, help="overrides the preset; give --height too")
     gen.add_argument("--height", type=int)
-    gen.add_argument(
-        "--frames", type=int, help="4k+1 frames, 5 to 81 (default 81; up to and by default 121 on ti2v-5b)"
-    )
+    gen.add_argument("--frames", type=int, help="4k+1 frames, 5 to 81 (default 81; 121 on ti2v-5b)")
     gen.add_argument("--fps", type=int, help="frames per second, 1 to 60 (default 16; 24 on ti2v-5b)")
     gen.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps, 1 to 100")
     gen.add_argument("--guidance", type=float, dest="guidance_scale", help="classifier-free guidance scale, 0 to 20")

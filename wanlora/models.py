@@ -99,7 +99,6 @@ class ModelSpec:
     default_fps: int = 16
     default_frames: int = 81
     max_frames: int = 81
-    family: str = "Wan2.1"
     boundary_ratio: float | None = None  # two experts: `transformer` takes t >= ratio x 1000
     expand_timesteps: bool = False  # TI2V-5B: a timestep per token, the first frame's kept clean
     vae_scale: int = 8  # the VAE's spatial compression: 16 for Wan2.2's TI2V VAE
@@ -225,7 +224,6 @@ CATALOGUE: dict[str, ModelSpec] = {
         default_guidance=4.0,
         default_guidance_2=3.0,
         flow_shifts=(12.0, 12.0),
-        family="Wan2.2",
         boundary_ratio=0.875,
         published_params=14_288_491_584,
     ),
@@ -240,7 +238,6 @@ CATALOGUE: dict[str, ModelSpec] = {
         default_guidance=3.5,
         default_guidance_2=3.5,
         flow_shifts=(5.0, 5.0),
-        family="Wan2.2",
         boundary_ratio=0.9,
         published_params=14_288_901_184,
     ),
@@ -256,7 +253,6 @@ CATALOGUE: dict[str, ModelSpec] = {
         default_fps=24,
         default_frames=121,
         max_frames=121,
-        family="Wan2.2",
         expand_timesteps=True,
         vae_scale=16,
         published_params=4_999_787_712,
