@@ -25,7 +25,7 @@ from wanlora.errors import InvalidInput, LoraMismatch
 from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer, write_tiny_model
 
-from .conftest import probe, recorded
+from .conftest import assert_frames_agree, probe, recorded
 from .lora_helpers import tar_of
 from .processes import alive, children_with, free_port, wait_for
 from .servers import FileServer, Route
@@ -423,7 +423,9 @@ def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worke
     reference = predict(cog_server, **request)
     with running_cog_server(tmp_path_factory, WANLORA_GPUS="2") as server:
         url, pid = server.url, server.pid
-        assert predict(url, **request)["output"] == reference["output"]  # byte-identical MP4
+        split = predict(url, **request)  # Ulysses 2: another summation order, so frames within a level
+        assert_frames_agree(probe(video_of(split, tmp_path, "split.mp4")).frames,
+                            probe(video_of(reference, tmp_path, "one.mp4")).frames)  # fmt: skip
 
         workers = children_with(pid, "spawn_main")
         assert len(workers) == 2, workers
@@ -439,7 +441,7 @@ def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worke
         assert "restarting" in crashed["error"]
         assert health_settles(url) == "READY"
         wait_for(lambda: not alive(victim), 10)
-        assert predict(url, **request)["output"] == reference["output"]  # the new group serves
+        assert predict(url, **request)["output"] == split["output"]  # the new group serves, as the old one did
 
 
 # ------------------------------------------------------------------ Replicate's fine-tunes, accelerators, errors

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,7 +24,7 @@ from wanlora.request import resolve_settings
 from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
-from .conftest import SMALL, probe, run_cli
+from .conftest import SMALL, assert_frames_agree, probe, run_cli
 from .processes import alive, children_with, free_port, wait_for
 from .test_cli import FOX
 
@@ -206,8 +205,8 @@ def test_two_processes_match_one_and_swap_loras_alike(plan, guidance, loras, tmp
     ranks = run_ranks(_swaps, tmp_path, plan=plan, style=style, motion=motion, guidance=guidance)
 
     main, other = ranks
-    assert np.array_equal(main["plain"], plain)
-    assert np.array_equal(main["both"], both.frames)
+    assert_frames_agree(main["plain"], plain)  # split passes: another summation order, within a level
+    assert_frames_agree(main["both"], both.frames)
     assert other["plain"] is None and other["both"] is None  # only rank 0 decodes
     for rank in ranks:
         assert rank["both_digest"] == both_digest
@@ -236,7 +235,8 @@ def test_diffusers_config_is_accepted_and_fast_mode_refused_under_context_parall
         assert plan == ParallelPlan(ulysses=2)
         assert "fast_mode='fast'" in refusal and "context parallelism" in refusal
     single = WanLoraPipeline.from_pretrained("tiny").generate("a fox", seed=5, **SMALL)
-    assert np.array_equal(ranks[0][2], single.frames) and ranks[1][2] is None
+    assert_frames_agree(ranks[0][2], single.frames)
+    assert ranks[1][2] is None
 
 
 # ------------------------------------------------------------------ the CLI
@@ -250,14 +250,14 @@ def test_cli_gpus_2_and_torchrun_write_the_single_process_video(tmp_path):
         split = run_cli(*FOX, *extra, "-o", str(out))
         assert split.returncode == 0, split.stderr
         assert split.stdout.strip().splitlines() == [str(out)]  # one path, from rank 0
-        assert np.array_equal(probe(out).frames, probe(tmp_path / "one.mp4").frames)
+        assert_frames_agree(probe(out).frames, probe(tmp_path / "one.mp4").frames)
     by_hand = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "wanlora.cli", *FOX, "-o", str(tmp_path / "torchrun.mp4")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert by_hand.returncode == 0, by_hand.stderr
-    assert np.array_equal(probe(tmp_path / "torchrun.mp4").frames, probe(tmp_path / "one.mp4").frames)
+    assert_frames_agree(probe(tmp_path / "torchrun.mp4").frames, probe(tmp_path / "one.mp4").frames)
 
 
 def test_cli_parallel_flags_are_checked_before_any_process_starts(tmp_path):
@@ -339,7 +339,7 @@ def test_worker_group_answers_like_one_process_and_relays_errors(worker_group, t
     single = VideoService(override="tiny").generate(**REQUEST, out_dir=tmp_path / "one")
     shared = worker_group.generate(**REQUEST, out_dir=tmp_path / "two")
     assert (shared.seed, shared.frames) == (single.seed, single.frames)
-    assert np.array_equal(probe(shared.path).frames, probe(single.path).frames)
+    assert_frames_agree(probe(shared.path).frames, probe(single.path).frames)
     with pytest.raises(InvalidInput, match="num_frames=500"):
         worker_group.generate(**{**REQUEST, "num_frames": 500}, out_dir=tmp_path)
     assert worker_group.generate(**REQUEST, out_dir=tmp_path / "two").seed == 11  # still serving
