@@ -12,6 +12,7 @@ to the previous set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -198,8 +199,9 @@ class LoraMerger:
         """param = round(pristine + sum(strength * delta)), computed in fp32.
 
         A lone LoRA whose factors are exact in the weight's dtype is one GEMM (fp32
-        accumulation, one rounding at the output). Anything else is summed in an fp32
-        accumulator in row chunks, small on CPU so that they stay in cache.
+        accumulation, one rounding at the output) where that kernel is the fast one.
+        Anything else is summed in an fp32 accumulator in row chunks, small on CPU so that
+        they stay in cache. Both round once; they differ only in summation order.
         """
         param = self.params[name]
         base = self._base(name)
@@ -207,7 +209,7 @@ class LoraMerger:
             if not terms:
                 param.copy_(base, non_blocking=True)
                 return
-            if len(terms) == 1 and param.dim() == 2:
+            if len(terms) == 1 and param.dim() == 2 and native_gemm_is_faster(param.dtype, param.device.type):
                 delta, strength, _ = terms[0]
                 factors = delta.gemm_factors(param.dtype, param.device)
                 if factors is not None:  # one GEMM: fp32 accumulation, one rounding
@@ -241,6 +243,43 @@ class LoraMerger:
         if buffer is None or buffer.numel() < elements:
             buffer = self._buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
         return buffer
+
+
+@functools.cache
+def native_gemm_is_faster(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether one GEMM in `dtype` beats fp32 math and one rounding on this machine; measured once.
+
+    On CUDA it does. On a CPU it depends on the instruction set: without native bf16 (AVX2
+    only), a bf16 GEMM runs about 20x slower than an fp32 one, with AVX-512 BF16 or AMX it
+    is the faster. So the first merge times both at a real shape (a 1536-wide weight, rank 32).
+    """
+    if device_type != "cpu" or dtype == torch.float32:
+        return True
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((1536, 1536), (1536, 32), (32, 1536))
+    weight, up, down = (torch.randn(shape, generator=generator).to(dtype) for shape in shapes)
+    out, acc = torch.empty_like(weight), torch.empty(weight.shape)
+
+    def native() -> None:
+        torch.addmm(weight, up, down, out=out)
+
+    def fp32() -> None:
+        acc.copy_(weight).addmm_(up.float(), down.float())
+        out.copy_(acc)
+
+    native_seconds, fp32_seconds = _best_of(native), _best_of(fp32)
+    logger.debug("merge GEMM in %s: %.4fs, in fp32: %.4fs", dtype, native_seconds, fp32_seconds)
+    return native_seconds < fp32_seconds
+
+
+def _best_of(run, repeats: int = 3) -> float:
+    run()  # warm-up: first-call dispatch and allocations
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def _host_copy(param: torch.nn.Parameter) -> torch.Tensor:
