@@ -25,21 +25,19 @@ from wanlora.errors import InvalidInput, LoraMismatch
 from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer, write_tiny_model
 
+from .cog_rules import config_problems, push_problems
 from .conftest import assert_frames_agree, probe, recorded
 from .lora_helpers import tar_of
 from .processes import alive, children_with, free_port, wait_for
 from .servers import FileServer, Route
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"  # Cog's pkg/config/data, 0.22-0.23
 
 
 @pytest.mark.parametrize("name", ["cog.yaml", "cog.weights.yaml"])
-def test_cog_configs_validate_against_cogs_schema(name):
-    import jsonschema
-
+def test_cog_configs_pass_cogs_config_loader(name):
     config = yaml.safe_load((ROOT / name).read_text())
-    jsonschema.validate(config, json.loads(SCHEMA.read_text()))
+    assert config_problems(config, ROOT) == []
     assert config["build"]["gpu"] is True and config["run"] == "predict.py:Predictor"
     assert "HF_XET_HIGH_PERFORMANCE=1" in config["environment"]
     pins = dict(
@@ -48,6 +46,49 @@ def test_cog_configs_validate_against_cogs_schema(name):
         if "==" in line and not line.startswith("#")
     )
     assert {"torch", "xformers", "diffusers", "transformers", "hf_xet"} <= set(pins)
+
+
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        (lambda c: c.pop("model"), "weights require 'model' in cog.yaml"),
+        (lambda c: c.update(image=c.pop("model")), "weights require 'model', not 'image'"),
+        (lambda c: c.update(image="r8.im/a/b"), "'model' and 'image' cannot both be set"),
+        (lambda c: c.update(model="r8.im/a/b:v1"), "tags and digests are not allowed"),
+        (lambda c: c.update(model="r8.im/Some/Model"), "invalid repository"),
+        (lambda c: c["weights"][1].update(name=c["weights"][0]["name"]), "duplicate weight name"),
+        (lambda c: c["weights"][0].update(name="Wan_Weights"), "only lowercase letters"),
+        (lambda c: c["weights"][0].update(target="weights/x"), "target must be an absolute path"),
+        (lambda c: c["weights"][1].update(target=c["weights"][0]["target"] + "/sub"), "must be disjoint"),
+        (lambda c: c["weights"][0]["source"]["include"].append("!*.bin"), "a negation"),
+        (lambda c: c["environment"].append("CUDA_HOME=/x"), "reserved for internal use"),
+        (lambda c: c["environment"].append("WANLORA_WEIGHTS=/y"), "already defined"),
+        (lambda c: c["build"].update(python_version="3.9"), "minimum supported Python version"),
+        (lambda c: c["build"].update(cuda="12.7"), "no cuDNN is known for CUDA 12.7"),
+        (lambda c: c["build"].update(python_packages=["torch"]), "only one of python_packages"),
+        (lambda c: c.update(run="predict:Predictor"), "must be in the form"),
+    ],
+)
+def test_the_config_rules_catch_what_cogs_loader_refuses(edit, refusal):
+    config = yaml.safe_load((ROOT / "cog.weights.yaml").read_text())
+    edit(config)
+    assert any(refusal in problem for problem in config_problems(config, ROOT)), config_problems(config, ROOT)
+
+
+def test_the_readmes_cog_commands_are_ones_cog_accepts():
+    commands = [line.split("#")[0] for line in (ROOT / "README.md").read_text().splitlines()]
+    pushes = [c for c in commands if c.strip().startswith(("cog push", "cog weights"))]
+    assert pushes, "the README gives no cog push command"
+    for command in pushes:
+        name = "cog.weights.yaml" if "cog.weights.yaml" in command else "cog.yaml"
+        config = yaml.safe_load((ROOT / name).read_text())
+        if command.strip().startswith("cog push"):
+            assert push_problems(command, config) == [], command
+        else:
+            assert name == "cog.weights.yaml" and config["model"], command  # weight commands need a model ref
+    managed = yaml.safe_load((ROOT / "cog.weights.yaml").read_text())
+    refused = push_problems("cog push -f cog.weights.yaml r8.im/OWNER/MODEL", managed)
+    assert refused == ["positional image argument not supported with 'model' config"]
 
 
 def test_managed_weights_hold_what_the_library_looks_for():
