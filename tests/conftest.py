@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,28 @@ def run_cli(
         timeout=600,
         preexec_fn=preexec_fn,
     )
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`wanlora ARGS` in this process, for what answers before anything heavy loads (input errors,
+    help): as a user sees it, without a new interpreter's seconds of imports."""
+    from wanlora.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+            monkeypatch.setenv(name, os.environ.get(name, "warning"))  # main sets them; they are put back after
+        with warnings.catch_warnings():
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: --help, usage errors
+                code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -245,7 +245,7 @@ def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny
     )
     with pytest.raises(InvalidInput, match="4 with test-4step"):
         pipe.generate("a fox", accelerator="test-4step", num_inference_steps=6, width=64, height=48, num_frames=9)
-    with pytest.raises(InvalidInput, match="available for t2v-14b"):
+    with pytest.raises(InvalidInput, match="write it with `wanlora tiny-model DIR`"):
         pipe.generate("a fox", accelerator="causvid", width=64, height=48, num_frames=9)
     with pytest.raises(InvalidInput, match="one of lightx2v-4step"):
         pipe.generate("a fox", accelerator="turbo", width=64, height=48, num_frames=9)

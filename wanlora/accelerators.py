@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput
-from .models import TINY_NAMES, ModelSpec
+from .models import TINY_KINDS, TINY_NAMES, ModelSpec
 
 KIJAI = "Kijai/WanVideo_comfy"
 LIGHTNING = "lightx2v/Wan2.2-Lightning"  # a folder per model, each a high/low pair
@@ -80,9 +80,17 @@ def accelerator_for(name: str, spec: ModelSpec) -> tuple[Accelerator, str]:
         raise InvalidInput("accelerator", name, f"one of {', '.join(ACCELERATORS)}")
     preset = ACCELERATORS[name]
     ref = _lora_for(preset, spec)
+    if ref is None and spec.name in TINY_NAMES and TINY_NAMES[spec.name] in _tiny_kinds_for(preset):
+        why = "a tiny stand-in has a random one only in a folder: write it with `wanlora tiny-model DIR`, load DIR"
+        raise InvalidInput("accelerator", name, why)
     if ref is None:
         raise InvalidInput("accelerator", name, f"available for {', '.join(preset.loras)}, not {spec.name}")
     return preset, ref
+
+
+def _tiny_kinds_for(preset: Accelerator) -> set[str]:
+    """The tiny kinds whose `wanlora tiny-model` folder carries a stand-in for `preset`."""
+    return {kind for kind, (like, _) in TINY_KINDS.items() if like in preset.loras}
 
 
 def accelerator_refs(spec: ModelSpec) -> set[str]:

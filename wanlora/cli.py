@@ -1,4 +1,9 @@
-"""The `wanlora` command. Every user error prints one line and exits 2."""
+"""The `wanlora` command. Every user error prints one line, naming the flag that was typed, and exits 2.
+
+torch, diffusers and the LoRA engine are imported inside the commands that use them, after
+every input has been checked, so that --help and input errors answer at once; on a terminal,
+a line on stderr says what the slow steps are doing while they run.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,15 +28,17 @@ from .settings import (
     ASPECT_RATIOS,
     DEFAULT_QUALITY,
     FAST_MODES,
+    MAX_FPS,
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    MIN_FRAMES,
     OFFLOAD_MODES,
     QUALITY_RANGE,
     RESIZE_MODES,
     RESOLUTIONS,
 )
 
-# torch, diffusers and the LoRA engine are imported inside the commands that use them, so
-# that --help and input errors answer at once.
-
+DEFAULT_MODEL = "t2v-14b"
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
     f"folder, or a tiny stand-in ({', '.join(TINY_NAMES)}): random offline models for smoke runs that make "
@@ -45,6 +50,7 @@ REF_HELP = (
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+-]*")  # `civitai` in civitai:12345
+LORA_FIELDS = {"lora": "--lora", "lora strength": "--lora", "loras": "--lora"}  # the library's names for them
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -54,169 +60,301 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def say(text: str) -> None:
+    """Tell a person at a terminal what the next slow step is; logged (shown with -v) either way."""
+    logging.getLogger("wanlora.cli").info(text)
+    if sys.stderr.isatty() and not logging.getLogger().isEnabledFor(logging.INFO):
+        print(f"wanlora: {text}...", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- LoRA arguments
+
+
 def parse_lora_arg(text: str) -> tuple[str, float | tuple[float, ...]]:
-    """`REF[:STRENGTH]`: the strength is the text after the last ':' when it is a number.
+    """`REF[:STRENGTH]`: the strength is the text after the last ':'.
 
     A comma-separated list of numbers is a strength schedule (`style.safetensors:1,0.5`).
-    A bare scheme such as `civitai:12345` is a reference, not a strength.
+    A bare scheme such as `civitai:12345` is a reference, not a strength, and so is a colon
+    inside a link (`https://host:8443/x.safetensors`). Anything else after the last ':' must
+    be a number: `style.safetensors:abc` is a typo, not a file.
     """
     ref, sep, tail = text.rpartition(":")
-    if not sep or not ref or SCHEME.fullmatch(ref):
+    if not sep or not ref or SCHEME.fullmatch(ref) or Path(text).exists():
         return text, 1.0
     try:
         values = tuple(float(v) for v in tail.split(","))
     except ValueError:
-        return text, 1.0
+        if "://" in ref or "/" in tail or "\\" in tail:  # a port or a path: part of the reference
+            return text, 1.0
+        raise InvalidInput("--lora", text, f"REF:STRENGTH with a number after the last ':', not {tail!r}") from None
     return ref, values if len(values) > 1 else values[0]
 
 
-def add_lora_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def add_lora_options(group) -> None:
+    group.add_argument(
         "--lora",
         action="append",
         default=[],
-        metavar="REF[:STRENGTH]",
-        help="a LoRA and its strength (default 1), on every transformer; repeat to combine several. A Wan2.2 "
-        "high/low pair (a repo or folder holding both files) puts each file on its expert",
+        metavar="REF[:S]",
+        help="a LoRA and its strength S (default 1; S1,S2,... is a schedule over the steps), on every "
+        "transformer; repeat to combine several. A Wan2.2 high/low pair (a repo or folder holding both files) "
+        "puts each file on its expert. REF: " + REF_HELP,
     )
     for expert in ("high", "low"):
-        parser.add_argument(
+        group.add_argument(
             f"--lora-{expert}",
             action="append",
             default=[],
-            metavar="REF[:STRENGTH]",
-            help=f"a LoRA on Wan2.2 A14B's {expert}-noise expert only",
+            metavar="REF[:S]",
+            help=f"a LoRA on Wan2.2 A14B's {expert}-noise expert only; default none",
         )
 
 
-def requested_loras(args: argparse.Namespace) -> list[tuple[str, float | tuple[float, ...], str]]:
+def requested_loras(args: argparse.Namespace, spec: ModelSpec) -> list[tuple[str, float | tuple[float, ...], str]]:
     """--lora, --lora-high and --lora-low as (reference, strength, expert) triples."""
     aimed = [("both", args.lora), ("high", args.lora_high), ("low", args.lora_low)]
+    for expert, texts in aimed[1:]:
+        if texts and spec.identified and expert not in spec.experts:
+            raise InvalidInput(
+                f"--lora-{expert}", texts[0], f"for Wan2.2 A14B's experts; {spec.name} has one transformer: use --lora"
+            )
     return [(*parse_lora_arg(text), expert) for expert, texts in aimed for text in texts]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="wanlora", description="Wan2.1 and Wan2.2 video generation with LoRAs from anywhere.")
-    parser.add_argument("--version", action="version", version=f"wanlora {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+# ---------------------------------------------------------------------------- the parser
 
-    gen = commands.add_parser("generate", help="make an MP4 from a prompt")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", default="t2v-14b", help=MODEL_HELP)
-    add_lora_options(gen)
-    gen.add_argument("--image", help="start image for image-to-video (i2v models)")
-    gen.add_argument("--last-image", help="end image for first-and-last-frame guidance (i2v models)")
-    gen.add_argument(
+
+def build_parser() -> argparse.ArgumentParser:
+    verbose = argparse.ArgumentParser(add_help=False)  # -v before or after the command
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens, to stderr"
+    )
+    parser = OneLineParser(
+        prog="wanlora", description="Wan2.1 and Wan2.2 video generation with LoRAs from anywhere.", parents=[verbose]
+    )
+    parser.add_argument("--version", action="version", version=f"wanlora {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    add_generate(commands, verbose)
+    add_tiny_model(commands, verbose)
+    add_lora(commands, verbose)
+    add_cache(commands, verbose)
+    return parser
+
+
+def add_generate(commands, verbose: argparse.ArgumentParser) -> None:
+    gen = commands.add_parser(
+        "generate",
+        parents=[verbose],
+        help="make an MP4 from a prompt",
+        description="Make an MP4 from a prompt, with any LoRAs.",
+    )
+    gen.add_argument("prompt", help="what the video shows")
+    model = gen.add_argument_group("model and LoRAs")
+    model.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}: {MODEL_HELP}")
+    add_lora_options(model)
+    model.add_argument(
+        "--accelerator",
+        choices=list(ACCELERATORS),
+        help="stack a step-distillation LoRA and sample as it was trained (4-8 steps, no guidance); default none",
+    )
+
+    what = gen.add_argument_group("what to generate")
+    what.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="what to avoid; default: the model's own (Wan's reference negative prompt). "
+        "Give --negative-prompt '' for none",
+    )
+    what.add_argument(
+        "--image", metavar="PATH", help="start image for image-to-video models (i2v, ti2v-5b); default none"
+    )
+    what.add_argument("--last-image", metavar="PATH", help="end image, for first-last-frame models; default none")
+    what.add_argument(
         "--resize",
         choices=RESIZE_MODES,
         default="fit",
-        help="how the image meets the frame: fit (crop), pad (letterbox) or stretch; default fit",
+        help="how the image meets a size you ask for: fit (crop), pad (letterbox) or stretch; default fit",
     )
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--resolution", choices=RESOLUTIONS)
-    gen.add_argument("--aspect-ratio", choices=ASPECT_RATIOS)
-    gen.add_argument("--width", type=int, help="overrides the preset; give --height too")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--frames", type=int, help="4k+1 frames, 5 to 81 (default 81; 121 on ti2v-5b)")
-    gen.add_argument("--fps", type=int, help="frames per second, 1 to 60 (default 16; 24 on ti2v-5b)")
-    gen.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps, 1 to 100")
-    gen.add_argument("--guidance", type=float, dest="guidance_scale", help="classifier-free guidance scale, 0 to 20")
-    gen.add_argument(
+    what.add_argument("--resolution", choices=RESOLUTIONS, help="default: the model's first (480p; 720p on ti2v-5b)")
+    what.add_argument(
+        "--aspect-ratio", choices=ASPECT_RATIOS, help="default 16:9, or the image's own aspect with --image"
+    )
+    for side, other in (("width", "height"), ("height", "width")):
+        what.add_argument(
+            f"--{side}",
+            type=int,
+            metavar=side[0].upper(),
+            help=f"frame {side}, a multiple of 16 (32 on ti2v-5b), with --{other}; default the preset's",
+        )
+    what.add_argument(
+        "--frames",
+        type=int,
+        dest="num_frames",
+        metavar="N",
+        help=f"4k+1 frames, {MIN_FRAMES} to 81 (121 on ti2v-5b); default the model's, 81 or 121",
+    )
+    what.add_argument(
+        "--fps", type=int, metavar="N", help=f"frames per second, 1 to {MAX_FPS}; default the model's, 16 or 24"
+    )
+
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument(
+        "--steps",
+        type=int,
+        dest="num_inference_steps",
+        metavar="N",
+        help=f"denoising steps, 1 to {MAX_STEPS}; default the model's (50; 40 for i2v and A14B)",
+    )
+    sampling.add_argument(
+        "--guidance",
+        type=float,
+        dest="guidance_scale",
+        metavar="G",
+        help=f"classifier-free guidance, 0 to {MAX_GUIDANCE:g}; default the model's (5; "
+        "A14B's high-noise expert 4, or 3.5 with an image)",
+    )
+    sampling.add_argument(
         "--guidance-2",
         type=float,
         dest="guidance_scale_2",
-        help="the low-noise expert's guidance on Wan2.2 A14B (default: the model's, or --guidance)",
+        metavar="G",
+        help="the low-noise expert's guidance on Wan2.2 A14B; default the model's (3, or 3.5 "
+        "with an image), or --guidance when given",
     )
-    gen.add_argument(
+    sampling.add_argument(
         "--shift",
         type=float,
         dest="flow_shift",
-        help="flow shift (default: the model's; Wan2.1's 3 at 480p, 5 at 720p)",
+        metavar="S",
+        help="flow shift; default the model's (Wan2.1 T2V 5, I2V 3 at 480p and 5 at 720p; "
+        "Wan2.2 T2V-A14B 12, others 5)",
     )
-    gen.add_argument("--seed", type=int, help="the same seed gives the same video (default: random)")
-    gen.add_argument(
-        "--quality",
-        type=int,
-        default=DEFAULT_QUALITY,
-        help=f"MP4 quality {QUALITY_RANGE[0]} to {QUALITY_RANGE[1]}, higher is better "
-        f"(default {DEFAULT_QUALITY}: H.264 CRF 18)",
-    )
-    gen.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda when available)")
-    gen.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
-    gen.add_argument(
+    sampling.add_argument("--seed", type=int, metavar="N", help="default random; the seed used is in the MP4's tags")
+    sampling.add_argument(
         "--fast-mode",
         choices=FAST_MODES,
         default="off",
-        help="skip transformer work on steps that change little (First Block Cache)",
+        help="skip transformer work on steps that change little (First Block Cache); default off",
     )
-    gen.add_argument(
-        "--accelerator",
-        choices=list(ACCELERATORS),
-        help="stack a step-distillation LoRA and sample as it was trained (4-8 steps, no CFG)",
+
+    speed = gen.add_argument_group("device, speed and memory")
+    speed.add_argument("--device", help="cpu, cuda or cuda:N; default cuda when there is a GPU")
+    speed.add_argument(
+        "--attention",
+        default="auto",
+        choices=ATTENTION_CHOICES,
+        help="attention kernel; default auto (xformers on CUDA when installed, else SDPA)",
     )
-    gen.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU)")
-    gen.add_argument("--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two")
-    gen.add_argument(
+    speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU); default off")
+    speed.add_argument(
+        "--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two; default off"
+    )
+    speed.add_argument(
         "--offload",
         choices=OFFLOAD_MODES,
         default="auto",
-        help="save GPU memory: experts (only the working Wan2.2 A14B expert on the GPU; what auto picks for "
-        "A14B on a GPU), model (components on demand) or group (blocks streamed)",
+        help="save GPU memory: experts (one Wan2.2 A14B expert on the GPU at a time), model "
+        "(components on demand) or group (blocks streamed); default auto: experts for A14B on a "
+        "GPU, else none",
     )
-    gen.add_argument(
+
+    gpus = gen.add_argument_group("several GPUs")
+    gpus.add_argument(
         "--gpus",
         type=int,
         metavar="N",
         help="split each video across N processes, one per GPU (N CPU processes without CUDA); "
-        "under torchrun, its process count decides",
+        "default 1, or torchrun's process count",
     )
-    gen.add_argument("--ulysses", type=int, metavar="U", help="Ulysses degree (default: the most the heads allow)")
-    gen.add_argument("--ring", type=int, metavar="R", help="ring-attention degree (default: what Ulysses leaves)")
-    gen.add_argument(
-        "--cfg-parallel", action="store_true", help="run the two guidance passes on two halves of the processes"
+    gpus.add_argument("--ulysses", type=int, metavar="U", help="Ulysses degree; default the most the heads allow")
+    gpus.add_argument("--ring", type=int, metavar="R", help="ring-attention degree; default what Ulysses leaves")
+    gpus.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="run the two guidance passes on two halves of the processes; default off",
     )
-    gen.add_argument("-o", "--output", help="the MP4 to write (default: wanlora-SEED.mp4)")
 
-    tiny = commands.add_parser("tiny-model", help="write a tiny random Wan model in the diffusers layout")
-    tiny.add_argument("dir")
+    out = gen.add_argument_group("output")
+    out.add_argument("-o", "--output", metavar="OUT.mp4", help="the MP4 to write; default wanlora-SEED.mp4")
+    lowest, highest = QUALITY_RANGE
+    out.add_argument(
+        "--quality",
+        type=int,
+        default=DEFAULT_QUALITY,
+        metavar="Q",
+        help=f"MP4 quality {lowest} to {highest}, higher is better; default {DEFAULT_QUALITY} (H.264 CRF 18)",
+    )
+
+
+def add_tiny_model(commands, verbose: argparse.ArgumentParser) -> None:
+    tiny = commands.add_parser("tiny-model", parents=[verbose], help="write a tiny random Wan model (diffusers layout)")
+    tiny.add_argument("dir", metavar="DIR", help="a new or empty folder")
     tiny.add_argument(
         "--kind",
         choices=list(TINY_KINDS),
         default="t2v",
-        help="the variant it stands in for: t2v (Wan2.1), i2v (Wan2.1, with a tiny CLIP), t2v-a14b and i2v-a14b "
-        "(Wan2.2, two experts), ti2v-5b (Wan2.2's VAE)",
+        help="the variant it stands in for: t2v (Wan2.1, the default), i2v (Wan2.1, with a tiny CLIP), "
+        "t2v-a14b and i2v-a14b (Wan2.2, two experts), ti2v-5b (Wan2.2's VAE)",
     )
     tiny.add_argument("--i2v", action="store_const", const="i2v", dest="kind", help="the same as --kind i2v")
 
-    lora = commands.add_parser("lora", help="inspect LoRA files or bake them into a model")
+
+def add_lora(commands, verbose: argparse.ArgumentParser) -> None:
+    lora = commands.add_parser("lora", parents=[verbose], help="inspect LoRA files or bake them into a model")
     lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=OneLineParser)
-    fetch = lora_commands.add_parser("fetch", help="download and verify a LoRA; print its local path")
-    fetch.add_argument("ref", help=REF_HELP)
-    inspect = lora_commands.add_parser("inspect", help="show a LoRA's layout, ranks, targets and trigger words")
-    inspect.add_argument("ref", help=REF_HELP)
-    inspect.add_argument("--model", help="also check coverage against this base model: " + MODEL_HELP)
-    inspect.add_argument("--json", action="store_true", help="print JSON")
-    merge = lora_commands.add_parser("merge", help="write a diffusers-layout model with LoRAs baked in")
+    fetch = lora_commands.add_parser("fetch", parents=[verbose], help="download and verify a LoRA; print its path")
+    fetch.add_argument("ref", metavar="REF", help=REF_HELP)
+    inspect = lora_commands.add_parser(
+        "inspect", parents=[verbose], help="show a LoRA's layout, ranks, targets, trigger words and fit"
+    )
+    inspect.add_argument("ref", metavar="REF", help=REF_HELP)
+    inspect.add_argument(
+        "--model", help="also say whether it fits this base model, and how much of it it changes: " + MODEL_HELP
+    )
+    inspect.add_argument("--json", action="store_true", help="print every detail as JSON")
+    merge = lora_commands.add_parser("merge", parents=[verbose], help="write a diffusers-layout model with LoRAs in it")
     merge.add_argument("--model", required=True, help=MODEL_HELP)
     add_lora_options(merge)
-    merge.add_argument("--out", required=True, help="a new (or empty) folder")
-    merge.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights dtype (default bf16)")
-    cache = commands.add_parser("cache", help="the LoRA download cache (WANLORA_CACHE)")
+    merge.add_argument("--out", dest="folder", metavar="DIR", required=True, help="a new or empty folder")
+    merge.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights dtype; default bf16")
+
+
+def add_cache(commands, verbose: argparse.ArgumentParser) -> None:
+    cache = commands.add_parser("cache", parents=[verbose], help="the LoRA download cache (WANLORA_CACHE)")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, parser_class=OneLineParser)
-    cache_commands.add_parser("list", help="show cached LoRAs, most recently used first")
-    cache_commands.add_parser("clear", help="delete every cached LoRA and unfinished download")
-    return parser
+    cache_commands.add_parser("list", parents=[verbose], help="show cached LoRAs, most recently used first")
+    cache_commands.add_parser("clear", parents=[verbose], help="delete every cached LoRA and unfinished download")
+
+
+def flag_names(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, str]:
+    """The library's field name -> the flag a person typed for it, for the command in `argv`."""
+    names = dict(LORA_FIELDS)
+    current = parser
+    while current is not None:
+        following = None
+        for action in current._actions:  # argparse keeps no public list of a parser's options
+            if action.option_strings:
+                names[action.dest] = max(action.option_strings, key=len)
+            elif isinstance(action, argparse._SubParsersAction):
+                following = next((action.choices[word] for word in argv if word in action.choices), None)
+            else:
+                names[action.dest] = action.metavar or action.dest.upper()
+        current = following
+    return names
+
+
+# ---------------------------------------------------------------------------- the commands
 
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
+    spec = resolve_model(args.model)
     options = {
         "negative_prompt": args.negative_prompt,
         "resolution": args.resolution,
         "aspect_ratio": args.aspect_ratio,
         "width": args.width,
         "height": args.height,
-        "num_frames": args.frames,
+        "num_frames": args.num_frames,
         "fps": args.fps,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
@@ -226,18 +364,22 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         "image": args.image,
         "last_image": args.last_image,
         "resize": args.resize,
-        "loras": requested_loras(args),
+        "loras": requested_loras(args, spec),
         "fast_mode": args.fast_mode,
         "accelerator": args.accelerator,
         "cfg_batch": args.cfg_batch,
     }
-    spec = resolve_model(args.model)
     request = resolve_request(spec, args.prompt, **options)  # everything is checked offline, first
-    from .devices import resolve_device
+    from .lora.fetch import check_reference, fetch_lora_files
     from .video import check_output, quality_to_crf
 
-    quality_to_crf(args.quality, "--quality")
+    for lora in request.loras:
+        check_reference(lora.ref)  # its form, and that a local file exists
+    quality_to_crf(args.quality, "quality")
     output = check_output(args.output or f"wanlora-{request.settings.seed}.mp4", "--output")
+    say("importing torch and diffusers")
+    from .devices import resolve_device
+
     parallel = check_parallel_args(args, spec, request.settings)
     if parallel is None:
         resolve_device(args.device)
@@ -245,16 +387,17 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     if identified != spec:
         options["seed"] = request.settings.seed
         spec, request = identified, resolve_request(identified, args.prompt, **options)
-    from .lora.fetch import fetch_lora_files
-
     for lora in request.loras:  # download and verify before the (slow) model load
+        say(f"fetching {lora.label}")
         fetch_lora_files(lora.ref)
     if parallel is not None and not launched_by_torchrun():
         from .launch import run_workers
 
         return run_workers(parallel.world_size, args.argv, quiet=not args.verbose)
+    quiet_library_bars()
     from .pipeline import WanLoraPipeline
 
+    say(f"loading {spec.name} ({spec.source})")
     pipe = WanLoraPipeline.from_pretrained(
         spec,
         device=args.device,
@@ -265,6 +408,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     )
     video = pipe.run(request)
     if video is not None:  # None on every rank but 0 of a parallel run
+        say(f"encoding {output}")
         print(video.save(output, quality=args.quality))
     return None
 
@@ -312,123 +456,100 @@ def plan_from_args(args: argparse.Namespace, spec: ModelSpec, world: int) -> Par
     return plan
 
 
-def cmd_tiny_model(args: argparse.Namespace) -> None:
-    from .tiny import write_tiny_model
+def quiet_library_bars() -> None:
+    """diffusers' and transformers' own bars (components, weights, shards): the CLI shows its own progress.
 
+    Downloads keep theirs: a model's tens of GB from the Hub take minutes.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # which turns the Hub's off too
+    enable_progress_bars()
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> None:
     target = Path(args.dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise InvalidInput("DIR", args.dir, "a new or empty folder")
+        raise InvalidInput("dir", args.dir, "a new or empty folder")
+    say("importing torch and diffusers")
+    quiet_library_bars()
+    from .tiny import write_tiny_model
+
     print(write_tiny_model(target, kind=args.kind))
 
 
-def describe_lora(ref: str, model: str | None) -> list[dict]:
-    """What `lora inspect` shows: one entry per file (two for a Wan2.2 pair)."""
-    from .lora.fetch import expert_of, fetch_lora_files
-    from .lora.formats import read_lora
-    from .lora.merge import fit_lora
-    from .lora.refs import display_ref
+def cmd_lora_inspect(args: argparse.Namespace) -> None:
+    from .lora.inspect import inspect_lora
 
-    params = None
-    if model:
+    transformer = None
+    if args.model:
+        say("importing torch and diffusers")
         from .pipeline import meta_transformer
 
-        params = dict(meta_transformer(resolve_model(model)).named_parameters())
-    infos = []
-    for role, fetched in fetch_lora_files(ref):
-        lora = read_lora(fetched.path, label=display_ref(ref))
-        info = {
-            "source": fetched.source,
-            "path": str(fetched.path),
-            "layout": lora.layout,
-            "tensors": lora.tensor_count,
-            "parameters": len(lora.deltas),
-            "ranks": lora.ranks,
-            "alphas": lora.alphas,
-            "delta_kinds": sorted({d.kind for d in lora.deltas.values()}),
-            "targets": lora.module_kinds,
-            "base_model": lora.base_model_hint(),
-            "expert": role if role != "both" else expert_of(fetched.path),  # None: its name does not say
-            "trigger_words": fetched.trigger_words,
-        }
-        if params is not None:
-            fit = fit_lora(lora, params)
-            blocks = {name.split(".")[1] for name in fit.deltas if name.startswith("blocks.")}
-            linears = [
-                n for n, p in params.items() if n.endswith(".weight") and p.dim() == 2 and n.startswith("blocks.")
-            ]
-            info["coverage"] = {
-                "model": model,
-                "parameters_changed": len(fit.deltas),
-                "block_linears_changed": sum(1 for n in linears if n in fit.deltas),
-                "block_linears_total": len(linears),
-                "blocks_touched": len(blocks),
-                "blocks_total": sum(1 for n in params if n.endswith("attn1.to_q.weight")),
-                "skipped_image_parts": fit.skipped,
-            }
-        infos.append(info)
-    return infos
-
-
-def cmd_lora_inspect(args: argparse.Namespace) -> None:
-    infos = describe_lora(args.ref, args.model)
+        transformer = meta_transformer(resolve_model(args.model))
+    reports = inspect_lora(args.ref, transformer, args.model or "the model")
     if args.json:
-        print(json.dumps(infos[0] if len(infos) == 1 else infos, indent=2))
+        dicts = [report.as_dict() for report in reports]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))
         return
-    for number, info in enumerate(infos):
+    for number, report in enumerate(reports):
         if number:
             print()
         rows = [
-            ("source", info["source"]),
-            ("file", info["path"]),
-            ("layout", info["layout"]),
-            ("tensors", f"{info['tensors']} ({info['parameters']} parameters changed)"),
-            ("ranks", ", ".join(map(str, info["ranks"])) or "-"),
-            ("alpha", ", ".join(f"{a:g}" for a in info["alphas"]) or "-"),
-            ("deltas", ", ".join(info["delta_kinds"])),
-            ("targets", ", ".join(info["targets"])),
-            ("made for", info["base_model"]),
-            ("expert", f"the {info['expert']}-noise expert (Wan2.2 A14B)" if info["expert"] else "not said"),
-            ("trigger words", ", ".join(info["trigger_words"]) or "none found"),
+            ("source", report.source),
+            ("file", report.path),
+            ("layout", report.layout),
+            ("tensors", f"{report.tensors} ({report.parameters} parameters changed)"),
+            ("ranks", ", ".join(map(str, report.ranks)) or "-"),
+            ("alpha", ", ".join(f"{a:g}" for a in report.alphas) or "-"),
+            ("deltas", ", ".join(report.delta_kinds)),
+            ("targets", ", ".join(report.targets)),
+            ("made for", report.base_model),
+            ("expert", f"the {report.expert}-noise expert (Wan2.2 A14B)" if report.expert else "not said"),
+            ("trigger words", ", ".join(report.trigger_words) or "none found"),
         ]
-        if "coverage" in info:
-            c = info["coverage"]
+        c = report.coverage
+        if c is not None and not c.fits:
+            count = len(c.missing) + len(c.misfit)
+            rows.append((args.model, f"{c.verdict} (--json lists the {count} parameter{'s' * (count != 1)})"))
+        elif c is not None:
             rows.append(
                 (
                     "coverage",
-                    f"{c['block_linears_changed']}/{c['block_linears_total']} block linears in "
-                    f"{c['blocks_touched']}/{c['blocks_total']} blocks of {c['model']}",
+                    f"{c.block_linears_changed}/{c.block_linears_total} block linears in "
+                    f"{c.blocks_touched}/{c.blocks_total} blocks of {c.model}",
                 )
             )
-            if c["skipped_image_parts"]:
-                rows.append(("skipped", f"{len(c['skipped_image_parts'])} image-branch parameters"))
+            if c.skipped_image_parts:
+                rows.append(("skipped", f"{len(c.skipped_image_parts)} image-branch parameters"))
         for key, value in rows:
             print(f"{key:>14}: {value}")
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
-    import torch
-
     from .lora.selection import parse_requests
-    from .pipeline import WanLoraPipeline
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidInput("--out", args.out, "a new or empty folder")
-    loras = parse_requests(requested_loras(args))
+    spec = resolve_model(args.model)
+    loras = parse_requests(requested_loras(args, spec))
     if not loras:
         raise InvalidInput("--lora", None, "at least one --lora, --lora-high or --lora-low to bake in")
+    out = Path(args.folder)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInput("folder", args.folder, "a new or empty folder")
+    say("importing torch and diffusers")
+    quiet_library_bars()
+    import torch
+
+    from .pipeline import WanLoraPipeline
+
+    say(f"loading {spec.name} ({spec.source})")
     pipe = WanLoraPipeline.from_pretrained(args.model, device="cpu", dtype=getattr(torch, DTYPES[args.dtype]))
     pipe.set_loras(loras)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.diffusers_pipeline.save_pretrained(staging, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(out)
+    say(f"writing {out}")
+    print(pipe.save_merged(out))
 
 
 def cmd_lora_fetch(args: argparse.Namespace) -> None:
@@ -475,8 +596,10 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv  # what `--gpus` hands to each worker
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         stream=sys.stderr,
@@ -495,6 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     speaks = process_rank() == 0  # the ranks of a parallel run fail alike: say it once
     try:
         return handler(args) or 0
+    except InvalidInput as exc:
+        if speaks:
+            print(f"wanlora: error: {exc.renamed(flag_names(parser, argv))}", file=sys.stderr)
+        return 2
     except WanLoraError as exc:
         if speaks:
             print(f"wanlora: error: {exc}", file=sys.stderr)

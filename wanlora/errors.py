@@ -7,20 +7,35 @@ references are shown without their tokens, and tokens never.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class WanLoraError(Exception):
     """Base class for every error a user can cause."""
 
 
 class InvalidInput(WanLoraError, ValueError):
-    """A generation or CLI argument (or an environment variable) is out of range or malformed."""
+    """A generation or CLI argument (or an environment variable) is out of range, malformed or missing.
+
+    `field` is the library's name for it; each front end shows its own (`renamed`): the CLI
+    the flag that was typed, the predictor its input.
+    """
 
     def __init__(self, field: str, value: object, allowed: str) -> None:
         self.field, self.value, self.allowed = field, value, allowed
+        if value is None:
+            super().__init__(f"{field} is missing: {allowed}")
+            return
         shown = repr(value)
         if len(shown) > 200:
             shown = shown[:200] + "..."
         super().__init__(f"{field}={shown} is not allowed: {allowed}")
+
+    def renamed(self, names: Mapping[str, str]) -> InvalidInput:
+        """The same error under a front end's name for the field (itself when `names` has none)."""
+        if self.field not in names:
+            return self
+        return InvalidInput(names[self.field], self.value, self.allowed)
 
     def __reduce__(self):  # to cross process boundaries (parallel workers) intact
         return type(self), (self.field, self.value, self.allowed)

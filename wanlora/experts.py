@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,8 +58,8 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
             for name in aimed if role == "both" else [role] if role in aimed else []:
                 chosen[name].append(Chosen(request, lora))
         if len(files) > 1:
-            logger.info("%s is a Wan2.2 pair: %s", request.label,
-                        "; ".join(f"{lora.label} on {WORDS[role]}" for role, lora in files))  # fmt: skip
+            placed = ", ".join(f"{Path(lora.path).name} on {WORDS[role]}" for role, lora in files)
+            logger.info("%s is a Wan2.2 pair: %s", request.label, placed)
     return chosen
 
 

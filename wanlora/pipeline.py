@@ -13,6 +13,7 @@ Example (offline, with the tiny random model):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from tqdm import tqdm
 
 from . import __version__
 from .accelerators import accelerator_refs, fixed_timestep_scheduler
@@ -33,7 +35,7 @@ from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, sched
 from .fastmode import apply_fast_mode
 from .guidance import BatchedGuidance
 from .hub import download_model
-from .images import resize_image
+from .images import ImageInput, resize_image
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
 from .lora.selection import LoraRequest, check_targets, parse_requests
@@ -41,7 +43,8 @@ from .lora.state import apply_together
 from .memory import ExpertSwitch, place, resolve_offload, set_vae_tiling
 from .models import TINY_NAMES, ModelSpec, identify_model
 from .parallel import ParallelPlan
-from .request import Request, resolve_request
+from .request import Request, refuse_unknown, resolve_request
+from .staging import staged_folder
 from .tiny import tiny_pipeline
 from .video import Video
 
@@ -224,6 +227,20 @@ class WanLoraPipeline:
             self._set_loras(previous, credentials)
         raise failure
 
+    def save_merged(self, folder: str | os.PathLike) -> Path:
+        """Write this model, with its current LoRAs baked into the weights, as a diffusers-layout folder.
+
+        The folder appears only once complete: it is written beside its final name and then
+        renamed, and a failure (SIGTERM included) leaves nothing behind. It must be new or empty.
+        """
+        target = Path(folder)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise InvalidInput("folder", str(folder), "a new or empty folder")
+        with staged_folder(target) as staging:
+            self.diffusers_pipeline.save_pretrained(staging, safe_serialization=True)
+        logger.info("wrote %s with %d LoRA(s) merged", target, len(self.active_loras))
+        return target
+
     def _set_loras(self, requests: list[LoraRequest], credentials: Credentials | None) -> None:
         check_targets(requests, self.spec.experts, self.spec.name)
         credentials = credentials or Credentials()
@@ -236,12 +253,13 @@ class WanLoraPipeline:
             return
         seconds = time.perf_counter() - started
         for request, files in loaded:
-            for _, lora in files:
+            aimed = "" if request.expert == "both" else f" on the {request.expert}-noise expert"
+            for role, lora in files:
                 logger.info(
                     "applied %s at strength %s%s: %s, rank %s, %d tensors, trigger words: %s (merge %.2fs)",
-                    lora.label,
+                    lora.label,  # a pair's file says its expert in its label already
                     request.strength,
-                    "" if request.expert == "both" else f" on the {request.expert}-noise expert",
+                    aimed if role == "both" else "",
                     lora.layout,
                     "/".join(map(str, lora.ranks)) or "-",
                     len(lora.deltas),
@@ -252,23 +270,46 @@ class WanLoraPipeline:
             logger.info("LoRAs removed: base weights restored (%.2fs)", seconds)
 
     def generate(
-        self, prompt: str, *, credentials: Credentials | None = None, progress: bool = True, **options: Any
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        image: ImageInput | None = None,
+        last_image: ImageInput | None = None,
+        resize: str = "fit",
+        resolution: str | None = None,
+        aspect_ratio: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_frames: int | None = None,
+        fps: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
+        flow_shift: float | None = None,
+        seed: int | None = None,
+        loras: Sequence | None = None,
+        fast_mode: str = "off",
+        accelerator: str | None = None,
+        cfg_batch: bool = False,
+        credentials: Credentials | None = None,
+        progress: bool = True,
+        **unknown: Any,
     ) -> Video | None:
         """Generate a video. Every argument is checked before any work starts.
 
-        Options (see `wanlora.request.resolve_request`), in diffusers' names: negative_prompt,
-        resolution, aspect_ratio, width, height, num_frames, fps, num_inference_steps,
-        guidance_scale, flow_shift, seed, image, last_image, resize, loras, fast_mode,
-        accelerator, cfg_batch. Unset ones take the model's defaults (Wan's: 81 frames at 16
-        fps, 50 steps, guidance 5, flow shift 3 at 480p and 5 at 720p). `seed=None` picks a
-        random seed, reported in `Video.seed`. `loras` replaces the current LoRA set for this
-        call and the ones after it; `None` keeps the current set. `fast_mode` ("off",
-        "balanced", "fast") skips transformer work on steps that change little (First Block
-        Cache).
+        Arguments use diffusers' names. Left unset, each takes this model's own default from
+        its reference configs (`pipe.spec`): frames and fps, steps, guidance (Wan2.2 A14B:
+        `guidance_scale` for the high-noise expert, `guidance_scale_2` for the low-noise
+        one), flow shift and negative prompt. `seed=None` picks a random seed, reported in
+        `Video.seed`. `loras` replaces the current LoRA set for this call and the ones after
+        it; `None` keeps the current set. `fast_mode` ("off", "balanced", "fast") skips
+        transformer work on steps that change little (First Block Cache).
 
         Image-to-video models need `image` (a path, PIL image or uint8 array), and take an
-        optional `last_image` to end on. Without an explicit size, the preset whose aspect
-        is nearest the image's is used; `resize` brings the image to it: "fit" (scale and
+        optional `last_image` to end on. Without an explicit size, the frame keeps the
+        image's aspect at the resolution's pixel area, as the reference code does; with a
+        size or `aspect_ratio`, `resize` brings the image to it: "fit" (scale and
         center-crop), "pad" (scale and letterbox) or "stretch".
 
         `accelerator` ("lightx2v-4step", "causvid") stacks a step-distillation LoRA on the
@@ -281,7 +322,9 @@ class WanLoraPipeline:
         In a parallel run (see `from_pretrained`) every rank calls this with the same
         arguments; rank 0's seed is used everywhere, and only rank 0 gets the Video.
         """
-        return self.run(resolve_request(self.spec, prompt, **options), credentials, progress)
+        options = {k: v for k, v in locals().items() if k not in ("self", "credentials", "progress", "unknown")}
+        refuse_unknown(unknown, options, "WanLoraPipeline.generate()")
+        return self.run(resolve_request(self.spec, **options), credentials, progress)
 
     def run(self, request: Request, credentials: Credentials | None = None, progress: bool = True) -> Video | None:
         """Generate from a request `wanlora.request.resolve_request` made for this pipeline's model."""
@@ -354,7 +397,9 @@ class WanLoraPipeline:
         steps = expert_steps(pipeline.scheduler, settings.num_inference_steps, self.spec.boundary_ratio,
                              self.spec.experts)  # fmt: skip
         main = self.parallel is None or self.parallel.is_main
-        pipeline.set_progress_bar_config(disable=not (progress and main), desc="denoising", leave=False)
+        pipeline.set_progress_bar_config(disable=True)  # wanlora's own bar instead, below
+        shown = progress and main
+        bar = tqdm(total=settings.num_inference_steps, desc="denoising", unit="step", leave=False, disable=not shown)
         logger.info(
             "generating seed=%d %dx%d %d frames, %d steps",
             settings.seed,
@@ -374,11 +419,12 @@ class WanLoraPipeline:
             guidance_scale=settings.guidance_scale,
             generator=torch.Generator("cpu").manual_seed(settings.seed),
             output_type="np" if main else "latent",  # only rank 0 decodes
-            callback_on_step_end=schedule_callback(self.experts, steps),
+            callback_on_step_end=step_callback(schedule_callback(self.experts, steps), bar),
             **({"guidance_scale_2": settings.guidance_scale_2} if settings.guidance_scale_2 is not None else {}),
             **conditioning,
         )
         seconds = time.perf_counter() - started
+        bar.close()
         if not main:
             return None
         frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
@@ -405,6 +451,18 @@ class WanLoraPipeline:
             "loras": [r.describe() for r in self.active_loras],
             "wanlora": __version__,
         }
+
+
+def step_callback(schedule, bar: tqdm):
+    """diffusers' callback_on_step_end: the strength schedule's re-merges (if any), then one tick of the bar."""
+
+    def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if schedule is not None:
+            tensors = schedule(pipeline, step, timestep, tensors)
+        bar.update()
+        return tensors
+
+    return on_step_end
 
 
 def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:

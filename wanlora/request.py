@@ -7,8 +7,10 @@ reading the conditioning images.
 
 from __future__ import annotations
 
+import difflib
 import math
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,21 +74,38 @@ class Request:
     cfg_batch: bool
 
 
+RENAMED = {"steps": "num_inference_steps", "shift": "flow_shift"}  # wanlora 0.1's names
+
+
+def refuse_unknown(options: Mapping[str, object], known: Iterable[str], where: str) -> None:
+    """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one."""
+    known = list(known)
+    words = {word: full for full in reversed(known) for word in full.split("_")} | {full: full for full in known}
+    for name, value in options.items():
+        if name in RENAMED:
+            raise InvalidInput(name, value, f"renamed in wanlora 0.2: use {RENAMED[name]}")
+        near = difflib.get_close_matches(name, words, n=1, cutoff=0.6)  # "shfit" is near flow_shift's "shift"
+        hint = f"did you mean {words[near[0]]}?" if near else f"it takes {', '.join(known)}"
+        raise InvalidInput(name, value, f"not an option of {where}; {hint}")
+
+
 def _require_int(field: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(field, value, "a whole number")
     return value
 
 
-def _require_number(field: str, value: object) -> float:
+def _number_in(field: str, value: object, low: float, high: float) -> float:
+    """`value` as a float, refused (as it was given) unless a finite number in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(field, value, "a finite number")
+    _in_range(field, value, low, high)
     return float(value)
 
 
 def _in_range(field: str, value, low, high) -> None:
     if not low <= value <= high:
-        raise InvalidInput(field, value, f"between {low} and {high}")
+        raise InvalidInput(field, value, f"between {low:g} and {high:g}")
 
 
 def _check_text(field: str, value: object, required: bool) -> str:
@@ -159,21 +178,21 @@ def resolve_settings(
     )
     _in_range("num_inference_steps", steps, 1, MAX_STEPS)
 
-    guidance = _require_number("guidance_scale", spec.default_guidance if guidance_scale is None else guidance_scale)
-    _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
+    guidance = spec.default_guidance if guidance_scale is None else guidance_scale
+    guidance = _number_in("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
     if spec.boundary_ratio is None and guidance_scale_2 is not None:
         raise InvalidInput("guidance_scale_2", guidance_scale_2, f"left out: {spec.name} has one transformer")
     guidance_2 = None
     if spec.boundary_ratio is not None:
         default_2 = spec.default_guidance_2 if guidance_scale is None else guidance
-        guidance_2 = _require_number("guidance_scale_2", default_2 if guidance_scale_2 is None else guidance_scale_2)
-        _in_range("guidance_scale_2", guidance_2, 0.0, MAX_GUIDANCE)
+        guidance_2 = default_2 if guidance_scale_2 is None else guidance_scale_2
+        guidance_2 = _number_in("guidance_scale_2", guidance_2, 0.0, MAX_GUIDANCE)
         if guidance <= 1 < guidance_2:  # diffusers runs the unconditional pass only for guidance_scale > 1
             raise InvalidInput("guidance_scale_2", guidance_2, "at most 1 when guidance_scale is 1 or less: "
                                "the unconditional pass runs only when the high-noise expert is guided")  # fmt: skip
 
-    shift = _require_number("flow_shift", spec.default_shift(width, height) if flow_shift is None else flow_shift)
-    _in_range("flow_shift", shift, MIN_SHIFT, MAX_SHIFT)
+    shift = spec.default_shift(width, height) if flow_shift is None else flow_shift
+    shift = _number_in("flow_shift", shift, MIN_SHIFT, MAX_SHIFT)
 
     seed = secrets.randbelow(2**32) if seed is None else _require_int("seed", seed)
     _in_range("seed", seed, 0, MAX_SEED)
@@ -276,7 +295,8 @@ def resolve_request(
         **settings,
     )
     requests = None if loras is None else tuple(parse_requests(loras))
-    check_targets(list(requests or ()), spec.experts, spec.name)
+    if spec.identified:  # a Hub repo's experts are known once its config has been read
+        check_targets(list(requests or ()), spec.experts, spec.name)
     return Request(
         spec=spec,
         settings=resolved,

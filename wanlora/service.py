@@ -41,6 +41,12 @@ FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
 ACCELERATORS = {"none": None, "lightx2v-4step": "lightx2v-4step", "causvid": "causvid"}
 WIDTH_CHOICES = {1536: ("1.3b",), 3072: ("2.2-5b",), 5120: ("14b", "2.2-a14b")}  # LoRA width -> models it fits
 DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
+INPUT_NAMES = {  # the library's names -> the predictor's inputs, for its error messages
+    "num_inference_steps": "sample_steps",
+    "guidance_scale": "sample_guide_scale",
+    "guidance_scale_2": "sample_guide_scale_2",
+    "flow_shift": "sample_shift",
+}
 
 
 @dataclass
@@ -225,24 +231,27 @@ class VideoService:
         if sample_guide_scale_2 is not None and len(spec.experts) == 1:
             raise InvalidInput("sample_guide_scale_2", sample_guide_scale_2,
                                "empty: only model=2.2-a14b has a second expert; use sample_guide_scale")  # fmt: skip
-        request = resolve_request(
-            spec,
-            prompt,
-            negative_prompt=negative_prompt,
-            image=image,
-            resolution=None if model in ONE_SIZE_CHOICES else resolution,
-            aspect_ratio=None if image is not None else aspect_ratio,  # an image's own aspect decides
-            num_frames=num_frames,
-            fps=fps,
-            num_inference_steps=sample_steps,
-            guidance_scale=sample_guide_scale,
-            guidance_scale_2=sample_guide_scale_2,
-            flow_shift=sample_shift,
-            seed=seed,
-            fast_mode=_choice("fast_mode", fast_mode, FAST_MODES),
-            accelerator=accelerator,
-            loras=loras,
-        )
+        try:
+            request = resolve_request(
+                spec,
+                prompt,
+                negative_prompt=negative_prompt,
+                image=image,
+                resolution=None if model in ONE_SIZE_CHOICES else resolution,
+                aspect_ratio=None if image is not None else aspect_ratio,  # an image's own aspect decides
+                num_frames=num_frames,
+                fps=fps,
+                num_inference_steps=sample_steps,
+                guidance_scale=sample_guide_scale,
+                guidance_scale_2=sample_guide_scale_2,
+                flow_shift=sample_shift,
+                seed=seed,
+                fast_mode=_choice("fast_mode", fast_mode, FAST_MODES),
+                accelerator=accelerator,
+                loras=loras,
+            )
+        except InvalidInput as exc:
+            raise exc.renamed(INPUT_NAMES) from None
         if isinstance(output_quality, bool) or not isinstance(output_quality, int):
             raise InvalidInput("output_quality", output_quality, "a whole number between 0 and 100")
         credentials = Credentials(hf_token=hf_api_token or None, civitai_token=civitai_api_token or None,

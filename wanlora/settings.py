@@ -19,7 +19,7 @@ from .errors import InvalidInput
 
 # ---------------------------------------------------------------------------- generation limits
 
-MIN_SIDE, MAX_SIDE = 16, 1920  # pixels; sides are multiples of 16
+MIN_SIDE, MAX_SIDE = 16, 1920  # pixels; each model sets the multiple (16, or 32 on Wan2.2 TI2V-5B)
 MIN_FRAMES = 5  # the most frames is the model's own (81 for Wan2.1)
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0

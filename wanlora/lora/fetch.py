@@ -94,6 +94,15 @@ def fetch_lora_files(ref: str, credentials: Credentials | None = None, cache: Lo
     return in_background(lambda: _fetch_remote(source, label, credentials, cache or LoraCache()), label)
 
 
+def check_reference(ref: str, credentials: Credentials | None = None) -> Source:
+    """`ref` parsed, and a local file or folder it names found, without reading or downloading anything."""
+    credentials = credentials or Credentials()
+    source = parse_ref(ref, credentials.local_files)
+    if source.kind == "local":
+        local_files(source.path, display_ref(ref))
+    return source
+
+
 def fetch_lora(ref: str, credentials: Credentials | None = None, cache: LoraCache | None = None) -> FetchedLora:
     """The one LoRA file `ref` names; a Wan2.2 pair is an error that says so."""
     files = fetch_lora_files(ref, credentials, cache)

@@ -67,15 +67,7 @@ class LoraLoader:
             label = display_ref(ref) + ("" if role == "both" else f" ({role}-noise expert)")
             lora = read_lora(fetched.path, label=label)
             lora.trigger_words = fetched.trigger_words
-            logger.info(
-                "LoRA %s: %s, rank %s, %d parameters, trigger words %s, fetched and read in %.2fs",
-                label,
-                lora.layout,
-                "/".join(map(str, lora.ranks)) or "-",
-                len(lora.deltas),
-                ", ".join(lora.trigger_words) or "none found",
-                time.perf_counter() - started,
-            )
+            logger.debug("read %s (%s) in %.2fs", label, lora.layout, time.perf_counter() - started)
             found.append(_Known(role, fetched, lora, identity))
         return found
 

@@ -44,11 +44,38 @@ Plan = dict[str, list[Term]]  # parameter name -> its terms
 
 @dataclass(frozen=True)
 class Fit:
-    """How one LoRA lands on one model: the deltas that apply, and the image-branch parts skipped and why."""
+    """How one LoRA lands on one model: the deltas that apply, the image-branch parts skipped and why,
+    and what does not fit (parameters the model lacks, shapes that differ)."""
 
     deltas: dict[str, Delta]
     skipped: list[str]
-    why_skipped: str = ""
+    why_skipped: str
+    missing: list[str]
+    misfit: list[str]
+    made_for: str  # the LoRA's base model, as far as its shapes tell
+    this_model: str  # this model's kind and width
+
+    @property
+    def fits(self) -> bool:
+        return not self.missing and not self.misfit
+
+    @property
+    def verdict(self) -> str:
+        """One short line: whether it fits, and if not, what it was made for."""
+        if self.fits:
+            return "fits"
+        return f"does not fit: made for {self.made_for}; {self.this_model}"
+
+    def mismatch(self, lora: LoraFile) -> LoraMismatch:
+        """The error for a LoRA that does not fit, naming the parameters that differ."""
+        if self.misfit:
+            message = _listing(
+                f"{lora.label} was made for {self.made_for}; {self.this_model}. Shapes differ", self.misfit
+            )
+        else:
+            message = _listing(f"{lora.label} (made for {self.made_for}) has deltas for parameters "
+                               f"{self.this_model} lacks", self.missing)  # fmt: skip
+        return LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
 
 
 def model_width(params: dict[str, torch.nn.Parameter]) -> int | None:
@@ -65,15 +92,14 @@ def model_kind(params: dict[str, torch.nn.Parameter]) -> str:
     return {36: "Wan2.2 image-to-video", 48: "Wan2.2 TI2V"}.get(channels, "text-to-video")
 
 
-def fit_lora(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
-    """Check every delta of `lora` against the model's parameters.
+def check_fit(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
+    """How every delta of `lora` meets the model's parameters; nothing raises.
 
     Image-branch parts (Wan2.1 I2V's `add_k_proj`, `image_embedder`, ...) on a model without
     that branch are skipped, with the reason (the caller warns); any other missing target or
-    wrong shape is a `LoraMismatch` that names the base model the LoRA was made for.
+    wrong shape makes the LoRA not fit.
     """
     kind = model_kind(params)
-    this_model = f"this model ({kind}) has dim {model_width(params)}"
     deltas, skipped, missing, misfit = {}, [], [], []
     for name, delta in lora.deltas.items():
         param = params.get(name)
@@ -83,19 +109,21 @@ def fit_lora(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
             misfit.append(f"{name} {tuple(delta.dense_shape())} vs {tuple(param.shape)}")
         else:
             deltas[name] = delta
-    made_for = lora.base_model_hint()
-    if misfit:
-        message = _listing(f"{lora.label} was made for {made_for}; {this_model}. Shapes differ", misfit)
-        raise LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
-    if missing:
-        message = _listing(f"{lora.label} (made for {made_for}) has deltas for parameters {this_model} lacks", missing)
-        raise LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
     why = (
         "Wan2.2 image-to-video takes the image through its latents and has no image branch"
         if kind == "Wan2.2 image-to-video"
         else f"this {kind} model has no image branch"
     )
-    return Fit(deltas, skipped, why if skipped else "")
+    this_model = f"this model ({kind}) has dim {model_width(params)}"
+    return Fit(deltas, skipped, why if skipped else "", missing, misfit, lora.base_model_hint(), this_model)
+
+
+def fit_lora(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
+    """`check_fit`, raising a `LoraMismatch` that names the base model when the LoRA does not fit."""
+    fit = check_fit(lora, params)
+    if not fit.fits:
+        raise fit.mismatch(lora)
+    return fit
 
 
 class LoraMerger:

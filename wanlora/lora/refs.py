@@ -38,6 +38,7 @@ SECRET_QUERY = re.compile(
     re.IGNORECASE,
 )
 PATH_PREFIXES = ("/", "./", "../", "~", ".\\")
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".tar")
 SHOWN_CHARS = 300
 
 
@@ -85,7 +86,7 @@ def parse_ref(ref: str, local_files: bool = True) -> Source:
         raise LoraNotFound("the LoRA reference is empty")
     if len(text) > MAX_REF_CHARS:
         raise LoraNotFound(f"the LoRA reference is {len(text)} characters long; at most {MAX_REF_CHARS} are accepted")
-    if text.startswith(PATH_PREFIXES) or (local_files and _exists(text)):
+    if _looks_like_path(text) or (local_files and _names_something_here(text)):
         if not local_files:
             raise LoraNotFound(
                 f"{display_ref(text)} is a path; here a LoRA must come from a link or a Hugging Face, "
@@ -116,9 +117,19 @@ def parse_ref(ref: str, local_files: bool = True) -> Source:
     )
 
 
-def _exists(text: str) -> bool:
+def _looks_like_path(text: str) -> bool:
+    """A path by its form alone: a path prefix or separator, or a file name without an owner/repo before it."""
+    if "://" in text or text.lower().startswith("civitai:"):
+        return False
+    return (
+        text.startswith(PATH_PREFIXES) or "\\" in text or (text.lower().endswith(FILE_SUFFIXES) and text.count("/") < 2)
+    )
+
+
+def _names_something_here(text: str) -> bool:
+    """`text` exists here, or its first folder does: `models/x.safetensors` is a path, even a missing one."""
     try:
-        return Path(text).exists()
+        return Path(text).exists() or ("/" in text and Path(text.split("/", 1)[0]).is_dir())
     except (OSError, ValueError):  # too long for a file name, or a NUL in it
         return False
 
@@ -202,4 +213,4 @@ def resolve_local(path: Path) -> Path:
     """The local file a local reference names (a folder is wanlora.lora.fetch.local_files' business)."""
     if path.is_file():
         return path
-    raise LoraNotFound(f"{path} does not exist: give a path to a .safetensors LoRA file")
+    raise LoraNotFound(f"{path} does not exist: there is no such LoRA file here; check the path", str(path))

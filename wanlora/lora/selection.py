@@ -101,10 +101,8 @@ def check_targets(requests: list[LoraRequest], names: tuple[str, ...], model: st
     """Refuse a request aimed at an expert the model does not have."""
     for request in requests:
         if request.expert != "both" and request.expert not in names:
-            raise InvalidInput(
-                "lora", f"{request.label} on the {request.expert}-noise expert",
-                f"on every transformer: {model} has one, not Wan2.2 A14B's two experts",
-            )  # fmt: skip
+            raise InvalidInput("lora expert", request.expert, f"left out (or 'both') for {request.label}: {model} "
+                               "has one transformer, not Wan2.2 A14B's two experts")  # fmt: skip
 
 
 def strength_at(strength: Strength, phase: int) -> float:

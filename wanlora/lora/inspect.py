@@ -1,0 +1,105 @@
+"""What a LoRA is and how it lands on a model: a report, not an error, whether or not it fits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .fetch import Credentials, expert_of, fetch_lora_files
+from .formats import read_lora
+from .merge import check_fit
+from .refs import display_ref
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of one model a LoRA changes, and whether it fits that model at all."""
+
+    model: str
+    fits: bool
+    verdict: str  # "fits", or "does not fit: made for ...; this model ..."
+    parameters_changed: int
+    block_linears_changed: int
+    block_linears_total: int
+    blocks_touched: int
+    blocks_total: int
+    skipped_image_parts: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # parameters this model lacks
+    misfit: list[str] = field(default_factory=list)  # "name (lora shape) vs (model shape)"
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """One LoRA file: where it came from, its layout, and what it targets."""
+
+    source: str
+    path: str
+    layout: str
+    tensors: int
+    parameters: int
+    ranks: list[int]
+    alphas: list[float]
+    delta_kinds: list[str]
+    targets: list[str]
+    base_model: str
+    expert: str | None  # the Wan2.2 expert its name (or its pair) says, else None
+    trigger_words: list[str]
+    coverage: Coverage | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect_lora(
+    ref: str,
+    model: torch.nn.Module | None = None,
+    model_name: str = "the model",
+    credentials: Credentials | None = None,
+) -> list[FileReport]:
+    """Fetch and read `ref` (one file, or two for a Wan2.2 pair), and report on each file.
+
+    With `model` (any Wan transformer, on the meta device is enough) each report says whether
+    the LoRA fits it and how much of it the LoRA changes; a LoRA made for another model is a
+    report that says so, not an error.
+    """
+    params = dict(model.named_parameters()) if model is not None else None
+    reports = []
+    for role, fetched in fetch_lora_files(ref, credentials):
+        lora = read_lora(fetched.path, label=display_ref(ref))
+        reports.append(
+            FileReport(
+                source=fetched.source,
+                path=str(fetched.path),
+                layout=lora.layout,
+                tensors=lora.tensor_count,
+                parameters=len(lora.deltas),
+                ranks=lora.ranks,
+                alphas=lora.alphas,
+                delta_kinds=sorted({d.kind for d in lora.deltas.values()}),
+                targets=lora.module_kinds,
+                base_model=lora.base_model_hint(),
+                expert=role if role != "both" else expert_of(fetched.path),
+                trigger_words=fetched.trigger_words,
+                coverage=None if params is None else _coverage(lora, params, model_name),
+            )
+        )
+    return reports
+
+
+def _coverage(lora, params: dict[str, torch.nn.Parameter], model_name: str) -> Coverage:
+    fit = check_fit(lora, params)
+    linears = [n for n, p in params.items() if n.startswith("blocks.") and n.endswith(".weight") and p.dim() == 2]
+    return Coverage(
+        model=model_name,
+        fits=fit.fits,
+        verdict=fit.verdict,
+        parameters_changed=len(fit.deltas),
+        block_linears_changed=sum(1 for n in linears if n in fit.deltas),
+        block_linears_total=len(linears),
+        blocks_touched=len({name.split(".")[1] for name in fit.deltas if name.startswith("blocks.")}),
+        blocks_total=sum(1 for n in params if n.endswith("attn1.to_q.weight")),
+        skipped_image_parts=fit.skipped,
+        missing=fit.missing,
+        misfit=fit.misfit,
+    )
