@@ -48,11 +48,13 @@ class Predictor(BaseRunner):
             description="What the video shows. Include your LoRAs' trigger words: the log names them when the prompt has none."
         ),
         negative_prompt: str = Input(
-            description="What the video should avoid, e.g. blurry, distorted, static.", default=""
+            description="What the video should avoid, e.g. blurry, distorted, static. Empty: the model's own, as Wan's official code uses it (a Chinese list of flaws: oversaturated, overexposed, static, blurry details, subtitles, worst quality, JPEG artifacts, ugly, extra fingers, deformed limbs, cluttered background, walking backwards...). none: no negative prompt at all.",
+            default="",
         ),
         image: Path | None = Input(
-            description="A start image to animate (image-to-video). model=14b runs Wan2.1 I2V 14B (480p or 720p by resolution), 2.2-a14b runs Wan2.2 I2V A14B, 2.2-5b conditions Wan2.2 TI2V 5B on it; 1.3b takes none. The image's aspect picks the frame shape.",
+            description="A start image to animate (image-to-video). model=14b runs Wan2.1 I2V 14B (480p or 720p by resolution), 2.2-a14b runs Wan2.2 I2V A14B, 2.2-5b conditions Wan2.2 TI2V 5B on it; 1.3b takes none. With aspect_ratio auto, the video keeps the image's own aspect at the resolution's pixel count, as Wan's official code does.",
             default=None,
+            accept="image/*",
         ),
         model: str = Input(
             description="Base model: 14b (Wan2.1 14B, 480p or 720p), 1.3b (Wan2.1 1.3B: fast, 480p only), 2.2-a14b (Wan2.2 A14B: two 14B experts, high-noise then low-noise, 480p or 720p, 16:9 and 9:16) or 2.2-5b (Wan2.2 TI2V 5B: 1280x704 or 704x1280 only, 24 fps, up to 121 frames). A LoRA works only on the model size it was trained for; Wan2.1 14B LoRAs also fit 2.2-a14b.",
@@ -65,9 +67,9 @@ class Predictor(BaseRunner):
             default="480p",
         ),
         aspect_ratio: str = Input(
-            description="Frame shape: 16:9 is 832x480 at 480p, 9:16 is 480x832, 1:1 is 624x624 (1280x720, 720x1280, 960x960 at 720p; 1280x704 and 704x1280 on 2.2-5b). The Wan2.2 models have no 1:1. Ignored with an image.",
-            choices=["16:9", "9:16", "1:1"],
-            default="16:9",
+            description="Frame shape. auto: the image's own aspect when there is an image (as Wan's official code frames it), else 16:9. 16:9 is 832x480 at 480p, 9:16 is 480x832, 1:1 is 624x624 (1280x720, 720x1280, 960x960 at 720p; 1280x704 and 704x1280 on 2.2-5b); with an image, these frame it that way, cropping it to fit. The Wan2.2 models have no 1:1.",
+            choices=["auto", "16:9", "9:16", "1:1"],
+            default="auto",
         ),
         num_frames: int | None = Input(
             description="Number of frames, 4k+1 from 5: up to 81 (5 seconds at 16 fps), or 121 on 2.2-5b (5 seconds at 24 fps). Empty: the model's most, 81 or 121.",
@@ -100,13 +102,13 @@ class Predictor(BaseRunner):
             default=None,
         ),
         sample_shift: float | None = Input(
-            description="Flow shift of the sampler: higher spends more steps on composition. Empty: Wan2.1 3 at 480p and 5 at 720p; 2.2-a14b 12 (5 with an image); 2.2-5b 5; 5 with an accelerator.",
+            description="Flow shift of the sampler: higher spends more steps on composition. Empty: the model's own, as Wan's official code sets it: 5, but 3 for 14b with an image at 480p; 2.2-a14b 12 (5 with an image); 2.2-5b 5; 5 with an accelerator.",
             ge=0.1,
             le=20,
             default=None,
         ),
         seed: int | None = Input(
-            description="Random seed. The same seed and inputs give the same video. Empty: a random one, shown in the log and stored in the MP4.",
+            description="Random seed. On the same hardware and software, the same seed and inputs give the same video; another GPU type may differ in small details. Empty: a random one, shown in the log and stored in the MP4.",
             ge=0,
             default=None,
         ),

@@ -30,6 +30,7 @@ from .conftest import assert_frames_agree, probe, recorded
 from .lora_helpers import tar_of
 from .processes import alive, children_with, free_port, wait_for
 from .servers import FileServer, Route
+from .test_reference import image2video_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -314,7 +315,7 @@ def test_server_image_to_video(cog_server, tmp_path):
     image = "data:image/png;base64," + base64.b64encode(buffer.read_bytes()).decode()
     response = predict(cog_server, prompt="the sea moves", image=image, **SMALL)
     got = probe(video_of(response, tmp_path, "i2v.mp4"))
-    assert (got.width, got.height, len(got.frames)) == (112, 64, 9)
+    assert (got.width, got.height, len(got.frames)) == (*image2video_size(320, 180, 112 * 64), 9)  # the image's aspect
     refused = predict(cog_server, prompt="the sea moves", image=image, model="1.3b", **SMALL)
     assert refused["status"] == "failed" and "text-to-video only" in refused["error"]
 
@@ -436,7 +437,7 @@ def test_in_process_image_switches_to_i2v_and_bad_models_are_refused(predictor):
 
     photo = cog_download(Image.new("RGB", (90, 160), (200, 40, 40)))
     got = probe(predictor.run(**inputs(prompt="a fox", image=Path(photo))))
-    assert (got.width, got.height, len(got.frames)) == (64, 112, 9)  # 9:16 from the image
+    assert (got.width, got.height, len(got.frames)) == (*image2video_size(90, 160, 112 * 64), 9)  # the image's aspect
     assert predictor.service.model == "tiny-i2v"
     with pytest.raises(InvalidInput, match="model=1.3b is text-to-video only"):
         predictor.run(**inputs(prompt="a fox", image=Path(photo), model="1.3b"))

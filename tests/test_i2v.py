@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from wanlora import InvalidInput, WanLoraPipeline
-from wanlora.images import nearest_aspect_ratio, resize_image
+from wanlora.images import resize_image
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.models import TINY_I2V_ARCH
@@ -16,6 +16,7 @@ from wanlora.tiny import tiny_transformer
 
 from .conftest import probe, run_cli
 from .lora_helpers import assert_weights, snapshot
+from .test_reference import image2video_size
 
 SMALL = {"num_frames": 9, "num_inference_steps": 2, "fps": 12, "seed": 5}
 
@@ -33,16 +34,15 @@ def photo(tmp_path, size=(200, 120), name="photo.png"):
     return path
 
 
-@pytest.mark.parametrize(
-    ("size", "aspect", "frame"),
-    [((200, 120), "16:9", (112, 64)), ((90, 160), "9:16", (64, 112)), ((100, 104), "1:1", (64, 64))],
-)
-def test_the_image_aspect_picks_the_nearest_preset(i2v_pipe, tmp_path, size, aspect, frame):
+@pytest.mark.parametrize("size", [(200, 120), (90, 160), (100, 104)])
+def test_the_frame_keeps_the_image_aspect_unless_a_shape_is_asked_for(i2v_pipe, tmp_path, size):
     path = photo(tmp_path, size)
-    assert nearest_aspect_ratio(Image.open(path)) == aspect
+    area = 112 * 64  # the tiny model's 480p presets stand in for 832x480
     video = i2v_pipe.generate("a fox", image=path, **SMALL)
-    assert video.frames.shape[1:3] == (frame[1], frame[0])
-    assert video.metadata["image_size"] == list(size) and video.metadata["resize"] == "fit"
+    assert video.frames.shape[1:3] == image2video_size(*size, area)[::-1]
+    assert video.metadata["image_size"] == list(size) and video.metadata["framing"] == "the image's aspect"
+    asked = i2v_pipe.generate("a fox", image=path, aspect_ratio="9:16", **SMALL)
+    assert asked.frames.shape[1:3] == (112, 64) and asked.metadata["framing"] == "as asked"
 
 
 def test_resize_modes():
@@ -68,7 +68,7 @@ def test_the_pipeline_receives_the_resized_image(i2v_pipe, tmp_path, monkeypatch
 
     monkeypatch.setattr(type(i2v_pipe.diffusers_pipeline), "__call__", spy)
     array = np.full((120, 200, 3), 128, np.uint8)
-    i2v_pipe.generate("a fox", image=array, resize="pad", **SMALL)
+    i2v_pipe.generate("a fox", image=array, resize="pad", aspect_ratio="16:9", **SMALL)
     assert seen == {"image": (112, 64), "last": None}
     with pytest.raises(InvalidInput, match="takes one image; a last frame needs a first-last-frame model"):
         i2v_pipe.generate("a fox", image=array, last_image=Image.new("RGB", (64, 64)), **SMALL)
@@ -177,7 +177,8 @@ def test_cli_image_to_video_with_an_i2v_lora(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     got = probe(out)
-    assert (got.codec, got.pix_fmt, got.width, got.height, len(got.frames)) == ("h264", "yuv420p", 64, 112, 9)
+    width, height = image2video_size(90, 160, 112 * 64)  # the image's aspect, as the reference frames it
+    assert (got.codec, got.pix_fmt, got.width, got.height, len(got.frames)) == ("h264", "yuv420p", width, height, 9)
     for bad, message in ((["--image", str(tmp_path / "nope.png")], "existing image file"), ([], "needs a start image")):
         refused = run_cli("generate", "a fox", "--model", str(folder), *bad, "-o", str(tmp_path / "x.mp4"))
         assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1

@@ -123,7 +123,6 @@ def test_predictor_literals_equal_the_librarys_constants(inputs):
     from wanlora import service
     from wanlora.models import CATALOGUE
     from wanlora.settings import (
-        ASPECT_RATIOS,
         DEFAULT_QUALITY,
         LORA_SCALE_RANGE,
         MAX_FPS,
@@ -143,7 +142,7 @@ def test_predictor_literals_equal_the_librarys_constants(inputs):
     assert inputs["fast_mode"].choices == list(service.FAST_MODES)
     assert inputs["accelerator"].choices == list(service.ACCELERATORS)
     assert inputs["resolution"].choices == list(RESOLUTIONS)
-    assert inputs["aspect_ratio"].choices == list(ASPECT_RATIOS)
+    assert inputs["aspect_ratio"].choices == list(service.ASPECT_CHOICES)
     max_frames = max(spec.max_frames for name, spec in CATALOGUE.items() if name in service.MODEL_CHOICES.values())
     assert bounds("num_frames") == (MIN_FRAMES, max_frames)
     assert bounds("fps") == (1, MAX_FPS)

@@ -8,7 +8,6 @@ the caller set them. lightx2v's LoRAs were distilled on four fixed timesteps
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +95,3 @@ def _tiny_kinds_for(preset: Accelerator) -> set[str]:
 def accelerator_refs(spec: ModelSpec) -> set[str]:
     """Every preset's LoRA for `spec`: what a new preset replaces in the LoRA set."""
     return {ref for preset in ACCELERATORS.values() if (ref := _lora_for(preset, spec)) is not None}
-
-
-def fixed_timestep_scheduler(preset: Accelerator):
-    """Flow-matching Euler on the preset's timesteps, whatever step count the pipeline asks for."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=preset.shift)
-    sigmas = [t / 1000 for t in preset.timesteps]
-    scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=sigmas)
-    return scheduler

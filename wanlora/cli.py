@@ -23,7 +23,7 @@ from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InvalidInput, WanLoraError
 from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
 from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
-from .request import GenerationSettings, resolve_request
+from .request import resolve_request
 from .settings import (
     ASPECT_RATIOS,
     DEFAULT_QUALITY,
@@ -162,8 +162,7 @@ def add_generate(commands, verbose: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--negative-prompt",
         metavar="TEXT",
-        help="what to avoid; default: the model's own (Wan's reference negative prompt). "
-        "Give --negative-prompt '' for none",
+        help="what to avoid; default: the model's own, Wan's reference negative prompt; none: no negative prompt",
     )
     what.add_argument(
         "--image", metavar="PATH", help="start image for image-to-video models (i2v, ti2v-5b); default none"
@@ -380,7 +379,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     say("importing torch and diffusers")
     from .devices import resolve_device
 
-    parallel = check_parallel_args(args, spec, request.settings)
+    parallel = check_parallel_args(args, spec)
     if parallel is None:
         resolve_device(args.device)
     identified = identify_model(args.model)  # a Hub repo's own config may name another variant
@@ -413,7 +412,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     return None
 
 
-def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: GenerationSettings) -> ParallelPlan | None:
+def check_parallel_args(args: argparse.Namespace, spec: ModelSpec) -> ParallelPlan | None:
     """The plan the parallel flags ask for (None: one process), checked before anything loads."""
     world = world_size()
     if args.gpus is not None:
@@ -436,7 +435,6 @@ def check_parallel_args(args: argparse.Namespace, spec: ModelSpec, settings: Gen
         raise InvalidInput("--gpus", world, f"at most the {visible} GPUs visible here")
     plan = plan_from_args(args, spec, world)
     plan.check(spec.arch.num_attention_heads, world, spec.name, "cuda" if visible else "cpu")
-    plan.check_tokens(spec.token_count(settings.width, settings.height, settings.num_frames), settings.size)
     plan.check_fast_mode(args.fast_mode)
     if args.cfg_batch and plan.cfg:
         raise InvalidInput("--cfg-batch", True, "left out with --cfg-parallel, which runs both passes at once")

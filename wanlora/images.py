@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidInput
-from .settings import ASPECT_RATIOS, RESIZE_MODES
+from .settings import RESIZE_MODES
 
 MIN_IMAGE_SIDE = 32
 
@@ -41,11 +42,34 @@ def load_image(image: ImageInput, field: str = "image") -> Image.Image:
     return loaded.convert("RGB")
 
 
-def nearest_aspect_ratio(image: Image.Image, choices: tuple[str, ...] = ASPECT_RATIOS) -> str:
-    """The aspect ratio among `choices` closest to the image's, compared on a log scale."""
-    width, height = image.size
-    ratios = {name: int(name.split(":")[0]) / int(name.split(":")[1]) for name in choices}
-    return min(ratios, key=lambda name: abs(np.log(width / height) - np.log(ratios[name])))
+def reference_frame_size(image_size: tuple[int, int], area: int, vae_scale: int, per_side: bool) -> tuple[int, int]:
+    """(width, height) of the frame Wan's reference code gives an image: its aspect at about `area` pixels.
+
+    `per_side` (Wan2.1 I2V and FLF2V, Wan2.2 I2V-A14B: image2video.py) sizes each side on its
+    own, sqrt(area x aspect) floored to whole 2x2 patches of VAE cells. Otherwise (TI2V-5B:
+    textimage2video.py's best_output_size) one side is floored to whole patches first and the
+    other fills the area; of the two ways, width first or height first, the one whose aspect
+    is nearer the image's wins, and height first on a tie. The arithmetic is done in the
+    reference's order, so that ties and floors fall the same way.
+    """
+    width, height = image_size
+    if per_side:
+        aspect = height / width
+        cells = (math.sqrt(area / aspect) // vae_scale // 2 * 2, math.sqrt(area * aspect) // vae_scale // 2 * 2)
+        return int(cells[0]) * vae_scale, int(cells[1]) * vae_scale
+    step = 2 * vae_scale
+    ratio = width / height
+    ideal_width = (area * ratio) ** 0.5
+    ideal_height = area / ideal_width
+    w1, h2 = int(ideal_width // step * step), int(ideal_height // step * step)
+    h1 = int(area / w1 // step * step) if w1 else 0
+    w2 = int(area / h2 // step * step) if h2 else 0
+    if not (w1 and h1 and w2 and h2):  # an aspect too extreme for the area: no frame (the caller refuses it)
+        return (w1, h1) if w1 and h1 else (w2, h2)
+    width_first, height_first = w1 / h1, w2 / h2
+    if max(ratio / width_first, width_first / ratio) < max(ratio / height_first, height_first / ratio):
+        return w1, h1
+    return w2, h2
 
 
 def resize_image(image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:

@@ -17,7 +17,10 @@ from typing import Any
 from .errors import InvalidInput, ModelNotFound
 from .settings import ASPECT_RATIOS
 
-# Wan's published sizes (its SIZE_CONFIGS); Wan2.1's sides are multiples of 16.
+# Wan's sizes (its SIZE_CONFIGS); Wan2.1's sides are multiples of 16. The reference's
+# text-to-video sizes are 832x480 and 480x832 (480p), 1280x720 and 720x1280 (720p): the square
+# ones are wanlora's own for text-to-video, and what the reference gives a square image for
+# image-to-video (its pixel area at the image's aspect).
 SIZE_PRESETS: dict[str, dict[str, tuple[int, int]]] = {
     "480p": {"16:9": (832, 480), "9:16": (480, 832), "1:1": (624, 624)},
     "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "1:1": (960, 960)},
@@ -26,6 +29,15 @@ SIZE_PRESETS: dict[str, dict[str, tuple[int, int]]] = {
 # (its VAE compresses 16x, so sides are multiples of 32).
 A14B_PRESETS = {size: {a: wh for a, wh in presets.items() if a != "1:1"} for size, presets in SIZE_PRESETS.items()}
 TI2V_PRESETS = {"720p": {"16:9": (1280, 704), "9:16": (704, 1280)}}
+# Wan's sample_neg_prompt (wan/configs/shared_config.py, the same in Wan2.1 and Wan2.2): what an
+# empty negative prompt means. Wan2.1's I2V 14B and FLF2V 14B configs put a word before it.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，"
+    "倒着走"
+)
+SHAKY_CAMERA = "镜头晃动，"  # Wan2.1 i2v_14B: "camera shake"
+CUT = "镜头切换，"  # Wan2.1 flf2v_14B: "shot change"
 TWO_EXPERTS = ("high", "low")  # Wan2.2 A14B: `transformer` takes the high-noise steps, `transformer_2` the rest
 ONE_TRANSFORMER = ("all",)
 
@@ -95,7 +107,8 @@ class ModelSpec:
     presets: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: SIZE_PRESETS)
     default_guidance: float = 5.0
     default_guidance_2: float | None = None  # the low-noise expert's, on two-expert models
-    flow_shifts: tuple[float, float] = (3.0, 5.0)  # up to 480p-sized frames, and above
+    flow_shifts: tuple[float, float] = (5.0, 5.0)  # up to 480p-sized frames, and above
+    negative_prompt: str = WAN_NEGATIVE_PROMPT  # what an empty negative prompt means: the reference's
     default_fps: int = 16
     default_frames: int = 81
     max_frames: int = 81
@@ -141,8 +154,15 @@ class ModelSpec:
         return self.presets[resolution][aspect_ratio]
 
     def default_shift(self, width: int, height: int) -> float:
-        """The flow shift the model was trained with: Wan2.1's depends on the frame size, Wan2.2's does not."""
+        """The reference's flow shift: Wan2.1 I2V's depends on the frame size (3 up to 480p), the others' do not."""
         return self.flow_shifts[0] if width * height <= 832 * 480 else self.flow_shifts[1]
+
+    def max_area(self, resolution: str | None = None) -> int:
+        """The pixel area of a resolution: its presets' largest (the reference's MAX_AREA_CONFIGS)."""
+        resolution = resolution or self.default_resolution
+        if resolution not in self.resolutions:
+            self.size(resolution)  # the error that says which resolutions there are
+        return max(w * h for w, h in self.presets[resolution].values())
 
     def token_count(self, width: int, height: int, num_frames: int) -> int:
         """Transformer tokens: latent frames (4x fewer, plus the first) x the latent 2x2 patches."""
@@ -161,6 +181,7 @@ WAN_14B_I2V = Architecture(
     image_dim=1280,
     added_kv_proj_dim=5120,
 )
+WAN_FLF2V_14B = replace(WAN_14B_I2V, pos_embed_seq_len=2 * 257)  # a CLIP embedding for each of the two frames
 # Wan2.2 (diffusers' convert_wan_to_diffusers.py; Wan2.2's wan/configs). The A14B experts are
 # Wan2.1 14B's architecture; the I2V ones take the image through 20 more latent channels and
 # have no CLIP branch; TI2V-5B is a new 3072-wide model on Wan2.2's 48-channel VAE.
@@ -169,9 +190,11 @@ WAN22_I2V_A14B = Architecture(num_layers=40, num_attention_heads=40, attention_h
 WAN22_TI2V_5B = Architecture(num_layers=30, num_attention_heads=24, attention_head_dim=128, ffn_dim=14336,
                              in_channels=48, out_channels=48)  # fmt: skip
 
-# Parameter counts are per transformer. Wan2.1's are the published checkpoints' safetensors
-# index total_size / 4 (fp32); Wan2.2's A14B experts share Wan2.1 14B's shapes (the I2V ones
-# add 409,600 to the patch embedding for their 36 input channels).
+# Defaults are each reference's: Wan2.1's generate.py and wan/configs (50 steps, 40 for I2V;
+# guidance 5; shift 5, but 3 for I2V at 480p), Wan2.2's wan/configs. Parameter counts are per
+# transformer. Wan2.1's are the published checkpoints' safetensors index total_size / 4 (fp32)
+# (FLF2V adds 657,920 for its two frames' position embeddings); Wan2.2's A14B experts share
+# Wan2.1 14B's shapes (the I2V ones add 409,600 to the patch embedding for 36 input channels).
 CATALOGUE: dict[str, ModelSpec] = {
     "t2v-1.3b": ModelSpec(
         name="t2v-1.3b",
@@ -199,6 +222,8 @@ CATALOGUE: dict[str, ModelSpec] = {
         task="i2v",
         resolutions=("480p",),
         default_steps=40,
+        flow_shifts=(3.0, 5.0),
+        negative_prompt=SHAKY_CAMERA + WAN_NEGATIVE_PROMPT,
         published_params=16_394_878_784,
         fast_thresholds=(0.19, 0.26),
     ),
@@ -209,8 +234,22 @@ CATALOGUE: dict[str, ModelSpec] = {
         task="i2v",
         resolutions=("720p", "480p"),
         default_steps=40,
+        flow_shifts=(3.0, 5.0),
+        negative_prompt=SHAKY_CAMERA + WAN_NEGATIVE_PROMPT,
         published_params=16_394_878_784,
         fast_thresholds=(0.2, 0.3),
+    ),
+    # First and last frame: Wan2.1's generate.py samples it 50 steps at shift 16.
+    "flf2v-14b": ModelSpec(
+        name="flf2v-14b",
+        source="Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
+        arch=WAN_FLF2V_14B,
+        task="i2v",
+        resolutions=("720p", "480p"),
+        default_steps=50,
+        flow_shifts=(16.0, 16.0),
+        negative_prompt=CUT + WAN_NEGATIVE_PROMPT,
+        published_params=16_395_536_704,
     ),
     # Wan2.2's defaults are its reference code's (wan/configs): guidance is (high, low).
     "t2v-a14b": ModelSpec(

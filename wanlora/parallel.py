@@ -11,7 +11,9 @@ once per step. The runtime is in wanlora.distributed.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import InvalidInput
@@ -76,15 +78,23 @@ class ParallelPlan:
                 "ring", self.ring, f"1 on {device_type}: ring attention needs a CUDA kernel; use ulysses"
             )
 
-    def check_tokens(self, tokens: int, size: str) -> None:
-        """The context-parallel ranks split the tokens evenly, or not at all."""
-        if tokens % self.context_degree:
-            raise InvalidInput(
-                "size",
-                size,
-                f"a video whose {tokens} tokens split evenly across {self.context_degree} processes; "
-                "pick another aspect ratio or frame count",
-            )
+    def split_size(self, width: int, height: int, tokens: Callable[[int, int], int], step: int) -> tuple[int, int]:
+        """(width, height), or the nearest size whose tokens split evenly across the context-parallel ranks.
+
+        Sides move by whole `step`s (one patch of latent cells), to the size closest in area,
+        then in aspect: 624x624 at 81 frames has 31941 tokens, so on two ranks it becomes 640x608.
+        """
+        degree = self.context_degree
+        if tokens(width, height) % degree == 0:
+            return width, height
+        moves = range(-degree, degree + 1)
+        candidates = [(width + dx * step, height + dy * step) for dx in moves for dy in moves]
+        fitting = [(w, h) for w, h in candidates if min(w, h) >= step and tokens(w, h) % degree == 0]
+
+        def change(size: tuple[int, int]) -> tuple[int, float]:
+            return abs(size[0] * size[1] - width * height), abs(math.log(size[0] * height / (size[1] * width)))
+
+        return min(fitting, key=change)
 
     def check_fast_mode(self, mode: str) -> None:
         """The step cache would judge each rank's share of the tokens apart, and ranks would disagree."""

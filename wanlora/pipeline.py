@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from tqdm import tqdm
 
 from . import __version__
-from .accelerators import accelerator_refs, fixed_timestep_scheduler
+from .accelerators import accelerator_refs
 from .attention import choose_backend, install_backend
 from .devices import resolve_device
 from .distributed import Parallel, init_distributed, resolve_plan
@@ -44,6 +44,7 @@ from .memory import ExpertSwitch, place, resolve_offload, set_vae_tiling
 from .models import TINY_NAMES, ModelSpec, identify_model
 from .parallel import ParallelPlan
 from .request import Request, refuse_unknown, resolve_request
+from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .staging import staged_folder
 from .tiny import tiny_pipeline
 from .video import Video
@@ -89,7 +90,7 @@ class WanLoraPipeline:
                 install_backend(transformer, self.attention)
         self.parallel = Parallel(transformers, parallel, device) if parallel is not None else None
         self.batched_guidance = [BatchedGuidance().install(transformer) for transformer in transformers]
-        self.base_scheduler_config = diffusers_pipeline.scheduler.config
+        self.base_scheduler = diffusers_pipeline.scheduler  # as loaded: what a saved model gets
         self.loader = LoraLoader()
         self.switch = None
         if offload == "experts":
@@ -236,8 +237,13 @@ class WanLoraPipeline:
         target = Path(folder)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise InvalidInput("folder", str(folder), "a new or empty folder")
-        with staged_folder(target) as staging:
-            self.diffusers_pipeline.save_pretrained(staging, safe_serialization=True)
+        pipeline = self.diffusers_pipeline
+        sampler, pipeline.scheduler = pipeline.scheduler, self.base_scheduler
+        try:
+            with staged_folder(target) as staging:
+                pipeline.save_pretrained(staging, safe_serialization=True)
+        finally:
+            pipeline.scheduler = sampler
         logger.info("wrote %s with %d LoRA(s) merged", target, len(self.active_loras))
         return target
 
@@ -335,9 +341,18 @@ class WanLoraPipeline:
             self.parallel.plan.check_fast_mode(request.fast_mode)
             if request.cfg_batch and self.parallel.plan.cfg:
                 raise InvalidInput("cfg_batch", True, "False with CFG-parallel, which runs both passes at once already")
-            tokens = self.spec.token_count(settings.width, settings.height, settings.num_frames)
-            self.parallel.plan.check_tokens(tokens, settings.size)
-            settings = replace(settings, seed=self.parallel.shared_seed(settings.seed))
+            width, height = self.parallel.plan.split_size(
+                settings.width,
+                settings.height,
+                lambda w, h: self.spec.token_count(w, h, settings.num_frames),
+                self.spec.side_multiple,
+            )
+            if (width, height) != (settings.width, settings.height):
+                ranks = self.parallel.plan.context_degree
+                logger.warning(
+                    "%s does not split across %d processes: %dx%d instead", settings.size, ranks, width, height
+                )
+            settings = replace(settings, width=width, height=height, seed=self.parallel.shared_seed(settings.seed))
         loras = list(request.loras if request.loras is not None else self.active_loras)  # access is re-checked
         if request.accelerator is not None:
             distillers = accelerator_refs(self.spec)
@@ -357,7 +372,8 @@ class WanLoraPipeline:
         extra: dict[str, Any] = {}
         if request.images:
             logger.info("image %dx%d brought to %dx%d (%s)", *request.images[0].size, *size, request.resize)
-            extra = {"image_size": list(request.images[0].size), "resize": request.resize}
+            framing = "the image's aspect" if request.framed_by_image else "as asked"
+            extra = {"image_size": list(request.images[0].size), "framing": framing, "resize": request.resize}
         if request.accelerator is not None:
             extra["accelerator"] = request.accelerator.name
         guided = settings.guidance_scale > 1  # else the pipeline makes one pass per step (diffusers' rule)
@@ -387,13 +403,7 @@ class WanLoraPipeline:
     ) -> Video | None:
         pipeline = self._diffusers_pipeline_for(request)
         set_vae_tiling(pipeline.vae, settings.width, settings.height)
-        if request.accelerator is not None and request.accelerator.timesteps:
-            pipeline.scheduler = fixed_timestep_scheduler(request.accelerator)
-        elif getattr(pipeline.scheduler.config, "flow_shift", None) != settings.flow_shift:
-            pipeline.scheduler = UniPCMultistepScheduler.from_config(
-                self.base_scheduler_config, flow_shift=settings.flow_shift
-            )
-        self.diffusers_pipeline.scheduler = pipeline.scheduler
+        pipeline.scheduler = self.diffusers_pipeline.scheduler = self._sampler_for(request, settings.flow_shift)
         steps = expert_steps(pipeline.scheduler, settings.num_inference_steps, self.spec.boundary_ratio,
                              self.spec.experts)  # fmt: skip
         main = self.parallel is None or self.parallel.is_main
@@ -433,6 +443,16 @@ class WanLoraPipeline:
         video = Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=metadata)
         video.timings["denoising_seconds"] = seconds
         return video
+
+    def _sampler_for(self, request: Request, flow_shift: float):
+        """The reference's sampler: an accelerator's fixed timesteps, else UniPC on Wan's schedule at `flow_shift`."""
+        preset = request.accelerator
+        if preset is not None and preset.timesteps:
+            return FixedSigmaEuler([t / NUM_TRAIN_TIMESTEPS for t in preset.timesteps], preset.shift)
+        current = self.diffusers_pipeline.scheduler
+        if isinstance(current, WanFlowUniPC) and current.config.flow_shift == flow_shift:
+            return current
+        return WanFlowUniPC.for_shift(self.base_scheduler.config, flow_shift)
 
     def _diffusers_pipeline_for(self, request: Request) -> WanPipeline:
         """diffusers' pipeline for the request: TI2V-5B takes an image through its image-to-video twin."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from .accelerators import Accelerator, accelerator_for
 from .errors import InvalidInput
-from .images import ImageInput, load_image, nearest_aspect_ratio
+from .images import ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .models import ModelSpec
 from .settings import (
@@ -72,9 +72,11 @@ class Request:
     accelerator: Accelerator | None
     accelerator_ref: str | None
     cfg_batch: bool
+    framed_by_image: bool = False  # the frame keeps the image's aspect (nothing else was asked for)
 
 
 RENAMED = {"steps": "num_inference_steps", "shift": "flow_shift"}  # wanlora 0.1's names
+NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one means the model's own
 
 
 def refuse_unknown(options: Mapping[str, object], known: Iterable[str], where: str) -> None:
@@ -155,10 +157,16 @@ def resolve_settings(
     `width`/`height` override the `resolution`/`aspect_ratio` preset and must come together.
     On two experts, `guidance_scale` is the high-noise one's and `guidance_scale_2` the
     low-noise one's; given only `guidance_scale`, both use it (diffusers' rule). A `None`
-    seed becomes a fresh random one, reported in the settings.
+    seed becomes a fresh random one, reported in the settings. An empty negative prompt is
+    the model's own (the reference's `sample_neg_prompt`), "none" asks for none at all, and
+    the settings hold the one a guided pass will use ("" when guidance is 1 or less).
     """
     prompt = _check_text("prompt", prompt, required=True)
     negative_prompt = _check_text("negative_prompt", negative_prompt or "", required=False)
+    if not negative_prompt.strip():
+        negative_prompt = spec.negative_prompt  # as the reference: empty means the model's own
+    elif negative_prompt.strip().lower() == NO_NEGATIVE_PROMPT:
+        negative_prompt = ""
 
     if (width is None) != (height is None):
         raise InvalidInput("width" if width is None else "height", None, "give width and height together")
@@ -188,14 +196,16 @@ def resolve_settings(
         guidance_2 = default_2 if guidance_scale_2 is None else guidance_scale_2
         guidance_2 = _number_in("guidance_scale_2", guidance_2, 0.0, MAX_GUIDANCE)
         if guidance <= 1 < guidance_2:  # diffusers runs the unconditional pass only for guidance_scale > 1
-            raise InvalidInput("guidance_scale_2", guidance_2, "at most 1 when guidance_scale is 1 or less: "
-                               "the unconditional pass runs only when the high-noise expert is guided")  # fmt: skip
+            why = "at most 1 when guidance_scale is 1 or less: the unconditional pass runs only when the high-noise"
+            raise InvalidInput("guidance_scale_2", guidance_2, why + " expert is guided")
 
     shift = spec.default_shift(width, height) if flow_shift is None else flow_shift
     shift = _number_in("flow_shift", shift, MIN_SHIFT, MAX_SHIFT)
 
     seed = secrets.randbelow(2**32) if seed is None else _require_int("seed", seed)
     _in_range("seed", seed, 0, MAX_SEED)
+    if guidance <= 1:  # no unguided pass runs (diffusers' rule), so no negative prompt is used
+        negative_prompt = ""
 
     return GenerationSettings(
         prompt=prompt,
@@ -235,6 +245,18 @@ def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageI
     return tuple(images)
 
 
+def frame_for_image(spec: ModelSpec, image, resolution: str | None) -> tuple[int, int]:
+    """The frame the reference code gives `image` on `spec`: its aspect at the resolution's pixel area."""
+    area = spec.max_area(resolution)
+    width, height = reference_frame_size(image.size, area, spec.vae_scale, per_side=spec.task == "i2v")
+    if not (MIN_SIDE <= min(width, height) and max(width, height) <= MAX_SIDE):
+        shown = f"{image.size[0]}x{image.size[1]}"
+        at = resolution or spec.default_resolution
+        why = f"at {at} its aspect gives a {width}x{height} frame, outside {MIN_SIDE} to {MAX_SIDE} pixels a side"
+        raise InvalidInput("image", shown, f"an image of a less extreme aspect ({why}), or an aspect ratio or size")
+    return width, height
+
+
 def resolve_request(
     spec: ModelSpec,
     prompt: object,
@@ -256,9 +278,10 @@ def resolve_request(
 ) -> Request:
     """Resolve a whole request for `spec`; the keyword arguments are `WanLoraPipeline.generate`'s.
 
-    With an image and no explicit size, the preset whose aspect is nearest the image's is
-    used. An accelerator preset fills in the steps, guidance and shift it was trained for,
-    unless the caller set them (and a fixed-timestep preset takes exactly its step count).
+    With an image and no size or aspect ratio asked for, the frame keeps the image's aspect at
+    the resolution's pixel area, by the reference's rule for the model. An accelerator preset
+    fills in the steps, guidance and shift it was trained for, unless the caller set them
+    (and a fixed-timestep preset takes exactly its step count).
     """
     images = resolve_images(spec, image, last_image)
     if resize not in RESIZE_MODES:
@@ -281,8 +304,9 @@ def resolve_request(
                 num_inference_steps,
                 f"{len(preset.timesteps)} with {accelerator}: it samples fixed timesteps",
             )
-    if images and aspect_ratio is None and width is None:
-        aspect_ratio = nearest_aspect_ratio(images[0], spec.aspect_ratios)
+    framed_by_image = bool(images) and aspect_ratio is None and width is None and settings.get("height") is None
+    if framed_by_image:
+        width, settings["height"] = frame_for_image(spec, images[0], settings.get("resolution"))
     resolved = resolve_settings(
         spec,
         prompt,
@@ -307,4 +331,5 @@ def resolve_request(
         accelerator=preset,
         accelerator_ref=accelerator_ref,
         cfg_batch=cfg_batch,
+        framed_by_image=framed_by_image,
     )

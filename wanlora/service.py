@@ -25,7 +25,7 @@ from .lora.refs import display_ref
 from .lora.selection import LoraRequest
 from .models import resolve_model
 from .request import Request, resolve_request
-from .settings import LORA_SCALE_RANGE, model_override
+from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ IMAGE_CHOICES = {  # the model an image switches each choice to; Wan2.1 14B's by
 }
 ONE_SIZE_CHOICES = {"2.2-5b"}  # runs at its one trained size: `resolution` does not apply
 FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
+ASPECT_CHOICES = ("auto", *ASPECT_RATIOS)  # auto: the image's own aspect with an image, else 16:9
 ACCELERATORS = {"none": None, "lightx2v-4step": "lightx2v-4step", "causvid": "causvid"}
 WIDTH_CHOICES = {1536: ("1.3b",), 3072: ("2.2-5b",), 5120: ("14b", "2.2-a14b")}  # LoRA width -> models it fits
 DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
@@ -193,7 +194,7 @@ class VideoService:
         image: str | None = None,
         model: object = "14b",
         resolution: object = "480p",
-        aspect_ratio: object = "16:9",
+        aspect_ratio: object = "auto",
         num_frames: object = None,
         fps: object = None,
         sample_steps: object = None,
@@ -238,7 +239,7 @@ class VideoService:
                 negative_prompt=negative_prompt,
                 image=image,
                 resolution=None if model in ONE_SIZE_CHOICES else resolution,
-                aspect_ratio=None if image is not None else aspect_ratio,  # an image's own aspect decides
+                aspect_ratio=None if aspect_ratio == ASPECT_CHOICES[0] else aspect_ratio,
                 num_frames=num_frames,
                 fps=fps,
                 num_inference_steps=sample_steps,

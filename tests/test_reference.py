@@ -1,0 +1,241 @@
+"""Sampling as the original Wan code samples: its timesteps, expert split, negative prompt, frame size and defaults.
+
+The expected values come from the reference's own formulas, written out here from reading
+Wan-Video/Wan2.1 and Wan-Video/Wan2.2 (wan/utils/fm_solvers_unipc.py, image2video.py,
+textimage2video.py with wan/utils/utils.py's best_output_size, generate.py, wan/configs),
+not from wanlora's code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from diffusers import UniPCMultistepScheduler
+from PIL import Image
+
+from wanlora import WanLoraPipeline
+from wanlora.experts import expert_steps
+from wanlora.models import CATALOGUE, WAN_NEGATIVE_PROMPT, tiny_spec
+from wanlora.request import resolve_request
+from wanlora.sampling import WanFlowUniPC
+from wanlora.service import VideoService
+
+from .conftest import SMALL, recorded, run_cli
+from .test_cli import FOX
+
+SCHEDULER_CONFIG = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "num_train_timesteps": 1000}
+
+
+def reference_timesteps(steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """FlowUniPCMultistepScheduler(shift=1).set_timesteps(steps, shift=shift): (int timesteps, float32 sigmas)."""
+    training = np.linspace(1, 1 / 1000, 1000)[::-1].copy()
+    sigmas = (1.0 - training).astype(np.float32)  # the training schedule, kept in float32
+    sigma_max, sigma_min = float(sigmas[0]), float(sigmas[-1])
+    grid = np.linspace(sigma_max, sigma_min, steps + 1).copy()[:-1]
+    shifted = shift * grid / (1 + (shift - 1) * grid)
+    timesteps = (shifted * 1000).astype(np.int64)  # torch's .to(int64) truncates, as astype does
+    return timesteps, np.concatenate([shifted, [0.0]]).astype(np.float32)
+
+
+# ------------------------------------------------------------------ 1. timesteps and the expert split
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0, 12.0, 16.0, 20.0])
+def test_timesteps_and_sigmas_equal_the_references_for_every_step_count(shift):
+    scheduler = WanFlowUniPC.for_shift(SCHEDULER_CONFIG, shift)
+    for steps in range(1, 101):
+        scheduler.set_timesteps(steps)
+        timesteps, sigmas = reference_timesteps(steps, shift)
+        assert scheduler.timesteps.tolist() == timesteps.tolist(), steps
+        assert np.abs(scheduler.sigmas.numpy() - sigmas).max() <= 1e-7, steps
+
+
+def test_diffusers_own_schedule_differs_which_is_why_wanlora_feeds_it_the_references():
+    drifted = UniPCMultistepScheduler.from_config(SCHEDULER_CONFIG, flow_shift=12.0)
+    drifted.set_timesteps(40)
+    timesteps, _ = reference_timesteps(40, 12.0)
+    assert np.abs(drifted.timesteps.numpy() - timesteps).max() >= 5  # up to 7 at T2V-A14B's defaults
+
+
+@pytest.mark.parametrize(("name", "shift"), [("t2v-a14b", 12.0), ("i2v-a14b", 5.0)])
+def test_each_step_goes_to_the_expert_the_references_rule_picks(name, shift):
+    spec = CATALOGUE[name]
+    scheduler = WanFlowUniPC.for_shift(SCHEDULER_CONFIG, shift)
+    boundary = spec.boundary_ratio * 1000
+    moved = []
+    for steps in range(1, 101):
+        high = int((reference_timesteps(steps, shift)[0] >= boundary).sum())  # its `t.item() >= boundary`
+        assert expert_steps(scheduler, steps, spec.boundary_ratio, spec.experts) == {
+            "high": range(0, high),
+            "low": range(high, steps),
+        }
+        drifted = UniPCMultistepScheduler.from_config(SCHEDULER_CONFIG, flow_shift=shift)
+        drifted.set_timesteps(steps)
+        moved += [steps] if int((drifted.timesteps >= boundary).sum()) != high else []
+    assert moved  # the step counts where diffusers' own schedule gave the high-noise expert another step
+
+
+def test_every_catalogue_default_runs_on_the_references_timesteps():
+    for spec in CATALOGUE.values():
+        scheduler = WanFlowUniPC.for_shift(SCHEDULER_CONFIG, spec.flow_shifts[1])
+        for steps in (40, 50):
+            scheduler.set_timesteps(steps)
+            want = reference_timesteps(steps, spec.flow_shifts[1])[0]
+            assert np.abs(scheduler.timesteps.numpy() - want).max() <= 1e-4, spec.name
+
+
+def test_the_pipeline_samples_on_the_references_timesteps(fresh_tiny_pipe):
+    seen = []
+    fresh_tiny_pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int(kwargs["timestep"][0])), with_kwargs=True
+    )
+    fresh_tiny_pipe.generate("a fox", flow_shift=7.0, guidance_scale=1.0, **{**SMALL, "num_inference_steps": 6})
+    assert seen == reference_timesteps(6, 7.0)[0].tolist()
+
+
+# ------------------------------------------------------------------ 2. the negative prompt
+
+
+def test_each_variants_default_negative_prompt_is_its_configs():
+    assert WAN_NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态，细节模糊不清，字幕") and WAN_NEGATIVE_PROMPT.endswith(
+        "倒着走"
+    )
+    for spec in CATALOGUE.values():
+        prefix = {"i2v-14b-480p": "镜头晃动，", "i2v-14b-720p": "镜头晃动，", "flf2v-14b": "镜头切换，"}.get(
+            spec.name, ""
+        )
+        assert spec.negative_prompt == prefix + WAN_NEGATIVE_PROMPT, spec.name
+
+
+def test_an_empty_negative_prompt_is_the_models_own_on_every_front_end(tiny_pipe, tmp_path):
+    video = tiny_pipe.generate("a fox", seed=3, **SMALL)
+    assert video.metadata["negative_prompt"] == WAN_NEGATIVE_PROMPT
+    assert (
+        tiny_pipe.generate("a fox", negative_prompt="", seed=3, **SMALL).metadata["negative_prompt"]
+        == WAN_NEGATIVE_PROMPT
+    )
+    none = tiny_pipe.generate("a fox", negative_prompt="none", seed=3, **SMALL)
+    assert none.metadata["negative_prompt"] == "" and not np.array_equal(none.frames, video.frames)
+    assert tiny_pipe.generate("a fox", negative_prompt="blurry", **SMALL).metadata["negative_prompt"] == "blurry"
+    unguided = tiny_pipe.generate("a fox", guidance_scale=1.0, **SMALL)
+    assert unguided.metadata["negative_prompt"] == ""  # no unguided pass runs: none is used
+    result = run_cli(*FOX, "-o", str(tmp_path / "fox.mp4"))
+    assert result.returncode == 0, result.stderr
+    assert recorded(tmp_path / "fox.mp4")["negative_prompt"] == WAN_NEGATIVE_PROMPT
+    service = VideoService(override="tiny-i2v", i2v_override="tiny-i2v")
+    resolved = service.resolve(prompt="a fox", image=str(square_png(tmp_path)), model="14b")
+    assert resolved.request.settings.negative_prompt == "镜头晃动，" + WAN_NEGATIVE_PROMPT
+
+
+# ------------------------------------------------------------------ 3. the frame size for an image
+
+
+def image2video_size(width: int, height: int, area: int) -> tuple[int, int]:
+    """image2video.py: each latent side from sqrt(area x aspect), floored to an even number of 8x cells."""
+    aspect = height / width
+    lat_h = round(np.sqrt(area * aspect) // 8 // 2 * 2)
+    lat_w = round(np.sqrt(area / aspect) // 8 // 2 * 2)
+    return lat_w * 8, lat_h * 8
+
+
+def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
+    """textimage2video.py (wan/utils/utils.py): width first or height first, whichever keeps the aspect."""
+    ratio = w / h
+    ow = (expected_area * ratio) ** 0.5
+    oh = expected_area / ow
+    ow1 = int(ow // dw * dw)
+    oh1 = int(expected_area / ow1 // dh * dh)
+    oh2 = int(oh // dh * dh)
+    ow2 = int(expected_area / oh2 // dw * dw)
+    ratio1, ratio2 = ow1 / oh1, ow2 / oh2
+    if max(ratio / ratio1, ratio1 / ratio) < max(ratio / ratio2, ratio2 / ratio):
+        return ow1, oh1
+    return ow2, oh2
+
+
+SHAPES = [(1000, 1000), (1600, 1200), (1200, 1600), (1920, 1080), (1080, 1920), (3000, 2000), (2000, 3000)]
+SHAPES += [(800, 600), (640, 480), (1024, 768), (4096, 2160), (500, 700), (1280, 1024)]
+
+
+@pytest.mark.parametrize("name", ["i2v-14b-480p", "i2v-14b-720p", "flf2v-14b", "i2v-a14b", "ti2v-5b"])
+def test_an_image_keeps_its_aspect_at_the_resolutions_area_by_the_references_rule(name):
+    spec = CATALOGUE[name]
+    for resolution in spec.resolutions:
+        area = {"480p": 832 * 480, "720p": 1280 * 704 if name == "ti2v-5b" else 1280 * 720}[resolution]
+        for width, height in SHAPES:
+            image = Image.new("RGB", (width, height))
+            got = resolve_request(spec, "p", image=image, resolution=resolution).settings
+            if spec.task == "ti2v":
+                want = best_output_size(width, height, 32, 32, area)
+            else:
+                want = image2video_size(width, height, area)
+            assert (got.width, got.height) == want, (name, resolution, width, height)
+
+
+def test_the_issues_square_and_four_thirds_cases():
+    square, photo = Image.new("RGB", (1024, 1024)), Image.new("RGB", (1600, 1200))
+    assert size_of("i2v-14b-480p", square) == size_of("i2v-a14b", square, "480p") == (624, 624)
+    assert size_of("ti2v-5b", square) == (960, 928)
+    assert size_of("i2v-14b-480p", photo) == size_of("i2v-a14b", photo, "480p") == (720, 544)
+    assert size_of("ti2v-5b", photo) == (1088, 800)
+    asked = resolve_request(CATALOGUE["i2v-14b-480p"], "p", image=photo, aspect_ratio="16:9").settings
+    assert (asked.width, asked.height) == (832, 480)  # an aspect ratio asked for: the preset, and --resize
+
+
+def size_of(name: str, image: Image.Image, resolution: str | None = None) -> tuple[int, int]:
+    settings = resolve_request(CATALOGUE[name], "p", image=image, resolution=resolution).settings
+    return settings.width, settings.height
+
+
+def square_png(folder) -> object:
+    path = folder / "square.png"
+    Image.new("RGB", (96, 96), (40, 120, 200)).save(path)
+    return path
+
+
+def test_the_tiny_model_frames_an_image_the_same_way(tmp_path):
+    spec = tiny_spec(kind="i2v")
+    photo = Image.new("RGB", (160, 120), (200, 40, 40))
+    pipe = WanLoraPipeline.from_pretrained("tiny-i2v")
+    video = pipe.generate("a fox", image=photo, num_frames=5, num_inference_steps=1, seed=1)
+    area = max(w * h for w, h in spec.presets["480p"].values())
+    assert video.frames.shape[1:3] == image2video_size(160, 120, area)[::-1]
+    assert video.metadata["framing"] == "the image's aspect"
+
+
+def test_an_extreme_aspect_is_refused_in_words():
+    from wanlora import InvalidInput
+
+    with pytest.raises(InvalidInput, match="less extreme aspect"):
+        resolve_request(CATALOGUE["i2v-14b-480p"], "p", image=Image.new("RGB", (32, 3200)))
+
+
+# ------------------------------------------------------------------ 4. Wan2.1's defaults
+
+
+def wan21_generate_defaults(task: str, size: str) -> tuple[int, float]:
+    """Wan2.1 generate.py: (sample_steps, sample_shift) for a task and a `--size` such as '832*480'."""
+    steps = 40 if "i2v" in task else 50
+    shift = 5.0
+    if "i2v" in task and size in ("832*480", "480*832"):
+        shift = 3.0
+    elif "flf2v" in task:
+        shift = 16
+    return steps, shift
+
+
+WAN21_TASKS = {"t2v-1.3b": "t2v-1.3B", "t2v-14b": "t2v-14B", "i2v-14b-480p": "i2v-14B", "i2v-14b-720p": "i2v-14B"}
+WAN21_TASKS["flf2v-14b"] = "flf2v-14B"
+
+
+@pytest.mark.parametrize("name", list(WAN21_TASKS))
+def test_wan21_defaults_equal_generate_py_and_its_configs(name):
+    spec = CATALOGUE[name]
+    image = None if spec.task == "t2v" else Image.new("RGB", (64, 64))
+    for resolution in spec.resolutions:
+        size_flag = {"480p": "832*480", "720p": "1280*720"}[resolution]  # generate.py's --size for the resolution
+        steps, shift = wan21_generate_defaults(WAN21_TASKS[name], size_flag)
+        for width, height in spec.presets[resolution].values():
+            settings = resolve_request(spec, "p", width=width, height=height, image=image).settings
+            assert (settings.num_inference_steps, settings.flow_shift) == (steps, shift), (resolution, width, height)
+            assert (settings.guidance_scale, settings.num_frames, settings.fps) == (5.0, 81, 16)
