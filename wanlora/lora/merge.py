@@ -27,7 +27,7 @@ from .formats import I2V_ONLY, Delta, LoraFile, _listing
 
 logger = logging.getLogger(__name__)
 
-CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 rows: stays in L2 while the LoRA rows are added
+CPU_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of fp32 rows: big enough for an efficient GEMM, small enough for L3 (measured)
 FP32_MAX = torch.finfo(torch.float32).max
 
 
@@ -228,8 +228,8 @@ class LoraMerger:
 
         A lone LoRA whose factors are exact in the weight's dtype is one GEMM (fp32
         accumulation, one rounding at the output) where that kernel is the fast one.
-        Anything else is summed in an fp32 accumulator in row chunks, small on CPU so that
-        they stay in cache. Both round once; they differ only in summation order.
+        Anything else is summed in an fp32 accumulator in row chunks (on a CPU, sized for its
+        cache). Both round once; they differ only in summation order.
         """
         param = self.params[name]
         base = self._base(name)
