@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraAuthRequired, LoraDownloadError, LoraNotFound, ModelNotFound, NoSuchHubRepo, WanLoraError
+from .paths import inside
 from .settings import weights_dir
 
 logger = logging.getLogger(__name__)
@@ -131,11 +132,14 @@ def hub_errors(repo: str, **context: Any) -> Iterator[None]:
 
 
 def local_copy(repo: str, filename: str | None = None) -> Path | None:
-    """`repo` (or one file of it) in the pre-fetched weights folder (WANLORA_WEIGHTS), if there."""
+    """`repo` (or one file of it) in the pre-fetched weights folder (WANLORA_WEIGHTS), if there.
+
+    Both names come from requests: `inside` refuses any that could lead out of the folder.
+    """
     root = weights_dir()
     if root is None:
         return None
-    path = root / repo / (filename or "")
+    path = inside(root, repo, *([filename] if filename else []))
     return path if path.exists() else None
 
 

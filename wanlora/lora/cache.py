@@ -34,6 +34,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..errors import LoraDownloadError
+from ..paths import inside
 from ..settings import cache_dir, cache_max_bytes
 from .net import CHUNK, Validators, current_transfer
 
@@ -76,7 +77,7 @@ class LoraCache:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
     def _dir(self, key: str) -> Path:
-        return self.root / "entries" / key
+        return inside(self.root, "entries", key)
 
     def _folder(self, name: str) -> Path:
         folder = self.root / name
@@ -93,10 +94,10 @@ class LoraCache:
         )
 
     def partial_path(self, key: str) -> Path:
-        return self._folder("partial") / f"{key}.part"
+        return inside(self._folder("partial"), f"{key}.part")
 
     def _lock(self, key: str) -> FileLock:
-        return FileLock(str(self._folder("locks") / f"{key}.lock"))
+        return FileLock(str(inside(self._folder("locks"), f"{key}.lock")))
 
     @contextmanager
     def locked(self, key: str) -> Iterator[None]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound, NoSuchHubRepo
 from ..hub import hub_errors, local_copy
+from ..messages import listing
 from ..settings import civitai_token, civitai_url, max_lora_bytes, replicate_url
 from .archive import is_tar_file, unpack_single_lora
 from .cache import LoraCache
@@ -157,19 +158,18 @@ def choose_files(files: list[str], where: str, label: str) -> list[tuple[str, st
         return [("high", roles["high"]), ("low", roles["low"])]
     if not files:
         raise LoraNotFound(f"{label}: {where} has no .safetensors file", label)
-    listing = ", ".join(files[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
     raise LoraNotFound(
-        f"{label}: {where} has several .safetensors files and no single high/low pair; pick one file, or the "
-        f"folder of one pair, as {where}/NAME: {listing}",
+        listing(f"{label}: {where} has several .safetensors files and no single high/low pair; pick one file, or "
+                f"the folder of one pair, as {where}/NAME", files, limit=20),
         label,
-    )
+    )  # fmt: skip
 
 
-def local_files(path: Path, label: str) -> list[tuple[str, Path]]:
-    """A local file, or the one file (or the pair) in a local folder."""
+def local_files(path: Path, label: str, where: str | None = None) -> list[tuple[str, Path]]:
+    """A local file, or the one file (or the pair) in a local folder; `where` names the folder in errors."""
     if path.is_dir():
         names = sorted(p.name for p in path.glob("*.safetensors"))
-        return [(role, path / name) for role, name in choose_files(names, str(path), label)]
+        return [(role, path / name) for role, name in choose_files(names, where or str(path), label)]
     return [("both", resolve_local(path))]
 
 
@@ -181,8 +181,13 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> Files:
 
     repo, revision, named = source.repo_id, source.revision, source.filename
     prefetched = local_copy(repo, named) if revision is None else None
-    if prefetched is not None:  # the operator's weights folder: public files, baked in
-        return [(role, _verified(path, f"file:{path}", label)) for role, path in local_files(prefetched, label)]
+    if prefetched is not None:  # the operator's weights folder: public files, baked in, named as on the Hub
+        where = f"{repo}/{named}" if named else repo
+        found = []
+        for role, path in local_files(prefetched, label, where):
+            name = where if path == prefetched else f"{where}/{path.name}"
+            found.append((role, _verified(path, f"hf:{name}", label)))
+        return found
     token = credentials.hf_token or None
     api = HfApi(token=token)
     with hub_errors(repo, ref=label, revision=revision, filename=named):

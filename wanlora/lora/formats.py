@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import LoraFormatError
+from ..messages import listing
 
 # Prefixes that mean "the transformer", longest first. The namespace they imply, if any.
 PREFIXES: list[tuple[str, str | None]] = [
@@ -362,7 +363,7 @@ def parse_state_dict(
         else:
             unexplained.append(key)
     if unexplained:
-        raise LoraFormatError(_listing(f"{label} has keys that are not LoRA factors", unexplained), label)
+        raise LoraFormatError(listing(f"{label} has keys that are not LoRA factors", unexplained), label)
 
     adapter = _peft_adapter_config(metadata, label)
     deltas: dict[str, Delta] = {}
@@ -379,7 +380,7 @@ def parse_state_dict(
             deltas[param] = delta
             kinds.add(delta.kind)
     if unknown:
-        raise LoraFormatError(_listing(f"{label} targets modules that Wan does not have", unknown), label)
+        raise LoraFormatError(listing(f"{label} targets modules that Wan does not have", unknown), label)
     return LoraFile(
         path=path,
         layout=_describe_layout(tensors, namespace, kinds),
@@ -394,7 +395,7 @@ def _check_finite(tensors: dict[str, torch.Tensor], label: str) -> None:
     """A NaN or Inf anywhere makes every frame black or noise: refuse the file, naming the tensor."""
     bad = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise LoraFormatError(_listing(f"{label} holds NaN or infinite values, in", bad), label)
+        raise LoraFormatError(listing(f"{label} holds NaN or infinite values, in", bad), label)
 
 
 def _strip_prefixes(tensors: dict[str, torch.Tensor], label: str) -> tuple[dict[str, tuple[str, torch.Tensor]], str]:
@@ -549,9 +550,3 @@ def _describe_layout(tensors: dict[str, torch.Tensor], namespace: str, kinds: se
     if "full" in kinds and "only" not in family:
         family += " + full deltas"
     return family
-
-
-def _listing(headline: str, items: list[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return f"{headline}: {shown}{more}"

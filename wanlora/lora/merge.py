@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 
 from ..errors import LoraFormatError, LoraMismatch
-from .formats import I2V_ONLY, Delta, LoraFile, _listing
+from ..messages import listing
+from .formats import I2V_ONLY, Delta, LoraFile
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ class Fit:
     def mismatch(self, lora: LoraFile) -> LoraMismatch:
         """The error for a LoRA that does not fit, naming the parameters that differ."""
         if self.misfit:
-            message = _listing(
+            message = listing(
                 f"{lora.label} was made for {self.made_for}; {self.this_model}. Shapes differ", self.misfit
             )
         else:
-            message = _listing(f"{lora.label} (made for {self.made_for}) has deltas for parameters "
+            message = listing(f"{lora.label} (made for {self.made_for}) has deltas for parameters "
                                f"{self.this_model} lacks", self.missing)  # fmt: skip
         return LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
 
@@ -160,7 +161,7 @@ class LoraMerger:
             if fit.skipped and lora.label not in warned:
                 warned.add(lora.label)
                 logger.warning("%s: skipping its %d image-branch parameters (%s); applying the rest: %s", lora.label,
-                               len(fit.skipped), fit.why_skipped, _listing("", fit.skipped).lstrip(": "))  # fmt: skip
+                               len(fit.skipped), fit.why_skipped, listing("", fit.skipped).lstrip(": "))  # fmt: skip
         plan: Plan = {}
         for (lora, strength), fit in zip(loras, fits, strict=True):
             if strength == 0:

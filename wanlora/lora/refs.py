@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import LoraNotFound
+from ..paths import PathRefused, relative_name
 from ..settings import MAX_REF_CHARS
 
 HUB_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
@@ -108,8 +109,7 @@ def parse_ref(ref: str, local_files: bool = True) -> Source:
         repo, rev, path = match["repo"], match["rev"], match["path"]
         if rev is None and path is None:
             return Source("hub_or_replicate", f"hf:{repo}", repo_id=repo)
-        canonical = f"hf:{repo}@{rev or 'main'}" + (f"/{path}" if path else "")
-        return Source("hub", canonical, repo_id=repo, revision=rev, filename=path)
+        return _hub_source(text, repo, rev, path)
     raise LoraNotFound(
         f"{display_ref(text)!r} is not a LoRA reference wanlora understands: use owner/repo, "
         "owner/repo/file.safetensors, a huggingface.co, civitai.com or replicate.com link, civitai:VERSION_ID, "
@@ -154,11 +154,9 @@ def _parse_url(text: str) -> Source:
         if len(segments) == 2:
             return Source("hub_or_replicate", f"hf:{repo}", repo_id=repo)
         if len(segments) >= 5 and segments[2] in ("blob", "resolve"):
-            rev, path = segments[3], "/".join(segments[4:])
-            return Source("hub", f"hf:{repo}@{rev}/{path}", repo_id=repo, revision=rev, filename=path)
+            return _hub_source(text, repo, segments[3], "/".join(parts.path.split("/")[5:]))
         if segments[2] == "tree" and len(segments) >= 4:
-            rev = segments[3]
-            return Source("hub", f"hf:{repo}@{rev}", repo_id=repo, revision=rev)
+            return _hub_source(text, repo, segments[3], "/".join(parts.path.split("/")[5:]) or None)
     if host in CIVITAI_HOSTS:
         if segments[:3] == ["api", "download", "models"] and len(segments) == 4 and segments[3].isdigit():
             return Source("civitai", f"civitai:{segments[3]}", version_id=segments[3])
@@ -178,6 +176,18 @@ def _parse_url(text: str) -> Source:
             "replicate", f"replicate:{repo}" + (f"@{version}" if version else ""), repo_id=repo, version_id=version
         )
     return Source("url", canonical_url(text), url=text)
+
+
+def _hub_source(text: str, repo: str, revision: str | None, filename: str | None) -> Source:
+    """A Hub file or folder: its name and revision must be plain relative names, whatever exists where."""
+    try:
+        for name, what in ((filename, "its file name"), (revision, "its revision")):
+            if name is not None:
+                relative_name(name, what)
+    except PathRefused as exc:
+        raise LoraNotFound(f"{display_ref(text)} is not a Hub file reference: {exc}") from None
+    canonical = f"hf:{repo}@{revision or 'main'}" + (f"/{filename}" if filename else "")
+    return Source("hub", canonical, repo_id=repo, revision=revision, filename=filename)
 
 
 def canonical_url(url: str) -> str:
