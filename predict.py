@@ -6,7 +6,6 @@ literal, or a constant of this module bound to one. tests/test_predict_schema.py
 them to Cog's rules, and to the library's own constants.
 """
 
-import logging
 import pathlib
 import shutil
 import sys
@@ -14,7 +13,8 @@ import tempfile
 
 from cog import BaseRunner, Input, Path, Secret
 
-from wanlora.errors import InvalidInput, WanLoraError
+from wanlora.errors import InternalError, InvalidInput, WanLoraError
+from wanlora.logs import configure as configure_logging
 from wanlora.service import VideoService
 from wanlora.workers import WorkerGroup, worker_count
 
@@ -32,7 +32,7 @@ class Predictor(BaseRunner):
         points at pre-fetched weights (cog.weights.yaml mounts them). With several GPUs
         visible (or WANLORA_GPUS set), one persistent worker per GPU shares every prediction.
         """
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
+        configure_logging(verbose=True, stream=sys.stdout, fmt="%(message)s", force=True)
         self.outputs = pathlib.Path(tempfile.mkdtemp(prefix="wanlora-out-"))
         workers = worker_count()
         if workers > 1:
@@ -202,6 +202,8 @@ class Predictor(BaseRunner):
             )
         except WanLoraError as exc:
             raise exc from None  # the one-line message; no library exception chained below it
+        except Exception as exc:  # a bug outside the library's own boundary: still one clean line
+            raise InternalError.of(exc) from None
         for name, seconds in result.timings.items():
             self.record_metric(name, seconds)
         self.record_metric("frames", result.frames)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import signal
@@ -93,11 +94,14 @@ def cli(capsys, monkeypatch):
             monkeypatch.chdir(cwd)
         for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
             monkeypatch.setenv(name, os.environ.get(name, "warning"))  # main sets them; they are put back after
+        level = logging.getLogger("wanlora").level  # main sets it for its command; put it back
         with warnings.catch_warnings():
             try:
                 code = main(list(args))
             except SystemExit as exc:  # argparse: --help, usage errors
                 code = exc.code
+            finally:
+                logging.getLogger("wanlora").setLevel(level)
         out = capsys.readouterr()
         return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 

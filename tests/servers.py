@@ -33,6 +33,9 @@ class Route:
     content_type: str = "application/octet-stream"
     require_auth: str | None = None  # the Authorization header value that is accepted
     require_query: str | None = None  # a `name=value` the query must carry (a signed or token link)
+    refuse_to: str | None = None  # without the auth: redirect here (a login page), as Civitai does, not 401
+    validators: bool = True  # send an ETag (a login page sends none)
+    encoding: str | None = None  # a Content-Encoding to claim, the body sent as it is
 
     @property
     def etag(self) -> str:
@@ -81,14 +84,17 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         server = self.server
+        query = urlsplit(self.path).query
         with server.lock:
             server.requests[path] += 1
             server.headers_seen.append(dict(self.headers))
-            route = server.routes.get(path)
+            route = server.routes.get(f"{path}?{query}") or server.routes.get(path)  # one file of many, by query
             attempt = server.requests[path]
         if route is None:
             return self._empty(404)
         if route.require_auth and self.headers.get("Authorization") != route.require_auth:
+            if route.refuse_to:
+                return self._empty(307, headers={"Location": route.refuse_to})
             return self._empty(401)
         if route.require_query and route.require_query not in urlsplit(self.path).query.split("&"):
             return self._empty(403)
@@ -123,9 +129,12 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         if route.gzip:
             part = gzip.compress(part)
             self.send_header("Content-Encoding", "gzip")
+        if route.encoding:
+            self.send_header("Content-Encoding", route.encoding)
         self.send_header("Content-Type", route.content_type)
         self.send_header("Content-Length", str(len(part)))
-        self.send_header("ETag", route.etag)
+        if route.validators:
+            self.send_header("ETag", route.etag)
         self.end_headers()
         if route.delay:
             time.sleep(route.delay)
@@ -158,11 +167,15 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+SIGNATURE = "s3cr3tSIGNATUREvalue"  # in a signed link's query: it must never be logged
+
+
 @dataclass
 class HubRepo:
     files: dict[str, bytes] = field(default_factory=dict)
     revisions: tuple[str, ...] = ("main",)
     token: str | None = None  # a private repo: only this Bearer token sees it
+    signed: bool = False  # downloads redirect to a signed link, as the Hub's LFS files do
 
 
 class FakeHub(_Base):
@@ -190,6 +203,12 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, head: bool) -> None:
         parts = [p for p in urlsplit(self.path).path.split("/") if p]
+        if parts[:1] == ["_signed"]:  # the signed link a download redirected to
+            repo = self.server.repos[f"{parts[1]}/{parts[2]}"]
+            body = repo.files["/".join(parts[3:])]
+            if not head:
+                self.server.downloads[f"{parts[1]}/{parts[2]}/{'/'.join(parts[3:])}"] += 1
+            return self._send(200, body, head, {"ETag": f'"{hashlib.sha256(body).hexdigest()}"'})
         if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "revision":  # repo_info
             repo = self._repo(f"{parts[2]}/{parts[3]}", parts[5])
             if repo is None:
@@ -217,9 +236,12 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             if path not in repo.files:
                 return self._error(404, "EntryNotFound", head)
             body = repo.files[path]
+            etag = f'"{hashlib.sha256(body).hexdigest()}"'
+            if repo.signed and not head:
+                signed = f"/_signed/{parts[0]}/{parts[1]}/{path}?X-Amz-Signature={SIGNATURE}&X-Amz-Expires=3600"
+                return self._send(302, b"", head, {"Location": signed, "X-Repo-Commit": self.commit, "ETag": etag})
             if not head:
                 self.server.downloads[f"{parts[0]}/{parts[1]}/{path}"] += 1
-            etag = f'"{hashlib.sha256(body).hexdigest()}"'
             return self._send(200, body, head, {"X-Repo-Commit": self.commit, "ETag": etag})
         self._error(404, "RepoNotFound", head)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from . import __version__
 from .accelerators import ACCELERATORS
 from .attention import CHOICES as ATTENTION_CHOICES
-from .errors import InvalidInput, WanLoraError
+from .errors import InternalError, InvalidInput, WanLoraError
+from .logs import configure as configure_logging
 from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
 from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
 from .request import resolve_request
@@ -63,7 +64,7 @@ class OneLineParser(argparse.ArgumentParser):
 def say(text: str) -> None:
     """Tell a person at a terminal what the next slow step is; logged (shown with -v) either way."""
     logging.getLogger("wanlora.cli").info(text)
-    if sys.stderr.isatty() and not logging.getLogger().isEnabledFor(logging.INFO):
+    if sys.stderr.isatty() and not logging.getLogger("wanlora").isEnabledFor(logging.INFO):
         print(f"wanlora: {text}...", file=sys.stderr, flush=True)
 
 
@@ -570,8 +571,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
     cache = LoraCache()
     if args.cache_command == "clear":
-        freed = cache.clear()
-        print(f"cleared {cache.root} ({freed / 2**20:.1f} MiB freed)")
+        freed, busy = cache.clear()
+        kept = f"; {busy} in use by another process, kept" if busy else ""
+        print(f"cleared {cache.root} ({freed / 2**20:.1f} MiB freed{kept})")
         return
     entries = cache.entries()
     total = sum(e.size for e in entries)
@@ -598,11 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # what `--gpus` hands to each worker
     args.verbose = getattr(args, "verbose", False)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose=args.verbose)
     if not args.verbose:
         # diffusers and transformers speak up about experimental APIs and optional backends on
         # every load; they read these before configuring their own loggers
@@ -623,7 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WanLoraError as exc:
         if speaks:
             print(f"wanlora: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, InternalError) else 2
+    except Exception as exc:  # a bug, reported in one scrubbed line like any other failure
+        if speaks:
+            print(f"wanlora: error: {InternalError.of(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if speaks and not launched_by_gpus():  # under --gpus, the launcher says it
             print("wanlora: interrupted", file=sys.stderr)

@@ -7,7 +7,12 @@ references are shown without their tokens, and tokens never.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
 
 
 class WanLoraError(Exception):
@@ -72,6 +77,10 @@ class LoraNotFound(LoraError):
     """The reference points at nothing: no file, repo, page or model."""
 
 
+class LoraFileGone(LoraNotFound):
+    """A fetched file was removed before it was read (another process cleared the cache): fetch it again."""
+
+
 class NoSuchHubRepo(LoraNotFound):
     """The Hub has no such repo (or hides a private one): `owner/repo` may be a Replicate model."""
 
@@ -97,3 +106,38 @@ class LoraMismatch(LoraError):
 
     def __reduce__(self):
         return type(self), (str(self), self.ref, self.status, self.widths)
+
+
+class OutOfMemory(WanLoraError):
+    """The machine or the GPU ran out of memory for this request."""
+
+
+class InternalError(WanLoraError):
+    """A failure wanlora did not foresee: a bug to report. The message names it, without secrets."""
+
+    @classmethod
+    def of(cls, exc: Exception) -> WanLoraError:
+        from .logs import scrub
+
+        text = scrub(str(exc).splitlines()[0] if str(exc) else "")[:500]
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            advice = "try a smaller size, fewer frames, or offload"
+            return OutOfMemory(f"out of memory ({text or type(exc).__name__}): {advice}")
+        return cls(f"an unexpected {type(exc).__name__} inside wanlora (a bug: please report it): {text}")
+
+
+def error_boundary(function: F) -> F:
+    """A public call lets out only WanLoraError (and BaseExceptions: Ctrl-C, a cancellation); anything
+    else is a bug, raised as InternalError with its traceback logged (scrubbed) at DEBUG."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except WanLoraError:
+            raise
+        except Exception as exc:
+            logging.getLogger("wanlora").debug("%s failed", function.__qualname__, exc_info=True)
+            raise InternalError.of(exc) from None
+
+    return call  # type: ignore[return-value]

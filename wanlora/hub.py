@@ -128,7 +128,8 @@ def hub_errors(repo: str, **context: Any) -> Iterator[None]:
         error = translate(exc, repo, **context)
         if error is None:
             raise
-        raise error from exc
+        logger.debug("the Hub's error for %s: %s", repo, exc)  # scrubbed by the handlers; not chained to ours
+        raise error from None
 
 
 def local_copy(repo: str, filename: str | None = None) -> Path | None:

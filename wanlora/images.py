@@ -7,12 +7,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import InvalidInput
 from .settings import RESIZE_MODES
 
 MIN_IMAGE_SIDE = 32
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; a frame is at most 1920 a side, and decoding costs memory
+TOO_MANY_PIXELS = f"an image of at most {MAX_IMAGE_PIXELS // 10**6} megapixels; scale it down"
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -25,10 +27,17 @@ def load_image(image: ImageInput, field: str = "image") -> Image.Image:
             raise InvalidInput(field, str(image), "a path to an existing image file")
         try:
             with Image.open(path) as opened:
+                _check_pixels(field, opened.size)  # from the header: a small file can declare gigapixels
                 opened.load()
                 loaded = ImageOps.exif_transpose(opened)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InvalidInput(field, str(image), f"a readable image (PNG, JPEG, WebP...): {exc}") from exc
+        except Image.DecompressionBombError:
+            raise InvalidInput(
+                field, str(image), f"an image of at most {MAX_IMAGE_PIXELS // 10**6} megapixels"
+            ) from None
+        except InvalidInput:
+            raise
+        except Exception as exc:  # a decoder's complaint, whatever its type (PIL raises SyntaxError for a bad PNG)
+            raise InvalidInput(field, str(image), f"a readable image (PNG, JPEG, WebP...): {exc}") from None
     elif isinstance(image, Image.Image):
         loaded = image
     elif isinstance(image, np.ndarray):
@@ -37,9 +46,16 @@ def load_image(image: ImageInput, field: str = "image") -> Image.Image:
         loaded = Image.fromarray(image)
     else:
         raise InvalidInput(field, type(image).__name__, "a path, a PIL image or a uint8 H x W x 3 array")
+    _check_pixels(field, loaded.size)
     if min(loaded.size) < MIN_IMAGE_SIDE:
         raise InvalidInput(field, f"{loaded.size[0]}x{loaded.size[1]}", f"at least {MIN_IMAGE_SIDE} pixels a side")
     return loaded.convert("RGB")
+
+
+def _check_pixels(field: str, size: tuple[int, int]) -> None:
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        shown = f"{size[0]}x{size[1]}"
+        raise InvalidInput(field, shown, TOO_MANY_PIXELS)
 
 
 def reference_frame_size(image_size: tuple[int, int], area: int, vae_scale: int, per_side: bool) -> tuple[int, int]:

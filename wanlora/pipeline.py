@@ -30,7 +30,7 @@ from .accelerators import accelerator_refs
 from .attention import choose_backend, install_backend
 from .devices import resolve_device
 from .distributed import Parallel, init_distributed, resolve_plan
-from .errors import InvalidInput, ModelNotFound
+from .errors import InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .fastmode import apply_fast_mode
 from .guidance import BatchedGuidance
@@ -98,6 +98,7 @@ class WanLoraPipeline:
         self.load_timings: dict[str, float] = {}
 
     @classmethod
+    @error_boundary
     def from_pretrained(
         cls,
         model: str | ModelSpec = "t2v-14b",
@@ -195,6 +196,7 @@ class WanLoraPipeline:
         """The LoRA set merged now, as requested (each request once, whatever experts it is on)."""
         return list(dict.fromkeys(c.request for expert in self.experts for c in expert.loras.active))
 
+    @error_boundary
     def set_loras(
         self,
         loras: Sequence[str | tuple[str, float | Sequence[float]] | LoraRequest] | None,
@@ -228,6 +230,7 @@ class WanLoraPipeline:
             self._set_loras(previous, credentials)
         raise failure
 
+    @error_boundary
     def save_merged(self, folder: str | os.PathLike) -> Path:
         """Write this model, with its current LoRAs baked into the weights, as a diffusers-layout folder.
 
@@ -275,6 +278,7 @@ class WanLoraPipeline:
         if not requests:
             logger.info("LoRAs removed: base weights restored (%.2fs)", seconds)
 
+    @error_boundary
     def generate(
         self,
         prompt: str,
@@ -332,6 +336,7 @@ class WanLoraPipeline:
         refuse_unknown(unknown, options, "WanLoraPipeline.generate()")
         return self.run(resolve_request(self.spec, **options), credentials, progress)
 
+    @error_boundary
     def run(self, request: Request, credentials: Credentials | None = None, progress: bool = True) -> Video | None:
         """Generate from a request `wanlora.request.resolve_request` made for this pipeline's model."""
         if request.spec != self.spec:

@@ -113,9 +113,16 @@ def _in_range(field: str, value, low, high) -> None:
 def _check_text(field: str, value: object, required: bool) -> str:
     if not isinstance(value, str) or (required and not value.strip()):
         raise InvalidInput(field, value, "a non-empty text" if required else "a text")
+    shown = f"{len(value)} characters"
     if len(value) > MAX_PROMPT_CHARS:
-        shown = f"{len(value)} characters"
         raise InvalidInput(field, shown, f"at most {MAX_PROMPT_CHARS} characters (the model reads about 2,000)")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: it would fail only at the very end, writing the tags
+            raise InvalidInput(
+                field, shown, "valid Unicode text: it holds a broken character (a lone surrogate)"
+            ) from None
     return value
 
 

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidInput, LoraMismatch
+from .errors import InvalidInput, LoraMismatch, error_boundary
 from .lora.fetch import Credentials
 from .lora.refs import display_ref
 from .lora.selection import LoraRequest
@@ -47,6 +47,8 @@ INPUT_NAMES = {  # the library's names -> the predictor's inputs, for its error 
     "guidance_scale": "sample_guide_scale",
     "guidance_scale_2": "sample_guide_scale_2",
     "flow_shift": "sample_shift",
+    "hf_token": "hf_api_token",
+    "civitai_token": "civitai_api_token",
 }
 
 
@@ -218,9 +220,10 @@ class VideoService:
         output_quality: object = 80,
     ) -> ServiceRequest:
         """Check every input and map Replicate's names onto the library's, before any work."""
-        for field, token in (("hf_api_token", hf_api_token), ("civitai_api_token", civitai_api_token)):
-            if token is not None and not isinstance(token, str):
-                raise InvalidInput(field, type(token).__name__, "a token (text), or empty")
+        try:
+            credentials = Credentials(hf_token=hf_api_token, civitai_token=civitai_api_token, local_files=False)
+        except InvalidInput as exc:
+            raise exc.renamed(INPUT_NAMES) from None
         name = self.model_for(model, image is not None, resolution)
         accelerator = _choice("accelerator", accelerator, ACCELERATORS)
         if sample_steps is None and accelerator is None:
@@ -255,10 +258,9 @@ class VideoService:
             raise exc.renamed(INPUT_NAMES) from None
         if isinstance(output_quality, bool) or not isinstance(output_quality, int):
             raise InvalidInput("output_quality", output_quality, "a whole number between 0 and 100")
-        credentials = Credentials(hf_token=hf_api_token or None, civitai_token=civitai_api_token or None,
-                                  local_files=False)  # fmt: skip
         return ServiceRequest(name, request, output_quality, credentials)
 
+    @error_boundary
     def generate(self, *, out_dir: Path, **inputs: object) -> Result | None:
         """Validate every input, then make the LoRA state match and generate an MP4 in `out_dir`.
 

@@ -117,9 +117,22 @@ def replicate_url() -> str:
     return (_raw("WANLORA_REPLICATE_URL") or REPLICATE_URL).rstrip("/")
 
 
+def clean_token(field: str, value: object) -> str | None:
+    """A token as pasted, without surrounding whitespace; refused, never shown, if anything else is off."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(field, type(value).__name__, "a token (text), or empty")
+    token = value.strip()
+    if any(not (char.isascii() and char.isprintable()) or char.isspace() for char in token):
+        hidden = f"(a token of {len(token)} characters, not shown)"
+        raise InvalidInput(field, hidden, "a token without spaces, line breaks or other control characters inside")
+    return token or None
+
+
 def civitai_token() -> str | None:
     """CIVITAI_API_TOKEN: the operator's Civitai token, used when a request brings none."""
-    return _raw("CIVITAI_API_TOKEN")
+    return clean_token("CIVITAI_API_TOKEN", _raw("CIVITAI_API_TOKEN"))
 
 
 def model_override(task: str) -> str | None:

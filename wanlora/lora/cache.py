@@ -55,10 +55,11 @@ class Entry:
     protected: bool = False  # fetched with credentials: access is re-checked on every use
     etag: str | None = None
     last_modified: str | None = None
+    origin_length: int | None = None  # the whole body's length at the origin (a tar's, for an unpacked LoRA)
 
     @property
     def validators(self) -> Validators:
-        return Validators(self.etag, self.last_modified)
+        return Validators(self.etag, self.last_modified, self.origin_length)
 
 
 def sha256_of(path: Path) -> str:
@@ -124,7 +125,11 @@ class LoraCache:
         entry = self._read(folder)
         if entry is None:
             return None
-        if sha256_of(Path(entry.path)) != entry.sha256:  # damaged on disk: fetch it again
+        try:
+            intact = sha256_of(Path(entry.path)) == entry.sha256
+        except OSError:  # removed since it was listed
+            return None
+        if not intact:  # damaged on disk: fetch it again
             shutil.rmtree(folder, ignore_errors=True)
             return None
         entry.last_used = time.time()
@@ -154,7 +159,7 @@ class LoraCache:
             validators = validators or Validators()
             entry = Entry(
                 canonical, target.stat().st_size, sha256_of(target), now, now, trigger_words, str(target),
-                protected, validators.etag, validators.last_modified,
+                protected, validators.etag, validators.last_modified, validators.length,
             )  # fmt: skip
             self._write_meta(folder, entry)
         except OSError as exc:
@@ -194,17 +199,31 @@ class LoraCache:
             removed.append(entry)
         return removed
 
-    def clear(self) -> int:
-        """Remove every entry and unfinished download; return the bytes freed."""
-        freed = sum(e.size for e in self.entries())
-        for name in ("entries", "partial"):
+    def clear(self) -> tuple[int, int]:
+        """Remove every entry and unfinished download that no process is using, each under its key's lock.
+
+        Returns (bytes freed, entries kept because another process holds them): a fetch in
+        another process is never left with a file taken from under it.
+        """
+        keys = {d.name for d in (self.root / "entries").glob("*")}
+        keys |= {p.name.split(".", 1)[0] for p in (self.root / "partial").glob("*")}
+        freed, busy = 0, 0
+        for key in sorted(keys):
+            lock = self._lock(key)
             try:
-                shutil.rmtree(self.root / name)
-            except FileNotFoundError:
+                lock.acquire(timeout=0)
+            except Timeout:
+                busy += 1
                 continue
-            except OSError as exc:
-                raise self.unwritable(exc) from exc
-        return freed
+            try:
+                entry = self._read(self._dir(key))
+                shutil.rmtree(self._dir(key), ignore_errors=True)
+                for leftover in (self.root / "partial").glob(f"{key}.*"):
+                    leftover.unlink(missing_ok=True)
+                freed += entry.size if entry else 0
+            finally:
+                lock.release()
+        return freed, busy
 
     def _read(self, folder: Path) -> Entry | None:
         meta, file = folder / "entry.json", folder / "lora.safetensors"

@@ -20,14 +20,15 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
-from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound, NoSuchHubRepo
-from ..hub import hub_errors, local_copy
+from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound, NoSuchHubRepo, error_boundary
+from ..hub import hub_errors, local_copy, transport_errors
 from ..messages import listing
-from ..settings import civitai_token, civitai_url, max_lora_bytes, replicate_url
+from ..settings import civitai_token, civitai_url, clean_token, max_lora_bytes, replicate_url
 from .archive import is_tar_file, unpack_single_lora
 from .cache import LoraCache
-from .metadata import card_trigger_words, trigger_words
+from .metadata import MAX_CARD_BYTES, card_front_matter, card_trigger_words, trigger_words
 from .net import (
     check_url,
     discard_partial,
@@ -52,6 +53,10 @@ class Credentials:
     hf_token: str | None = None
     civitai_token: str | None = None
     local_files: bool = True
+
+    def __post_init__(self) -> None:  # a token pasted with a newline would break (and echo) a header
+        for name in ("hf_token", "civitai_token"):
+            object.__setattr__(self, name, clean_token(name, getattr(self, name)))
 
     def civitai(self) -> str | None:
         return self.civitai_token or civitai_token()
@@ -80,6 +85,7 @@ class FetchedLora:
 Files = list[tuple[str, FetchedLora]]  # each file with the expert it is for: "both", "high" or "low"
 
 
+@error_boundary
 def fetch_lora_files(ref: str, credentials: Credentials | None = None, cache: LoraCache | None = None) -> Files:
     """Resolve, download (or reuse) and verify what `ref` names: one LoRA file, or a Wan2.2 pair.
 
@@ -200,7 +206,7 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> Files:
                 files = [f for f in files if f.startswith(f"{folder}/") and "/" not in f[len(folder) + 1 :]]
             chosen = choose_files(files, f"{repo}/{folder}" if folder else repo, label)
         fetched = [(role, _hub_file(api, repo, revision, filename, token, label)) for role, filename in chosen]
-    words = _card_trigger_words(repo, token)
+    words = _card_trigger_words(api, repo, revision, token)
     protected = (token or get_token()) is not None
     return [
         (role, FetchedLora(f.path, f.source, f.size, None, list(dict.fromkeys(f.trigger_words + words)), protected))
@@ -220,29 +226,42 @@ def _hub_file(api, repo: str, revision: str | None, filename: str, token: str | 
     return _verified(path, f"hf:{repo}@{revision or 'main'}/{filename}", label)
 
 
-def _card_trigger_words(repo: str, token: str | None) -> list[str]:
-    from huggingface_hub import ModelCard
+def _card_trigger_words(api, repo: str, revision: str | None, token: str | None) -> list[str]:
+    """Trigger words from the repo's model card, read only when it is small enough (MAX_CARD_BYTES)."""
+    from huggingface_hub import hf_hub_download, hf_hub_url
+    from huggingface_hub.constants import HF_HUB_OFFLINE
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        card = ModelCard.load(repo, token=token)
-    except (HfHubHTTPError, OSError, ValueError):
-        return []  # no card is normal; trigger words are a hint
-    return card_trigger_words(card.data.to_dict())
+        if not HF_HUB_OFFLINE:
+            size = api.get_hf_file_metadata(url=hf_hub_url(repo, "README.md", revision=revision), token=token).size
+            if size is None or size > MAX_CARD_BYTES:
+                return []
+        card = Path(hf_hub_download(repo, "README.md", revision=revision, token=token))
+        if card.stat().st_size > MAX_CARD_BYTES:
+            return []
+        text = card.read_text(encoding="utf-8", errors="replace")
+    except (HfHubHTTPError, OSError, ValueError, *transport_errors()):
+        return []  # no card is normal, and a failing one costs only a hint
+    return card_trigger_words(card_front_matter(text))
 
 
 # ---------------------------------------------------------------------------- Civitai, Replicate
 
 
 def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: LoraCache) -> FetchedLora:
-    token = credentials.civitai()
+    """A Civitai version's file (the one `fileId` and its kin pick, else the primary one), with the token the
+    link carries (`?token=`), else the request's, else CIVITAI_API_TOKEN, sent as a header, never in a URL."""
+    linked = dict(parse_qsl(urlsplit(source.url).query)).get("token") if source.url else None
+    token = clean_token("the link's token", linked) or credentials.civitai()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     version, words = source.version_id, []
     if version is None:
         model = get_json(f"{civitai_url()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
         version, words = _latest_version(model, source.model_id, label)
-    canonical = f"civitai:{version}"
-    url = f"{civitai_url()}/api/download/models/{version}"
+    picked = f"?{source.selection}" if source.selection else ""
+    canonical = f"civitai:{version}{picked}"
+    url = f"{civitai_url()}/api/download/models/{version}{picked}"
     try:
         return _download(url, canonical, label, cache, headers, protected=token is not None, extra_words=words)
     except LoraNotFound as exc:
@@ -251,14 +270,14 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
             "page id, not the version id: use the page link with ?modelVersionId=V, or the file's download link",
             label,
             exc.status,
-        ) from exc
+        ) from None
     except LoraAuthRequired as exc:
         raise LoraAuthRequired(
             f"{label}: Civitai needs an API token with access to this file; set CIVITAI_API_TOKEN "
             "(or the civitai_api_token input)",
             label,
             exc.status,
-        ) from exc
+        ) from None
 
 
 def _latest_version(model: object, model_id: str, label: str) -> tuple[str, list[str]]:
@@ -286,7 +305,7 @@ def _fetch_replicate(source: Source, label: str, cache: LoraCache) -> FetchedLor
         canonical = source.canonical if target == url else f"{source.canonical}={canonical_url(target)}"
         return _download(target, canonical, label, cache)
     except LoraNotFound as exc:
-        raise LoraNotFound(f"no Replicate model weights at {source.repo_id}{versions}", label, exc.status) from exc
+        raise LoraNotFound(f"no Replicate model weights at {source.repo_id}{versions}", label, exc.status) from None
 
 
 # ---------------------------------------------------------------------------- the cache

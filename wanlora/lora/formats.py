@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import LoraFormatError
+from ..errors import LoraFileGone, LoraFormatError
 from ..messages import listing
 
 # Prefixes that mean "the transformer", longest first. The namespace they imply, if any.
@@ -336,6 +336,8 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except FileNotFoundError:
+        raise LoraFileGone(f"{label}: its file is gone (removed while in use, by `cache clear`?)", label) from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise LoraFormatError(f"{label} is not a readable safetensors file: {exc}", label) from exc
     if not tensors:
@@ -347,6 +349,7 @@ def parse_state_dict(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str = "<memory>", label: str | None = None
 ) -> LoraFile:
     label = label or path
+    tensors = _numeric(tensors, label)
     _check_finite(tensors, label)
     stripped, namespace = _strip_prefixes(tensors, label)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -389,6 +392,25 @@ def parse_state_dict(
         tensor_count=len(tensors),
         label=label,
     )
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _numeric(tensors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    """Tensors whose values the math can use: fp8 factors as bf16 (which holds every fp8 value exactly),
+    whole numbers only as an alpha; booleans, unsigned and anything else refused by name."""
+    usable = {}
+    for key, tensor in tensors.items():
+        if tensor.dtype in FP8_DTYPES:
+            tensor = tensor.to(torch.bfloat16)
+        elif tensor.dtype not in FLOAT_DTYPES and not (key.endswith("alpha") and tensor.dtype in INTEGER_DTYPES):
+            what = "an alpha" if key.endswith("alpha") else "a LoRA factor"
+            raise LoraFormatError(f"{label}: {key[:120]} holds {tensor.dtype} values, which {what} cannot be", label)
+        usable[key] = tensor
+    return usable
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], label: str) -> None:
@@ -442,7 +464,7 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
             raise LoraFormatError(f"{label}: {module} has {sorted(roles)} but lacks {missing}", label)
         for name in names:
             tensor = parts[name]
-            if tensor.numel() == 0 or (matrix and tensor.dim() < 2):
+            if tensor.numel() == 0 or tensor.dim() == 0 or (matrix and tensor.dim() < 2):
                 raise LoraFormatError(
                     f"{label}: {module}'s {name} factor has shape {list(tensor.shape)}; "
                     + ("a matrix with no empty side is needed" if matrix else "it is empty"),
@@ -453,11 +475,18 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
     if "down" in roles or "up" in roles:
         up, down = need("up", "down")
         rank = down.shape[0]
+        if up.shape[1] != rank:
+            raise LoraFormatError(f"{label}: {module}'s up factor has rank {up.shape[1]}, its down one {rank}", label)
         if alpha is None:
             alpha = _peft_alpha(adapter, target, rank, label)
         yield weight, Delta("lora", (up, down), alpha / rank)
     if any(r.startswith("hada_") for r in roles):
         w1a, w1b, w2a, w2b = need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        ranks_fit = w1a.shape[1] == w1b.shape[0] and w2a.shape[1] == w2b.shape[0]
+        products_fit = w1a.shape[0] == w2a.shape[0] and w1b.shape[1] == w2b.shape[1]
+        if any(t.dim() != 2 for t in (w1a, w1b, w2a, w2b)) or not (ranks_fit and products_fit):
+            shapes = ", ".join(str(list(t.shape)) for t in (w1a, w1b, w2a, w2b))
+            raise LoraFormatError(f"{label}: {module}'s LoHa factors do not fit together ({shapes})", label)
         yield weight, Delta("loha", (w1a, w1b, w2a, w2b), 1.0 if alpha is None else alpha / w1b.shape[0])
     if any(r.startswith("lokr_") for r in roles):
         yield weight, _lokr(parts, alpha, module, label)
@@ -485,8 +514,11 @@ def _lokr(parts: dict[str, torch.Tensor], alpha: float | None, module: str, labe
         if any(name not in parts for name in names):
             raise LoraFormatError(f"{label}: {module} is LoKr but lacks lokr_w{n} (or lokr_w{n}_a and _b)", label)
         tensors = [parts[name] for name in names]
-        if any(t.numel() == 0 or t.dim() < 2 for t in tensors):
+        if any(t.numel() == 0 or t.dim() < 2 for t in tensors) or (n == "1" and tensors[0].dim() != 2):
             raise LoraFormatError(f"{label}: {module}'s LoKr factors must be matrices with no empty side", label)
+        if len(tensors) == 2 and (tensors[0].dim() != 2 or tensors[0].shape[1] != tensors[1].shape[0]):
+            shapes = " and ".join(str(list(t.shape)) for t in tensors)
+            raise LoraFormatError(f"{label}: {module}'s LoKr w{n} factors do not fit together ({shapes})", label)
         if len(tensors) == 1:
             factors.append(tensors[0])
         else:

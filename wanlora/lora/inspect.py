@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import error_boundary
 from .fetch import Credentials, expert_of, fetch_lora_files
 from .formats import read_lora
 from .merge import check_fit
@@ -51,6 +52,7 @@ class FileReport:
         return asdict(self)
 
 
+@error_boundary
 def inspect_lora(
     ref: str,
     model: torch.nn.Module | None = None,

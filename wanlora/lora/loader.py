@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import LoraFileGone
 from .fetch import Credentials, FetchedLora, fetch_lora_files
 from .formats import LoraFile, read_lora
 from .refs import display_ref, parse_ref
@@ -48,7 +49,10 @@ class LoraLoader:
         parse_ref(ref, credentials.local_files)  # before the memory: a server's request may not name a file here
         known = self._known.get(ref)
         if not (known and all(k.current for k in known)):
-            known = self._fetch(ref, credentials, known or [])
+            try:
+                known = self._fetch(ref, credentials, known or [])
+            except LoraFileGone:  # a cached file removed between its fetch and its reading: fetch it again
+                known = self._fetch(ref, credentials, [])
         self._known[ref] = known
         self._known.move_to_end(ref)
         while len(self._known) > self.capacity:

@@ -1,10 +1,18 @@
-"""Trigger words: what a LoRA's trainer says to put in the prompt. Pure Python."""
+"""Trigger words: what a LoRA's trainer says to put in the prompt. Pure Python.
+
+A Hub model card is read with a YAML loader that refuses aliases: a kilobyte of nested
+aliases expands to gigabytes (and minutes) in an ordinary loader.
+"""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from typing import Any
+
+import yaml
+
+MAX_CARD_BYTES = 256 * 1024  # a model card is a README; past this it is not read
 
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "ss_trigger_words", "instance_prompt")
 
@@ -44,3 +52,24 @@ def card_trigger_words(card_data: dict[str, Any], limit: int = 10) -> list[str]:
         if isinstance(text, str) and text.strip():
             words.append(text.strip())
     return list(dict.fromkeys(words))[:limit]
+
+
+class _NoAliases(yaml.SafeLoader):
+    """yaml.SafeLoader, but an alias is an error rather than a copy of what it names."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not read in model cards")
+        return super().compose_node(parent, index)
+
+
+def card_front_matter(text: str) -> dict[str, Any]:
+    """A model card's YAML front matter (between its opening `---` lines), or {} when it has none usable."""
+    if not text.startswith("---"):
+        return {}
+    body = text[3:].split("\n---", 1)[0]
+    try:
+        data = yaml.load(body, Loader=_NoAliases)  # a SafeLoader that refuses aliases
+    except yaml.YAMLError:
+        return {}  # trigger words are a hint: an unreadable card gives none
+    return data if isinstance(data, dict) else {}

@@ -20,7 +20,6 @@ import email.utils
 import ipaddress
 import json
 import logging
-import re
 import socket
 import sys
 import threading
@@ -34,7 +33,9 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from tqdm import tqdm
 
+from .. import __version__
 from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound
+from ..logs import guard_loggers, scrub
 from ..settings import download_timeout, max_lora_bytes, private_urls_allowed
 from .refs import url_secrets
 
@@ -108,8 +109,8 @@ def check_url(url: str, label: str) -> None:
         raise LoraDownloadError(f"{label}: the link has no host name", label)
     try:
         addresses = resolve_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except (OSError, UnicodeError, ValueError) as exc:
-        raise LoraDownloadError(f"{label}: cannot resolve host {parts.hostname!r}: check the link", label) from exc
+    except (OSError, UnicodeError, ValueError):
+        raise LoraDownloadError(f"{label}: cannot resolve host {parts.hostname!r}: check the link", label) from None
     for text in addresses:
         problem = address_problem(ipaddress.ip_address(text.split("%")[0]), allow_private)
         if problem:
@@ -223,27 +224,15 @@ class Retryable(Exception):
 RETRYABLE = (Retryable, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
-QUERY = re.compile(r"((?:https?://)?[^\s'\"?]*)\?[^\s'\")]+")
-
-
 def describe(exc: BaseException, url: str | None = None) -> str:
     """A one-line reason for `exc`, without the URL's query or any secret in it."""
     text = str(exc).split("\n")[0][:300] if str(exc) else type(exc).__name__
     for secret in url_secrets(url or ""):
         text = text.replace(secret, "***")
-    return QUERY.sub(r"\1?...", text)
+    return scrub(text)
 
 
-class _WithoutQueries(logging.Filter):
-    """urllib3 logs every request line at DEBUG, query and all: a signed link's secrets with it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(QUERY.sub(r"\1?...", a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
-logging.getLogger("urllib3.connectionpool").addFilter(_WithoutQueries())
+guard_loggers("urllib3.connectionpool", "httpx", "huggingface_hub")  # each logs request URLs, queries and all
 
 
 def retry_after(response: requests.Response) -> float | None:
@@ -284,19 +273,31 @@ def with_retries(action: Callable[[], T], label: str, what: str, url: str | None
             return action()
         except RETRYABLE as exc:
             if transfer.stopped.is_set():
-                raise TransferStopped() from exc
+                raise TransferStopped() from None
             attempt += 1
             asked = getattr(exc, "retry_after", None)
             if asked is not None and asked > MAX_RETRY_AFTER:
                 raise LoraDownloadError(
                     f"{label}: the server is busy and asks to wait {asked:.0f} s; try again later", label, 429
-                ) from exc
-            if attempt == MAX_ATTEMPTS:
+                ) from None
+            if attempt == MAX_ATTEMPTS:  # the cause is not chained: a request error quotes its URL, query and all
                 raise LoraDownloadError(
                     f"{label}: {what} failed after {MAX_ATTEMPTS} attempts ({describe(exc, url)}); try again", label
-                ) from exc
+                ) from None
             logger.warning("%s: %s; retrying", label, describe(exc, url))
             transfer.sleep(max(BACKOFF_SECONDS * 2 ** (attempt - 1), asked or 0.0))
+        except requests.RequestException as exc:  # a malformed answer: bad encoding, headers, redirects
+            if transfer.stopped.is_set():
+                raise TransferStopped() from None
+            raise LoraDownloadError(f"{label}: {what} failed: {describe(exc, url)}", label) from None
+
+
+def http_session() -> requests.Session:
+    """Every HTTP session wanlora opens comes from here: one place for the User-Agent, and for proxies
+    and certificates (requests reads HTTPS_PROXY, REQUESTS_CA_BUNDLE and the like from the environment)."""
+    session = requests.Session()
+    session.headers["User-Agent"] = f"wanlora/{__version__} {session.headers['User-Agent']}"
+    return session
 
 
 def open_url(session: requests.Session, url: str, headers: dict[str, str], label: str) -> requests.Response:
@@ -306,17 +307,11 @@ def open_url(session: requests.Session, url: str, headers: dict[str, str], label
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url, label)
         transfer.check()
-        response = session.get(
-            url,
-            headers={"Accept-Encoding": "identity", **headers},
-            stream=True,
-            allow_redirects=False,
-            timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
-        )
+        response = _get(session, url, {"Accept-Encoding": "identity", **headers}, label)
         transfer.watch(response)
         if response.is_redirect:
             response.close()
-            url = urljoin(url, response.headers["Location"])
+            url = _redirect_target(url, response.headers["Location"], label)
             if urlsplit(url).netloc != origin:  # credentials stay with the host they were meant for
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             continue
@@ -329,13 +324,32 @@ def open_url(session: requests.Session, url: str, headers: dict[str, str], label
     raise LoraDownloadError(f"{label}: more than {MAX_REDIRECTS} redirects", label)
 
 
+def _get(session: requests.Session, url: str, headers: dict[str, str], label: str) -> requests.Response:
+    """One GET, redirects not followed; requests parses a redirect's Location even so, and a malformed one
+    (an unclosed IPv6 bracket) raises a bare ValueError there."""
+    timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+    try:
+        return session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=timeout)
+    except requests.RequestException:
+        raise
+    except ValueError:
+        raise LoraDownloadError(f"{label}: the server redirected to a malformed link", label) from None
+
+
+def _redirect_target(url: str, location: str, label: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError:  # an unclosed IPv6 bracket; check_url judges the rest of the target
+        raise LoraDownloadError(f"{label}: the server redirected to a malformed link", label) from None
+
+
 def get_json(url: str, headers: dict[str, str], label: str, what: str) -> object:
     def lookup() -> object:
-        with requests.Session() as session, open_url(session, url, headers, label) as response:
+        with http_session() as session, open_url(session, url, headers, label) as response:
             try:
                 return response.json()
-            except ValueError as exc:
-                raise LoraDownloadError(f"{label}: the {what} lookup did not return JSON", label) from exc
+            except ValueError:
+                raise LoraDownloadError(f"{label}: the {what} lookup did not return JSON", label) from None
 
     return with_retries(lookup, label, f"the {what} lookup", url)
 
@@ -345,12 +359,12 @@ def first_redirect(url: str, label: str) -> str:
 
     def lookup() -> str:
         check_url(url, label)
-        with requests.Session() as session:
-            response = session.get(url, stream=True, allow_redirects=False, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        with http_session() as session:
+            response = _get(session, url, {}, label)
             current_transfer().watch(response)
             with response:
                 if response.is_redirect:
-                    return urljoin(url, response.headers["Location"])
+                    return _redirect_target(url, response.headers["Location"], label)
                 raise_for_status(response, label)
                 return url
 
@@ -362,14 +376,15 @@ def first_redirect(url: str, label: str) -> str:
 
 @dataclass(frozen=True)
 class Validators:
-    """What identifies one version of a remote file: its ETag and Last-Modified."""
+    """What identifies one version of a remote file: its ETag, Last-Modified and whole length."""
 
     etag: str | None = None
     last_modified: str | None = None
+    length: int | None = None  # the whole body's length as the origin declared it, when it did
 
     @classmethod
     def of(cls, response: requests.Response) -> Validators:
-        return cls(response.headers.get("ETag"), response.headers.get("Last-Modified"))
+        return cls(response.headers.get("ETag"), response.headers.get("Last-Modified"), _whole_length(response))
 
     @property
     def if_range(self) -> str | None:
@@ -387,6 +402,10 @@ class Validators:
             headers["If-Modified-Since"] = self.last_modified
         return headers
 
+    def comparable(self, other: Validators) -> bool:
+        """Whether the two share a validator that can tell versions apart."""
+        return bool(self.etag and other.etag or self.last_modified and other.last_modified)
+
     def differ_from(self, other: Validators) -> bool:
         """Whether `other` is known to be another version."""
         if self.etag and other.etag:
@@ -394,6 +413,25 @@ class Validators:
         if self.last_modified and other.last_modified:
             return self.last_modified != other.last_modified
         return False
+
+
+PAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")  # what a login or error page is
+
+
+def _whole_length(response: requests.Response) -> int | None:
+    """The length of the whole file a response is (part of): Content-Range's total, or an unencoded Content-Length."""
+    if response.status_code == 206:
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+        return None
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def is_a_page(response: requests.Response) -> bool:
+    """Whether a response is a web page or an API answer (a login page, an error), not a weights file."""
+    return response.headers.get("Content-Type", "").lower().lstrip().startswith(PAGE_TYPES)
 
 
 def _sidecar(partial: Path) -> Path:
@@ -430,7 +468,7 @@ def disk_error(label: str, folder: Path, exc: OSError) -> LoraDownloadError:
 
 def download(url: str, headers: dict[str, str], partial: Path, label: str) -> Validators:
     """Fill `partial` with the whole body of `url`; return the validators of what was fetched."""
-    with requests.Session() as session:
+    with http_session() as session:
         try:
             return with_retries(lambda: _attempt(session, url, headers, partial, label), label, "the download", url)
         except LoraError:  # a final failure; a cancelled or killed download stays resumable
@@ -495,16 +533,32 @@ def _declared_total(response: requests.Response, offset: int) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-def revalidate(url: str, headers: dict[str, str], validators: Validators, label: str) -> bool:
+def revalidate(url: str, headers: dict[str, str], known: Validators, label: str) -> bool:
     """Ask the origin, with this request's credentials, whether the cached version may be served.
 
-    One cheap conditional request: True when access is granted and the file is unchanged,
-    False when it changed; a refusal raises (LoraAuthRequired, LoraNotFound).
+    One cheap conditional request. Access is granted only on a positive answer for that file:
+    a 304, a 2xx whose validators match the cached ones, or a 2xx that is the file by its type
+    and whole length. True: granted and unchanged; False: the file changed (it is fetched
+    again, and checked again); anything else is a refusal (LoraAuthRequired, LoraNotFound),
+    a login page behind a redirect included.
     """
 
     def ask() -> bool:
-        conditional = {**headers, **validators.conditions(), "Range": "bytes=0-0"}
-        with requests.Session() as session, open_url(session, url, conditional, label) as response:
-            return response.status_code == 304 or not validators.differ_from(Validators.of(response))
+        conditional = {**headers, **known.conditions(), "Range": "bytes=0-0"}
+        with http_session() as session, open_url(session, url, conditional, label) as response:
+            current = Validators.of(response)
+            if response.status_code == 304:
+                return True
+            if response.status_code in (200, 206) and not is_a_page(response):
+                if known.comparable(current):
+                    return not known.differ_from(current)
+                if known.length is not None and current.length == known.length:
+                    return True
+            raise LoraAuthRequired(
+                f"{label}: the server did not confirm access to this file (it answered {response.status_code} "
+                f"{response.headers.get('Content-Type', 'without a type')}); the token may be missing or revoked",
+                label,
+                response.status_code,
+            )
 
     return with_retries(ask, label, "checking access", url)

@@ -7,7 +7,7 @@
 | owner/repo/path.safetensors, owner/repo@rev[/path]     | hub              |
 | https://huggingface.co/owner/repo[/blob|resolve/REV/path] | hub           |
 | https://civitai.com/models/ID[?modelVersionId=V]       | civitai          |
-| https://civitai.com/api/download/models/V, civitai:V   | civitai          |
+| https://civitai.com/api/download/models/V[?fileId=F], civitai:V | civitai |
 | https://replicate.com/owner/model[/versions/ID]        | replicate        |
 | any other https:// URL                                 | url              |
 
@@ -23,11 +23,14 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import LoraNotFound
+from ..logs import mask_secrets
 from ..paths import PathRefused, relative_name
 from ..settings import MAX_REF_CHARS
 
 HUB_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 CIVITAI_HOSTS = {"civitai.com", "www.civitai.com", "civitai.green"}
+CIVITAI_FILE_SELECTORS = ("fileId", "type", "format", "size", "fp")  # which file of a version a download link names
+CIVITAI_DEFAULT_FILE = {("type", "Model")}  # what Civitai serves without a selection: not one
 REPLICATE_HOSTS = {"replicate.com", "www.replicate.com"}
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 REPO = re.compile(rf"(?P<repo>{NAME}/{NAME})(?:@(?P<rev>[^/\s]+))?(?:/(?P<path>\S+))?")
@@ -56,6 +59,7 @@ class Source:
     version_id: str | None = None  # Civitai modelVersionId or Replicate version
     model_id: str | None = None  # Civitai model page id
     path: Path | None = None
+    selection: str = ""  # Civitai: the query that picks one file of a version (`fileId=...`), part of the key
 
     @property
     def has_secrets(self) -> bool:
@@ -71,6 +75,7 @@ def display_ref(ref: str) -> str:
             text = canonical_url(text)
         except ValueError:
             text = text.split("://", 1)[0] + "://(a link that cannot be parsed)"
+    text = mask_secrets(text)  # what canonical_url cannot see: a token pasted in the wrong place
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
 
@@ -82,6 +87,11 @@ def parse_ref(ref: str, local_files: bool = True) -> Source:
     """
     if not isinstance(ref, str):
         raise LoraNotFound(f"a LoRA reference must be text, not {type(ref).__name__}")
+    if not ref.isascii():
+        try:
+            ref.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LoraNotFound("the LoRA reference holds a broken character (a lone surrogate)") from None
     text = ref.strip()
     if not text:
         raise LoraNotFound("the LoRA reference is empty")
@@ -102,8 +112,8 @@ def parse_ref(ref: str, local_files: bool = True) -> Source:
     if "://" in text:
         try:
             return _parse_url(text)
-        except ValueError as exc:  # urlsplit: a malformed host or port
-            raise LoraNotFound(f"{display_ref(text)} is not a valid link: check it") from exc
+        except ValueError:  # urlsplit: a malformed host or port
+            raise LoraNotFound(f"{display_ref(text)} is not a valid link: check it") from None
     match = REPO.fullmatch(text)
     if match:
         repo, rev, path = match["repo"], match["rev"], match["path"]
@@ -159,12 +169,15 @@ def _parse_url(text: str) -> Source:
             return _hub_source(text, repo, segments[3], "/".join(parts.path.split("/")[5:]) or None)
     if host in CIVITAI_HOSTS:
         if segments[:3] == ["api", "download", "models"] and len(segments) == 4 and segments[3].isdigit():
-            return Source("civitai", f"civitai:{segments[3]}", version_id=segments[3])
+            chosen = {(k, v) for k, v in query.items() if k in CIVITAI_FILE_SELECTORS} - CIVITAI_DEFAULT_FILE
+            picked = urlencode(sorted(chosen))
+            canonical = f"civitai:{segments[3]}" + (f"?{picked}" if picked else "")
+            return Source("civitai", canonical, version_id=segments[3], url=text, selection=picked)
         if len(segments) >= 2 and segments[0] == "models" and segments[1].isdigit():
             version = query.get("modelVersionId")
             if version and version.isdigit():
-                return Source("civitai", f"civitai:{version}", version_id=version, model_id=segments[1])
-            return Source("civitai", f"civitai-model:{segments[1]}", model_id=segments[1])
+                return Source("civitai", f"civitai:{version}", version_id=version, model_id=segments[1], url=text)
+            return Source("civitai", f"civitai-model:{segments[1]}", model_id=segments[1], url=text)
         raise LoraNotFound(
             f"{display_ref(text)!r} is a Civitai link wanlora cannot map: use the model page "
             "(civitai.com/models/ID?modelVersionId=V) or its download link (civitai.com/api/download/models/V)"
@@ -193,7 +206,8 @@ def _hub_source(text: str, repo: str, revision: str | None, filename: str | None
 def canonical_url(url: str) -> str:
     """The URL without credentials, signatures or fragment: safe to show and to key a cache."""
     parts = urlsplit(url)
-    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_QUERY.search(k)]
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if not SECRET_QUERY.search(k) and mask_secrets(v) == v]  # a secret by name or look
     netloc = parts.hostname or ""
     if parts.port:
         netloc += f":{parts.port}"

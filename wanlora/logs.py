@@ -1,0 +1,70 @@
+"""Logging that shows what wanlora does and never a secret.
+
+Two rules, applied by the front ends (the CLI and the predictor), which own the handlers:
+- only wanlora's own loggers speak at INFO; every other library keeps WARNING, since HTTP
+  clients (httpx, urllib3, huggingface_hub) log each request's URL at INFO or DEBUG, and a
+  signed link's query is its credential;
+- a `Scrub` filter sits on every handler, so that whatever reaches one, from any logger,
+  has its URL queries and tokens masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import TextIO
+
+DEFAULT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+QUERY = re.compile(r"((?:https?://)?[^\s'\"?]*)\?[^\s'\")]+")  # a URL's query: signatures, tokens
+TOKENS = re.compile(
+    r"(?i)(bearer\s+|authorization[=:]\s*"  # a token after its keyword,
+    r"|\b[\w-]*(?:token|key|sig|signature|credential|auth|pass|pwd|secret|jwt|session)[\w-]*[=:]\s*)"  # or name=
+    r"[^\s'\",;&@]+"
+    r"|\bhf_[A-Za-z0-9]{20,}"  # a Hugging Face token on its own
+)
+PASSWORD = re.compile(r"(?<=:)[^\s:/@]+(?=@)")  # user:password@
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with tokens, `name=secret` pairs and passwords replaced by `***`."""
+    return PASSWORD.sub("***", TOKENS.sub(lambda m: (m.group(1) or "") + "***", text))
+
+
+def scrub(text: str) -> str:
+    """`text` for a log: `mask_secrets`, and every URL query cut to `?...` (a signature has no telling name)."""
+    return mask_secrets(QUERY.sub(r"\1?...", text))
+
+
+class Scrub(logging.Filter):
+    """Masks secrets in every record a handler emits, its traceback included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info:
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def configure(verbose: bool, stream: TextIO = sys.stderr, fmt: str = DEFAULT_FORMAT, force: bool = False) -> None:
+    """A front end's logging: WARNING for every library, INFO for wanlora when `verbose`, scrubbed handlers.
+
+    `force` replaces handlers someone else installed (a server's); without it, they are kept.
+    """
+    logging.basicConfig(level=logging.WARNING, stream=stream, format=fmt, force=force)
+    logging.getLogger("wanlora").setLevel(logging.INFO if verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, Scrub) for f in handler.filters):
+            handler.addFilter(Scrub())
+
+
+def guard_loggers(*names: str) -> None:
+    """Scrub the records of libraries that log request URLs, for programs that set up their own handlers."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Scrub) for f in logger.filters):
+            logger.addFilter(Scrub())
