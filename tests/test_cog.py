@@ -94,7 +94,6 @@ def test_the_readmes_cog_commands_are_ones_cog_accepts():
 
 def test_managed_weights_hold_what_the_library_looks_for():
     """Each entry lands where wanlora.hub.local_copy looks, with the files a load or an accelerator needs."""
-    from wanlora.accelerators import ACCELERATORS
     from wanlora.hub import MODEL_FILES
     from wanlora.models import CATALOGUE
 
@@ -107,7 +106,7 @@ def test_managed_weights_hold_what_the_library_looks_for():
             assert entry["source"]["include"] == list(MODEL_FILES)
     baked = {e["source"]["uri"].removeprefix("hf://"): set(e["source"]["include"]) for e in config["weights"]}
     needed: dict[str, set[str]] = {}
-    for ref in {ref for preset in ACCELERATORS.values() for ref in preset.loras.values()}:
+    for ref in {ref for spec in CATALOGUE.values() for ref in spec.accelerators.values()}:
         owner, name, path = ref.split("/", 2)
         pair = {f"{path}/{expert}_noise_model.safetensors" for expert in ("high", "low")}  # a Wan2.2-Lightning folder
         files = {path} if path.endswith(".safetensors") else pair

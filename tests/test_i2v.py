@@ -10,7 +10,7 @@ from wanlora import InvalidInput, WanLoraPipeline
 from wanlora.images import resize_image
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
-from wanlora.models import TINY_I2V_ARCH
+from wanlora.models import tiny_spec
 from wanlora.testing import ALL_LAYOUTS, write_lora
 from wanlora.tiny import tiny_transformer
 
@@ -19,6 +19,7 @@ from .lora_helpers import assert_weights, snapshot
 from .test_reference import image2video_size
 
 SMALL = {"num_frames": 9, "num_inference_steps": 2, "fps": 12, "seed": 5}
+TINY_I2V_ARCH = tiny_spec(kind="i2v").arch
 
 
 @pytest.fixture(scope="module")

@@ -149,11 +149,11 @@ def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     import json
 
     from wanlora.hub import model_configs
-    from wanlora.models import TINY_I2V_ARCH, identify_model, resolve_model
+    from wanlora.models import identify_model, resolve_model, tiny_spec
 
     from .servers import HubRepo
 
-    flf2v = {**TINY_I2V_ARCH.transformer_config(), "pos_embed_seq_len": 34}
+    flf2v = {**tiny_spec(kind="i2v").arch.transformer_config(), "pos_embed_seq_len": 34}
     index = {"_class_name": "WanImageToVideoPipeline"}
     fake_hub.repos["someone/wan-flf2v"] = HubRepo(
         {"transformer/config.json": json.dumps(flf2v).encode(), "model_index.json": json.dumps(index).encode()}

@@ -22,7 +22,7 @@ from wanlora.experts import expert_steps
 from wanlora.lora.formats import I2V_ONLY, read_lora
 from wanlora.lora.merge import LoraMerger, fit_lora
 from wanlora.memory import ExpertSwitch
-from wanlora.models import CATALOGUE, TINY_ARCH, TINY_I2V_ARCH, TINY_KINDS
+from wanlora.models import CATALOGUE, TINY_ARCH, tiny_spec
 from wanlora.pipeline import meta_transformer
 from wanlora.testing import lora_tensors, write_lora
 from wanlora.tiny import tiny_transformer
@@ -295,17 +295,19 @@ def test_a_folder_of_unrelated_files_asks_which_one(tmp_path):
 
 
 def test_a_wan21_i2v_lora_on_wan22_i2v_skips_the_image_branch_with_one_warning(tmp_path, caplog):
-    i2v_lora = write_lora(tmp_path / "i2v.safetensors", tiny_transformer(TINY_I2V_ARCH), "original", seed=4)
+    i2v_lora = write_lora(
+        tmp_path / "i2v.safetensors", tiny_transformer(tiny_spec(kind="i2v").arch), "original", seed=4
+    )
     branch = {name for name in i2v_lora if I2V_ONLY.search(name)}
     assert branch  # k_img / v_img
     pipe = WanLoraPipeline.from_pretrained("tiny-i2v-a14b")
-    i2v_arch = TINY_KINDS["i2v-a14b"][1]
+    i2v_arch = tiny_spec(kind="i2v-a14b").arch
     bases = {name: snapshot(expert_base(name, i2v_arch)) for name in ("high", "low")}
     caplog.set_level(logging.WARNING, logger="wanlora")
     pipe.set_loras([(str(tmp_path / "i2v.safetensors"), 0.9)])
     warnings = [r.getMessage() for r in caplog.records if "image-branch" in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert "Wan2.2 image-to-video takes the image through its latents and has no image branch" in warnings[0]
+    assert "Wan2.2 A14B image-to-video takes the image through its latents and has no image branch" in warnings[0]
     rest = {name: delta for name, delta in i2v_lora.items() if name not in branch}
     for expert in pipe.experts:
         assert_weights(expert.module, bases[expert.name], [(rest, 0.9)])
@@ -330,7 +332,8 @@ def test_wan21_loras_on_the_real_wan22_shapes(tmp_path):
         assert set(fit_lora(big, params).deltas) == {"blocks.0.attn1.to_q.weight"}
     ti2v = dict(meta_transformer(CATALOGUE["ti2v-5b"]).named_parameters())
     with pytest.raises(
-        LoraMismatch, match=r"made for Wan2.1 1.3B \(dim 1536\); this model \(Wan2.2 TI2V\) has dim 3072"
+        LoraMismatch,
+        match=r"made for Wan2.1 1.3B \(dim 1536\); this model \(Wan2.2 TI2V-5B text-and-image-to-video\) has dim 3072",
     ):
         fit_lora(small, ti2v)
     with pytest.raises(LoraMismatch, match=r"made for Wan2.1 14B or Wan2.2 A14B \(dim 5120\)"):
@@ -343,7 +346,7 @@ def test_a_lora_of_another_width_on_tiny_ti2v_is_refused_and_nothing_changes(tmp
     before = snapshot(pipe.transformer)
     wide = {"blocks.0.attn1.to_q.weight": (48, 48), "blocks.0.attn1.to_k.weight": (48, 48)}
     save_file(lora_tensors(wide, "original", rank=2)[0], str(tmp_path / "wide.safetensors"))
-    with pytest.raises(LoraMismatch, match=r"dim 48.*this model \(Wan2.2 TI2V\) has dim 24"):
+    with pytest.raises(LoraMismatch, match=r"dim 48.*this model \(Wan2.2 TI2V-5B .*\) has dim 24"):
         pipe.set_loras([(str(tmp_path / "wide.safetensors"), 1.0)])
     assert_bitwise(pipe.transformer, before)
 
@@ -486,7 +489,7 @@ def test_cli_inspect_names_each_experts_file_and_the_model(tmp_path):
     small_wan21_lora(tmp_path / "small.safetensors", 1536)
     misfit = run_cli("lora", "inspect", str(tmp_path / "small.safetensors"), "--model", "ti2v-5b")
     assert misfit.returncode == 0  # a report, not an error
-    assert "does not fit: made for Wan2.1 1.3B (dim 1536); this model (Wan2.2 TI2V) has dim 3072" in misfit.stdout
+    assert "does not fit: made for Wan2.1 1.3B (dim 1536); this model (Wan2.2 TI2V-5B" in misfit.stdout
 
 
 def test_cli_merge_bakes_a_lora_into_each_expert(tmp_path, loras):

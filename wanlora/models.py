@@ -121,6 +121,10 @@ class ModelSpec:
     fast_thresholds: tuple[float, float] = (0.15, 0.2)
     # False for a Hub repo outside the catalogue until its transformer config has been read.
     identified: bool = True
+    family: str = ""  # the weights a LoRA is trained for, as people name them: "Wan2.1 14B"
+    predictor: str | None = None  # the predictor's `model` choice that runs it, if any
+    tiny: str | None = None  # the kind of its tiny stand-in (`wanlora tiny-model --kind`), if it has one
+    accelerators: dict[str, str] = field(default_factory=dict)  # accelerator preset -> its LoRA for this model
 
     @property
     def default_resolution(self) -> str:
@@ -172,31 +176,44 @@ class ModelSpec:
 
 WAN_1_3B = Architecture(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 WAN_14B = Architecture(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
-WAN_14B_I2V = Architecture(
-    num_layers=40,
-    num_attention_heads=40,
-    attention_head_dim=128,
-    ffn_dim=13824,
-    in_channels=36,
-    image_dim=1280,
-    added_kv_proj_dim=5120,
-)
+WAN_14B_I2V = replace(WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
 WAN_FLF2V_14B = replace(WAN_14B_I2V, pos_embed_seq_len=2 * 257)  # a CLIP embedding for each of the two frames
 # Wan2.2 (diffusers' convert_wan_to_diffusers.py; Wan2.2's wan/configs). The A14B experts are
 # Wan2.1 14B's architecture; the I2V ones take the image through 20 more latent channels and
 # have no CLIP branch; TI2V-5B is a new 3072-wide model on Wan2.2's 48-channel VAE.
-WAN22_I2V_A14B = Architecture(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
-                              in_channels=36)  # fmt: skip
-WAN22_TI2V_5B = Architecture(num_layers=30, num_attention_heads=24, attention_head_dim=128, ffn_dim=14336,
-                             in_channels=48, out_channels=48)  # fmt: skip
+WAN22_I2V_A14B = replace(WAN_14B, in_channels=36)
+WAN22_TI2V_5B = Architecture(
+    num_layers=30, num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, in_channels=48, out_channels=48
+)
 
-# Defaults are each reference's: Wan2.1's generate.py and wan/configs (50 steps, 40 for I2V;
-# guidance 5; shift 5, but 3 for I2V at 480p), Wan2.2's wan/configs. Parameter counts are per
-# transformer. Wan2.1's are the published checkpoints' safetensors index total_size / 4 (fp32)
+KIJAI = "Kijai/WanVideo_comfy"
+LIGHTNING = "lightx2v/Wan2.2-Lightning"  # a folder per model, each a high/low pair
+LIGHTX2V_I2V = f"{KIJAI}/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"  # serves 720p too
+
+# One row per variant: everything wanlora knows about it. Defaults are each reference's:
+# Wan2.1's generate.py and wan/configs (50 steps, 40 for I2V; guidance 5; shift 5, but 3 for
+# I2V at 480p), Wan2.2's wan/configs (guidance is (high, low) on A14B). Parameter counts are
+# per transformer: Wan2.1's are the published checkpoints' safetensors index total_size / 4
 # (FLF2V adds 657,920 for its two frames' position embeddings); Wan2.2's A14B experts share
 # Wan2.1 14B's shapes (the I2V ones add 409,600 to the patch embedding for 36 input channels).
-CATALOGUE: dict[str, ModelSpec] = {
-    "t2v-1.3b": ModelSpec(
+CATALOGUE_ROWS = [
+    ModelSpec(
+        name="t2v-14b",
+        source="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        arch=WAN_14B,
+        task="t2v",
+        resolutions=("480p", "720p"),
+        default_steps=50,
+        published_params=14_288_491_584,
+        family="Wan2.1 14B",
+        predictor="14b",
+        tiny="t2v",
+        accelerators={
+            "lightx2v-4step": f"{KIJAI}/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+            "causvid": f"{KIJAI}/Wan21_CausVid_14B_T2V_lora_rank32.safetensors",
+        },
+    ),
+    ModelSpec(
         name="t2v-1.3b",
         source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         arch=WAN_1_3B,
@@ -205,17 +222,11 @@ CATALOGUE: dict[str, ModelSpec] = {
         default_steps=50,
         published_params=1_418_996_800,
         fast_thresholds=(0.07, 0.08),
+        family="Wan2.1 1.3B",
+        predictor="1.3b",
+        accelerators={"causvid": f"{KIJAI}/Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors"},
     ),
-    "t2v-14b": ModelSpec(
-        name="t2v-14b",
-        source="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        arch=WAN_14B,
-        task="t2v",
-        resolutions=("480p", "720p"),
-        default_steps=50,
-        published_params=14_288_491_584,
-    ),
-    "i2v-14b-480p": ModelSpec(
+    ModelSpec(
         name="i2v-14b-480p",
         source="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
         arch=WAN_14B_I2V,
@@ -226,8 +237,12 @@ CATALOGUE: dict[str, ModelSpec] = {
         negative_prompt=SHAKY_CAMERA + WAN_NEGATIVE_PROMPT,
         published_params=16_394_878_784,
         fast_thresholds=(0.19, 0.26),
+        family="Wan2.1 14B",
+        predictor="14b",
+        tiny="i2v",
+        accelerators={"lightx2v-4step": LIGHTX2V_I2V},
     ),
-    "i2v-14b-720p": ModelSpec(
+    ModelSpec(
         name="i2v-14b-720p",
         source="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
         arch=WAN_14B_I2V,
@@ -238,9 +253,12 @@ CATALOGUE: dict[str, ModelSpec] = {
         negative_prompt=SHAKY_CAMERA + WAN_NEGATIVE_PROMPT,
         published_params=16_394_878_784,
         fast_thresholds=(0.2, 0.3),
+        family="Wan2.1 14B",
+        predictor="14b",
+        accelerators={"lightx2v-4step": LIGHTX2V_I2V},
     ),
     # First and last frame: Wan2.1's generate.py samples it 50 steps at shift 16.
-    "flf2v-14b": ModelSpec(
+    ModelSpec(
         name="flf2v-14b",
         source="Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
         arch=WAN_FLF2V_14B,
@@ -250,9 +268,9 @@ CATALOGUE: dict[str, ModelSpec] = {
         flow_shifts=(16.0, 16.0),
         negative_prompt=CUT + WAN_NEGATIVE_PROMPT,
         published_params=16_395_536_704,
+        family="Wan2.1 14B",
     ),
-    # Wan2.2's defaults are its reference code's (wan/configs): guidance is (high, low).
-    "t2v-a14b": ModelSpec(
+    ModelSpec(
         name="t2v-a14b",
         source="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
         arch=WAN_14B,
@@ -265,8 +283,12 @@ CATALOGUE: dict[str, ModelSpec] = {
         flow_shifts=(12.0, 12.0),
         boundary_ratio=0.875,
         published_params=14_288_491_584,
+        family="Wan2.2 A14B",
+        predictor="2.2-a14b",
+        tiny="t2v-a14b",
+        accelerators={"lightx2v-4step": f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"},
     ),
-    "i2v-a14b": ModelSpec(
+    ModelSpec(
         name="i2v-a14b",
         source="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
         arch=WAN22_I2V_A14B,
@@ -279,8 +301,12 @@ CATALOGUE: dict[str, ModelSpec] = {
         flow_shifts=(5.0, 5.0),
         boundary_ratio=0.9,
         published_params=14_288_901_184,
+        family="Wan2.2 A14B",
+        predictor="2.2-a14b",
+        tiny="i2v-a14b",
+        accelerators={"lightx2v-4step": f"{LIGHTNING}/Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"},
     ),
-    "ti2v-5b": ModelSpec(
+    ModelSpec(
         name="ti2v-5b",
         source="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
         arch=WAN22_TI2V_5B,
@@ -295,54 +321,96 @@ CATALOGUE: dict[str, ModelSpec] = {
         expand_timesteps=True,
         vae_scale=16,
         published_params=4_999_787_712,
+        family="Wan2.2 TI2V-5B",
+        predictor="2.2-5b",
+        tiny="ti2v-5b",
     ),
-}
+]
+CATALOGUE: dict[str, ModelSpec] = {spec.name: spec for spec in CATALOGUE_ROWS}
 
-# The offline test models: real layouts, random weights, tiny shapes. They make noise, not art.
-_TINY = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "text_dim": 32,
-         "rope_max_seq_len": 32}  # fmt: skip
-TINY_ARCH = Architecture(**_TINY)
-TINY_I2V_ARCH = Architecture(
-    **_TINY,
-    in_channels=36,
-    image_dim=32,  # the tiny CLIP's width
-    added_kv_proj_dim=24,  # the transformer's width, as in the real model (5120)
-)
-TINY_PRESETS = {"480p": {"16:9": (112, 64), "9:16": (64, 112), "1:1": (64, 64)}}
-TINY_A14B_PRESETS = {"480p": {"16:9": (112, 64), "9:16": (64, 112)}}
-TINY_TI2V_PRESETS = {"720p": {"16:9": (128, 64), "9:16": (64, 128)}}
-# kind -> the catalogue variant it stands in for, and its tiny transformer
-TINY_KINDS: dict[str, tuple[str, Architecture]] = {
-    "t2v": ("t2v-14b", TINY_ARCH),
-    "i2v": ("i2v-14b-480p", TINY_I2V_ARCH),
-    "t2v-a14b": ("t2v-a14b", TINY_ARCH),
-    "i2v-a14b": ("i2v-a14b", Architecture(**_TINY, in_channels=36)),
-    "ti2v-5b": ("ti2v-5b", Architecture(**_TINY, in_channels=48, out_channels=48)),
+# ---------------------------------------------------------------------------- tiny stand-ins
+#
+# The offline test models: each variant with a `tiny` kind has one, with its real layout
+# (task, experts, boundary, VAE, image branch) at tiny shapes and few steps, random weights.
+# They make noise, not art.
+
+TINY_SHAPE = {
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "ffn_dim": 32,
+    "text_dim": 32,
+    "rope_max_seq_len": 32,
 }
+TINY_IMAGE_DIM = 32  # the tiny CLIP's width
+TINY_SHORT_SIDE = 64  # pixels: the presets keep their aspect at this short side
+TINY_KINDS: dict[str, str] = {spec.tiny: spec.name for spec in CATALOGUE_ROWS if spec.tiny}  # kind -> variant
 TINY_NAMES = {"tiny" if kind == "t2v" else f"tiny-{kind}": kind for kind in TINY_KINDS}
 
 
-def tiny_spec(source: str = "tiny", kind: str = "t2v") -> ModelSpec:
-    """A tiny stand-in for a catalogue variant, in memory or (with `source`) from a `wanlora tiny-model` folder.
+def tiny_architecture(real: Architecture) -> Architecture:
+    """Tiny shapes with the real model's inputs, outputs and image branch."""
+    tiny = Architecture(**TINY_SHAPE)
+    return replace(
+        tiny,
+        in_channels=real.in_channels,
+        out_channels=real.out_channels,
+        image_dim=TINY_IMAGE_DIM if real.image_dim else None,
+        added_kv_proj_dim=tiny.dim if real.added_kv_proj_dim else None,  # the width, as in the real model
+    )
 
-    It keeps the variant's task, experts, boundary, guidance and VAE, at tiny sizes and few steps.
-    """
-    like, arch = TINY_KINDS[kind]
-    real = CATALOGUE[like]
-    presets = {"t2v-a14b": TINY_A14B_PRESETS, "i2v-a14b": TINY_A14B_PRESETS, "ti2v-5b": TINY_TI2V_PRESETS}
+
+TINY_ARCH = tiny_architecture(WAN_14B)
+
+
+def tiny_presets(real: ModelSpec) -> dict[str, dict[str, tuple[int, int]]]:
+    """The real model's presets at its first resolution, shrunk to TINY_SHORT_SIDE, aspect and multiple kept."""
+    resolution, step = real.default_resolution, real.side_multiple
+
+    def shrink(width: int, height: int) -> tuple[int, int]:
+        scale = TINY_SHORT_SIDE / min(width, height)
+        return max(step, round(width * scale / step) * step), max(step, round(height * scale / step) * step)
+
+    return {resolution: {aspect: shrink(*size) for aspect, size in real.presets[resolution].items()}}
+
+
+def tiny_spec(source: str = "tiny", kind: str = "t2v") -> ModelSpec:
+    """A tiny stand-in for a catalogue variant, in memory or (with `source`) from a `wanlora tiny-model` folder."""
+    real = CATALOGUE[TINY_KINDS[kind]]
+    presets = tiny_presets(real)
     return replace(
         real,
         name="tiny" if kind == "t2v" else f"tiny-{kind}",
         source=source,
-        arch=arch,
-        resolutions=tuple(presets.get(kind, TINY_PRESETS)),
+        arch=tiny_architecture(real.arch),
+        resolutions=tuple(presets),
         default_steps=4,
-        presets=presets.get(kind, TINY_PRESETS),
+        presets=presets,
         default_frames=9,
-        max_frames=real.max_frames,
         published_params=None,
         fast_thresholds=(0.05, 0.1),  # measured on the tiny model: 14 and 4 of 16 block runs
     )
+
+
+TASKS = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text-and-image-to-video"}
+
+
+def transformer_kind(width: int | None, in_channels: int | None, image_branch: bool) -> str:
+    """How people name a Wan transformer of these shapes: its catalogue family and task where the shapes
+    say which, else its task alone (a tiny or unknown model)."""
+    rows = [
+        s for s in CATALOGUE_ROWS if (s.arch.in_channels, s.arch.image_dim is not None) == (in_channels, image_branch)
+    ]
+    same_width = [s for s in rows if s.arch.dim == width]
+    families = list(dict.fromkeys(s.family for s in same_width or rows))
+    tasks = list(dict.fromkeys(TASKS[s.task] for s in same_width or rows)) or ["text-to-video"]
+    return f"{families[0]} {tasks[0]}" if len(families) == 1 and len(tasks) == 1 else tasks[0]
+
+
+def families_of_width(width: int, image_branch: bool) -> list[str]:
+    """The families whose transformers are `width` wide (and have an image branch, if asked)."""
+    rows = [s for s in CATALOGUE_ROWS if s.arch.dim == width and (s.arch.image_dim is not None or not image_branch)]
+    return list(dict.fromkeys(s.family for s in rows))
 
 
 def resolve_model(model: str) -> ModelSpec:
@@ -387,17 +455,20 @@ def spec_for_config(config: dict[str, Any], source: str, index: dict[str, Any]) 
     """The spec whose transformer config and pipeline layout (model_index.json: experts, VAE) these are."""
     arch = Architecture.from_config(config)
     layout = (index.get("boundary_ratio") is not None, bool(index.get("expand_timesteps")))
-    for kind, (_, tiny_arch) in TINY_KINDS.items():
+    for kind in TINY_KINDS:
         candidate = tiny_spec(source, kind)
-        if arch == tiny_arch and layout == (candidate.boundary_ratio is not None, candidate.expand_timesteps):
+        if arch == candidate.arch and layout == (candidate.boundary_ratio is not None, candidate.expand_timesteps):
             return candidate
-    for spec in CATALOGUE.values():
+    for spec in CATALOGUE_ROWS:
         if spec.arch == arch and layout == (spec.boundary_ratio is not None, spec.expand_timesteps):
             return replace(spec, source=source, boundary_ratio=index.get("boundary_ratio", spec.boundary_ratio))
-    if layout[0]:
-        base = CATALOGUE["i2v-a14b" if arch.in_channels != 16 else "t2v-a14b"]
-    else:
-        base = CATALOGUE["i2v-14b-720p" if arch.in_channels != 16 else "t2v-14b"]  # e.g. Wan2.1-FLF2V-14B-720P
+
+    def likeness(spec: ModelSpec) -> tuple[bool, ...]:  # a model outside the catalogue takes its nearest row's defaults
+        same_layout = layout == (spec.boundary_ratio is not None, spec.expand_timesteps)
+        same_inputs = (spec.arch.in_channels, spec.arch.image_dim is None) == (arch.in_channels, arch.image_dim is None)
+        return same_layout, same_inputs, spec.arch.dim == arch.dim
+
+    base = max(CATALOGUE_ROWS, key=likeness)
     name = os.path.basename(source.rstrip("/")) or source
     return replace(base, name=name, source=source, arch=arch, boundary_ratio=index.get("boundary_ratio"))
 

@@ -19,28 +19,48 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .accelerators import ACCELERATORS as ACCELERATOR_PRESETS
 from .errors import InvalidInput, LoraMismatch, error_boundary
 from .lora.fetch import Credentials
 from .lora.refs import display_ref
 from .lora.selection import LoraRequest
-from .models import resolve_model
+from .models import CATALOGUE, resolve_model
 from .request import Request, resolve_request
 from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override
 
 logger = logging.getLogger(__name__)
 
-# Replicate's choices, and what they mean to the library. predict.py repeats them as literals.
-MODEL_CHOICES = {"14b": "t2v-14b", "1.3b": "t2v-1.3b", "2.2-a14b": "t2v-a14b", "2.2-5b": "ti2v-5b"}
-IMAGE_CHOICES = {  # the model an image switches each choice to; Wan2.1 14B's by resolution
-    "14b": {"480p": "i2v-14b-480p", "720p": "i2v-14b-720p"},
-    "2.2-a14b": {"480p": "i2v-a14b", "720p": "i2v-a14b"},
-    "2.2-5b": {"480p": "ti2v-5b", "720p": "ti2v-5b"},
-}
-ONE_SIZE_CHOICES = {"2.2-5b"}  # runs at its one trained size: `resolution` does not apply
+# Replicate's choices, and what they mean to the library, read off the catalogue's `predictor`
+# column; predict.py repeats them as literals, and a test holds the two equal.
+PREDICTED = [spec for spec in CATALOGUE.values() if spec.predictor]
+MODEL_CHOICES = {spec.predictor: spec.name for spec in PREDICTED if spec.task != "i2v"}  # without an image
+DEFAULT_RESOLUTION = "480p"  # predict.py's default for `resolution`
+
+
+def _image_choices() -> dict[str, dict[str, str]]:
+    """With an image, the model each choice runs, by resolution: first the model made for that one alone."""
+    choices: dict[str, dict[str, str]] = {s.predictor: {} for s in PREDICTED if s.task != "t2v"}  # catalogue order
+    for spec in sorted((s for s in PREDICTED if s.task != "t2v"), key=lambda s: len(s.resolutions)):
+        for resolution in spec.resolutions:
+            choices[spec.predictor].setdefault(resolution, spec.name)
+    return choices
+
+
+def _width_choices() -> dict[int, tuple[str, ...]]:
+    """A LoRA's width -> the choices it fits."""
+    widths: dict[int, tuple[str, ...]] = {}
+    for spec in PREDICTED:
+        widths[spec.arch.dim] = tuple(dict.fromkeys((*widths.get(spec.arch.dim, ()), spec.predictor)))
+    return widths
+
+
+IMAGE_CHOICES = _image_choices()
+WIDTH_CHOICES = _width_choices()
+# trained without the input's default resolution (TI2V-5B: 720p only): for them, `resolution` does not apply
+ONE_SIZE_CHOICES = {c for c, name in MODEL_CHOICES.items() if DEFAULT_RESOLUTION not in CATALOGUE[name].resolutions}
 FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
 ASPECT_CHOICES = ("auto", *ASPECT_RATIOS)  # auto: the image's own aspect with an image, else 16:9
-ACCELERATORS = {"none": None, "lightx2v-4step": "lightx2v-4step", "causvid": "causvid"}
-WIDTH_CHOICES = {1536: ("1.3b",), 3072: ("2.2-5b",), 5120: ("14b", "2.2-a14b")}  # LoRA width -> models it fits
+ACCELERATORS = {"none": None, **{name: name for name in ACCELERATOR_PRESETS}}
 DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
 INPUT_NAMES = {  # the library's names -> the predictor's inputs, for its error messages
     "num_inference_steps": "sample_steps",
@@ -166,7 +186,7 @@ class VideoService:
             raise InvalidInput("image", "(an image)",
                                f"model={choice} is text-to-video only; use {' or '.join(IMAGE_CHOICES)}")  # fmt: skip
         by_resolution = IMAGE_CHOICES[choice]
-        return self.i2v_override or by_resolution.get(resolution, by_resolution["480p"])
+        return self.i2v_override or by_resolution.get(resolution) or next(iter(by_resolution.values()))
 
     def load(self, model: str):
         """The pipeline for `model`, loading it (and dropping the resident one) if needed."""

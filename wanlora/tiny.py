@@ -14,7 +14,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
-from .models import TINY_ARCH, TINY_I2V_ARCH, TINY_KINDS, Architecture, tiny_spec
+from .models import CATALOGUE, TINY_ARCH, TINY_IMAGE_DIM, TINY_KINDS, Architecture, tiny_spec
 
 TINY_TEXT_CONFIG = {
     "d_model": 32,
@@ -68,7 +68,7 @@ def tiny_clip(seed: int):
     torch.manual_seed(seed)
     encoder = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=TINY_I2V_ARCH.image_dim,
+            hidden_size=TINY_IMAGE_DIM,
             intermediate_size=37,
             num_hidden_layers=2,
             num_attention_heads=2,
@@ -119,26 +119,41 @@ def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v") -> Path
     """
     from safetensors.torch import save_file
 
-    from .accelerators import ACCELERATORS, TINY_FOLDER
-    from .testing import lora_tensors
+    from .accelerators import TINY_FOLDER
 
     path = Path(path)
     pipeline = tiny_pipeline(seed, kind)
     pipeline.save_pretrained(path, safe_serialization=True)
-    shapes = {name: tuple(p.shape) for name, p in pipeline.transformer.named_parameters()}
-    like = TINY_KINDS[kind][0]
-    for number, preset in enumerate(ACCELERATORS.values()):
-        if like not in preset.loras:
-            continue
+    real = CATALOGUE[TINY_KINDS[kind]]
+    for number, preset in enumerate(sorted(real.accelerators)):
         if pipeline.transformer_2 is None:
-            files = {path / TINY_FOLDER / f"{preset.name}.safetensors": seed + number}
+            files = {path / TINY_FOLDER / f"{preset}.safetensors": seed + number}
         else:  # a Wan2.2 pair, laid out as lightx2v's Lightning LoRAs are
-            folder = path / TINY_FOLDER / preset.name
+            folder = path / TINY_FOLDER / preset
             files = {
                 folder / "high_noise_model.safetensors": seed + number,
                 folder / "low_noise_model.safetensors": seed,
             }
         for target, file_seed in files.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            save_file(lora_tensors(shapes, "full-deltas", seed=file_seed)[0], str(target))
+            save_file(stand_in_lora(pipeline.transformer, file_seed), str(target))
     return path
+
+
+def stand_in_lora(transformer: WanTransformer3DModel, seed: int) -> dict[str, torch.Tensor]:
+    """A random LoRA shaped like the distillation ones: rank-4 factors on the attention linears, full deltas
+    (and bias deltas) on the FFN's, in diffusers' names. Small values: it changes the frames, not wildly."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, param in transformer.named_parameters():
+        module = name.removesuffix(".weight")
+        if not module.startswith("blocks.") or param.dim() != 2:
+            continue
+        key = f"transformer.{module}"
+        if ".attn" in module:
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, param.shape[1], generator=generator) * 0.25
+            tensors[f"{key}.lora_B.weight"] = torch.randn(param.shape[0], 4, generator=generator) * 0.1
+        else:
+            tensors[f"{key}.diff"] = torch.randn(param.shape, generator=generator) * 0.01
+            tensors[f"{key}.diff_b"] = torch.randn(param.shape[0], generator=generator) * 0.01
+    return tensors

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import LoraFileGone, LoraFormatError
 from ..messages import listing
+from ..models import families_of_width
 
 # Prefixes that mean "the transformer", longest first. The namespace they imply, if any.
 PREFIXES: list[tuple[str, str | None]] = [
@@ -305,7 +306,7 @@ class LoraFile:
         return dims
 
     def base_model_hint(self) -> str:
-        """A readable guess at the base model, e.g. "Wan2.1 14B image-to-video (dim 5120)".
+        """A readable guess at the base model, e.g. "Wan2.1 14B image-to-video (dim 5120)", from the catalogue.
 
         Wan2.2's A14B experts have Wan2.1 14B's shapes, so a 5120-wide LoRA without
         image-branch parts fits either; only Wan2.1 I2V has an image branch.
@@ -313,13 +314,9 @@ class LoraFile:
         dims = sorted(self.inner_dims())
         if not dims:
             return "a Wan model of unknown width (no attention or FFN deltas)"
-        if self.is_i2v:
-            names = {1536: "a Wan2.1 1.3B image-to-video model", 5120: "Wan2.1 14B image-to-video"}
-        else:
-            names = {1536: "Wan2.1 1.3B", 3072: "Wan2.2 TI2V-5B", 5120: "Wan2.1 14B or Wan2.2 A14B"}
-        unknown = "an unknown Wan2.1 image-to-video model" if self.is_i2v else "an unknown Wan model"
-        label = " / ".join(names.get(d, unknown) for d in dims)
-        return f"{label} (dim {', '.join(map(str, dims))})"
+        task = " image-to-video" if self.is_i2v else ""
+        names = [" or ".join(families_of_width(d, self.is_i2v)) + task or f"an unknown Wan{task} model" for d in dims]
+        return f"{' / '.join(names)} (dim {', '.join(map(str, dims))})"
 
 
 # ---------------------------------------------------------------------------- reading

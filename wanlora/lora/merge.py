@@ -24,6 +24,7 @@ import torch
 
 from ..errors import LoraFormatError, LoraMismatch
 from ..messages import listing
+from ..models import transformer_kind
 from .formats import I2V_ONLY, Delta, LoraFile
 
 logger = logging.getLogger(__name__)
@@ -84,13 +85,14 @@ def model_width(params: dict[str, torch.nn.Parameter]) -> int | None:
     return None if weight is None else weight.shape[0]
 
 
-def model_kind(params: dict[str, torch.nn.Parameter]) -> str:
-    """What kind of Wan transformer these parameters are, as far as LoRAs care."""
-    if any(I2V_ONLY.search(name) for name in params):
-        return "Wan2.1 image-to-video"
+def in_channels(params: dict[str, torch.nn.Parameter]) -> int | None:
     patch = params.get("patch_embedding.weight")
-    channels = None if patch is None else patch.shape[1]
-    return {36: "Wan2.2 image-to-video", 48: "Wan2.2 TI2V"}.get(channels, "text-to-video")
+    return None if patch is None else patch.shape[1]
+
+
+def model_kind(params: dict[str, torch.nn.Parameter]) -> str:
+    """What kind of Wan transformer these parameters are, as far as LoRAs care (the catalogue names it)."""
+    return transformer_kind(model_width(params), in_channels(params), any(I2V_ONLY.search(name) for name in params))
 
 
 def check_fit(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
@@ -110,9 +112,10 @@ def check_fit(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
             misfit.append(f"{name} {tuple(delta.dense_shape())} vs {tuple(param.shape)}")
         else:
             deltas[name] = delta
+    takes_image_latents = in_channels(params) not in (None, 16, 48)  # Wan2.2 I2V: image latents beside the noise
     why = (
-        "Wan2.2 image-to-video takes the image through its latents and has no image branch"
-        if kind == "Wan2.2 image-to-video"
+        f"{kind} takes the image through its latents and has no image branch"
+        if takes_image_latents
         else f"this {kind} model has no image branch"
     )
     this_model = f"this model ({kind}) has dim {model_width(params)}"
