@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tiny_model(commands, verbose)
     add_lora(commands, verbose)
     add_cache(commands, verbose)
+    commands.add_parser("models", parents=[verbose], help="list the catalogue: every variant and its defaults")
     return parser
 
 
@@ -583,6 +584,12 @@ def cmd_cache(args: argparse.Namespace) -> None:
         print(f"{e.size / 2**20:9.1f} MiB  {used}  {e.source}")
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    from .models import catalogue_markdown
+
+    print(catalogue_markdown(), end="")
+
+
 COMMANDS = {
     ("generate", None): cmd_generate,
     ("tiny-model", None): cmd_tiny_model,
@@ -591,6 +598,7 @@ COMMANDS = {
     ("cache", "list"): cmd_cache,
     ("cache", "clear"): cmd_cache,
     ("lora", "merge"): cmd_lora_merge,
+    ("models", None): cmd_models,
 }
 
 

@@ -395,6 +395,26 @@ def tiny_spec(source: str = "tiny", kind: str = "t2v") -> ModelSpec:
 TASKS = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text-and-image-to-video"}
 
 
+def catalogue_markdown() -> str:
+    """The catalogue as a Markdown table: what `wanlora models` prints, and what README.md shows."""
+    lines = [
+        "| variant | repo | task | experts | steps | guidance | shift (480p, 720p) | frames, fps | sizes | predictor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in CATALOGUE_ROWS:
+        experts = f"high-noise for t ≥ {spec.boundary_ratio * 1000:g}, then low-noise" if spec.boundary_ratio else "one"
+        guidance = f"{spec.default_guidance:g}" + (f" / {spec.default_guidance_2:g}" if spec.default_guidance_2 else "")
+        shifts = " / ".join(f"{shift:g}" for shift in dict.fromkeys(spec.flow_shifts))
+        sizes = "; ".join(
+            f"{res}: " + ", ".join(f"{w}×{h}" for w, h in spec.presets[res].values()) for res in spec.resolutions
+        )
+        lines.append(
+            f"| `{spec.name}` | `{spec.source}` | {TASKS[spec.task]} | {experts} | {spec.default_steps} | {guidance} | "
+            f"{shifts} | {spec.default_frames} at {spec.default_fps} | {sizes} | {spec.predictor or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def transformer_kind(width: int | None, in_channels: int | None, image_branch: bool) -> str:
     """How people name a Wan transformer of these shapes: its catalogue family and task where the shapes
     say which, else its task alone (a tiny or unknown model)."""
