@@ -15,7 +15,7 @@ from cog import BaseRunner, Input, Path, Secret
 
 from wanlora.errors import InternalError, InvalidInput, WanLoraError
 from wanlora.logs import configure as configure_logging
-from wanlora.service import VideoService
+from wanlora.service import PredictorInputs, VideoService
 from wanlora.workers import WorkerGroup, worker_count
 
 LORA_HELP = "A LoRA to apply. Paste any of: a Hugging Face repo (owner/repo, owner/repo/file.safetensors, owner/repo@revision/file.safetensors) or a huggingface.co link; a Civitai page (civitai.com/models/ID?modelVersionId=V), its download link (civitai.com/api/download/models/V) or civitai:V; a Replicate model (owner/model, replicate.com/owner/model) or its trained_model.tar link; or any https:// link to a .safetensors file. Private files: add hf_api_token or civitai_api_token. On 2.2-a14b it goes on both experts, and a Wan2.2 pair (a repo or folder holding a high_noise_model and a low_noise_model file, or *HIGH* and *LOW* ones) puts each file on its own expert."
@@ -167,39 +167,16 @@ class Predictor(BaseRunner):
             default=80,
         ),
     ) -> Path:
+        arguments = {name: value for name, value in locals().items() if name != "self"}  # every input, once
         for stale in self.outputs.iterdir():  # Cog has delivered the previous output by now
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         try:
-            result = self.service.generate(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
+            arguments.update(
                 image=downloaded_file("image", image),
-                model=model,
-                resolution=resolution,
-                aspect_ratio=aspect_ratio,
-                num_frames=num_frames,
-                fps=fps,
-                sample_steps=sample_steps,
-                sample_guide_scale=sample_guide_scale,
-                sample_guide_scale_2=sample_guide_scale_2,
-                sample_shift=sample_shift,
-                seed=seed,
-                fast_mode=fast_mode,
-                accelerator=accelerator,
-                lora_weights=lora_weights,
-                lora_scale=lora_scale,
-                extra_lora=extra_lora,
-                extra_lora_scale=extra_lora_scale,
-                replicate_weights=replicate_weights,
-                lora_weights_transformer=lora_weights_transformer,
-                lora_scale_transformer=lora_scale_transformer,
-                lora_weights_transformer_2=lora_weights_transformer_2,
-                lora_scale_transformer_2=lora_scale_transformer_2,
                 hf_api_token=secret_text("hf_api_token", hf_api_token),
                 civitai_api_token=secret_text("civitai_api_token", civitai_api_token),
-                output_quality=output_quality,
-                out_dir=self.outputs,
             )
+            result = self.service.generate(PredictorInputs(**arguments), out_dir=self.outputs)
         except WanLoraError as exc:
             raise exc from None  # the one-line message; no library exception chained below it
         except Exception as exc:  # a bug outside the library's own boundary: still one clean line

@@ -22,6 +22,7 @@ import requests
 import yaml
 
 from wanlora.errors import InvalidInput, LoraMismatch
+from wanlora.service import PredictorInputs
 from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer, write_tiny_model
 
@@ -453,7 +454,7 @@ def test_samples_use_only_real_inputs_with_valid_values(sample):
     values = json.loads(sample.read_text())
     assert set(values) <= set(inspect.signature(Predictor.run).parameters), sample.name
     values.pop("image", None)  # a URL: Cog downloads it before the predictor sees it
-    VideoService(override="", i2v_override="").resolve(**values)
+    VideoService(override="", i2v_override="").resolve(PredictorInputs(**values))
 
 
 def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worker(

@@ -18,7 +18,7 @@ import pytest
 
 import wanlora
 from wanlora import InvalidInput, WanLoraPipeline
-from wanlora.service import VideoService
+from wanlora.service import PredictorInputs, VideoService
 
 from .conftest import SMALL, run_cli
 from .test_cli import FOX
@@ -38,10 +38,10 @@ def test_each_front_end_names_the_field_in_its_own_words(cli, tiny_pipe, tmp_pat
         tiny_pipe.generate("a fox", num_inference_steps=0)
     assert str(library.value) == "num_inference_steps=0 is not allowed: between 1 and 100"
     with pytest.raises(InvalidInput) as predictor:
-        VideoService(override="tiny", i2v_override="").resolve(prompt="a fox", sample_steps=0)
+        VideoService(override="tiny", i2v_override="").resolve(PredictorInputs(prompt="a fox", sample_steps=0))
     assert str(predictor.value) == "sample_steps=0 is not allowed: between 1 and 100"
     with pytest.raises(InvalidInput, match=r"^sample_guide_scale=30 is not allowed"):
-        VideoService(override="tiny", i2v_override="").resolve(prompt="a fox", sample_guide_scale=30)
+        VideoService(override="tiny", i2v_override="").resolve(PredictorInputs(prompt="a fox", sample_guide_scale=30))
 
 
 # ------------------------------------------------------------------ 2, 3. local paths

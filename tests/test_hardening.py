@@ -34,6 +34,7 @@ from wanlora.errors import (
 from wanlora.lora.fetch import Credentials, fetch_lora, fetch_lora_files
 from wanlora.lora.formats import read_lora
 from wanlora.paths import PathRefused, inside, relative_name
+from wanlora.service import PredictorInputs
 from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
@@ -232,7 +233,9 @@ def test_the_predictor_refuses_a_broken_token_in_its_own_words(tiny_dir):
     from wanlora.service import VideoService
 
     with pytest.raises(InvalidInput) as refused:
-        VideoService(override=str(tiny_dir), i2v_override="").resolve(prompt="a fox", civitai_api_token="civ-SECRET\n1")
+        VideoService(override=str(tiny_dir), i2v_override="").resolve(
+            PredictorInputs(prompt="a fox", civitai_api_token="civ-SECRET\n1")
+        )
     assert str(refused.value).startswith("civitai_api_token=") and "SECRET" not in str(refused.value)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from wanlora import InvalidInput, LoraDownloadError, ParallelPlan, WanLoraError, WanLoraPipeline, WorkerCrashed
 from wanlora.attention import BACKENDS, choose_backend, unavailable_reason
+from wanlora.service import PredictorInputs
 from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
@@ -339,13 +340,13 @@ def test_worker_group_answers_like_one_process_and_relays_errors(worker_group, t
 
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
-    single = VideoService(override="tiny").generate(**REQUEST, out_dir=tmp_path / "one")
-    shared = worker_group.generate(**REQUEST, out_dir=tmp_path / "two")
+    single = VideoService(override="tiny").generate(PredictorInputs(**REQUEST), tmp_path / "one")
+    shared = worker_group.generate(PredictorInputs(**REQUEST), tmp_path / "two")
     assert (shared.seed, shared.frames) == (single.seed, single.frames)
     assert_frames_agree(probe(shared.path).frames, probe(single.path).frames)
     with pytest.raises(InvalidInput, match="num_frames=500"):
-        worker_group.generate(**{**REQUEST, "num_frames": 500}, out_dir=tmp_path)
-    assert worker_group.generate(**REQUEST, out_dir=tmp_path / "two").seed == 11  # still serving
+        worker_group.generate(PredictorInputs(**{**REQUEST, "num_frames": 500}), tmp_path)
+    assert worker_group.generate(PredictorInputs(**REQUEST), tmp_path / "two").seed == 11  # still serving
 
 
 def test_worker_group_survives_a_killed_worker(worker_group, tmp_path):
@@ -356,10 +357,10 @@ def test_worker_group_survives_a_killed_worker(worker_group, tmp_path):
     threading.Timer(2.0, os.kill, (victim, signal.SIGKILL)).start()
     started = time.perf_counter()
     with pytest.raises(WorkerCrashed, match=rf"worker 1 \(pid {victim}, exit code -9\) stopped during the request"):
-        worker_group.generate(**{**REQUEST, "num_frames": 81, "sample_steps": 100}, out_dir=tmp_path)
+        worker_group.generate(PredictorInputs(**{**REQUEST, "num_frames": 81, "sample_steps": 100}), tmp_path)
     assert time.perf_counter() - started < 30
     assert victim not in worker_group.pids  # a fresh group is starting
-    assert worker_group.generate(**REQUEST, out_dir=tmp_path).frames == 9
+    assert worker_group.generate(PredictorInputs(**REQUEST), tmp_path).frames == 9
 
 
 def _answer_then_hang(conn, error: Exception | None) -> None:
@@ -387,7 +388,7 @@ def test_worker_group_stops_a_group_where_one_rank_failed_alone(monkeypatch):
     stand_ins = list(group.processes)
     started = time.perf_counter()
     with pytest.raises(LoraDownloadError, match="connection reset"):
-        group.generate(prompt="a fox")
+        group.generate(PredictorInputs(prompt="a fox"), None)
     assert time.perf_counter() - started < 5
     assert group.processes == [] and not any(p.is_alive() for p in stand_ins)  # the next request starts afresh
 

@@ -153,3 +153,15 @@ def test_predictor_literals_equal_the_librarys_constants(inputs):
     assert {bounds(name) for name in scales} == {LORA_SCALE_RANGE}
     assert bounds("output_quality") == QUALITY_RANGE and inputs["output_quality"].default == DEFAULT_QUALITY
     assert f"Empty: {service.DEFAULT_SAMPLE_STEPS}," in inputs["sample_steps"].description
+
+
+def test_the_service_reads_the_predictors_inputs_as_one_object_equal_to_the_signature(inputs):
+    import dataclasses
+
+    from wanlora.service import PredictorInputs
+
+    fields = dataclasses.fields(PredictorInputs)
+    assert [field.name for field in fields] == list(inputs)  # every input, in the signature's order
+    assert [field.name for field in fields if field.default is dataclasses.MISSING] == ["prompt"]  # as in Cog
+    for field in fields[1:]:
+        assert field.default == inputs[field.name].default, field.name

@@ -18,7 +18,7 @@ from wanlora.experts import expert_steps
 from wanlora.models import CATALOGUE, WAN_NEGATIVE_PROMPT, tiny_spec
 from wanlora.request import resolve_request
 from wanlora.sampling import WanFlowUniPC
-from wanlora.service import VideoService
+from wanlora.service import PredictorInputs, VideoService
 
 from .conftest import SMALL, recorded, run_cli
 from .test_cli import FOX
@@ -123,7 +123,7 @@ def test_an_empty_negative_prompt_is_the_models_own_on_every_front_end(tiny_pipe
     assert result.returncode == 0, result.stderr
     assert recorded(tmp_path / "fox.mp4")["negative_prompt"] == WAN_NEGATIVE_PROMPT
     service = VideoService(override="tiny-i2v", i2v_override="tiny-i2v")
-    resolved = service.resolve(prompt="a fox", image=str(square_png(tmp_path)), model="14b")
+    resolved = service.resolve(PredictorInputs(prompt="a fox", image=str(square_png(tmp_path)), model="14b"))
     assert resolved.request.settings.negative_prompt == "镜头晃动，" + WAN_NEGATIVE_PROMPT
 
 

@@ -24,6 +24,7 @@ from wanlora.lora.merge import LoraMerger, fit_lora
 from wanlora.memory import ExpertSwitch
 from wanlora.models import CATALOGUE, TINY_ARCH, tiny_spec
 from wanlora.pipeline import meta_transformer
+from wanlora.service import PredictorInputs
 from wanlora.testing import lora_tensors, write_lora
 from wanlora.tiny import tiny_transformer
 
@@ -520,7 +521,7 @@ def test_replicates_wan22_inputs_map_onto_the_experts():
         "lora_weights_transformer_2": "https://example.com/l.safetensors",
         "lora_scale_transformer_2": 1.0,
     }
-    resolved = service.resolve(prompt="a fox", model="2.2-a14b", **both, **per_expert)
+    resolved = service.resolve(PredictorInputs(prompt="a fox", model="2.2-a14b", **both, **per_expert))
     assert resolved.model == "t2v-a14b"
     assert [(r.label, r.strength, r.expert) for r in resolved.request.loras] == [
         ("https://example.com/style.safetensors", 0.8, "both"),
@@ -530,32 +531,40 @@ def test_replicates_wan22_inputs_map_onto_the_experts():
     settings = resolved.request.settings
     assert (settings.guidance_scale, settings.guidance_scale_2, settings.flow_shift) == (4.0, 3.0, 12.0)
     assert (settings.num_frames, settings.fps, settings.num_inference_steps) == (81, 16, 30)
-    one = service.resolve(prompt="a fox", model="14b", lora_weights_transformer="https://example.com/h.safetensors")
+    one = service.resolve(
+        PredictorInputs(prompt="a fox", model="14b", lora_weights_transformer="https://example.com/h.safetensors")
+    )
     assert [r.expert for r in one.request.loras] == ["both"]  # diffusers' `transformer`: the only one here
     with pytest.raises(InvalidInput, match="lora_weights_transformer_2=.*only model=2.2-a14b has a second"):
-        service.resolve(prompt="a fox", model="14b", lora_weights_transformer_2="https://example.com/l.safetensors")
+        service.resolve(
+            PredictorInputs(prompt="a fox", model="14b", lora_weights_transformer_2="https://example.com/l.safetensors")
+        )
     with pytest.raises(InvalidInput, match="sample_guide_scale_2=2.0 .*only model=2.2-a14b"):
-        service.resolve(prompt="a fox", model="2.2-5b", sample_guide_scale_2=2.0)
+        service.resolve(PredictorInputs(prompt="a fox", model="2.2-5b", sample_guide_scale_2=2.0))
     with pytest.raises(InvalidInput, match="lora_scale_transformer=4.0 is not allowed"):
-        service.resolve(prompt="a fox", model="2.2-a14b", **{**per_expert, "lora_scale_transformer": 4.0})
+        service.resolve(
+            PredictorInputs(prompt="a fox", model="2.2-a14b", **{**per_expert, "lora_scale_transformer": 4.0})
+        )
 
 
 def test_replicates_model_choices_pick_the_wan22_variants():
     from wanlora.service import VideoService
 
     service = VideoService(override="", i2v_override="")
-    ti2v = service.resolve(prompt="a fox", model="2.2-5b", resolution="480p")  # one trained size: resolution is moot
+    ti2v = service.resolve(
+        PredictorInputs(prompt="a fox", model="2.2-5b", resolution="480p")
+    )  # one trained size: resolution is moot
     assert ti2v.model == "ti2v-5b"
     assert (ti2v.request.settings.width, ti2v.request.settings.height) == (1280, 704)
     assert (ti2v.request.settings.num_frames, ti2v.request.settings.fps) == (121, 24)
     with pytest.raises(InvalidInput, match="aspect_ratio='1:1' is not allowed: t2v-a14b was trained at 16:9, 9:16"):
-        service.resolve(prompt="a fox", model="2.2-a14b", aspect_ratio="1:1")
+        service.resolve(PredictorInputs(prompt="a fox", model="2.2-a14b", aspect_ratio="1:1"))
     assert service.model_for("2.2-a14b", image=True) == "i2v-a14b"
     assert service.model_for("2.2-5b", image=True) == "ti2v-5b"
     assert service.model_for("14b", image=True, resolution="720p") == "i2v-14b-720p"
     with pytest.raises(InvalidInput, match="model=1.3b is text-to-video only; use 14b or 2.2-a14b or 2.2-5b"):
         service.model_for("1.3b", image=True)
-    lightning = service.resolve(prompt="a fox", model="2.2-a14b", accelerator="lightx2v-4step")
+    lightning = service.resolve(PredictorInputs(prompt="a fox", model="2.2-a14b", accelerator="lightx2v-4step"))
     settings = lightning.request.settings
     assert (settings.num_inference_steps, settings.guidance_scale, settings.guidance_scale_2) == (4, 1.0, 1.0)
     assert lightning.request.accelerator_ref == "lightx2v/Wan2.2-Lightning/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"

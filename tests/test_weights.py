@@ -10,7 +10,7 @@ import pytest
 
 from wanlora import WanLoraPipeline
 from wanlora.lora.fetch import fetch_lora
-from wanlora.service import VideoService
+from wanlora.service import PredictorInputs, VideoService
 
 from .conftest import probe
 from .servers import HubRepo
@@ -34,7 +34,7 @@ def test_the_service_loads_a_catalogue_model_from_the_weights_folder(tiny_dir, t
     pipe = service.load(service.model_for("14b"))
     assert pipe.spec.source == str(weights / "Wan-AI" / "Wan2.1-T2V-14B-Diffusers")
     assert set(pipe.load_timings) == {"load_seconds"}  # nothing was downloaded
-    result = service.generate(prompt="a fox", out_dir=tmp_path, **SMALL)
+    result = service.generate(PredictorInputs(prompt="a fox", **SMALL), tmp_path)
     assert len(probe(result.path).frames) == 9
 
 
@@ -69,6 +69,6 @@ def test_the_first_prediction_reports_the_setup_times(fake_hub, tiny_dir, tmp_pa
     fake_hub.repos["someone/tiny-wan"] = HubRepo(files)
     service = VideoService(override="someone/tiny-wan", i2v_override="")
     service.load(service.model_for("14b"))
-    first = service.generate(prompt="a fox", out_dir=tmp_path, **SMALL)
+    first = service.generate(PredictorInputs(prompt="a fox", **SMALL), tmp_path)
     assert {"setup_download_seconds", "setup_load_seconds"} <= set(first.timings)
-    assert "setup_load_seconds" not in service.generate(prompt="a fox", out_dir=tmp_path, **SMALL).timings
+    assert "setup_load_seconds" not in service.generate(PredictorInputs(prompt="a fox", **SMALL), tmp_path).timings

@@ -102,18 +102,45 @@ def _scale(field: str, value: object) -> float:
     return float(value)
 
 
-def replicate_loras(
-    lora_weights: object,
-    lora_scale: object,
-    extra_lora: object,
-    extra_lora_scale: object,
-    replicate_weights: object = None,
-    lora_weights_transformer: object = None,
-    lora_scale_transformer: object = 1.0,
-    lora_weights_transformer_2: object = None,
-    lora_scale_transformer_2: object = 1.0,
-    experts: tuple[str, ...] = ("all",),
-) -> list[LoraRequest]:
+@dataclass(frozen=True)
+class PredictorInputs:
+    """The predictor's inputs, as Cog hands them to `Predictor.run` (predict.py's signature, field for field;
+    a test holds the two equal). predict.py builds one; everything after it reads this one object."""
+
+    prompt: object
+    negative_prompt: object = ""
+    image: str | None = None  # a file Cog downloaded for this request
+    model: object = "14b"
+    resolution: object = DEFAULT_RESOLUTION
+    aspect_ratio: object = "auto"
+    num_frames: object = None
+    fps: object = None
+    sample_steps: object = None
+    sample_guide_scale: object = None
+    sample_guide_scale_2: object = None
+    sample_shift: object = None
+    seed: object = None
+    fast_mode: object = "Off"
+    accelerator: object = "none"
+    lora_weights: object = None
+    lora_scale: object = 1.0
+    extra_lora: object = None
+    extra_lora_scale: object = 1.0
+    replicate_weights: object = None
+    lora_weights_transformer: object = None
+    lora_scale_transformer: object = 1.0
+    lora_weights_transformer_2: object = None
+    lora_scale_transformer_2: object = 1.0
+    hf_api_token: object = None
+    civitai_api_token: object = None
+    output_quality: object = 80
+
+    def __repr__(self) -> str:  # never print a token by accident
+        shown = {name: "***" if name.endswith("api_token") and value else value for name, value in vars(self).items()}
+        return f"PredictorInputs({shown})"
+
+
+def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ("all",)) -> list[LoraRequest]:
     """Replicate's LoRA inputs as a LoRA list; all of them stack.
 
     `lora_weights` and `extra_lora` go on every transformer (each file of a Wan2.2 pair on
@@ -123,13 +150,13 @@ def replicate_loras(
     `replicate_weights` is what Replicate passes when a fine-tuned version of this model
     runs (its trainer's weights tar): it takes the main slot, at `lora_scale`.
     """
-    main, extra = _text_or_none("lora_weights", lora_weights), _text_or_none("extra_lora", extra_lora)
-    trained = _text_or_none("replicate_weights", replicate_weights)
-    high = _text_or_none("lora_weights_transformer", lora_weights_transformer)
-    low = _text_or_none("lora_weights_transformer_2", lora_weights_transformer_2)
-    scale, extra_scale = _scale("lora_scale", lora_scale), _scale("extra_lora_scale", extra_lora_scale)
-    high_scale = _scale("lora_scale_transformer", lora_scale_transformer)
-    low_scale = _scale("lora_scale_transformer_2", lora_scale_transformer_2)
+    main, extra = _text_or_none("lora_weights", i.lora_weights), _text_or_none("extra_lora", i.extra_lora)
+    trained = _text_or_none("replicate_weights", i.replicate_weights)
+    high = _text_or_none("lora_weights_transformer", i.lora_weights_transformer)
+    low = _text_or_none("lora_weights_transformer_2", i.lora_weights_transformer_2)
+    scale, extra_scale = _scale("lora_scale", i.lora_scale), _scale("extra_lora_scale", i.extra_lora_scale)
+    high_scale = _scale("lora_scale_transformer", i.lora_scale_transformer)
+    low_scale = _scale("lora_scale_transformer_2", i.lora_scale_transformer_2)
     if trained and main:
         raise InvalidInput(
             "lora_weights",
@@ -208,92 +235,58 @@ class VideoService:
         self.unreported_setup = {f"setup_{k}": v for k, v in self.pipe.load_timings.items()}
         return self.pipe
 
-    def resolve(
-        self,
-        *,
-        prompt: object,
-        negative_prompt: object = "",
-        image: str | None = None,
-        model: object = "14b",
-        resolution: object = "480p",
-        aspect_ratio: object = "auto",
-        num_frames: object = None,
-        fps: object = None,
-        sample_steps: object = None,
-        sample_guide_scale: object = None,
-        sample_guide_scale_2: object = None,
-        sample_shift: object = None,
-        seed: object = None,
-        fast_mode: object = "Off",
-        accelerator: object = "none",
-        lora_weights: object = None,
-        lora_scale: object = 1.0,
-        extra_lora: object = None,
-        extra_lora_scale: object = 1.0,
-        replicate_weights: object = None,
-        lora_weights_transformer: object = None,
-        lora_scale_transformer: object = 1.0,
-        lora_weights_transformer_2: object = None,
-        lora_scale_transformer_2: object = 1.0,
-        hf_api_token: object = None,
-        civitai_api_token: object = None,
-        output_quality: object = 80,
-    ) -> ServiceRequest:
+    def resolve(self, inputs: PredictorInputs) -> ServiceRequest:
         """Check every input and map Replicate's names onto the library's, before any work."""
         try:
-            credentials = Credentials(hf_token=hf_api_token, civitai_token=civitai_api_token, local_files=False)
+            return self._resolve(inputs)
         except InvalidInput as exc:
             raise exc.renamed(INPUT_NAMES) from None
-        name = self.model_for(model, image is not None, resolution)
-        accelerator = _choice("accelerator", accelerator, ACCELERATORS)
-        if sample_steps is None and accelerator is None:
-            sample_steps = DEFAULT_SAMPLE_STEPS
+
+    def _resolve(self, i: PredictorInputs) -> ServiceRequest:
+        credentials = Credentials(hf_token=i.hf_api_token, civitai_token=i.civitai_api_token, local_files=False)
+        name = self.model_for(i.model, i.image is not None, i.resolution)
+        accelerator = _choice("accelerator", i.accelerator, ACCELERATORS)
+        steps = DEFAULT_SAMPLE_STEPS if i.sample_steps is None and accelerator is None else i.sample_steps
         spec = self.pipe.spec if self.model == name else resolve_model(name)
-        loras = replicate_loras(lora_weights, lora_scale, extra_lora, extra_lora_scale, replicate_weights,
-                                lora_weights_transformer, lora_scale_transformer, lora_weights_transformer_2,
-                                lora_scale_transformer_2, spec.experts)  # fmt: skip
-        if sample_guide_scale_2 is not None and len(spec.experts) == 1:
-            raise InvalidInput("sample_guide_scale_2", sample_guide_scale_2,
+        if i.sample_guide_scale_2 is not None and len(spec.experts) == 1:
+            raise InvalidInput("sample_guide_scale_2", i.sample_guide_scale_2,
                                "empty: only model=2.2-a14b has a second expert; use sample_guide_scale")  # fmt: skip
-        try:
-            request = resolve_request(
-                spec,
-                prompt,
-                negative_prompt=negative_prompt,
-                image=image,
-                resolution=None if model in ONE_SIZE_CHOICES else resolution,
-                aspect_ratio=None if aspect_ratio == ASPECT_CHOICES[0] else aspect_ratio,
-                num_frames=num_frames,
-                fps=fps,
-                num_inference_steps=sample_steps,
-                guidance_scale=sample_guide_scale,
-                guidance_scale_2=sample_guide_scale_2,
-                flow_shift=sample_shift,
-                seed=seed,
-                fast_mode=_choice("fast_mode", fast_mode, FAST_MODES),
-                accelerator=accelerator,
-                loras=loras,
-            )
-        except InvalidInput as exc:
-            raise exc.renamed(INPUT_NAMES) from None
-        if isinstance(output_quality, bool) or not isinstance(output_quality, int):
-            raise InvalidInput("output_quality", output_quality, "a whole number between 0 and 100")
-        return ServiceRequest(name, request, output_quality, credentials)
+        request = resolve_request(
+            spec,
+            i.prompt,
+            negative_prompt=i.negative_prompt,
+            image=i.image,
+            resolution=None if i.model in ONE_SIZE_CHOICES else i.resolution,
+            aspect_ratio=None if i.aspect_ratio == ASPECT_CHOICES[0] else i.aspect_ratio,
+            num_frames=i.num_frames,
+            fps=i.fps,
+            num_inference_steps=steps,
+            guidance_scale=i.sample_guide_scale,
+            guidance_scale_2=i.sample_guide_scale_2,
+            flow_shift=i.sample_shift,
+            seed=i.seed,
+            fast_mode=_choice("fast_mode", i.fast_mode, FAST_MODES),
+            accelerator=accelerator,
+            loras=replicate_loras(i, spec.experts),
+        )
+        if isinstance(i.output_quality, bool) or not isinstance(i.output_quality, int):
+            raise InvalidInput("output_quality", i.output_quality, "a whole number between 0 and 100")
+        return ServiceRequest(name, request, i.output_quality, credentials)
 
     @error_boundary
-    def generate(self, *, out_dir: Path, **inputs: object) -> Result | None:
+    def generate(self, inputs: PredictorInputs, out_dir: Path) -> Result | None:
         """Validate every input, then make the LoRA state match and generate an MP4 in `out_dir`.
 
         In a parallel worker, only rank 0 writes the MP4; the other ranks return None.
         """
-        resolved = self.resolve(**inputs)
+        resolved = self.resolve(inputs)
         pipe = self.load(resolved.model)
         if resolved.request.spec != pipe.spec:  # the model's own config decided (a folder, the weights)
-            resolved = self.resolve(**inputs)
+            resolved = self.resolve(inputs)
         try:
             video = pipe.run(resolved.request, resolved.credentials)
         except LoraMismatch as exc:
-            raise _with_model_hint(exc, inputs.get("model", "14b")) from None
+            raise _with_model_hint(exc, inputs.model) from None
         if video is None:
             return None
         path = video.save(Path(out_dir) / f"wanlora-{video.seed}.mp4", quality=resolved.quality)

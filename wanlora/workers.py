@@ -72,9 +72,9 @@ def _serve(rank: int, world_size: int, port: int, conn: Connection, service_opti
             return
         if message is None:
             return
-        request_id, kwargs = message
+        request_id, (inputs, out_dir) = message
         try:
-            _reply(conn, request_id, service.generate(**kwargs))
+            _reply(conn, request_id, service.generate(inputs, out_dir))
         except Exception as exc:  # the caller decides; this worker stays up for the next request
             _reply(conn, request_id, exc)
 
@@ -87,7 +87,7 @@ def _reply(conn: Connection, request_id: int | None, outcome: Any) -> None:
 
 
 class WorkerGroup:
-    """`generate(**VideoService.generate kwargs)` on `size` worker processes, one per GPU."""
+    """`VideoService.generate` on `size` worker processes, one per GPU."""
 
     def __init__(self, size: int, **service_options: Any) -> None:
         self.size = size
@@ -138,13 +138,13 @@ class WorkerGroup:
         self.ready = True
         logger.info("%d workers ready in %.1fs", self.size, time.perf_counter() - started)
 
-    def generate(self, **kwargs: Any):
-        """Run one request on every worker and return rank 0's result."""
+    def generate(self, inputs, out_dir):
+        """Run one request (`VideoService.generate`'s arguments) on every worker and return rank 0's result."""
         self.wait_ready()
         self.next_request += 1
         for rank, conn in enumerate(self.connections):
             try:
-                conn.send((self.next_request, kwargs))
+                conn.send((self.next_request, (inputs, out_dir)))
             except OSError:  # a worker died between requests
                 self._restart_after_crash(rank)
         return self._collect(self.next_request)
