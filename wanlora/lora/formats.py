@@ -1,10 +1,7 @@
 """Every published Wan LoRA layout (docs/lora-formats.md), read into one canonical form keyed by diffusers names.
 
-A file's keys are `<prefix><module><separator><factor>`. The prefix says who wrote it, the
-module is named in original-Wan or diffusers terms (dotted, or flattened with `_` by
-kohya and LyCORIS), and the factor says which piece of which delta it holds. All three are
-tables below; a new layout is a new row. Nothing is dropped silently: a key that fits no
-row is an error that names it.
+The key tables are in keys.py and the delta kinds in deltas.py; this is the reader. Nothing
+is dropped silently: a key that fits no row is an error that names it.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,244 +20,18 @@ from safetensors import SafetensorError, safe_open
 from ..errors import LoraFileGone, LoraFormatError
 from ..messages import listing
 from ..models import families_of_width
-
-# Prefixes that mean "the transformer", longest first. The namespace they imply, if any.
-PREFIXES: list[tuple[str, str | None]] = [
-    ("model.diffusion_model.", "original"),
-    ("diffusion_model.", "original"),
-    ("base_model.model.", None),
-    ("transformer.", "diffusers"),
-    ("pipe.dit.", "original"),
-    ("lora_unet__", "original"),
-    ("lora_unet_", "original"),
-    ("lycoris_", None),
-]
-
-# Factor suffixes, longest first: (suffix, role). A role names one input of the delta math.
-FACTORS: list[tuple[str, str]] = [
-    (".lora_down.weight", "down"),
-    (".lora_up.weight", "up"),
-    (".lora_A.default.weight", "down"),
-    (".lora_B.default.weight", "up"),
-    (".lora_A.weight", "down"),
-    (".lora_B.weight", "up"),
-    (".alpha", "alpha"),
-    (".hada_w1_a", "hada_w1_a"),
-    (".hada_w1_b", "hada_w1_b"),
-    (".hada_w2_a", "hada_w2_a"),
-    (".hada_w2_b", "hada_w2_b"),
-    (".lokr_w1_a", "lokr_w1_a"),
-    (".lokr_w1_b", "lokr_w1_b"),
-    (".lokr_w2_a", "lokr_w2_a"),
-    (".lokr_w2_b", "lokr_w2_b"),
-    (".lokr_w1", "lokr_w1"),
-    (".lokr_w2", "lokr_w2"),
-    (".diff_b", "diff_b"),
-    (".diff_m", "diff_m"),
-    (".diff", "diff"),
-]
-UNSUPPORTED_FACTORS = {
-    ".dora_scale": "DoRA magnitude vectors",
-    ".lora_magnitude_vector": "DoRA magnitude vectors",
-    ".lora_mid.weight": "LoCon Tucker factors",
-    ".hada_t1": "LoHa Tucker factors",
-    ".hada_t2": "LoHa Tucker factors",
-    ".lokr_t2": "LoKr Tucker factors",
-}
-
-# Original Wan module → diffusers module. {N} is a block index. Parameters (not modules)
-# are written with their parameter name: the modulation tables.
-NAME_MAP: list[tuple[str, str]] = [
-    ("blocks.{N}.self_attn.q", "blocks.{N}.attn1.to_q"),
-    ("blocks.{N}.self_attn.k", "blocks.{N}.attn1.to_k"),
-    ("blocks.{N}.self_attn.v", "blocks.{N}.attn1.to_v"),
-    ("blocks.{N}.self_attn.o", "blocks.{N}.attn1.to_out.0"),
-    ("blocks.{N}.self_attn.norm_q", "blocks.{N}.attn1.norm_q"),
-    ("blocks.{N}.self_attn.norm_k", "blocks.{N}.attn1.norm_k"),
-    ("blocks.{N}.cross_attn.q", "blocks.{N}.attn2.to_q"),
-    ("blocks.{N}.cross_attn.k", "blocks.{N}.attn2.to_k"),
-    ("blocks.{N}.cross_attn.v", "blocks.{N}.attn2.to_v"),
-    ("blocks.{N}.cross_attn.o", "blocks.{N}.attn2.to_out.0"),
-    ("blocks.{N}.cross_attn.norm_q", "blocks.{N}.attn2.norm_q"),
-    ("blocks.{N}.cross_attn.norm_k", "blocks.{N}.attn2.norm_k"),
-    ("blocks.{N}.cross_attn.k_img", "blocks.{N}.attn2.add_k_proj"),
-    ("blocks.{N}.cross_attn.v_img", "blocks.{N}.attn2.add_v_proj"),
-    ("blocks.{N}.cross_attn.norm_k_img", "blocks.{N}.attn2.norm_added_k"),
-    ("blocks.{N}.ffn.0", "blocks.{N}.ffn.net.0.proj"),
-    ("blocks.{N}.ffn.2", "blocks.{N}.ffn.net.2"),
-    ("blocks.{N}.norm3", "blocks.{N}.norm2"),  # the swap: original norm3 is the cross-attn norm
-    ("blocks.{N}.norm2", "blocks.{N}.norm3"),
-    ("blocks.{N}.modulation", "blocks.{N}.scale_shift_table"),
-    ("blocks.{N}", "blocks.{N}"),  # the owner of `blocks.N.diff_m`
-    ("head.head", "proj_out"),
-    ("head.modulation", "scale_shift_table"),
-    ("head", ""),  # the owner of `head.diff_m`: lightx2v's name for the head's modulation
-    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
-    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-    ("time_projection.1", "condition_embedder.time_proj"),
-    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
-    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
-    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
-    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
-    ("patch_embedding", "patch_embedding"),
-]
-PARAMETER_TARGETS = ("scale_shift_table",)  # targets that are parameters, not modules
-BLOCK = re.compile(r"blocks\.\d+")
-
-# Words that only one namespace uses: they decide a file whose prefix does not.
-ORIGINAL_MARKERS = (
-    "self_attn",
-    "cross_attn",
-    "head.head",
-    "head_head",
-    "ffn.0",
-    "ffn_0",
-    "ffn.2",
-    "ffn_2",
-    "modulation",
-    "text_embedding",
-    "time_embedding",
-    "img_emb",
-    "diff_m",
+from .deltas import Delta, FullDelta, LohaDelta, LokrDelta, LoraDelta
+from .keys import (
+    BLOCK,
+    DIFFUSERS_MARKERS,
+    FACTORS,
+    I2V_ONLY,
+    ORIGINAL_MARKERS,
+    PARAMETER_TARGETS,
+    PREFIXES,
+    UNSUPPORTED_FACTORS,
+    to_diffusers_name,
 )
-DIFFUSERS_MARKERS = ("attn1", "attn2", "proj_out", "condition_embedder", "ffn.net", "ffn_net", "scale_shift_table")
-
-# Modules that exist only in image-to-video models.
-I2V_ONLY = re.compile(r"(attn2\.(add_k_proj|add_v_proj|norm_added_k)|condition_embedder\.image_embedder)\b")
-
-
-def _name_pattern(template: str, sep: str) -> re.Pattern[str]:
-    parts = [re.escape(p) if p != "{N}" else r"(\d+)" for p in template.split(".")]
-    return re.compile(re.escape(sep).join(parts))
-
-
-def _build_lookup(namespace: str) -> list[tuple[re.Pattern[str], str]]:
-    """(pattern, diffusers template) for the dotted and the flattened names of a namespace."""
-    if namespace == "original":
-        pairs = NAME_MAP
-    else:
-        pairs = [(target, target) for _, target in NAME_MAP]
-    return [(_name_pattern(src, sep), dst) for src, dst in pairs for sep in (".", "_")]
-
-
-LOOKUPS = {ns: _build_lookup(ns) for ns in ("original", "diffusers")}
-
-
-def to_diffusers_name(module: str, namespace: str) -> str | None:
-    """The diffusers name of `module` (dotted or flattened) in `namespace`, or None."""
-    for pattern, target in LOOKUPS[namespace]:
-        match = pattern.fullmatch(module)
-        if match:
-            return target.replace("{N}", match.group(1)) if match.groups() else target
-    return None
-
-
-# ---------------------------------------------------------------------------- deltas
-
-
-@dataclass(frozen=True, eq=False)  # compared by identity: it holds tensors
-class Delta:
-    """One parameter's change, in one of the published parameterisations (docs/lora-formats.md).
-
-    `kind` is "lora", "loha", "lokr" or "full"; `factors` holds its tensors; `scale` is
-    the alpha/rank factor. `compute` returns the dense delta in float32 with `shape`.
-    """
-
-    kind: str
-    factors: tuple[torch.Tensor, ...]
-    scale: float = 1.0
-
-    @property
-    def rank(self) -> int | None:
-        if self.kind == "lora":
-            return self.factors[1].shape[0]
-        if self.kind == "loha":
-            return self.factors[1].shape[0]
-        return None
-
-    def dense_shape(self) -> tuple[int, int] | tuple[int, ...]:
-        """The shape of the delta before any reshape onto a conv kernel."""
-        f = self.factors
-        if self.kind == "lora":
-            return (f[0].shape[0], math.prod(f[1].shape[1:]))
-        if self.kind == "loha":
-            return (f[0].shape[0], f[1].shape[1])
-        if self.kind == "lokr":
-            w1, w2 = f
-            return (w1.shape[0] * w2.shape[0], w1.shape[1] * math.prod(w2.shape[1:]))
-        return tuple(f[0].shape)
-
-    def compute(self, device: torch.device | None = None) -> torch.Tensor:
-        f = [t.to(device=device, dtype=torch.float32) for t in self.factors]
-        if self.kind == "lora":
-            up, down = f[0].flatten(1), f[1].flatten(1)
-            return (up @ down).mul_(self.scale)
-        if self.kind == "loha":
-            w1a, w1b, w2a, w2b = f
-            return ((w1a @ w1b) * (w2a @ w2b)).mul_(self.scale)
-        if self.kind == "lokr":
-            w1, w2 = f[0], f[1].flatten(1)
-            return torch.kron(w1, w2).mul_(self.scale)
-        return f[0]
-
-    def gemm_factors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(up, down) as 2-D matrices in `dtype` when that cast is exact, else None.
-
-        Exact means the factors already have `dtype`, or `dtype` is float32 (which holds
-        every bf16/fp16 value). Then one GEMM, which accumulates in fp32 and rounds once,
-        can add this delta to a weight with no fp32 copy of the weight.
-        """
-        if self.kind != "lora" or any(t.dtype not in (dtype, torch.bfloat16, torch.float16) for t in self.factors):
-            return None
-        if dtype != torch.float32 and any(t.dtype != dtype for t in self.factors):
-            return None
-        up, down = (t.to(device=device, dtype=dtype).flatten(1) for t in self.factors)
-        return up, down
-
-    def row_adder(self, shape: torch.Size, device: torch.device):
-        """A function `add(acc, start, stop, strength)` that adds rows start:stop of the delta.
-
-        The delta is seen as a (rows, -1) matrix of the parameter's shape. LoRA rows come
-        from `up[start:stop] @ down`, so a dense delta is never built; other kinds are
-        computed once, here.
-        """
-        if self.kind == "lora":
-            up = self.factors[0].to(device=device, dtype=torch.float32).flatten(1)
-            down = self.factors[1].to(device=device, dtype=torch.float32).flatten(1)
-
-            def add_lora(acc: torch.Tensor, start: int, stop: int, strength: float) -> None:
-                acc.addmm_(up[start:stop], down, alpha=strength * self.scale)
-
-            return add_lora
-        dense = self.compute(device).reshape(shape[0], -1)
-
-        def add_dense(acc: torch.Tensor, start: int, stop: int, strength: float) -> None:
-            acc.add_(dense[start:stop], alpha=strength)
-
-        return add_dense
-
-    @cached_property
-    def bound(self) -> float:
-        """An upper bound on any element of the dense delta, from the factors alone (may be inf)."""
-        peak = [float(t.detach().abs().max()) if t.numel() else 0.0 for t in self.factors]
-        if self.kind == "lora":
-            value = self.rank * peak[0] * peak[1]
-        elif self.kind == "loha":
-            value = (self.factors[0].shape[1] * peak[0] * peak[1]) * (self.factors[2].shape[1] * peak[2] * peak[3])
-        elif self.kind == "lokr":
-            value = peak[0] * peak[1]
-        else:
-            return peak[0]
-        return value * abs(self.scale)
-
-    def fits(self, shape: torch.Size) -> bool:
-        """Whether the delta has the parameter's shape, or its size for a conv kernel."""
-        dense = self.dense_shape()
-        if tuple(dense) == tuple(shape):
-            return True
-        return math.prod(dense) == math.prod(shape) and (self.kind == "full" or dense[0] == shape[0])
 
 
 @dataclass
@@ -285,7 +55,7 @@ class LoraFile:
 
     @property
     def alphas(self) -> list[float]:
-        return sorted({round(d.scale * d.rank, 6) for d in self.deltas.values() if d.rank is not None})
+        return sorted({round(d.alpha_scale * d.rank, 6) for d in self.deltas.values() if d.rank is not None})
 
     @property
     def module_kinds(self) -> list[str]:
@@ -476,7 +246,7 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
             raise LoraFormatError(f"{label}: {module}'s up factor has rank {up.shape[1]}, its down one {rank}", label)
         if alpha is None:
             alpha = _peft_alpha(adapter, target, rank, label)
-        yield weight, Delta("lora", (up, down), alpha / rank)
+        yield weight, LoraDelta((up, down), alpha / rank)
     if any(r.startswith("hada_") for r in roles):
         w1a, w1b, w2a, w2b = need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
         ranks_fit = w1a.shape[1] == w1b.shape[0] and w2a.shape[1] == w2b.shape[0]
@@ -484,20 +254,20 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
         if any(t.dim() != 2 for t in (w1a, w1b, w2a, w2b)) or not (ranks_fit and products_fit):
             shapes = ", ".join(str(list(t.shape)) for t in (w1a, w1b, w2a, w2b))
             raise LoraFormatError(f"{label}: {module}'s LoHa factors do not fit together ({shapes})", label)
-        yield weight, Delta("loha", (w1a, w1b, w2a, w2b), 1.0 if alpha is None else alpha / w1b.shape[0])
+        yield weight, LohaDelta((w1a, w1b, w2a, w2b), 1.0 if alpha is None else alpha / w1b.shape[0])
     if any(r.startswith("lokr_") for r in roles):
         yield weight, _lokr(parts, alpha, module, label)
     if "diff" in roles:
-        yield weight, Delta("full", tuple(need("diff", matrix=False)))
+        yield weight, FullDelta(tuple(need("diff", matrix=False)))
     if "diff_b" in roles:
         if target.endswith(PARAMETER_TARGETS) or not target:
             raise LoraFormatError(f"{label}: {module} is a parameter table and has no bias for diff_b", label)
-        yield f"{target}.bias", Delta("full", tuple(need("diff_b", matrix=False)))
+        yield f"{target}.bias", FullDelta(tuple(need("diff_b", matrix=False)))
     if "diff_m" in roles:
         if not (target == "" or BLOCK.fullmatch(target)):
             raise LoraFormatError(f"{label}: diff_m belongs to a block or the head, not to {module}", label)
         table = f"{target}.scale_shift_table" if target else "scale_shift_table"
-        yield table, Delta("full", tuple(need("diff_m", matrix=False)))
+        yield table, FullDelta(tuple(need("diff_m", matrix=False)))
     if roles == set():
         raise LoraFormatError(f"{label}: {module} has an alpha but no factors", label)
 
@@ -522,7 +292,7 @@ def _lokr(parts: dict[str, torch.Tensor], alpha: float | None, module: str, labe
             factors.append(tensors[0].float() @ tensors[1].float().flatten(1))
             rank = tensors[1].shape[0]
     scale = alpha / rank if alpha is not None and rank is not None else 1.0
-    return Delta("lokr", tuple(factors), scale)
+    return LokrDelta(tuple(factors), scale)
 
 
 def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]:

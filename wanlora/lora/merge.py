@@ -25,7 +25,9 @@ import torch
 from ..errors import LoraFormatError, LoraMismatch
 from ..messages import listing
 from ..models import transformer_kind
-from .formats import I2V_ONLY, Delta, LoraFile
+from .deltas import Delta
+from .formats import LoraFile
+from .keys import I2V_ONLY
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +150,6 @@ class LoraMerger:
         """Fit every LoRA without changing anything; raises on the first that does not fit."""
         return [fit_lora(lora, self.params) for lora, _ in loras]
 
-    def apply(self, loras: Sequence[tuple[LoraFile, float]]) -> int:
-        """Make the weights equal to base + the weighted sum of `loras`; return tensors rewritten."""
-        return self.write(self.prepare(loras))
-
     def prepare(self, loras: Sequence[tuple[LoraFile, float]], warned: set[str] | None = None) -> Plan:
         """The plan for `loras`, fitted and range-checked; nothing is written.
 
@@ -218,7 +216,7 @@ class LoraMerger:
             "can hold: its alpha or factors are far too large for this strength",
             worst.label,
         )
-        if any(not abs(t.strength * t.delta.scale) <= FP32_MAX for t in terms):  # the kernels take it as fp32
+        if any(not abs(t.strength * t.delta.alpha_scale) <= FP32_MAX for t in terms):  # the kernels take it as fp32
             raise overflow
         bound = self.base_peak[name] + sum(abs(t.strength) * t.delta.bound for t in terms)
         if math.isfinite(bound) and bound <= limit:
@@ -246,7 +244,7 @@ class LoraMerger:
                 factors = delta.gemm_factors(param.dtype, param.device)
                 if factors is not None:  # one GEMM: fp32 accumulation, one rounding
                     source = base.to(param.device, non_blocking=True)
-                    torch.addmm(source, *factors, alpha=strength * delta.scale, out=param.data)
+                    torch.addmm(source, *factors, alpha=strength * delta.alpha_scale, out=param.data)
                     return
             target = param.view(param.shape[0], -1)
             for start, stop, rows in self._summed_rows(name, terms):
