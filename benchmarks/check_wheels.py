@@ -1,6 +1,6 @@
 """Check the wheels in .whl/ against the device: its Python and torch, and the carry limit.
 
-    python benchmarks/check_wheels.py .whl [--torch 2.11.0] [--python 3.12] [--limit-mib 64]
+    python -m benchmarks.check_wheels .whl [--torch 2.11.0] [--python 3.12] [--limit-mib 64]
 
 Exits 1, saying why, when a wheel needs another torch or Python, or the folder is too big.
 """

@@ -10,7 +10,7 @@ CPU. For each it prints ratios (lower is faster):
 - torch.compile of the repeated blocks vs eager (compile time printed apart);
 - fast mode (First Block Cache) vs off over an 8-step loop, with the block runs skipped.
 
-    python benchmarks/cpu_step.py [--repeats 3] [--no-compile]
+    python -m benchmarks.cpu_step [--repeats 3] [--no-compile]
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from diffusers import WanPipeline
 from diffusers.hooks import FirstBlockCacheConfig
 from safetensors.torch import save_file
 
+from tests.builders import lora_tensors, random_transformer, step_inputs
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.models import TINY_ARCH, WAN_1_3B
-from wanlora.testing import lora_tensors, random_transformer, step_inputs
 
 SHAPES = {
     "tiny": (TINY_ARCH, torch.float32, (9, 64, 112)),
@@ -74,9 +74,9 @@ def bench_shape(name: str, repeats: int, compile_blocks: bool, folder: Path) -> 
     base = median_time(forward(model, one), repeats)
     path = lora_file(model, folder)
     merger = LoraMerger(model)
-    merger.apply([(read_lora(path), 1.0)])
+    merger.write(merger.prepare([(read_lora(path), 1.0)]))
     merged = median_time(forward(model, one), repeats)
-    merger.apply([])
+    merger.write(merger.prepare([]))
     pipe = WanPipeline(None, None, None, None, transformer=model)
     pipe.load_lora_weights(path, adapter_name="style")
     unfused = median_time(forward(model, one), repeats)

@@ -18,4 +18,4 @@ mkdir .whl
     --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
     diffusers==0.42.1 xformers==0.0.35
-"$PYTHON" benchmarks/check_wheels.py .whl --torch 2.11.0 --python 3.12 --limit-mib 64
+"$PYTHON" -m benchmarks.check_wheels .whl --torch 2.11.0 --python 3.12 --limit-mib 64

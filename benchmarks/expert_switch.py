@@ -11,7 +11,7 @@ random bf16 weights, and rank-32 LoRAs on every block linear.
    copies while the low-noise one keeps its LoRA untouched; diffusers' cycle for the same
    change is unfuse, unload, load and fuse on `transformer`.
 
-    python benchmarks/expert_switch.py [--blocks 2] [--swaps 4]
+    python -m benchmarks.expert_switch [--blocks 2] [--swaps 4]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 from diffusers import WanPipeline
 from lora_swap import cached_loras, median_seconds, time_diffusers
 
+from tests.builders import random_transformer
 from wanlora.models import WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
-from wanlora.testing import random_transformer
 from wanlora.tiny import flow_scheduler
 
 # Sustained host<->GPU copy rates for pinned memory, per direction (GB/s): what the links

@@ -21,14 +21,14 @@ if [ "$rehearse" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-timeout 410 "$PYTHON" benchmarks/gpu_step.py "$@" || echo "gpu_step.py stopped (exit $?); the results so far are in $OUT"
+timeout 410 "$PYTHON" -m benchmarks.gpu_step "$@" || echo "gpu_step.py stopped (exit $?); the results so far are in $OUT"
 # Context parallelism: two CPU processes with gloo in the rehearsal, every GPU on a machine with several.
 if [ "$rehearse" = 1 ]; then
     timeout 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \
-        benchmarks/gpu_parallel.py --model tiny --frames 9 --repeats 1
+        -m benchmarks.gpu_parallel --model tiny --frames 9 --repeats 1
 else
     gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)
     if [ "$gpus" -gt 1 ]; then
-        timeout 300 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$gpus" benchmarks/gpu_parallel.py
+        timeout 300 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m benchmarks.gpu_parallel
     fi
 fi

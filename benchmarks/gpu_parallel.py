@@ -2,7 +2,7 @@
 
 Run under torchrun, one process per GPU (benchmarks/gpu.sh does this when it sees several):
 
-    torchrun --standalone --nproc-per-node 8 benchmarks/gpu_parallel.py [--model 14b] [--resolution 720p]
+    torchrun --standalone --nproc-per-node 8 -m benchmarks.gpu_parallel [--model 14b] [--resolution 720p]
 
 Rank 0 first times the forward alone (the others wait), then every rank times it with the
 tokens split by wanlora's auto plan (Ulysses as far as the heads allow, ring for the rest).
@@ -20,13 +20,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from results import Results, out_dir
 
+from benchmarks.results import Results, out_dir
+from tests.builders import forward_flops, random_transformer, step_inputs
 from wanlora.attention import choose_backend, install_backend
 from wanlora.distributed import Parallel, init_distributed
 from wanlora.models import SIZE_PRESETS, TINY_ARCH, WAN_1_3B, WAN_14B
 from wanlora.parallel import ParallelPlan
-from wanlora.testing import forward_flops, random_transformer, step_inputs
 
 ARCHES = {"14b": WAN_14B, "1.3b": WAN_1_3B, "tiny": TINY_ARCH}
 PUBLISHED_SECONDS = {1: 1838, 2: 945, 4: 497, 8: 288}  # Wan2.1 14B 720p, 81 frames, H100s

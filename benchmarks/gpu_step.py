@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
-from results import Results, out_dir
 from safetensors.torch import save_file
 
+from benchmarks.results import Results, out_dir
+from tests.builders import forward_flops, lora_tensors, random_transformer, step_inputs
 from wanlora.attention import BACKENDS, install_backend, unavailable_reason
 from wanlora.fastmode import apply_fast_mode
 from wanlora.lora.formats import read_lora
@@ -46,7 +47,6 @@ from wanlora.lora.merge import LoraMerger
 from wanlora.lora.state import TransformerLoras
 from wanlora.memory import ExpertSwitch
 from wanlora.models import CATALOGUE, TINY_ARCH, WAN_1_3B, WAN_14B, Architecture
-from wanlora.testing import forward_flops, lora_tensors, random_transformer, step_inputs
 from wanlora.tiny import TINY_TEXT_CONFIG
 
 LIGHTX2V_H200 = {"4-step I2V 480p": 14.0, "40-step FP8 480p": 191.0}  # seconds, LightX2V's published figures
@@ -266,15 +266,15 @@ def swap_14b(bench: Bench) -> tuple[list[dict], list[str]]:
             save_file(tensors, Path(folder) / f"{seed}.safetensors")
             loras.append(read_lora(Path(folder) / f"{seed}.safetensors"))
     merger = LoraMerger(model)
-    merger.apply([(loras[1], 1.0)])  # the first merge also makes the pristine copies
+    merger.write(merger.prepare([(loras[1], 1.0)]))  # the first merge also makes the pristine copies
     state = {"next": 0}
 
     def swap() -> None:
-        merger.apply([(loras[state["next"] % 2], 1.0)])
+        merger.write(merger.prepare([(loras[state["next"] % 2], 1.0)]))
         state["next"] += 1
 
     seconds = bench.time(swap, repeats=4, warmup=0)
-    merger.apply([])
+    merger.write(merger.prepare([]))
     linears = sum(1 for name in loras[0].deltas if name.startswith("blocks."))
     return [{"swap": f"two rank-32 LoRAs on all {linears} block linears", "seconds": f"{seconds:.2f}"}], []
 

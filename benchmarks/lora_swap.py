@@ -5,7 +5,7 @@ bf16 weights, and two rank-32 LoRAs on all 300 block linears, written once to a 
 folder. Each side swaps A -> B -> A ... in one process; the floor is a plain copy of the
 touched weights. A 14B figure is extrapolated from a few real-shaped 14B blocks.
 
-    python benchmarks/lora_swap.py [--swaps 4] [--blocks14b 2]
+    python -m benchmarks.lora_swap [--swaps 4] [--blocks14b 2]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from diffusers import WanPipeline
 
+from tests.builders import block_linears, lora_tensors, random_transformer
 from wanlora.lora.merge import native_gemm_is_faster
 from wanlora.models import WAN_1_3B, WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
-from wanlora.testing import block_linears, lora_tensors, random_transformer
 from wanlora.tiny import flow_scheduler
 
 CACHE = Path(tempfile.gettempdir()) / "wanlora-bench-loras"

@@ -4,7 +4,7 @@ Both run in one process on a tiny model, alternating, so that machine noise hits
 alike. The ratio is wanlora's median time over diffusers'; the goal is 1.05 or less.
 `--model tiny-t2v-a14b` measures Wan2.2's two experts (the switch and its bookkeeping).
 
-    python benchmarks/overhead.py [--model tiny] [--runs 15] [--frames 17] [--steps 4]
+    python -m benchmarks.overhead [--model tiny] [--runs 15] [--frames 17] [--steps 4]
 """
 
 from __future__ import annotations

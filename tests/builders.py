@@ -1,4 +1,8 @@
-"""LoRA files in every published layout, and real-shaped random models: for tests and benchmarks."""
+"""LoRA files in every published layout, and real-shaped random models: for tests and benchmarks.
+
+Test scaffolding, so it lives beside the tests and ships in no wheel. Benchmarks import it
+too: run them from the repository root (`python -m benchmarks.lora_swap`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from .models import Architecture
+from wanlora.models import Architecture, latent_shape, token_count
+from wanlora.pipeline import cast_keeping_fp32
 
 # ------------------------------------------------------------------ LoRA files in every layout
 #
@@ -198,12 +203,10 @@ def random_transformer(
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)
     model.to_empty(device=device)
-    keep = model._keep_in_fp32_modules or []
     generator = torch.Generator(device).manual_seed(0)
-    for name, param in model.named_parameters():
-        fp32 = any(part in keep for part in name.split("."))
+    for param in model.parameters():
         param.data = torch.randn(param.shape, generator=generator, device=device).mul_(0.02)
-        param.data = param.data if fp32 else param.data.to(dtype)
+    cast_keeping_fp32(model, dtype)
     # to_empty left the rotary tables uninitialised: rebuild them
     model.rope = type(model.rope)(arch.attention_head_dim, (1, 2, 2), arch.rope_max_seq_len).to(device)
     return model.eval().requires_grad_(False)
@@ -213,14 +216,13 @@ def step_inputs(
     arch: Architecture, frames: int, height: int, width: int, batch: int = 1, dtype=torch.bfloat16, device="cpu"
 ) -> dict[str, torch.Tensor]:
     """Transformer inputs for one denoising step of a video of that size (512 text tokens)."""
-    latent_frames = (frames - 1) // 4 + 1
     generator = torch.Generator(device).manual_seed(1)
+    latents = (batch, arch.in_channels, *latent_shape(frames, height, width))
     inputs = {
-        "hidden_states": torch.randn(batch, arch.in_channels, latent_frames, height // 8, width // 8,
-                                     generator=generator, device=device).to(dtype),
+        "hidden_states": torch.randn(latents, generator=generator, device=device).to(dtype),
         "timestep": torch.full((batch,), 500.0, device=device),
         "encoder_hidden_states": torch.randn(batch, 512, arch.text_dim, generator=generator, device=device).to(dtype),
-    }  # fmt: skip
+    }
     if arch.image_dim:
         inputs["encoder_hidden_states_image"] = torch.randn(
             batch, 257, arch.image_dim, generator=generator, device=device
@@ -230,7 +232,7 @@ def step_inputs(
 
 def forward_flops(arch: Architecture, frames: int, height: int, width: int) -> float:
     """Matmul FLOPs of one transformer forward: block linears, self-attention and cross-attention."""
-    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    tokens = token_count(width, height, frames)
     dim, text = arch.dim, 512
     per_token_linear = 2 * (4 * dim * dim + 2 * dim * dim + 2 * dim * arch.ffn_dim)  # attn1, attn2 q/o, ffn
     text_kv = 2 * 2 * dim * dim * text  # attn2 k/v on the text tokens, once per block

@@ -7,6 +7,9 @@ import tarfile
 
 import torch
 
+from wanlora.lora.fetch import Credentials, FetchedLora, fetch_lora_files
+from wanlora.lora.merge import LoraMerger
+
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
@@ -37,3 +40,15 @@ def tar_of(files: dict[str, bytes]) -> bytes:
             info.size = len(body)
             tar.addfile(info, io.BytesIO(body))
     return buffer.getvalue()
+
+
+def fetch_lora(ref: str, credentials: Credentials | None = None, cache=None) -> FetchedLora:
+    """The one LoRA file `ref` names (a Wan2.2 pair is two: the tests ask for those with fetch_lora_files)."""
+    files = fetch_lora_files(ref, credentials, cache)
+    assert len(files) == 1, files
+    return files[0][1]
+
+
+def merge(merger: LoraMerger, loras) -> int:
+    """Make `merger`'s weights base + the weighted sum of `loras`; return the tensors rewritten."""
+    return merger.write(merger.prepare(loras))

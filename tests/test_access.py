@@ -15,13 +15,13 @@ import pytest
 
 from wanlora.errors import LoraAuthRequired, LoraDownloadError, LoraNotFound
 from wanlora.lora.cache import LoraCache
-from wanlora.lora.fetch import Credentials, fetch_lora
+from wanlora.lora.fetch import Credentials
 from wanlora.lora.loader import LoraLoader
-from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
+from .builders import write_lora
 from .conftest import SMALL, probe, run_cli
-from .lora_helpers import assert_bitwise, snapshot
+from .lora_helpers import assert_bitwise, fetch_lora, snapshot
 from .servers import Route
 
 PRIVATE = "/api/download/models/77"

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
+from .builders import write_lora
 from .conftest import file_size_limit, probe, recorded, run_cli
 
 FOX = [

@@ -23,9 +23,9 @@ import yaml
 
 from wanlora.errors import InvalidInput, LoraMismatch
 from wanlora.service import PredictorInputs
-from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer, write_tiny_model
 
+from .builders import write_lora
 from .cog_rules import config_problems, push_problems
 from .conftest import assert_frames_agree, probe, recorded
 from .lora_helpers import tar_of
@@ -406,8 +406,10 @@ def test_in_process_same_loras_do_no_work_and_a_cancel_leaves_a_consistent_model
     first = Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes()
     pipe = predictor.service.pipe
     applied = []
-    original = pipe.loras.merger.write
-    monkeypatch.setattr(pipe.loras.merger, "write", lambda plan: applied.append(original(plan)) or applied[-1])
+    original = pipe.experts[0].loras.merger.write
+    monkeypatch.setattr(
+        pipe.experts[0].loras.merger, "write", lambda plan: applied.append(original(plan)) or applied[-1]
+    )
     assert Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes() == first
     assert applied == [0]  # the same LoRA set: not a tensor rewritten
 

@@ -17,13 +17,13 @@ from safetensors.torch import save
 from wanlora.errors import InvalidInput, LoraAuthRequired, LoraDownloadError, LoraFormatError, LoraNotFound
 from wanlora.lora import net
 from wanlora.lora.cache import LoraCache
-from wanlora.lora.fetch import Credentials, fetch_lora
+from wanlora.lora.fetch import Credentials
 from wanlora.lora.refs import parse_ref
-from wanlora.testing import lora_tensors
 from wanlora.tiny import tiny_transformer
 
+from .builders import lora_tensors
 from .conftest import file_size_limit, run_cli
-from .lora_helpers import tar_of
+from .lora_helpers import fetch_lora, tar_of
 from .servers import FileServer, HubRepo, Route
 
 SHAPES = {n: tuple(p.shape) for n, p in tiny_transformer().named_parameters()}
@@ -325,7 +325,10 @@ def test_owner_repo_falls_back_to_replicate_and_reports_both(offline_net, fake_h
 
 def test_two_processes_download_one_file_once(offline_net, file_server):
     file_server.routes["/shared.safetensors"] = Route(lora_bytes(seed=8), delay=0.5)
-    code = f"from wanlora.lora.fetch import fetch_lora; print(fetch_lora('{file_server.url}/shared.safetensors').path)"
+    code = (
+        "from wanlora.lora.fetch import fetch_lora_files\n"
+        f"[(_, got)] = fetch_lora_files('{file_server.url}/shared.safetensors'); print(got.path)"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     paths = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs) and len(paths) == 1
@@ -571,7 +574,7 @@ def test_an_unwritable_cache_is_named(offline_net, file_server, monkeypatch):
 def test_a_full_disk_during_a_download_leaves_nothing_behind(offline_net, file_server):
     body = save(lora_tensors(SHAPES, "original", seed=19)[0])  # a few kB
     file_server.routes["/big.safetensors"] = Route(body)
-    code = f"from wanlora.lora.fetch import fetch_lora; fetch_lora('{file_server.url}/big.safetensors')"
+    code = f"from wanlora.lora.fetch import fetch_lora_files; fetch_lora_files('{file_server.url}/big.safetensors')"
     full = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=file_size_limit(2000)
     )
@@ -611,8 +614,8 @@ def test_two_processes_at_a_full_cache_never_wait_on_each_other(offline_net, fil
     for i in range(6):
         file_server.routes[f"/{i}.safetensors"] = Route(lora_bytes(seed=20 + i), delay=0.3)
     code = (
-        "import sys; from wanlora.lora.fetch import fetch_lora\n"
-        f"for i in sys.argv[1:]: fetch_lora('{file_server.url}/' + i + '.safetensors')"
+        "import sys; from wanlora.lora.fetch import fetch_lora_files\n"
+        f"for i in sys.argv[1:]: fetch_lora_files('{file_server.url}/' + i + '.safetensors')"
     )
     env = {**os.environ, "WANLORA_CACHE_MAX_GB": "0"}
     procs = [

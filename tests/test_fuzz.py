@@ -22,13 +22,13 @@ from PIL import Image
 from safetensors.torch import save
 
 from wanlora.errors import InvalidInput, WanLoraError
-from wanlora.lora.fetch import Credentials, check_reference, fetch_lora
+from wanlora.lora.fetch import Credentials, check_reference
 from wanlora.lora.formats import read_lora
 from wanlora.lora.selection import parse_requests
 from wanlora.models import tiny_spec
 from wanlora.request import resolve_request
 
-from .lora_helpers import assert_bitwise, snapshot
+from .lora_helpers import assert_bitwise, fetch_lora, snapshot
 from .servers import FileServer, Route
 
 EXAMPLES = int(os.environ.get("WANLORA_FUZZ_EXAMPLES", "25"))

@@ -31,15 +31,15 @@ from wanlora.errors import (
     LoraNotFound,
     WanLoraError,
 )
-from wanlora.lora.fetch import Credentials, fetch_lora, fetch_lora_files
+from wanlora.lora.fetch import Credentials, fetch_lora_files
 from wanlora.lora.formats import read_lora
 from wanlora.paths import PathRefused, inside, relative_name
 from wanlora.service import PredictorInputs
-from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
+from .builders import write_lora
 from .conftest import SMALL
-from .lora_helpers import assert_bitwise, snapshot, tar_of
+from .lora_helpers import assert_bitwise, fetch_lora, snapshot, tar_of
 from .servers import SIGNATURE, HubRepo, Route
 from .test_fetch import lora_bytes
 

@@ -11,11 +11,11 @@ from wanlora.images import resize_image
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.models import tiny_spec
-from wanlora.testing import ALL_LAYOUTS, write_lora
 from wanlora.tiny import tiny_transformer
 
+from .builders import ALL_LAYOUTS, write_lora
 from .conftest import probe, run_cli
-from .lora_helpers import assert_weights, snapshot
+from .lora_helpers import assert_weights, merge, snapshot
 from .test_reference import image2video_size
 
 SMALL = {"num_frames": 9, "num_inference_steps": 2, "fps": 12, "seed": 5}
@@ -118,7 +118,7 @@ def test_i2v_loras_merge_the_image_layers_by_the_math(tmp_path, layout):
     expected = write_lora(tmp_path / "l.safetensors", model, layout, seed=4)
     if layout in ("original", "kohya", "loha"):
         assert any("add_k_proj" in name for name in expected)
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 0.7)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 0.7)])
     assert_weights(model, base, [(expected, 0.7)])
 
 
@@ -132,7 +132,7 @@ def test_norm_k_img_and_img_emb_deltas(tmp_path):
         tmp_path / "l.safetensors",
     )
     lora = read_lora(tmp_path / "l.safetensors")
-    LoraMerger(model).apply([(lora, 2.0)])
+    merge(LoraMerger(model), [(lora, 2.0)])
     assert_weights(
         model,
         base,

@@ -7,9 +7,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from wanlora.testing import ALL_LAYOUTS, write_lora
 from wanlora.tiny import tiny_transformer
 
+from .builders import ALL_LAYOUTS, write_lora
 from .conftest import run_cli
 from .lora_helpers import assert_weights, snapshot
 

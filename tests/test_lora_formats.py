@@ -8,14 +8,13 @@ import torch
 from safetensors.torch import save_file
 
 from wanlora.errors import LoraFormatError, LoraMismatch
-from wanlora.lora.fetch import fetch_lora
 from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.lora.metadata import trigger_words
-from wanlora.testing import ALL_LAYOUTS, PREFIX_VARIANTS, block_linears, lora_tensors, write_lora
 from wanlora.tiny import tiny_pipeline, tiny_transformer
 
-from .lora_helpers import assert_weights, snapshot
+from .builders import ALL_LAYOUTS, PREFIX_VARIANTS, block_linears, lora_tensors, write_lora
+from .lora_helpers import assert_weights, fetch_lora, merge, snapshot
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def test_every_layout_merges_to_the_math(model, tmp_path, layout):
     expected = write_lora(tmp_path / "l.safetensors", model, layout)
     lora = read_lora(tmp_path / "l.safetensors")
     assert set(lora.deltas) == set(expected)
-    LoraMerger(model).apply([(lora, -0.6)])
+    merge(LoraMerger(model), [(lora, -0.6)])
     assert_weights(model, base, [(expected, -0.6)])
 
 
@@ -42,7 +41,7 @@ def test_prefix_variants_mean_the_same(model, tmp_path, prefix):
     tensors, expected = lora_tensors(shapes_of(model), "original", prefix=prefix)
     save_file(tensors, tmp_path / "l.safetensors")
     base = snapshot(model)
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [(expected, 1.0)])
 
 
@@ -64,7 +63,7 @@ def test_lycoris_on_diffusers_names(model, tmp_path):
         ] = value
     save_file(renamed, tmp_path / "l.safetensors")
     base = snapshot(model)
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [(expected, 1.0)])
 
 
@@ -72,7 +71,7 @@ def test_lycoris_on_diffusers_names(model, tmp_path):
 def test_matches_diffusers_fuse_lora_where_diffusers_loads(tmp_path, layout):
     ours, theirs = tiny_pipeline(), tiny_pipeline()
     write_lora(tmp_path / "l.safetensors", ours.transformer, layout, seed=3)
-    LoraMerger(ours.transformer).apply([(read_lora(tmp_path / "l.safetensors"), 0.8)])
+    merge(LoraMerger(ours.transformer), [(read_lora(tmp_path / "l.safetensors"), 0.8)])
     theirs.load_lora_weights(str(tmp_path / "l.safetensors"), adapter_name="style")
     theirs.fuse_lora(lora_scale=0.8, components=["transformer"])
     theirs.unload_lora_weights()
@@ -99,7 +98,7 @@ def test_partial_loras_touch_only_their_modules(model, tmp_path):
     attention_only = [m for m in block_linears(shapes, blocks=[1]) if ".attn1." in m]
     expected = write_lora(tmp_path / "l.safetensors", model, "kohya", targets=attention_only)
     base = snapshot(model)
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [(expected, 1.0)])
     assert len(expected) == 4
 
@@ -109,7 +108,7 @@ def test_peft_metadata_alpha_is_honoured(model, tmp_path):
     config = {"r": 4, "lora_alpha": 8, "use_rslora": False}
     save_file(tensors, tmp_path / "l.safetensors", metadata={"lora_adapter_metadata": json.dumps(config)})
     base = snapshot(model)
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [({k: 2 * v for k, v in expected.items()}, 1.0)])
 
 
@@ -143,7 +142,7 @@ def test_a_14b_lora_on_the_small_model_names_its_base(model, tmp_path):
     tensors, _ = lora_tensors(shapes, "original", rank=2)
     save_file(tensors, tmp_path / "big.safetensors")
     with pytest.raises(LoraMismatch, match=r"Wan2.1 14B or Wan2.2 A14B \(dim 5120\).*dim 24"):
-        LoraMerger(model).apply([(read_lora(tmp_path / "big.safetensors"), 1.0)])
+        merge(LoraMerger(model), [(read_lora(tmp_path / "big.safetensors"), 1.0)])
 
 
 def test_i2v_parts_on_a_t2v_model_are_skipped_with_a_warning(model, tmp_path, caplog):
@@ -157,7 +156,7 @@ def test_i2v_parts_on_a_t2v_model_are_skipped_with_a_warning(model, tmp_path, ca
     lora = read_lora(tmp_path / "i2v.safetensors")
     assert lora.is_i2v and "image-to-video" in lora.base_model_hint()
     base = snapshot(model)
-    LoraMerger(model).apply([(lora, 1.0)])
+    merge(LoraMerger(model), [(lora, 1.0)])
     assert_weights(model, base, [({"blocks.0.attn1.to_q.weight": expected["blocks.0.attn1.to_q.weight"]}, 1.0)])
     assert "blocks.0.attn2.add_k_proj.weight" in caplog.text and "has no image branch" in caplog.text
 
@@ -174,7 +173,7 @@ def test_lightx2v_head_modulation_maps_to_the_top_level_table(model, tmp_path):
     delta = torch.randn(1, 2, 24) * 0.01
     save_file({"diffusion_model.head.diff_m": delta}, tmp_path / "l.safetensors")
     base = snapshot(model)
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.5)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.5)])
     assert_weights(model, base, [({"scale_shift_table": delta}, 1.5)])
 
 

@@ -9,13 +9,14 @@ from safetensors.torch import save_file
 
 from wanlora import WanLoraPipeline
 from wanlora.errors import InvalidInput, LoraFormatError, LoraMismatch, LoraNotFound
-from wanlora.lora.formats import Delta, read_lora
+from wanlora.lora.deltas import LoraDelta
+from wanlora.lora.formats import read_lora
 from wanlora.lora.merge import LoraMerger, Term
-from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
+from .builders import write_lora
 from .conftest import SMALL
-from .lora_helpers import assert_bitwise, assert_weights, snapshot
+from .lora_helpers import assert_bitwise, assert_weights, merge, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def pool(tmp_path_factory):
 def reference_weights(model_factory, loras):
     """What a fresh model holds after applying `loras` once."""
     model = model_factory()
-    LoraMerger(model).apply(loras)
+    merge(LoraMerger(model), loras)
     return snapshot(model)
 
 
@@ -56,7 +57,7 @@ def test_any_swap_history_gives_bitwise_the_same_weights_as_one_apply(pool, hist
     model = bf16_tiny()
     merger = LoraMerger(model)
     for request in history:
-        merger.apply([(loaded[k], s) for k, s in request])
+        merge(merger, [(loaded[k], s) for k, s in request])
     last = [(loaded[k], s) for k, s in history[-1]]
     assert_bitwise(model, reference_weights(bf16_tiny, last))
 
@@ -66,20 +67,20 @@ def test_set_a_then_b_c_then_a_again_and_empty_restores(pool):
     model = bf16_tiny()
     base = snapshot(model)
     merger = LoraMerger(model)
-    merger.apply([(loaded["a"], 0.8)])
+    merge(merger, [(loaded["a"], 0.8)])
     once = snapshot(model)
     for _ in range(50):
-        merger.apply([(loaded["b"], 1.3), (loaded["c"], -0.7)])
-        merger.apply([(loaded["a"], 0.8)])
+        merge(merger, [(loaded["b"], 1.3), (loaded["c"], -0.7)])
+        merge(merger, [(loaded["a"], 0.8)])
     assert_bitwise(model, once)
-    merger.apply([])
+    merge(merger, [])
     assert_bitwise(model, base)
 
 
 def test_fp32_sum_of_many_loras_matches_the_math(pool):
     model = tiny_transformer()
     base = snapshot(model)
-    LoraMerger(model).apply([(read_lora(pool[k][0]), s) for k, s in (("a", 1.0), ("b", -0.5), ("c", 2.0))])
+    merge(LoraMerger(model), [(read_lora(pool[k][0]), s) for k, s in (("a", 1.0), ("b", -0.5), ("c", 2.0))])
     assert_weights(model, base, [(pool["a"][1], 1.0), (pool["b"][1], -0.5), (pool["c"][1], 2.0)], atol=1e-5)
 
 
@@ -87,11 +88,11 @@ def test_same_set_does_nothing_and_only_touched_tensors_are_written(pool, monkey
     lora = read_lora(pool["a"][0])
     model = tiny_transformer()
     merger = LoraMerger(model)
-    assert merger.apply([(lora, 1.0)]) == len(lora.deltas)
-    assert merger.apply([(lora, 1.0)]) == 0
+    assert merge(merger, [(lora, 1.0)]) == len(lora.deltas)
+    assert merge(merger, [(lora, 1.0)]) == 0
     untouched = model.blocks[0].norm2.weight
     ptr = untouched.data_ptr()
-    merger.apply([(lora, 0.5)])
+    merge(merger, [(lora, 0.5)])
     assert untouched.data_ptr() == ptr and "blocks.0.norm2.weight" not in merger.pristine
 
 
@@ -99,10 +100,10 @@ def test_interrupted_write_puts_the_previous_set_back(pool, monkeypatch):
     loaded = {k: read_lora(path) for k, (path, _) in pool.items()}
     model = tiny_transformer()
     merger = LoraMerger(model)
-    merger.apply([(loaded["a"], 1.0)])
+    merge(merger, [(loaded["a"], 1.0)])
     before = snapshot(model)
     calls = {"n": 0}
-    original = Delta.row_adder
+    original = LoraDelta.row_adder
 
     def flaky(self, shape, device):
         calls["n"] += 1
@@ -110,12 +111,12 @@ def test_interrupted_write_puts_the_previous_set_back(pool, monkeypatch):
             raise KeyboardInterrupt  # a cancellation in the middle of the swap
         return original(self, shape, device)
 
-    monkeypatch.setattr(Delta, "row_adder", flaky)
+    monkeypatch.setattr(LoraDelta, "row_adder", flaky)
     with pytest.raises(KeyboardInterrupt):
-        merger.apply([(loaded["b"], 1.0), (loaded["c"], 1.0)])
-    monkeypatch.setattr(Delta, "row_adder", original)
+        merge(merger, [(loaded["b"], 1.0), (loaded["c"], 1.0)])
+    monkeypatch.setattr(LoraDelta, "row_adder", original)
     assert_bitwise(model, before)
-    merger.apply([(loaded["b"], 1.0)])  # and the next request works
+    merge(merger, [(loaded["b"], 1.0)])  # and the next request works
     assert_bitwise(model, reference_weights(tiny_transformer, [(loaded["b"], 1.0)]))
 
 
@@ -177,7 +178,7 @@ def test_bf16_single_gemm_rounds_once_from_fp32(tmp_path):
     model = bf16_tiny()
     base = snapshot(model)
     expected = write_lora(tmp_path / "l.safetensors", model, "original", dtype=torch.bfloat16, seed=9)
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 0.9)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 0.9)])
     for name, delta in expected.items():
         param = dict(model.named_parameters())[name]
         want = (base[name].float() + 0.9 * delta).to(torch.bfloat16)
@@ -194,10 +195,10 @@ def test_a_real_shape_bf16_merge_rounds_once_on_every_kernel_path(path, monkeypa
     Where the sum cancels to nearly nothing, one ulp of the tiny result is finer than fp32 can
     resolve its summands; there the error is bounded by fp32's resolution of the summands instead.
     """
-    from wanlora.lora import merge
+    from wanlora.lora import merge as merge_module
 
     if path != "measured":
-        monkeypatch.setattr(merge, "native_gemm_is_faster", lambda dtype, device: path == "native")
+        monkeypatch.setattr(merge_module, "native_gemm_is_faster", lambda dtype, device: path == "native")
     generator = torch.Generator().manual_seed(3)
     linear = torch.nn.Linear(1536, 1536, bias=False).requires_grad_(False)
     linear.weight.copy_(torch.randn(1536, 1536, generator=generator) * 0.02)
@@ -205,9 +206,9 @@ def test_a_real_shape_bf16_merge_rounds_once_on_every_kernel_path(path, monkeypa
     base = linear.weight.clone()
     up = (torch.randn(1536, 32, generator=generator) * 0.05).to(torch.bfloat16)
     down = (torch.randn(32, 1536, generator=generator) * 0.05).to(torch.bfloat16)
-    delta, strength = Delta("lora", (up, down), 16 / 32), 0.8
+    delta, strength = LoraDelta((up, down), 16 / 32), 0.8
     LoraMerger(linear).write({"weight": [Term(delta, strength, "l")]})
-    factor = strength * delta.scale
+    factor = strength * delta.alpha_scale
     want = (base.double() + factor * (up.double() @ down.double())).to(torch.bfloat16)
     summands = base.double().abs() + abs(factor) * (up.double().abs() @ down.double().abs())
     ulps = (linear.weight.view(torch.int16).int() - want.view(torch.int16).int()).abs()  # neighbours differ by 1
@@ -249,14 +250,14 @@ def test_an_overflowing_alpha_is_refused_before_any_write(fresh_tiny_pipe, pool,
 
 
 def test_a_write_that_fails_half_way_through_a_tensor_is_undone_too(pool, monkeypatch):
-    from wanlora.lora import merge
+    from wanlora.lora import merge as merge_module
 
     loaded = {k: read_lora(path) for k, (path, _) in pool.items()}
     model = tiny_transformer()
     merger = LoraMerger(model)
-    merger.apply([(loaded["a"], 1.0)])
+    merge(merger, [(loaded["a"], 1.0)])
     before = snapshot(model)
-    monkeypatch.setattr(merge, "CPU_CHUNK_ELEMENTS", 24 * 4)  # several chunks per tensor
+    monkeypatch.setattr(merge_module, "CPU_CHUNK_ELEMENTS", 24 * 4)  # several chunks per tensor
     chunks = {"n": 0}
     original = merger._summed_rows
 
@@ -269,7 +270,7 @@ def test_a_write_that_fails_half_way_through_a_tensor_is_undone_too(pool, monkey
 
     monkeypatch.setattr(merger, "_summed_rows", failing)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        merger.apply([(loaded["b"], 1.0), (loaded["c"], 0.5)])
+        merge(merger, [(loaded["b"], 1.0), (loaded["c"], 0.5)])
     monkeypatch.setattr(merger, "_summed_rows", original)
     assert_bitwise(model, before)
 
@@ -320,5 +321,5 @@ def test_an_integer_alpha_is_still_alpha(tmp_path):
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
                "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4, dtype=torch.int64)},
               tmp_path / "l.safetensors")  # fmt: skip
-    LoraMerger(model).apply([(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [({"blocks.0.attn1.to_q.weight": (up @ down) * 4 / 32}, 1.0)])

@@ -21,9 +21,9 @@ import torch
 from wanlora import InvalidInput, LoraDownloadError, ParallelPlan, WanLoraError, WanLoraPipeline, WorkerCrashed
 from wanlora.attention import BACKENDS, choose_backend, unavailable_reason
 from wanlora.service import PredictorInputs
-from wanlora.testing import write_lora
 from wanlora.tiny import tiny_transformer
 
+from .builders import write_lora
 from .conftest import SMALL, assert_frames_agree, probe, run_cli
 from .processes import alive, children_with, free_port, wait_for
 from .test_cli import FOX

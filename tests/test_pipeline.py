@@ -168,8 +168,9 @@ def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
 def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path):
     from torch._dynamo.utils import counters
 
-    from wanlora.testing import write_lora
     from wanlora.tiny import tiny_transformer
+
+    from .builders import write_lora
 
     write_lora(tmp_path / "a.safetensors", tiny_transformer(), "original", seed=1)
     write_lora(tmp_path / "b.safetensors", tiny_transformer(), "loha", seed=2)
@@ -218,23 +219,19 @@ def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch
     assert not tiny_pipe.diffusers_pipeline.vae.use_tiling
 
 
-def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny_pipe, tmp_path, monkeypatch):
-    from wanlora import accelerators
-    from wanlora.testing import write_lora
+def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(tiny_pipe, tiny_dir, tmp_path):
     from wanlora.tiny import tiny_transformer
 
-    distill, style = tmp_path / "distill.safetensors", tmp_path / "style.safetensors"
-    write_lora(distill, tiny_transformer(), "full-deltas", seed=1)
+    from .builders import write_lora
+
+    style = tmp_path / "style.safetensors"
     write_lora(style, tiny_transformer(), "original", seed=2)
-    preset = accelerators.Accelerator(
-        "test-4step", {"tiny": str(distill)}, steps=4, guidance=1.0, shift=5.0, timesteps=(1000, 750, 500, 250)
-    )
-    monkeypatch.setitem(accelerators.ACCELERATORS, "test-4step", preset)
-    pipe = fresh_tiny_pipe
+    distill = tiny_dir / "accelerators" / "lightx2v-4step.safetensors"  # `wanlora tiny-model`'s stand-in
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir))
     passes = {"n": 0}
     pipe.transformer.blocks[0].ffn.register_forward_hook(lambda *_: passes.__setitem__("n", passes["n"] + 1))
     video = pipe.generate(
-        "a fox", loras=[(str(style), 0.7)], accelerator="test-4step", width=64, height=48, num_frames=9, seed=1
+        "a fox", loras=[(str(style), 0.7)], accelerator="lightx2v-4step", width=64, height=48, num_frames=9, seed=1
     )
     assert passes["n"] == 4  # four steps, one pass each: guidance 1 skips the unconditional pass
     assert [round(float(t), 1) for t in pipe.diffusers_pipeline.scheduler.timesteps] == [1000.0, 937.5, 833.3, 625.0]
@@ -242,12 +239,12 @@ def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(fresh_tiny
     assert (video.metadata["num_inference_steps"], video.metadata["guidance_scale"], video.metadata["accelerator"]) == (
         4,
         1.0,
-        "test-4step",
+        "lightx2v-4step",
     )
-    with pytest.raises(InvalidInput, match="4 with test-4step"):
-        pipe.generate("a fox", accelerator="test-4step", num_inference_steps=6, width=64, height=48, num_frames=9)
+    with pytest.raises(InvalidInput, match="4 with lightx2v-4step"):
+        pipe.generate("a fox", accelerator="lightx2v-4step", num_inference_steps=6, width=64, height=48, num_frames=9)
     with pytest.raises(InvalidInput, match="write it with `wanlora tiny-model DIR`"):
-        pipe.generate("a fox", accelerator="causvid", width=64, height=48, num_frames=9)
+        tiny_pipe.generate("a fox", accelerator="causvid", width=64, height=48, num_frames=9)
     with pytest.raises(InvalidInput, match="one of lightx2v-4step"):
         pipe.generate("a fox", accelerator="turbo", width=64, height=48, num_frames=9)
     plain = pipe.generate("a fox", loras=[], width=64, height=48, num_frames=9, num_inference_steps=2, seed=1)

@@ -29,3 +29,38 @@ def test_nothing_points_outside_the_repository():
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 assert not outside.search(line), f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
     assert (ROOT / "docs" / "lora-formats.md").is_file()
+
+
+def test_the_wheel_holds_the_library_and_no_test_scaffolding(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "wanlora", source / "wanlora", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    [wheel] = tmp_path.glob("wanlora-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"wanlora", wheel.name.split("-py3")[0] + ".dist-info"}
+    code = "".join(zipfile.ZipFile(wheel).read(name).decode() for name in names if name.endswith(".py"))
+    for scaffolding in ("def write_lora", "def lora_tensors", "def random_transformer", "from tests", "import pytest"):
+        assert scaffolding not in code, scaffolding

@@ -19,16 +19,17 @@ from safetensors.torch import save_file
 from wanlora import WanLoraPipeline
 from wanlora.errors import InternalError, InvalidInput, LoraMismatch, LoraNotFound
 from wanlora.experts import expert_steps
-from wanlora.lora.formats import I2V_ONLY, read_lora
+from wanlora.lora.formats import read_lora
+from wanlora.lora.keys import I2V_ONLY
 from wanlora.lora.merge import LoraMerger, fit_lora
 from wanlora.memory import ExpertSwitch
 from wanlora.models import CATALOGUE, TINY_ARCH, tiny_spec
 from wanlora.pipeline import meta_transformer
 from wanlora.service import PredictorInputs
-from wanlora.testing import lora_tensors, write_lora
 from wanlora.tiny import tiny_transformer
 
-from .lora_helpers import assert_bitwise, assert_weights, snapshot
+from .builders import lora_tensors, write_lora
+from .lora_helpers import assert_bitwise, assert_weights, merge, snapshot
 from .servers import HubRepo
 
 FAST = {"num_frames": 5, "num_inference_steps": 4, "seed": 3}
@@ -167,7 +168,7 @@ def test_each_expert_holds_its_base_plus_its_own_loras_after_any_history(a14b, l
             elif target in ("both", name):
                 own.append((read_lora(loras[key][0]), s1))
         reference = expert_base(name)
-        LoraMerger(reference).apply(own)
+        merge(LoraMerger(reference), own)
         assert_bitwise(module, snapshot(reference))
 
 
@@ -394,7 +395,7 @@ def test_expert_switching_defers_a_merge_to_the_experts_turn_and_changes_nothing
     assert switch.switches == 1  # to the low-noise expert at the boundary
     assert low.loras.pending is None
     reference = expert_base("low")
-    LoraMerger(reference).apply([(read_lora(loras["a"][0]), 0.8), (read_lora(loras["b"][0]), 1.5)])
+    merge(LoraMerger(reference), [(read_lora(loras["a"][0]), 0.8), (read_lora(loras["b"][0]), 1.5)])
     assert_bitwise(low.module, snapshot(reference))
     expected = plain.generate("a fox", loras=request, **FAST)
     assert np.array_equal(video.frames, expected.frames)
@@ -502,7 +503,7 @@ def test_cli_merge_bakes_a_lora_into_each_expert(tmp_path, loras):
     assert result.returncode == 0, result.stderr
     merged = WanLoraPipeline.from_pretrained(str(out))
     reference = expert_base("high")
-    LoraMerger(reference).apply([(read_lora(loras["a"][0]), 2.0)])
+    merge(LoraMerger(reference), [(read_lora(loras["a"][0]), 2.0)])
     assert_bitwise(merged.experts[0].module, snapshot(reference))
     assert_bitwise(merged.experts[1].module, snapshot(expert_base("low")))
 

@@ -9,10 +9,10 @@ import huggingface_hub.constants as constants
 import pytest
 
 from wanlora import WanLoraPipeline
-from wanlora.lora.fetch import fetch_lora
 from wanlora.service import PredictorInputs, VideoService
 
 from .conftest import probe
+from .lora_helpers import fetch_lora
 from .servers import HubRepo
 
 SMALL = {"num_frames": 9, "sample_steps": 2, "fps": 12, "seed": 4}

@@ -169,9 +169,18 @@ class ModelSpec:
         return max(w * h for w, h in self.presets[resolution].values())
 
     def token_count(self, width: int, height: int, num_frames: int) -> int:
-        """Transformer tokens: latent frames (4x fewer, plus the first) x the latent 2x2 patches."""
-        patch = self.side_multiple
-        return ((num_frames - 1) // 4 + 1) * (height // patch) * (width // patch)
+        return token_count(width, height, num_frames, self.vae_scale)
+
+
+def latent_shape(num_frames: int, height: int, width: int, vae_scale: int = 8) -> tuple[int, int, int]:
+    """(frames, height, width) of the latents: 4x fewer frames plus the first, `vae_scale`x smaller sides."""
+    return (num_frames - 1) // 4 + 1, height // vae_scale, width // vae_scale
+
+
+def token_count(width: int, height: int, num_frames: int, vae_scale: int = 8) -> int:
+    """Transformer tokens: the latent frames x the 2x2 patches of latent cells."""
+    frames, rows, columns = latent_shape(num_frames, height, width, vae_scale)
+    return frames * (rows // 2) * (columns // 2)
 
 
 WAN_1_3B = Architecture(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)

@@ -187,11 +187,6 @@ class WanLoraPipeline:
         return self.diffusers_pipeline.transformer
 
     @property
-    def loras(self):
-        """The LoRA state of the (first) transformer: its merger, pristine copies and active set."""
-        return self.experts[0].loras
-
-    @property
     def active_loras(self) -> list[LoraRequest]:
         """The LoRA set merged now, as requested (each request once, whatever experts it is on)."""
         return list(dict.fromkeys(c.request for expert in self.experts for c in expert.loras.active))

@@ -110,17 +110,6 @@ def check_reference(ref: str, credentials: Credentials | None = None) -> Source:
     return source
 
 
-def fetch_lora(ref: str, credentials: Credentials | None = None, cache: LoraCache | None = None) -> FetchedLora:
-    """The one LoRA file `ref` names; a Wan2.2 pair is an error that says so."""
-    files = fetch_lora_files(ref, credentials, cache)
-    if len(files) > 1:
-        names = " and ".join(Path(fetched.path).name for _, fetched in files)
-        raise LoraNotFound(
-            f"{display_ref(ref)} is a Wan2.2 high/low pair ({names}); name one of its files", display_ref(ref)
-        )
-    return files[0][1]
-
-
 def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: LoraCache) -> Files:
     if source.kind == "hub":
         return _fetch_hub(source, label, credentials)
