@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from .errors import InvalidInput, WanLoraError
 from .guidance import SplitGuidance
 from .parallel import ParallelPlan, has_rendezvous, local_rank
+from .patches import cpu_counts_as_one_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +68,6 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
-@contextmanager
-def _cpu_counts_as_one_device(device: torch.device):
-    """diffusers places rank r on accelerator r % device_count(); a CPU-only process has none."""
-    if device.type != "cpu":
-        yield
-        return
-    original = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = original
-
-
 class Parallel:
     """Transformers (one, or Wan2.2's two experts) made context- (and optionally CFG-) parallel
     over the current process group."""
@@ -101,7 +87,7 @@ class Parallel:
             config = ContextParallelConfig(
                 ulysses_degree=plan.ulysses, ring_degree=plan.ring, mesh=mesh["ring", "ulysses"]
             )
-            with _cpu_counts_as_one_device(device):
+            with cpu_counts_as_one_device(device):
                 for transformer in transformers:
                     transformer.enable_parallelism(config=config)
         self.split_guidance = []

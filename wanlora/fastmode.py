@@ -18,12 +18,11 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
-from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
-from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+from diffusers.hooks import FirstBlockCacheConfig
 
 from .errors import InvalidInput
 from .models import ModelSpec
+from .patches import first_block_cache_computes_first_steps
 from .settings import FAST_MODES
 
 logger = logging.getLogger(__name__)
@@ -46,23 +45,5 @@ def apply_fast_mode(transformer, spec: ModelSpec, mode: str, steps: int) -> None
     threshold = spec.fast_thresholds[FAST_MODES.index(mode) - 1]
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     full_steps = math.ceil(FULL_STEPS_FRACTION * steps)
-    _compute_first_steps_in_full(transformer, full_steps)
+    first_block_cache_computes_first_steps(transformer, full_steps)
     logger.info("fast mode %s: First Block Cache at threshold %g after %d full steps", mode, threshold, full_steps)
-
-
-def _compute_first_steps_in_full(transformer, count: int) -> None:
-    """First Block Cache has no start step: its skip decision learns one here.
-
-    Steps are counted in the cache's own state for each branch (cond, uncond), so they
-    restart with it; not every Wan pipeline reports the step index in the cache context.
-    """
-    head = HookRegistry.check_if_exists_or_initialize(transformer.blocks[0]).get_hook(_FBC_LEADER_BLOCK_HOOK)
-    decide = head._should_compute_remaining_blocks
-
-    @torch.compiler.disable
-    def should_compute(residual: torch.Tensor) -> bool:
-        state = head.state_manager.get_state()
-        state.steps_seen = getattr(state, "steps_seen", 0) + 1
-        return decide(residual) or state.steps_seen <= count
-
-    head._should_compute_remaining_blocks = should_compute
