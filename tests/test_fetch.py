@@ -374,6 +374,27 @@ def test_an_unreachable_hub_is_a_download_error(offline_net, monkeypatch):
         fetch_lora("alice/wan-style")
 
 
+def test_each_hub_error_reads_as_its_most_specific_class():
+    """Every class huggingface_hub nests is told apart by its own kind, whatever its parents."""
+    from huggingface_hub import errors
+
+    from wanlora.hub import _classify
+
+    expected = {
+        errors.GatedRepoError: "gated",  # a RepositoryNotFoundError, an HfHubHTTPError
+        errors.RepositoryNotFoundError: "no_repo",
+        errors.RevisionNotFoundError: "no_revision",
+        errors.LocalEntryNotFoundError: "offline",  # an EntryNotFoundError too
+        errors.OfflineModeIsEnabled: "offline",
+        errors.EntryNotFoundError: "no_file",
+        errors.RemoteEntryNotFoundError: "no_file",
+        errors.HfHubHTTPError: "http",
+    }
+    for cls, kind in expected.items():
+        assert _classify(cls.__new__(cls)) == kind, cls.__name__
+    assert _classify(ValueError("not the Hub's")) is None
+
+
 # ------------------------------------------------------------------ retries, encodings, resumes (hardening)
 
 

@@ -1,9 +1,9 @@
 """The Hugging Face Hub: downloads, a pre-fetched weights folder, and one translator for errors.
 
-huggingface_hub raises a family of exceptions whose meaning depends on their order
-(a gated repo is a missing repo is an HTTP error; an offline cache miss is a missing
-entry). `hub_errors` turns each into wanlora's own error once, for model loading and LoRA
-fetching alike: `ModelNotFound` for a model, a `LoraError` with `ref` and `status` for a LoRA.
+huggingface_hub raises a family of nested exceptions (a gated repo is a missing repo is an
+HTTP error; an offline cache miss is a missing entry), each read by its most specific class.
+`hub_errors` turns each into wanlora's own error once, for model loading and LoRA fetching
+alike: `ModelNotFound` for a model, a `LoraError` with `ref` and `status` for a LoRA.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def _classify(exc: BaseException) -> str | None:
+    """The kind of a huggingface_hub or transport error, read from the most specific class it is
+    an instance of, as httpx's map_exceptions does; a plain HfHubHTTPError only when nothing
+    narrower matches (RemoteEntryNotFoundError is both an HTTP error and a missing entry)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -50,16 +53,20 @@ def _classify(exc: BaseException) -> str | None:
         RevisionNotFoundError,
     )
 
-    checks = (  # the order matters: each class is a subclass of a later one
-        (GatedRepoError, "gated"),
-        (RepositoryNotFoundError, "no_repo"),
-        (RevisionNotFoundError, "no_revision"),
-        ((LocalEntryNotFoundError, OfflineModeIsEnabled), "offline"),
-        (EntryNotFoundError, "no_file"),
-        (transport_errors(), "unreachable"),
-        (HfHubHTTPError, "http"),
-    )
-    return next((kind for types, kind in checks if isinstance(exc, types)), None)
+    kinds = {
+        GatedRepoError: "gated",
+        RepositoryNotFoundError: "no_repo",
+        RevisionNotFoundError: "no_revision",
+        LocalEntryNotFoundError: "offline",
+        OfflineModeIsEnabled: "offline",
+        EntryNotFoundError: "no_file",
+        **dict.fromkeys(transport_errors(), "unreachable"),
+    }
+    matching = [cls for cls in kinds if isinstance(exc, cls)]
+    narrowest = [cls for cls in matching if not any(o is not cls and issubclass(o, cls) for o in matching)]
+    if narrowest:
+        return kinds[min(narrowest, key=type(exc).__mro__.index)]
+    return "http" if isinstance(exc, HfHubHTTPError) else None
 
 
 def translate(
