@@ -46,7 +46,7 @@ def test_wan22_defaults_match_the_reference_configs(name):
     assert spec.default_steps == steps
     assert (spec.default_guidance, spec.default_guidance_2) == guidance
     assert spec.default_shift(832, 480) == spec.default_shift(1280, 720) == shift
-    assert spec.boundary_ratio == boundary and spec.experts == (("high", "low") if boundary else ("all",))
+    assert spec.boundary_ratio == boundary and spec.experts == (("high", "low") if boundary else ("transformer",))
     assert (spec.default_frames, spec.max_frames, spec.default_fps) == (frames, frames, fps)
     assert {wh for presets in spec.presets.values() for wh in presets.values()} == sizes
     assert all(w % spec.side_multiple == 0 and h % spec.side_multiple == 0 for w, h in sizes)

@@ -22,6 +22,7 @@ from .accelerators import ACCELERATORS
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InternalError, InvalidInput, WanLoraError
 from .logs import configure as configure_logging
+from .lora.pairs import EVERY_EXPERT
 from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
 from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
 from .request import resolve_request
@@ -113,7 +114,7 @@ def add_lora_options(group) -> None:
 
 def requested_loras(args: argparse.Namespace, spec: ModelSpec) -> list[tuple[str, float | tuple[float, ...], str]]:
     """--lora, --lora-high and --lora-low as (reference, strength, expert) triples."""
-    aimed = [("both", args.lora), ("high", args.lora_high), ("low", args.lora_low)]
+    aimed = [(EVERY_EXPERT, args.lora), ("high", args.lora_high), ("low", args.lora_low)]
     for expert, texts in aimed[1:]:
         if texts and spec.identified and expert not in spec.experts:
             raise InvalidInput(
@@ -557,7 +558,7 @@ def cmd_lora_fetch(args: argparse.Namespace) -> None:
 
     files = fetch_lora_files(args.ref)
     for role, fetched in files:
-        expert = "" if role == "both" else f" ({role}-noise expert)"
+        expert = "" if role == EVERY_EXPERT else f" ({role}-noise expert)"
         print(f"source: {fetched.source}{expert}")
         print(f"size: {fetched.size / 2**20:.1f} MiB" + (f", sha256 {fetched.sha256}" if fetched.sha256 else ""))
         print(f"trigger words: {', '.join(fetched.trigger_words) or 'none found'}")

@@ -15,20 +15,20 @@ from typing import Any
 import torch
 
 from .errors import InvalidInput
-from .lora.fetch import expert_of
 from .lora.formats import LoraFile
+from .lora.pairs import EVERY_EXPERT, expert_of
 from .lora.selection import LoraRequest
 from .lora.state import Chosen, TransformerLoras
 
 logger = logging.getLogger(__name__)
 
-ATTRIBUTES = {"all": "transformer", "high": "transformer", "low": "transformer_2"}
-WORDS = {"all": "the transformer", "high": "the high-noise expert", "low": "the low-noise expert"}
+ATTRIBUTES = {"transformer": "transformer", "high": "transformer", "low": "transformer_2"}
+WORDS = {"transformer": "the transformer", "high": "the high-noise expert", "low": "the low-noise expert"}
 
 
 @dataclass
 class Expert:
-    name: str  # "all" (one transformer), or "high" / "low" (Wan2.2 A14B)
+    name: str  # "transformer" (the only one), or "high" / "low" (Wan2.2 A14B)
     module: torch.nn.Module
     loras: TransformerLoras
 
@@ -47,15 +47,15 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
     chosen: dict[str, list[Chosen]] = {name: [] for name in names}
     for request, files in loaded:
         for role, lora in files:
-            if role != "both" and role not in names:
+            if role != EVERY_EXPERT and role not in names:
                 raise InvalidInput("lora", request.label, "a single file here: it is a Wan2.2 high/low pair, and this "
                                    "model has one transformer")  # fmt: skip
-            aimed = names if request.expert == "both" else (request.expert,)
+            aimed = names if request.expert == EVERY_EXPERT else (request.expert,)
             named = expert_of(lora.path)
-            if role == "both" and len(aimed) == 2 and named is not None:
+            if role == EVERY_EXPERT and len(aimed) == 2 and named is not None:
                 logger.warning("%s is named for the %s-noise expert but goes on both; aim it at one expert to "
                                "use it as its name says", request.label, named)  # fmt: skip
-            for name in aimed if role == "both" else [role] if role in aimed else []:
+            for name in aimed if role == EVERY_EXPERT else [role] if role in aimed else []:
                 chosen[name].append(Chosen(request, lora))
         if len(files) > 1:
             placed = ", ".join(f"{Path(lora.path).name} on {WORDS[role]}" for role, lora in files)

@@ -39,7 +39,7 @@ WAN_NEGATIVE_PROMPT = (
 SHAKY_CAMERA = "镜头晃动，"  # Wan2.1 i2v_14B: "camera shake"
 CUT = "镜头切换，"  # Wan2.1 flf2v_14B: "shot change"
 TWO_EXPERTS = ("high", "low")  # Wan2.2 A14B: `transformer` takes the high-noise steps, `transformer_2` the rest
-ONE_TRANSFORMER = ("all",)
+ONE_TRANSFORMER = ("transformer",)  # Wan2.1 and TI2V-5B: diffusers' `transformer`
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class ModelSpec:
 
     @property
     def experts(self) -> tuple[str, ...]:
-        """The transformers LoRAs can be aimed at: "high" and "low" on Wan2.2 A14B, else "all"."""
+        """The transformers LoRAs can be aimed at: "high" and "low" on Wan2.2 A14B, else "transformer"."""
         return TWO_EXPERTS if self.boundary_ratio is not None else ONE_TRANSFORMER
 
     @property

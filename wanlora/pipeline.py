@@ -38,6 +38,7 @@ from .hub import download_model
 from .images import ImageInput, resize_image
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
+from .lora.pairs import EVERY_EXPERT
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
 from .memory import ExpertSwitch, place, resolve_offload, set_vae_tiling
@@ -257,13 +258,13 @@ class WanLoraPipeline:
             return
         seconds = time.perf_counter() - started
         for request, files in loaded:
-            aimed = "" if request.expert == "both" else f" on the {request.expert}-noise expert"
+            aimed = "" if request.expert == EVERY_EXPERT else f" on the {request.expert}-noise expert"
             for role, lora in files:
                 logger.info(
                     "applied %s at strength %s%s: %s, rank %s, %d tensors, trigger words: %s (merge %.2fs)",
                     lora.label,  # a pair's file says its expert in its label already
                     request.strength,
-                    aimed if role == "both" else "",
+                    aimed if role == EVERY_EXPERT else "",
                     lora.layout,
                     "/".join(map(str, lora.ranks)) or "-",
                     len(lora.deltas),

@@ -22,9 +22,10 @@ from pathlib import Path
 from .accelerators import ACCELERATORS as ACCELERATOR_PRESETS
 from .errors import InvalidInput, LoraMismatch, error_boundary
 from .lora.fetch import Credentials
+from .lora.pairs import EVERY_EXPERT
 from .lora.refs import display_ref
 from .lora.selection import LoraRequest
-from .models import CATALOGUE, resolve_model
+from .models import CATALOGUE, ONE_TRANSFORMER, resolve_model
 from .request import Request, resolve_request
 from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override
 
@@ -140,7 +141,7 @@ class PredictorInputs:
         return f"PredictorInputs({shown})"
 
 
-def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ("all",)) -> list[LoraRequest]:
+def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ONE_TRANSFORMER) -> list[LoraRequest]:
     """Replicate's LoRA inputs as a LoRA list; all of them stack.
 
     `lora_weights` and `extra_lora` go on every transformer (each file of a Wan2.2 pair on
@@ -168,9 +169,9 @@ def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ("all",)) -> 
         raise InvalidInput("lora_weights_transformer_2", display_ref(low),
                            "empty: only model=2.2-a14b has a second transformer; use lora_weights")  # fmt: skip
     slots = [
-        (trained or main, scale, "both"),
-        (extra, extra_scale, "both"),
-        (high, high_scale, "high" if two_experts else "both"),
+        (trained or main, scale, EVERY_EXPERT),
+        (extra, extra_scale, EVERY_EXPERT),
+        (high, high_scale, "high" if two_experts else EVERY_EXPERT),
         (low, low_scale, "low"),
     ]
     return [LoraRequest(ref, strength, expert) for ref, strength, expert in slots if ref]

@@ -17,14 +17,12 @@ travel in headers, never in logs, errors, tags or cache keys.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound, NoSuchHubRepo, error_boundary
 from ..hub import hub_errors, local_copy, transport_errors
-from ..messages import listing
 from ..settings import civitai_token, civitai_url, clean_token, max_lora_bytes, replicate_url
 from .archive import is_tar_file, unpack_single_lora
 from .cache import LoraCache
@@ -39,6 +37,7 @@ from .net import (
     revalidate,
     too_big,
 )
+from .pairs import EVERY_EXPERT, choose_files
 from .refs import Source, canonical_url, display_ref, parse_ref, resolve_local, url_has_secrets
 from .sniff import header_metadata, read_header
 
@@ -119,7 +118,7 @@ def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: L
         except NoSuchHubRepo as hub_error:
             replicate = Source("replicate", f"replicate:{source.repo_id}", repo_id=source.repo_id)
             try:
-                return [("both", _fetch_replicate(replicate, label, cache))]
+                return [(EVERY_EXPERT, _fetch_replicate(replicate, label, cache))]
             except LoraError as replicate_error:
                 raise LoraNotFound(
                     f"{label} was tried as a Hugging Face repo ({hub_error}) and as a Replicate model "
@@ -128,36 +127,10 @@ def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: L
                     replicate_error.status,
                 ) from replicate_error
     if source.kind == "civitai":
-        return [("both", _fetch_civitai(source, label, credentials, cache))]
+        return [(EVERY_EXPERT, _fetch_civitai(source, label, credentials, cache))]
     if source.kind == "replicate":
-        return [("both", _fetch_replicate(source, label, cache))]
-    return [("both", _download(source.url, source.canonical, label, cache, protected=source.has_secrets))]
-
-
-# ---------------------------------------------------------------------------- pairs
-
-
-def expert_of(filename: str) -> str | None:
-    """The Wan2.2 expert a file's name says it is for (high_noise_model, ..._HIGH...), or None."""
-    name = Path(filename).name.lower()
-    said = [expert for expert in ("high", "low") if re.search(rf"(^|[^a-z]){expert}([^a-z]|$)", name)]
-    return said[0] if len(said) == 1 else None
-
-
-def choose_files(files: list[str], where: str, label: str) -> list[tuple[str, str]]:
-    """The one .safetensors among `files`, or their high/low pair; anything else lists them to pick from."""
-    if len(files) == 1:
-        return [("both", files[0])]
-    roles = {expert_of(f): f for f in files}
-    if len(files) == 2 and set(roles) == {"high", "low"}:
-        return [("high", roles["high"]), ("low", roles["low"])]
-    if not files:
-        raise LoraNotFound(f"{label}: {where} has no .safetensors file", label)
-    raise LoraNotFound(
-        listing(f"{label}: {where} has several .safetensors files and no single high/low pair; pick one file, or "
-                f"the folder of one pair, as {where}/NAME", files, limit=20),
-        label,
-    )  # fmt: skip
+        return [(EVERY_EXPERT, _fetch_replicate(source, label, cache))]
+    return [(EVERY_EXPERT, _download(source.url, source.canonical, label, cache, protected=source.has_secrets))]
 
 
 def local_files(path: Path, label: str, where: str | None = None) -> list[tuple[str, Path]]:
@@ -165,7 +138,7 @@ def local_files(path: Path, label: str, where: str | None = None) -> list[tuple[
     if path.is_dir():
         names = sorted(p.name for p in path.glob("*.safetensors"))
         return [(role, path / name) for role, name in choose_files(names, where or str(path), label)]
-    return [("both", resolve_local(path))]
+    return [(EVERY_EXPERT, resolve_local(path))]
 
 
 # ---------------------------------------------------------------------------- Hugging Face
@@ -187,7 +160,7 @@ def _fetch_hub(source: Source, label: str, credentials: Credentials) -> Files:
     api = HfApi(token=token)
     with hub_errors(repo, ref=label, revision=revision, filename=named):
         if named and named.endswith(".safetensors"):
-            chosen = [("both", named)]
+            chosen = [(EVERY_EXPERT, named)]
         else:  # the repo, or a folder in it: its one file, or its pair
             folder = named.strip("/") if named else None
             files = [f for f in api.list_repo_files(repo, revision=revision) if f.endswith(".safetensors")]

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import error_boundary
-from .fetch import Credentials, expert_of, fetch_lora_files
+from .fetch import Credentials, fetch_lora_files
 from .formats import read_lora
 from .merge import check_fit
+from .pairs import EVERY_EXPERT, expert_of
 from .refs import display_ref
 
 
@@ -81,7 +82,7 @@ def inspect_lora(
                 delta_kinds=sorted({d.kind for d in lora.deltas.values()}),
                 targets=lora.module_kinds,
                 base_model=lora.base_model_hint(),
-                expert=role if role != "both" else expert_of(fetched.path),
+                expert=role if role != EVERY_EXPERT else expert_of(fetched.path),
                 trigger_words=fetched.trigger_words,
                 coverage=None if params is None else _coverage(lora, params, model_name),
             )

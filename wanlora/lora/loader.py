@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import LoraFileGone
 from .fetch import Credentials, FetchedLora, fetch_lora_files
 from .formats import LoraFile, read_lora
+from .pairs import EVERY_EXPERT
 from .refs import display_ref, parse_ref
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class LoraLoader:
             if same is not None:  # access confirmed, the same file: nothing to read again
                 found.append(same)
                 continue
-            label = display_ref(ref) + ("" if role == "both" else f" ({role}-noise expert)")
+            label = display_ref(ref) + ("" if role == EVERY_EXPERT else f" ({role}-noise expert)")
             lora = read_lora(fetched.path, label=label)
             lora.trigger_words = fetched.trigger_words
             logger.debug("read %s (%s) in %.2fs", label, lora.layout, time.perf_counter() - started)

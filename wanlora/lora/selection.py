@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidInput
+from .pairs import EVERY_EXPERT, EXPERT_TARGETS
 from .refs import display_ref
 
 Strength = float | tuple[float, ...]
-EXPERT_TARGETS = ("both", "high", "low")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class LoraRequest:
 
     ref: str
     strength: Strength = 1.0
-    expert: str = "both"
+    expert: str = EVERY_EXPERT
     builtin: bool = False  # chosen by wanlora (an accelerator preset), not by a user: may be a local file
 
     @property
@@ -40,7 +40,7 @@ class LoraRequest:
     def describe(self) -> dict:
         """How the video's tags record it."""
         return {"ref": self.label, "strength": self.strength} | (
-            {} if self.expert == "both" else {"expert": self.expert}
+            {} if self.expert == EVERY_EXPERT else {"expert": self.expert}
         )
 
 
@@ -78,7 +78,7 @@ def parse_requests(loras: Sequence) -> list[LoraRequest]:
         if expert not in EXPERT_TARGETS:
             raise InvalidInput("lora expert", expert, f"one of {', '.join(EXPERT_TARGETS)} (for {display_ref(ref)})")
         if isinstance(strength, dict):
-            if expert != "both" or not strength or set(strength) - {"high", "low"}:
+            if expert != EVERY_EXPERT or not strength or set(strength) - {"high", "low"}:
                 raise InvalidInput(
                     "lora strength", strength, f'{{"high": s, "low": s}}, one or both (for {display_ref(ref)})'
                 )
@@ -91,16 +91,16 @@ def parse_requests(loras: Sequence) -> list[LoraRequest]:
 
 def _parts(item: object) -> tuple[object, object, object]:
     if isinstance(item, str):
-        return item, 1.0, "both"
+        return item, 1.0, EVERY_EXPERT
     if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
         raise InvalidInput("lora", item, "a reference, (reference, strength) or (reference, strength, expert)")
-    return item[0], item[1], item[2] if len(item) == 3 else "both"
+    return item[0], item[1], item[2] if len(item) == 3 else EVERY_EXPERT
 
 
 def check_targets(requests: list[LoraRequest], names: tuple[str, ...], model: str) -> None:
     """Refuse a request aimed at an expert the model does not have."""
     for request in requests:
-        if request.expert != "both" and request.expert not in names:
+        if request.expert != EVERY_EXPERT and request.expert not in names:
             raise InvalidInput("lora expert", request.expert, f"left out (or 'both') for {request.label}: {model} "
                                "has one transformer, not Wan2.2 A14B's two experts")  # fmt: skip
 
