@@ -73,8 +73,10 @@ def main() -> None:
     logging.getLogger("wanlora").setLevel(logging.WARNING)
     torch.set_grad_enabled(False)
     scale = WAN_14B.num_layers / args.blocks
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16, {args.blocks} real 14B blocks per "
-          f"expert, x{scale:g} to 40")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16, {args.blocks} real 14B blocks per "
+        f"expert, x{scale:g} to 40"
+    )
 
     high, low = random_transformer(WAN_14B, args.blocks), random_transformer(WAN_14B, args.blocks)
     seconds, gb = host_copy_seconds(high, args.swaps)

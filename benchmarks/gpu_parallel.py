@@ -83,8 +83,9 @@ def main() -> None:
             rows.append(
                 {"processes": f"{world}, published (reference code, H100, 14B 720p)", "speedup": f"{published:.2f}"}
             )
-        Results(out_dir(), "wanlora GPU run").add(f"context-parallel: {case}", "ok", time.perf_counter() - started,
-                                                  rows, [])  # fmt: skip
+        Results(out_dir(), "wanlora GPU run").add(
+            f"context-parallel: {case}", "ok", time.perf_counter() - started, rows, []
+        )
         print("\n".join(f"{row}" for row in rows))
     dist.destroy_process_group()
 

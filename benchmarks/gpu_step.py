@@ -50,10 +50,22 @@ from wanlora.models import CATALOGUE, TINY_ARCH, WAN_1_3B, WAN_14B, Architecture
 from wanlora.tiny import TINY_TEXT_CONFIG
 
 LIGHTX2V_H200 = {"4-step I2V 480p": 14.0, "40-step FP8 480p": 191.0}  # seconds, LightX2V's published figures
-UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
-            "feed_forward_proj": "gated-gelu"}  # fmt: skip
-TINY_VAE = {"base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
-            "temperal_downsample": [False, True, True]}  # fmt: skip
+UMT5_XXL = {
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+}
+TINY_VAE = {
+    "base_dim": 3,
+    "z_dim": 16,
+    "dim_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "temperal_downsample": [False, True, True],
+}
 
 
 @dataclasses.dataclass
@@ -93,14 +105,22 @@ class Bench:
 
     def model(self, size: str) -> torch.nn.Module:
         if size not in self.models:
-            self.models[size] = random_transformer(self.setup.archs[size], dtype=self.setup.dtype,
-                                                   device=str(self.setup.device))  # fmt: skip
+            self.models[size] = random_transformer(
+                self.setup.archs[size], dtype=self.setup.dtype, device=str(self.setup.device)
+            )
         return self.models[size]
 
     def inputs(self, size: str, resolution: str, batch: int = 1) -> dict[str, torch.Tensor]:
         height, width = self.setup.sizes[resolution]
-        return step_inputs(self.setup.archs[size], self.setup.frames, height, width, batch=batch,
-                           dtype=self.setup.dtype, device=str(self.setup.device))  # fmt: skip
+        return step_inputs(
+            self.setup.archs[size],
+            self.setup.frames,
+            height,
+            width,
+            batch=batch,
+            dtype=self.setup.dtype,
+            device=str(self.setup.device),
+        )
 
     def flops(self, size: str, resolution: str) -> float:
         height, width = self.setup.sizes[resolution]
@@ -136,9 +156,16 @@ class Bench:
 
     def step_row(self, case: str, backend: str, compiled: str, seconds: float, flops: float) -> dict:
         tflops = flops / seconds / 1e12
-        return {"case": case, "attention": backend, "compile": compiled, "s/forward": f"{seconds:.3f}",
-                "s/step (CFG)": f"{2 * seconds:.3f}", "TFLOP/s": f"{tflops:.1f}",
-                "of peak": f"{100 * tflops / self.peak:.0f}%", "peak GiB": self.peak_gib()}  # fmt: skip
+        return {
+            "case": case,
+            "attention": backend,
+            "compile": compiled,
+            "s/forward": f"{seconds:.3f}",
+            "s/step (CFG)": f"{2 * seconds:.3f}",
+            "TFLOP/s": f"{tflops:.1f}",
+            "of peak": f"{100 * tflops / self.peak:.0f}%",
+            "peak GiB": self.peak_gib(),
+        }
 
 
 # ---------------------------------------------------------------------------- the sections
@@ -176,8 +203,9 @@ def compile_14b_480p(bench: Bench) -> tuple[list[dict], list[str]]:
     compile_seconds = time.perf_counter() - started
     bench.reset_peak_memory()
     seconds = bench.time(lambda: model(**inputs, return_dict=False), warmup=0)
-    row = bench.step_row("14B 480p", "sdpa", f"on ({compile_seconds:.0f} s to compile)", seconds,
-                         bench.flops("14B", "480p"))  # fmt: skip
+    row = bench.step_row(
+        "14B 480p", "sdpa", f"on ({compile_seconds:.0f} s to compile)", seconds, bench.flops("14B", "480p")
+    )
     return [row], [f"torch.compile backend {bench.setup.compile_backend}, regional (one block graph)"]
 
 
@@ -201,10 +229,13 @@ def e2e_14b_480p_4step(bench: Bench) -> tuple[list[dict], list[str]]:
     total = encode + steps + decode
     bench.encode_decode = encode + decode
     rows = [
-        {"run": "wanlora, 4 steps at guidance 1, T2V 14B 480p, 81 frames", "seconds": f"{total:.1f}",
-         "encode / steps / decode": f"{encode:.1f} / {steps:.1f} / {decode:.1f}"},
+        {
+            "run": "wanlora, 4 steps at guidance 1, T2V 14B 480p, 81 frames",
+            "seconds": f"{total:.1f}",
+            "encode / steps / decode": f"{encode:.1f} / {steps:.1f} / {decode:.1f}",
+        },
         {"run": "LightX2V on H200, published: 4-step I2V 480p", "seconds": LIGHTX2V_H200["4-step I2V 480p"]},
-    ]  # fmt: skip
+    ]
     if bench.best_forward is not None:
         forty = encode + 40 * 2 * bench.best_forward + decode
         rows += [
@@ -217,8 +248,9 @@ def e2e_14b_480p_4step(bench: Bench) -> tuple[list[dict], list[str]]:
 def a14b_480p_4step(bench: Bench) -> tuple[list[dict], list[str]]:
     """Two 14B experts of their own, the low-noise one in pinned host memory, as offload="experts" runs them."""
     device = bench.setup.device
-    experts = [random_transformer(bench.setup.archs["14B"], dtype=bench.setup.dtype, device=str(device))
-               for _ in range(2)]  # fmt: skip
+    experts = [
+        random_transformer(bench.setup.archs["14B"], dtype=bench.setup.dtype, device=str(device)) for _ in range(2)
+    ]
     states = [TransformerLoras(expert) for expert in experts]
     started = time.perf_counter()
     switch = ExpertSwitch(list(zip(experts, states, strict=True)), device)
@@ -243,15 +275,25 @@ def a14b_480p_4step(bench: Bench) -> tuple[list[dict], list[str]]:
     steps = bench.time(lightning, repeats=1, warmup=0)
     per_run = switch.switches - before
     rows = [
-        {"what": f"expert switch: {gb:.1f} GB out to pinned host memory and {gb:.1f} GB in",
-         "seconds": f"{switch_seconds:.2f}", "GB/s each way": f"{gb / switch_seconds:.1f}"},
+        {
+            "what": f"expert switch: {gb:.1f} GB out to pinned host memory and {gb:.1f} GB in",
+            "seconds": f"{switch_seconds:.2f}",
+            "GB/s each way": f"{gb / switch_seconds:.1f}",
+        },
         {"what": "one 14B forward at 480p, 81 frames", "seconds": f"{forward:.2f}"},
-        {"what": f"4 steps at guidance 1, 2 per expert, with {per_run:g} switches", "seconds": f"{steps:.2f}",
-         "switch share": f"{100 * (steps - 4 * forward) / steps:.0f}%"},
-    ]  # fmt: skip
+        {
+            "what": f"4 steps at guidance 1, 2 per expert, with {per_run:g} switches",
+            "seconds": f"{steps:.2f}",
+            "switch share": f"{100 * (steps - 4 * forward) / steps:.0f}%",
+        },
+    ]
     if bench.encode_decode is not None:
-        rows.append({"what": "A14B Lightning 480p end to end (the e2e section's encode and decode added)",
-                     "seconds": f"{steps + bench.encode_decode:.1f}"})  # fmt: skip
+        rows.append(
+            {
+                "what": "A14B Lightning 480p end to end (the e2e section's encode and decode added)",
+                "seconds": f"{steps + bench.encode_decode:.1f}",
+            }
+        )
     notes = [f"pinning {gb:.1f} GB of host buffers for the waiting expert took {setup_seconds:.1f} s, once per load"]
     return rows, notes
 
@@ -305,8 +347,12 @@ def cfg_batch_13b(bench: Bench) -> tuple[list[dict], list[str]]:
     single, pair = bench.inputs("1.3B", "480p"), bench.inputs("1.3B", "480p", batch=2)
     two = bench.time(lambda: [model(**single, return_dict=False) for _ in range(2)])
     one = bench.time(lambda: model(**pair, return_dict=False))
-    row = {"run": "a guided 1.3B 480p step", "two forwards s": f"{two:.3f}", "one batch of two s": f"{one:.3f}",
-           "ratio": f"{one / two:.2f}"}  # fmt: skip
+    row = {
+        "run": "a guided 1.3B 480p step",
+        "two forwards s": f"{two:.3f}",
+        "one batch of two s": f"{one:.3f}",
+        "ratio": f"{one / two:.2f}",
+    }
     return [row], []
 
 
@@ -361,8 +407,12 @@ def main() -> None:
     results = Results(out_dir(), title, fresh=True)
     bench = Bench(setup)
     name = torch.cuda.get_device_name() if setup.device.type == "cuda" else "CPU"
-    results.environment(device=name, torch=torch.__version__, matmul_peak=f"{bench.peak:.1f} TFLOP/s ({setup.dtype})",
-                        date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    results.environment(
+        device=name,
+        torch=torch.__version__,
+        matmul_peak=f"{bench.peak:.1f} TFLOP/s ({setup.dtype})",
+        date=time.strftime("%Y-%m-%d"),
+    )
     print(f"{name}, torch {torch.__version__}, matmul peak {bench.peak:.1f} TFLOP/s", flush=True)
     for title, section, limit in SECTIONS:
         left = int(deadline - time.monotonic())

@@ -115,8 +115,11 @@ def parse_default_value(source: str, node: Node) -> object:
         return parse_list_literal(source, node)
     if kind == "dictionary":  # pairs that do not parse are skipped, not fatal
         pairs = zip(node.ast.keys, node.ast.values, strict=True)
-        parsed = [(parse_default_value(source, node_of(source, k)), parse_default_value(source, node_of(source, v)))
-                  for k, v in pairs if k is not None]  # fmt: skip
+        parsed = [
+            (parse_default_value(source, node_of(source, k)), parse_default_value(source, node_of(source, v)))
+            for k, v in pairs
+            if k is not None
+        ]
         return {key: value for key, value in parsed if UNRESOLVED not in (key, value)}
     if kind == "tuple":  # unparseable items are skipped, not fatal
         items = [parse_default_value(source, child) for child in node.children(source)]
@@ -186,11 +189,21 @@ class Predictor:
 
     def problems(self) -> list[str]:
         """Every Input() argument that Cog would refuse (the build fails), drop or garble."""
-        runner = next(f for c in self.tree.body if isinstance(c, ast.ClassDef) for f in c.body
-                      if isinstance(f, ast.FunctionDef) and f.name in ("run", "predict"))  # fmt: skip
+        runner = next(
+            f
+            for c in self.tree.body
+            if isinstance(c, ast.ClassDef)
+            for f in c.body
+            if isinstance(f, ast.FunctionDef) and f.name in ("run", "predict")
+        )
         arguments = runner.args.args[1:]  # after self
-        defaults = dict(zip([a.arg for a in arguments][len(arguments) - len(runner.args.defaults) :],
-                            runner.args.defaults, strict=True))  # fmt: skip
+        defaults = dict(
+            zip(
+                [a.arg for a in arguments][len(arguments) - len(runner.args.defaults) :],
+                runner.args.defaults,
+                strict=True,
+            )
+        )
         found = []
         for argument in arguments:
             name = argument.arg

@@ -109,11 +109,17 @@ def secret_ref(url: str) -> str:
 
 
 def test_secrets_in_a_reference_reach_no_log_tag_or_cache(offline_net, file_server, fresh_tiny_pipe, tmp_path, caplog):
-    write_lora(tmp_path / "style.safetensors", tiny_transformer(), "original", seed=6,
-               metadata={"modelspec.trigger_phrase": "wanstyle"})  # fmt: skip
+    write_lora(
+        tmp_path / "style.safetensors",
+        tiny_transformer(),
+        "original",
+        seed=6,
+        metadata={"modelspec.trigger_phrase": "wanstyle"},
+    )
     basic = "Basic " + base64.b64encode(b"alice:hunter2").decode()
-    file_server.routes["/style.safetensors"] = Route((tmp_path / "style.safetensors").read_bytes(),
-                                                     require_auth=basic, require_query="token=tok3n")  # fmt: skip
+    file_server.routes["/style.safetensors"] = Route(
+        (tmp_path / "style.safetensors").read_bytes(), require_auth=basic, require_query="token=tok3n"
+    )
     caplog.set_level(logging.DEBUG)
     video = fresh_tiny_pipe.generate("a fox", loras=[(secret_ref(file_server.url), 0.8)], seed=1, **SMALL)
     assert "trigger words" in caplog.text and "read " in caplog.text and "applied" in caplog.text  # the ref is logged
@@ -147,10 +153,12 @@ def test_secrets_in_a_reference_reach_no_error(offline_net, file_server, caplog,
 
 def test_unchanged_frames_after_a_refused_request(civitai, fresh_tiny_pipe):
     pipe = fresh_tiny_pipe
-    good = pipe.generate("a fox", loras=[("civitai:77", 1.0)], credentials=Credentials(civitai_token="good"), seed=2,
-                         **SMALL).frames  # fmt: skip
+    good = pipe.generate(
+        "a fox", loras=[("civitai:77", 1.0)], credentials=Credentials(civitai_token="good"), seed=2, **SMALL
+    ).frames
     with pytest.raises(LoraAuthRequired):
         pipe.generate("a fox", loras=[("civitai:77", 1.0)], seed=2, **SMALL)
-    again = pipe.generate("a fox", loras=[("civitai:77", 1.0)], credentials=Credentials(civitai_token="good"), seed=2,
-                          **SMALL).frames  # fmt: skip
+    again = pipe.generate(
+        "a fox", loras=[("civitai:77", 1.0)], credentials=Credentials(civitai_token="good"), seed=2, **SMALL
+    ).frames
     assert np.array_equal(good, again)

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_gpu_run_rehearses_every_section_on_the_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    run = subprocess.run(["bash", "benchmarks/gpu.sh", "--rehearse"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--rehearse"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_results.json").read_text())
     sections = {section["name"].split(":")[0]: section for section in results["sections"]}
@@ -59,8 +60,11 @@ def fake_wheel(folder: Path, name: str, *requires: str, size: int = 0) -> None:
 )
 def test_the_wheel_check_refuses_what_the_device_cannot_take(tmp_path, requires, size, refused):
     fake_wheel(tmp_path, "x-1-py3-none-any.whl", *requires, size=size)
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_wheels.py"), str(tmp_path),
-                          "--limit-mib", "1"], capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "check_wheels.py"), str(tmp_path), "--limit-mib", "1"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == (1 if refused else 0), run.stderr
     if refused:
         assert refused in run.stderr

@@ -166,8 +166,9 @@ def lora_server(tmp_path_factory):
         server.routes["/login.safetensors"] = Route(b"<!DOCTYPE html><html>Please sign in</html>")
         trained = server.routes["/trained.safetensors"].body  # diffusion-pipe's layout, as Replicate's trainers use
         server.routes["/trained_model.tar"] = Route(tar_of({"wan_train_replicate/14b-lora.safetensors": trained}))
-        server.routes["/api/download/models/4242"] = Route(server.routes["/motion.safetensors"].body,
-                                                           require_auth="Bearer good-token")  # fmt: skip
+        server.routes["/api/download/models/4242"] = Route(
+            server.routes["/motion.safetensors"].body, require_auth="Bearer good-token"
+        )
         yield server
 
 
@@ -327,8 +328,12 @@ def test_server_image_to_video(cog_server, tmp_path):
 def cog22(tmp_path_factory, lora_server):
     """No model override: the `model` input chooses, each catalogue repo a tiny stand-in in the weights folder."""
     weights = tmp_path_factory.mktemp("cog-weights")
-    for repo, kind in (("Wan2.1-T2V-14B", "t2v"), ("Wan2.2-T2V-A14B", "t2v-a14b"), ("Wan2.2-I2V-A14B", "i2v-a14b"),
-                       ("Wan2.2-TI2V-5B", "ti2v-5b")):  # fmt: skip
+    for repo, kind in (
+        ("Wan2.1-T2V-14B", "t2v"),
+        ("Wan2.2-T2V-A14B", "t2v-a14b"),
+        ("Wan2.2-I2V-A14B", "i2v-a14b"),
+        ("Wan2.2-TI2V-5B", "ti2v-5b"),
+    ):
         write_tiny_model(weights / "Wan-AI" / f"{repo}-Diffusers", kind=kind)
     env = {"WANLORA_MODEL": "", "WANLORA_I2V_MODEL": "", "WANLORA_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1"}
     with running_cog_server(tmp_path_factory, **env) as server:
@@ -344,14 +349,18 @@ def test_server_runs_wan22_a14b_with_a_lora_per_expert_and_ti2v(cog22, lora_serv
         **{"lora_weights_transformer": motion, "lora_scale_transformer": 3.0},
         **{"lora_weights_transformer_2": motion, "lora_scale_transformer_2": 1.0},
     }
-    a14b = predict(cog22, prompt="styleword motionword a fox", model="2.2-a14b", sample_guide_scale_2=2.0,
-                   **per_expert, **SMALL)  # fmt: skip
+    a14b = predict(
+        cog22, prompt="styleword motionword a fox", model="2.2-a14b", sample_guide_scale_2=2.0, **per_expert, **SMALL
+    )
     path = video_of(a14b, tmp_path, "a14b.mp4")
     got, tags = probe(path), recorded(path)
     assert (got.width, got.height, len(got.frames)) == (112, 64, 9)
     assert tags["model"] == "tiny-t2v-a14b" and (tags["guidance_scale"], tags["guidance_scale_2"]) == (4.0, 2.0)
-    assert tags["loras"] == [{"ref": style, "strength": 0.5}, {"ref": motion, "strength": 3.0, "expert": "high"},
-                             {"ref": motion, "strength": 1.0, "expert": "low"}]  # fmt: skip
+    assert tags["loras"] == [
+        {"ref": style, "strength": 0.5},
+        {"ref": motion, "strength": 3.0, "expert": "high"},
+        {"ref": motion, "strength": 1.0, "expert": "low"},
+    ]
 
     lightning = {**SMALL, "accelerator": "lightx2v-4step", "sample_steps": None}  # its own 4 steps
     fast = predict(cog22, prompt="a fox", model="2.2-a14b", **lightning)
@@ -364,8 +373,9 @@ def test_server_runs_wan22_a14b_with_a_lora_per_expert_and_ti2v(cog22, lora_serv
     assert i2v["model"] == "tiny-i2v-a14b" and i2v["guidance_scale_2"] == 3.5
 
     for extra in ({}, {"image": image}):  # TI2V-5B: text-to-video, or with a first frame; the resolution is moot
-        ti2v = video_of(predict(cog22, prompt="a fox", model="2.2-5b", resolution="480p", **extra, **SMALL), tmp_path,
-                        "ti2v.mp4")  # fmt: skip
+        ti2v = video_of(
+            predict(cog22, prompt="a fox", model="2.2-5b", resolution="480p", **extra, **SMALL), tmp_path, "ti2v.mp4"
+        )
         assert (probe(ti2v).width, probe(ti2v).height) == (128, 64) and recorded(ti2v)["model"] == "tiny-ti2v-5b"
 
     refused = predict(cog22, prompt="a fox", model="14b", lora_weights_transformer_2=motion, **SMALL)
@@ -468,8 +478,9 @@ def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worke
     with running_cog_server(tmp_path_factory, WANLORA_GPUS="2") as server:
         url, pid = server.url, server.pid
         split = predict(url, **request)  # Ulysses 2: another summation order, so frames within a level
-        assert_frames_agree(probe(video_of(split, tmp_path, "split.mp4")).frames,
-                            probe(video_of(reference, tmp_path, "one.mp4")).frames)  # fmt: skip
+        assert_frames_agree(
+            probe(video_of(split, tmp_path, "split.mp4")).frames, probe(video_of(reference, tmp_path, "one.mp4")).frames
+        )
 
         workers = children_with(pid, "spawn_main")
         assert len(workers) == 2, workers
@@ -500,11 +511,19 @@ def test_server_replicate_weights_are_the_trained_lora(cog_server, lora_server, 
     frames = probe(video_of(trained, tmp_path, "trained.mp4")).frames
     assert np.array_equal(frames, probe(video_of(direct, tmp_path, "direct.mp4")).frames)
     assert not np.array_equal(frames, probe(video_of(predict(cog_server, **request), tmp_path, "plain.mp4")).frames)
-    stacked = predict(cog_server, replicate_weights=f"{lora_server.url}/trained_model.tar",
-                      extra_lora=f"{lora_server.url}/style.safetensors", **request)  # fmt: skip
+    stacked = predict(
+        cog_server,
+        replicate_weights=f"{lora_server.url}/trained_model.tar",
+        extra_lora=f"{lora_server.url}/style.safetensors",
+        **request,
+    )
     assert stacked["status"] == "succeeded" and stacked["output"] != trained["output"]
-    both = predict(cog_server, replicate_weights=f"{lora_server.url}/trained_model.tar",
-                   lora_weights=f"{lora_server.url}/style.safetensors", **request)  # fmt: skip
+    both = predict(
+        cog_server,
+        replicate_weights=f"{lora_server.url}/trained_model.tar",
+        lora_weights=f"{lora_server.url}/style.safetensors",
+        **request,
+    )
     assert both["status"] == "failed" and len(both["error"].splitlines()) == 1
     assert "lora_weights=" in both["error"] and "replicate_weights is its LoRA" in both["error"]
 
@@ -537,8 +556,14 @@ def test_server_private_lora_needs_its_token_on_every_request(cog_server):
 def test_server_keeps_secrets_out_of_errors_logs_and_tags(cog, lora_server, tmp_path):
     host = lora_server.url.removeprefix("http://")
     signed = "?token=tok3n-secret&X-Amz-Signature=s1g-secret"
-    missing = predict(cog.url, prompt="a fox", lora_weights=f"http://bob:pw-secret@{host}/missing.safetensors{signed}",
-                      hf_api_token="hf-secret", civitai_api_token="civ-secret", **SMALL)  # fmt: skip
+    missing = predict(
+        cog.url,
+        prompt="a fox",
+        lora_weights=f"http://bob:pw-secret@{host}/missing.safetensors{signed}",
+        hf_api_token="hf-secret",
+        civitai_api_token="civ-secret",
+        **SMALL,
+    )
     assert missing["status"] == "failed" and "not found (404)" in missing["error"]
     made = predict(cog.url, prompt="a fox", lora_weights=f"{lora_server.url}/style.safetensors{signed}", **SMALL)
     tags = probe(video_of(made, tmp_path, "signed.mp4")).tags
@@ -575,9 +600,11 @@ def test_server_a_lora_that_overflows_leaves_the_model_as_it_was(cog_server, lor
     import torch
     from safetensors.torch import save
 
-    huge = {"lora_unet_blocks_0_self_attn_k.lora_down.weight": torch.full((4, 24), 0.01),
-            "lora_unet_blocks_0_self_attn_k.lora_up.weight": torch.full((24, 4), 0.01),
-            "lora_unet_blocks_0_self_attn_k.alpha": torch.tensor(1e300, dtype=torch.float64)}  # fmt: skip
+    huge = {
+        "lora_unet_blocks_0_self_attn_k.lora_down.weight": torch.full((4, 24), 0.01),
+        "lora_unet_blocks_0_self_attn_k.lora_up.weight": torch.full((24, 4), 0.01),
+        "lora_unet_blocks_0_self_attn_k.alpha": torch.tensor(1e300, dtype=torch.float64),
+    }
     lora_server.routes["/huge.safetensors"] = Route(save(huge))
     style = {"prompt": "styleword a fox", "lora_weights": f"{lora_server.url}/style.safetensors", **SMALL}
     before = predict(cog_server, **style)
@@ -615,8 +642,10 @@ def test_in_process_a_lora_for_the_other_size_names_the_model_input(predictor, l
     import torch
     from safetensors.torch import save
 
-    wide = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 5120),
-            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(5120, 2)}  # fmt: skip
+    wide = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 5120),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(5120, 2),
+    }
     lora_server.routes["/wan14b.safetensors"] = Route(save(wide))
     with pytest.raises(LoraMismatch, match="made for Wan2.1 14B.*run it with model=14b"):
         predictor.run(**inputs(prompt="a fox", model="1.3b", lora_weights=f"{lora_server.url}/wan14b.safetensors"))
@@ -639,7 +668,8 @@ def test_in_process_two_private_loras_with_a_cache_smaller_than_both(predictor, 
         lora_server.routes[f"/api/download/models/{version}"] = Route(
             lora_server.routes[f"/{name}.safetensors"].body, require_auth="Bearer two-loras"
         )
-    path = predictor.run(**inputs(prompt="a fox", lora_weights="civitai:5001", extra_lora="civitai:5002",
-                                  civitai_api_token="two-loras"))  # fmt: skip
+    path = predictor.run(
+        **inputs(prompt="a fox", lora_weights="civitai:5001", extra_lora="civitai:5002", civitai_api_token="two-loras")
+    )
     assert len(recorded(path)["loras"]) == 2
     assert [lora_server.full_bodies[f"/api/download/models/{v}"] for v in ("5001", "5002")] == [1, 1]

@@ -303,8 +303,10 @@ def test_nan_or_inf_in_a_file_is_refused_by_name(tmp_path, key, value):
     ids=["0-dim", "empty", "vector-alpha"],
 )
 def test_malformed_factors_are_refused_by_name(tmp_path, down, up, alpha, words):
-    tensors = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
-               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up}  # fmt: skip
+    tensors = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
+    }
     if alpha is not None:
         tensors["diffusion_model.blocks.0.self_attn.q.alpha"] = alpha
     save_file(tensors, tmp_path / "l.safetensors")
@@ -317,9 +319,13 @@ def test_an_integer_alpha_is_still_alpha(tmp_path):
     model = tiny_transformer()
     base = snapshot(model)
     down, up = torch.randn(32, 24) * 0.01, torch.randn(24, 32) * 0.01
-    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
-               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
-               "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4, dtype=torch.int64)},
-              tmp_path / "l.safetensors")  # fmt: skip
+    save_file(
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": down,
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": up,
+            "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4, dtype=torch.int64),
+        },
+        tmp_path / "l.safetensors",
+    )
     merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [({"blocks.0.attn1.to_q.weight": (up @ down) * 4 / 32}, 1.0)])

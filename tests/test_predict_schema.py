@@ -114,8 +114,13 @@ def inputs():
 def test_every_input_tells_a_person_what_to_put_in_it(inputs):
     for name, field in inputs.items():
         assert field.description and len(field.description) >= 30, name
-    for forms in ("owner/repo", "civitai.com/models/ID?modelVersionId=V", "civitai:V", "replicate.com/owner/model",
-                  "https://"):  # fmt: skip
+    for forms in (
+        "owner/repo",
+        "civitai.com/models/ID?modelVersionId=V",
+        "civitai:V",
+        "replicate.com/owner/model",
+        "https://",
+    ):
         assert forms in inputs["lora_weights"].description, forms
 
 

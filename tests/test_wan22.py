@@ -61,8 +61,9 @@ def write_pair(folder, high_name="high_noise_model.safetensors", low_name="low_n
     """A Wan2.2 pair as published: one LoRA file per expert. Returns (high deltas, low deltas)."""
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_transformer()
-    return write_lora(folder / high_name, model, "original", seed=21), write_lora(folder / low_name, model, "original",
-                                                                                 seed=22)  # fmt: skip
+    return write_lora(folder / high_name, model, "original", seed=21), write_lora(
+        folder / low_name, model, "original", seed=22
+    )
 
 
 # ------------------------------------------------------------------ end to end in Python
@@ -113,8 +114,9 @@ def test_the_experts_switch_at_the_configured_boundary(model, steps):
             lambda module, args, kwargs, name=expert.name: calls.append((name, float(kwargs["timestep"].max()))),
             with_kwargs=True,
         )
-    pipe.generate("a fox", num_frames=5, num_inference_steps=steps, seed=1, **({"image": IMAGE} if "i2v" in model
-                                                                                 else {}))  # fmt: skip
+    pipe.generate(
+        "a fox", num_frames=5, num_inference_steps=steps, seed=1, **({"image": IMAGE} if "i2v" in model else {})
+    )
     assert {name for name, _ in calls} == {"high", "low"}
     assert all((name == "high") == (t >= boundary) for name, t in calls)
     names = [name for name, _ in calls]
@@ -200,8 +202,13 @@ def test_strength_schedules_span_their_own_experts_steps(loras):
             lambda module, args, name=expert.name, p=param: seen.append((name, p.detach().clone()))
         )
     steps = 6
-    pipe.generate("a fox", num_frames=5, num_inference_steps=steps, seed=2,
-                  loras=[(path, {"low": [1.0, 0.0]}), (loras["b"][0], [0.5, 2.0], "high")])  # fmt: skip
+    pipe.generate(
+        "a fox",
+        num_frames=5,
+        num_inference_steps=steps,
+        seed=2,
+        loras=[(path, {"low": [1.0, 0.0]}), (loras["b"][0], [0.5, 2.0], "high")],
+    )
     ranges = expert_steps(pipe.diffusers_pipeline.scheduler, steps, pipe.spec.boundary_ratio, pipe.spec.experts)
     high_steps, low_steps = len(ranges["high"]), len(ranges["low"])
     assert high_steps >= 2 and low_steps >= 2
@@ -251,8 +258,10 @@ def test_a_local_pair_folder_puts_each_file_on_its_expert(tmp_path, caplog):
 )  # fmt: skip
 def test_a_hub_pair_lands_on_the_right_experts(fake_hub, offline_net, tmp_path, files, ref, caplog):
     high, low = write_pair(tmp_path / "pair")
-    bodies = {files[0]: (tmp_path / "pair" / "high_noise_model.safetensors").read_bytes(),
-              files[1]: (tmp_path / "pair" / "low_noise_model.safetensors").read_bytes()}  # fmt: skip
+    bodies = {
+        files[0]: (tmp_path / "pair" / "high_noise_model.safetensors").read_bytes(),
+        files[1]: (tmp_path / "pair" / "low_noise_model.safetensors").read_bytes(),
+    }
     if "/" in files[0]:
         bodies["other/unrelated.safetensors"] = bodies[files[0]]  # another folder's files are not the pair's
     fake_hub.repos["alice/wan22-style"] = HubRepo(bodies)
@@ -319,8 +328,10 @@ def test_a_wan21_i2v_lora_on_wan22_i2v_skips_the_image_branch_with_one_warning(t
 
 def small_wan21_lora(path, width: int) -> None:
     """Two deltas of a real-width Wan2.1 LoRA (its widths are all the checks read)."""
-    tensors = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, width),
-               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(width, 2)}  # fmt: skip
+    tensors = {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, width),
+        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(width, 2),
+    }
     save_file(tensors, str(path))
 
 
@@ -498,8 +509,18 @@ def test_cli_merge_bakes_a_lora_into_each_expert(tmp_path, loras):
     from .conftest import run_cli
 
     out = tmp_path / "merged"
-    result = run_cli("lora", "merge", "--model", "tiny-t2v-a14b", "--lora-high", f"{loras['a'][0]}:2",
-                     "--dtype", "fp32", "--out", str(out))  # fmt: skip
+    result = run_cli(
+        "lora",
+        "merge",
+        "--model",
+        "tiny-t2v-a14b",
+        "--lora-high",
+        f"{loras['a'][0]}:2",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     merged = WanLoraPipeline.from_pretrained(str(out))
     reference = expert_base("high")

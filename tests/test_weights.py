@@ -56,8 +56,10 @@ def test_a_hub_model_is_downloaded_once_then_loaded_with_both_times_reported(tin
     pipe = WanLoraPipeline.from_pretrained("someone/tiny-wan", share_from=shared)
     assert pipe.spec.name == "tiny" and set(pipe.load_timings) == {"download_seconds", "load_seconds"}
     assert "downloaded someone/tiny-wan in" in caplog.text
-    transformer, encoder = (f"someone/tiny-wan/{c}" for c in ("transformer/diffusion_pytorch_model.safetensors",
-                                                            "text_encoder/model.safetensors"))  # fmt: skip
+    transformer, encoder = (
+        f"someone/tiny-wan/{c}"
+        for c in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+    )
     assert (fake_hub.downloads[transformer], fake_hub.downloads[encoder]) == (1, 0)  # shared parts are not fetched
     assert pipe.generate("a fox", num_inference_steps=2, num_frames=9, seed=1).frames.shape[0] == 9
     WanLoraPipeline.from_pretrained("someone/tiny-wan")

@@ -33,7 +33,7 @@ ACCELERATORS: dict[str, Accelerator] = {
     # each), sampled on the four timesteps (LightX2V's sigmas 1, 0.9375, 0.8333, 0.625 once shifted).
     "lightx2v-4step": Accelerator(
         name="lightx2v-4step", steps=4, guidance=1.0, shift=5.0, timesteps=(1000, 750, 500, 250)
-    ),  # fmt: skip
+    ),
     # Bidirectional CausVid distillation, sampled with UniPC like the base model.
     "causvid": Accelerator("causvid", steps=8, guidance=1.0, shift=5.0),
 }

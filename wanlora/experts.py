@@ -48,13 +48,20 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
     for request, files in loaded:
         for role, lora in files:
             if role != EVERY_EXPERT and role not in names:
-                raise InvalidInput("lora", request.label, "a single file here: it is a Wan2.2 high/low pair, and this "
-                                   "model has one transformer")  # fmt: skip
+                raise InvalidInput(
+                    "lora",
+                    request.label,
+                    "a single file here: it is a Wan2.2 high/low pair, and this model has one transformer",
+                )
             aimed = names if request.expert == EVERY_EXPERT else (request.expert,)
             named = expert_of(lora.path)
             if role == EVERY_EXPERT and len(aimed) == 2 and named is not None:
-                logger.warning("%s is named for the %s-noise expert but goes on both; aim it at one expert to "
-                               "use it as its name says", request.label, named)  # fmt: skip
+                logger.warning(
+                    "%s is named for the %s-noise expert but goes on both; aim it at one expert to "
+                    "use it as its name says",
+                    request.label,
+                    named,
+                )
             for name in aimed if role == EVERY_EXPERT else [role] if role in aimed else []:
                 chosen[name].append(Chosen(request, lora))
         if len(files) > 1:

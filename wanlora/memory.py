@@ -73,8 +73,13 @@ def place(pipe, device: torch.device, mode: str) -> None:
 
         for name in ("transformer", "transformer_2"):
             if getattr(pipe, name, None) is not None:
-                apply_group_offloading(getattr(pipe, name), onload_device=device, offload_type="block_level",
-                                       num_blocks_per_group=1, use_stream=True)  # fmt: skip
+                apply_group_offloading(
+                    getattr(pipe, name),
+                    onload_device=device,
+                    offload_type="block_level",
+                    num_blocks_per_group=1,
+                    use_stream=True,
+                )
         apply_group_offloading(pipe.text_encoder, onload_device=device, offload_type="leaf_level", use_stream=True)
         pipe.vae.to(device)
         if getattr(pipe, "image_encoder", None) is not None:

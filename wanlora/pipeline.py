@@ -405,8 +405,9 @@ class WanLoraPipeline:
         pipeline = self._diffusers_pipeline_for(request)
         set_vae_tiling(pipeline.vae, settings.width, settings.height)
         pipeline.scheduler = self.diffusers_pipeline.scheduler = self._sampler_for(request, settings.flow_shift)
-        steps = expert_steps(pipeline.scheduler, settings.num_inference_steps, self.spec.boundary_ratio,
-                             self.spec.experts)  # fmt: skip
+        steps = expert_steps(
+            pipeline.scheduler, settings.num_inference_steps, self.spec.boundary_ratio, self.spec.experts
+        )
         main = self.parallel is None or self.parallel.is_main
         pipeline.set_progress_bar_config(disable=True)  # wanlora's own bar instead, below
         shown = progress and main
@@ -462,8 +463,9 @@ class WanLoraPipeline:
             return pipeline
         from diffusers import WanImageToVideoPipeline
 
-        return WanImageToVideoPipeline(**pipeline.components, image_encoder=None, image_processor=None,
-                                       expand_timesteps=True)  # fmt: skip
+        return WanImageToVideoPipeline(
+            **pipeline.components, image_encoder=None, image_processor=None, expand_timesteps=True
+        )
 
     def _metadata(self, settings) -> dict[str, Any]:
         return {

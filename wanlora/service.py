@@ -166,8 +166,11 @@ def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ONE_TRANSFORM
         )
     two_experts = len(experts) == 2
     if low and not two_experts:
-        raise InvalidInput("lora_weights_transformer_2", display_ref(low),
-                           "empty: only model=2.2-a14b has a second transformer; use lora_weights")  # fmt: skip
+        raise InvalidInput(
+            "lora_weights_transformer_2",
+            display_ref(low),
+            "empty: only model=2.2-a14b has a second transformer; use lora_weights",
+        )
     slots = [
         (trained or main, scale, EVERY_EXPERT),
         (extra, extra_scale, EVERY_EXPERT),
@@ -211,8 +214,9 @@ class VideoService:
         if not image:
             return self.override or name
         if choice not in IMAGE_CHOICES:
-            raise InvalidInput("image", "(an image)",
-                               f"model={choice} is text-to-video only; use {' or '.join(IMAGE_CHOICES)}")  # fmt: skip
+            raise InvalidInput(
+                "image", "(an image)", f"model={choice} is text-to-video only; use {' or '.join(IMAGE_CHOICES)}"
+            )
         by_resolution = IMAGE_CHOICES[choice]
         return self.i2v_override or by_resolution.get(resolution) or next(iter(by_resolution.values()))
 
@@ -250,8 +254,11 @@ class VideoService:
         steps = DEFAULT_SAMPLE_STEPS if i.sample_steps is None and accelerator is None else i.sample_steps
         spec = self.pipe.spec if self.model == name else resolve_model(name)
         if i.sample_guide_scale_2 is not None and len(spec.experts) == 1:
-            raise InvalidInput("sample_guide_scale_2", i.sample_guide_scale_2,
-                               "empty: only model=2.2-a14b has a second expert; use sample_guide_scale")  # fmt: skip
+            raise InvalidInput(
+                "sample_guide_scale_2",
+                i.sample_guide_scale_2,
+                "empty: only model=2.2-a14b has a second expert; use sample_guide_scale",
+            )
         request = resolve_request(
             spec,
             i.prompt,
@@ -302,8 +309,9 @@ def _with_model_hint(exc: LoraMismatch, model: object) -> LoraMismatch:
     fits = [choice for width in exc.widths for choice in WIDTH_CHOICES.get(width, ())]
     if len(exc.widths) == 1 and fits and model not in fits:
         choices = " or ".join(f"model={choice}" for choice in fits)
-        return LoraMismatch(f"{exc}. This LoRA is for {choices}: run it with {choices}", exc.ref, exc.status,
-                            exc.widths)  # fmt: skip
+        return LoraMismatch(
+            f"{exc}. This LoRA is for {choices}: run it with {choices}", exc.ref, exc.status, exc.widths
+        )
     return exc
 
 

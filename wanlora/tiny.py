@@ -55,9 +55,18 @@ def tiny_vae(seed: int, wan22: bool = False) -> AutoencoderKLWan:
     shape = {"dim_mult": [1, 1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [False, True, True]}
     if not wan22:
         return AutoencoderKLWan(base_dim=3, z_dim=16, **shape).eval()
-    return AutoencoderKLWan(base_dim=4, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
-                            scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
-                            **shape).eval()  # fmt: skip
+    return AutoencoderKLWan(
+        base_dim=4,
+        z_dim=48,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+        **shape,
+    ).eval()
 
 
 def tiny_clip(seed: int):

@@ -158,9 +158,18 @@ class LoraCache:
             now = time.time()
             validators = validators or Validators()
             entry = Entry(
-                canonical, target.stat().st_size, sha256_of(target), now, now, trigger_words, str(target),
-                protected, validators.etag, validators.last_modified, validators.length,
-            )  # fmt: skip
+                canonical,
+                target.stat().st_size,
+                sha256_of(target),
+                now,
+                now,
+                trigger_words,
+                str(target),
+                protected,
+                validators.etag,
+                validators.last_modified,
+                validators.length,
+            )
             self._write_meta(folder, entry)
         except OSError as exc:
             shutil.rmtree(folder, ignore_errors=True)

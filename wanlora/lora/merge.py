@@ -77,8 +77,10 @@ class Fit:
                 f"{lora.label} was made for {self.made_for}; {self.this_model}. Shapes differ", self.misfit
             )
         else:
-            message = listing(f"{lora.label} (made for {self.made_for}) has deltas for parameters "
-                               f"{self.this_model} lacks", self.missing)  # fmt: skip
+            message = listing(
+                f"{lora.label} (made for {self.made_for}) has deltas for parameters {self.this_model} lacks",
+                self.missing,
+            )
         return LoraMismatch(message, lora.label, widths=tuple(sorted(lora.inner_dims())))
 
 
@@ -161,8 +163,13 @@ class LoraMerger:
         for (lora, _), fit in zip(loras, fits, strict=True):
             if fit.skipped and lora.label not in warned:
                 warned.add(lora.label)
-                logger.warning("%s: skipping its %d image-branch parameters (%s); applying the rest: %s", lora.label,
-                               len(fit.skipped), fit.why_skipped, listing("", fit.skipped).lstrip(": "))  # fmt: skip
+                logger.warning(
+                    "%s: skipping its %d image-branch parameters (%s); applying the rest: %s",
+                    lora.label,
+                    len(fit.skipped),
+                    fit.why_skipped,
+                    listing("", fit.skipped).lstrip(": "),
+                )
         plan: Plan = {}
         for (lora, strength), fit in zip(loras, fits, strict=True):
             if strength == 0:

@@ -500,9 +500,17 @@ def _attempt(session: requests.Session, url: str, headers: dict[str, str], parti
                 discard_partial(partial)
                 if current.if_range and not encoded:  # only such a body can be resumed later
                     _sidecar(partial).write_text(json.dumps(asdict(current)))
-            progress = tqdm(total=total, initial=offset if resumed else 0, unit="B", unit_scale=True,
-                            unit_divisor=1024, desc=label[-40:], file=sys.stderr, leave=False,
-                            disable=None)  # fmt: skip
+            progress = tqdm(
+                total=total,
+                initial=offset if resumed else 0,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=label[-40:],
+                file=sys.stderr,
+                leave=False,
+                disable=None,
+            )
             with partial.open("ab" if resumed else "wb") as out, progress:
                 for chunk in response.iter_content(CHUNK):
                     transfer.check()

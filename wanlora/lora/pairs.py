@@ -33,7 +33,11 @@ def choose_files(files: list[str], where: str, label: str) -> list[tuple[str, st
     if not files:
         raise LoraNotFound(f"{label}: {where} has no .safetensors file", label)
     raise LoraNotFound(
-        listing(f"{label}: {where} has several .safetensors files and no single high/low pair; pick one file, or "
-                f"the folder of one pair, as {where}/NAME", files, limit=20),
+        listing(
+            f"{label}: {where} has several .safetensors files and no single high/low pair; pick one file, or "
+            f"the folder of one pair, as {where}/NAME",
+            files,
+            limit=20,
+        ),
         label,
-    )  # fmt: skip
+    )

@@ -101,8 +101,11 @@ def check_targets(requests: list[LoraRequest], names: tuple[str, ...], model: st
     """Refuse a request aimed at an expert the model does not have."""
     for request in requests:
         if request.expert != EVERY_EXPERT and request.expert not in names:
-            raise InvalidInput("lora expert", request.expert, f"left out (or 'both') for {request.label}: {model} "
-                               "has one transformer, not Wan2.2 A14B's two experts")  # fmt: skip
+            raise InvalidInput(
+                "lora expert",
+                request.expert,
+                f"left out (or 'both') for {request.label}: {model} has one transformer, not Wan2.2 A14B's two experts",
+            )
 
 
 def strength_at(strength: Strength, phase: int) -> float:
