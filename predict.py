@@ -36,11 +36,13 @@ class Predictor(BaseRunner):
         self.outputs = pathlib.Path(tempfile.mkdtemp(prefix="wanlora-out-"))
         workers = worker_count()
         if workers > 1:
-            self.service = WorkerGroup(workers)
-            self.service.wait_ready()
+            group = WorkerGroup(workers)
+            group.wait_ready()
+            self.service: VideoService | WorkerGroup = group
         else:
-            self.service = VideoService()
-            self.service.load(self.service.model_for("14b"))
+            one = VideoService()
+            one.load(one.model_for("14b"))
+            self.service = one
 
     def run(
         self,
@@ -177,6 +179,8 @@ class Predictor(BaseRunner):
                 civitai_api_token=secret_text("civitai_api_token", civitai_api_token),
             )
             result = self.service.generate(PredictorInputs(**arguments), out_dir=self.outputs)
+            if result is None:  # only a parallel rank other than 0 returns none, and this process is rank 0
+                raise InternalError("the generation returned no video")
         except WanLoraError as exc:
             raise exc from None  # the one-line message; no library exception chained below it
         except Exception as exc:  # a bug outside the library's own boundary: still one clean line

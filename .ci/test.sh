@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's test command: a fresh venv, the package with its test extras, lint, tests.
+# The README's test command: a fresh venv, the package with its test extras, lint, types, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -7,6 +7,7 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet -c .ci/constraints.txt -e ".[dev]"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy  # wanlora/ and predict.py, as pyproject.toml's [tool.mypy] says
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
 # pytest exits 5 when it collected no tests: that is a failure of the suite, not a pass.

@@ -11,6 +11,7 @@ from .errors import InvalidInput
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import WanTransformer3DModel
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,6 @@ def choose_backend(requested: str, device: torch.device, parallel: str | None = 
     return "sdpa"
 
 
-def install_backend(transformer: torch.nn.Module, name: str) -> None:
+def install_backend(transformer: WanTransformer3DModel, name: str) -> None:
     """Route every attention call of `transformer` through the chosen kernel."""
     transformer.set_attention_backend(BACKENDS[name].dispatcher_name)

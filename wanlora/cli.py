@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .accelerators import ACCELERATORS
@@ -58,7 +59,7 @@ LORA_FIELDS = {"lora": "--lora", "lora strength": "--lora", "loras": "--lora"}  
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -127,7 +128,7 @@ def requested_loras(args: argparse.Namespace, spec: ModelSpec) -> list[tuple[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    verbose = argparse.ArgumentParser(add_help=False)  # -v before or after the command
+    verbose = OneLineParser(add_help=False)  # -v before or after the command
     verbose.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens, to stderr"
     )
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_generate(commands, verbose: argparse.ArgumentParser) -> None:
+def add_generate(commands, verbose: OneLineParser) -> None:
     gen = commands.add_parser(
         "generate",
         parents=[verbose],
@@ -288,7 +289,7 @@ def add_generate(commands, verbose: argparse.ArgumentParser) -> None:
     )
 
 
-def add_tiny_model(commands, verbose: argparse.ArgumentParser) -> None:
+def add_tiny_model(commands, verbose: OneLineParser) -> None:
     tiny = commands.add_parser("tiny-model", parents=[verbose], help="write a tiny random Wan model (diffusers layout)")
     tiny.add_argument("dir", metavar="DIR", help="a new or empty folder")
     tiny.add_argument(
@@ -301,7 +302,7 @@ def add_tiny_model(commands, verbose: argparse.ArgumentParser) -> None:
     tiny.add_argument("--i2v", action="store_const", const="i2v", dest="kind", help="the same as --kind i2v")
 
 
-def add_lora(commands, verbose: argparse.ArgumentParser) -> None:
+def add_lora(commands, verbose: OneLineParser) -> None:
     lora = commands.add_parser("lora", parents=[verbose], help="inspect LoRA files or bake them into a model")
     lora_commands = lora.add_subparsers(dest="lora_command", required=True, parser_class=OneLineParser)
     fetch = lora_commands.add_parser("fetch", parents=[verbose], help="download and verify a LoRA; print its path")
@@ -321,7 +322,7 @@ def add_lora(commands, verbose: argparse.ArgumentParser) -> None:
     merge.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weights dtype; default bf16")
 
 
-def add_cache(commands, verbose: argparse.ArgumentParser) -> None:
+def add_cache(commands, verbose: OneLineParser) -> None:
     cache = commands.add_parser("cache", parents=[verbose], help="the LoRA download cache (WANLORA_CACHE)")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, parser_class=OneLineParser)
     cache_commands.add_parser("list", parents=[verbose], help="show cached LoRAs, most recently used first")
@@ -331,16 +332,16 @@ def add_cache(commands, verbose: argparse.ArgumentParser) -> None:
 def flag_names(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, str]:
     """The library's field name -> the flag a person typed for it, for the command in `argv`."""
     names = dict(LORA_FIELDS)
-    current = parser
+    current: argparse.ArgumentParser | None = parser
     while current is not None:
-        following = None
+        following: argparse.ArgumentParser | None = None
         for action in current._actions:  # argparse keeps no public list of a parser's options
             if action.option_strings:
                 names[action.dest] = max(action.option_strings, key=len)
             elif isinstance(action, argparse._SubParsersAction):
                 following = next((action.choices[word] for word in argv if word in action.choices), None)
             else:
-                names[action.dest] = action.metavar or action.dest.upper()
+                names[action.dest] = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
         current = following
     return names
 
@@ -375,7 +376,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     from .lora.fetch import check_reference, fetch_lora_files
     from .video import check_output, quality_to_crf
 
-    for lora in request.loras:
+    for lora in request.loras or ():
         check_reference(lora.ref)  # its form, and that a local file exists
     quality_to_crf(args.quality, "quality")
     output = check_output(args.output or f"wanlora-{request.settings.seed}.mp4", "--output")
@@ -389,7 +390,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     if identified != spec:
         options["seed"] = request.settings.seed
         spec, request = identified, resolve_request(identified, args.prompt, **options)
-    for lora in request.loras:  # download and verify before the (slow) model load
+    for lora in request.loras or ():  # download and verify before the (slow) model load
         say(f"fetching {lora.label}")
         fetch_lora_files(lora.ref)
     if parallel is not None and not launched_by_torchrun():

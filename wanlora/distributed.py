@@ -13,6 +13,7 @@ import logging
 
 import torch
 import torch.distributed as dist
+from diffusers import WanTransformer3DModel
 
 from .errors import InvalidInput, WanLoraError
 from .guidance import SplitGuidance
@@ -72,7 +73,7 @@ class Parallel:
     """Transformers (one, or Wan2.2's two experts) made context- (and optionally CFG-) parallel
     over the current process group."""
 
-    def __init__(self, transformers: list[torch.nn.Module], plan: ParallelPlan, device: torch.device) -> None:
+    def __init__(self, transformers: list[WanTransformer3DModel], plan: ParallelPlan, device: torch.device) -> None:
         from diffusers import ContextParallelConfig
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
-F = TypeVar("F", bound=Callable)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class WanLoraError(Exception):
@@ -126,12 +127,12 @@ class InternalError(WanLoraError):
         return cls(f"an unexpected {type(exc).__name__} inside wanlora (a bug: please report it): {text}")
 
 
-def error_boundary(function: F) -> F:
+def error_boundary(function: Callable[P, R]) -> Callable[P, R]:
     """A public call lets out only WanLoraError (and BaseExceptions: Ctrl-C, a cancellation); anything
     else is a bug, raised as InternalError with its traceback logged (scrubbed) at DEBUG."""
 
     @functools.wraps(function)
-    def call(*args, **kwargs):
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return function(*args, **kwargs)
         except WanLoraError:
@@ -140,4 +141,4 @@ def error_boundary(function: F) -> F:
             logging.getLogger("wanlora").debug("%s failed", function.__qualname__, exc_info=True)
             raise InternalError.of(exc) from None
 
-    return call  # type: ignore[return-value]
+    return call

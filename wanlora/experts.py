@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from diffusers import WanTransformer3DModel
 
 from .errors import InvalidInput
 from .lora.formats import LoraFile
@@ -29,7 +29,7 @@ WORDS = {"transformer": "the transformer", "high": "the high-noise expert", "low
 @dataclass
 class Expert:
     name: str  # "transformer" (the only one), or "high" / "low" (Wan2.2 A14B)
-    module: torch.nn.Module
+    module: WanTransformer3DModel
     loras: TransformerLoras
 
 

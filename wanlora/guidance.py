@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 
 import torch
 import torch.distributed as dist
+from diffusers import WanTransformer3DModel
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -54,6 +55,7 @@ class GuidancePairHook(ModelHook, ABC):
             self.cond = output = self.answer_cond(module, kwargs)
         else:
             cond, output = self.answer_uncond(module, kwargs)
+            assert self.cond is not None, "an uncond call without its cond call"
             self.cond.copy_(cond)
             self.cond = self.cond_kwargs = None
         return (output,) if not kwargs.get("return_dict", True) else Transformer2DModelOutput(sample=output)
@@ -71,7 +73,7 @@ class GuidancePairHook(ModelHook, ABC):
         return self.fn_ref.original_forward(**{**kwargs, "return_dict": False})[0]
 
     @staticmethod
-    def placeholder(module: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    def placeholder(module: WanTransformer3DModel, kwargs: dict) -> torch.Tensor:
         """An unfilled tensor of the transformer's output shape."""
         latents = kwargs["hidden_states"]
         return latents.new_empty((latents.shape[0], module.config.out_channels, *latents.shape[2:]))

@@ -10,11 +10,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from diffusers import WanTransformer3DModel
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
 
-def first_block_cache_computes_first_steps(transformer: torch.nn.Module, count: int) -> None:
+def first_block_cache_computes_first_steps(transformer: WanTransformer3DModel, count: int) -> None:
     """First Block Cache has no start step: its head hook's skip decision learns one here.
 
     The hook is the instance `enable_cache` just made, so nothing outside this transformer

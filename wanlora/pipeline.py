@@ -355,10 +355,9 @@ class WanLoraPipeline:
                 )
             settings = replace(settings, width=width, height=height, seed=self.parallel.shared_seed(settings.seed))
         loras = list(request.loras if request.loras is not None else self.active_loras)  # access is re-checked
-        if request.accelerator is not None:
-            distillers = accelerator_refs(self.spec)
-            loras = [r for r in loras if r.ref not in distillers]
-            loras.append(LoraRequest(request.accelerator_ref, request.accelerator.strength, builtin=True))
+        if (distiller := request.accelerator_lora) is not None:
+            replaced = accelerator_refs(self.spec)  # another preset's LoRA from an earlier run goes
+            loras = [r for r in loras if r.ref not in replaced] + [distiller]
         started = time.perf_counter()
         self.set_loras(loras, credentials)
         lora_seconds = time.perf_counter() - started

@@ -74,6 +74,13 @@ class Request:
     cfg_batch: bool
     framed_by_image: bool = False  # the frame keeps the image's aspect (nothing else was asked for)
 
+    @property
+    def accelerator_lora(self) -> LoraRequest | None:
+        """The preset's own LoRA: chosen by wanlora, not a user, so it may be a local file."""
+        if self.accelerator is None or self.accelerator_ref is None:
+            return None
+        return LoraRequest(self.accelerator_ref, self.accelerator.strength, builtin=True)
+
 
 RENAMED = {"steps": "num_inference_steps", "shift": "flow_shift"}  # wanlora 0.1's names
 NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one means the model's own

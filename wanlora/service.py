@@ -18,6 +18,7 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from .accelerators import ACCELERATORS as ACCELERATOR_PRESETS
 from .errors import InvalidInput, LoraMismatch, error_boundary
@@ -29,29 +30,36 @@ from .models import CATALOGUE, ONE_TRANSFORMER, resolve_model
 from .request import Request, resolve_request
 from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override
 
+if TYPE_CHECKING:
+    from .pipeline import WanLoraPipeline
+
+T = TypeVar("T")
+
 logger = logging.getLogger(__name__)
 
 # Replicate's choices, and what they mean to the library, read off the catalogue's `predictor`
 # column; predict.py repeats them as literals, and a test holds the two equal.
-PREDICTED = [spec for spec in CATALOGUE.values() if spec.predictor]
-MODEL_CHOICES = {spec.predictor: spec.name for spec in PREDICTED if spec.task != "i2v"}  # without an image
+# (predictor choice, variant): a choice names its text-to-video variant and its image-to-video ones
+PREDICTED = [(spec.predictor, spec) for spec in CATALOGUE.values() if spec.predictor]
+MODEL_CHOICES = {choice: spec.name for choice, spec in PREDICTED if spec.task != "i2v"}  # without an image
 DEFAULT_RESOLUTION = "480p"  # predict.py's default for `resolution`
 
 
 def _image_choices() -> dict[str, dict[str, str]]:
     """With an image, the model each choice runs, by resolution: first the model made for that one alone."""
-    choices: dict[str, dict[str, str]] = {s.predictor: {} for s in PREDICTED if s.task != "t2v"}  # catalogue order
-    for spec in sorted((s for s in PREDICTED if s.task != "t2v"), key=lambda s: len(s.resolutions)):
+    with_image = [(choice, spec) for choice, spec in PREDICTED if spec.task != "t2v"]
+    choices: dict[str, dict[str, str]] = {choice: {} for choice, _ in with_image}  # catalogue order
+    for choice, spec in sorted(with_image, key=lambda item: len(item[1].resolutions)):
         for resolution in spec.resolutions:
-            choices[spec.predictor].setdefault(resolution, spec.name)
+            choices[choice].setdefault(resolution, spec.name)
     return choices
 
 
 def _width_choices() -> dict[int, tuple[str, ...]]:
     """A LoRA's width -> the choices it fits."""
     widths: dict[int, tuple[str, ...]] = {}
-    for spec in PREDICTED:
-        widths[spec.arch.dim] = tuple(dict.fromkeys((*widths.get(spec.arch.dim, ()), spec.predictor)))
+    for choice, spec in PREDICTED:
+        widths[spec.arch.dim] = tuple(dict.fromkeys((*widths.get(spec.arch.dim, ()), choice)))
     return widths
 
 
@@ -82,7 +90,7 @@ class Result:
     timings: dict[str, float]
 
 
-def _choice(field: str, value: object, choices: dict) -> object:
+def _choice(field: str, value: object, choices: dict[str, T]) -> T:
     if not isinstance(value, str) or value not in choices:
         raise InvalidInput(field, value, f"one of {', '.join(choices)}")
     return choices[value]
@@ -106,35 +114,38 @@ def _scale(field: str, value: object) -> float:
 @dataclass(frozen=True)
 class PredictorInputs:
     """The predictor's inputs, as Cog hands them to `Predictor.run` (predict.py's signature, field for field;
-    a test holds the two equal). predict.py builds one; everything after it reads this one object."""
+    a test holds the two equal). predict.py builds one; everything after it reads this one object.
 
-    prompt: object
-    negative_prompt: object = ""
+    The types are those Cog checks before `run`; Python callers may pass anything, so values are still
+    checked where they are read."""
+
+    prompt: str
+    negative_prompt: str = ""
     image: str | None = None  # a file Cog downloaded for this request
-    model: object = "14b"
-    resolution: object = DEFAULT_RESOLUTION
-    aspect_ratio: object = "auto"
-    num_frames: object = None
-    fps: object = None
-    sample_steps: object = None
-    sample_guide_scale: object = None
-    sample_guide_scale_2: object = None
-    sample_shift: object = None
-    seed: object = None
-    fast_mode: object = "Off"
-    accelerator: object = "none"
-    lora_weights: object = None
-    lora_scale: object = 1.0
-    extra_lora: object = None
-    extra_lora_scale: object = 1.0
-    replicate_weights: object = None
-    lora_weights_transformer: object = None
-    lora_scale_transformer: object = 1.0
-    lora_weights_transformer_2: object = None
-    lora_scale_transformer_2: object = 1.0
-    hf_api_token: object = None
-    civitai_api_token: object = None
-    output_quality: object = 80
+    model: str = "14b"
+    resolution: str = DEFAULT_RESOLUTION
+    aspect_ratio: str = "auto"
+    num_frames: int | None = None
+    fps: int | None = None
+    sample_steps: int | None = None
+    sample_guide_scale: float | None = None
+    sample_guide_scale_2: float | None = None
+    sample_shift: float | None = None
+    seed: int | None = None
+    fast_mode: str = "Off"
+    accelerator: str = "none"
+    lora_weights: str | None = None
+    lora_scale: float = 1.0
+    extra_lora: str | None = None
+    extra_lora_scale: float = 1.0
+    replicate_weights: str | None = None
+    lora_weights_transformer: str | None = None
+    lora_scale_transformer: float = 1.0
+    lora_weights_transformer_2: str | None = None
+    lora_scale_transformer_2: float = 1.0
+    hf_api_token: str | None = None
+    civitai_api_token: str | None = None
+    output_quality: int = 80
 
     def __repr__(self) -> str:  # never print a token by accident
         shown = {name: "***" if name.endswith("api_token") and value else value for name, value in vars(self).items()}
@@ -204,11 +215,11 @@ class VideoService:
         self.override = override if override is not None else model_override("t2v")
         self.i2v_override = i2v_override if i2v_override is not None else model_override("i2v")
         self.device = device
-        self.pipe = None  # the resident WanLoraPipeline
-        self.model = None  # the model name it was loaded from
+        self.pipe: WanLoraPipeline | None = None  # the resident pipeline
+        self.model: str | None = None  # the model name it was loaded from
         self.unreported_setup: dict[str, float] = {}  # cold-start timings for the first prediction's metrics
 
-    def model_for(self, choice: object, image: bool = False, resolution: object = "480p") -> str:
+    def model_for(self, choice: object, image: bool = False, resolution: str = DEFAULT_RESOLUTION) -> str:
         """The model a request runs on: an image switches the choice to its image-to-video variant."""
         name = _choice("model", choice, MODEL_CHOICES)
         if not image:
@@ -252,7 +263,7 @@ class VideoService:
         name = self.model_for(i.model, i.image is not None, i.resolution)
         accelerator = _choice("accelerator", i.accelerator, ACCELERATORS)
         steps = DEFAULT_SAMPLE_STEPS if i.sample_steps is None and accelerator is None else i.sample_steps
-        spec = self.pipe.spec if self.model == name else resolve_model(name)
+        spec = self.pipe.spec if self.pipe is not None and self.model == name else resolve_model(name)
         if i.sample_guide_scale_2 is not None and len(spec.experts) == 1:
             raise InvalidInput(
                 "sample_guide_scale_2",

@@ -150,6 +150,7 @@ def _run_ffmpeg(command: list[str], frames: np.ndarray, partial: Path, path: Pat
     """Feed the frames to ffmpeg; its failure (a full disk, a killed process) is ours to report."""
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
+        assert process.stdin is not None  # stdin=PIPE
         try:
             for frame in frames:
                 process.stdin.write(np.ascontiguousarray(frame).tobytes())

@@ -21,10 +21,15 @@ import pickle
 import socket
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import WanLoraError, WorkerCrashed
 from .settings import gpu_workers
+
+if TYPE_CHECKING:
+    from .service import PredictorInputs, Result
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +97,7 @@ class WorkerGroup:
     def __init__(self, size: int, **service_options: Any) -> None:
         self.size = size
         self.service_options = service_options
-        self.processes: list[multiprocessing.Process] = []
+        self.processes: list[BaseProcess] = []
         self.connections: list[Connection] = []
         self.ready = False
         self.next_request = 0
@@ -119,7 +124,7 @@ class WorkerGroup:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.processes]
+        return [p.pid for p in self.processes if p.pid is not None]  # every started one
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its model; a load error stops the group and is raised."""
@@ -138,7 +143,7 @@ class WorkerGroup:
         self.ready = True
         logger.info("%d workers ready in %.1fs", self.size, time.perf_counter() - started)
 
-    def generate(self, inputs, out_dir):
+    def generate(self, inputs: PredictorInputs, out_dir: Path) -> Result:
         """Run one request (`VideoService.generate`'s arguments) on every worker and return rank 0's result."""
         self.wait_ready()
         self.next_request += 1
@@ -165,15 +170,14 @@ class WorkerGroup:
             if not ready:
                 self.close(grace=0)
                 break
-            for handle in ready:
-                if handle in sentinels:
-                    conn, rank = sentinels[handle]
-                    if not conn.poll():
-                        self._restart_after_crash(rank)  # it ended with nothing left to say
+            for sentinel, (conn, rank) in sentinels.items():
+                if sentinel in ready and not conn.poll():
+                    self._restart_after_crash(rank)  # it ended with nothing left to say
+            for conn, rank in waiting.items():
+                if conn not in ready:
                     continue
-                rank = waiting[handle]
                 try:
-                    got, outcome = handle.recv()
+                    got, outcome = conn.recv()
                 except (EOFError, OSError):
                     self._restart_after_crash(rank)
                 if got == request_id:  # older replies belong to an abandoned (cancelled) request

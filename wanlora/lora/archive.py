@@ -38,7 +38,9 @@ def unpack_single_lora(archive: Path, label: str) -> Path:
             if member.size > limit:
                 raise too_big(label, member.size)
             written = 0
-            with tar.extractfile(member) as data, target.open("wb") as out:  # type: ignore[union-attr]
+            packed = tar.extractfile(member)
+            assert packed is not None, "_the_lora picks regular files only"
+            with packed as data, target.open("wb") as out:
                 while block := data.read(CHUNK):
                     current_transfer().check()
                     written += len(block)

@@ -96,7 +96,7 @@ def fetch_lora_files(ref: str, credentials: Credentials | None = None, cache: Lo
     source = parse_ref(ref, credentials.local_files)
     label = display_ref(ref)
     if source.kind == "local":
-        return [(role, _verified(path, f"file:{path}", label)) for role, path in local_files(source.path, label)]
+        return [(role, _verified(path, f"file:{path}", label)) for role, path in local_files(source.local_path, label)]
     return in_background(lambda: _fetch_remote(source, label, credentials, cache or LoraCache()), label)
 
 
@@ -105,7 +105,7 @@ def check_reference(ref: str, credentials: Credentials | None = None) -> Source:
     credentials = credentials or Credentials()
     source = parse_ref(ref, credentials.local_files)
     if source.kind == "local":
-        local_files(source.path, display_ref(ref))
+        local_files(source.local_path, display_ref(ref))
     return source
 
 
@@ -116,7 +116,7 @@ def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: L
         try:
             return _fetch_hub(source, label, credentials)
         except NoSuchHubRepo as hub_error:
-            replicate = Source("replicate", f"replicate:{source.repo_id}", repo_id=source.repo_id)
+            replicate = Source("replicate", f"replicate:{source.repo}", repo_id=source.repo)
             try:
                 return [(EVERY_EXPERT, _fetch_replicate(replicate, label, cache))]
             except LoraError as replicate_error:
@@ -130,7 +130,7 @@ def _fetch_remote(source: Source, label: str, credentials: Credentials, cache: L
         return [(EVERY_EXPERT, _fetch_civitai(source, label, credentials, cache))]
     if source.kind == "replicate":
         return [(EVERY_EXPERT, _fetch_replicate(source, label, cache))]
-    return [(EVERY_EXPERT, _download(source.url, source.canonical, label, cache, protected=source.has_secrets))]
+    return [(EVERY_EXPERT, _download(source.link, source.canonical, label, cache, protected=source.has_secrets))]
 
 
 def local_files(path: Path, label: str, where: str | None = None) -> list[tuple[str, Path]]:
@@ -147,7 +147,7 @@ def local_files(path: Path, label: str, where: str | None = None) -> list[tuple[
 def _fetch_hub(source: Source, label: str, credentials: Credentials) -> Files:
     from huggingface_hub import HfApi, get_token
 
-    repo, revision, named = source.repo_id, source.revision, source.filename
+    repo, revision, named = source.repo, source.revision, source.filename
     prefetched = local_copy(repo, named) if revision is None else None
     if prefetched is not None:  # the operator's weights folder: public files, baked in, named as on the Hub
         where = f"{repo}/{named}" if named else repo
@@ -203,7 +203,7 @@ def _card_trigger_words(api, repo: str, revision: str | None, token: str | None)
         if card.stat().st_size > MAX_CARD_BYTES:
             return []
         text = card.read_text(encoding="utf-8", errors="replace")
-    except (HfHubHTTPError, OSError, ValueError, *transport_errors()):
+    except (HfHubHTTPError, OSError, ValueError) + transport_errors():
         return []  # no card is normal, and a failing one costs only a hint
     return card_trigger_words(card_front_matter(text))
 
@@ -217,8 +217,8 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
     linked = dict(parse_qsl(urlsplit(source.url).query)).get("token") if source.url else None
     token = clean_token("the link's token", linked) or credentials.civitai()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    version, words = source.version_id, []
-    if version is None:
+    version, words = source.version_id, list[str]()
+    if version is None:  # a model page: its newest version
         model = get_json(f"{civitai_url()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
         version, words = _latest_version(model, source.model_id, label)
     picked = f"?{source.selection}" if source.selection else ""
@@ -242,7 +242,7 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
         ) from None
 
 
-def _latest_version(model: object, model_id: str, label: str) -> tuple[str, list[str]]:
+def _latest_version(model: object, model_id: str | None, label: str) -> tuple[str, list[str]]:
     """The newest version id of a Civitai model page and its trigger words, from the API's JSON."""
     versions = model.get("modelVersions") if isinstance(model, dict) else None
     if not isinstance(versions, list):
@@ -261,13 +261,13 @@ def _fetch_replicate(source: Source, label: str, cache: LoraCache) -> FetchedLor
     """Replicate's `/_weights` redirects to the current weights file: that URL keys the cache,
     so a second fetch costs one redirect lookup and downloads only when the weights changed."""
     versions = f"/versions/{source.version_id}" if source.version_id else ""
-    url = f"{replicate_url()}/{source.repo_id}{versions}/_weights"
+    url = f"{replicate_url()}/{source.repo}{versions}/_weights"
     try:
         target = first_redirect(url, label)
         canonical = source.canonical if target == url else f"{source.canonical}={canonical_url(target)}"
         return _download(target, canonical, label, cache)
     except LoraNotFound as exc:
-        raise LoraNotFound(f"no Replicate model weights at {source.repo_id}{versions}", label, exc.status) from None
+        raise LoraNotFound(f"no Replicate model weights at {source.repo}{versions}", label, exc.status) from None
 
 
 # ---------------------------------------------------------------------------- the cache

@@ -107,7 +107,8 @@ def check_fit(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
     wrong shape makes the LoRA not fit.
     """
     kind = model_kind(params)
-    deltas, skipped, missing, misfit = {}, [], [], []
+    deltas: dict[str, Delta] = {}
+    skipped, missing, misfit = list[str](), list[str](), list[str]()
     for name, delta in lora.deltas.items():
         param = params.get(name)
         if param is None:

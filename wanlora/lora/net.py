@@ -64,7 +64,7 @@ IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 def resolve_host(host: str, port: int) -> list[str]:
     """All addresses `host` resolves to (a seam for tests that fake DNS)."""
-    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -80,7 +80,8 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address
 def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> str | None:
     """Why a download may not go to `address`, or None when it may."""
     # an IPv6 form that carries an IPv4 address is judged by that address
-    candidates = (_embedded_ipv4(address) if address.version == 6 else []) or [address]
+    embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [*embedded] or [address]
     for candidate in candidates:
         if candidate.is_link_local or any(candidate in net for net in METADATA):
             return f"link-local or cloud metadata address {candidate}"
@@ -180,14 +181,15 @@ def in_background(work: Callable[[], T], label: str) -> T:
     timeout = download_timeout()
     deadline = time.monotonic() + timeout
     transfer = Transfer()
-    outcome: dict[str, object] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
 
     def run() -> None:
         _current.set(transfer)
         try:
-            outcome["value"] = work()
+            values.append(work())
         except BaseException as exc:  # handed to the waiting thread, which raises it
-            outcome["error"] = exc
+            errors.append(exc)
         finally:
             transfer.finished.set()
 
@@ -205,9 +207,9 @@ def in_background(work: Callable[[], T], label: str) -> T:
         transfer.abort()
         thread.join(ABORT_GRACE)
         raise
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
+    if errors:
+        raise errors[0]
+    return values[0]
 
 
 # ---------------------------------------------------------------------------- requests, statuses, retries
@@ -481,14 +483,15 @@ def _attempt(session: requests.Session, url: str, headers: dict[str, str], parti
     transfer = current_transfer()
     limit = max_lora_bytes()
     saved = _saved_validators(partial) if partial.exists() else None
-    offset = partial.stat().st_size if saved is not None and saved.if_range else 0
+    resume_from = saved.if_range if saved is not None else None
+    offset = partial.stat().st_size if resume_from else 0
     request_headers = dict(headers)
-    if offset:
-        request_headers.update({"Range": f"bytes={offset}-", "If-Range": saved.if_range})
+    if resume_from and offset:
+        request_headers.update({"Range": f"bytes={offset}-", "If-Range": resume_from})
     with open_url(session, url, request_headers, label) as response:
         current = Validators.of(response)
         resumed = response.status_code == 206 and offset > 0
-        if resumed and (current.if_range is None or saved.differ_from(current)):
+        if resumed and (current.if_range is None or saved is None or saved.differ_from(current)):
             discard_partial(partial)  # a range of another version of the file
             raise Retryable("the file changed on the server; starting over")
         encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")

@@ -16,7 +16,7 @@ EVERY_EXPERT = "both"
 EXPERT_TARGETS = (EVERY_EXPERT, "high", "low")
 
 
-def expert_of(filename: str) -> str | None:
+def expert_of(filename: str | Path) -> str | None:
     """The Wan2.2 expert a file's name says it is for (high_noise_model, ..._HIGH...), or None."""
     name = Path(filename).name.lower()
     said = [expert for expert in ("high", "low") if re.search(rf"(^|[^a-z]){expert}([^a-z]|$)", name)]

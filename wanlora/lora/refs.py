@@ -20,12 +20,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..errors import LoraNotFound
+from ..errors import InternalError, LoraNotFound
 from ..logs import mask_secrets
 from ..paths import PathRefused, relative_name
 from ..settings import MAX_REF_CHARS
+
+T = TypeVar("T")
 
 HUB_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 CIVITAI_HOSTS = {"civitai.com", "www.civitai.com", "civitai.green"}
@@ -62,9 +65,30 @@ class Source:
     selection: str = ""  # Civitai: the query that picks one file of a version (`fileId=...`), part of the key
 
     @property
+    def repo(self) -> str:
+        """The repo id a Hub or Replicate reference always has."""
+        return _present(self.repo_id, "repo_id", self.kind)
+
+    @property
+    def link(self) -> str:
+        """The URL a link reference always has."""
+        return _present(self.url, "url", self.kind)
+
+    @property
+    def local_path(self) -> Path:
+        """The path a local reference always has."""
+        return _present(self.path, "path", self.kind)
+
+    @property
     def has_secrets(self) -> bool:
         """Whether the URL itself carries credentials: a secret query parameter or user:password@."""
         return self.url is not None and url_has_secrets(self.url)
+
+
+def _present(value: T | None, field: str, kind: str) -> T:
+    if value is None:
+        raise InternalError(f"a {kind} reference without its {field}")
+    return value
 
 
 def display_ref(ref: str) -> str:
