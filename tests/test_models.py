@@ -5,7 +5,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from wanlora.errors import InvalidInput, ModelNotFound
-from wanlora.models import CATALOGUE, resolve_model
+from wanlora.models import CATALOGUE, TINY_KINDS, resolve_model, tiny_spec
 from wanlora.request import resolve_settings
 
 
@@ -87,6 +87,17 @@ def test_resolve_tiny_folder_and_repo_ids(tiny_dir, tmp_path):
     (tmp_path / "transformer").mkdir()
     with pytest.raises(ModelNotFound, match="model_index.json"):
         resolve_model(str(tmp_path))
+
+
+def test_every_tiny_stand_in_is_told_apart_by_its_folder():
+    """A folder is identified by its transformer config and pipeline layout: a new variant whose tiny
+    stand-in looks like another's needs none (the other stands in for both) or a layout of its own."""
+    looks = {}
+    for kind in TINY_KINDS:
+        spec = tiny_spec(kind=kind)
+        look = (spec.arch, spec.boundary_ratio is not None, spec.expand_timesteps)
+        assert look not in looks, f"tiny {kind} looks like tiny {looks.get(look)}"
+        looks[look] = kind
 
 
 def test_folder_with_real_config_gets_catalogue_defaults(tmp_path):

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from wanlora.service import MODEL_CHOICES
+
 from .cog_schema import input_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 PREDICT = (ROOT / "predict.py").read_text()
+MODELS_LITERAL = "choices=[" + ", ".join(f'"{choice}"' for choice in MODEL_CHOICES) + "]"  # as predict.py writes it
 FPS_HELP = 'description="Frames per second of the MP4. Empty: the model\'s own, 16 (Wan2.1, 2.2-a14b) or 24 (2.2-5b)."'
 
 
@@ -32,7 +35,7 @@ def _edited(old: str, new: str) -> str:
     ("old", "new", "words"),
     [
         (
-            'choices=["14b", "1.3b", "2.2-a14b", "2.2-5b"]',
+            MODELS_LITERAL,
             "choices=list(MODEL_CHOICES)",
             "model: choices expression cannot be statically resolved",
         ),  # MODEL_CHOICES would come from wanlora.service: Cog never resolves an import
@@ -91,7 +94,7 @@ def test_positional_defaults_parenthesized_constants_and_named_bounds_are_lost_a
 
 
 def test_module_constants_of_predict_py_pass_where_imports_do_not():
-    bound = _edited('choices=["14b", "1.3b", "2.2-a14b", "2.2-5b"]', "choices=MODELS").replace(
+    bound = _edited(MODELS_LITERAL, "choices=MODELS").replace(
         "\nclass Predictor", '\nMODELS = ["14b", "1.3b"]\n\n\nclass Predictor', 1
     )
     assert input_problems(bound) == []
