@@ -210,10 +210,13 @@ def running_cog_server(tmp_path_factory, **env_overrides):
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if requests.get(f"{url}/health-check", timeout=2).json().get("status") == "READY":
-                break
+            status = requests.get(f"{url}/health-check", timeout=2).json().get("status")
         except requests.RequestException:
-            pass
+            status = None
+        if status == "READY":
+            break
+        if status == "SETUP_FAILED":
+            deadline = 0  # no use waiting: say why now
         assert server.poll() is None, "the Cog server exited"
         time.sleep(0.5)
     else:
@@ -324,18 +327,27 @@ def test_server_image_to_video(cog_server, tmp_path):
 # ------------------------------------------------------------------ Wan2.2 through the real server
 
 
+STAND_INS = {
+    "Wan2.1-T2V-14B": "t2v",
+    "Wan2.1-I2V-14B-480P": "i2v",
+    "Wan2.2-T2V-A14B": "t2v-a14b",
+    "Wan2.2-I2V-A14B": "i2v-a14b",
+    "Wan2.2-TI2V-5B": "ti2v-5b",
+}
+
+
+def weights_folder(tmp_path_factory, repos: list[str]) -> dict[str, str]:
+    """The environment of a server whose `model` input chooses, each catalogue repo a tiny stand-in there."""
+    weights = tmp_path_factory.mktemp("cog-weights")
+    for repo in repos:
+        write_tiny_model(weights / "Wan-AI" / f"{repo}-Diffusers", kind=STAND_INS[repo])
+    return {"WANLORA_MODEL": "", "WANLORA_I2V_MODEL": "", "WANLORA_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1"}
+
+
 @pytest.fixture(scope="module")
 def cog22(tmp_path_factory, lora_server):
     """No model override: the `model` input chooses, each catalogue repo a tiny stand-in in the weights folder."""
-    weights = tmp_path_factory.mktemp("cog-weights")
-    for repo, kind in (
-        ("Wan2.1-T2V-14B", "t2v"),
-        ("Wan2.2-T2V-A14B", "t2v-a14b"),
-        ("Wan2.2-I2V-A14B", "i2v-a14b"),
-        ("Wan2.2-TI2V-5B", "ti2v-5b"),
-    ):
-        write_tiny_model(weights / "Wan-AI" / f"{repo}-Diffusers", kind=kind)
-    env = {"WANLORA_MODEL": "", "WANLORA_I2V_MODEL": "", "WANLORA_WEIGHTS": str(weights), "HF_HUB_OFFLINE": "1"}
+    env = weights_folder(tmp_path_factory, ["Wan2.1-T2V-14B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B"])
     with running_cog_server(tmp_path_factory, **env) as server:
         yield server.url
 
@@ -382,6 +394,36 @@ def test_server_runs_wan22_a14b_with_a_lora_per_expert_and_ti2v(cog22, lora_serv
     assert refused["status"] == "failed" and "only model=2.2-a14b has a second transformer" in refused["error"]
     back = predict(cog22, prompt="a fox", model="14b", lora_weights=style, **SMALL)
     assert recorded(video_of(back, tmp_path, "back.mp4"))["model"] == "tiny"
+
+
+def test_server_runs_every_variant_in_fp8_when_the_operator_asks(tmp_path_factory, lora_server, tmp_path):
+    from PIL import Image
+
+    env = weights_folder(tmp_path_factory, list(STAND_INS))
+    Image.new("RGB", (320, 180), (20, 120, 200)).save(tmp_path / "wide.png")
+    image = "data:image/png;base64," + base64.b64encode((tmp_path / "wide.png").read_bytes()).decode()
+    style = f"{lora_server.url}/style.safetensors"
+    runs = [
+        ("14b", {"lora_weights": style}, "tiny"),
+        ("14b", {"image": image}, "tiny-i2v"),
+        ("2.2-a14b", {"lora_weights": style}, "tiny-t2v-a14b"),
+        ("2.2-a14b", {"image": image}, "tiny-i2v-a14b"),
+        ("2.2-5b", {"image": image}, "tiny-ti2v-5b"),
+    ]
+    with running_cog_server(tmp_path_factory, WANLORA_QUANTIZE="fp8", **env) as server:
+        for model, extra, variant in runs:
+            tags = recorded(
+                video_of(predict(server.url, prompt="a fox", model=model, **extra, **SMALL), tmp_path, "v.mp4")
+            )
+            assert (tags["model"], tags["weights"]) == (variant, "fp8")
+
+
+def test_an_unknown_quantization_is_named_at_setup(monkeypatch):
+    from wanlora.service import VideoService
+
+    monkeypatch.setenv("WANLORA_QUANTIZE", "int4")
+    with pytest.raises(InvalidInput, match="WANLORA_QUANTIZE='int4' is not allowed: fp8 or none"):
+        VideoService().load("tiny")
 
 
 # ------------------------------------------------------------------ in-process, for fast iteration

@@ -37,6 +37,7 @@ from .settings import (
     MIN_FRAMES,
     OFFLOAD_MODES,
     QUALITY_RANGE,
+    QUANTIZE_CHOICES,
     RESIZE_MODES,
     RESOLUTIONS,
 )
@@ -253,6 +254,13 @@ def add_generate(commands, verbose: OneLineParser) -> None:
         "--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two; default off"
     )
     speed.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="fp8: the transformer's block linears in float8 (half the memory; fp8 matmuls on GPUs "
+        "that have them), LoRAs still merged exactly; default none",
+    )
+    speed.add_argument(
         "--offload",
         choices=OFFLOAD_MODES,
         default="auto",
@@ -408,6 +416,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         compile=args.compile,
         offload=args.offload,
         parallel=parallel,
+        quantize=args.quantize,
     )
     video = pipe.run(request)
     if video is not None:  # None on every rank but 0 of a parallel run

@@ -33,6 +33,7 @@ from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .fastmode import apply_fast_mode
+from .fp8 import choose_matmul, quantize_transformer
 from .guidance import BatchedGuidance
 from .hub import download_model
 from .images import ImageInput, resize_image
@@ -46,6 +47,7 @@ from .models import TINY_NAMES, ModelSpec, identify_model
 from .parallel import ParallelPlan
 from .request import Request, refuse_unknown, resolve_request
 from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
+from .settings import check_quantize
 from .staging import staged_folder
 from .tiny import tiny_pipeline
 from .video import Video
@@ -97,6 +99,7 @@ class WanLoraPipeline:
         if offload == "experts":
             self.switch = ExpertSwitch([(e.module, e.loras) for e in self.experts], device)
         self.load_timings: dict[str, float] = {}
+        self.quantize: str | None = None  # "fp8" when the block linears are float8 (from_pretrained's `quantize`)
 
     @classmethod
     @error_boundary
@@ -110,6 +113,7 @@ class WanLoraPipeline:
         compile: bool | str = False,
         offload: str = "auto",
         parallel: ParallelPlan | str | bool | None = None,
+        quantize: str | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
 
@@ -125,6 +129,10 @@ class WanLoraPipeline:
         `offload` ("auto", "none", "experts", "model", "group") trades speed for GPU memory;
         "auto" keeps only the active Wan2.2 A14B expert on the GPU: see wanlora.memory.
 
+        `quantize="fp8"` stores the transformer's block linears in float8_e4m3fn with a scale
+        per output channel (half the memory; fp8 matmuls on GPUs with fp8 tensor cores, the
+        weights dequantized per call elsewhere): see wanlora.fp8. LoRAs still merge exactly.
+
         `parallel` ("auto", a `ParallelPlan`, or diffusers' `ContextParallelConfig`) shares
         each generation between the processes of a torch.distributed group, one per GPU
         (torchrun starts them; the process group is joined here if needed): see
@@ -132,6 +140,7 @@ class WanLoraPipeline:
         the video, the others None.
         """
         spec = model if isinstance(model, ModelSpec) else identify_model(model)
+        quantize = check_quantize(quantize)
         plan = None
         if parallel is not None:
             rank_device = init_distributed()  # joins the process group, so it runs either way
@@ -157,11 +166,18 @@ class WanLoraPipeline:
                 timings["download_seconds"] = time.perf_counter() - started
                 logger.info("downloaded %s in %.1fs", spec.source, timings["download_seconds"])
             diffusers_pipeline = load_diffusers_pipeline(folder, dtype, shared, spec)
+        if quantize == "fp8":
+            matmul = choose_matmul("auto", device)
+            for name in ("transformer", "transformer_2"):
+                if getattr(diffusers_pipeline, name, None) is not None:
+                    layers = quantize_transformer(getattr(diffusers_pipeline, name), matmul)
+            logger.info("fp8: %d block linears per transformer in float8_e4m3fn, %s matmuls", layers, matmul)
         place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
         loaded = cls(diffusers_pipeline, spec, device, attention, plan, offload)
         loaded.load_timings = timings
+        loaded.quantize = quantize
         if compile:
             backend = "inductor" if compile is True else compile
             for expert in loaded.experts:
@@ -470,6 +486,7 @@ class WanLoraPipeline:
         return {
             **settings.as_dict(),
             "model": self.spec.name,
+            "weights": self.quantize or "full precision",
             "loras": [r.describe() for r in self.active_loras],
             "wanlora": __version__,
         }

@@ -28,7 +28,7 @@ from .lora.refs import display_ref
 from .lora.selection import LoraRequest
 from .models import CATALOGUE, ONE_TRANSFORMER, resolve_model
 from .request import Request, resolve_request
-from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override
+from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
 
 if TYPE_CHECKING:
     from .pipeline import WanLoraPipeline
@@ -243,7 +243,7 @@ class VideoService:
             gc.collect()
             _empty_cuda_cache()
         self.pipe = WanLoraPipeline.from_pretrained(
-            model, device=self.device, share_from=previous, parallel=self.parallel
+            model, device=self.device, share_from=previous, parallel=self.parallel, quantize=quantize_mode()
         )
         if previous is not None:
             self.pipe.loader = previous.loader  # parsed LoRAs fit any variant of their width

@@ -34,6 +34,7 @@ RESOLUTIONS = ("480p", "720p")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1")
 FAST_MODES = ("off", "balanced", "fast")
 OFFLOAD_MODES = ("auto", "none", "model", "group", "experts")
+QUANTIZE_CHOICES = ("none", "fp8")  # fp8: the transformer's block linears in float8_e4m3fn (wanlora.fp8)
 RESIZE_MODES = ("fit", "pad", "stretch")
 
 # ---------------------------------------------------------------------------- output and LoRAs
@@ -138,6 +139,24 @@ def civitai_token() -> str | None:
 def model_override(task: str) -> str | None:
     """WANLORA_MODEL (text-to-video) or WANLORA_I2V_MODEL: the predictor's base model, e.g. a folder."""
     return _raw("WANLORA_I2V_MODEL" if task == "i2v" else "WANLORA_MODEL")
+
+
+def check_quantize(quantize: object) -> str | None:
+    """`quantize` as the library takes it: None for full precision, or "fp8"."""
+    if quantize is None or quantize == "none":
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise InvalidInput("quantize", quantize, f"one of {', '.join(QUANTIZE_CHOICES)}")
+    return "fp8"
+
+
+def quantize_mode() -> str | None:
+    """WANLORA_QUANTIZE: the predictor's weights, "fp8" (the block linears in float8) or "none" (unset)."""
+    raw = _raw("WANLORA_QUANTIZE")
+    try:
+        return check_quantize(raw)
+    except InvalidInput:
+        raise InvalidInput("WANLORA_QUANTIZE", raw, "fp8 or none") from None
 
 
 def weights_dir() -> Path | None:

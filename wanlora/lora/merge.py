@@ -1,8 +1,9 @@
 """Merging LoRA deltas into a module tree exactly, and swapping them without drift.
 
 The weights always equal `W0 + sum(strength_i * delta_i)`, computed in float32 from a
-pristine copy of `W0` and rounded once to the parameter's dtype. Nothing is ever
-"unfused", so the result depends only on the base and the requested set, bitwise.
+pristine `W0` (lora/pristine.py) and rounded once to the parameter's dtype; an fp8 weight
+(wanlora.fp8) gets its per-row scales recomputed from that sum, then is rounded once. Nothing
+is ever "unfused", so the result depends only on the base and the requested set, bitwise.
 
 All or nothing: every LoRA is fitted, and every new weight is proven finite and within
 its dtype's range, before the first write. If a write still fails (a cancellation, an
@@ -23,11 +24,13 @@ from typing import NamedTuple
 import torch
 
 from ..errors import LoraFormatError, LoraMismatch
+from ..fp8 import fp8_layers, quantize_rows
 from ..messages import listing
 from ..models import transformer_kind
 from .deltas import Delta
 from .formats import LoraFile
 from .keys import I2V_ONLY
+from .pristine import HostCopy, Pristine, PristineSource, QuantizedCopy
 
 logger = logging.getLogger(__name__)
 
@@ -136,16 +139,18 @@ def fit_lora(lora: LoraFile, params: dict[str, torch.nn.Parameter]) -> Fit:
 
 
 class LoraMerger:
-    """Owns the LoRA state of one module tree: pristine copies and the current plan.
+    """Owns the LoRA state of one module tree: the pristine W0 of touched weights and the current plan.
 
-    Pristine copies of touched weights live in host memory (pinned for CUDA), so GPU
-    memory does not double; only touched tensors are ever rewritten.
+    W0 is read from the checkpoint file where `checkpoint` gives it back exactly, else copied
+    to host memory (pinned for CUDA) on first touch, so GPU memory does not double; only
+    touched tensors are ever rewritten.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, checkpoint: PristineSource | None = None) -> None:
         self.params = dict(module.named_parameters())
-        self.pristine: dict[str, torch.Tensor] = {}
-        self.base_peak: dict[str, float] = {}  # max |W0| per touched parameter, for the range check
+        self.scales = {name: layer.weight_scale for name, layer in fp8_layers(module).items()}
+        self.checkpoint = checkpoint
+        self.pristine: dict[str, Pristine] = {}
         self.plan: Plan = {}
         self._buffers: dict[torch.device, torch.Tensor] = {}
 
@@ -203,12 +208,14 @@ class LoraMerger:
     def _changes(self, plan: Plan) -> list[str]:
         return [name for name in sorted(set(plan) | set(self.plan)) if not _same(plan.get(name), self.plan.get(name))]
 
-    def _base(self, name: str) -> torch.Tensor:
-        """The pristine W0 of `name`, copied to host memory the first time it is needed."""
+    def _base(self, name: str) -> Pristine:
+        """The pristine W0 of `name`: from the checkpoint where exact, else copied the first time it is needed."""
         if name not in self.pristine:
-            param = self.params[name]  # never written yet, so it still holds W0
-            self.base_peak[name] = float(param.detach().abs().max()) if param.numel() else 0.0
-            self.pristine[name] = _host_copy(param)
+            param, scale = self.params[name].detach(), self.scales.get(name)  # never written yet: it holds W0
+            found = self.checkpoint.pristine(name, param, scale) if self.checkpoint is not None else None
+            if found is None:
+                found = HostCopy(param) if scale is None else QuantizedCopy(param, scale)
+            self.pristine[name] = found
         return self.pristine[name]
 
     def _check_range(self, name: str, terms: list[Term]) -> None:
@@ -216,8 +223,8 @@ class LoraMerger:
         if not terms:
             return
         param = self.params[name]
-        self._base(name)
-        limit = torch.finfo(param.dtype).max
+        base = self._base(name)
+        limit = torch.finfo(param.dtype if name not in self.scales else torch.float32).max  # fp8: the scale absorbs it
         worst = max(terms, key=lambda t: abs(t.strength) * t.delta.bound)
         overflow = LoraFormatError(
             f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {param.dtype} "
@@ -226,7 +233,7 @@ class LoraMerger:
         )
         if any(not abs(t.strength * t.delta.alpha_scale) <= FP32_MAX for t in terms):  # the kernels take it as fp32
             raise overflow
-        bound = self.base_peak[name] + sum(abs(t.strength) * t.delta.bound for t in terms)
+        bound = base.peak + sum(abs(t.strength) * t.delta.bound for t in terms)
         if math.isfinite(bound) and bound <= limit:
             return
         for _, _, rows in self._summed_rows(name, terms):  # the bound cannot vouch: compute it and look
@@ -239,38 +246,44 @@ class LoraMerger:
         A lone LoRA whose factors are exact in the weight's dtype is one GEMM (fp32
         accumulation, one rounding at the output) where that kernel is the fast one.
         Anything else is summed in an fp32 accumulator in row chunks (on a CPU, sized for its
-        cache). Both round once; they differ only in summation order.
+        cache). Both round once; they differ only in summation order. An fp8 weight's rows
+        are quantized with scales from their own amax (wanlora.fp8.quantize_rows).
         """
-        param = self.params[name]
+        param, scale = self.params[name], self.scales.get(name)
         base = self._base(name)
         with torch.no_grad():
-            if not terms:
-                param.copy_(base, non_blocking=True)
+            if not terms and base.restore(param.data, scale):
                 return
-            if len(terms) == 1 and param.dim() == 2 and native_gemm_is_faster(param.dtype, param.device.type):
+            whole = base.whole(param.dtype) if scale is None and len(terms) == 1 and param.dim() == 2 else None
+            if whole is not None and native_gemm_is_faster(param.dtype, param.device.type):
                 delta, strength, _ = terms[0]
                 factors = delta.gemm_factors(param.dtype, param.device)
                 if factors is not None:  # one GEMM: fp32 accumulation, one rounding
-                    source = base.to(param.device, non_blocking=True)
+                    source = whole.to(param.device, non_blocking=True)
                     torch.addmm(source, *factors, alpha=strength * delta.alpha_scale, out=param.data)
                     return
             target = param.view(param.shape[0], -1)
             for start, stop, rows in self._summed_rows(name, terms):
-                target[start:stop].copy_(rows)  # the one rounding to the model dtype
+                if scale is None:
+                    target[start:stop].copy_(rows)  # the one rounding to the model dtype
+                else:
+                    quantized, row_scales = quantize_rows(rows)
+                    target[start:stop].copy_(quantized)
+                    scale[start:stop].copy_(row_scales)
 
     def _summed_rows(self, name: str, terms: list[Term]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, rows) of pristine + sum(strength * delta) in fp32, a chunk of rows at a time."""
         param = self.params[name]
         adders = [(t.delta.row_adder(param.shape, param.device), t.strength) for t in terms]
         rows = param.shape[0]
-        source = self._base(name).view(rows, -1)
-        width = source.shape[1]
-        step = rows if param.device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // width)
+        source = self._base(name)
+        width = param[0].numel() if rows else 0
+        step = rows if param.device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // max(width, 1))
         workspace = self._workspace(param.device, min(step, rows) * width)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             acc = workspace[: (stop - start) * width].view(stop - start, -1)
-            acc.copy_(source[start:stop], non_blocking=True)
+            source.fill(acc, start, stop)
             for add, strength in adders:
                 add(acc, start, stop, strength)
             yield start, stop, acc
@@ -318,11 +331,6 @@ def _best_of(run, repeats: int = 3) -> float:
         run()
         times.append(time.perf_counter() - started)
     return min(times)
-
-
-def _host_copy(param: torch.nn.Parameter) -> torch.Tensor:
-    copy = param.detach().to("cpu", copy=True)
-    return copy.pin_memory() if param.device.type == "cuda" else copy
 
 
 def _same(a: list[Term] | None, b: list[Term] | None) -> bool:
