@@ -17,6 +17,7 @@ from diffusers import WanTransformer3DModel
 from .errors import InvalidInput
 from .lora.formats import LoraFile
 from .lora.pairs import EVERY_EXPERT, expert_of
+from .lora.pristine import PristineSource
 from .lora.selection import LoraRequest
 from .lora.state import Chosen, TransformerLoras
 
@@ -33,9 +34,15 @@ class Expert:
     loras: TransformerLoras
 
 
-def experts_of(diffusers_pipeline: Any, names: tuple[str, ...]) -> list[Expert]:
-    modules = [getattr(diffusers_pipeline, ATTRIBUTES[name]) for name in names]
-    return [Expert(name, module, TransformerLoras(module)) for name, module in zip(names, modules, strict=True)]
+def experts_of(
+    diffusers_pipeline: Any, names: tuple[str, ...], checkpoints: dict[str, PristineSource] | None = None
+) -> list[Expert]:
+    """The pipeline's transformers by expert name, each with its LoRA state (W0 from `checkpoints[name]`)."""
+    checkpoints = checkpoints or {}
+    return [
+        Expert(name, module, TransformerLoras(module, checkpoints.get(name)))
+        for name, module in ((name, getattr(diffusers_pipeline, ATTRIBUTES[name])) for name in names)
+    ]
 
 
 def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: tuple[str, ...]) -> dict:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import __version__
 from .accelerators import accelerator_refs
 from .attention import choose_backend, install_backend
+from .checkpoint import Checkpoint
 from .devices import resolve_device
 from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound, error_boundary
@@ -40,6 +41,7 @@ from .images import ImageInput, resize_image
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
 from .lora.pairs import EVERY_EXPERT
+from .lora.pristine import PristineSource
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
 from .memory import ExpertSwitch, place, resolve_offload, set_vae_tiling
@@ -81,11 +83,12 @@ class WanLoraPipeline:
         attention: str = "auto",
         parallel: ParallelPlan | None = None,
         offload: str = "none",
+        checkpoints: dict[str, PristineSource] | None = None,
     ) -> None:
         self.diffusers_pipeline = diffusers_pipeline
         self.spec = spec
         self.device = device
-        self.experts: list[Expert] = experts_of(diffusers_pipeline, spec.experts)
+        self.experts: list[Expert] = experts_of(diffusers_pipeline, spec.experts, checkpoints)
         transformers = [expert.module for expert in self.experts]
         self.attention = choose_backend(attention, device, parallel.attention_split if parallel else None)
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
@@ -151,6 +154,7 @@ class WanLoraPipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         shared = share_from.shared_components(spec) if share_from is not None else {}
         timings = {}
+        checkpoints: dict[str, PristineSource] = {}
         started = time.perf_counter()
         if spec.source == "tiny":
             diffusers_pipeline = tiny_pipeline(kind=TINY_NAMES[spec.name])
@@ -166,6 +170,7 @@ class WanLoraPipeline:
                 timings["download_seconds"] = time.perf_counter() - started
                 logger.info("downloaded %s in %.1fs", spec.source, timings["download_seconds"])
             diffusers_pipeline = load_diffusers_pipeline(folder, dtype, shared, spec)
+            checkpoints = transformer_checkpoints(folder, spec.experts, dtype)
         if quantize == "fp8":
             matmul = choose_matmul("auto", device)
             for name in ("transformer", "transformer_2"):
@@ -175,7 +180,7 @@ class WanLoraPipeline:
         place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
-        loaded = cls(diffusers_pipeline, spec, device, attention, plan, offload)
+        loaded = cls(diffusers_pipeline, spec, device, attention, plan, offload, checkpoints)
         loaded.load_timings = timings
         loaded.quantize = quantize
         if compile:
@@ -508,6 +513,17 @@ def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:
     """The transformer a spec describes, on the meta device: shapes and names, no memory."""
     with torch.device("meta"):
         return WanTransformer3DModel(**spec.arch.transformer_config())
+
+
+def transformer_checkpoints(folder: Path, experts: tuple[str, ...], dtype: torch.dtype) -> dict[str, PristineSource]:
+    """Each transformer's files in a diffusers-layout folder, where LoRA merges can read W0 back exactly."""
+    sources: dict[str, PristineSource] = {}
+    for name in experts:
+        checkpoint = Checkpoint.of_folder(folder / ATTRIBUTES[name], dtype)
+        if checkpoint is not None:
+            sources[name] = checkpoint
+    logger.info("LoRA merges read W0 from %s", "the checkpoint files" if sources else "host copies")
+    return sources
 
 
 def load_diffusers_pipeline(folder: Path, dtype: torch.dtype, shared: dict[str, Any], spec: ModelSpec) -> WanPipeline:

@@ -165,6 +165,8 @@ class LoraMerger:
         (which collects them), so that two experts taking one LoRA warn once.
         """
         fits = self.check(loras)
+        if self.checkpoint is not None:
+            self.checkpoint.check_unchanged()  # before anything is written: W0 must still be there
         warned = set() if warned is None else warned
         for (lora, _), fit in zip(loras, fits, strict=True):
             if fit.skipped and lora.label not in warned:

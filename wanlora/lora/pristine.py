@@ -83,6 +83,9 @@ class PristineSource(Protocol):
     def pristine(self, name: str, weight: torch.Tensor, scale: torch.Tensor | None) -> Pristine | None:
         """W0 of parameter `name`, whose loaded bits `weight` (and `scale`) still hold, or None where not exact."""
 
+    def check_unchanged(self) -> None:
+        """Raise when W0 can no longer be read back as it was (a file rewritten in place)."""
+
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     copy = tensor.detach().to("cpu", copy=True)

@@ -18,6 +18,7 @@ import torch
 
 from .formats import LoraFile
 from .merge import LoraMerger, Plan
+from .pristine import PristineSource
 from .selection import LoraRequest, phase_count, strength_at
 
 
@@ -30,8 +31,8 @@ class Chosen:
 
 
 class TransformerLoras:
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.merger = LoraMerger(module)
+    def __init__(self, module: torch.nn.Module, checkpoint: PristineSource | None = None) -> None:
+        self.merger = LoraMerger(module, checkpoint)
         self.active: list[Chosen] = []  # the set requested, and merged unless a plan is pending
         self.written: list[Chosen] = []  # the set the weights hold now
         self.pending: Plan | None = None
