@@ -189,6 +189,72 @@ def write_lora(
 # ------------------------------------------------------------------ real-shaped models for benchmarks
 
 
+# ------------------------------------------------------------------ single-file transformers, as published
+#
+# The original Wan names of every parameter (Wan2.1's wan/modules/model.py), beside the
+# module names above: how ComfyUI and Kijai's WanVideo_comfy files store a whole transformer.
+
+BLOCK_ORIGINAL_PARAMS = {
+    "scale_shift_table": "modulation",
+    "attn1.norm_q.weight": "self_attn.norm_q.weight",
+    "attn1.norm_k.weight": "self_attn.norm_k.weight",
+    "attn2.norm_q.weight": "cross_attn.norm_q.weight",
+    "attn2.norm_k.weight": "cross_attn.norm_k.weight",
+    "attn2.norm_added_k.weight": "cross_attn.norm_k_img.weight",
+    "norm2.weight": "norm3.weight",
+    "norm2.bias": "norm3.bias",
+}
+TOP_ORIGINAL_PARAMS = {
+    "scale_shift_table": "head.modulation",
+    "condition_embedder.image_embedder.norm1.weight": "img_emb.proj.0.weight",
+    "condition_embedder.image_embedder.norm1.bias": "img_emb.proj.0.bias",
+    "condition_embedder.image_embedder.norm2.weight": "img_emb.proj.4.weight",
+    "condition_embedder.image_embedder.norm2.bias": "img_emb.proj.4.bias",
+}
+CHECKPOINT_LAYOUTS = ("full", "fp8", "fp8-scaled", "fp8-comfy-quant")
+
+
+def original_param_name(name: str) -> str:
+    module, _, leaf = name.rpartition(".")
+    if name.startswith("blocks."):
+        _, index, rest = name.split(".", 2)
+        if rest in BLOCK_ORIGINAL_PARAMS:
+            return f"blocks.{index}.{BLOCK_ORIGINAL_PARAMS[rest]}"
+    elif name in TOP_ORIGINAL_PARAMS:
+        return TOP_ORIGINAL_PARAMS[name]
+    return f"{original_name(module)}.{leaf}"
+
+
+def wan_checkpoint(model: torch.nn.Module, layout: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """`model` as one single-file checkpoint under the original Wan names, in `layout`:
+    "full" (as it is), "fp8" (block linears cast to float8_e4m3fn, as Kijai's `_fp8_e4m3fn` files),
+    "fp8-scaled" (ComfyUI's older scaled fp8: a per-tensor `scale_weight` and a `scaled_fp8` marker) or
+    "fp8-comfy-quant" (its newer one: `weight_scale` and a `comfy_quant` JSON entry per layer)."""
+    import json
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.state_dict().items():
+        key = prefix + original_param_name(name)
+        value = param.detach().clone()
+        quantized = layout != "full" and name.startswith("blocks.") and name.endswith(".weight") and value.dim() == 2
+        if quantized and layout == "fp8":
+            value = value.to(torch.float8_e4m3fn)
+        elif quantized:
+            scale = value.abs().max().float() / 448
+            value = (value / scale).to(torch.float8_e4m3fn)
+            base = key.removesuffix(".weight")
+            if layout == "fp8-scaled":
+                tensors[f"{base}.scale_weight"] = scale.reshape(())
+            else:
+                tensors[f"{base}.weight_scale"] = scale.reshape(())
+                config = json.dumps({"format": "float8_e4m3fn"}).encode()
+                tensors[f"{base}.comfy_quant"] = torch.tensor(list(config), dtype=torch.uint8)
+        tensors[key] = value.contiguous()
+    if layout == "fp8-scaled":
+        tensors[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return tensors
+
+
 def random_transformer(
     arch: Architecture, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
 ) -> WanTransformer3DModel:

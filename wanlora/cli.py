@@ -156,6 +156,18 @@ def add_generate(commands, verbose: OneLineParser) -> None:
     gen.add_argument("prompt", help="what the video shows")
     model = gen.add_argument_group("model and LoRAs")
     model.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}: {MODEL_HELP}")
+    model.add_argument(
+        "--transformer",
+        metavar="FILE",
+        help="the transformer from one .safetensors file instead (ComfyUI's or Kijai's: bf16, fp8, scaled fp8), "
+        "a folder holding one (or a Wan2.2 high/low pair), or OWNER/REPO/FILE.safetensors; the rest comes "
+        "from --model; default none",
+    )
+    model.add_argument(
+        "--transformer-2",
+        metavar="FILE",
+        help="Wan2.2 A14B: the low-noise expert's file, --transformer the high one; default none",
+    )
     add_lora_options(model)
     model.add_argument(
         "--accelerator",
@@ -417,6 +429,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         offload=args.offload,
         parallel=parallel,
         quantize=args.quantize,
+        transformer=args.transformer if args.transformer_2 is None else (args.transformer, args.transformer_2),
     )
     video = pipe.run(request)
     if video is not None:  # None on every rank but 0 of a parallel run

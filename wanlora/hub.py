@@ -163,6 +163,17 @@ def download_model(repo: str, skip: list[str] | None = None) -> Path:
         return Path(snapshot_download(repo, allow_patterns=list(MODEL_FILES), ignore_patterns=ignored))
 
 
+def download_file(repo: str, filename: str) -> Path:
+    """One file of a Hub repo (a single-file transformer), from the weights folder, the Hub cache or the Hub."""
+    from huggingface_hub import hf_hub_download
+
+    prefetched = local_copy(repo, filename)
+    if prefetched is not None:
+        return prefetched
+    with hub_errors(repo, filename=filename, missing_means="check the file's path in the repo"):
+        return Path(hf_hub_download(repo, filename))
+
+
 def model_configs(repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A Hub model's transformer config.json and model_index.json, a few hundred bytes each, to identify it."""
     from huggingface_hub import hf_hub_download

@@ -50,6 +50,7 @@ from .parallel import ParallelPlan
 from .request import Request, refuse_unknown, resolve_request
 from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .settings import check_quantize
+from .single_file import load_transformer_file, transformer_files
 from .staging import staged_folder
 from .tiny import tiny_pipeline
 from .video import Video
@@ -117,6 +118,7 @@ class WanLoraPipeline:
         offload: str = "auto",
         parallel: ParallelPlan | str | bool | None = None,
         quantize: str | None = None,
+        transformer: str | Path | Sequence[str | Path] | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
 
@@ -135,6 +137,11 @@ class WanLoraPipeline:
         `quantize="fp8"` stores the transformer's block linears in float8_e4m3fn with a scale
         per output channel (half the memory; fp8 matmuls on GPUs with fp8 tensor cores, the
         weights dequantized per call elsewhere): see wanlora.fp8. LoRAs still merge exactly.
+
+        `transformer` replaces the model's transformer by a single file, as ComfyUI and Kijai
+        publish them (bf16, fp8, or scaled fp8: see wanlora.single_file), or a folder holding
+        one (Wan2.2 A14B: a high/low pair, or a (high, low) tuple); the rest of the model comes
+        from `model`. Its fp8 block linears stay fp8, and are the W0 LoRAs merge onto.
 
         `parallel` ("auto", a `ParallelPlan`, or diffusers' `ContextParallelConfig`) shares
         each generation between the processes of a torch.distributed group, one per GPU
@@ -156,6 +163,12 @@ class WanLoraPipeline:
         timings = {}
         checkpoints: dict[str, PristineSource] = {}
         started = time.perf_counter()
+        matmul = choose_matmul("auto", device)
+        if transformer is not None:
+            for name, path in transformer_files(transformer, spec).items():
+                module, checkpoints[name], kept_fp8 = load_transformer_file(path, spec, dtype, matmul)
+                shared[ATTRIBUTES[name]] = module
+                quantize = quantize or ("fp8" if kept_fp8 else None)
         if spec.source == "tiny":
             diffusers_pipeline = tiny_pipeline(kind=TINY_NAMES[spec.name])
             for name in ("transformer", "transformer_2"):
@@ -170,13 +183,12 @@ class WanLoraPipeline:
                 timings["download_seconds"] = time.perf_counter() - started
                 logger.info("downloaded %s in %.1fs", spec.source, timings["download_seconds"])
             diffusers_pipeline = load_diffusers_pipeline(folder, dtype, shared, spec)
-            checkpoints = transformer_checkpoints(folder, spec.experts, dtype)
+            from_folder = tuple(name for name in spec.experts if name not in checkpoints)
+            checkpoints |= transformer_checkpoints(folder, from_folder, dtype)
         if quantize == "fp8":
-            matmul = choose_matmul("auto", device)
-            for name in ("transformer", "transformer_2"):
-                if getattr(diffusers_pipeline, name, None) is not None:
-                    layers = quantize_transformer(getattr(diffusers_pipeline, name), matmul)
-            logger.info("fp8: %d block linears per transformer in float8_e4m3fn, %s matmuls", layers, matmul)
+            for name in spec.experts:
+                layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul)
+                logger.info("fp8: %d more block linears in float8_e4m3fn, %s matmuls", layers, matmul)
         place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
