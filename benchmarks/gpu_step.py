@@ -9,12 +9,14 @@ stopped still brings back everything finished before. Run it through benchmarks/
 2. compile-14b-480p: the same step with torch.compile of the repeated blocks;
 3. e2e-14b-480p-4step: UMT5-XXL encoding, 4 steps at guidance 1 and the VAE decode, the
    accelerated run, beside LightX2V's published H200 figures;
-4. a14b-480p-4step: Wan2.2 A14B's two experts with only the working one on the GPU: the
+4. fp8-14b: the same weights in fp8: the step with fp8 matmuls and weight-only, its error
+   against bf16, an fp8 LoRA swap, and A14B's two fp8 experts resident for 4 steps;
+5. a14b-480p-4step: Wan2.2 A14B's two experts with only the working one on the GPU: the
    switch through pinned host memory, and 4 Lightning steps (2 per expert) with it;
-5. swap-14b: a LoRA swap, two rank-32 LoRAs on all 400 block linears;
-6. fast-mode-1.3b: 10 steps with First Block Cache off and on;
-7. cfg-batch-1.3b: a guided step as two forwards or as one batch of two;
-8. step-14b-720p: one step at 720p.
+6. swap-14b: a LoRA swap, two rank-32 LoRAs on all 400 block linears;
+7. fast-mode-1.3b: 10 steps with First Block Cache off and on;
+8. cfg-batch-1.3b: a guided step as two forwards or as one batch of two;
+9. step-14b-720p: one step at 720p.
 
 `--rehearse` runs every section on the CPU at tiny shapes through the same code, so that
 the first GPU session spends its minutes on numbers, not on an import error.
@@ -321,6 +323,65 @@ def swap_14b(bench: Bench) -> tuple[list[dict], list[str]]:
     return [{"swap": f"two rank-32 LoRAs on all {linears} block linears", "seconds": f"{seconds:.2f}"}], []
 
 
+def fp8_14b(bench: Bench) -> tuple[list[dict], list[str]]:
+    """The bf16 model's weights in fp8: a step with fp8 matmuls and weight-only, its error, a swap, and A14B's
+    two experts resident at once (no switch), 4 Lightning steps."""
+    import copy
+
+    from wanlora.fp8 import quantize_transformer, set_matmul
+
+    model, inputs, flops = bench.model("14B"), bench.inputs("14B", "480p"), bench.flops("14B", "480p")
+    reference = model(**inputs, return_dict=False)[0].float()
+    bf16 = bench.best_forward or bench.time(lambda: model(**inputs, return_dict=False))
+    quantized = copy.deepcopy(model)
+    quantize_transformer(quantized, "scaled")
+    gb = sum(t.numel() * t.element_size() for t in (*quantized.parameters(), *quantized.buffers())) / 1e9
+    rows = [bench.step_row("14B 480p bf16", "sdpa", "off", bf16, flops)]
+    for matmul in ("scaled", "weight-only"):
+        set_matmul(quantized, matmul)
+        bench.reset_peak_memory()
+        seconds = bench.time(lambda: quantized(**inputs, return_dict=False))
+        out = quantized(**inputs, return_dict=False)[0].float()
+        error = float((out - reference).norm() / reference.norm())
+        rows.append(
+            {**bench.step_row(f"14B 480p fp8 {matmul}", "sdpa", "off", seconds, flops), "error": f"{error:.4f}"}
+        )
+    set_matmul(quantized, "scaled")
+
+    shapes = {n: tuple(p.shape) for n, p in quantized.named_parameters()}
+    with tempfile.TemporaryDirectory() as folder:
+        loras = []
+        for seed in (1, 2):
+            tensors, _ = lora_tensors(shapes, "original", rank=32, seed=seed, dtype=bench.setup.dtype)
+            save_file(tensors, Path(folder) / f"{seed}.safetensors")
+            loras.append(read_lora(Path(folder) / f"{seed}.safetensors"))
+    merger = LoraMerger(quantized)
+    merger.write(merger.prepare([(loras[1], 1.0)]))
+    turn = {"next": 0}
+
+    def swap() -> None:
+        merger.write(merger.prepare([(loras[turn["next"] % 2], 1.0)]))
+        turn["next"] += 1
+
+    swap_seconds = bench.time(swap, repeats=3, warmup=0)
+    merger.write(merger.prepare([]))
+    rows.append({"case": "fp8 swap: two rank-32 LoRAs, every block linear", "seconds": f"{swap_seconds:.2f}"})
+
+    second = copy.deepcopy(quantized)  # A14B: both fp8 experts resident, as offload="auto" keeps them on 80 GB
+
+    def lightning() -> None:
+        for expert in (quantized, quantized, second, second):
+            expert(**inputs, return_dict=False)
+
+    steps = bench.time(lightning, repeats=1)
+    rows.append({"case": "A14B fp8, both experts resident: 4 steps, no switch", "seconds": f"{steps:.2f}"})
+    notes = [
+        f"fp8 transformer {gb:.1f} GB; activations quantized per token (power-of-two scales), weights per channel",
+        "error: relative L2 of the step's output against the bf16 model's; random weights flatter fp8",
+    ]
+    return rows, notes
+
+
 def fast_mode_13b(bench: Bench) -> tuple[list[dict], list[str]]:
     model, inputs = bench.model("1.3B"), bench.inputs("1.3B", "480p")
     spec = CATALOGUE["t2v-1.3b"]
@@ -367,6 +428,7 @@ SECTIONS: list[tuple[str, Callable[[Bench], tuple[list[dict], list[str]]], int]]
     ("step-14b-480p", step_14b_480p, 100),
     ("compile-14b-480p", compile_14b_480p, 80),
     ("e2e-14b-480p-4step", e2e_14b_480p_4step, 60),
+    ("fp8-14b", fp8_14b, 70),
     ("a14b-480p-4step", a14b_480p_4step, 50),
     ("swap-14b", swap_14b, 30),
     ("fast-mode-1.3b", fast_mode_13b, 30),

@@ -26,6 +26,7 @@ def test_the_gpu_run_rehearses_every_section_on_the_cpu(tmp_path):
         "step-14b-480p",
         "compile-14b-480p",
         "e2e-14b-480p-4step",
+        "fp8-14b",
         "a14b-480p-4step",
         "swap-14b",
         "fast-mode-1.3b",
@@ -37,6 +38,8 @@ def test_the_gpu_run_rehearses_every_section_on_the_cpu(tmp_path):
     assert any(row.get("attention") == "sdpa" for row in sections["step-14b-480p"]["rows"])
     assert "LightX2V" in json.dumps(sections["e2e-14b-480p-4step"]["rows"])
     assert "with 2 switches" in json.dumps(sections["a14b-480p-4step"]["rows"])  # to high first, to low after 2
+    fp8 = {row["case"]: row for row in sections["fp8-14b"]["rows"]}
+    assert float(fp8["14B 480p fp8 scaled"]["error"]) < 0.2 and "fp8 swap" in json.dumps(fp8)
     markdown = (tmp_path / "gpu_results.md").read_text()
     assert "| case | attention | compile | s/forward |" in markdown and "## swap-14b: ok" in markdown
 

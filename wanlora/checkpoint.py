@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import WanLoraError
-from .fp8 import FP8, dequantize, quantize_rows
+from .fp8 import FP8, dequantize, dequantize_into, quantize_rows
 from .lora.pristine import Pristine
 from .lora.sniff import read_header
 
@@ -148,7 +148,14 @@ class FileTensor(Pristine):
 
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
         self.file.check_unchanged()
-        out.copy_(self._rows(start, stop), non_blocking=True)
+        rows = self.tensor.view(self.tensor.shape[0], -1)[start:stop]
+        if self.quantized:
+            assert self.scale is not None, "an fp8 tensor comes with its scale"
+            dequantize_into(out, rows, self.scale[start:stop])
+        elif rows.dtype == self.loaded_dtype:
+            out.copy_(rows, non_blocking=True)
+        else:
+            out.copy_(rows.to(self.loaded_dtype), non_blocking=True)
 
     def whole(self, dtype: torch.dtype) -> torch.Tensor | None:
         return self.tensor if self.tensor.dtype == dtype == self.loaded_dtype else None

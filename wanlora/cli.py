@@ -142,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_tiny_model(commands, verbose)
     add_lora(commands, verbose)
     add_cache(commands, verbose)
-    commands.add_parser("models", parents=[verbose], help="list the catalogue: every variant and its defaults")
+    models = commands.add_parser("models", parents=[verbose], help="list the catalogue: every variant and its defaults")
+    models.add_argument(
+        "--memory", action="store_true", help="instead, what --offload auto picks per variant and GPU; default off"
+    )
     return parser
 
 
@@ -276,9 +279,9 @@ def add_generate(commands, verbose: OneLineParser) -> None:
         "--offload",
         choices=OFFLOAD_MODES,
         default="auto",
-        help="save GPU memory: experts (one Wan2.2 A14B expert on the GPU at a time), model "
-        "(components on demand) or group (blocks streamed); default auto: experts for A14B on a "
-        "GPU, else none",
+        help="save GPU memory: encoder (the text encoder on the GPU only to encode), experts (one Wan2.2 "
+        "A14B expert on the GPU at a time), model (components on demand) or group (blocks streamed); "
+        "default auto: the fastest that fits this GPU (`wanlora models --memory`)",
     )
 
     gpus = gen.add_argument_group("several GPUs")
@@ -609,6 +612,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
+    if args.memory:
+        from .memory import memory_table
+
+        print(memory_table())
+        return
     from .models import catalogue_markdown
 
     print(catalogue_markdown(), end="")

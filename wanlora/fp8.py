@@ -35,20 +35,34 @@ BLOCK_PREFIX = "blocks."  # the block linears: attention, cross-attention, I2V's
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 rows -> (float8_e4m3fn rows, fp32 scale per row): amax(row) / 448, rounded to nearest even once.
+    """rows -> (float8_e4m3fn rows, fp32 scale per row): amax(row) / 448, rounded to nearest even once.
 
     A row of zeros gets scale 1. The same rows always give the same bits, on any device.
     """
-    rows = rows.float()
+    work = rows.float().clone()
+    quantized = torch.empty(work.shape, dtype=FP8, device=work.device)
+    return quantized, quantize_rows_into(work, quantized)
+
+
+def quantize_rows_into(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`quantize_rows` without allocating rows: `rows` (fp32) is used up, `out` (fp8) written; returns the scales."""
     amax = rows.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    quantized = (rows / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)  # clamp: the division may land a hair above
-    return quantized, scale
+    rows.div_(scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)  # clamp: the division may land a hair above 448
+    out.copy_(rows)
+    return scale
 
 
 def dequantize(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q * s per row, computed in fp32 and given in `dtype`."""
-    return (quantized.float() * scale.float()[:, None]).to(dtype)
+    out = torch.empty(quantized.shape, dtype=torch.float32, device=quantized.device)
+    return dequantize_into(out, quantized, scale).to(dtype)
+
+
+def dequantize_into(out: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`dequantize` into an fp32 buffer (the merge's accumulator), without allocating."""
+    out.copy_(quantized, non_blocking=True)
+    return out.mul_(scale.to(out.device, torch.float32, non_blocking=True)[:, None])
 
 
 class Fp8Linear(torch.nn.Module):

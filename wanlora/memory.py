@@ -1,67 +1,134 @@
-"""Fitting Wan into GPUs: expert switching, model and group offloading, and VAE tiling above 480p.
+"""Fitting Wan into GPUs: where each component lives, expert switching, offloading, VAE tiling above 480p.
 
-GPU memory per variant, bf16. Estimates: weight sizes are exact (parameter counts x 2
-bytes), activations and workspace are rough; `benchmarks/gpu.sh` measures real peaks.
+`offload="auto"` (the default) plans from the GPU's memory and the model: the first mode whose
+estimate fits wins (`plan_offload`), and the log says which and why:
 
-| variant (81 frames; TI2V 121) | "none" | "experts" | "model" | "group" |
-|---|---|---|---|---|
-| t2v-1.3b 480p | ~12 GB (2.8 transformer + 11.4 UMT5 + VAE) | - | ~8 GB | ~5 GB |
-| t2v-14b 480p | ~48 GB | - | ~37 GB (transformer + activations) | ~12 GB |
-| t2v-14b 720p | ~62 GB | - | ~50 GB | ~24 GB |
-| i2v-14b 720p | ~66 GB | - | ~53 GB | ~26 GB |
-| t2v-a14b / i2v-a14b 480p | ~77 GB (2 x 28.6 experts) | ~48 GB | ~37 GB | ~12 GB |
-| t2v-a14b / i2v-a14b 720p | ~91 GB | ~62 GB | ~50 GB | ~24 GB |
-| ti2v-5b 720p | ~32 GB (10 transformer + 11.4 UMT5 + VAE) | - | ~22 GB | ~14 GB |
+- "none": everything resident;
+- "encoder": everything but the 11.4 GB UMT5 text encoder, which comes to the GPU to encode
+  the prompts and leaves when the transformer starts;
+- "experts" (Wan2.2 A14B): only the working expert resident, the other in pinned host
+  memory, switched at the expert boundary (`ExpertSwitch`; benchmarks/expert_switch.py);
+- "model": each component on the GPU only while it runs (diffusers' model offload);
+- "group": the transformer's blocks streamed from pinned host memory, one at a time.
 
-Host memory holds the LoRA pristine copies of the weights a LoRA set touches: up to the
-whole transformer (28.6 GB per 14B expert in bf16, so 57 GB for both A14B experts, 10 GB
-for TI2V-5B) when LoRAs cover every block, about half that for attention-only LoRAs. With
-"experts", the waiting expert's weights (28.6 GB) sit in pinned host memory too.
+Estimates: transformer weights exact (parameter counts at their stored size: bf16, or fp8
+block linears plus fp32 scales), the text encoder 11.4 GB, activations and the VAE decode at
+the variant's default size and frames rough (`working_bytes`), within 85% of the GPU's memory.
+A larger resolution than the default may need the next mode. `wanlora models --memory`
+prints what "auto" picks per variant and GPU; the README has that table.
 
-- "auto" (the default) is "experts" for Wan2.2 A14B on a GPU, else "none".
-- "experts" keeps only the active A14B expert on the GPU, the other in pinned host memory,
-  and swaps them at the expert boundary, and back when the next generation starts (see
-  `ExpertSwitch`; benchmarks/expert_switch.py estimates a switch per link).
-- "model" moves each component (text encoder, transformer, VAE) to the GPU only while it
-  runs, so the 11 GB text encoder leaves the GPU right after encoding.
-- "group" streams the transformer's blocks from pinned host memory one at a time,
-  overlapping copies with compute.
+Host memory: the LoRA merges' pristine W0 is read from the memory-mapped checkpoint where it
+gives the loaded bits back (wanlora.checkpoint), else copied on first touch: up to the whole
+transformer (28.6 GB per 14B expert in bf16, 14.5 GB in fp8) when LoRAs cover every block.
+With "experts", the waiting expert's weights sit in pinned host memory too.
 
 LoRA merges work with all of them: weights are rewritten wherever they live.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import torch
 
 from .errors import InvalidInput
+from .models import CATALOGUE, Architecture, ModelSpec
 from .settings import OFFLOAD_MODES
 
 logger = logging.getLogger(__name__)
 
 VAE_TILING_MIN_PIXELS = 832 * 480 + 1  # tile the VAE decode above 480p-sized frames
+TEXT_ENCODER_BYTES = 11.4e9  # UMT5-XXL in bf16
+VAE_DECODE_BYTES = 3e9  # rough: the decode runs frame by frame, tiled above 480p
+USABLE = 0.85  # of the GPU's memory: the CUDA context, the allocator's slack, fragmentation
+GPU_SIZES_GB = (24, 48, 80)  # the memory table's GPUs (GiB, as cards are sold): 4090/L4, L40S/A6000, A100/H100
 
 
-def resolve_offload(mode: str, device: torch.device, two_experts: bool) -> str:
-    """`mode` checked against the device and the model; "auto" picks expert switching where it applies."""
+@functools.cache
+def transformer_bytes(arch: Architecture, quantized: bool) -> int:
+    """One transformer's weights as loaded on a GPU: bf16, or fp8 block linears with fp32 scales (exact)."""
+    from .fp8 import quantize_transformer
+    from .pipeline import cast_keeping_fp32
+    from .tiny import tiny_transformer
+
+    with torch.device("meta"):
+        model = tiny_transformer(arch)
+    cast_keeping_fp32(model, torch.bfloat16)
+    if quantized:
+        quantize_transformer(model)
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def working_bytes(spec: ModelSpec) -> float:
+    """Rough activations at the default size: bf16 token rows, twice the FFN's hidden width (its projection
+    and GELU) and six times the model's (q, k, v, the attention output, the norm, the residual), plus the VAE."""
+    width, height = next(iter(spec.presets[spec.default_resolution].values()))
+    tokens = spec.token_count(width, height, spec.default_frames)
+    return tokens * 2 * (2 * spec.arch.ffn_dim + 6 * spec.arch.dim) + VAE_DECODE_BYTES
+
+
+def plan_offload(spec: ModelSpec, gpu_bytes: float, quantized: bool) -> tuple[str, str]:
+    """The fastest mode whose estimate fits `gpu_bytes`, and why, at the variant's default resolution."""
+    weights = transformer_bytes(spec.arch, quantized)
+    experts = len(spec.experts)
+    working = working_bytes(spec)
+    candidates = [
+        ("none", experts * weights + TEXT_ENCODER_BYTES + working, "everything resident"),
+        ("encoder", experts * weights + working, "the text encoder comes to the GPU only to encode"),
+        ("experts", weights + TEXT_ENCODER_BYTES + working, "one expert resident at a time"),
+        ("model", weights + working, "each component on the GPU only while it runs"),
+    ]
+    budget = USABLE * gpu_bytes
+    for mode, need, why in candidates:
+        if (mode != "experts" or experts == 2) and need <= budget:
+            return mode, f"{why}: needs ~{need / 1e9:.0f} of {gpu_bytes / 1e9:.0f} GB"
+    return "group", f"the transformer's blocks streamed: even one on the GPU needs ~{(weights + working) / 1e9:.0f} GB"
+
+
+def check_offload(mode: str, device: torch.device, spec: ModelSpec) -> str:
+    """`mode` checked against the device and the model, before anything loads; "auto" stays "auto"."""
     if mode not in OFFLOAD_MODES:
         raise InvalidInput("offload", mode, f"one of {', '.join(OFFLOAD_MODES)}")
-    if mode == "auto":
-        return "experts" if two_experts and device.type == "cuda" else "none"
-    if mode != "none" and device.type != "cuda":
+    if mode in ("auto", "none"):
+        return mode
+    if device.type != "cuda":
         raise InvalidInput("offload", mode, f"offloading moves weights to a GPU on demand; the model is on {device}")
-    if mode == "experts" and not two_experts:
+    if mode == "experts" and len(spec.experts) != 2:
         raise InvalidInput("offload", mode, "a model with two experts (Wan2.2 A14B)")
     return mode
+
+
+def auto_offload(device: torch.device, spec: ModelSpec, quantized: bool) -> str:
+    """offload="auto" once the model is loaded (its weights' size known): planned from the GPU's memory, logged."""
+    if device.type != "cuda":
+        return "none"
+    mode, why = plan_offload(spec, torch.cuda.get_device_properties(device).total_memory, quantized)
+    logger.info("offload auto: %s (%s)", mode, why)
+    return mode
+
+
+def memory_table() -> str:
+    """What offload="auto" picks for each variant on 24, 48 and 80 GB GPUs, bf16 and fp8, as Markdown."""
+    header = "| variant | weights bf16 / fp8 (GB) | " + " | ".join(f"{gb} GB: bf16 / fp8" for gb in GPU_SIZES_GB) + " |"
+    lines = [header, "|---|---|" + "---|" * len(GPU_SIZES_GB)]
+    for spec in CATALOGUE.values():
+        sizes = [len(spec.experts) * transformer_bytes(spec.arch, q) / 1e9 for q in (False, True)]
+        picks = [" / ".join(plan_offload(spec, gb * 2**30, q)[0] for q in (False, True)) for gb in GPU_SIZES_GB]
+        lines.append(f"| `{spec.name}` | {sizes[0]:.1f} / {sizes[1]:.1f} | " + " | ".join(picks) + " |")
+    return "\n".join(lines)
 
 
 def place(pipe, device: torch.device, mode: str) -> None:
     """Put the pipeline's components on `device`, or arrange for them to come on demand."""
     if mode == "none":
         pipe.to(device)
+    elif mode == "encoder":
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name != "text_encoder":
+                component.to(device)
+        EncoderShuttle(pipe, device)
     elif mode == "experts":  # the second expert stays in host memory: ExpertSwitch takes it from here
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module) and name != "transformer_2":
@@ -85,6 +152,22 @@ def place(pipe, device: torch.device, mode: str) -> None:
         if getattr(pipe, "image_encoder", None) is not None:
             pipe.image_encoder.to(device)
     logger.info("placement: offload=%s on %s", mode, device)
+
+
+class EncoderShuttle:
+    """The text encoder on the GPU only to encode: it comes on its first call of a generation and
+    leaves, back to host memory, when a transformer starts."""
+
+    def __init__(self, pipe, device: torch.device) -> None:
+        self.encoder, self.device = pipe.text_encoder, device
+        self.encoder.register_forward_pre_hook(lambda *_: self._move(self.device))
+        for name in ("transformer", "transformer_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).register_forward_pre_hook(lambda *_: self._move(torch.device("cpu")))
+
+    def _move(self, device: torch.device) -> None:
+        if next(self.encoder.parameters()).device != device:
+            self.encoder.to(device)
 
 
 class ExpertSwitch:

@@ -44,7 +44,7 @@ from .lora.pairs import EVERY_EXPERT
 from .lora.pristine import PristineSource
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
-from .memory import ExpertSwitch, place, resolve_offload, set_vae_tiling
+from .memory import ExpertSwitch, auto_offload, check_offload, place, set_vae_tiling
 from .models import TINY_NAMES, ModelSpec, identify_model
 from .parallel import ParallelPlan
 from .request import Request, refuse_unknown, resolve_request
@@ -157,7 +157,7 @@ class WanLoraPipeline:
             device = resolve_device(device if device is not None else rank_device)
             plan = resolve_plan(parallel, spec.arch.num_attention_heads, spec.name, device)
         device = resolve_device(device)
-        offload = resolve_offload(offload, device, len(spec.experts) == 2)
+        offload = check_offload(offload, device, spec)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         shared = share_from.shared_components(spec) if share_from is not None else {}
         timings = {}
@@ -189,6 +189,8 @@ class WanLoraPipeline:
             for name in spec.experts:
                 layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul)
                 logger.info("fp8: %d more block linears in float8_e4m3fn, %s matmuls", layers, matmul)
+        if offload == "auto":
+            offload = auto_offload(device, spec, quantize == "fp8")
         place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])

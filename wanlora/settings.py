@@ -33,7 +33,7 @@ MAX_PROMPT_CHARS = 1_000_000  # the text encoder reads 512 tokens; this only bou
 RESOLUTIONS = ("480p", "720p")
 ASPECT_RATIOS = ("16:9", "9:16", "1:1")
 FAST_MODES = ("off", "balanced", "fast")
-OFFLOAD_MODES = ("auto", "none", "model", "group", "experts")
+OFFLOAD_MODES = ("auto", "none", "encoder", "experts", "model", "group")
 QUANTIZE_CHOICES = ("none", "fp8")  # fp8: the transformer's block linears in float8_e4m3fn (wanlora.fp8)
 RESIZE_MODES = ("fit", "pad", "stretch")
 

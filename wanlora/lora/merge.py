@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import LoraFormatError, LoraMismatch
-from ..fp8 import fp8_layers, quantize_rows
+from ..fp8 import fp8_layers, quantize_rows_into
 from ..messages import listing
 from ..models import transformer_kind
 from .deltas import Delta
@@ -268,10 +268,8 @@ class LoraMerger:
             for start, stop, rows in self._summed_rows(name, terms):
                 if scale is None:
                     target[start:stop].copy_(rows)  # the one rounding to the model dtype
-                else:
-                    quantized, row_scales = quantize_rows(rows)
-                    target[start:stop].copy_(quantized)
-                    scale[start:stop].copy_(row_scales)
+                else:  # the fp32 rows are used up here: the accumulator is refilled for the next chunk
+                    scale[start:stop].copy_(quantize_rows_into(rows, target[start:stop]))
 
     def _summed_rows(self, name: str, terms: list[Term]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, rows) of pristine + sum(strength * delta) in fp32, a chunk of rows at a time."""

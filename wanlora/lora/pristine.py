@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from ..fp8 import FP8_MAX, dequantize
+from ..fp8 import FP8_MAX, dequantize_into
 
 
 class Pristine(ABC):
@@ -66,8 +66,7 @@ class QuantizedCopy(Pristine):
         self.peak = float(scale.max()) * FP8_MAX if scale.numel() else 0.0
 
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
-        rows = self.quantized[start:stop].to(out.device, non_blocking=True)
-        out.copy_(dequantize(rows, self.scale[start:stop].to(out.device, non_blocking=True)))
+        dequantize_into(out, self.quantized[start:stop], self.scale[start:stop])
 
     def restore(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
         if scale is None:
