@@ -191,9 +191,10 @@ def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path):
 def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch):
     from wanlora import memory
 
-    with pytest.raises(InvalidInput, match="offloading moves weights to a GPU"):
-        WanLoraPipeline.from_pretrained("tiny", offload="model")
-    with pytest.raises(InvalidInput, match="one of auto, none, model, group, experts"):
+    for mode in ("encoder", "model"):
+        with pytest.raises(InvalidInput, match="offloading moves weights to a GPU"):
+            WanLoraPipeline.from_pretrained("tiny", offload=mode)
+    with pytest.raises(InvalidInput, match="one of auto, none, encoder, experts, model, group"):
         WanLoraPipeline.from_pretrained("tiny", offload="disk")
     untiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
     assert not tiny_pipe.diffusers_pipeline.vae.use_tiling
