@@ -245,12 +245,20 @@ def test_loras_swap_on_an_fp8_pipeline_and_come_off_bitwise(tmp_path):
     assert np.array_equal(plain.frames, again.frames)
 
 
-def test_the_cli_generates_in_fp8(cli, tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-i2v", "tiny-t2v-a14b", "tiny-i2v-a14b", "tiny-ti2v-5b"])
+def test_the_cli_generates_in_fp8(cli, tmp_path, model):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (30, 140, 90)).save(tmp_path / "start.png")
+    image = ["--image", str(tmp_path / "start.png")] if model in IMAGE_KINDS else []
     out = tmp_path / "fp8.mp4"
-    result = cli("generate", "a fox", "--model", "tiny-t2v-a14b", "--quantize", "fp8", "--frames", "5", "--steps", "2",
-                 "--width", "64", "--height", "64", "-o", str(out))  # fmt: skip
+    result = cli("generate", "a fox", "--model", model, "--quantize", "fp8", "--frames", "5", "--steps", "2",
+                 "--width", "64", "--height", "64", *image, "-o", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert recorded(out)["weights"] == "fp8"
+    assert (recorded(out)["weights"], recorded(out)["model"]) == ("fp8", model)
+
+
+def test_the_cli_names_an_unknown_quantization(cli):
     refused = cli("generate", "a fox", "--model", "tiny", "--quantize", "int4")
     assert refused.returncode == 2 and "invalid choice: 'int4'" in refused.stderr
 
