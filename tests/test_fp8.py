@@ -263,6 +263,12 @@ def test_the_cli_names_an_unknown_quantization(cli):
     assert refused.returncode == 2 and "invalid choice: 'int4'" in refused.stderr
 
 
+def test_an_fp8_pipeline_is_not_saved_as_a_folder_no_loader_reads(tmp_path):
+    with pytest.raises(InvalidInput, match="none to save a merged model"):
+        WanLoraPipeline.from_pretrained("tiny", quantize="fp8").save_merged(tmp_path / "baked")
+    assert not (tmp_path / "baked").exists()
+
+
 def test_an_unknown_quantization_is_named():
     with pytest.raises(InvalidInput, match="quantize='int4' is not allowed: one of none, fp8"):
         WanLoraPipeline.from_pretrained("tiny", quantize="int4")

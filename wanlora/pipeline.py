@@ -271,6 +271,8 @@ class WanLoraPipeline:
         target = Path(folder)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise InvalidInput("folder", str(folder), "a new or empty folder")
+        if self.quantize is not None:  # diffusers' loader would read fp8 rows without their scales
+            raise InvalidInput("quantize", self.quantize, "none to save a merged model: load it without quantize")
         pipeline = self.diffusers_pipeline
         sampler, pipeline.scheduler = pipeline.scheduler, self.base_scheduler
         try:
