@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .accelerators import ACCELERATORS
@@ -26,7 +26,7 @@ from .logs import configure as configure_logging
 from .lora.pairs import EVERY_EXPERT
 from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
 from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
-from .request import resolve_request
+from .request import Request, resolve_request
 from .settings import (
     ASPECT_RATIOS,
     DEFAULT_QUALITY,
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wanlora {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_generate(commands, verbose)
+    add_sweep(commands, verbose)
     add_tiny_model(commands, verbose)
     add_lora(commands, verbose)
     add_cache(commands, verbose)
@@ -156,6 +157,46 @@ def add_generate(commands, verbose: OneLineParser) -> None:
         help="make an MP4 from a prompt",
         description="Make an MP4 from a prompt, with any LoRAs.",
     )
+    add_generation_options(gen)
+    gpus = gen.add_argument_group("several GPUs")
+    gpus.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="split each video across N processes, one per GPU (N CPU processes without CUDA); "
+        "default 1, or torchrun's process count",
+    )
+    gpus.add_argument("--ulysses", type=int, metavar="U", help="Ulysses degree; default the most the heads allow")
+    gpus.add_argument("--ring", type=int, metavar="R", help="ring-attention degree; default what Ulysses leaves")
+    gpus.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="run the two guidance passes on two halves of the processes; default off",
+    )
+    add_output_options(gen, "the MP4 to write; default wanlora-SEED.mp4")
+
+
+def add_sweep(commands, verbose: OneLineParser) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        parents=[verbose],
+        help="one grid MP4 of the same request over LoRA strengths, seeds or prompts",
+        description="One labelled grid MP4: the same request, seed and noise over one or two axes "
+        "(a LoRA's strengths, seeds, prompts); each cell is an exact LoRA swap.",
+    )
+    add_generation_options(sweep)
+    axes = sweep.add_argument_group("axes (one or two)")
+    axes.add_argument("--strengths", metavar="S,S,...", help="the first --lora's strengths, e.g. 0,0.5,1; default none")
+    axes.add_argument("--strengths-2", metavar="S,S,...", help="the second --lora's strengths; default none")
+    axes.add_argument("--seeds", metavar="N,N,...", help="seeds, e.g. 1,2,3; default none (one seed for all)")
+    axes.add_argument("--prompts", metavar="FILE", help="a text file, one prompt a line; default none")
+    axes.add_argument("--max-width", type=int, default=1920, metavar="PX", help="the grid's widest; default 1920")
+    axes.add_argument("--keep-cells", metavar="DIR", help="also save each cell as its own MP4 there; default none")
+    add_output_options(sweep, "the grid MP4 to write; default wanlora-sweep-SEED.mp4")
+
+
+def add_generation_options(gen: argparse.ArgumentParser) -> None:
+    """What generate and sweep share: the request, the model and how it runs."""
     gen.add_argument("prompt", help="what the video shows")
     model = gen.add_argument_group("model and LoRAs")
     model.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}: {MODEL_HELP}")
@@ -284,24 +325,10 @@ def add_generate(commands, verbose: OneLineParser) -> None:
         "default auto: the fastest that fits this GPU (`wanlora models --memory`)",
     )
 
-    gpus = gen.add_argument_group("several GPUs")
-    gpus.add_argument(
-        "--gpus",
-        type=int,
-        metavar="N",
-        help="split each video across N processes, one per GPU (N CPU processes without CUDA); "
-        "default 1, or torchrun's process count",
-    )
-    gpus.add_argument("--ulysses", type=int, metavar="U", help="Ulysses degree; default the most the heads allow")
-    gpus.add_argument("--ring", type=int, metavar="R", help="ring-attention degree; default what Ulysses leaves")
-    gpus.add_argument(
-        "--cfg-parallel",
-        action="store_true",
-        help="run the two guidance passes on two halves of the processes; default off",
-    )
 
+def add_output_options(gen: argparse.ArgumentParser, what: str) -> None:
     out = gen.add_argument_group("output")
-    out.add_argument("-o", "--output", metavar="OUT.mp4", help="the MP4 to write; default wanlora-SEED.mp4")
+    out.add_argument("-o", "--output", metavar="OUT.mp4", help=what)
     lowest, highest = QUALITY_RANGE
     out.add_argument(
         "--quality",
@@ -372,9 +399,9 @@ def flag_names(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str
 # ---------------------------------------------------------------------------- the commands
 
 
-def cmd_generate(args: argparse.Namespace) -> int | None:
-    spec = resolve_model(args.model)
-    options = {
+def generation_options(args: argparse.Namespace, spec: ModelSpec) -> dict[str, Any]:
+    """generate's keyword arguments, as the flags give them."""
+    return {
         "negative_prompt": args.negative_prompt,
         "resolution": args.resolution,
         "aspect_ratio": args.aspect_ratio,
@@ -395,36 +422,46 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         "accelerator": args.accelerator,
         "cfg_batch": args.cfg_batch,
     }
-    request = resolve_request(spec, args.prompt, **options)  # everything is checked offline, first
-    from .lora.fetch import check_reference, fetch_lora_files
+
+
+def checked_request(args: argparse.Namespace, default_output: str) -> tuple[ModelSpec, dict[str, Any], Request, Path]:
+    """The spec, the options, the resolved request and the output path: everything checked offline, first."""
+    spec = resolve_model(args.model)
+    options = generation_options(args, spec)
+    request = resolve_request(spec, args.prompt, **options)
+    from .lora.fetch import check_reference
     from .video import check_output, quality_to_crf
 
     for lora in request.loras or ():
         check_reference(lora.ref)  # its form, and that a local file exists
     quality_to_crf(args.quality, "quality")
-    output = check_output(args.output or f"wanlora-{request.settings.seed}.mp4", "--output")
-    say("importing torch and diffusers")
-    from .devices import resolve_device
+    output = check_output(args.output or default_output.format(seed=request.settings.seed), "--output")
+    return spec, options, request, output
 
-    parallel = check_parallel_args(args, spec)
-    if parallel is None:
-        resolve_device(args.device)
-    identified = identify_model(args.model)  # a Hub repo's own config may name another variant
+
+def identified_and_fetched(
+    args: argparse.Namespace, spec: ModelSpec, options: dict[str, Any], request: Request
+) -> tuple[ModelSpec, Request]:
+    """The model as its own config names it (a Hub repo may be another variant), and every LoRA fetched,
+    before the slow model load."""
+    from .lora.fetch import fetch_lora_files
+
+    identified = identify_model(args.model)
     if identified != spec:
         options["seed"] = request.settings.seed
         spec, request = identified, resolve_request(identified, args.prompt, **options)
-    for lora in request.loras or ():  # download and verify before the (slow) model load
+    for lora in request.loras or ():
         say(f"fetching {lora.label}")
         fetch_lora_files(lora.ref)
-    if parallel is not None and not launched_by_torchrun():
-        from .launch import run_workers
+    return spec, request
 
-        return run_workers(parallel.world_size, args.argv, quiet=not args.verbose)
+
+def load_pipeline(args: argparse.Namespace, spec: ModelSpec, parallel: ParallelPlan | None = None):
     quiet_library_bars()
     from .pipeline import WanLoraPipeline
 
     say(f"loading {spec.name} ({spec.source})")
-    pipe = WanLoraPipeline.from_pretrained(
+    return WanLoraPipeline.from_pretrained(
         spec,
         device=args.device,
         attention=args.attention,
@@ -434,11 +471,87 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         quantize=args.quantize,
         transformer=args.transformer if args.transformer_2 is None else (args.transformer, args.transformer_2),
     )
-    video = pipe.run(request)
+
+
+def cmd_generate(args: argparse.Namespace) -> int | None:
+    spec, options, request, output = checked_request(args, "wanlora-{seed}.mp4")
+    say("importing torch and diffusers")
+    from .devices import resolve_device
+
+    parallel = check_parallel_args(args, spec)
+    if parallel is None:
+        resolve_device(args.device)
+    spec, request = identified_and_fetched(args, spec, options, request)
+    if parallel is not None and not launched_by_torchrun():
+        from .launch import run_workers
+
+        return run_workers(parallel.world_size, args.argv, quiet=not args.verbose)
+    video = load_pipeline(args, spec, parallel).run(request)
     if video is not None:  # None on every rank but 0 of a parallel run
         say(f"encoding {output}")
         print(video.save(output, quality=args.quality))
     return None
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    spec, options, request, output = checked_request(args, "wanlora-sweep-{seed}.mp4")
+    from .sweep import sweep_axes
+
+    strengths = numbers(args.strengths, "--strengths", float)
+    strengths_2 = numbers(args.strengths_2, "--strengths-2", float)
+    seeds = numbers(args.seeds, "--seeds", int)
+    prompts = prompt_lines(args.prompts)
+    try:
+        sweep_axes(list(request.loras or ()), strengths, strengths_2, seeds, prompts)
+    except InvalidInput as exc:
+        names = ("strengths", "strengths_2", "seeds", "prompts", "sweep")
+        raise exc.renamed({name: "--" + name.replace("_", "-") for name in names}) from None
+    keep = Path(args.keep_cells) if args.keep_cells else None
+    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+        raise InvalidInput("--keep-cells", str(keep), "a new or empty folder")
+    say("importing torch and diffusers")
+    from .devices import resolve_device
+
+    resolve_device(args.device)
+    spec, request = identified_and_fetched(args, spec, options, request)
+    pipe = load_pipeline(args, spec)
+    options.update(seed=request.settings.seed, loras=list(request.loras or ()))
+    result = pipe.sweep(
+        args.prompt,
+        strengths=strengths,
+        strengths_2=strengths_2,
+        seeds=seeds,
+        prompts=prompts,
+        max_width=args.max_width,
+        **options,
+    )
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        for cell in result.cells:
+            cell.video.save(keep / f"cell-{cell.row}-{cell.column}.mp4", quality=args.quality)
+    say(f"encoding {output}")
+    print(result.grid.save(output, quality=args.quality))
+
+
+def numbers(text: str | None, flag: str, kind: type[float] | type[int]) -> list | None:
+    """A comma-separated list of numbers from a flag, or None when the flag was not given."""
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        example = "1,2,3" if kind is int else "0,0.5,1"
+        raise InvalidInput(flag, text, f"comma-separated numbers, e.g. {example}") from None
+
+
+def prompt_lines(path: str | None) -> list[str] | None:
+    """The prompts of a --prompts file, one a line (blank lines skipped), or None."""
+    if path is None:
+        return None
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput("--prompts", path, f"a readable UTF-8 text file ({exc})") from None
 
 
 def check_parallel_args(args: argparse.Namespace, spec: ModelSpec) -> ParallelPlan | None:
@@ -624,6 +737,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     ("generate", None): cmd_generate,
+    ("sweep", None): cmd_sweep,
     ("tiny-model", None): cmd_tiny_model,
     ("lora", "fetch"): cmd_lora_fetch,
     ("lora", "inspect"): cmd_lora_inspect,

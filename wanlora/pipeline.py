@@ -52,12 +52,14 @@ from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .settings import check_quantize
 from .single_file import load_transformer_file, transformer_files
 from .staging import staged_folder
+from .sweep import MAX_WIDTH, Cell, Sweep, cell_order, compose, sweep_axes, values_at
 from .tiny import tiny_pipeline
 from .video import Video
 
 logger = logging.getLogger(__name__)
 
 SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")  # the same for every Wan model on Wan2.1's VAE
+TEXT_TOKENS = 512  # the prompt's T5 tokens, as diffusers' Wan pipelines encode them
 
 
 def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -104,6 +106,7 @@ class WanLoraPipeline:
             self.switch = ExpertSwitch([(e.module, e.loras) for e in self.experts], device)
         self.load_timings: dict[str, float] = {}
         self.quantize: str | None = None  # "fp8" when the block linears are float8 (from_pretrained's `quantize`)
+        self._encoded: dict[tuple, tuple] | None = None  # a sweep's text embeddings, by prompt
 
     @classmethod
     @error_boundary
@@ -458,8 +461,7 @@ class WanLoraPipeline:
         )
         started = time.perf_counter()
         output = pipeline(
-            prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt,
+            **self._text(pipeline, settings),
             width=settings.width,
             height=settings.height,
             num_frames=settings.num_frames,
@@ -502,6 +504,97 @@ class WanLoraPipeline:
         return WanImageToVideoPipeline(
             **pipeline.components, image_encoder=None, image_processor=None, expand_timesteps=True
         )
+
+    def _text(self, pipeline: Any, settings) -> dict[str, Any]:
+        """The prompts for diffusers, or, in a sweep, their embeddings: each prompt is encoded once per sweep."""
+        if self._encoded is None:
+            return {"prompt": settings.prompt, "negative_prompt": settings.negative_prompt}
+        key = (settings.prompt, settings.negative_prompt)
+        if key not in self._encoded:  # both, guided or not: an unguided call ignores the negative one
+            with torch.no_grad():  # as diffusers' own call encodes: with grad on, CPU kernels round differently
+                self._encoded[key] = pipeline.encode_prompt(
+                    prompt=settings.prompt,
+                    negative_prompt=settings.negative_prompt,
+                    do_classifier_free_guidance=True,
+                    max_sequence_length=TEXT_TOKENS,
+                )
+        positive, negative = self._encoded[key]
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+    @error_boundary
+    def sweep(
+        self,
+        prompt: str,
+        *,
+        strengths: Sequence[float] | None = None,
+        strengths_2: Sequence[float] | None = None,
+        seeds: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        loras: Sequence | None = None,
+        seed: int | None = None,
+        max_width: int = MAX_WIDTH,
+        progress: bool = True,
+        **options: Any,
+    ) -> Sweep:
+        """The same request over one or two axes, as one labelled grid `Video` and its cells.
+
+        An axis is the strengths of the first or second LoRA of `loras` (`strengths`,
+        `strengths_2`; a LoRA aimed at one Wan2.2 expert varies on that expert only), `seeds`
+        or `prompts`; with two, the first of these in that order runs down the rows. Every
+        cell has the same seed (and so the same initial noise) unless seeds are the axis, and
+        is bitwise what `generate` gives for its settings. `options` are `generate`'s. The grid
+        is scaled to at most `max_width` pixels across; its metadata lists every cell's.
+        """
+        if self.parallel is not None:
+            raise InvalidInput("sweep", "a parallel pipeline", "one process: run a sweep's cells as a batch instead")
+        requests = parse_requests(loras) if loras is not None else list(self.active_loras)
+        axes = sweep_axes(requests, strengths, strengths_2, seeds, prompts)
+        if isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 64:
+            raise InvalidInput("max_width", max_width, "a whole number of pixels, 64 or more")
+        first = resolve_request(self.spec, prompt, seed=seed, loras=requests, **options)  # all checked, first
+        seed = first.settings.seed
+        order = cell_order(axes)
+        cells: dict[tuple[int, int], Cell] = {}
+        bar = tqdm(total=len(order), desc="sweep", unit="cell", leave=False, disable=not progress)
+        self._encoded = {}
+        try:
+            for row, column in order:
+                changed: dict[str, Any] = {"prompt": prompt, "seed": seed}
+                cell_loras = list(requests)
+                for axis, value in values_at(axes, (row, column)):
+                    if axis.kind == "strength":
+                        assert axis.lora is not None
+                        cell_loras[axis.lora] = replace(cell_loras[axis.lora], strength=value)
+                    else:
+                        changed[axis.kind] = value
+                video = self.generate(
+                    changed["prompt"], seed=changed["seed"], loras=cell_loras, progress=False, **options
+                )
+                assert video is not None  # one process: it is rank 0
+                cells[(row, column)] = Cell(
+                    row, column, {**changed, "loras": [r.describe() for r in cell_loras]}, video
+                )
+                bar.update()
+        finally:
+            self._encoded = None
+            bar.close()
+        labels = {
+            position: " · ".join(axis.label(value, requests) for axis, value in values_at(axes, position))
+            for position in cells
+        }
+        frames = compose({position: cell.video.frames for position, cell in cells.items()}, labels, max_width)
+        ordered = [cells[position] for position in sorted(cells)]
+        metadata = {
+            **ordered[0].video.metadata,
+            "sweep": {
+                "axes": [{"kind": a.kind, "values": list(a.values), "lora": a.lora} for a in axes],
+                "cells": [{"row": c.row, "column": c.column, **c.video.metadata} for c in ordered],
+            },
+        }
+        grid = Video(frames=frames, fps=ordered[0].video.fps, seed=seed, metadata=metadata)
+        for name in ordered[0].video.timings:  # the cells' timings, summed
+            grid.timings[name] = sum(cell.video.timings.get(name, 0.0) for cell in ordered)
+        return Sweep(grid, ordered)
 
     def _metadata(self, settings) -> dict[str, Any]:
         return {
