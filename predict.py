@@ -131,6 +131,10 @@ class Predictor(BaseRunner):
             le=3,
             default=1.0,
         ),
+        lora_scale_sweep: str | None = Input(
+            description="Compare strengths: comma-separated strengths of lora_weights (or replicate_weights), e.g. 0,0.5,1, at most 6. The output is then one grid video with a labelled cell per strength, every cell from the same seed and noise, and lora_scale is not used.",
+            default=None,
+        ),
         extra_lora: str | None = Input(description=EXTRA_LORA_HELP, default=None),
         extra_lora_scale: float = Input(
             description="Strength of extra_lora: 1 as trained, 0 off, negative to push away from the style.",

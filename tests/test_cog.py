@@ -136,6 +136,7 @@ def test_inputs_are_visible_with_types_defaults_and_ranges():
         "fast_mode",
         "lora_weights",
         "lora_scale",
+        "lora_scale_sweep",
         "extra_lora",
         "extra_lora_scale",
         "lora_weights_transformer",
@@ -394,6 +395,33 @@ def test_server_runs_wan22_a14b_with_a_lora_per_expert_and_ti2v(cog22, lora_serv
     assert refused["status"] == "failed" and "only model=2.2-a14b has a second transformer" in refused["error"]
     back = predict(cog22, prompt="a fox", model="14b", lora_weights=style, **SMALL)
     assert recorded(video_of(back, tmp_path, "back.mp4"))["model"] == "tiny"
+
+
+def test_server_sweeps_lora_weights_into_one_grid_and_refuses_a_sweep_it_cannot_run(cog22, lora_server, tmp_path):
+    style, motion = f"{lora_server.url}/style.safetensors", f"{lora_server.url}/motion.safetensors"
+    request = {"prompt": "styleword a fox", "model": "14b", "lora_weights": style, "extra_lora": motion, **SMALL}
+    grid = video_of(predict(cog22, **request, lora_scale_sweep="0, 0.5,1"), tmp_path, "grid.mp4")
+    tags = recorded(grid)
+    assert (probe(grid).width, probe(grid).height) == (3 * 112, 64)
+    assert [cell["loras"] for cell in tags["sweep"]["cells"]] == [
+        [{"ref": style, "strength": strength}, {"ref": motion, "strength": 1.0}] for strength in (0.0, 0.5, 1.0)
+    ]
+    assert {cell["seed"] for cell in tags["sweep"]["cells"]} == {SMALL["seed"]}
+
+    a14b = predict(cog22, **{**request, "model": "2.2-a14b"}, lora_scale_sweep="0.5,1")
+    assert len(recorded(video_of(a14b, tmp_path, "a14b.mp4"))["sweep"]["cells"]) == 2
+
+    for sweep, words in (
+        ("0,x", "comma-separated strengths, e.g. 0,0.5,1"),
+        ("0,1,2,3,0.5,1.5,2.5", "1 to 6 strengths"),
+        ("0,4", "between -1 and 3"),
+        ("0,nan", "between -1 and 3"),
+    ):
+        refused = predict(cog22, **request, lora_scale_sweep=sweep)
+        assert refused["status"] == "failed" and "lora_scale_sweep" in refused["error"], refused
+        assert words in refused["error"], refused["error"]
+    alone = predict(cog22, prompt="a fox", model="14b", extra_lora=motion, lora_scale_sweep="0,1", **SMALL)
+    assert alone["status"] == "failed" and "empty unless lora_weights (or replicate_weights)" in alone["error"]
 
 
 def test_server_runs_every_variant_in_fp8_when_the_operator_asks(tmp_path_factory, lora_server, tmp_path):

@@ -114,6 +114,9 @@ def test_an_a14b_sweep_on_one_expert_rewrites_only_that_expert(pair, monkeypatch
         ({"strengths": []}, "a non-empty list"),
         ({"strengths": [0, float("nan")]}, "finite numbers"),
         ({"seeds": [1, -2]}, "whole numbers from 0"),
+        ({"prompts": ["a fox", " "]}, "a non-empty text"),
+        ({"strengths": [0, 1], "shfit": 3}, "did you mean flow_shift"),
+        ({"strengths": [0, 1], "max_width": 10}, "64 or more"),
         ({"strengths": list(range(7)), "seeds": list(range(6))}, "at most 36"),
     ],
 )

@@ -12,6 +12,7 @@ Example (offline, with the tiny random model):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -52,7 +53,7 @@ from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .settings import check_quantize
 from .single_file import load_transformer_file, transformer_files
 from .staging import staged_folder
-from .sweep import MAX_WIDTH, Cell, Sweep, cell_order, compose, sweep_axes, values_at
+from .sweep import MAX_WIDTH, Axis, Cell, Sweep, cell_label, cell_order, cell_request, compose, sweep_axes, values_at
 from .tiny import tiny_pipeline
 from .video import Video
 
@@ -530,12 +531,11 @@ class WanLoraPipeline:
         strengths_2: Sequence[float] | None = None,
         seeds: Sequence[int] | None = None,
         prompts: Sequence[str] | None = None,
-        loras: Sequence | None = None,
-        seed: int | None = None,
         max_width: int = MAX_WIDTH,
+        credentials: Credentials | None = None,
         progress: bool = True,
         **options: Any,
-    ) -> Sweep:
+    ) -> Sweep | None:
         """The same request over one or two axes, as one labelled grid `Video` and its cells.
 
         An axis is the strengths of the first or second LoRA of `loras` (`strengths`,
@@ -545,43 +545,48 @@ class WanLoraPipeline:
         is bitwise what `generate` gives for its settings. `options` are `generate`'s. The grid
         is scaled to at most `max_width` pixels across; its metadata lists every cell's.
         """
-        if self.parallel is not None:
-            raise InvalidInput("sweep", "a parallel pipeline", "one process: run a sweep's cells as a batch instead")
-        requests = parse_requests(loras) if loras is not None else list(self.active_loras)
-        axes = sweep_axes(requests, strengths, strengths_2, seeds, prompts)
+        known = generate_options()
+        refuse_unknown({k: v for k, v in options.items() if k not in known}, known, "WanLoraPipeline.sweep()")
+        request = resolve_request(self.spec, prompt, **options)
+        loras = request.loras if request.loras is not None else tuple(self.active_loras)
+        axes = sweep_axes(list(loras), strengths, strengths_2, seeds, prompts)
+        return self.run_sweep(replace(request, loras=loras), axes, credentials, max_width, progress)
+
+    @error_boundary
+    def run_sweep(
+        self,
+        request: Request,
+        axes: list[Axis],
+        credentials: Credentials | None = None,
+        max_width: int = MAX_WIDTH,
+        progress: bool = True,
+    ) -> Sweep | None:
+        """A sweep of `request` (with its LoRA set given) over `axes` (`wanlora.sweep.sweep_axes`).
+
+        In a parallel run every rank runs every cell; only rank 0 gets the Sweep.
+        """
         if isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 64:
             raise InvalidInput("max_width", max_width, "a whole number of pixels, 64 or more")
-        first = resolve_request(self.spec, prompt, seed=seed, loras=requests, **options)  # all checked, first
-        seed = first.settings.seed
-        order = cell_order(axes)
+        assert request.loras is not None
         cells: dict[tuple[int, int], Cell] = {}
+        order = cell_order(axes)
         bar = tqdm(total=len(order), desc="sweep", unit="cell", leave=False, disable=not progress)
         self._encoded = {}
         try:
-            for row, column in order:
-                changed: dict[str, Any] = {"prompt": prompt, "seed": seed}
-                cell_loras = list(requests)
-                for axis, value in values_at(axes, (row, column)):
-                    if axis.kind == "strength":
-                        assert axis.lora is not None
-                        cell_loras[axis.lora] = replace(cell_loras[axis.lora], strength=value)
-                    else:
-                        changed[axis.kind] = value
-                video = self.generate(
-                    changed["prompt"], seed=changed["seed"], loras=cell_loras, progress=False, **options
-                )
-                assert video is not None  # one process: it is rank 0
-                cells[(row, column)] = Cell(
-                    row, column, {**changed, "loras": [r.describe() for r in cell_loras]}, video
-                )
+            for position in order:
+                cell = cell_request(request, values_at(axes, position))
+                video = self.run(cell, credentials, progress=False)
+                if video is not None:  # None on every rank but 0 of a parallel run
+                    changed = {"prompt": cell.settings.prompt, "seed": cell.settings.seed}
+                    described = [lora.describe() for lora in cell.loras or ()]
+                    cells[position] = Cell(*position, {**changed, "loras": described}, video)
                 bar.update()
         finally:
             self._encoded = None
             bar.close()
-        labels = {
-            position: " · ".join(axis.label(value, requests) for axis, value in values_at(axes, position))
-            for position in cells
-        }
+        if not cells:
+            return None
+        labels = {position: cell_label(axes, position, list(request.loras)) for position in cells}
         frames = compose({position: cell.video.frames for position, cell in cells.items()}, labels, max_width)
         ordered = [cells[position] for position in sorted(cells)]
         metadata = {
@@ -591,7 +596,7 @@ class WanLoraPipeline:
                 "cells": [{"row": c.row, "column": c.column, **c.video.metadata} for c in ordered],
             },
         }
-        grid = Video(frames=frames, fps=ordered[0].video.fps, seed=seed, metadata=metadata)
+        grid = Video(frames=frames, fps=ordered[0].video.fps, seed=ordered[0].video.seed, metadata=metadata)
         for name in ordered[0].video.timings:  # the cells' timings, summed
             grid.timings[name] = sum(cell.video.timings.get(name, 0.0) for cell in ordered)
         return Sweep(grid, ordered)
@@ -604,6 +609,12 @@ class WanLoraPipeline:
             "loras": [r.describe() for r in self.active_loras],
             "wanlora": __version__,
         }
+
+
+def generate_options() -> list[str]:
+    """`generate`'s request arguments: what a sweep passes on to every cell."""
+    skip = {"self", "prompt", "credentials", "progress", "unknown"}
+    return [name for name in inspect.signature(WanLoraPipeline.generate).parameters if name not in skip]
 
 
 def step_callback(schedule, bar: tqdm):

@@ -117,7 +117,7 @@ def _in_range(field: str, value, low, high) -> None:
         raise InvalidInput(field, value, f"between {low:g} and {high:g}")
 
 
-def _check_text(field: str, value: object, required: bool) -> str:
+def check_text(field: str, value: object, required: bool) -> str:
     if not isinstance(value, str) or (required and not value.strip()):
         raise InvalidInput(field, value, "a non-empty text" if required else "a text")
     shown = f"{len(value)} characters"
@@ -175,8 +175,8 @@ def resolve_settings(
     the model's own (the reference's `sample_neg_prompt`), "none" asks for none at all, and
     the settings hold the one a guided pass will use ("" when guidance is 1 or less).
     """
-    prompt = _check_text("prompt", prompt, required=True)
-    negative_prompt = _check_text("negative_prompt", negative_prompt or "", required=False)
+    prompt = check_text("prompt", prompt, required=True)
+    negative_prompt = check_text("negative_prompt", negative_prompt or "", required=False)
     if not negative_prompt.strip():
         negative_prompt = spec.negative_prompt  # as the reference: empty means the model's own
     elif negative_prompt.strip().lower() == NO_NEGATIVE_PROMPT:

@@ -29,9 +29,11 @@ from .lora.selection import LoraRequest
 from .models import CATALOGUE, ONE_TRANSFORMER, resolve_model
 from .request import Request, resolve_request
 from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
+from .sweep import Axis, sweep_axes
 
 if TYPE_CHECKING:
     from .pipeline import WanLoraPipeline
+    from .video import Video
 
 T = TypeVar("T")
 
@@ -70,6 +72,7 @@ ONE_SIZE_CHOICES = {c for c, name in MODEL_CHOICES.items() if DEFAULT_RESOLUTION
 FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
 ASPECT_CHOICES = ("auto", *ASPECT_RATIOS)  # auto: the image's own aspect with an image, else 16:9
 ACCELERATORS = {"none": None, **{name: name for name in ACCELERATOR_PRESETS}}
+SWEEP_CELLS = 6  # the most strengths lora_scale_sweep takes: one grid video per prediction
 DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
 INPUT_NAMES = {  # the library's names -> the predictor's inputs, for its error messages
     "num_inference_steps": "sample_steps",
@@ -136,6 +139,7 @@ class PredictorInputs:
     accelerator: str = "none"
     lora_weights: str | None = None
     lora_scale: float = 1.0
+    lora_scale_sweep: str | None = None
     extra_lora: str | None = None
     extra_lora_scale: float = 1.0
     replicate_weights: str | None = None
@@ -150,6 +154,24 @@ class PredictorInputs:
     def __repr__(self) -> str:  # never print a token by accident
         shown = {name: "***" if name.endswith("api_token") and value else value for name, value in vars(self).items()}
         return f"PredictorInputs({shown})"
+
+
+def sweep_strengths(i: PredictorInputs) -> tuple[float, ...] | None:
+    """lora_scale_sweep's strengths ("0,0.5,1"), for the main LoRA slot; None when it is empty."""
+    text = _text_or_none("lora_scale_sweep", i.lora_scale_sweep)
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidInput("lora_scale_sweep", text, "comma-separated strengths, e.g. 0,0.5,1") from None
+    if not 1 <= len(values) <= SWEEP_CELLS:
+        raise InvalidInput("lora_scale_sweep", text, f"1 to {SWEEP_CELLS} strengths")
+    if not (_text_or_none("lora_weights", i.lora_weights) or _text_or_none("replicate_weights", i.replicate_weights)):
+        raise InvalidInput(
+            "lora_scale_sweep", text, "empty unless lora_weights (or replicate_weights) is set: it sweeps its strength"
+        )
+    return tuple(_scale("lora_scale_sweep", value) for value in values)
 
 
 def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ONE_TRANSFORMER) -> list[LoraRequest]:
@@ -199,6 +221,7 @@ class ServiceRequest:
     request: Request
     quality: int
     credentials: Credentials
+    sweep: list[Axis] | None = None  # the main LoRA's strengths (lora_scale_sweep): one grid video of them
 
 
 class VideoService:
@@ -290,7 +313,9 @@ class VideoService:
         )
         if isinstance(i.output_quality, bool) or not isinstance(i.output_quality, int):
             raise InvalidInput("output_quality", i.output_quality, "a whole number between 0 and 100")
-        return ServiceRequest(name, request, i.output_quality, credentials)
+        strengths = sweep_strengths(i)
+        axes = None if strengths is None else sweep_axes(list(request.loras or ()), strengths=strengths)
+        return ServiceRequest(name, request, i.output_quality, credentials, axes)
 
     @error_boundary
     def generate(self, inputs: PredictorInputs, out_dir: Path) -> Result | None:
@@ -303,16 +328,25 @@ class VideoService:
         if resolved.request.spec != pipe.spec:  # the model's own config decided (a folder, the weights)
             resolved = self.resolve(inputs)
         try:
-            video = pipe.run(resolved.request, resolved.credentials)
+            video = self._run(pipe, resolved)
         except LoraMismatch as exc:
             raise _with_model_hint(exc, inputs.model) from None
         if video is None:
             return None
-        path = video.save(Path(out_dir) / f"wanlora-{video.seed}.mp4", quality=resolved.quality)
+        name = "wanlora-sweep" if resolved.sweep else "wanlora"
+        path = video.save(Path(out_dir) / f"{name}-{video.seed}.mp4", quality=resolved.quality)
         timings = {**video.timings, **self.unreported_setup}
         self.unreported_setup = {}
         steps = resolved.request.settings.num_inference_steps
         return Result(path, video.seed, len(video.frames), steps, timings)
+
+    @staticmethod
+    def _run(pipe: WanLoraPipeline, resolved: ServiceRequest) -> Video | None:
+        """The video, or with lora_scale_sweep the grid of the main LoRA at each strength."""
+        if not resolved.sweep:
+            return pipe.run(resolved.request, resolved.credentials)
+        swept = pipe.run_sweep(resolved.request, resolved.sweep, resolved.credentials, progress=False)
+        return None if swept is None else swept.grid
 
 
 def _with_model_hint(exc: LoraMismatch, model: object) -> LoraMismatch:

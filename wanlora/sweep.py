@@ -10,7 +10,7 @@ the fewest weights (a LoRA's strength changes only between cells that need it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from .errors import InvalidInput
 from .lora.refs import display_ref
 from .lora.selection import LoraRequest
+from .request import Request, check_text
 from .video import Video
 
 MAX_CELLS = 36
@@ -87,8 +88,8 @@ def sweep_axes(
             values = [_strength(name, value) for value in values]
         if kind == "seed":
             values = [_seed(value) for value in values]
-        if kind == "prompt" and not all(isinstance(p, str) and p.strip() for p in values):
-            raise InvalidInput(name, values, "a list of non-empty prompts")
+        if kind == "prompt":
+            values = [check_text(name, value, required=True) for value in values]
         axes.append(Axis(kind, tuple(values), lora))
     if not axes or len(axes) > 2:
         raise InvalidInput("sweep", f"{len(axes)} axes", "one or two of strengths, strengths_2, seeds and prompts")
@@ -133,6 +134,23 @@ def values_at(axes: list[Axis], position: tuple[int, int]) -> list[tuple[Axis, A
     """Each axis's value at (row, column): two axes are rows and columns, one axis runs along the row."""
     indices = position if len(axes) == 2 else position[1:]
     return [(axis, axis.values[index]) for axis, index in zip(axes, indices, strict=True)]
+
+
+def cell_request(request: Request, values: list[tuple[Axis, Any]]) -> Request:
+    """`request` (with its LoRA set) at one cell: a LoRA's strength, the seed or the prompt replaced."""
+    assert request.loras is not None
+    loras, settings = list(request.loras), request.settings
+    for axis, value in values:
+        if axis.kind == "strength":
+            assert axis.lora is not None
+            loras[axis.lora] = replace(loras[axis.lora], strength=value)
+        else:
+            settings = replace(settings, **{axis.kind: value})
+    return replace(request, settings=settings, loras=tuple(loras))
+
+
+def cell_label(axes: list[Axis], position: tuple[int, int], requests: list[LoraRequest]) -> str:
+    return " · ".join(axis.label(value, requests) for axis, value in values_at(axes, position))
 
 
 def compose(
