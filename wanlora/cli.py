@@ -29,6 +29,7 @@ from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, proc
 from .request import Request, resolve_request
 from .settings import (
     ASPECT_RATIOS,
+    DEFAULT_MODEL,
     DEFAULT_QUALITY,
     FAST_MODES,
     MAX_FPS,
@@ -42,7 +43,6 @@ from .settings import (
     RESOLUTIONS,
 )
 
-DEFAULT_MODEL = "t2v-14b"
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
     f"folder, or a tiny stand-in ({', '.join(TINY_NAMES)}): random offline models for smoke runs that make "
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_generate(commands, verbose)
     add_sweep(commands, verbose)
+    add_batch(commands, verbose)
     add_tiny_model(commands, verbose)
     add_lora(commands, verbose)
     add_cache(commands, verbose)
@@ -297,7 +298,15 @@ def add_generation_options(gen: argparse.ArgumentParser) -> None:
         help="skip transformer work on steps that change little (First Block Cache); default off",
     )
 
-    speed = gen.add_argument_group("device, speed and memory")
+    speed = add_load_options(gen)
+    speed.add_argument(
+        "--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two; default off"
+    )
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """How a model loads and runs: what generate, sweep and batch share."""
+    speed = parser.add_argument_group("device, speed and memory")
     speed.add_argument("--device", help="cpu, cuda or cuda:N; default cuda when there is a GPU")
     speed.add_argument(
         "--attention",
@@ -306,9 +315,6 @@ def add_generation_options(gen: argparse.ArgumentParser) -> None:
         help="attention kernel; default auto (xformers on CUDA when installed, else SDPA)",
     )
     speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU); default off")
-    speed.add_argument(
-        "--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two; default off"
-    )
     speed.add_argument(
         "--quantize",
         choices=QUANTIZE_CHOICES,
@@ -323,6 +329,43 @@ def add_generation_options(gen: argparse.ArgumentParser) -> None:
         help="save GPU memory: encoder (the text encoder on the GPU only to encode), experts (one Wan2.2 "
         "A14B expert on the GPU at a time), model (components on demand) or group (blocks streamed); "
         "default auto: the fastest that fits this GPU (`wanlora models --memory`)",
+    )
+    return speed
+
+
+def add_batch(commands, verbose: OneLineParser) -> None:
+    batch = commands.add_parser(
+        "batch",
+        parents=[verbose],
+        help="run a JSONL file of requests: each model loads once, each LoRA set merges once; resumable",
+        description="Run every request of a JSONL file (one a line, in the Python API's or the predictor's "
+        "fields, plus output and quality) into a folder, grouped by model and LoRA set. A manifest there "
+        "records each job; a rerun skips the jobs already done. The exit status is the number of failed "
+        "jobs (at most 100).",
+    )
+    batch.add_argument("jobs", metavar="JOBS.jsonl", help="the requests, one JSON object a line")
+    batch.add_argument("--out", required=True, metavar="DIR", help="the folder for the MP4s and manifest.jsonl")
+    add_load_options(batch)
+    ray = batch.add_argument_group("Ray (pip install 'wanlora[ray]')")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on a Ray cluster, one actor per GPU: its address (e.g. ray://head:10001), or none for a "
+        "local cluster over this machine's GPUs; default off (one process)",
+    )
+    ray.add_argument(
+        "--actors",
+        type=int,
+        metavar="N",
+        help="the actors to start; default one per GPU in the cluster (without GPUs, N CPU actors)",
+    )
+    ray.add_argument(
+        "--collect",
+        action="store_true",
+        help="send each MP4 back to this machine as bytes; default off: every node writes to --out, "
+        "which they must all share",
     )
 
 
@@ -463,14 +506,21 @@ def load_pipeline(args: argparse.Namespace, spec: ModelSpec, parallel: ParallelP
     say(f"loading {spec.name} ({spec.source})")
     return WanLoraPipeline.from_pretrained(
         spec,
-        device=args.device,
-        attention=args.attention,
-        compile=args.compile,
-        offload=args.offload,
+        **load_options(args),
         parallel=parallel,
-        quantize=args.quantize,
         transformer=args.transformer if args.transformer_2 is None else (args.transformer, args.transformer_2),
     )
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """from_pretrained's keyword arguments, as the flags give them."""
+    return {
+        "device": args.device,
+        "attention": args.attention,
+        "compile": args.compile,
+        "offload": args.offload,
+        "quantize": args.quantize,
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
@@ -552,6 +602,30 @@ def prompt_lines(path: str | None) -> list[str] | None:
         return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput("--prompts", path, f"a readable UTF-8 text file ({exc})") from None
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import read_jobs, run_batch
+
+    jobs = read_jobs(args.jobs)  # every line checked before any work
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInput("--out", str(out), "a folder (new, or one an earlier run of this batch made)")
+    if args.actors is not None and args.ray is None:
+        raise InvalidInput("--actors", args.actors, "only with --ray")
+    if args.collect and args.ray is None:
+        raise InvalidInput("--collect", True, "only with --ray")
+    quiet_library_bars()
+    if args.ray is not None:
+        from .batch_ray import run_batch_on_ray
+
+        summary = run_batch_on_ray(
+            jobs, out, load_options(args), address=args.ray, actors=args.actors, collect=args.collect
+        )
+    else:
+        summary = run_batch(jobs, out, load_options(args))
+    print(summary.describe(out / "manifest.jsonl"))
+    return summary.exit_status
 
 
 def check_parallel_args(args: argparse.Namespace, spec: ModelSpec) -> ParallelPlan | None:
@@ -738,6 +812,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 COMMANDS = {
     ("generate", None): cmd_generate,
     ("sweep", None): cmd_sweep,
+    ("batch", None): cmd_batch,
     ("tiny-model", None): cmd_tiny_model,
     ("lora", "fetch"): cmd_lora_fetch,
     ("lora", "inspect"): cmd_lora_inspect,

@@ -51,6 +51,10 @@ class ModelNotFound(WanLoraError):
     """The base model reference names nothing that can be loaded."""
 
 
+class BatchLineError(WanLoraError):
+    """A line of a batch's jobs file cannot run; the message names the line and what is wrong with it."""
+
+
 class VideoEncodeError(WanLoraError):
     """Frames that the H.264 encoder cannot take, or ffmpeg failed."""
 

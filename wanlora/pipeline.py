@@ -12,6 +12,7 @@ Example (offline, with the tiny random model):
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -609,6 +610,20 @@ class WanLoraPipeline:
             "loras": [r.describe() for r in self.active_loras],
             "wanlora": __version__,
         }
+
+
+def load_in_place_of(previous: WanLoraPipeline | None, model: str, **options: Any) -> WanLoraPipeline:
+    """`model` loaded (`from_pretrained`'s `options`) in place of `previous`: its transformers are freed
+    first, so two never share the memory; the text encoder, VAE and parsed LoRAs carry over."""
+    if previous is not None:
+        previous.release_transformer()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    pipe = WanLoraPipeline.from_pretrained(model, share_from=previous, **options)
+    if previous is not None:
+        pipe.loader = previous.loader  # parsed LoRAs fit any variant of their width
+    return pipe
 
 
 def generate_options() -> list[str]:

@@ -14,7 +14,6 @@ token is re-checked with the origin on every request.
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,18 +257,12 @@ class VideoService:
         """The pipeline for `model`, loading it (and dropping the resident one) if needed."""
         if self.model == model:
             return self.pipe
-        from .pipeline import WanLoraPipeline
+        from .pipeline import load_in_place_of
 
         previous, self.pipe, self.model = self.pipe, None, None
-        if previous is not None:
-            previous.release_transformer()
-            gc.collect()
-            _empty_cuda_cache()
-        self.pipe = WanLoraPipeline.from_pretrained(
-            model, device=self.device, share_from=previous, parallel=self.parallel, quantize=quantize_mode()
+        self.pipe = load_in_place_of(
+            previous, model, device=self.device, parallel=self.parallel, quantize=quantize_mode()
         )
-        if previous is not None:
-            self.pipe.loader = previous.loader  # parsed LoRAs fit any variant of their width
         self.model = model
         self.unreported_setup = {f"setup_{k}": v for k, v in self.pipe.load_timings.items()}
         return self.pipe
@@ -358,10 +351,3 @@ def _with_model_hint(exc: LoraMismatch, model: object) -> LoraMismatch:
             f"{exc}. This LoRA is for {choices}: run it with {choices}", exc.ref, exc.status, exc.widths
         )
     return exc
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

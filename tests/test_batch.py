@@ -1,0 +1,188 @@
+"""Batches: every line checked first, grouped by model and LoRA set, a manifest, and resuming."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wanlora import WanLoraPipeline
+from wanlora.batch import JobRunner, Manifest, read_jobs, run_batch, run_order
+from wanlora.errors import BatchLineError, InvalidInput
+from wanlora.tiny import tiny_transformer
+
+from .builders import block_linears, write_lora
+from .conftest import probe, recorded
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = {"num_frames": 9, "num_inference_steps": 2, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch-loras")
+    model = tiny_transformer()
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    made = {}
+    for name, layout, seed in (("style", "original", 3), ("motion", "kohya", 4)):
+        made[name] = str(folder / f"{name}.safetensors")
+        write_lora(made[name], model, layout, seed=seed, targets=block_linears(shapes, [0]))
+    return made
+
+
+def eight_jobs(loras) -> list[dict]:
+    """8 jobs over 2 models and 3 LoRA sets (style at 1, motion at 0.5, none), interleaved."""
+    style, motion = [[loras["style"], 1.0]], [[loras["motion"], 0.5]]
+    plan = [("tiny", style), ("tiny-t2v-a14b", style), ("tiny", motion), ("tiny", style),
+            ("tiny-t2v-a14b", []), ("tiny", []), ("tiny-t2v-a14b", style), ("tiny", motion)]  # fmt: skip
+    return [
+        {"prompt": f"a fox, take {n}", "model": model, "loras": set_, "seed": n, **STEPS, "output": f"fox-{n}.mp4"}
+        for n, (model, set_) in enumerate(plan, start=1)
+    ]
+
+
+def write_jobs(path: Path, jobs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    return path
+
+
+def test_jobs_run_grouped_by_model_then_lora_set_each_model_loaded_once(loras, tmp_path, monkeypatch):
+    jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", eight_jobs(loras)))
+    assert [job.line for job in run_order(jobs)] == [1, 4, 3, 8, 6, 2, 7, 5]
+
+    loads = []
+    original = WanLoraPipeline.from_pretrained.__func__
+    monkeypatch.setattr(
+        WanLoraPipeline, "from_pretrained", classmethod(lambda cls, m, **kw: loads.append(m) or original(cls, m, **kw))
+    )
+    runner = JobRunner()
+    summary = run_batch(jobs, tmp_path / "out", runner=runner, progress=False)
+    assert loads == ["tiny", "tiny-t2v-a14b"] and runner.loads == loads
+    assert (summary.done, summary.skipped, summary.failed, summary.exit_status) == (8, 0, [], 0)
+
+    entries = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in entries] == list(range(1, 9))  # compacted in the file's order
+    for entry, job in zip(entries, eight_jobs(loras), strict=True):
+        path = tmp_path / "out" / job["output"]
+        assert entry["status"] == "done" and entry["seed"] == job["seed"] and entry["bytes"] == path.stat().st_size
+        assert recorded(path)["seed"] == job["seed"] and entry["timings"]["denoising_seconds"] > 0
+
+    pipe = WanLoraPipeline.from_pretrained("tiny")  # a batch's video is the one a single generate gives
+    third = eight_jobs(loras)[2]
+    single = pipe.generate(third["prompt"], loras=third["loras"], seed=3, **STEPS)
+    assert np.array_equal(probe(single.save(tmp_path / "single.mp4")).frames, probe(tmp_path / "out/fox-3.mp4").frames)
+
+
+def test_each_lora_set_is_merged_once(loras, tmp_path, monkeypatch):
+    jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [j for j in eight_jobs(loras) if j["model"] == "tiny"]))
+    runner = JobRunner()
+    sets = []
+    original = WanLoraPipeline.set_loras
+    monkeypatch.setattr(
+        WanLoraPipeline,
+        "set_loras",
+        lambda self, requests, *a: sets.append(tuple(requests)) or original(self, requests, *a),
+    )
+    run_batch(jobs, tmp_path / "out", runner=runner, progress=False)
+    changes = [b for a, b in zip([None, *sets], sets, strict=False) if a != b]
+    assert len(sets) == 5 and len(changes) == 3  # style, motion, none: each set once
+
+
+def test_a_killed_batch_resumes_where_it_stopped_and_skips_what_was_done(loras, tmp_path):
+    jobs, out = write_jobs(tmp_path / "jobs.jsonl", eight_jobs(loras)), tmp_path / "out"
+    command = [sys.executable, "-m", "wanlora.cli", "batch", str(jobs), "--out", str(out)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = out / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = {json.loads(line)["output"]: json.loads(line) for line in manifest.read_text().splitlines()}
+    assert 3 <= len(done) < 8, "the batch was to be killed half-way"
+    before = {name: (out / name).stat().st_mtime_ns for name in done}
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"8 jobs: {8 - len(done)} done, {len(done)} already done, 0 failed" in second.stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in done} == before  # not run again
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(entries) == 8 and all(e["status"] == "done" for e in entries)
+    assert all(Manifest(out).finished(job, out) for job in read_jobs(jobs))
+
+    (out / "fox-2.mp4").write_bytes(b"")  # a damaged output is run again, alone
+    third = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "8 jobs: 1 done, 7 already done, 0 failed" in third.stdout and probe(out / "fox-2.mp4").width == 64
+
+
+def test_a_failed_job_does_not_stop_the_others_and_the_exit_status_counts_failures(loras, tmp_path, cli):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    jobs = eight_jobs(loras)[:3]
+    jobs[1] = {**jobs[1], "loras": [[str(broken), 1.0]]}
+    result = cli("batch", str(write_jobs(tmp_path / "jobs.jsonl", jobs)), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stderr
+    assert "3 jobs: 2 done, 0 already done, 1 failed (line 2)" in result.stdout
+    entries = [json.loads(line) for line in (tmp_path / "out/manifest.jsonl").read_text().splitlines()]
+    entry = entries[1]
+    assert entry["status"] == "failed" and "broken.safetensors" in entry["error"] and entry["seed"] == 2
+    assert not (tmp_path / "out/fox-2.mp4").exists() and (tmp_path / "out/fox-3.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("{not json", "line 2: line='{not json' is not allowed: one JSON object"),
+        ('["a fox"]', "line 2: line='[\"a fox\"]' is not allowed: one JSON object"),
+        ('{"prompt": "a fox", "model": "tiny", "num_frames": 500}', "line 2: num_frames=500"),
+        ('{"prompt": "a fox", "model": "tiny", "shfit": 3}', "not an option of a batch line; did you mean flow_shift?"),
+        ('{"prompt": "a fox", "model": "tiny", "output": "../x.mp4"}', "line 2: output has an empty, '.' or '..' part"),
+        ('{"prompt": "a fox", "model": "tiny", "output": "x.gif"}', "line 2: output='x.gif'"),
+        ('{"prompt": "a fox", "model": "tiny", "quality": 101}', "line 2: quality=101"),
+        ('{"prompt": "a fox", "model": "nope"}', "line 2: model 'nope' is not a catalogue variant"),
+        ('{"prompt": "a fox", "model": "tiny", "output": "job-0001.mp4"}', "output 'job-0001.mp4' is line 1's as well"),
+        ('{"prompt": "a fox", "lora_weights": "./missing.safetensors"}', "missing.safetensors does not exist"),
+        ('{"prompt": "", "model": "14b"}', "line 2: prompt=''"),
+    ],
+)  # fmt: skip
+def test_every_line_is_checked_before_any_work_and_errors_name_the_line(tmp_path, cli, line, words):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a fox", "model": "tiny"}\n' + line + "\n")
+    with pytest.raises(BatchLineError, match="^jobs.jsonl line 2: ") as caught:
+        read_jobs(jobs)
+    assert words in str(caught.value)
+    result = cli("batch", str(jobs), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and words in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)
+def test_a_samples_file_is_a_valid_line(sample, tmp_path):
+    fields = json.loads(sample.read_text())
+    if isinstance(fields.get("image"), str) and fields["image"].startswith("https://"):
+        from PIL import Image  # Cog downloads the image; a batch line names a file here
+
+        Image.new("RGB", (320, 180)).save(tmp_path / "start.png")
+        fields["image"] = str(tmp_path / "start.png")
+    (job,) = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [fields]))
+    assert job.request.settings.prompt == fields["prompt"]
+    assert job.request.settings.seed == fields.get("seed", job.request.settings.seed)  # without one: a random one
+
+
+def test_a_batch_needs_a_folder_and_ray_options_need_ray(tmp_path, cli):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "a fox", "model": "tiny"}])
+    (tmp_path / "file").write_text("")
+    assert "--out='" in cli("batch", str(jobs), "--out", str(tmp_path / "file")).stderr
+    assert "--actors=2 is not allowed: only with --ray" in cli("batch", str(jobs), "--out", "o", "--actors", "2").stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "this one has none" in cli("batch", str(empty), "--out", "o").stderr
+    with pytest.raises(InvalidInput, match="readable UTF-8"):
+        read_jobs(tmp_path / "absent.jsonl")
