@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The README's test command: a fresh venv, the package with its test extras, lint, types, tests.
+# The README's test command: Chromium if missing, a fresh venv, the package with its test extras, lint, types, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the sweep test plays a grid MP4 in headless Chromium, as a viewer's browser would
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -c .ci/constraints.txt -e ".[dev]"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -67,6 +72,38 @@ def test_a_2x3_sweep_is_a_labelled_grid_of_cells_equal_to_their_single_generates
     assert (
         len(cells) == 6 and cells[4]["loras"][1]["strength"] == 0.5 and tags["sweep"]["axes"][0]["kind"] == "strength"
     )
+    assert played_in_chromium(path) == f"ended {3 * width}x{2 * height} decoded {SMALL['num_frames']}"
+
+
+PAGE = """<!doctype html><body><video muted playsinline src="grid.mp4"></video><script>
+const video = document.querySelector("video");
+const say = (text) => console.log("RESULT " + text);
+video.addEventListener("error", () => say("error " + video.error.code));
+const size = () => `${video.videoWidth}x${video.videoHeight}`;
+video.addEventListener("ended", () => say(`ended ${size()} decoded ${video.webkitDecodedFrameCount}`));
+video.play().catch((error) => say("refused " + error));
+</script></body>"""
+
+
+def played_in_chromium(path: Path) -> str:
+    """What headless Chromium says after playing `path` to its end: its size and the frames it decoded."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "headless Chromium is needed (apt-get install chromium; .ci/test.sh installs it)"
+    page = path.with_name("play.html")
+    page.write_text(PAGE.replace("grid.mp4", path.name))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
+             "--allow-file-access-from-files", "--enable-logging=stderr", "--v=0",
+             f"--user-data-dir={path.parent / 'profile'}"]  # fmt: skip
+    with subprocess.Popen([browser, *flags, page.as_uri()], stderr=subprocess.PIPE, text=True) as chromium:
+        try:
+            deadline = time.monotonic() + 60
+            for line in chromium.stderr or ():
+                if "RESULT " in line:
+                    return line.split("RESULT ", 1)[1].split('"', 1)[0]
+                assert time.monotonic() < deadline, "Chromium said nothing within 60 s"
+            raise AssertionError(f"Chromium exited with {chromium.wait()} before the video ended")
+        finally:
+            chromium.kill()
 
 
 def test_seeds_and_prompts_axes_encode_each_prompt_once(pair):
