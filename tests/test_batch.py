@@ -140,8 +140,8 @@ def test_a_failed_job_does_not_stop_the_others_and_the_exit_status_counts_failur
 @pytest.mark.parametrize(
     ("line", "words"),
     [
-        ("{not json", "line 2: line='{not json' is not allowed: one JSON object"),
-        ('["a fox"]', "line 2: line='[\"a fox\"]' is not allowed: one JSON object"),
+        ('{"hf_api_token": "hf_secret" "prompt": "x"}', "line 2: not one JSON object (Expecting ','"),
+        ('["a fox"]', "line 2: a JSON list, not one object of a request's fields"),
         ('{"prompt": "a fox", "model": "tiny", "num_frames": 500}', "line 2: num_frames=500"),
         ('{"prompt": "a fox", "model": "tiny", "shfit": 3}', "not an option of a batch line; did you mean flow_shift?"),
         ('{"prompt": "a fox", "model": "tiny", "output": "../x.mp4"}', "line 2: output has an empty, '.' or '..' part"),
@@ -161,6 +161,7 @@ def test_every_line_is_checked_before_any_work_and_errors_name_the_line(tmp_path
     assert words in str(caught.value)
     result = cli("batch", str(jobs), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and words in result.stderr and not (tmp_path / "out").exists()
+    assert "hf_secret" not in result.stderr
 
 
 @pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import BatchLineError, InvalidInput, WanLoraError
+from .errors import BatchLineError, InternalError, InvalidInput, WanLoraError
 from .lora.fetch import Credentials
 from .models import resolve_model
 from .paths import inside, relative_name
@@ -60,6 +60,11 @@ class Job:
         loras = [*(self.request.loras or ()), self.request.accelerator_lora]
         return tuple((lora.ref, lora.strength, lora.expert) for lora in loras if lora is not None)
 
+    @property
+    def entry(self) -> dict[str, Any]:
+        """What every manifest entry of this job starts with."""
+        return {"output": self.output, "line": self.line, "job": self.key, "model": self.model}
+
     def request_for(self, pipe: WanLoraPipeline) -> Request:
         """The request for the model that loaded: a Hub repo's own config may name another variant."""
         if pipe.spec == self.request.spec:
@@ -95,13 +100,14 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
 
 
 def parse_job(number: int, line: str) -> Job:
-    try:
+    try:  # the line is never echoed: it may hold a token
         fields = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InvalidInput("line", line[:80], f"one JSON object ({exc.msg} at column {exc.colno})") from None
+        raise BatchLineError(f"not one JSON object ({exc.msg} at column {exc.colno})") from None
     if not isinstance(fields, dict):
-        raise InvalidInput("line", line[:80], "one JSON object: a request's fields")
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        raise BatchLineError(f"a JSON {type(fields).__name__}, not one object of a request's fields")
+    public = {name: value for name, value in fields.items() if not name.endswith("api_token")}
+    key = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()[:16]
     output = fields.pop("output", f"job-{number:04d}.mp4")
     if not isinstance(output, str) or not output.lower().endswith(".mp4") or output == MANIFEST:
         raise InvalidInput("output", output, "a file name ending in .mp4, in the batch's folder")
@@ -235,22 +241,23 @@ class JobRunner:
     def run(self, job: Job, folder: Path) -> dict[str, Any]:
         """Run `job` into `folder`: its manifest entry, done or failed (one job's failure is its own)."""
         started = time.perf_counter()
-        entry: dict[str, Any] = {"output": job.output, "line": job.line, "job": job.key, "model": job.model}
         try:
             video = self.video(job)
             path = inside(folder, job.output)
             path.parent.mkdir(parents=True, exist_ok=True)
             path = video.save(path, quality=job.quality)
         except WanLoraError as exc:
-            return {**entry, "status": "failed", "seed": job.request.settings.seed, "error": str(exc)}
+            return failed_entry(job, str(exc))
         except Exception as exc:  # a bug: reported on the job as the CLI reports it, and the batch goes on
-            from .errors import InternalError
-
-            return {**entry, "status": "failed", "seed": job.request.settings.seed, "error": str(InternalError.of(exc))}
+            return failed_entry(job, str(InternalError.of(exc)))
         seconds = round(time.perf_counter() - started, 3)
         timings = {name: round(value, 3) for name, value in video.timings.items()}
         digest = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
-        return {**entry, "status": "done", "seed": video.seed, **digest, "seconds": seconds, "timings": timings}
+        return {**job.entry, "status": "done", "seed": video.seed, **digest, "seconds": seconds, "timings": timings}
+
+
+def failed_entry(job: Job, error: str) -> dict[str, Any]:
+    return {**job.entry, "status": "failed", "seed": job.request.settings.seed, "error": error}
 
 
 @dataclass
@@ -264,6 +271,13 @@ class Summary:
     def exit_status(self) -> int:
         """The number of failed jobs, at most 100 (GNU parallel's rule): 0 when every job is done."""
         return min(len(self.failed), 100)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Count a job that ended (and say so when it failed)."""
+        self.done += entry["status"] == "done"
+        if entry["status"] == "failed":
+            self.failed.append(entry)
+            logger.warning("line %d failed: %s", entry["line"], entry["error"])
 
     def describe(self, manifest: Path) -> str:
         failed = f"{len(self.failed)} failed" + (
@@ -297,10 +311,7 @@ def run_batch(
         for job in todo:
             entry = runner.run(job, folder)
             manifest.record(entry)
-            summary.done += entry["status"] == "done"
-            if entry["status"] == "failed":
-                summary.failed.append(entry)
-                logger.warning("line %d failed: %s", job.line, entry["error"])
+            summary.add(entry)
             bar.update()
     manifest.compact(jobs)
     return summary

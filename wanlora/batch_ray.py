@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .batch import Job, JobRunner, Summary, file_digest, pending_jobs
+from .batch import Job, JobRunner, Summary, failed_entry, file_digest, pending_jobs
 from .errors import InvalidInput
 from .paths import inside
 
@@ -132,20 +132,15 @@ def _drive(ray, pool: ActorPool, todo: list[Job], shared: str | None, folder: Pa
                 if attempts[job.output] < MAX_ATTEMPTS:
                     queue.insert(0, job)
                     continue
-                entry, data = _failed(job, f"the Ray actor running it died {MAX_ATTEMPTS} times (out of memory?)"), None
+                entry, data = (
+                    failed_entry(job, f"the Ray actor running it died {MAX_ATTEMPTS} times (out of memory?)"),
+                    None,
+                )
             if data is not None:
                 entry = _written(folder, job, data, entry)
             manifest.record(entry)
-            summary.done += entry["status"] == "done"
-            if entry["status"] == "failed":
-                summary.failed.append(entry)
-                logger.warning("line %d failed: %s", job.line, entry["error"])
+            summary.add(entry)
             bar.update()
-
-
-def _failed(job: Job, error: str) -> dict[str, Any]:
-    entry = {"output": job.output, "line": job.line, "job": job.key, "model": job.model, "status": "failed"}
-    return {**entry, "seed": job.request.settings.seed, "error": error}
 
 
 def _written(folder: Path, job: Job, data: bytes, entry: dict[str, Any]) -> dict[str, Any]:
@@ -156,5 +151,5 @@ def _written(folder: Path, job: Job, data: bytes, entry: dict[str, Any]) -> dict
     partial.write_bytes(data)
     os.replace(partial, path)
     if file_digest(path) != entry["sha256"]:
-        return _failed(job, "the MP4 the actor sent arrived changed")
+        return failed_entry(job, "the MP4 the actor sent arrived changed")
     return entry

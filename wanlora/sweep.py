@@ -1,8 +1,8 @@
 """Sweeps: the same request over one or two axes, as one labelled grid video.
 
 An axis is a LoRA's strengths (the first or the second LoRA of the request, on whatever
-expert its request aims at), seeds, or prompts. Every cell is a plain `generate` with its
-settings, so it is bitwise the video a single call gives; what a sweep saves is the rest:
+expert its request aims at), seeds, or prompts. Every cell is a plain run of the request
+with its values, so it is bitwise the video a single call gives; what a sweep saves is the rest:
 the model loads once, each prompt is encoded once, and cells run in the order that rewrites
 the fewest weights (a LoRA's strength changes only between cells that need it).
 """
