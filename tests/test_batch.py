@@ -19,6 +19,7 @@ from wanlora.tiny import tiny_transformer
 
 from .builders import block_linears, write_lora
 from .conftest import probe, recorded
+from .servers import FileServer, Route
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = {"num_frames": 9, "num_inference_steps": 2, "width": 64, "height": 64}
@@ -164,17 +165,44 @@ def test_every_line_is_checked_before_any_work_and_errors_name_the_line(tmp_path
     assert "hf_secret" not in result.stderr
 
 
-@pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)
-def test_a_samples_file_is_a_valid_line(sample, tmp_path):
-    fields = json.loads(sample.read_text())
-    if isinstance(fields.get("image"), str) and fields["image"].startswith("https://"):
-        from PIL import Image  # Cog downloads the image; a batch line names a file here
+@pytest.fixture(scope="module")
+def image_server():
+    """A PNG and a web page over loopback, as an image link may give either."""
+    import io
 
-        Image.new("RGB", (320, 180)).save(tmp_path / "start.png")
-        fields["image"] = str(tmp_path / "start.png")
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (320, 180), (20, 120, 200)).save(png, format="PNG")
+    with FileServer() as server:
+        server.routes["/start.png"] = Route(body=png.getvalue(), content_type="image/png")
+        server.routes["/page"] = Route(body=b"<html>sign in</html>", content_type="text/html")
+        yield server
+
+
+@pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)
+def test_a_samples_file_is_a_valid_line(sample, tmp_path, image_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_ALLOW_PRIVATE_URLS", "1")  # the stand-in for the sample's image host
+    fields = json.loads(sample.read_text())
+    if "image" in fields:
+        fields["image"] = f"{image_server.url}/start.png"
     (job,) = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [fields]))
     assert job.request.settings.prompt == fields["prompt"]
     assert job.request.settings.seed == fields.get("seed", job.request.settings.seed)  # without one: a random one
+    if "image" in fields:
+        assert job.request.images[0].size == (320, 180)
+
+
+def test_an_image_link_is_fetched_as_lora_links_are(tmp_path, image_server, monkeypatch):
+    line = {"prompt": "the sea", "model": "tiny-i2v", "image": f"{image_server.url}/start.png"}
+    with pytest.raises(BatchLineError, match="only https:// links are allowed"):
+        read_jobs(write_jobs(tmp_path / "jobs.jsonl", [line]))
+    monkeypatch.setenv("WANLORA_ALLOW_PRIVATE_URLS", "1")
+    (job,) = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [line]))
+    assert job.request.images[0].getpixel((0, 0)) == (20, 120, 200)
+    page = {**line, "image": f"{image_server.url}/page"}
+    with pytest.raises(BatchLineError, match=r"image='\(the image at the link\)' is not allowed: a readable image"):
+        read_jobs(write_jobs(tmp_path / "jobs.jsonl", [page]))
 
 
 def test_a_batch_needs_a_folder_and_ray_options_need_ray(tmp_path, cli):

@@ -227,9 +227,11 @@ def add_generation_options(gen: argparse.ArgumentParser) -> None:
         help="what to avoid; default: the model's own, Wan's reference negative prompt; none: no negative prompt",
     )
     what.add_argument(
-        "--image", metavar="PATH", help="start image for image-to-video models (i2v, ti2v-5b); default none"
+        "--image",
+        metavar="PATH|URL",
+        help="start image for image-to-video models (i2v, ti2v-5b), a file or an https:// link; default none",
     )
-    what.add_argument("--last-image", metavar="PATH", help="end image, for first-last-frame models; default none")
+    what.add_argument("--last-image", metavar="PATH|URL", help="end image, for first-last-frame models; default none")
     what.add_argument(
         "--resize",
         choices=RESIZE_MODES,

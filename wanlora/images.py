@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from .errors import InvalidInput
 from .settings import RESIZE_MODES
 
 MIN_IMAGE_SIDE = 32
+MAX_IMAGE_BYTES = 64 << 20  # a linked image's most: a 64-megapixel PNG rarely needs more
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; a frame is at most 1920 a side, and decoding costs memory
 TOO_MANY_PIXELS = f"an image of at most {MAX_IMAGE_PIXELS // 10**6} megapixels; scale it down"
 
@@ -20,24 +22,14 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 def load_image(image: ImageInput, field: str = "image") -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an H x W x 3 uint8 array."""
-    if isinstance(image, (str, os.PathLike)):
+    """An RGB PIL image from a path, an https:// link, a PIL image or an H x W x 3 uint8 array."""
+    if isinstance(image, str) and image.lower().startswith(("https://", "http://")):
+        loaded = _decoded(fetch_image(image, field), field, "(the image at the link)")
+    elif isinstance(image, (str, os.PathLike)):
         path = Path(image).expanduser()
         if not path.is_file():
-            raise InvalidInput(field, str(image), "a path to an existing image file")
-        try:
-            with Image.open(path) as opened:
-                _check_pixels(field, opened.size)  # from the header: a small file can declare gigapixels
-                opened.load()
-                loaded = ImageOps.exif_transpose(opened)
-        except Image.DecompressionBombError:
-            raise InvalidInput(
-                field, str(image), f"an image of at most {MAX_IMAGE_PIXELS // 10**6} megapixels"
-            ) from None
-        except InvalidInput:
-            raise
-        except Exception as exc:  # a decoder's complaint, whatever its type (PIL raises SyntaxError for a bad PNG)
-            raise InvalidInput(field, str(image), f"a readable image (PNG, JPEG, WebP...): {exc}") from None
+            raise InvalidInput(field, str(image), "a path to an existing image file, or an https:// link")
+        loaded = _decoded(path, field, str(image))
     elif isinstance(image, Image.Image):
         loaded = image
     elif isinstance(image, np.ndarray):
@@ -45,11 +37,48 @@ def load_image(image: ImageInput, field: str = "image") -> Image.Image:
             raise InvalidInput(field, f"array {image.dtype} {image.shape}", "a uint8 array of shape H x W x 3")
         loaded = Image.fromarray(image)
     else:
-        raise InvalidInput(field, type(image).__name__, "a path, a PIL image or a uint8 H x W x 3 array")
+        allowed = "a path, an https:// link, a PIL image or a uint8 H x W x 3 array"
+        raise InvalidInput(field, type(image).__name__, allowed)
     _check_pixels(field, loaded.size)
     if min(loaded.size) < MIN_IMAGE_SIDE:
         raise InvalidInput(field, f"{loaded.size[0]}x{loaded.size[1]}", f"at least {MIN_IMAGE_SIDE} pixels a side")
     return loaded.convert("RGB")
+
+
+def _decoded(source: Path | io.BytesIO, field: str, shown: str) -> Image.Image:
+    """The image in a file or in fetched bytes, its size judged from the header before it is decoded."""
+    try:
+        with Image.open(source) as opened:
+            _check_pixels(field, opened.size)  # from the header: a small file can declare gigapixels
+            opened.load()
+            return ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError:
+        raise InvalidInput(field, shown, f"an image of at most {MAX_IMAGE_PIXELS // 10**6} megapixels") from None
+    except InvalidInput:
+        raise
+    except Exception as exc:  # a decoder's complaint, whatever its type (PIL raises SyntaxError for a bad PNG)
+        raise InvalidInput(field, shown, f"a readable image (PNG, JPEG, WebP...): {exc}") from None
+
+
+def fetch_image(url: str, field: str = "image") -> io.BytesIO:
+    """The bytes at an image link, fetched as LoRA links are: https only, every redirect's address
+    checked, retried when that is worth it, and at most MAX_IMAGE_BYTES."""
+    from .lora.net import http_session, open_url, with_retries
+    from .lora.refs import display_ref
+
+    label = f"{field} {display_ref(url)}"
+
+    def attempt() -> io.BytesIO:
+        with http_session() as session, open_url(session, url, {}, label) as response:
+            body = io.BytesIO()
+            for chunk in response.iter_content(1 << 20):
+                body.write(chunk)
+                if body.tell() > MAX_IMAGE_BYTES:
+                    raise InvalidInput(field, display_ref(url), f"an image of at most {MAX_IMAGE_BYTES >> 20} MiB")
+        body.seek(0)
+        return body
+
+    return with_retries(attempt, label, "the download", url)
 
 
 def _check_pixels(field: str, size: tuple[int, int]) -> None:
