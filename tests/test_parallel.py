@@ -24,8 +24,9 @@ from wanlora.service import PredictorInputs
 from wanlora.tiny import tiny_transformer
 
 from .builders import write_lora
-from .conftest import SMALL, assert_frames_agree, probe, run_cli
+from .conftest import SMALL, assert_frames_agree, probe, recorded, run_cli
 from .processes import alive, children_with, free_port, wait_for
+from .servers import FileServer, Route
 from .test_cli import FOX
 
 # ------------------------------------------------------------------ plans, checked before anything loads
@@ -325,11 +326,12 @@ def test_cli_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
 def worker_group():
     from wanlora.workers import WorkerGroup
 
-    os.environ["WANLORA_MODEL"] = "tiny"
+    os.environ.update(WANLORA_MODEL="tiny", WANLORA_ALLOW_PRIVATE_URLS="1")  # LoRAs come from loopback
     group = WorkerGroup(2)
     yield group
     group.close()
-    del os.environ["WANLORA_MODEL"]
+    for name in ("WANLORA_MODEL", "WANLORA_ALLOW_PRIVATE_URLS"):
+        del os.environ[name]
 
 
 REQUEST = {"prompt": "a fox", "num_frames": 9, "sample_steps": 2, "fps": 12, "seed": 11}
@@ -347,6 +349,21 @@ def test_worker_group_answers_like_one_process_and_relays_errors(worker_group, t
     with pytest.raises(InvalidInput, match="num_frames=500"):
         worker_group.generate(PredictorInputs(**{**REQUEST, "num_frames": 500}), tmp_path)
     assert worker_group.generate(PredictorInputs(**REQUEST), tmp_path / "two").seed == 11  # still serving
+
+
+def test_worker_group_sweeps_like_one_process(worker_group, tmp_path):
+    from wanlora.service import VideoService
+
+    write_lora(tmp_path / "style.safetensors", tiny_transformer(), "original", seed=3)
+    (tmp_path / "shared").mkdir()
+    with FileServer() as server:
+        server.routes["/style.safetensors"] = Route(body=(tmp_path / "style.safetensors").read_bytes())
+        request = {**REQUEST, "lora_weights": f"{server.url}/style.safetensors", "lora_scale_sweep": "0,1"}
+        single = VideoService(override="tiny").generate(PredictorInputs(**request), tmp_path)
+        shared = worker_group.generate(PredictorInputs(**request), tmp_path / "shared")
+    assert shared.path.name == single.path.name == "wanlora-sweep-11.mp4"
+    assert_frames_agree(probe(shared.path).frames, probe(single.path).frames)
+    assert [cell["loras"][0]["strength"] for cell in recorded(shared.path)["sweep"]["cells"]] == [0.0, 1.0]
 
 
 def test_worker_group_survives_a_killed_worker(worker_group, tmp_path):
