@@ -123,8 +123,6 @@ def parse_job(number: int, line: str) -> Job:
     model = fields.pop("model", DEFAULT_MODEL)
     if not isinstance(model, str):
         raise InvalidInput("model", model, "a model name, folder or Hub repo")
-    if "credentials" in fields:
-        raise InvalidInput("credentials", "(given)", "not in a line: tokens come from HF_TOKEN and CIVITAI_API_TOKEN")
     request = resolve_request(resolve_model(model), **fields)
     _check_local_loras(request)
     return Job(number, key, output, model, request, quality, fields=fields)
