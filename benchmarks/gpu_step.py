@@ -300,8 +300,8 @@ def a14b_480p_4step(bench: Bench) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def swap_14b(bench: Bench) -> tuple[list[dict], list[str]]:
-    model = bench.model("14B")
+def timed_swaps(bench: Bench, model: torch.nn.Module, repeats: int) -> tuple[float, int]:
+    """Seconds per swap between two rank-32 LoRAs on every block linear of `model`, and how many linears."""
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     with tempfile.TemporaryDirectory() as folder:
         loras = []
@@ -317,9 +317,13 @@ def swap_14b(bench: Bench) -> tuple[list[dict], list[str]]:
         merger.write(merger.prepare([(loras[state["next"] % 2], 1.0)]))
         state["next"] += 1
 
-    seconds = bench.time(swap, repeats=4, warmup=0)
+    seconds = bench.time(swap, repeats=repeats, warmup=0)
     merger.write(merger.prepare([]))
-    linears = sum(1 for name in loras[0].deltas if name.startswith("blocks."))
+    return seconds, sum(1 for name in loras[0].deltas if name.startswith("blocks."))
+
+
+def swap_14b(bench: Bench) -> tuple[list[dict], list[str]]:
+    seconds, linears = timed_swaps(bench, bench.model("14B"), repeats=4)
     return [{"swap": f"two rank-32 LoRAs on all {linears} block linears", "seconds": f"{seconds:.2f}"}], []
 
 
@@ -348,23 +352,7 @@ def fp8_14b(bench: Bench) -> tuple[list[dict], list[str]]:
         )
     set_matmul(quantized, "scaled")
 
-    shapes = {n: tuple(p.shape) for n, p in quantized.named_parameters()}
-    with tempfile.TemporaryDirectory() as folder:
-        loras = []
-        for seed in (1, 2):
-            tensors, _ = lora_tensors(shapes, "original", rank=32, seed=seed, dtype=bench.setup.dtype)
-            save_file(tensors, Path(folder) / f"{seed}.safetensors")
-            loras.append(read_lora(Path(folder) / f"{seed}.safetensors"))
-    merger = LoraMerger(quantized)
-    merger.write(merger.prepare([(loras[1], 1.0)]))
-    turn = {"next": 0}
-
-    def swap() -> None:
-        merger.write(merger.prepare([(loras[turn["next"] % 2], 1.0)]))
-        turn["next"] += 1
-
-    swap_seconds = bench.time(swap, repeats=3, warmup=0)
-    merger.write(merger.prepare([]))
+    swap_seconds, _ = timed_swaps(bench, quantized, repeats=3)
     rows.append({"case": "fp8 swap: two rank-32 LoRAs, every block linear", "seconds": f"{swap_seconds:.2f}"})
 
     second = copy.deepcopy(quantized)  # A14B: both fp8 experts resident, as offload="auto" keeps them on 80 GB
