@@ -10,7 +10,7 @@ the fewest weights (a LoRA's strength changes only between cells that need it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,7 @@ class Cell:
 @dataclass
 class Sweep:
     grid: Video
-    cells: list[Cell] = field(default_factory=list)
+    cells: list[Cell]  # in reading order: row by row
 
 
 def sweep_axes(
