@@ -521,11 +521,9 @@ def memory_json() -> list[dict[str, Any]]:
     return [plan.as_dict() for plan in catalogue_plans()]
 
 
-def gpu_plan(device: torch.device, spec: ModelSpec, mode: str, weights: str, sizes: Sizes) -> MemoryPlan | None:
+def gpu_plan(device: torch.device, spec: ModelSpec, mode: str, weights: str, sizes: Sizes) -> MemoryPlan:
     """The plan for the loaded model (its components measured) on this GPU: `mode`, or with "auto" the fastest
-    that fits; logged. None off the GPU, where nothing is planned."""
-    if device.type != "cuda":
-        return None
+    that fits; logged."""
     total = torch.cuda.get_device_properties(device).total_memory
     plan = plan_memory(spec, total, weights, sizes, mode=None if mode == "auto" else mode)
     if plan.fits:

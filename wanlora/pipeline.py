@@ -127,7 +127,7 @@ class WanLoraPipeline:
             self.switch = ExpertSwitch([(e.module, e.loras) for e in self.experts], device)
         self.load_timings: dict[str, float] = {}
         self.memory_plan: MemoryPlan | None = None  # on a GPU: the plan it was placed by (wanlora.memory)
-        self.placement: list = []  # the host arenas and streams placement made
+        self.placement: dict[str, object] = {}  # the host arenas and streams placement made, by component
         self.quantize: str | None = None  # "fp8" when the block linears are float8 (from_pretrained's `quantize`)
         self._encoded: dict[tuple, tuple] | None = None  # a sweep's text embeddings, by prompt
 
@@ -157,8 +157,9 @@ class WanLoraPipeline:
 
         `compile=True` compiles the repeated transformer blocks with torch.compile (a string
         names the backend); LoRA swaps rewrite weights in place and never recompile.
-        `offload` ("auto", "none", "experts", "model", "group") trades speed for GPU memory;
-        "auto" keeps only the active Wan2.2 A14B expert on the GPU: see wanlora.memory.
+        `offload` ("auto", "none", "encoder", "experts", "model", "group") trades speed for GPU
+        memory; "auto" plans each stage from the GPU's memory and takes the fastest mode that fits
+        (wanlora.memory); the VAE tiles only where memory requires it.
 
         `quantize="fp8"` stores the transformer's block linears in float8_e4m3fn with a scale
         per output channel (half the memory; fp8 matmuls on GPUs with fp8 tensor cores, the
@@ -215,9 +216,11 @@ class WanLoraPipeline:
             for name in spec.experts:
                 layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul)
                 logger.info("fp8: %d more block linears in float8_e4m3fn, %s matmuls", layers, matmul)
-        components = {n: getattr(diffusers_pipeline, n, None) for n in PLANNED_COMPONENTS}
-        sizes = measure({n: c for n, c in components.items() if c is not None})
-        memory_plan = gpu_plan(device, spec, offload, "fp8" if quantize == "fp8" else "bf16", sizes)
+        memory_plan = None
+        if device.type == "cuda":  # planned from the components as loaded (a finetune may differ in size)
+            components = {n: getattr(diffusers_pipeline, n, None) for n in PLANNED_COMPONENTS}
+            sizes = measure({n: c for n, c in components.items() if c is not None})
+            memory_plan = gpu_plan(device, spec, offload, "fp8" if quantize == "fp8" else "bf16", sizes)
         offload = memory_plan.mode if memory_plan is not None else "none" if offload == "auto" else offload
         placement = place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
@@ -243,8 +246,10 @@ class WanLoraPipeline:
         """Drop the transformers and their LoRA state, to free memory for another variant."""
         for expert in self.experts:
             setattr(self.diffusers_pipeline, ATTRIBUTES[expert.name], None)
-        # and whatever else holds them: the switch (with the waiting expert's pinned copy), the hooks
+        # and whatever else holds them: the switch (with the experts' pinned copies), their arenas, the hooks
         self.experts, self.switch, self.batched_guidance, self.parallel = [], None, [], None
+        for name in ("transformer", "transformer_2"):
+            self.placement.pop(name, None)
 
     @property
     def transformer(self) -> torch.nn.Module:

@@ -225,11 +225,11 @@ def set_vae_tiling(vae, why: str | None) -> None:
     logger.info("VAE decode tiled: %s", why)
 
 
-def place(pipe, device: torch.device, mode: str) -> list:
+def place(pipe, device: torch.device, mode: str) -> dict[str, object]:
     """Put the pipeline's components on `device`, or arrange for them to come on demand; return the
-    arenas and streams to keep for as long as the pipeline."""
+    arenas and streams to keep as long as their components, by component."""
     components = {n: c for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
-    kept: list = []
+    kept: dict[str, object] = {}
     stream = getattr(pipe.text_encoder, STREAM, None)
     if stream is not None and mode not in ("encoder", "experts"):  # shared from a pipeline that streamed it
         stream.close(pipe.text_encoder)
@@ -239,7 +239,7 @@ def place(pipe, device: torch.device, mode: str) -> list:
         for name, component in components.items():
             if name not in ("text_encoder", "transformer_2" if mode == "experts" else ""):
                 component.to(device)
-        kept.append(EncoderStream.of(pipe.text_encoder, device))
+        kept["text_encoder"] = EncoderStream.of(pipe.text_encoder, device)
     elif mode == "model":
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -254,7 +254,7 @@ def place(pipe, device: torch.device, mode: str) -> list:
             arena = HostArena(_tensors(module), pin=pin)
             for param_name, param in module.named_parameters():
                 param.data = arena.views[param_name]
-            kept.append(arena)
+            kept[name] = arena
             level = "leaf_level" if name == "text_encoder" else "block_level"
             extra = {} if level == "leaf_level" else {"num_blocks_per_group": 1}
             apply_group_offloading(module, onload_device=device, offload_type=level, use_stream=True, **extra)
