@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU run for a device session (one H200, no network), in under 7 minutes of wall time:
+# The GPU run for a device session (one 80 GB H100 or one H200, no network), in under 8 minutes:
 # random weights at the real Wan shapes, sections in order of value, each under its own
-# time limit, results in $OUT/gpu_results.json and .md after every section.
+# time limit, every row written to $OUT/gpu_results.json and .md as it is measured.
 #
 #   bash benchmarks/gpu.sh              # on the device: see the README's "GPU benchmark" section
-#   bash benchmarks/gpu.sh --rehearse   # every section on this CPU at tiny shapes (the tests run it)
+#   bash benchmarks/gpu.sh --rehearse   # every section on this CPU at tiny shapes, then the accounting
+#                                       # of the real run at real shapes on meta (the tests run it)
 #
 # The device image has torch but not diffusers or xformers: benchmarks/device_wheels.sh puts
 # the wheels it lacks in .whl/ (ignored by git), which the device call carries along.
@@ -21,7 +22,7 @@ if [ "$rehearse" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-timeout 410 "$PYTHON" -m benchmarks.gpu_step "$@" || echo "gpu_step.py stopped (exit $?); the results so far are in $OUT"
+timeout 470 "$PYTHON" -m benchmarks.gpu_step "$@" || echo "gpu_step.py stopped (exit $?); the results so far are in $OUT"
 # Context parallelism: two CPU processes with gloo in the rehearsal, every GPU on a machine with several.
 if [ "$rehearse" = 1 ]; then
     timeout 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 \

@@ -14,6 +14,7 @@ On a CPU machine `--model tiny` runs it with gloo, to check the script itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import time
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from benchmarks.results import Results, out_dir
 from tests.builders import forward_flops, random_transformer, step_inputs
 from wanlora.attention import choose_backend, install_backend
-from wanlora.distributed import Parallel, init_distributed
+from wanlora.distributed import Parallel, init_distributed, leave_group
 from wanlora.models import SIZE_PRESETS, TINY_ARCH, WAN_1_3B, WAN_14B
 from wanlora.parallel import ParallelPlan
 
@@ -63,7 +64,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_transformer(arch, dtype=dtype, device=str(device))
     inputs = step_inputs(arch, args.frames, height, width, dtype=dtype, device=str(device))
-    forward = lambda: model(**inputs, return_dict=False)  # noqa: E731
+    forward = functools.partial(model, **inputs, return_dict=False)
 
     plan = ParallelPlan.auto(world, arch.num_attention_heads)
     install_backend(model, choose_backend("auto", device, plan.attention_split))
@@ -87,7 +88,10 @@ def main() -> None:
             f"context-parallel: {case}", "ok", time.perf_counter() - started, rows, []
         )
         print("\n".join(f"{row}" for row in rows))
-    dist.destroy_process_group()
+    del forward, model  # its context-parallel hooks hold the groups: they must go before the groups do
+    left = leave_group()
+    if left:
+        raise SystemExit(f"rank {rank}: the process group outlived its teardown, threads {', '.join(left)} still run")
 
 
 if __name__ == "__main__":

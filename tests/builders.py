@@ -12,7 +12,6 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from wanlora.models import Architecture, latent_shape, token_count
-from wanlora.pipeline import cast_keeping_fp32
 
 # ------------------------------------------------------------------ LoRA files in every layout
 #
@@ -87,12 +86,14 @@ def lora_tensors(
     seed: int = 0,
     prefix: str | None = None,
     dtype: torch.dtype = torch.float32,
+    with_deltas: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A LoRA state dict in `layout` (docs/lora-formats.md, "Layouts") and the fp32 deltas it means.
 
     `shapes` maps diffusers parameter names to shapes (from any model, meta or real);
     `targets` are module names (default: every block linear). The second dict maps each
-    changed parameter to its delta, computed with the doc's "The math".
+    changed parameter to its delta, computed with the doc's "The math"; with `with_deltas=False`
+    it stays empty (a dense delta per linear is 283 MB at the 14B shape: benchmarks want the file only).
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -113,7 +114,8 @@ def lora_tensors(
         if alpha is not None:
             tensors[f"{key_base}.alpha"] = torch.tensor(alpha)
             scale = alpha / rank
-        expected[f"{module}.weight"] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+        if with_deltas:
+            expected[f"{module}.weight"] = (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
 
     if layout in LORA_LAYOUTS:
         default_prefix, namespace, flat, down_suffix, up_suffix, with_alpha = LORA_LAYOUTS[layout]
@@ -255,27 +257,40 @@ def wan_checkpoint(model: torch.nn.Module, layout: str, prefix: str = "") -> dic
     return tensors
 
 
+def materialize(module: torch.nn.Module, device: str, dtype_of, seed: int = 0) -> torch.nn.Module:
+    """Give a `meta` module random weights (normal, std 0.02) on `device`, each parameter made straight in
+    its own dtype (`dtype_of(name)`): a 14B model costs its bf16 bytes, never an fp32 detour. Buffers are
+    zeros; a module that computes its buffers (the rotary tables) rebuilds them."""
+    generator = torch.Generator(device).manual_seed(seed)
+    made: dict[int, torch.nn.Parameter] = {}  # a tied weight stays one tensor
+    for prefix, owner in module.named_modules():
+        for name, param in owner._parameters.items():
+            if param is not None and id(param) not in made:
+                full = f"{prefix}.{name}" if prefix else name
+                data = torch.empty(param.shape, dtype=dtype_of(full), device=device)
+                made[id(param)] = torch.nn.Parameter(data.normal_(0, 0.02, generator=generator), requires_grad=False)
+            if param is not None:
+                owner._parameters[name] = made[id(param)]
+        for name, buffer in owner._buffers.items():
+            if buffer is not None:
+                owner._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
+    return module.eval().requires_grad_(False)
+
+
 def random_transformer(
     arch: Architecture, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
 ) -> WanTransformer3DModel:
-    """A transformer at `arch`'s real shapes (optionally fewer blocks) with random weights.
-
-    Built on the meta device and materialised once on `device`, so a 14B shape costs no
-    fp32 detour; the modules diffusers keeps in fp32 stay fp32.
-    """
+    """A transformer at `arch`'s real shapes (optionally fewer blocks) with random weights, made on `device`
+    in `dtype`; the modules diffusers keeps in fp32 stay fp32."""
     from dataclasses import replace
 
     config = replace(arch, num_layers=num_layers or arch.num_layers).transformer_config()
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)
-    model.to_empty(device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    for param in model.parameters():
-        param.data = torch.randn(param.shape, generator=generator, device=device).mul_(0.02)
-    cast_keeping_fp32(model, dtype)
-    # to_empty left the rotary tables uninitialised: rebuild them
+    keep = set(model._keep_in_fp32_modules or [])
+    materialize(model, device, lambda name: torch.float32 if keep & set(name.split(".")) else dtype)
     model.rope = type(model.rope)(arch.attention_head_dim, (1, 2, 2), arch.rope_max_seq_len).to(device)
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def step_inputs(

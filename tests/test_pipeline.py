@@ -1,3 +1,4 @@
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -190,33 +191,55 @@ def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path, quantize):
     assert np.abs(eager.astype(int) - first.astype(int)).max() <= 1
 
 
-def test_offload_needs_a_gpu_and_the_vae_tiles_above_480p(tiny_pipe, monkeypatch):
-    from wanlora import memory
+def test_compile_and_fast_mode_work_together(tiny_pipe):
+    """First Block Cache's hooks run around the compiled blocks, not inside one graph (which dynamo refuses)."""
+    from torch._dynamo.utils import counters
+
+    options = {**SMALL, "num_inference_steps": 6, "seed": 3}
+    torch._dynamo.reset()  # the blocks' code may be compiled already, by another test
+    counters.clear()
+    compiled = WanLoraPipeline.from_pretrained("tiny", compile="aot_eager")
+    fast = compiled.generate("a fox", fast_mode="fast", **options).frames
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph, every block
+    assert np.array_equal(compiled.generate("a fox", fast_mode="fast", **options).frames, fast)
+    assert counters["stats"]["unique_graphs"] == 1  # and no recompiling between generations
+    eager = tiny_pipe.generate("a fox", fast_mode="fast", **options).frames
+    full = tiny_pipe.generate("a fox", fast_mode="off", **options).frames
+    assert_frames_agree(fast, eager)
+    assert np.abs(fast.astype(int) - full.astype(int)).max() > 1  # blocks were skipped
+
+
+def test_offload_needs_a_gpu_and_the_vae_tiles_only_where_memory_requires(tiny_pipe, monkeypatch, caplog):
+    from wanlora.memory import plan_memory
 
     for mode in ("encoder", "model"):
         with pytest.raises(InvalidInput, match="offloading moves weights to a GPU"):
             WanLoraPipeline.from_pretrained("tiny", offload=mode)
     with pytest.raises(InvalidInput, match="one of auto, none, encoder, experts, model, group"):
         WanLoraPipeline.from_pretrained("tiny", offload="disk")
-    untiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
-    assert not tiny_pipe.diffusers_pipeline.vae.use_tiling
-    monkeypatch.setattr(memory, "VAE_TILING_MIN_PIXELS", 0)  # treat the tiny frames as large
+    untiled = tiny_pipe.generate("a fox", seed=2, **SMALL)
+    assert not tiny_pipe.diffusers_pipeline.vae.use_tiling and untiled.metadata["vae_decode"] == "untiled"
+    vae = tiny_pipe.diffusers_pipeline.vae
     calls = []
-    original = type(tiny_pipe.diffusers_pipeline.vae).tiled_decode
-    monkeypatch.setattr(
-        type(tiny_pipe.diffusers_pipeline.vae),
-        "tiled_decode",
-        lambda self, *a, **k: calls.append(1) or original(self, *a, **k),
-    )
-    tiny_pipe.diffusers_pipeline.vae.tile_sample_min_height = tiny_pipe.diffusers_pipeline.vae.tile_sample_min_width = (
-        32
-    )
-    tiny_pipe.diffusers_pipeline.vae.tile_sample_stride_height = (
-        tiny_pipe.diffusers_pipeline.vae.tile_sample_stride_width
-    ) = 16
-    tiled = tiny_pipe.generate("a fox", seed=2, **SMALL).frames
+    original = type(vae).tiled_decode
+    monkeypatch.setattr(type(vae), "tiled_decode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(vae, "tile_sample_min_height", 32)
+    monkeypatch.setattr(vae, "tile_sample_min_width", 32)
+    monkeypatch.setattr(vae, "tile_sample_stride_height", 16)
+    monkeypatch.setattr(vae, "tile_sample_stride_width", 16)
+    roomy = plan_memory(tiny_pipe.spec, 80 * 2**30, "bf16", size=(64, 48, 9))
+    monkeypatch.setattr(tiny_pipe, "memory_plan", roomy)  # a GPU with room: the reference's untiled decode
+    assert tiny_pipe.generate("a fox", seed=2, **SMALL).metadata["vae_decode"] == "untiled" and not calls
+    monkeypatch.setattr(tiny_pipe, "memory_plan", plan_memory(tiny_pipe.spec, 2**28, "bf16", size=(64, 48, 9)))
+    with caplog.at_level(logging.INFO, logger="wanlora"):
+        tiled = tiny_pipe.generate("a fox", seed=2, **SMALL)
     assert calls and tiny_pipe.diffusers_pipeline.vae.use_tiling
-    assert tiled.shape == untiled.shape and np.abs(tiled.astype(int) - untiled.astype(int)).mean() < 8
+    assert (
+        tiled.metadata["vae_decode"].startswith("tiled: untiled it needs")
+        and "GB usable" in tiled.metadata["vae_decode"]
+    )
+    assert "VAE decode tiled: untiled it needs" in caplog.text
+    assert np.abs(tiled.frames.astype(int) - untiled.frames.astype(int)).mean() < 8
     monkeypatch.undo()
     tiny_pipe.generate("a fox", seed=2, **SMALL)
     assert not tiny_pipe.diffusers_pipeline.vae.use_tiling

@@ -146,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache(commands, verbose)
     models = commands.add_parser("models", parents=[verbose], help="list the catalogue: every variant and its defaults")
     models.add_argument(
-        "--memory", action="store_true", help="instead, what --offload auto picks per variant and GPU; default off"
+        "--memory",
+        action="store_true",
+        help="instead, the memory plan: what --offload auto picks per variant, GPU size and weight dtype, with "
+        "the peak GPU and host memory; default off",
+    )
+    models.add_argument(
+        "--json", action="store_true", help="with --memory: every plan as JSON, stage by stage; default off"
     )
     return parser
 
@@ -802,10 +808,12 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> None:
     if args.memory:
-        from .memory import memory_table
+        from .memory import memory_json, memory_table
 
-        print(memory_table())
+        print(json.dumps(memory_json(), indent=1) if args.json else memory_table())
         return
+    if args.json:
+        raise InvalidInput("json", True, "--json goes with --memory")
     from .models import catalogue_markdown
 
     print(catalogue_markdown(), end="")

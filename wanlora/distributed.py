@@ -9,7 +9,9 @@ it would judge each rank's share of the tokens on its own, and the ranks would d
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -60,13 +62,42 @@ def init_distributed() -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # A process that exits with its group alive can abort in the backend's destructors
         # ("terminate called without an active exception") after its work is done.
-        atexit.register(_leave_group)
+        atexit.register(leave_group, wait=False)
     return device
 
 
-def _leave_group() -> None:
+def leave_group(wait: bool = True) -> list[str]:
+    """Leave the process group for good; return the backend threads still running (none, if nothing holds it).
+
+    destroy_process_group destroys a group's backend only when nothing else refers to it, and the
+    context-parallel hooks of a transformer hold their device mesh, which holds the groups. A group
+    that outlives it is destroyed at interpreter exit, its threads joined while the other ranks
+    are exiting too; gloo then can abort there. So the garbage goes first, and with `wait`, every
+    rank waits for the others (their collectives done) before any tears its group down.
+    """
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
+    gc.collect()
+    return backend_threads()
+
+
+def backend_threads() -> list[str]:
+    """The names of this process's gloo and NCCL threads (Linux; elsewhere none are seen)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name.startswith(("gloo", "pt_gloo", "pt_nccl", "nccl")):
+            names.append(name)
+    return sorted(names)
 
 
 class Parallel:

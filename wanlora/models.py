@@ -195,6 +195,46 @@ WAN22_TI2V_5B = Architecture(
     num_layers=30, num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, in_channels=48, out_channels=48
 )
 
+# The components every variant shares, at their published shapes (the Diffusers repos' config.json):
+# the UMT5-XXL text encoder, Wan2.1 I2V's CLIP ViT-H/14 image encoder, and the two VAEs (Wan2.1's
+# is AutoencoderKLWan's defaults; Wan2.2's, TI2V-5B's 48-channel one, compresses 16x in space).
+UMT5_XXL = {
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+}
+CLIP_VIT_H = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 1024,
+    "hidden_act": "gelu",
+}
+WAN21_VAE: dict[str, Any] = {}
+WAN22_VAE = {
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True],
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "is_residual": True,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+}
+
 KIJAI = "Kijai/WanVideo_comfy"
 LIGHTNING = "lightx2v/Wan2.2-Lightning"  # a folder per model, each a high/low pair
 LIGHTX2V_I2V = f"{KIJAI}/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"  # serves 720p too

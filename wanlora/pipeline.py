@@ -46,9 +46,10 @@ from .lora.pairs import EVERY_EXPERT
 from .lora.pristine import PristineSource
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
-from .memory import ExpertSwitch, auto_offload, check_offload, place, set_vae_tiling
+from .memory import MemoryPlan, blocks_of, check_offload, gpu_plan, measure, vae_tiling_for
 from .models import TINY_NAMES, ModelSpec, identify_model
 from .parallel import ParallelPlan
+from .placement import ExpertSwitch, place, set_vae_tiling
 from .request import Request, refuse_unknown, resolve_request
 from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .settings import check_quantize
@@ -60,7 +61,14 @@ from .video import Video
 
 logger = logging.getLogger(__name__)
 
-SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")  # the same for every Wan model on Wan2.1's VAE
+SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")
+PLANNED_COMPONENTS = (
+    "text_encoder",
+    "image_encoder",
+    "transformer",
+    "transformer_2",
+    "vae",
+)  # what takes GPU memory  # the same for every Wan model on Wan2.1's VAE
 TEXT_TOKENS = 512  # the prompt's T5 tokens, as diffusers' Wan pipelines encode them
 
 
@@ -70,6 +78,17 @@ def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for name, param in model.named_parameters():
         if not any(part in keep for part in name.split(".")):
             param.data = param.data.to(dtype)
+
+
+def compile_blocks(transformer: torch.nn.Module, backend: str, fullgraph: bool) -> None:
+    """torch.compile each transformer block's own computation, one graph for all of them.
+
+    The blocks' `forward` is compiled, not the module call (diffusers' `compile_repeated_blocks`): fast
+    mode's First Block Cache wraps `forward` with hooks whose skip decision dynamo cannot trace in one
+    graph, and installed over the compiled function they run around it instead.
+    """
+    for block in blocks_of(transformer):
+        block.forward = torch.compile(block.forward, fullgraph=fullgraph, backend=backend)
 
 
 class WanLoraPipeline:
@@ -107,6 +126,8 @@ class WanLoraPipeline:
         if offload == "experts":
             self.switch = ExpertSwitch([(e.module, e.loras) for e in self.experts], device)
         self.load_timings: dict[str, float] = {}
+        self.memory_plan: MemoryPlan | None = None  # on a GPU: the plan it was placed by (wanlora.memory)
+        self.placement: dict[str, object] = {}  # the host arenas and streams placement made, by component
         self.quantize: str | None = None  # "fp8" when the block linears are float8 (from_pretrained's `quantize`)
         self._encoded: dict[tuple, tuple] | None = None  # a sweep's text embeddings, by prompt
 
@@ -136,8 +157,9 @@ class WanLoraPipeline:
 
         `compile=True` compiles the repeated transformer blocks with torch.compile (a string
         names the backend); LoRA swaps rewrite weights in place and never recompile.
-        `offload` ("auto", "none", "experts", "model", "group") trades speed for GPU memory;
-        "auto" keeps only the active Wan2.2 A14B expert on the GPU: see wanlora.memory.
+        `offload` ("auto", "none", "encoder", "experts", "model", "group") trades speed for GPU
+        memory; "auto" plans each stage from the GPU's memory and takes the fastest mode that fits
+        (wanlora.memory); the VAE tiles only where memory requires it.
 
         `quantize="fp8"` stores the transformer's block linears in float8_e4m3fn with a scale
         per output channel (half the memory; fp8 matmuls on GPUs with fp8 tensor cores, the
@@ -194,19 +216,24 @@ class WanLoraPipeline:
             for name in spec.experts:
                 layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul)
                 logger.info("fp8: %d more block linears in float8_e4m3fn, %s matmuls", layers, matmul)
-        if offload == "auto":
-            offload = auto_offload(device, spec, quantize == "fp8")
-        place(diffusers_pipeline, device, offload)
+        memory_plan = None
+        if device.type == "cuda":  # planned from the components as loaded (a finetune may differ in size)
+            components = {n: getattr(diffusers_pipeline, n, None) for n in PLANNED_COMPONENTS}
+            sizes = measure({n: c for n, c in components.items() if c is not None})
+            memory_plan = gpu_plan(device, spec, offload, "fp8" if quantize == "fp8" else "bf16", sizes)
+        offload = memory_plan.mode if memory_plan is not None else "none" if offload == "auto" else offload
+        placement = place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
         loaded = cls(diffusers_pipeline, spec, device, attention, plan, offload, checkpoints)
         loaded.load_timings = timings
         loaded.quantize = quantize
+        loaded.memory_plan, loaded.placement = memory_plan, placement
         if compile:
             backend = "inductor" if compile is True else compile
             for expert in loaded.experts:
                 # context-parallel attention calls collectives that dynamo cannot trace in one graph
-                expert.module.compile_repeated_blocks(fullgraph=plan is None, backend=backend)
+                compile_blocks(expert.module, backend, fullgraph=plan is None)
             logger.info("compiled the transformer blocks with torch.compile (%s)", backend)
         return loaded
 
@@ -219,8 +246,10 @@ class WanLoraPipeline:
         """Drop the transformers and their LoRA state, to free memory for another variant."""
         for expert in self.experts:
             setattr(self.diffusers_pipeline, ATTRIBUTES[expert.name], None)
-        # and whatever else holds them: the switch (with the waiting expert's pinned copy), the hooks
+        # and whatever else holds them: the switch (with the experts' pinned copies), their arenas, the hooks
         self.experts, self.switch, self.batched_guidance, self.parallel = [], None, [], None
+        for name in ("transformer", "transformer_2"):
+            self.placement.pop(name, None)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -444,7 +473,11 @@ class WanLoraPipeline:
         request: Request,
     ) -> Video | None:
         pipeline = self._diffusers_pipeline_for(request)
-        set_vae_tiling(pipeline.vae, settings.width, settings.height)
+        tiling = vae_tiling_for(
+            self.memory_plan, self.spec.vae_scale, settings.width, settings.height, settings.num_frames
+        )
+        set_vae_tiling(pipeline.vae, tiling)
+        extra = {**extra, "vae_decode": "untiled" if tiling is None else f"tiled: {tiling}"}
         pipeline.scheduler = self.diffusers_pipeline.scheduler = self._sampler_for(request, settings.flow_shift)
         steps = expert_steps(
             pipeline.scheduler, settings.num_inference_steps, self.spec.boundary_ratio, self.spec.experts

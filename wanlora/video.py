@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
 
 from .errors import InvalidInput, VideoEncodeError
@@ -135,6 +134,9 @@ def encode_mp4(
 
 
 def _command(frames: np.ndarray, fps: int, crf: int, tags: Path, partial: Path) -> list[str]:
+    # imported here: generating needs no ffmpeg (the GPU image lacks imageio-ffmpeg), saving does
+    import imageio_ffmpeg
+
     height, width = frames.shape[1:3]
     return [
         imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-v", "error",

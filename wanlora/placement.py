@@ -1,0 +1,265 @@
+"""Putting a pipeline's components where the memory plan (wanlora.memory) says, and moving them there.
+
+Host buffers that feed the GPU are `HostArena`s: one plain allocation of exactly the bytes they
+hold, registered with CUDA as pinned pages. `pin_memory=True` would go through PyTorch's caching
+host allocator, which rounds each block up to a power of two: a 28.6 GB expert would take 34.4
+GB as one block and 43.8 GB as one block per tensor.
+
+Two movers keep copies to what changed:
+- `EncoderStream`: the text encoder lives in a pinned arena and comes to the GPU one block at a
+  time while it encodes; its weights never change, so leaving costs nothing.
+- `ExpertSwitch`: Wan2.2 A14B's two experts, one on the GPU at a time. Each keeps its host copy
+  while it works, and on leaving copies back only the weights a LoRA merge changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from .memory import blocks_of
+
+logger = logging.getLogger(__name__)
+
+STREAM = "_wanlora_stream"  # the attribute of a text encoder that streams
+ARENA_ALIGN = 512  # bytes between one tensor's start and the next: every dtype's alignment, and DMA-friendly
+
+
+def arena_layout(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], int]:
+    """Each tensor's byte offset in one buffer, and the buffer's size: the tensors' bytes, aligned."""
+    offsets, total = {}, 0
+    for name, tensor in tensors.items():
+        offsets[name] = total
+        total += -(-tensor.numel() * tensor.element_size() // ARENA_ALIGN) * ARENA_ALIGN
+    return offsets, total
+
+
+def caching_allocator_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """What `pin_memory=True` would take for these tensors, one block each: sizes rounded up to powers of two."""
+    return sum(1 << max(0, (t.numel() * t.element_size() - 1).bit_length()) for t in tensors.values())
+
+
+def cuda_register(pointer: int, size: int) -> None:
+    error = int(torch.cuda.cudart().cudaHostRegister(pointer, size, 1))  # 1: cudaHostRegisterPortable
+    if error:
+        raise RuntimeError(f"could not pin {size / 1e9:.1f} GB of host memory (CUDA error {error})")
+
+
+def cuda_unregister(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+class HostArena:
+    """Host copies of `tensors` in one allocation of exactly their (aligned) bytes, pinned with CUDA.
+
+    `views[name]` is each tensor's host buffer, shaped and typed as the tensor; the values are
+    copied in when `fill` is true. `register`/`unregister` default to CUDA's (tests pass stand-ins).
+    The registration ends with the arena; the memory lives as long as any view of it does.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        pin: bool,
+        fill: bool = True,
+        register: Callable[[int, int], None] = cuda_register,
+        unregister: Callable[[int], None] = cuda_unregister,
+    ) -> None:
+        offsets, self.nbytes = arena_layout(tensors)
+        self.storage = torch.empty(max(self.nbytes, 1), dtype=torch.uint8)  # pageable, the exact size
+        self.pinned = pin
+        if pin:
+            register(self.storage.data_ptr(), self.nbytes)
+            weakref.finalize(self, unregister, self.storage.data_ptr())
+        self.views: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            chunk = self.storage[offsets[name] : offsets[name] + size]
+            self.views[name] = chunk.view(tensor.dtype).view(tensor.shape)
+            if fill:
+                self.views[name].copy_(tensor)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.data for name, param in module.named_parameters()}
+
+
+class EncoderStream:
+    """The text encoder on the GPU only while it encodes: its embedding and final norm for the whole call,
+    its blocks one at a time. Host copies in a pinned arena; nothing is ever copied back."""
+
+    def __init__(self, encoder: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.params = dict(encoder.named_parameters())
+        self.arena = HostArena(_tensors(encoder), pin=device.type == "cuda")
+        self.moved = 0  # bytes brought to the GPU, for the logs and benchmarks
+        for name, param in self.params.items():
+            param.data = self.arena.views[name]
+        for buffer in encoder.buffers():  # small, and read every call: they stay on the GPU
+            buffer.data = buffer.data.to(device)
+        blocks = blocks_of(encoder)
+        where = next(name for name, module in encoder.named_modules() if module is blocks)
+        in_blocks = {id(p) for p in blocks.parameters()}
+        rest = [n for n, p in self.params.items() if id(p) not in in_blocks]
+        self.hooks = [
+            encoder.register_forward_pre_hook(lambda *_: self._bring(rest)),
+            encoder.register_forward_hook(lambda *_: self._drop(rest)),
+        ]
+        for index, block in enumerate(blocks):
+            names = [f"{where}.{index}.{n}" for n, _ in block.named_parameters()]
+            self.hooks.append(block.register_forward_pre_hook(lambda *_, names=names: self._bring(names)))
+            self.hooks.append(block.register_forward_hook(lambda *_, names=names: self._drop(names)))
+        setattr(encoder, STREAM, self)  # a pipeline that shares this encoder finds it streaming already
+
+    @classmethod
+    def of(cls, encoder: torch.nn.Module, device: torch.device) -> EncoderStream:
+        """The encoder's stream: the one it has (a shared encoder), or a new one."""
+        stream = getattr(encoder, STREAM, None)
+        return stream if stream is not None and stream.device == device else cls(encoder, device)
+
+    def close(self, encoder: torch.nn.Module) -> None:
+        """Stop streaming: the weights stay in host memory, where a new placement takes them from."""
+        for hook in self.hooks:
+            hook.remove()
+        setattr(encoder, STREAM, None)
+
+    def _bring(self, names: list[str]) -> None:
+        for name in names:
+            view = self.arena.views[name]
+            self.params[name].data = view.to(self.device, non_blocking=True)
+            self.moved += view.numel() * view.element_size()
+
+    def _drop(self, names: list[str]) -> None:
+        for name in names:  # the GPU copy goes back to the allocator, in stream order
+            self.params[name].data = self.arena.views[name]
+
+
+def _same_terms(a: list | None, b: list | None) -> bool:
+    """Whether two LoRA plans give a weight the same terms: the merge's result depends on nothing else."""
+    return [(id(t.delta), t.strength) for t in a or []] == [(id(t.delta), t.strength) for t in b or []]
+
+
+class ExpertSwitch:
+    """Wan2.2 A14B on one GPU: the expert at work on the GPU, the other in pinned host memory.
+
+    A forward pre-hook on each expert brings it to the GPU on its first call of a generation (the
+    high-noise expert at the start, the low-noise one at the boundary), so the switch happens once
+    each way per generation. Each expert has a host arena that keeps its weights' copy while it
+    works; leaving, it copies back only the weights whose LoRA terms changed since it arrived (the
+    merged weights depend on the base and the LoRA set alone), and usually nothing. The waiting
+    expert's LoRA state is deferred: a change made meanwhile is merged when it comes back, on the
+    GPU. Buffers (rotary tables, fp8 scales) stay on the GPU.
+    """
+
+    def __init__(self, experts: list, device: torch.device) -> None:
+        """`experts`: (module, TransformerLoras) pairs, the first of them on `device` now."""
+        self.device = device
+        self.arenas: dict[int, HostArena] = {}
+        self.arrived: dict[int, dict] = {}  # the LoRA plan each expert's host copy holds
+        self.active = experts[0][0]
+        self.switches = 0
+        self.seconds = 0.0  # time spent moving weights, for the logs and benchmarks
+        self.bytes_in = self.bytes_back = 0
+        self._loras = {id(module): loras for module, loras in experts}
+        for module, loras in experts:
+            module.register_forward_pre_hook(lambda mod, args, loras=loras: self.activate(mod, loras))
+            if module is not self.active:
+                for buffer in module.buffers():
+                    buffer.data = buffer.data.to(device)
+                self._offload(module, loras)
+        self.arrived[id(self.active)] = dict(experts[0][1].merger.plan)
+        _sync(device)
+
+    def activate(self, module: torch.nn.Module, loras) -> None:
+        if module is self.active:
+            return
+        started = time.perf_counter()
+        self._offload(self.active, self._loras[id(self.active)])
+        for name, param in module.named_parameters():
+            # a copy even on the CPU (the tests), so that the host copy stays the expert's own
+            param.data = self.arenas[id(module)].views[name].to(self.device, non_blocking=True, copy=True)
+            self.bytes_in += param.numel() * param.element_size()
+        _sync(self.device)
+        self.active = module
+        self.arrived[id(module)] = dict(loras.merger.plan)
+        loras.deferred = False
+        loras.flush()
+        self.switches += 1
+        self.seconds += time.perf_counter() - started
+        logger.info("expert switch: %.2fs", time.perf_counter() - started)
+
+    def _offload(self, module: torch.nn.Module, loras) -> None:
+        params = dict(module.named_parameters())
+        arena = self.arenas.get(id(module))
+        if arena is None:  # the first time: every weight
+            arena = self.arenas[id(module)] = HostArena(_tensors(module), pin=self.device.type == "cuda")
+            changed: set[str] = set()
+            self.bytes_back += arena.nbytes
+        else:
+            before, now = self.arrived.get(id(module), {}), loras.merger.plan
+            changed = {n for n in set(before) | set(now) if n in params and not _same_terms(before.get(n), now.get(n))}
+        for name, param in params.items():
+            if name in changed:
+                arena.views[name].copy_(param.data, non_blocking=True)
+                self.bytes_back += param.numel() * param.element_size()
+            param.data = arena.views[name]
+        loras.deferred = True
+        _sync(self.device)
+
+
+def set_vae_tiling(vae, why: str | None) -> None:
+    """Decode untiled (the reference's computation) unless the plan says memory requires tiles (`why`)."""
+    if why is None:
+        vae.disable_tiling()
+        return
+    vae.enable_tiling()
+    logger.info("VAE decode tiled: %s", why)
+
+
+def place(pipe, device: torch.device, mode: str) -> dict[str, object]:
+    """Put the pipeline's components on `device`, or arrange for them to come on demand; return the
+    arenas and streams to keep as long as their components, by component."""
+    components = {n: c for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    kept: dict[str, object] = {}
+    stream = getattr(pipe.text_encoder, STREAM, None)
+    if stream is not None and mode not in ("encoder", "experts"):  # shared from a pipeline that streamed it
+        stream.close(pipe.text_encoder)
+    if mode == "none":
+        pipe.to(device)
+    elif mode in ("encoder", "experts"):  # the experts' switch (WanLoraPipeline) takes the second one from here
+        for name, component in components.items():
+            if name not in ("text_encoder", "transformer_2" if mode == "experts" else ""):
+                component.to(device)
+        kept["text_encoder"] = EncoderStream.of(pipe.text_encoder, device)
+    elif mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        from diffusers.hooks import apply_group_offloading
+
+        pin = device.type == "cuda"
+        for name in ("transformer", "transformer_2", "text_encoder"):
+            module = components.get(name)
+            if module is None:
+                continue
+            # diffusers pins each tensor itself (power-of-two blocks) unless it already is pinned: an arena first
+            arena = HostArena(_tensors(module), pin=pin)
+            for param_name, param in module.named_parameters():
+                param.data = arena.views[param_name]
+            kept[name] = arena
+            level = "leaf_level" if name == "text_encoder" else "block_level"
+            extra = {} if level == "leaf_level" else {"num_blocks_per_group": 1}
+            apply_group_offloading(module, onload_device=device, offload_type=level, use_stream=True, **extra)
+        pipe.vae.to(device)
+        if getattr(pipe, "image_encoder", None) is not None:
+            pipe.image_encoder.to(device)
+    logger.info("placement: offload=%s on %s", mode, device)
+    return kept
