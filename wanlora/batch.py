@@ -133,7 +133,8 @@ def _in_predictor_fields(fields: dict[str, Any]) -> bool:
     from .pipeline import generate_options
 
     library = {"prompt", "model", *generate_options()}
-    return bool(set(fields) & (set(PREDICTOR_FIELDS) - library)) or fields.get("model") in MODEL_CHOICES
+    model = fields.get("model")
+    return bool(set(fields) & (set(PREDICTOR_FIELDS) - library)) or (isinstance(model, str) and model in MODEL_CHOICES)
 
 
 def _predictor_job(number: int, key: str, output: str, quality: int, fields: dict[str, Any]) -> Job:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput, ModelNotFound
+from .errors import InvalidInput, ModelNotFound, shown_value
 from .settings import ASPECT_RATIOS
 
 # Wan's sizes (its SIZE_CONFIGS); Wan2.1's sides are multiples of 16. The reference's
@@ -451,6 +451,8 @@ def resolve_model(model: str) -> ModelSpec:
     defaults of the variant whose architecture it declares once identified; until then it is
     assumed to be like `t2v-14b`.
     """
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidInput("model", model, "a model name, folder or Hub repo id (text)")
     if model in CATALOGUE:
         return CATALOGUE[model]
     if model in TINY_NAMES:
@@ -466,7 +468,8 @@ def resolve_model(model: str) -> ModelSpec:
         return replace(base, name=model, source=model, identified=False)
     known = ", ".join([*CATALOGUE, *TINY_NAMES])
     raise ModelNotFound(
-        f"model {model!r} is not a catalogue variant ({known}), an existing folder, or a Hub repo id (owner/name)"
+        f"model {shown_value(model)} is not a catalogue variant ({known}), an existing folder, "
+        "or a Hub repo id (owner/name)"
     )
 
 

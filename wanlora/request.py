@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .accelerators import Accelerator, accelerator_for
-from .errors import InvalidInput
+from .errors import InvalidInput, NotShown
 from .images import ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .models import ModelSpec
@@ -86,16 +86,19 @@ RENAMED = {"steps": "num_inference_steps", "shift": "flow_shift"}  # wanlora 0.1
 NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one means the model's own
 
 
-def refuse_unknown(options: Mapping[str, object], known: Iterable[str], where: str) -> None:
-    """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one."""
-    known = list(known)
+def refuse_unknown(options: Mapping[object, object], known: Iterable[str], where: str) -> None:
+    """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one.
+
+    The value is never echoed: an option nobody expected may hold anything, a token included.
+    """
+    known = list(dict.fromkeys(known))
     words = {word: full for full in reversed(known) for word in full.split("_")} | {full: full for full in known}
-    for name, value in options.items():
+    for name in options:
         if name in RENAMED:
-            raise InvalidInput(name, value, f"renamed in wanlora 0.2: use {RENAMED[name]}")
-        near = difflib.get_close_matches(name, words, n=1, cutoff=0.6)  # "shfit" is near flow_shift's "shift"
+            raise InvalidInput(str(name), NotShown, f"renamed in wanlora 0.2: use {RENAMED[str(name)]}")
+        near = difflib.get_close_matches(name, words, n=1, cutoff=0.6) if isinstance(name, str) else []
         hint = f"did you mean {words[near[0]]}?" if near else f"it takes {', '.join(known)}"
-        raise InvalidInput(name, value, f"not an option of {where}; {hint}")
+        raise InvalidInput(str(name), NotShown, f"not an option of {where}; {hint}")
 
 
 def _require_int(field: str, value: object) -> int:
