@@ -86,7 +86,7 @@ RENAMED = {"steps": "num_inference_steps", "shift": "flow_shift"}  # wanlora 0.1
 NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one means the model's own
 
 
-def refuse_unknown(options: Mapping[object, object], known: Iterable[str], where: str) -> None:
+def refuse_unknown(options: Mapping[Any, object], known: Iterable[str], where: str) -> None:
     """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one.
 
     The value is never echoed: an option nobody expected may hold anything, a token included.
