@@ -16,7 +16,7 @@ from typing import Any
 
 from .accelerators import Accelerator, accelerator_for
 from .errors import InvalidInput, NotShown
-from .images import ImageInput, load_image, reference_frame_size
+from .images import ImageHeader, ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .models import ModelSpec
 from .settings import (
@@ -256,14 +256,25 @@ def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageI
             f"{spec.name} takes one image; a last frame needs a first-last-frame model "
             "such as Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
         )
-    images = [load_image(image)]
+    images = [_image(image, "image")]
     if last_image is not None:
-        images.append(load_image(last_image, "last_image"))
+        images.append(_image(last_image, "last_image"))
     return tuple(images)
 
 
+def _image(image: ImageInput, field: str):
+    """The image read, or an `ImageHeader` kept as it is: checked already, to be read when its job runs."""
+    return image if isinstance(image, ImageHeader) else load_image(image, field)
+
+
 def frame_for_image(spec: ModelSpec, image, resolution: str | None) -> tuple[int, int]:
-    """The frame the reference code gives `image` on `spec`: its aspect at the resolution's pixel area."""
+    """The frame the reference code gives `image` on `spec`: its aspect at the resolution's pixel area.
+
+    A link not fetched yet (an `ImageHeader` without a size) has the resolution's 16:9 frame until
+    it is: the request is resolved again once the image is read.
+    """
+    if image.size is None:
+        return spec.size(resolution, "16:9")
     area = spec.max_area(resolution)
     width, height = reference_frame_size(image.size, area, spec.vae_scale, per_side=spec.task == "i2v")
     if not (MIN_SIDE <= min(width, height) and max(width, height) <= MAX_SIDE):
