@@ -34,10 +34,10 @@ class ImageHeader:
     size: tuple[int, int] | None  # (width, height) once upright; None for a link, not fetched yet
 
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | ImageHeader
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
-def load_image(image: ImageInput, field: str = "image") -> Image.Image:
+def load_image(image: ImageInput | ImageHeader, field: str = "image") -> Image.Image:
     """An RGB PIL image from a path, an https:// link, a PIL image or an H x W x 3 uint8 array
     (or the file or link an `ImageHeader` names, read now)."""
     if isinstance(image, ImageHeader):

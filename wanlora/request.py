@@ -239,8 +239,11 @@ def resolve_settings(
     )
 
 
-def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageInput | None) -> tuple:
-    """The conditioning images, read and checked: the right number for the model's task."""
+def resolve_images(
+    spec: ModelSpec, image: ImageInput | ImageHeader | None, last_image: ImageInput | ImageHeader | None
+) -> tuple:
+    """The conditioning images, read and checked: the right number for the model's task (an `ImageHeader`,
+    checked already, is kept as it is: a batch reads it when its job runs, and resolves the request again)."""
     if spec.task == "t2v":
         if image is not None or last_image is not None:
             raise InvalidInput("image", "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
@@ -262,7 +265,7 @@ def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageI
     return tuple(images)
 
 
-def _image(image: ImageInput, field: str):
+def _image(image: ImageInput | ImageHeader, field: str):
     """The image read, or an `ImageHeader` kept as it is: checked already, to be read when its job runs."""
     return image if isinstance(image, ImageHeader) else load_image(image, field)
 
@@ -289,8 +292,8 @@ def resolve_request(
     spec: ModelSpec,
     prompt: object,
     *,
-    image: ImageInput | None = None,
-    last_image: ImageInput | None = None,
+    image: ImageInput | ImageHeader | None = None,
+    last_image: ImageInput | ImageHeader | None = None,
     resize: str = "fit",
     loras=None,
     fast_mode: str = "off",
