@@ -89,13 +89,14 @@ NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one 
 def refuse_unknown(options: Mapping[Any, object], known: Iterable[str], where: str) -> None:
     """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one.
 
-    The value is never echoed: an option nobody expected may hold anything, a token included.
+    An unknown option's value is never echoed: an option nobody expected may hold anything, a
+    token included. (A renamed one's is, scrubbed as every echoed value is: it is a step count or a shift.)
     """
     known = list(dict.fromkeys(known))
     words = {word: full for full in reversed(known) for word in full.split("_")} | {full: full for full in known}
-    for name in options:
+    for name, value in options.items():
         if name in RENAMED:
-            raise InvalidInput(str(name), NotShown, f"renamed in wanlora 0.2: use {RENAMED[str(name)]}")
+            raise InvalidInput(name, value, f"renamed in wanlora 0.2: use {RENAMED[name]}")
         near = difflib.get_close_matches(name, words, n=1, cutoff=0.6) if isinstance(name, str) else []
         hint = f"did you mean {words[near[0]]}?" if near else f"it takes {', '.join(known)}"
         raise InvalidInput(str(name), NotShown, f"not an option of {where}; {hint}")
