@@ -402,7 +402,12 @@ def test_server_sweeps_lora_weights_into_one_grid_and_refuses_a_sweep_it_cannot_
     request = {"prompt": "styleword a fox", "model": "14b", "lora_weights": style, "extra_lora": motion, **SMALL}
     grid = video_of(predict(cog22, **request, lora_scale_sweep="0, 0.5,1"), tmp_path, "grid.mp4")
     tags = recorded(grid)
-    assert (probe(grid).width, probe(grid).height) == (3 * 112, 64)
+    from wanlora.lora.selection import LoraRequest
+    from wanlora.sweep import Axis, grid_headers, grid_layout
+
+    headers = grid_headers([Axis("strength", (0.0, 0.5, 1.0), 0)], [LoraRequest(style)])
+    layout = grid_layout(headers, 1, 3, 112, 64, 1920)
+    assert (probe(grid).width, probe(grid).height) == (layout.width, layout.height)  # three 112x64 cells, headed
     assert [cell["loras"] for cell in tags["sweep"]["cells"]] == [
         [{"ref": style, "strength": strength}, {"ref": motion, "strength": 1.0}] for strength in (0.0, 0.5, 1.0)
     ]

@@ -100,11 +100,14 @@ def test_each_variants_default_negative_prompt_is_its_configs():
     assert WAN_NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态，细节模糊不清，字幕") and WAN_NEGATIVE_PROMPT.endswith(
         "倒着走"
     )
+    # Wan2.1's wan/configs: i2v_14B puts "镜头晃动，" before the shared one; flf2v_14B is a deep copy of
+    # i2v_14B with "镜头切换，" put before that: WAN_CONFIGS['flf2v-14B'].sample_neg_prompt, 147 characters
+    flf2v = "镜头切换，" + "镜头晃动，" + WAN_NEGATIVE_PROMPT
+    assert len(flf2v) == 147
     for spec in CATALOGUE.values():
-        prefix = {"i2v-14b-480p": "镜头晃动，", "i2v-14b-720p": "镜头晃动，", "flf2v-14b": "镜头切换，"}.get(
-            spec.name, ""
-        )
-        assert spec.negative_prompt == prefix + WAN_NEGATIVE_PROMPT, spec.name
+        prefix = {"i2v-14b-480p": "镜头晃动，", "i2v-14b-720p": "镜头晃动，"}.get(spec.name, "")
+        want = flf2v if spec.name == "flf2v-14b" else prefix + WAN_NEGATIVE_PROMPT
+        assert spec.negative_prompt == want, spec.name
 
 
 def test_an_empty_negative_prompt_is_the_models_own_on_every_front_end(tiny_pipe, tmp_path):

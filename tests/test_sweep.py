@@ -12,6 +12,8 @@ import pytest
 
 from wanlora import InvalidInput, WanLoraPipeline
 from wanlora.lora.formats import read_lora
+from wanlora.lora.selection import LoraRequest
+from wanlora.sweep import Axis, grid_headers, grid_layout
 from wanlora.tiny import tiny_transformer
 
 from .builders import block_linears, write_lora
@@ -58,21 +60,30 @@ def test_a_2x3_sweep_is_a_labelled_grid_of_cells_equal_to_their_single_generates
         assert np.array_equal(single.frames, cell.video.frames), (cell.row, cell.column)
 
     height, width = SMALL["height"], SMALL["width"]
+    layout = grid_layout(grid_headers(result_axes(result), [LoraRequest(p) for p in pair]), 2, 3, width, height, 1920)
     grid = result.grid.frames
-    assert grid.shape == (SMALL["num_frames"], 2 * height, 3 * width, 3)
-    band = grid[:, :10, :width].astype(int)
-    assert band.max() >= 250 and (band < 128).mean() > 0.5  # white text on a darkened band
-    below = grid[:, height // 2 : height, :width]
-    assert np.array_equal(below, result.cells[0].video.frames[:, height // 2 :])  # the cell itself, untouched
+    assert grid.shape == (SMALL["num_frames"], layout.height, layout.width, 3)
+    assert (layout.cell_w, layout.cell_h) == (width, height) and layout.left > 0 and layout.top > 0
+    for cell in result.cells:  # each cell is its video, untouched: the headers are beside and above them
+        x, y = layout.cell_origin(cell.row, cell.column)
+        assert np.array_equal(grid[:, y : y + height, x : x + width], cell.video.frames), (cell.row, cell.column)
+    header = grid[:, : layout.top].astype(int)
+    assert header.max() >= 250 and (header < 64).mean() > 0.5  # white text on a dark band
+    assert np.array_equal(grid[:, layout.top - 2 : layout.top], np.full_like(grid[:, :2], 18))  # the thin gap
 
     path = result.grid.save(tmp_path / "grid.mp4")
     video, tags = probe(path), recorded(path)
-    assert (video.width, video.height, len(video.frames)) == (3 * width, 2 * height, SMALL["num_frames"])
+    assert (video.width, video.height, len(video.frames)) == (layout.width, layout.height, SMALL["num_frames"])
     cells = tags["sweep"]["cells"]
     assert (
         len(cells) == 6 and cells[4]["loras"][1]["strength"] == 0.5 and tags["sweep"]["axes"][0]["kind"] == "strength"
     )
-    assert played_in_chromium(path) == f"ended {3 * width}x{2 * height} decoded {SMALL['num_frames']}"
+    assert played_in_chromium(path) == f"ended {layout.width}x{layout.height} decoded {SMALL['num_frames']}"
+
+
+def result_axes(result) -> list[Axis]:
+    """A sweep's axes, as its grid's tags record them."""
+    return [Axis(a["kind"], tuple(a["values"]), a["lora"]) for a in result.grid.metadata["sweep"]["axes"]]
 
 
 PAGE = """<!doctype html><body><video muted playsinline src="grid.mp4"></video><script>
@@ -124,8 +135,10 @@ def test_the_grid_is_scaled_to_its_cap(pair):
     pipe = WanLoraPipeline.from_pretrained("tiny")
     result = pipe.sweep("a fox", loras=[(pair[0], 1.0)], strengths=[0, 0.5, 1, 1.5], max_width=200, **SMALL)
     frames = result.grid.frames
-    assert len(result.cells) == 4  # one row of four 64x48 cells, 256 wide: scaled by 200/256, to even sizes
-    assert frames.shape[1:3] == (36, 200)
+    assert len(result.cells) == 4  # one row of four 64x48 cells and 3 gaps, 262 wide: scaled by 194/256, to even
+    layout = grid_layout(grid_headers(result_axes(result), [LoraRequest(pair[0])]), 1, 4, 64, 48, 200)
+    assert (layout.cell_w, layout.cell_h, layout.width) == (48, 36, 4 * 48 + 3 * 2)
+    assert frames.shape[1:3] == (layout.height, layout.width)
 
 
 def test_an_a14b_sweep_on_one_expert_rewrites_only_that_expert(pair, monkeypatch):
@@ -169,7 +182,10 @@ def test_the_cli_sweeps_into_one_grid_and_keeps_the_cells(cli, pair, tmp_path):
                  "--frames", "9", "--steps", "2", "--width", "112", "--height", "64", "-o", str(out),
                  "--keep-cells", str(cells))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert (probe(out).width, probe(out).height) == (224, 128)
+    axes = [Axis("strength", (0.0, 1.0), 0), Axis("seed", (1, 2))]
+    layout = grid_layout(grid_headers(axes, [LoraRequest(pair[0])]), 2, 2, 112, 64, 1920)
+    assert (probe(out).width, probe(out).height) == (layout.width, layout.height)
+    assert (layout.cell_w, layout.cell_h) == (112, 64)
     assert sorted(p.name for p in cells.iterdir()) == [f"cell-{r}-{c}.mp4" for r in range(2) for c in range(2)]
     assert (
         recorded(cells / "cell-1-0.mp4")["seed"] == 1 and recorded(cells / "cell-1-0.mp4")["loras"][0]["strength"] == 1
@@ -178,3 +194,67 @@ def test_the_cli_sweeps_into_one_grid_and_keeps_the_cells(cli, pair, tmp_path):
     assert refused.returncode == 2 and "--strengths='0,x' is not allowed: comma-separated numbers" in refused.stderr
     none = cli("sweep", "a fox", "--model", "tiny", "--lora", pair[0])
     assert none.returncode == 2 and "one or two of strengths" in none.stderr
+
+
+# ------------------------------------------------------------------ headers that show every value in full
+
+LONG_A = "/loras/my_extremely_long_character_lora_name_v2_final_epoch10.safetensors"
+LONG_B = "https://huggingface.co/o/r/resolve/main/another-very-long-style-lora-for-wan-2.1-14b-rank64.safetensors"
+HEADER_CASES = {  # (axes, LoRAs, cell width and height, max width): the issue's, and the tightest
+    "9:16, two LoRAs": (
+        [Axis("strength", (0.0, 0.5, 1.0), 0), Axis("strength", (0.0, 0.5, 1.0), 1)],
+        ["/l/lora_a.safetensors", "/l/lora_b.safetensors"], (480, 832), 1920,
+    ),
+    "64 px cells": (
+        [Axis("strength", (-0.25, 0.125, 1.5), 0), Axis("seed", (4294967295, 7))], ["/l/lora_a.safetensors"],
+        (64, 48), 1920,
+    ),
+    "two long names, 6 columns of 832x480": (
+        [Axis("strength", (0.0, 1.0), 0), Axis("strength", (0.0, 0.25, 0.5, 0.75, 1.0, 1.25), 1)],
+        [LONG_A, LONG_B], (832, 480), 1920,
+    ),
+    "prompts down, on a narrow grid": (
+        [Axis("prompt", ("a fox in the snow, cinematic lighting, 35mm grain", "a red bird")), Axis("seed", (1, 2))],
+        [], (64, 48), 320,
+    ),
+    "one axis of six, 200 px": ([Axis("strength", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), 0)], [LONG_B], (64, 48), 200),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_every_header_shows_its_value_in_full_inside_its_box_beside_untouched_cells(case):
+    from PIL import ImageFont
+
+    from wanlora.sweep import MIN_FONT
+
+    axes, refs, (width, height), max_width = HEADER_CASES[case]
+    headers = grid_headers(axes, [LoraRequest(ref) for ref in refs])
+    rows, columns = len(axes[0].values) if len(axes) == 2 else 1, len(axes[-1].values)
+    layout = grid_layout(headers, rows, columns, width, height, max_width)
+    assert layout.width <= max_width and layout.width % 2 == 0 == layout.height % 2
+    shown = [text.text for text in layout.texts]
+    values = [[f"{v:g}" if isinstance(v, float) else str(v) for v in axis.values] for axis in axes]
+    assert all(value in shown for axis in values for value in axis)  # each value is a header of its own, whole
+    if refs:
+        assert any(Path(refs[-1]).stem in text for text in shown)  # the LoRA's whole name
+    cells = [(*layout.cell_origin(r, c), layout.cell_w, layout.cell_h) for r in range(rows) for c in range(columns)]
+    canvas = np.asarray(layout.render())
+    for text in layout.texts:
+        assert "".join(text.lines).replace(" ", "") == text.text.replace(" ", "")  # wrapped, nothing dropped
+        assert text.size >= MIN_FONT
+        font = ImageFont.load_default(size=text.size)
+        x, y, box_w, box_h = text.box
+        across, down = (box_h, box_w) if text.turned else (box_w, box_h)
+        assert all(font.getbbox(line)[2] <= across for line in text.lines if line), (case, text)
+        assert len(text.lines) * sum(font.getmetrics()) <= down, (case, text)
+        assert x >= 0 and y >= 0 and x + box_w <= layout.width and y + box_h <= layout.height
+        assert not any(overlap((x, y, box_w, box_h), cell) for cell in cells), (case, text)
+        assert (canvas[y : y + box_h, x : x + box_w] > 200).any()  # drawn
+    ink = canvas > 200
+    for x, y, box_w, box_h in [text.box for text in layout.texts]:
+        ink[y : y + box_h, x : x + box_w] = False
+    assert not ink.any()  # no text outside its box: nothing spilt, so nothing cut at a box's edge either
+
+
+def overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]

@@ -50,7 +50,7 @@ def _lora_for(preset: Accelerator, spec: ModelSpec) -> str | None:
 
 def accelerator_for(name: str, spec: ModelSpec) -> tuple[Accelerator, str]:
     """The preset `name` and its LoRA for the base model `spec`, or a clear error."""
-    if name not in ACCELERATORS:
+    if not isinstance(name, str) or name not in ACCELERATORS:
         raise InvalidInput("accelerator", name, f"one of {', '.join(ACCELERATORS)}")
     preset = ACCELERATORS[name]
     ref = _lora_for(preset, spec)

@@ -3,9 +3,16 @@
 A line is one request, in the Python API's fields (`prompt`, `model`, `loras`, `seed` and the
 rest of `WanLoraPipeline.generate`'s arguments) or in the predictor's (a `samples/` file is a
 valid line), plus two of the batch's own: `output`, a file name in the batch's folder, and
-`quality`. Every line is checked before any work starts. Jobs run grouped by model, then by
-LoRA set. The manifest, `manifest.jsonl` in the folder, records each job as it ends; a rerun
-skips every job whose MP4 is there and matches its entry, so a killed batch resumes.
+`quality`. A line means only what it says: a field it leaves out is that field's default
+(no `loras`: no LoRAs), never what the job before it left on the model. Relative paths in a
+line are the jobs file's folder's, as `make` and Compose read them.
+
+Every line is checked before any work starts; an image is checked by its header (a link by
+its form) and read when its job runs, so one that fails fails its job alone. Jobs run grouped
+by model, then by LoRA set. The manifest, `manifest.jsonl` in the folder, records each job
+as it ends, by rename (never through a link); a rerun skips every job whose MP4 is there and
+matches its entry, so a killed batch resumes. A job is identified by what it runs with, its
+input files by their content: moving the models or LoRAs does not make jobs new.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -21,12 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BatchLineError, InternalError, InvalidInput, WanLoraError
+from .identity import content_digest
+from .images import ImageHeader, check_image
 from .lora.fetch import Credentials
-from .models import resolve_model
-from .paths import inside, relative_name
+from .lora.refs import display_ref, parse_ref
+from .models import CATALOGUE, TINY_NAMES, ModelSpec, resolve_model
+from .paths import PathRefused, inside, relative_name
 from .request import Request, refuse_unknown, resolve_request
 from .service import MODEL_CHOICES, PredictorInputs, VideoService
 from .settings import DEFAULT_MODEL, DEFAULT_QUALITY
+from .staging import remove_abandoned, staged_file
 from .sweep import Axis
 from .video import Video, quality_to_crf
 
@@ -38,6 +50,15 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 BATCH_FIELDS = ("output", "quality")
 PREDICTOR_FIELDS = tuple(PredictorInputs.__dataclass_fields__)
+IMAGE_FIELDS = ("image", "last_image")
+PREDICTOR_LORA_FIELDS = (
+    "lora_weights",
+    "extra_lora",
+    "replicate_weights",
+    "lora_weights_transformer",
+    "lora_weights_transformer_2",
+)
+SOME_JOBS_FAILED = 3  # `wanlora batch`'s exit status when it ran, and some jobs failed (1: a bug, 2: an input error)
 
 
 @dataclass(frozen=True)
@@ -45,14 +66,15 @@ class Job:
     """One checked line: what to load, what to run, and where its MP4 goes."""
 
     line: int
-    key: str  # a digest of the line's request: the manifest matches a finished job on it
+    key: str  # a digest of what the job runs with: the manifest matches a finished job on it
     output: str  # a file name in the batch's folder
     model: str  # the model to load: a catalogue or tiny name, a folder or a Hub repo
-    request: Request
+    request: Request  # as checked: images by their headers, read when the job runs
     quality: int
     credentials: Credentials = field(default_factory=Credentials)
     sweep: list[Axis] | None = None  # the predictor's lora_scale_sweep: the job's MP4 is a grid
-    fields: dict[str, Any] = field(default_factory=dict)  # the Python API's, to resolve again for another spec
+    fields: dict[str, Any] = field(default_factory=dict)  # the line's request fields, paths resolved
+    predictor: bool = False  # the fields are the predictor's
 
     @property
     def lora_set(self) -> tuple:
@@ -65,11 +87,39 @@ class Job:
         """What every manifest entry of this job starts with."""
         return {"output": self.output, "line": self.line, "job": self.key, "model": self.model}
 
-    def request_for(self, pipe: WanLoraPipeline) -> Request:
-        """The request for the model that loaded: a Hub repo's own config may name another variant."""
-        if pipe.spec == self.request.spec:
+    def request_for(self, spec: ModelSpec) -> Request:
+        """The request to run on the model that loaded (a Hub repo's own config may name another variant
+        than its name did), its images read now."""
+        if spec == self.request.spec and not self.request.images:
             return self.request
-        return resolve_request(pipe.spec, **{**self.fields, "seed": self.request.settings.seed})
+        return resolve_line(self.fields, spec, self.predictor, seed=self.request.settings.seed).request
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A line's request resolved: what `Job` keeps of it."""
+
+    model: str
+    request: Request
+    credentials: Credentials
+    sweep: list[Axis] | None
+
+
+def resolve_line(fields: dict[str, Any], spec: ModelSpec | None, predictor: bool, seed: int | None = None) -> Resolved:
+    """A line's request fields resolved, images read (or, with `spec` None at check time, checked by header)."""
+    fields = dict(fields)
+    if seed is not None:
+        fields["seed"] = seed
+    if spec is None:
+        fields |= {name: check_image(fields[name], name) for name in IMAGE_FIELDS if fields.get(name) is not None}
+    fields.setdefault("prompt", None)  # missing: said so by the check of its value
+    if predictor:
+        resolved = VideoService(override="", i2v_override="").resolve(PredictorInputs(**fields), spec)
+        credentials = replace(resolved.credentials, local_files=True)  # this machine's own files: it is the user's
+        return Resolved(resolved.model, resolved.request, credentials, resolved.sweep)
+    model = fields.pop("model")
+    request = resolve_request(spec or resolve_model(model), **fields)
+    return Resolved(model, request, Credentials(), None)
 
 
 def read_jobs(path: str | os.PathLike) -> list[Job]:
@@ -80,11 +130,12 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInput("jobs", str(path), f"a readable UTF-8 JSONL file ({exc})") from None
     jobs: list[Job] = []
+    base = path.absolute().parent
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            jobs.append(parse_job(number, line))
+            jobs.append(parse_job(number, line, base))
         except WanLoraError as exc:
             raise BatchLineError(f"{path.name} line {number}: {exc}") from None
     if not jobs:
@@ -93,39 +144,49 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     for job in jobs:
         if job.output in outputs:
             raise BatchLineError(
-                f"{path.name} line {job.line}: output {job.output!r} is line {outputs[job.output]}'s as well"
+                f"{path.name} line {job.line}: output {display_ref(job.output)!r} is line {outputs[job.output]}'s "
+                "as well"
             )
         outputs[job.output] = job.line
     return jobs
 
 
-def parse_job(number: int, line: str) -> Job:
+def parse_job(number: int, line: str, base: Path | None = None) -> Job:
+    """Line `number` checked; relative paths in it are `base`'s (the jobs file's folder; default the current one)."""
     try:  # the line is never echoed: it may hold a token
         fields = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BatchLineError(f"not one JSON object ({exc.msg} at column {exc.colno})") from None
     if not isinstance(fields, dict):
         raise BatchLineError(f"a JSON {type(fields).__name__}, not one object of a request's fields")
-    public = {name: value for name, value in fields.items() if not name.endswith("api_token")}
-    key = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()[:16]
     output = fields.pop("output", f"job-{number:04d}.mp4")
-    if not isinstance(output, str) or not output.lower().endswith(".mp4") or output == MANIFEST:
+    if not isinstance(output, str) or not output.lower().endswith(".mp4"):
         raise InvalidInput("output", output, "a file name ending in .mp4, in the batch's folder")
     output = str(relative_name(output, "output"))
     quality = fields.pop("quality", fields.pop("output_quality", DEFAULT_QUALITY))
     quality_to_crf(quality, "quality")
-    if _in_predictor_fields(fields):
-        return _predictor_job(number, key, output, quality, fields)
-    from .pipeline import generate_options
+    predictor = _in_predictor_fields(fields)
+    fields = _with_paths_from(base or Path.cwd(), fields, predictor)
+    if predictor:
+        refuse_unknown({k: v for k, v in fields.items() if k not in PREDICTOR_FIELDS}, PREDICTOR_FIELDS, "a batch line")
+    else:
+        from .pipeline import generate_options
 
-    known = ["prompt", "model", *generate_options(), *BATCH_FIELDS]
-    refuse_unknown({k: v for k, v in fields.items() if k not in known}, [*known, *PREDICTOR_FIELDS], "a batch line")
-    model = fields.pop("model", DEFAULT_MODEL)
-    if not isinstance(model, str):
-        raise InvalidInput("model", model, "a model name, folder or Hub repo")
-    request = resolve_request(resolve_model(model), **fields)
-    _check_local_loras(request)
-    return Job(number, key, output, model, request, quality, fields=fields)
+        known = ["prompt", "model", *generate_options(), *BATCH_FIELDS]
+        refuse_unknown({k: v for k, v in fields.items() if k not in known}, [*known, *PREDICTOR_FIELDS], "a batch line")
+        fields.setdefault("model", DEFAULT_MODEL)
+        if not isinstance(fields["model"], str):
+            raise InvalidInput("model", fields["model"], "a model name, folder or Hub repo")
+        if fields.get("loras") is None:
+            fields["loras"] = []  # left out, or null: no LoRAs, never the set the last job left on the model
+    resolved = resolve_line(fields, None, predictor)
+    for lora in resolved.request.loras or ():
+        from .lora.fetch import check_reference
+
+        check_reference(lora.ref)  # its form, and that a local file exists
+    key = job_key(resolved, quality, seeded=fields.get("seed") is not None)
+    return Job(number, key, output, resolved.model, resolved.request, quality, resolved.credentials,
+               resolved.sweep, fields, predictor)  # fmt: skip
 
 
 def _in_predictor_fields(fields: dict[str, Any]) -> bool:
@@ -133,23 +194,96 @@ def _in_predictor_fields(fields: dict[str, Any]) -> bool:
     from .pipeline import generate_options
 
     library = {"prompt", "model", *generate_options()}
-    return bool(set(fields) & (set(PREDICTOR_FIELDS) - library)) or fields.get("model") in MODEL_CHOICES
+    model = fields.get("model")
+    return bool(set(fields) & (set(PREDICTOR_FIELDS) - library)) or (isinstance(model, str) and model in MODEL_CHOICES)
 
 
-def _predictor_job(number: int, key: str, output: str, quality: int, fields: dict[str, Any]) -> Job:
-    refuse_unknown({k: v for k, v in fields.items() if k not in PREDICTOR_FIELDS}, PREDICTOR_FIELDS, "a batch line")
-    service = VideoService(override="", i2v_override="")
-    resolved = service.resolve(PredictorInputs(**fields))
-    credentials = replace(resolved.credentials, local_files=True)  # this machine's own files: it is the user's
-    _check_local_loras(resolved.request)
-    return Job(number, key, output, resolved.model, resolved.request, quality, credentials, resolved.sweep)
+# ---------------------------------------------------------------------------- paths and identity
 
 
-def _check_local_loras(request: Request) -> None:
-    from .lora.fetch import check_reference
+def _with_paths_from(base: Path, fields: dict[str, Any], predictor: bool) -> dict[str, Any]:
+    """`fields` with each relative path (a model folder, a LoRA, an image) made `base`'s."""
+    fields = dict(fields)
+    model = fields.get("model")
+    if not predictor and isinstance(model, str) and model not in CATALOGUE and model not in TINY_NAMES:
+        fields["model"] = _from_base(base, model, lambda path: path.exists())
+    for name in IMAGE_FIELDS:
+        if isinstance(fields.get(name), str) and "://" not in fields[name]:
+            fields[name] = _from_base(base, fields[name], lambda path: True)
+    for name in PREDICTOR_LORA_FIELDS if predictor else ():
+        fields[name] = _lora_from_base(base, fields.get(name))
+    if not predictor and isinstance(fields.get("loras"), list):
+        fields["loras"] = [_lora_item_from_base(base, item) for item in fields["loras"]]
+    return fields
 
-    for lora in request.loras or ():
-        check_reference(lora.ref)  # its form, and that a local file exists
+
+def _lora_item_from_base(base: Path, item: object) -> object:
+    if isinstance(item, list) and item:
+        return [_lora_from_base(base, item[0]), *item[1:]]
+    return _lora_from_base(base, item)
+
+
+def _lora_from_base(base: Path, ref: object) -> object:
+    """A LoRA reference, made `base`'s when it reads as a path there (as `parse_ref` reads one here)."""
+    if not isinstance(ref, str) or "://" in ref or ref.strip().lower().startswith("civitai:"):
+        return ref
+    from .lora.refs import _looks_like_path
+
+    text = ref.strip()
+    first = text.split("/", 1)[0]
+    return _from_base(
+        base, text, lambda path: _looks_like_path(text) or path.exists() or ("/" in text and (base / first).is_dir())
+    )
+
+
+def _from_base(base: Path, text: str, is_path) -> str:
+    """`text` joined to `base` when it is a relative path (`is_path` says, given the joined path); else as it is."""
+    try:
+        if not text or Path(text).expanduser().is_absolute() or text.startswith("~"):
+            return text
+        joined = base / text
+        return str(joined) if text.startswith(("./", "../")) or is_path(joined) else text
+    except (OSError, ValueError):  # a NUL, a name too long: the check that follows says what is wrong
+        return text
+
+
+def job_key(resolved: Resolved, quality: int, seeded: bool) -> str:
+    """A digest of what a job runs with: its defaults filled in, files named by content, no secrets.
+
+    A line without a seed runs with any seed: it is done once one of its runs is.
+    """
+    request = resolved.request
+    settings = {**request.settings.as_dict(), "seed": request.settings.seed if seeded else None}
+    identity = {
+        "model": _model_identity(resolved.model),
+        "settings": settings,
+        "images": [_image_identity(image) for image in request.images],
+        "loras": [[_lora_identity(lora.ref), lora.strength, lora.expert] for lora in request.loras or ()],
+        "accelerator": request.accelerator.name if request.accelerator else None,
+        "run": [request.resize, request.fast_mode, request.cfg_batch, request.framed_by_image],
+        "sweep": [[axis.kind, list(axis.values), axis.lora] for axis in resolved.sweep or ()],
+        "quality": quality,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_identity(model: str) -> str:
+    if model in CATALOGUE or model in TINY_NAMES or not Path(model).expanduser().exists():
+        return model  # a name, or a Hub repo: the same everywhere
+    return f"folder:{content_digest(Path(model).expanduser())}"
+
+
+def _lora_identity(ref: str) -> str:
+    source = parse_ref(ref)
+    if source.kind == "local":
+        return f"file:{content_digest(source.local_path)}"
+    return source.canonical  # without secrets
+
+
+def _image_identity(image: object) -> str:
+    if isinstance(image, ImageHeader) and image.size is not None:
+        return f"file:{content_digest(image.source)}"
+    return display_ref(image.source) if isinstance(image, ImageHeader) else type(image).__name__
 
 
 def run_order(jobs: Iterable[Job]) -> list[Job]:
@@ -163,42 +297,72 @@ def run_order(jobs: Iterable[Job]) -> list[Job]:
 # ---------------------------------------------------------------------------- the manifest
 
 
+class ManifestUnwritable(WanLoraError):
+    """The manifest cannot be written (a full disk): the batch stops; what was recorded stays recorded."""
+
+
 class Manifest:
-    """manifest.jsonl: one entry per job, appended (and synced) as each ends; the last entry for an output wins."""
+    """manifest.jsonl: one entry per job, the whole file replaced by rename (and synced) as each job ends.
+
+    It is never written through: a new file beside it is renamed over it, so a symlink or a hard
+    link placed there is replaced, not followed, and a reader (or a killed batch) sees a whole file.
+    A symlink there is refused when the batch starts, rather than read.
+    """
 
     def __init__(self, folder: Path) -> None:
-        self.path = folder / MANIFEST
+        if (folder / MANIFEST).is_symlink():
+            raise PathRefused(f"{folder / MANIFEST} is a symbolic link; a batch writes its own manifest: remove it")
+        self.path = inside(folder, MANIFEST)
         self.entries: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # the line a killed batch was writing
-                    continue
-                if isinstance(entry, dict) and isinstance(entry.get("output"), str):
-                    self.entries[entry["output"]] = entry
+        for line in self._read().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line an older wanlora was appending when killed
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("output"), str):
+                self.entries[entry["output"]] = entry
+
+    def _read(self) -> str:
+        try:
+            handle = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:  # ELOOP: a symlink put there since
+            raise ManifestUnwritable(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        with os.fdopen(handle, encoding="utf-8", errors="replace") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise PathRefused(f"{self.path} is not a file; a batch writes its own manifest there: remove it")
+            return file.read()
 
     def finished(self, job: Job, folder: Path) -> bool:
         """Whether `job` is done: its entry says so, for this request, and its MP4 is the one recorded."""
         entry = self.entries.get(job.output)
         if not entry or entry.get("status") != "done" or entry.get("job") != job.key:
             return False
-        path = folder / job.output
+        try:
+            path = inside(folder, job.output)
+        except PathRefused:
+            return False
         return path.is_file() and path.stat().st_size == entry.get("bytes") and file_digest(path) == entry.get("sha256")
 
     def record(self, entry: dict[str, Any]) -> None:
         self.entries[entry["output"]] = entry
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(entry, sort_keys=True) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
+        self._write(list(self.entries.values()))
 
     def compact(self, jobs: list[Job]) -> None:
-        """Rewrite the manifest as one entry per job, in the jobs file's order (atomically)."""
-        lines = [json.dumps(self.entries[job.output], sort_keys=True) for job in jobs if job.output in self.entries]
-        partial = self.path.with_name(f".{MANIFEST}.partial")
-        partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(partial, self.path)
+        """The manifest as one entry per job, in the jobs file's order."""
+        self._write([self.entries[job.output] for job in jobs if job.output in self.entries])
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        try:
+            with staged_file(self.path) as file:
+                file.write("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries))
+        except OSError as exc:
+            recorded = "the jobs recorded before stay recorded" if self.path.exists() else "nothing was recorded"
+            raise ManifestUnwritable(
+                f"cannot write {self.path} ({exc.strerror or exc}): the batch stopped; {recorded}, and running "
+                "it again resumes (free some space first)"
+            ) from None
 
 
 def file_digest(path: Path) -> str:
@@ -227,7 +391,7 @@ class JobRunner:
             self.model = job.model
             self.loads.append(job.model)
         assert self.pipe is not None
-        request = job.request_for(self.pipe)
+        request = job.request_for(self.pipe.spec)  # its images read now: one that fails fails this job alone
         if job.sweep:
             swept = self.pipe.run_sweep(request, job.sweep, job.credentials, progress=False)
             video = None if swept is None else swept.grid
@@ -267,8 +431,8 @@ class Summary:
 
     @property
     def exit_status(self) -> int:
-        """The number of failed jobs, at most 100 (GNU parallel's rule): 0 when every job is done."""
-        return min(len(self.failed), 100)
+        """0 when every job is done; SOME_JOBS_FAILED when some failed (the summary counts them)."""
+        return SOME_JOBS_FAILED if self.failed else 0
 
     def add(self, entry: dict[str, Any]) -> None:
         """Count a job that ended (and say so when it failed)."""
@@ -285,9 +449,21 @@ class Summary:
 
 
 def pending_jobs(jobs: list[Job], folder: Path) -> tuple[Manifest, list[Job], Summary]:
-    """The manifest, the jobs still to run (in run order) and a summary counting the skipped ones."""
+    """The manifest, the jobs still to run (in run order) and a summary counting the skipped ones.
+
+    What a killed run of this batch left staging (a partial MP4 and its tags, a manifest being
+    written) is removed first.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(folder)
+    remove_abandoned(manifest.path)
+    for job in jobs:
+        try:
+            output = inside(folder, job.output)
+        except PathRefused:
+            continue  # refused when the job runs, as its own failure
+        if output.parent.is_dir():
+            remove_abandoned(output)
     todo = [job for job in run_order(jobs) if not manifest.finished(job, folder)]
     return manifest, todo, Summary(total=len(jobs), skipped=len(jobs) - len(todo))
 

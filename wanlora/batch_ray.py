@@ -10,6 +10,7 @@ with `collect`, come back to the driver as bytes and are written there.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -17,9 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .batch import Job, JobRunner, Summary, failed_entry, file_digest, pending_jobs
+from .batch import Job, JobRunner, Summary, failed_entry, pending_jobs
 from .errors import InvalidInput
-from .paths import inside
+from .paths import PathRefused, inside
+from .staging import staged_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +62,15 @@ def run_batch_on_ray(
     except ImportError:
         raise InvalidInput("--ray", address, "Ray installed: pip install 'wanlora[ray]'") from None
     folder = Path(folder)
-    manifest, todo, summary = pending_jobs(jobs, folder)
     started = not ray.is_initialized()
+    if started and address == LOCAL and actors is None:
+        refuse_without_gpus()  # before Ray starts: its local instance has this machine's GPUs
     if started:
         ray.init(address=None if address == LOCAL else address, include_dashboard=False, log_to_driver=False)
     try:
-        pool = ActorPool(ray, load_options or {}, actors)
+        count, gpus = actor_count(ray, actors)  # before --out is made
+        manifest, todo, summary = pending_jobs(jobs, folder)
+        pool = ActorPool(ray, load_options or {}, count, gpus)
         _drive(ray, pool, todo, None if collect else str(folder.resolve()), folder, manifest, summary, progress)
     finally:
         if started:
@@ -74,14 +79,30 @@ def run_batch_on_ray(
     return summary
 
 
+NO_GPU = "a count: {where} has no GPU, so say how many CPU actors"
+
+
+def refuse_without_gpus() -> None:
+    """A local Ray with no `--actors` takes one actor per GPU here: refused at once when there is none."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        raise InvalidInput("--actors", None, NO_GPU.format(where="this machine"))
+
+
+def actor_count(ray, count: int | None) -> tuple[int, int]:
+    """The actors to start (`count`, or one per GPU of the cluster) and the cluster's GPUs."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if count is None and gpus == 0:
+        raise InvalidInput("--actors", None, NO_GPU.format(where="this Ray cluster"))
+    return count or gpus, gpus
+
+
 class ActorPool:
     """The actors, what model and LoRA set each holds, and a fresh one in place of one that died."""
 
-    def __init__(self, ray, load_options: dict[str, Any], count: int | None) -> None:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if count is None and gpus == 0:
-            raise InvalidInput("--actors", None, "a count: this Ray cluster has no GPU, so say how many CPU actors")
-        self.count = count or gpus
+    def __init__(self, ray, load_options: dict[str, Any], count: int, gpus: int) -> None:
+        self.count = count
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         self.remote = ray.remote(**resources)(BatchActor)
         self.load_options = load_options
@@ -144,12 +165,17 @@ def _drive(ray, pool: ActorPool, todo: list[Job], shared: str | None, folder: Pa
 
 
 def _written(folder: Path, job: Job, data: bytes, entry: dict[str, Any]) -> dict[str, Any]:
-    """A collected MP4 written whole (a partial file, then a rename): its entry, failed if the bytes are not it."""
-    path = inside(folder, job.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-    if file_digest(path) != entry["sha256"]:
+    """A collected MP4 written whole (a new file, then a rename): its entry, failed if it cannot be, or the
+    bytes are not the MP4's."""
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         return failed_entry(job, "the MP4 the actor sent arrived changed")
+    try:
+        path = inside(folder, job.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with staged_file(path, binary=True) as file:
+            file.write(data)
+    except PathRefused as exc:
+        return failed_entry(job, str(exc))
+    except OSError as exc:
+        return failed_entry(job, f"cannot write {job.output}: {exc.strerror or exc}")
     return entry

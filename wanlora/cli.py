@@ -23,6 +23,7 @@ from .accelerators import ACCELERATORS
 from .attention import CHOICES as ATTENTION_CHOICES
 from .errors import InternalError, InvalidInput, WanLoraError
 from .logs import configure as configure_logging
+from .logs import scrub
 from .lora.pairs import EVERY_EXPERT
 from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
 from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
@@ -61,7 +62,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # argparse quotes the value it refused (`invalid int value: '...'`): it passes the scrubber too
+        self.exit(2, f"{self.prog}: error: {scrub(message)}\n")
 
 
 def say(text: str) -> None:
@@ -348,8 +350,9 @@ def add_batch(commands, verbose: OneLineParser) -> None:
         help="run a JSONL file of requests: each model loads once, each LoRA set merges once; resumable",
         description="Run every request of a JSONL file (one a line, in the Python API's or the predictor's "
         "fields, plus output and quality) into a folder, grouped by model and LoRA set. A manifest there "
-        "records each job; a rerun skips the jobs already done. The exit status is the number of failed "
-        "jobs (at most 100).",
+        "records each job; a rerun skips the jobs already done. Relative paths in a line are the jobs "
+        "file's folder's. Exit status: 0 when every job is done, 3 when some failed (the summary counts "
+        "them; the manifest says why), 2 for an input error before any job ran, 1 for a bug.",
     )
     batch.add_argument("jobs", metavar="JOBS.jsonl", help="the requests, one JSON object a line")
     batch.add_argument("--out", required=True, metavar="DIR", help="the folder for the MP4s and manifest.jsonl")
@@ -553,8 +556,9 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     spec, options, request, output = checked_request(args, "wanlora-sweep-{seed}.mp4")
-    from .sweep import sweep_axes
+    from .sweep import check_max_width, sweep_axes
 
+    check_max_width(args.max_width, "--max-width")  # before the model loads
     strengths = numbers(args.strengths, "--strengths", float)
     strengths_2 = numbers(args.strengths_2, "--strengths-2", float)
     seeds = numbers(args.seeds, "--seeds", int)

@@ -2,40 +2,72 @@
 
 Every failure a user can cause is one of these. Each message says what was wrong, with
 which input, and what to do; front ends print it as one line. No message holds a secret:
-references are shown without their tokens, and tokens never.
+references are shown without their tokens, and tokens never. Two nets catch what a message
+quotes by mistake: every message has its passwords and `name=token` pairs masked, and a
+value an `InvalidInput` echoes, whatever its type (a list of links, a dict), passes the
+log scrubber whole before it is cut to length.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
+
+from .logs import mask_secrets, scrub
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
+SHOWN_CHARS = 200  # of a value an error echoes
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\- ]{1,80}")  # a field name shown as it is; anything else is quoted, scrubbed
+
 
 class WanLoraError(Exception):
     """Base class for every error a user can cause."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(mask_secrets(arg) if isinstance(arg, str) else arg for arg in args))
+
+
+class NotShown:
+    """The value of an InvalidInput that its message leaves out: an unknown option's may hold anything."""
+
+
+def shown_value(value: object) -> str:
+    """`value` as an error may echo it: its repr, nested values included, scrubbed, then cut to length."""
+    try:
+        text = scrub(repr(value))
+    except Exception:  # a repr that fails is a value not worth showing
+        text = f"(a {type(value).__name__})"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def shown_name(field: object) -> str:
+    """A field's name as an error shows it: a plain name as it is; a key from a request (a JSON line's) scrubbed."""
+    if isinstance(field, str) and PLAIN_NAME.fullmatch(field):
+        return field
+    return shown_value(field)
 
 
 class InvalidInput(WanLoraError, ValueError):
     """A generation or CLI argument (or an environment variable) is out of range, malformed or missing.
 
     `field` is the library's name for it; each front end shows its own (`renamed`): the CLI
-    the flag that was typed, the predictor its input.
+    the flag that was typed, the predictor its input. `value` is echoed scrubbed (`NotShown`: not at all).
     """
 
     def __init__(self, field: str, value: object, allowed: str) -> None:
         self.field, self.value, self.allowed = field, value, allowed
+        name = shown_name(field)
         if value is None:
-            super().__init__(f"{field} is missing: {allowed}")
-            return
-        shown = repr(value)
-        if len(shown) > 200:
-            shown = shown[:200] + "..."
-        super().__init__(f"{field}={shown} is not allowed: {allowed}")
+            super().__init__(f"{name} is missing: {allowed}")
+        elif value is NotShown:
+            super().__init__(f"{name} is not allowed: {allowed}")
+        else:
+            super().__init__(f"{name}={shown_value(value)} is not allowed: {allowed}")
 
     def renamed(self, names: Mapping[str, str]) -> InvalidInput:
         """The same error under a front end's name for the field (itself when `names` has none)."""
@@ -122,8 +154,6 @@ class InternalError(WanLoraError):
 
     @classmethod
     def of(cls, exc: Exception) -> WanLoraError:
-        from .logs import scrub
-
         text = scrub(str(exc).splitlines()[0] if str(exc) else "")[:500]
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
             advice = "try a smaller size, fewer frames, or offload"

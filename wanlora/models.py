@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput, ModelNotFound
+from .errors import InvalidInput, ModelNotFound, shown_value
 from .settings import ASPECT_RATIOS
 
 # Wan's sizes (its SIZE_CONFIGS); Wan2.1's sides are multiples of 16. The reference's
@@ -30,7 +30,8 @@ SIZE_PRESETS: dict[str, dict[str, tuple[int, int]]] = {
 A14B_PRESETS = {size: {a: wh for a, wh in presets.items() if a != "1:1"} for size, presets in SIZE_PRESETS.items()}
 TI2V_PRESETS = {"720p": {"16:9": (1280, 704), "9:16": (704, 1280)}}
 # Wan's sample_neg_prompt (wan/configs/shared_config.py, the same in Wan2.1 and Wan2.2): what an
-# empty negative prompt means. Wan2.1's I2V 14B and FLF2V 14B configs put a word before it.
+# empty negative prompt means. Wan2.1's I2V 14B config puts a word before it, and its FLF2V 14B
+# config, a copy of I2V's, one more (wan/configs/__init__.py: "镜头切换，" + i2v_14B's).
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
     "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，"
@@ -315,7 +316,7 @@ CATALOGUE_ROWS = [
         resolutions=("720p", "480p"),
         default_steps=50,
         flow_shifts=(16.0, 16.0),
-        negative_prompt=CUT + WAN_NEGATIVE_PROMPT,
+        negative_prompt=CUT + SHAKY_CAMERA + WAN_NEGATIVE_PROMPT,  # flf2v_14B is i2v_14B's config, plus a word
         published_params=16_395_536_704,
         family="Wan2.1 14B",
     ),
@@ -490,6 +491,8 @@ def resolve_model(model: str) -> ModelSpec:
     defaults of the variant whose architecture it declares once identified; until then it is
     assumed to be like `t2v-14b`.
     """
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidInput("model", model, "a model name, folder or Hub repo id (text)")
     if model in CATALOGUE:
         return CATALOGUE[model]
     if model in TINY_NAMES:
@@ -505,7 +508,8 @@ def resolve_model(model: str) -> ModelSpec:
         return replace(base, name=model, source=model, identified=False)
     known = ", ".join([*CATALOGUE, *TINY_NAMES])
     raise ModelNotFound(
-        f"model {model!r} is not a catalogue variant ({known}), an existing folder, or a Hub repo id (owner/name)"
+        f"model {shown_value(model)} is not a catalogue variant ({known}), an existing folder, "
+        "or a Hub repo id (owner/name)"
     )
 
 

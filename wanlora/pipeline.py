@@ -55,7 +55,20 @@ from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .settings import check_quantize
 from .single_file import load_transformer_file, transformer_files
 from .staging import staged_folder
-from .sweep import MAX_WIDTH, Axis, Cell, Sweep, cell_label, cell_order, cell_request, compose, sweep_axes, values_at
+from .sweep import (
+    MAX_WIDTH,
+    Axis,
+    Cell,
+    Sweep,
+    cell_order,
+    cell_request,
+    check_max_width,
+    compose,
+    grid_headers,
+    grid_layout,
+    sweep_axes,
+    values_at,
+)
 from .tiny import tiny_pipeline
 from .video import Video
 
@@ -380,8 +393,9 @@ class WanLoraPipeline:
         `guidance_scale` for the high-noise expert, `guidance_scale_2` for the low-noise
         one), flow shift and negative prompt. `seed=None` picks a random seed, reported in
         `Video.seed`. `loras` replaces the current LoRA set for this call and the ones after
-        it; `None` keeps the current set. `fast_mode` ("off", "balanced", "fast") skips
-        transformer work on steps that change little (First Block Cache).
+        it; `None` keeps the current set (less an accelerator's own LoRA from an earlier call).
+        `fast_mode` ("off", "balanced", "fast") skips transformer work on steps that change
+        little (First Block Cache).
 
         Image-to-video models need `image` (a path, PIL image or uint8 array), and take an
         optional `last_image` to end on. Without an explicit size, the frame keeps the
@@ -425,7 +439,10 @@ class WanLoraPipeline:
                     "%s does not split across %d processes: %dx%d instead", settings.size, ranks, width, height
                 )
             settings = replace(settings, width=width, height=height, seed=self.parallel.shared_seed(settings.seed))
-        loras = list(request.loras if request.loras is not None else self.active_loras)  # access is re-checked
+        # None keeps the caller's set (the library's promise to Python callers), but never a preset's own
+        # LoRA an earlier request stacked: that belongs to its request alone. Access is re-checked.
+        kept = [lora for lora in self.active_loras if not lora.builtin]
+        loras = list(request.loras if request.loras is not None else kept)
         if (distiller := request.accelerator_lora) is not None:
             replaced = accelerator_refs(self.spec)  # another preset's LoRA from an earlier run goes
             loras = [r for r in loras if r.ref not in replaced] + [distiller]
@@ -524,10 +541,7 @@ class WanLoraPipeline:
         preset = request.accelerator
         if preset is not None and preset.timesteps:
             return FixedSigmaEuler([t / NUM_TRAIN_TIMESTEPS for t in preset.timesteps], preset.shift)
-        current = self.diffusers_pipeline.scheduler
-        if isinstance(current, WanFlowUniPC) and current.config.flow_shift == flow_shift:
-            return current
-        return WanFlowUniPC.for_shift(self.base_scheduler.config, flow_shift)
+        return WanFlowUniPC.for_shift(self.base_scheduler.config, flow_shift)  # a new one: no state from the last run
 
     def _diffusers_pipeline_for(self, request: Request) -> WanPipeline:
         """diffusers' pipeline for the request: TI2V-5B takes an image through its image-to-video twin."""
@@ -576,15 +590,16 @@ class WanLoraPipeline:
         `strengths_2`; a LoRA aimed at one Wan2.2 expert varies on that expert only), `seeds`
         or `prompts`; with two, the first of these in that order runs down the rows. Every
         cell has the same seed (and so the same initial noise) unless seeds are the axis, and
-        is bitwise what `generate` gives for its settings. `options` are `generate`'s. The grid
+        is bitwise what `generate` gives for its settings. `options` are `generate`'s, each left
+        out its default: without `loras`, no LoRAs (never the set an earlier call left). The grid
         is scaled to at most `max_width` pixels across; its metadata lists every cell's.
         """
         known = generate_options()
         refuse_unknown({k: v for k, v in options.items() if k not in known}, known, "WanLoraPipeline.sweep()")
-        request = resolve_request(self.spec, prompt, **options)
-        loras = request.loras if request.loras is not None else tuple(self.active_loras)
-        axes = sweep_axes(list(loras), strengths, strengths_2, seeds, prompts)
-        return self.run_sweep(replace(request, loras=loras), axes, credentials, max_width, progress)
+        loras = options.pop("loras", None)
+        request = resolve_request(self.spec, prompt, **options, loras=[] if loras is None else loras)
+        axes = sweep_axes(list(request.loras or ()), strengths, strengths_2, seeds, prompts)
+        return self.run_sweep(request, axes, credentials, max_width, progress)
 
     @error_boundary
     def run_sweep(
@@ -599,9 +614,11 @@ class WanLoraPipeline:
 
         In a parallel run every rank runs every cell; only rank 0 gets the Sweep.
         """
-        if isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 64:
-            raise InvalidInput("max_width", max_width, "a whole number of pixels, 64 or more")
+        check_max_width(max_width)
         assert request.loras is not None
+        rows, columns = len(axes[0].values) if len(axes) == 2 else 1, len(axes[-1].values)
+        headers = grid_headers(axes, list(request.loras))
+        grid_layout(headers, rows, columns, request.settings.width, request.settings.height, max_width)  # it fits
         cells: dict[tuple[int, int], Cell] = {}
         order = cell_order(axes)
         bar = tqdm(total=len(order), desc="sweep", unit="cell", leave=False, disable=not progress)
@@ -620,8 +637,7 @@ class WanLoraPipeline:
             bar.close()
         if not cells:
             return None
-        labels = {position: cell_label(axes, position, list(request.loras)) for position in cells}
-        frames = compose({position: cell.video.frames for position, cell in cells.items()}, labels, max_width)
+        frames = compose({position: cell.video.frames for position, cell in cells.items()}, headers, max_width)
         ordered = [cells[position] for position in sorted(cells)]
         metadata = {
             **ordered[0].video.metadata,

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .accelerators import Accelerator, accelerator_for
-from .errors import InvalidInput
-from .images import ImageInput, load_image, reference_frame_size
+from .errors import InvalidInput, NotShown
+from .images import ImageHeader, ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .models import ModelSpec
 from .settings import (
@@ -86,16 +86,20 @@ RENAMED = {"steps": "num_inference_steps", "shift": "flow_shift"}  # wanlora 0.1
 NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one means the model's own
 
 
-def refuse_unknown(options: Mapping[str, object], known: Iterable[str], where: str) -> None:
-    """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one."""
-    known = list(known)
+def refuse_unknown(options: Mapping[Any, object], known: Iterable[str], where: str) -> None:
+    """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one.
+
+    An unknown option's value is never echoed: an option nobody expected may hold anything, a
+    token included. (A renamed one's is, scrubbed as every echoed value is: it is a step count or a shift.)
+    """
+    known = list(dict.fromkeys(known))
     words = {word: full for full in reversed(known) for word in full.split("_")} | {full: full for full in known}
     for name, value in options.items():
         if name in RENAMED:
             raise InvalidInput(name, value, f"renamed in wanlora 0.2: use {RENAMED[name]}")
-        near = difflib.get_close_matches(name, words, n=1, cutoff=0.6)  # "shfit" is near flow_shift's "shift"
+        near = difflib.get_close_matches(name, words, n=1, cutoff=0.6) if isinstance(name, str) else []
         hint = f"did you mean {words[near[0]]}?" if near else f"it takes {', '.join(known)}"
-        raise InvalidInput(name, value, f"not an option of {where}; {hint}")
+        raise InvalidInput(str(name), NotShown, f"not an option of {where}; {hint}")
 
 
 def _require_int(field: str, value: object) -> int:
@@ -236,8 +240,11 @@ def resolve_settings(
     )
 
 
-def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageInput | None) -> tuple:
-    """The conditioning images, read and checked: the right number for the model's task."""
+def resolve_images(
+    spec: ModelSpec, image: ImageInput | ImageHeader | None, last_image: ImageInput | ImageHeader | None
+) -> tuple:
+    """The conditioning images, read and checked: the right number for the model's task (an `ImageHeader`,
+    checked already, is kept as it is: a batch reads it when its job runs, and resolves the request again)."""
     if spec.task == "t2v":
         if image is not None or last_image is not None:
             raise InvalidInput("image", "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
@@ -253,14 +260,25 @@ def resolve_images(spec: ModelSpec, image: ImageInput | None, last_image: ImageI
             f"{spec.name} takes one image; a last frame needs a first-last-frame model "
             "such as Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
         )
-    images = [load_image(image)]
+    images = [_image(image, "image")]
     if last_image is not None:
-        images.append(load_image(last_image, "last_image"))
+        images.append(_image(last_image, "last_image"))
     return tuple(images)
 
 
+def _image(image: ImageInput | ImageHeader, field: str):
+    """The image read, or an `ImageHeader` kept as it is: checked already, to be read when its job runs."""
+    return image if isinstance(image, ImageHeader) else load_image(image, field)
+
+
 def frame_for_image(spec: ModelSpec, image, resolution: str | None) -> tuple[int, int]:
-    """The frame the reference code gives `image` on `spec`: its aspect at the resolution's pixel area."""
+    """The frame the reference code gives `image` on `spec`: its aspect at the resolution's pixel area.
+
+    A link not fetched yet (an `ImageHeader` without a size) has the resolution's 16:9 frame until
+    it is: the request is resolved again once the image is read.
+    """
+    if image.size is None:
+        return spec.size(resolution, "16:9")
     area = spec.max_area(resolution)
     width, height = reference_frame_size(image.size, area, spec.vae_scale, per_side=spec.task == "i2v")
     if not (MIN_SIDE <= min(width, height) and max(width, height) <= MAX_SIDE):
@@ -275,8 +293,8 @@ def resolve_request(
     spec: ModelSpec,
     prompt: object,
     *,
-    image: ImageInput | None = None,
-    last_image: ImageInput | None = None,
+    image: ImageInput | ImageHeader | None = None,
+    last_image: ImageInput | ImageHeader | None = None,
     resize: str = "fit",
     loras=None,
     fast_mode: str = "off",

@@ -25,7 +25,7 @@ from .lora.fetch import Credentials
 from .lora.pairs import EVERY_EXPERT
 from .lora.refs import display_ref
 from .lora.selection import LoraRequest
-from .models import CATALOGUE, ONE_TRANSFORMER, resolve_model
+from .models import CATALOGUE, ONE_TRANSFORMER, ModelSpec, resolve_model
 from .request import Request, resolve_request
 from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
 from .sweep import Axis, sweep_axes
@@ -267,19 +267,24 @@ class VideoService:
         self.unreported_setup = {f"setup_{k}": v for k, v in self.pipe.load_timings.items()}
         return self.pipe
 
-    def resolve(self, inputs: PredictorInputs) -> ServiceRequest:
-        """Check every input and map Replicate's names onto the library's, before any work."""
+    def resolve(self, inputs: PredictorInputs, spec: ModelSpec | None = None) -> ServiceRequest:
+        """Check every input and map Replicate's names onto the library's, before any work.
+
+        `spec` is the model the request will run on when it is known (a batch's, once loaded);
+        else the resident model's, or the catalogue's.
+        """
         try:
-            return self._resolve(inputs)
+            return self._resolve(inputs, spec)
         except InvalidInput as exc:
             raise exc.renamed(INPUT_NAMES) from None
 
-    def _resolve(self, i: PredictorInputs) -> ServiceRequest:
+    def _resolve(self, i: PredictorInputs, spec: ModelSpec | None) -> ServiceRequest:
         credentials = Credentials(hf_token=i.hf_api_token, civitai_token=i.civitai_api_token, local_files=False)
         name = self.model_for(i.model, i.image is not None, i.resolution)
         accelerator = _choice("accelerator", i.accelerator, ACCELERATORS)
         steps = DEFAULT_SAMPLE_STEPS if i.sample_steps is None and accelerator is None else i.sample_steps
-        spec = self.pipe.spec if self.pipe is not None and self.model == name else resolve_model(name)
+        if spec is None:
+            spec = self.pipe.spec if self.pipe is not None and self.model == name else resolve_model(name)
         if i.sample_guide_scale_2 is not None and len(spec.experts) == 1:
             raise InvalidInput(
                 "sample_guide_scale_2",

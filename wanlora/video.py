@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import InvalidInput, VideoEncodeError
 from .settings import DEFAULT_QUALITY, QUALITY_RANGE
+from .staging import scratch_beside, staging_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def check_output(path: str | os.PathLike, field: str = "path") -> Path:
         raise VideoEncodeError(f"{where}: the folder {folder} does not exist")
     if path.is_dir():
         raise VideoEncodeError(f"{where}: it is a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.stem}.", suffix=".check"):
+    try:  # named as staging is, so that one a killed process left is removed with the rest
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=staging_prefix(path), suffix=".check"):
             pass
     except OSError as exc:
         raise VideoEncodeError(f"{where}: cannot write there ({exc.strerror or exc})") from exc
@@ -113,15 +114,16 @@ def encode_mp4(
     """Encode H.264 (yuv420p, `+faststart`) at exactly `fps`, one output frame per input frame.
 
     `metadata` goes into the container: the prompt as `title`, everything as JSON in
-    `comment`, both shown by `ffmpeg -i`. The file appears only once it is complete.
+    `comment`, both shown by `ffmpeg -i`. The file appears only once it is complete, and
+    nothing else stays beside it: a staging folder a killed encode left is removed by the next.
     """
     check_encodable(frames)
     if not 0 <= crf <= 51:
         raise VideoEncodeError(f"crf={crf} is outside H.264's range 0 (lossless) to 51 (worst)")
     path = check_output(path)
     height, width = frames.shape[1:3]
-    try:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as work:
+    try:  # the tags and the partial MP4 beside it, removed however the encode ends (SIGTERM included)
+        with scratch_beside(path) as work:
             tags = Path(work) / "tags.txt"
             tags.write_text(ffmetadata(metadata or {}), encoding="utf-8")
             partial = Path(work) / "video.mp4"
