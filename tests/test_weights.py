@@ -51,18 +51,20 @@ def test_an_accelerator_lora_comes_from_the_weights_folder(tiny_dir, tmp_path, m
 def test_a_hub_model_is_downloaded_once_then_loaded_with_both_times_reported(tiny_dir, fake_hub, tmp_path, caplog):
     files = {str(p.relative_to(tiny_dir)): p.read_bytes() for p in tiny_dir.rglob("*") if p.is_file()}
     fake_hub.repos["someone/tiny-wan"] = HubRepo(files)
+    fake_hub.repos["mirror/tiny-wan"] = HubRepo(dict(files))  # the same files under another name
     caplog.set_level(logging.INFO, logger="wanlora")
-    shared = WanLoraPipeline.from_pretrained("tiny")
-    pipe = WanLoraPipeline.from_pretrained("someone/tiny-wan", share_from=shared)
+    shared = WanLoraPipeline.from_pretrained("someone/tiny-wan")
+    pipe = WanLoraPipeline.from_pretrained("mirror/tiny-wan", share_from=shared)
     assert pipe.spec.name == "tiny" and set(pipe.load_timings) == {"download_seconds", "load_seconds"}
-    assert "downloaded someone/tiny-wan in" in caplog.text
+    assert "downloaded mirror/tiny-wan in" in caplog.text
     transformer, encoder = (
-        f"someone/tiny-wan/{c}"
+        f"mirror/tiny-wan/{c}"
         for c in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
     )
     assert (fake_hub.downloads[transformer], fake_hub.downloads[encoder]) == (1, 0)  # shared parts are not fetched
+    assert pipe.diffusers_pipeline.text_encoder is shared.diffusers_pipeline.text_encoder  # the Hub's hashes agree
     assert pipe.generate("a fox", num_inference_steps=2, num_frames=9, seed=1).frames.shape[0] == 9
-    WanLoraPipeline.from_pretrained("someone/tiny-wan")
+    WanLoraPipeline.from_pretrained("mirror/tiny-wan")
     assert (fake_hub.downloads[transformer], fake_hub.downloads[encoder]) == (1, 1)  # the Hub cache serves the rest
 
 
