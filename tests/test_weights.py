@@ -76,3 +76,26 @@ def test_the_first_prediction_reports_the_setup_times(fake_hub, tiny_dir, tmp_pa
     first = service.generate(PredictorInputs(prompt="a fox", **SMALL), tmp_path)
     assert {"setup_download_seconds", "setup_load_seconds"} <= set(first.timings)
     assert "setup_load_seconds" not in service.generate(PredictorInputs(prompt="a fox", **SMALL), tmp_path).timings
+
+
+def test_a_folder_with_its_own_vae_and_text_encoder_run_after_another_is_itself(tmp_path):
+    """As a batch runs two models' jobs: the second folder gives what `generate --model` on it gives, bitwise."""
+    import numpy as np
+
+    from wanlora.pipeline import load_in_place_of
+    from wanlora.tiny import write_tiny_model
+
+    first, other = write_tiny_model(tmp_path / "first"), write_tiny_model(tmp_path / "other", seed=7)
+    second = shutil.copytree(first, tmp_path / "second")
+    for part in ("vae", "text_encoder"):  # its own VAE and text encoder, the same transformer
+        shutil.rmtree(second / part)
+        shutil.copytree(other / part, second / part)
+    request = {"prompt": "a fox", "num_frames": 5, "num_inference_steps": 2, "seed": 3, "width": 64, "height": 48}
+    pipe = load_in_place_of(None, str(first))
+    pipe.generate(**request)
+    pipe = load_in_place_of(pipe, str(second))
+    alone = WanLoraPipeline.from_pretrained(str(second)).generate(**request)
+    assert np.array_equal(pipe.generate(**request).frames, alone.frames)
+    again = load_in_place_of(pipe, str(second))  # the same folder again: the same files, shared
+    assert again.diffusers_pipeline.vae is pipe.diffusers_pipeline.vae
+    assert again.diffusers_pipeline.text_encoder is pipe.diffusers_pipeline.text_encoder
