@@ -58,12 +58,17 @@ def quantize_rows(rows: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.T
 
 
 def quantize_rows_into(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`quantize_rows` without allocating rows: `rows` (fp32) is used up, `out` (fp8) written; returns the scales."""
+    """`quantize_rows` without allocating rows: `rows` (fp32) is used up, `out` (fp8) written; returns the scales.
+
+    amax is max(max, -min), two plain reductions (|x| would be a pass and a copy more). The
+    quotient can land a hair above the maximum (the scale is rounded), which converts to the
+    maximum: no clamp is needed, as long as the scale is a normal number (never the case for
+    a real weight, whose rows are far above 448 x 2^-126).
+    """
     top = fp8_max(out.dtype)
-    amax = rows.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
-    rows.div_(scale[:, None]).clamp_(-top, top)  # clamp: the division may land a hair above the maximum
-    out.copy_(rows)
+    amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).clamp_min_(torch.finfo(torch.float32).tiny)
+    out.copy_(rows.div_(scale[:, None]))
     return scale
 
 
@@ -91,13 +96,25 @@ def widen_into(out: torch.Tensor, quantized: torch.Tensor) -> float:
     if out.device.type != "cpu":
         out.copy_(quantized.to(out.device, non_blocking=True))
         return 1.0
-    bits = quantized.contiguous().view(torch.int8).to(torch.int16)  # sign-extended
+    bits = _scratch(quantized.numel()).view(quantized.shape)
+    bits.copy_(quantized.view(torch.int8))  # sign-extended
     if quantized.dtype == torch.float8_e5m2:
         out.copy_(bits.bitwise_left_shift_(8).view(torch.float16))
         return 1.0
     # s eeee mmm -> s 0eeee mmm 0000000: the shift carries the sign's extension into bit 14, cleared here
     out.copy_(bits.bitwise_left_shift_(7).bitwise_and_(-16385).view(torch.float16))  # -16385: 0xBFFF
     return 256.0
+
+
+_scratches = threading.local()
+
+
+def _scratch(elements: int) -> torch.Tensor:
+    """An int16 buffer of this thread's, reused: allocating one per chunk costs more than the bit twiddling."""
+    buffer = getattr(_scratches, "int16", None)
+    if buffer is None or buffer.numel() < elements:
+        buffer = _scratches.int16 = torch.empty(elements, dtype=torch.int16)
+    return buffer[:elements]
 
 
 class Fp8Linear(torch.nn.Module):
