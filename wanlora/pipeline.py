@@ -192,9 +192,8 @@ class WanLoraPipeline:
                 timings["download_seconds"] = time.perf_counter() - started
                 logger.info("downloaded %s in %.1fs", spec.source, timings["download_seconds"])
             diffusers_pipeline = load_diffusers_pipeline(folder, dtype, shared, spec)
-            identities = model_identities(spec.source, folder, tuple(n for n in SHARABLE if n not in identities)) | (
-                identities
-            )
+            own = model_identities(spec.source, folder, tuple(n for n in SHARABLE if n not in identities))
+            identities = {**own, **identities}
             from_folder = tuple(name for name in spec.experts if name not in checkpoints)
             checkpoints |= transformer_checkpoints(folder, from_folder, dtype)
         if offload == "auto":
@@ -205,11 +204,9 @@ class WanLoraPipeline:
                 layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul, home)
                 logger.info("fp8: %d more block linears in float8_e4m3fn, on %s", layers, home or "the CPU")
         quantize = quantize or ("fp8" if stored_fp8 else None)
-        for name in spec.experts:
-            if quantize == "fp8":
-                logger.info(
-                    "fp8 matmuls (%s): %s", name, describe_matmuls(getattr(diffusers_pipeline, ATTRIBUTES[name]))
-                )
+        for name in spec.experts if quantize == "fp8" else ():
+            layers_of = getattr(diffusers_pipeline, ATTRIBUTES[name])
+            logger.info("fp8 matmuls (%s): %s", name, describe_matmuls(layers_of))
         place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
@@ -239,7 +236,7 @@ class WanLoraPipeline:
             logger.info(
                 "%s loads its own %s: not the same files as the model before",
                 spec.name,
-                ", ".join(set(held) - set(same)),
+                ", ".join(sorted(set(held) - set(same))),
             )
         return {name: getattr(self.diffusers_pipeline, name) for name in same}, {name: held[name] for name in same}
 
