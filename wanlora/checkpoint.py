@@ -215,8 +215,14 @@ class FileTensor(Pristine):
         step = max(1, CHUNK_BYTES // max(1, math.prod(self.shape[1:]) * self.stored.itemsize))
         return [(start, min(start + step, self.rows)) for start in range(0, self.rows, step)]
 
-    def _read(self, start: int, stop: int) -> torch.Tensor:
-        return self.file.read(self.key, start, stop).view(stop - start, -1)
+    def _read(self, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
+        """Rows start:stop, in memory of their own, or (`reuse`) in this thread's read buffer, valid until its next
+        read: allocating 64 MiB a chunk costs as much as reading it."""
+        out = None
+        if reuse:
+            count = (stop - start) * (math.prod(self.shape[1:]) if self.shape else 1) * self.stored.itemsize
+            out = _read_buffer(count)
+        return self.file.read(self.key, start, stop, out=out).view(stop - start, -1)
 
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
         self.file.check_unchanged()
@@ -256,7 +262,7 @@ class FileTensor(Pristine):
             return False  # fp8 in the file, dequantized or requantized at load: a computed W0, not one to read back
         target = weight.view(self.rows, -1)
         for start, stop in self._chunks():
-            stored = self._read(start, stop).to(weight.device, non_blocking=True)
+            stored = self._read(start, stop, reuse=True).to(weight.device)  # pageable: copied before the next read
             loaded = target[start:stop]
             if scale is None:
                 want = stored if stored.dtype == weight.dtype else stored.to(weight.dtype)
@@ -277,10 +283,28 @@ class FileTensor(Pristine):
 
 
 def _peak(tensor: torch.Tensor) -> float:
-    return float(tensor.abs().amax()) if tensor.numel() else 0.0
+    """max |x|, as max(max, -min): two reductions, no copy."""
+    return max(float(tensor.amax()), -float(tensor.amin())) if tensor.numel() else 0.0
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality, compared as the widest integers the bytes allow (8 at a time: 3.5x faster than bytes)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    a, b = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
+    for wide in (torch.int64, torch.int32, torch.int16):
+        size = wide.itemsize
+        if a.numel() % size == 0 and a.data_ptr() % size == 0 and b.data_ptr() % size == 0:
+            return torch.equal(a.view(wide), b.view(wide))
+    return torch.equal(a, b)
+
+
+_buffers = threading.local()
+
+
+def _read_buffer(count: int) -> torch.Tensor:
+    """This thread's read buffer of at least `count` bytes (a chunk: CHUNK_BYTES at most)."""
+    buffer = getattr(_buffers, "bytes", None)
+    if buffer is None or buffer.numel() < count:
+        buffer = _buffers.bytes = torch.empty(count, dtype=torch.uint8)
+    return buffer[:count]
