@@ -133,7 +133,7 @@ def write_checkpoint(path, case) -> tuple[dict[str, torch.Tensor], str | None]:
     return tensors, None if defect is None else (case["prefix"] if " " not in named[defect] else "") + named[defect]
 
 
-@settings(max_examples=class_examples(60), **SETTINGS)
+@settings(max_examples=class_examples(150), **SETTINGS)
 @given(case=checkpoints())
 def test_a_single_file_loads_right_or_is_refused_naming_the_tensor(tmp_path, case):
     path = tmp_path / "transformer.safetensors"
@@ -208,7 +208,7 @@ def rewrite_vae(folders, times: int) -> None:
     (folders["rewritten"] / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(source.read_bytes())
 
 
-@settings(max_examples=class_examples(12), **SETTINGS)
+@settings(max_examples=class_examples(36), **SETTINGS)
 @given(
     order=st.lists(
         st.sampled_from(["base", "vae", "text", "both", "copy", "linked", "rewritten"]), min_size=2, max_size=3
