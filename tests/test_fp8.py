@@ -397,8 +397,13 @@ def test_q_k_and_v_quantize_their_shared_input_once(monkeypatch):
     }
     with torch.no_grad():
         model(**inputs)
-    # per block: q/k/v of self-attention once, its output, q of cross-attention, k/v once, its output, the FFN's two
-    assert len(calls) == 7 * len(model.blocks)
+    # per block: q/k/v of self-attention once, its output, q of cross-attention, its output, the FFN's two; and k/v
+    # of cross-attention once for every block: the text states are one tensor, unchanged through the forward
+    assert len(calls) == 6 * len(model.blocks) + 1
+    layer, x = fp8_layers(model)["blocks.0.attn1.to_q.weight"], torch.randn(5, 32)
+    first = layer(x)
+    x.mul_(2)  # changed in place: quantized afresh, never the stale copy
+    assert torch.allclose(layer(x) - layer.bias, 2 * (first - layer.bias), rtol=0.02, atol=1e-3)
 
 
 # ------------------------------------------------------------------ fp8 on the host, at memory speed

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -209,9 +208,6 @@ def check_scaled_mm(
         raise ScaledMatmulRefused("torch._scaled_mm on CUDA refuses this: " + "; ".join(problems))
 
 
-_inputs = threading.local()  # the last input quantized, per thread: q, k and v share theirs
-
-
 def quantize_tokens(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3fn rows, fp32 scale per row): each token's scale a power of two at or above amax / 448.
 
@@ -229,18 +225,19 @@ def quantize_tokens(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantized_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_tokens` of x's rows, once for the same unchanged tensor: attention's q, k and v take one input.
 
-    Held by identity and version, so a tensor changed in place, or a new one, is quantized
-    afresh. A compiled graph needs no help (the compiler merges the repeats), and inference
-    tensors carry no version: both are quantized each time.
+    Kept on the tensor itself with its version, so it lives exactly as long as the input, and
+    a tensor changed in place is quantized afresh. A compiled graph needs no help (the
+    compiler merges the repeats), and inference tensors carry no version: both are quantized
+    each time.
     """
     rows = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling() or x.is_inference():
         return quantize_tokens(rows)
-    last = getattr(_inputs, "last", None)
-    if last is not None and last[0]() is x and last[1] == x._version:
-        return last[2], last[3]
+    kept = getattr(x, "_wanlora_fp8_input", None)
+    if kept is not None and kept[0] == x._version:
+        return kept[1], kept[2]
     quantized, token_scale = quantize_tokens(rows)
-    _inputs.last = (weakref.ref(x), x._version, quantized, token_scale)
+    x._wanlora_fp8_input = (x._version, quantized, token_scale)  # type: ignore[attr-defined]
     return quantized, token_scale
 
 
