@@ -165,11 +165,11 @@ def check_numbers(path: Path, file: CheckpointFile, names: dict[str, str], scale
     codes are looked for as the weights are read.)"""
     problems: list[str] = []
     keys = [key for key in file.header if key != "__metadata__"]
-    marked = any(key.removeprefix(COMFY_PREFIX) == MARKER for key in keys)
+    marker = next((key for key in keys if key.removeprefix(COMFY_PREFIX) == MARKER), None)
     formats = _comfy_formats(file, keys, problems)
-    if marked and not scale_keys:
-        problems.append(f"it is marked {MARKER} (weights stored divided by a scale) but holds no scale_weight")
-    scaled_file = marked or bool(scale_keys)
+    if marker is not None and not scale_keys:
+        problems.append(f"it is marked {marker} (weights stored divided by a scale) but holds no scale_weight")
+    scaled_file = marker is not None or bool(scale_keys)
     for key in names.values():
         dtype = file.dtype(key)
         module = key.removesuffix(".weight")
