@@ -156,10 +156,12 @@ def measure_1_3b(swaps: int) -> dict[str, float]:
 
 
 def measure_first_touch(repeats: int = 3) -> float:
-    """Seconds to prove one 14B FFN weight's W0 (13824x5120 bf16) from its checkpoint file, page cache warm."""
+    """Seconds to prove one 14B FFN weight's W0 (13824x5120 bf16) from its checkpoint file, page cache warm,
+    on one thread as a merge runs it (lora/spread.py)."""
     from safetensors.torch import save_file
 
     from wanlora.checkpoint import Checkpoint, CheckpointFile, TensorRef
+    from wanlora.lora.spread import single_threaded_ops
 
     weight = torch.randn(WAN_14B.ffn_dim, WAN_14B.dim).to(torch.bfloat16)
     with tempfile.TemporaryDirectory() as folder:
@@ -171,7 +173,8 @@ def measure_first_touch(repeats: int = 3) -> float:
         def prove(_: int) -> None:
             assert checkpoint.pristine("w", weight, None) is not None
 
-        return median_seconds(prove, repeats)
+        with single_threaded_ops():
+            return median_seconds(prove, repeats)
 
 
 def measure_14b(blocks: int, swaps: int) -> dict[str, float]:
@@ -218,8 +221,11 @@ def run(isa: str, swaps: int, blocks14b: int) -> None:
     print(f"load average at the start: {load:.2f} (other processes on this machine make every figure noisier)")
     report_1_3b(measure_1_3b(swaps))
     first = measure_first_touch()
+    dim, ffn = WAN_14B.dim, WAN_14B.ffn_dim
+    weights = WAN_14B.num_layers * (8 * dim * dim + 2 * dim * ffn) / (dim * ffn)  # a 14B's block linears, in these
     print(f"\nfirst touch: W0 of one 13824x5120 bf16 weight proven from its file in {first:.3f} s")
-    print(f"  x400 for a 14B's block linears (FFN-sized; the rest are smaller): {first * 400:.1f} s at most")
+    print(f"  a 14B's 400 block linears ({weights:.0f} of these): {first * weights:.1f} s on one thread; merges")
+    print(f"  spread it over the cores: ~{first * weights / torch.get_num_threads():.1f} s here")
     report_14b(measure_14b(blocks14b, swaps), blocks14b)
 
 
