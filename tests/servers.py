@@ -223,9 +223,17 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             repo = self._repo(f"{parts[2]}/{parts[3]}", parts[5])
             if repo is None:
                 return
-            listing = [
-                {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+            folder = "/".join(parts[6:])  # tree/REVISION/FOLDER: that folder's files only, as the Hub lists them
+            listing = [  # every file as an LFS file: its oid the sha256 that names its blob in the cache (the ETag)
+                {
+                    "type": "file",
+                    "path": p,
+                    "size": len(b),
+                    "oid": hashlib.sha1(b).hexdigest(),
+                    "lfs": {"oid": hashlib.sha256(b).hexdigest(), "size": len(b), "pointerSize": 134},
+                }
                 for p, b in repo.files.items()
+                if not folder or p.startswith(folder + "/")
             ]
             return self._send(200, json.dumps(listing).encode(), head, {"Content-Type": "application/json"})
         if len(parts) >= 5 and parts[2] == "resolve":

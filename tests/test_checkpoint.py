@@ -113,3 +113,143 @@ def test_a_weight_the_file_does_not_give_back_keeps_a_host_copy(folder, loras):
     pristine = pipe.experts[0].loras.merger.pristine
     assert isinstance(pristine["blocks.0.attn1.to_q.weight"], HostCopy)
     assert isinstance(pristine["blocks.0.attn1.to_k.weight"], FileTensor)
+
+
+# ------------------------------------------------------------------ dtypes the reader did not know
+
+
+@pytest.mark.parametrize("stored", [torch.float64, torch.int32])
+def test_a_checkpoint_holding_other_dtypes_still_merges(folder, loras, stored):
+    """An F64 or integer tensor in the folder: diffusers casts it at load, and merges read W0 back or copy it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / SHARD)
+    for key in ("blocks.0.attn1.to_q.weight", "blocks.1.ffn.net.2.weight"):
+        tensors[key] = (tensors[key] * 64).round().to(stored)  # whole numbers: an integer file holds them exactly
+    save_file(tensors, folder / SHARD)
+    pipe = WanLoraPipeline.from_pretrained(str(folder))
+    loaded = bits(pipe.transformer)
+    pipe.set_loras([(loras["a"], 0.7)])
+    with pytest.MonkeyPatch.context() as patched:
+        host_copies_only(patched)
+        copied = WanLoraPipeline.from_pretrained(str(folder))
+    copied.set_loras([(loras["a"], 0.7)])
+    assert_same_bits(pipe.transformer, bits(copied.transformer))
+    pipe.set_loras([])
+    assert_same_bits(pipe.transformer, loaded)
+
+
+# ------------------------------------------------------------------ files cut short under a running model
+
+
+def file_mapped(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -> bool:
+    return any(start <= tensor.data_ptr() < stop for start, stop in mappings)
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """This process's mappings of files (not anonymous memory, not the libraries it runs)."""
+    found = []
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+            start, stop = (int(x, 16) for x in parts[0].split("-"))
+            found.append((start, stop))
+    return found
+
+
+def test_no_weight_on_the_cpu_is_a_view_of_a_file(folder, tmp_path):
+    from safetensors.torch import save_file
+
+    from .builders import wan_checkpoint
+
+    single = tmp_path / "wan_fp32.safetensors"
+    save_file(wan_checkpoint(tiny_transformer(), "full"), str(single))
+    for pipe in (
+        WanLoraPipeline.from_pretrained(str(folder)),
+        WanLoraPipeline.from_pretrained("tiny", transformer=single),
+    ):
+        mappings = file_mappings()
+        for name, component in pipe.diffusers_pipeline.components.items():
+            if isinstance(component, torch.nn.Module):
+                mapped = [n for n, t in component.state_dict().items() if file_mapped(t, mappings)]
+                assert not mapped, f"{name}: {mapped[:3]} live in a file's mapping"
+
+
+TRUNCATE_THEN_RUN = """
+import sys
+from pathlib import Path
+from wanlora import WanLoraPipeline
+from wanlora.checkpoint import CheckpointChanged
+
+folder, single, first, second = sys.argv[1:5]
+pipes = [WanLoraPipeline.from_pretrained(folder), WanLoraPipeline.from_pretrained("tiny", transformer=single)]
+for pipe in pipes:
+    pipe.set_loras([(first, 1.0)])
+for path in [*Path(folder).rglob("*.safetensors"), Path(single)]:
+    with open(path, "r+b") as handle:  # what `cp` over a file does first
+        handle.truncate(64)
+for pipe in pipes:  # every weight touched, mid-generation as it were: text encoder, transformer, VAE
+    pipe.diffusers_pipeline("a fox", width=64, height=48, num_frames=5, num_inference_steps=2, output_type="np")
+    pipe.generate("a fox", width=64, height=48, num_frames=5, num_inference_steps=2, seed=1)  # the same LoRAs
+    try:
+        pipe.set_loras([(second, 1.0)])
+    except CheckpointChanged as exc:
+        print("refused:", exc)
+    else:
+        sys.exit("a merge read from a file cut short")
+print("clean")
+"""
+
+
+def test_files_cut_short_under_a_running_model_end_in_a_clear_error_not_a_signal(folder, loras, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from .builders import wan_checkpoint
+
+    single = tmp_path / "wan_fp32.safetensors"
+    save_file(wan_checkpoint(tiny_transformer(), "full"), str(single))
+    run = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_THEN_RUN, str(folder), str(single), loras["a"], loras["b"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, f"exit {run.returncode} (negative: killed by that signal): {run.stderr[-2000:]}"
+    assert run.stdout.count("was rewritten since the model was loaded from it") == 2 and "clean" in run.stdout
+
+
+# ------------------------------------------------------------------ proving W0 cheaply
+
+
+def test_w0_is_proven_by_comparing_bytes_in_large_chunks_without_converting(folder, monkeypatch):
+    """The first LoRA on a 14B proves 400 weights: raw bytes against raw bytes where the file holds the loaded
+    dtype, a CHUNK_BYTES read at a time, no fp32 copy; and a single differing bit is still found."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wanlora import checkpoint
+
+    pipe = WanLoraPipeline.from_pretrained(str(folder))
+    source = pipe.experts[0].loras.merger.checkpoint
+    name = "blocks.0.ffn.net.0.proj.weight"
+    weight = dict(pipe.transformer.named_parameters())[name].detach()
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", weight[0].numel() * 4 * 8)  # 8 rows a read: several chunks
+
+    class Traced(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Traced() as traced:
+        assert source.pristine(name, weight, None) is not None
+    assert not any(op.startswith(("_to_copy", "copy")) for op in traced.ops), traced.ops
+    assert traced.ops.count("equal.default") == -(-weight.shape[0] // 8)
+    changed = weight.clone()
+    changed.view(torch.int32)[weight.shape[0] - 1, 3] ^= 1  # one bit, in the last chunk
+    assert source.pristine(name, changed, None) is None

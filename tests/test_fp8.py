@@ -272,3 +272,188 @@ def test_an_fp8_pipeline_is_not_saved_as_a_folder_no_loader_reads(tmp_path):
 def test_an_unknown_quantization_is_named():
     with pytest.raises(InvalidInput, match="quantize='int4' is not allowed: one of none, fp8"):
         WanLoraPipeline.from_pretrained("tiny", quantize="int4")
+
+
+# ------------------------------------------------------------------ the scaled matmul: probed, held to CUDA's rules
+
+
+def test_the_scaled_matmul_is_chosen_by_running_its_kernel_not_by_the_capability(monkeypatch, caplog):
+    """An RTX 5090 (sm_120) has fp8 tensor cores, and PyTorch's row-wise kernel raises there: weight-only, said why."""
+    import logging
+
+    from wanlora import fp8
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    refusal = "raises RuntimeError: Rowwise scaling is not currently supported on your device"
+    monkeypatch.setattr(fp8, "scaled_matmul_failure", lambda device: refusal)
+    caplog.set_level(logging.INFO, logger="wanlora")
+    assert fp8.choose_matmul("auto", cuda) == "weight-only"
+    assert "weight-only matmuls on cuda:0: the scaled fp8 kernel raises RuntimeError: Rowwise scaling" in caplog.text
+    with pytest.raises(InvalidInput, match="on cuda:0 the scaled kernel raises"):
+        fp8.choose_matmul("scaled", cuda)
+    monkeypatch.setattr(fp8, "scaled_matmul_failure", lambda device: None)
+    assert fp8.choose_matmul("auto", cuda) == "scaled"
+
+
+def test_the_probe_runs_the_real_kernel_and_checks_its_numbers(monkeypatch):
+    from wanlora import fp8
+
+    cpu = torch.device("cpu")
+    fp8._probe.cache_clear()
+    assert fp8.scaled_matmul_failure(cpu) is None  # the CPU's kernel runs, and agrees with weight-only
+    real = torch._scaled_mm
+
+    def sm120(*args, **kwargs):
+        raise RuntimeError("Rowwise scaling is not currently supported on your device")
+
+    for kernel, words in (
+        (sm120, "raises RuntimeError: Rowwise scaling"),
+        (lambda *a, **k: real(*a, **k) * 2, "off by"),
+    ):
+        fp8._probe.cache_clear()
+        monkeypatch.setattr(torch, "_scaled_mm", kernel)
+        assert words in fp8.scaled_matmul_failure(cpu)
+    fp8._probe.cache_clear()
+
+
+def fp8_operands(m: int = 32, k: int = 64, n: int = 48):
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.randn(m, k, generator=generator) * 10).to(FP8)
+    b, scale = quantize_rows(torch.randn(n, k, generator=generator))
+    return a, b.t(), torch.ones(m, 1), scale.view(1, -1)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"out_dtype": torch.float32, "bias": torch.zeros(48, dtype=torch.bfloat16)}, "Bias is not supported"),
+        ({"out_dtype": torch.float16}, "outputs bfloat16 only"),
+        ({"b": "e5m2"}, "mat2 e4m3fn"),
+        ({"k": 40}, "divisible by 16"),
+        ({"b": "row-major"}, "mat2 column-major"),
+        ({"scale_a": torch.ones(32)}, r"scale_a must be float32 of shape \(32, 1\)"),
+        ({"bias": torch.zeros(48)}, "the bias must be 1-D bfloat16"),
+    ],
+    ids=["fp32-out-with-bias", "fp16-out", "e5m2-weight", "unaligned", "layout", "scale-shape", "fp32-bias"],
+)
+def test_cudas_rules_for_the_scaled_matmul_hold_on_any_device(change, words):
+    from wanlora.fp8 import ScaledMatmulRefused, check_scaled_mm
+
+    a, b, scale_a, scale_b = fp8_operands()
+    check_scaled_mm(a, b, scale_a, scale_b, torch.zeros(48, dtype=torch.bfloat16), torch.bfloat16)  # as asked of it
+    a, b, scale_a, scale_b = fp8_operands(k=change.get("k", 64))
+    if change.get("b") == "e5m2":
+        b = b.float().to(torch.float8_e5m2)
+    elif change.get("b") == "row-major":
+        b = b.contiguous()
+    scale_a = change.get("scale_a", scale_a)
+    with pytest.raises(ScaledMatmulRefused, match=words):
+        check_scaled_mm(a, b, scale_a, scale_b, change.get("bias"), change.get("out_dtype", torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_scaled_path_keeps_cudas_rules_with_a_bias_and_gives_no_nan_for_an_empty_token(dtype):
+    from wanlora.fp8 import scaled_linear
+
+    generator = torch.Generator().manual_seed(1)
+    layer = Fp8Linear.of(torch.nn.Linear(64, 48).requires_grad_(False), "scaled")
+    x = (torch.randn(6, 64, generator=generator)).to(dtype)
+    x[2] = 0  # an all-zero token: in fp16 its scale must not underflow to 0 (0 / 0)
+    got = scaled_linear(x, layer.weight, layer.weight_scale, layer.bias.to(dtype))
+    want = torch.nn.functional.linear(x.float(), dequantize(layer.weight, layer.weight_scale), layer.bias)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert torch.allclose(got[2].float(), layer.bias.to(dtype).float())
+    assert (got.float() - want).abs().max() <= 0.07 * want.abs().max()
+
+
+def test_a_layer_outside_cudas_rules_computes_weight_only():
+    """The tiny model's 24-wide layers (not a multiple of 16) and e5m2 weights: weight-only, even when "scaled"."""
+    narrow = Fp8Linear.of(torch.nn.Linear(24, 24).requires_grad_(False), "scaled")
+    e5m2 = Fp8Linear(*quantize_rows(torch.randn(32, 32), torch.float8_e5m2), None, "scaled")
+    wide = Fp8Linear.of(torch.nn.Linear(32, 48).requires_grad_(False), "scaled")
+    assert (narrow.scaled, e5m2.scaled, wide.scaled) == (False, False, True)
+    x = torch.randn(3, 24)
+    assert torch.equal(
+        narrow(x), torch.nn.functional.linear(x, dequantize(narrow.weight, narrow.weight_scale), narrow.bias)
+    )
+
+
+def test_q_k_and_v_quantize_their_shared_input_once(monkeypatch):
+    from dataclasses import replace
+
+    from wanlora import fp8
+    from wanlora.models import TINY_ARCH
+
+    model = tiny_transformer(replace(TINY_ARCH, attention_head_dim=16))  # 32 wide: within CUDA's rules
+    quantize_transformer(model, "scaled")
+    calls = []
+    real = fp8.quantize_tokens
+    monkeypatch.setattr(fp8, "quantize_tokens", lambda rows: calls.append(rows.shape) or real(rows))
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 2, 4, 4),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 512, 32),
+    }
+    with torch.no_grad():
+        model(**inputs)
+    # per block: q/k/v of self-attention once, its output, q of cross-attention, its output, the FFN's two; and k/v
+    # of cross-attention once for every block: the text states are one tensor, unchanged through the forward
+    assert len(calls) == 6 * len(model.blocks) + 1
+    layer, x = fp8_layers(model)["blocks.0.attn1.to_q.weight"], torch.randn(5, 32)
+    first = layer(x)
+    x.mul_(2)  # changed in place: quantized afresh, never the stale copy
+    assert torch.allclose(layer(x) - layer.bias, 2 * (first - layer.bias), rtol=0.02, atol=1e-3)
+
+
+# ------------------------------------------------------------------ fp8 on the host, at memory speed
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_fp8_code_widens_exactly_without_torchs_scalar_conversion(dtype):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wanlora.fp8 import dequantize_into
+
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = torch.isfinite(codes.float())
+    quantized = codes[finite].view(-1, 1).repeat(1, 3)
+    scale = torch.linspace(0.5, 3.0, quantized.shape[0])
+
+    class Conversions(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            if any(t.dtype == dtype for t in tensors) and func.__name__.startswith(("copy_", "_to_copy")):
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    out = torch.empty(quantized.shape)
+    with Conversions() as traced:
+        dequantize_into(out, quantized, scale)
+    assert not traced.seen  # fp8 -> fp32 by torch runs ~0.15 G values/s on a CPU core; this is fp16's vector path
+    want = quantized.float() * scale[:, None]  # torch's own conversion, the reference
+    assert torch.equal(out, want)
+
+
+def test_fp8_quantizes_where_the_weights_will_live():
+    """On the GPU for a resident transformer: the meta device stands in here; nothing fp8 runs on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_transformer()
+
+    class Devices(TorchDispatchMode):
+        cpu_fp8: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            outs = result if isinstance(result, (tuple, list)) else [result]
+            if any(isinstance(t, torch.Tensor) and t.dtype == FP8 and t.device.type == "cpu" for t in outs):
+                self.cpu_fp8.append(func.__name__)
+            return result
+
+    with Devices() as traced:
+        layers = quantize_transformer(model, "weight-only", torch.device("meta"))
+    assert layers > 0 and not traced.cpu_fp8
+    assert all(layer.weight.device.type == "meta" for layer in fp8_layers(model).values())

@@ -261,8 +261,8 @@ def test_a_write_that_fails_half_way_through_a_tensor_is_undone_too(pool, monkey
     chunks = {"n": 0}
     original = merger._summed_rows
 
-    def failing(name, terms):
-        for chunk in original(name, terms):
+    def failing(name, terms, *where):
+        for chunk in original(name, terms, *where):
             chunks["n"] += 1
             if chunks["n"] == 9:  # the third chunk of the third tensor: some rows already written
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -329,3 +329,84 @@ def test_an_integer_alpha_is_still_alpha(tmp_path):
     )
     merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
     assert_weights(model, base, [({"blocks.0.attn1.to_q.weight": (up @ down) * 4 / 32}, 1.0)])
+
+
+# ------------------------------------------------------------------ where the merge runs
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads, as on the smallest machine with a core to spare; put back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_cpu_merge_runs_one_weight_per_core_each_single_threaded(pool, monkeypatch, two_threads):
+    """torch's own threading ends every small op at a barrier, and a busy core stalls every barrier
+    (benchmarks/lora_swap.py measures it). The merge spreads whole weights over threads, ops single-threaded."""
+    import threading
+
+    from wanlora.lora import merge as merge_module
+    from wanlora.lora import spread
+
+    monkeypatch.setattr(spread, "MIN_SPREAD_ELEMENTS", 0)  # the tiny model's weights count as work
+    loaded = {k: read_lora(path) for k, (path, _) in pool.items()}
+    seen = []
+    real_write = LoraMerger._write
+    together = threading.Barrier(2, timeout=30)  # the first two weights are merged at once, or this breaks
+
+    def watched(self, name, terms):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if len(seen) <= 2:
+            together.wait()
+        real_write(self, name, terms)
+
+    monkeypatch.setattr(merge_module.LoraMerger, "_write", watched)
+    threads = torch.get_num_threads()
+    model = bf16_tiny()
+    merge(LoraMerger(model), [(loaded["a"], 0.5), (loaded["c"], -1.0)])
+    assert {count for _, count in seen} == {1} and len({name for name, _ in seen}) >= 2
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(spread, "MIN_SPREAD_ELEMENTS", 1 << 60)  # inline, torch's threads: the same bits
+    inline = bf16_tiny()
+    merge(LoraMerger(inline), [(loaded["a"], 0.5), (loaded["c"], -1.0)])
+    assert_bitwise(model, snapshot(inline))
+
+
+def test_a_write_that_fails_on_one_core_is_undone_on_all(pool, monkeypatch, two_threads):
+    from wanlora.lora import merge as merge_module
+    from wanlora.lora import spread
+
+    monkeypatch.setattr(spread, "MIN_SPREAD_ELEMENTS", 0)
+    loaded = {k: read_lora(path) for k, (path, _) in pool.items()}
+    model = tiny_transformer()
+    merger = LoraMerger(model)
+    merge(merger, [(loaded["a"], 1.0)])
+    before = snapshot(model)
+    real_write, calls = LoraMerger._write, {"n": 0}
+
+    def failing(self, name, terms):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        real_write(self, name, terms)
+
+    monkeypatch.setattr(merge_module.LoraMerger, "_write", failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        merge(merger, [(loaded["b"], 1.0), (loaded["c"], 0.5)])
+    assert_bitwise(model, before)
+
+
+def test_host_weights_merge_on_the_gpu_when_it_has_room_for_the_layer(monkeypatch):
+    """offload "model"/"group" keep weights in host memory: their merge runs on the pipeline's GPU, one layer's
+    work at a time, where its free memory allows, else on the CPU."""
+    linear = torch.nn.Linear(64, 32)
+    free = {"bytes": 10**9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2 * 10**9))
+    merger = LoraMerger(linear, compute=torch.device("cuda", 0))
+    assert merger._device_for("weight") == torch.device("cuda", 0)
+    free["bytes"] = 3 * 4 * 64 * 32 - 1  # less than the layer's rows in fp32, three times over
+    assert merger._device_for("weight") == torch.device("cpu")
+    assert LoraMerger(linear)._device_for("weight") == torch.device("cpu")  # no GPU given: where the weight is

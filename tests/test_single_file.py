@@ -128,3 +128,155 @@ def test_the_cli_takes_a_transformer_file(cli, tmp_path):
                  "--width", "64", "--height", "64", "-o", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert recorded(out)["weights"] == "fp8"
+
+
+# ------------------------------------------------------------------ numbers not taken on their word
+
+
+def scaled_file(tmp_path, layout: str = "fp8-scaled", edit=None, name: str = "wan_fp8_scaled.safetensors"):
+    """A tiny scaled-fp8 file (`layout` of tests/builders.py), its tensors changed by `edit(tensors)` first."""
+    tensors = wan_checkpoint(tiny_transformer(), layout)
+    if edit is not None:
+        edit(tensors)
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return path
+
+
+Q = "blocks.0.self_attn.q"
+
+
+def per_row(tensors, key: str = f"{Q}.scale_weight", value: float | None = None, row: int = 3) -> None:
+    """The scale of `key`'s weight as one per row (its own value each), row `row` set to `value` when given."""
+    rows = tensors[key.rsplit(".", 1)[0] + ".weight"].shape[0]
+    scales = tensors[key].float().expand(rows).clone()
+    if value is not None:
+        scales[row] = value
+    tensors[key] = scales
+
+
+BAD_NUMBERS = {
+    "one-scale-missing": (lambda t: t.pop(f"{Q}.scale_weight"), f"{Q}.weight is torch.float8_e4m3fn with no scale"),
+    "marked-no-scales": (
+        lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".scale_weight")]],
+        "marked scaled_fp8 .* but holds no scale_weight",
+    ),
+    "nan": (lambda t: t.__setitem__(f"{Q}.scale_weight", torch.tensor(float("nan"))), f"{Q}.scale_weight is NaN"),
+    "zero": (lambda t: t.__setitem__(f"{Q}.scale_weight", torch.tensor(0.0)), f"{Q}.scale_weight is zero"),
+    "negative": (lambda t: t.__setitem__(f"{Q}.scale_weight", torch.tensor(-0.01)), f"{Q}.scale_weight is negative"),
+    "infinite": (lambda t: t.__setitem__(f"{Q}.scale_weight", torch.tensor(float("inf"))), "is infinite"),
+    "per-row-nan": (lambda t: per_row(t, value=float("nan")), f"{Q}.scale_weight is NaN"),
+    "per-row-zero": (lambda t: per_row(t, value=0.0), f"{Q}.scale_weight is zero"),
+    "per-row-negative": (lambda t: per_row(t, value=-1.0), f"{Q}.scale_weight is negative"),
+    "wrong-count": (
+        lambda t: t.__setitem__(f"{Q}.scale_weight", torch.ones(5)),
+        f"{Q}.scale_weight has 5 values, for a weight of 24 rows",
+    ),
+    "integer-scale": (
+        lambda t: t.__setitem__(f"{Q}.scale_weight", torch.tensor(1, dtype=torch.int32)),
+        f"{Q}.scale_weight is I32, not a floating-point scale",
+    ),
+    "integer-weight": (
+        lambda t: t.__setitem__("blocks.1.ffn.2.weight", t["blocks.1.ffn.2.weight"].view(torch.uint8).clone()),
+        "blocks.1.ffn.2.weight holds U8 values",
+    ),
+    "fp8-nan-code": (
+        lambda t: t[f"{Q}.weight"].view(torch.uint8).__setitem__((2, 5), 0x7F),
+        f"{Q}.weight holds fp8 NaN codes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NUMBERS))
+def test_an_fp8_file_whose_numbers_are_wrong_is_refused_naming_the_tensor(tmp_path, case):
+    edit, words = BAD_NUMBERS[case]
+    path = scaled_file(tmp_path, edit=edit)
+    with pytest.raises(InvalidInput, match=f"transformer=.* is not allowed: a file whose numbers load right.*{words}"):
+        WanLoraPipeline.from_pretrained("tiny", transformer=path)
+
+
+def test_a_comfy_quant_file_in_a_format_wanlora_does_not_read_is_refused_naming_it(tmp_path):
+    import json
+
+    def nvfp4(tensors):
+        tensors[f"{Q}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+
+    path = scaled_file(tmp_path, "fp8-comfy-quant", nvfp4)
+    with pytest.raises(InvalidInput, match=f"{Q}.comfy_quant names the 'nvfp4' quantization, which wanlora does not"):
+        WanLoraPipeline.from_pretrained("tiny", transformer=path)
+
+
+def test_per_row_scales_load_row_by_row(tmp_path):
+    """lightx2v-style per-channel scales: each row is its stored values times its own scale."""
+    from safetensors.torch import load_file
+
+    def rows(tensors):
+        weight = tensors[f"{Q}.weight"]
+        tensors[f"{Q}.scale_weight"] = torch.linspace(1e-4, 3e-3, weight.shape[0])
+
+    path = scaled_file(tmp_path, edit=rows)
+    stored = load_file(path)
+    layer = fp8_layers(WanLoraPipeline.from_pretrained("tiny", transformer=path).transformer)[
+        "blocks.0.attn1.to_q.weight"
+    ]
+    assert torch.equal(layer.weight_scale, stored[f"{Q}.scale_weight"])
+    assert torch.equal(layer.weight.view(torch.uint8), stored[f"{Q}.weight"].view(torch.uint8))
+
+
+# ------------------------------------------------------------------ Kijai's e5m2 files, and files of mixed precision
+
+
+def test_an_e5m2_file_runs_as_stored_and_loras_merge_onto_it(tmp_path, style, caplog):
+    """Kijai's `_fp8_e5m2` files: block linears cast to float8_e5m2. They stay e5m2, at a byte a weight."""
+    import logging
+
+    full = tiny_transformer()
+    tensors = wan_checkpoint(full, "full")
+    for key in [k for k in tensors if k.startswith("blocks.") and k.endswith(".weight") and tensors[k].dim() == 2]:
+        tensors[key] = tensors[key].to(torch.float8_e5m2)
+    path = tmp_path / "Wan2_1-T2V-tiny_fp8_e5m2.safetensors"
+    save_file(tensors, str(path))
+    caplog.set_level(logging.INFO, logger="wanlora")
+    pipe = WanLoraPipeline.from_pretrained("tiny", transformer=path)
+    layers = fp8_layers(pipe.transformer)
+    assert layers and all(layer.weight.dtype == torch.float8_e5m2 for layer in layers.values())
+    assert pipe.quantize == "fp8" and "block linears in float8_e5m2" in caplog.text
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight.view(torch.uint8), tensors[original_param_name(name)].view(torch.uint8))
+    linear_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers.values())
+    assert linear_bytes == sum(layer.weight.numel() for layer in layers.values())  # one byte a weight, not four
+    loaded = bits(pipe.transformer)
+    video = pipe.generate("a fox", seed=4, **SMALL)
+    reference = WanLoraPipeline.from_pretrained("tiny").generate("a fox", seed=4, **SMALL)
+    error = np.mean((video.frames.astype(float) - reference.frames.astype(float)) ** 2)
+    assert 10 * np.log10(255**2 / max(error, 1e-12)) > 25  # e5m2's 2 mantissa bits: near, not equal
+
+    pipe.set_loras([(style[0], 0.8)])
+    changed = [
+        name
+        for name, layer in layers.items()
+        if not torch.equal(layer.weight.view(torch.uint8).flatten(), loaded[name])
+    ]
+    assert changed and all(layers[name].weight.dtype == torch.float8_e5m2 for name in changed)
+    for name in changed:  # quantize(W0 + s * delta) in e5m2: scales from the sum's amax over e5m2's maximum
+        w0 = tensors[original_param_name(name)].float()
+        exact = w0.double() + 0.8 * style[1][name].double()
+        assert torch.allclose(layers[name].weight_scale.double(), exact.abs().amax(dim=1) / 57344.0, rtol=1e-6)
+    pipe.set_loras([])
+    assert_same_bits(pipe.transformer, loaded)
+
+
+def test_block_linears_an_author_left_in_bf16_keep_their_dtype_unless_asked(tmp_path):
+    tensors = wan_checkpoint(tiny_transformer(), "fp8-scaled")
+    kept = "blocks.1.ffn.0.weight"  # left in full precision on purpose, as some published files do
+    reference = wan_checkpoint(tiny_transformer(), "full")
+    tensors[kept] = reference[kept].to(torch.bfloat16)
+    tensors.pop("blocks.1.ffn.0.scale_weight")
+    path = tmp_path / "mixed_fp8_scaled.safetensors"
+    save_file(tensors, str(path))
+    pipe = WanLoraPipeline.from_pretrained("tiny", transformer=path)
+    layer = pipe.transformer.blocks[1].ffn.net[0].proj
+    assert type(layer) is torch.nn.Linear and torch.equal(layer.weight, reference[kept].to(torch.bfloat16).float())
+    assert "blocks.0.attn1.to_q.weight" in fp8_layers(pipe.transformer)
+    asked = WanLoraPipeline.from_pretrained("tiny", transformer=path, quantize="fp8")
+    assert "blocks.1.ffn.net.0.proj.weight" in fp8_layers(asked.transformer)

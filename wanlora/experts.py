@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import WanTransformer3DModel
 
 from .errors import InvalidInput
@@ -35,12 +36,16 @@ class Expert:
 
 
 def experts_of(
-    diffusers_pipeline: Any, names: tuple[str, ...], checkpoints: dict[str, PristineSource] | None = None
+    diffusers_pipeline: Any,
+    names: tuple[str, ...],
+    checkpoints: dict[str, PristineSource] | None = None,
+    compute: torch.device | None = None,
 ) -> list[Expert]:
-    """The pipeline's transformers by expert name, each with its LoRA state (W0 from `checkpoints[name]`)."""
+    """The pipeline's transformers by expert name, each with its LoRA state (W0 from `checkpoints[name]`;
+    `compute`: the GPU that merges weights held in host memory)."""
     checkpoints = checkpoints or {}
     return [
-        Expert(name, module, TransformerLoras(module, checkpoints.get(name)))
+        Expert(name, module, TransformerLoras(module, checkpoints.get(name), compute))
         for name, module in ((name, getattr(diffusers_pipeline, ATTRIBUTES[name])) for name in names)
     ]
 

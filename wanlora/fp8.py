@@ -1,15 +1,19 @@
-"""fp8 weights: the transformer's block linears stored as float8_e4m3fn with an fp32 scale per output channel.
+"""fp8 weights: the transformer's block linears stored as float8 with an fp32 scale per output channel.
 
-A row of W is stored as q = round(W / s) with s = amax(|row|) / 448, so q * s ~ W within fp8's
-3-bit mantissa, and each channel uses fp8's whole range. Norms, modulation, embeddings and
-the head stay as they are: they are small, and the first to hurt when rounded.
+A row of W is stored as q = round(W / s) with s = amax(|row|) / max, so q * s ~ W within fp8's
+mantissa, and each channel uses fp8's whole range. `quantize="fp8"` makes float8_e4m3fn rows
+(max 448, 3 mantissa bits); a single file published in float8_e5m2 (Kijai's `_fp8_e5m2` files:
+max 57344, 2 mantissa bits) keeps its own dtype, and its merges round to it. Norms, modulation,
+embeddings and the head stay as they are: they are small, and the first to hurt when rounded.
 
 Compute, per `Fp8Linear.matmul`:
 - "scaled": the activations are quantized per token with a power-of-two scale (exact to
-  apply and to undo in bf16), and `torch._scaled_mm` multiplies fp8 by fp8 with rowwise
-  scales, on GPUs with fp8 tensor cores (compute capability 8.9 and up). Per token, not
-  per tensor: one outlier token (Wan's text-attention outputs have some) would otherwise
-  push every other token of the tensor into fp8's coarse low range.
+  apply and to undo), and `torch._scaled_mm` multiplies fp8 by fp8 with row-wise scales. It is
+  chosen by running the real kernel once per device (`choose_matmul`), not by the compute
+  capability: PyTorch's row-wise kernel runs on sm_89, sm_9x and sm_10x and raises elsewhere
+  (sm_120, the RTX 50 series). CUDA's rules for it (`check_scaled_mm`) are asserted on every
+  device, so that the CPU, whose kernel accepts more, fails where CUDA would. A layer the rules
+  exclude (e5m2 weights, sizes not multiples of 16) computes weight-only.
 - "weight-only": the weight is dequantized to the activations' dtype for each call, and
   the matmul runs there: Ampere GPUs and the CPU. The saving is memory, not time.
 
@@ -19,7 +23,9 @@ in fp32, the scales recomputed from its rows, rounded once.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -28,28 +34,40 @@ from .errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
-FP8 = torch.float8_e4m3fn
+FP8 = torch.float8_e4m3fn  # what quantize="fp8" makes
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # what a layer may hold: its own, or a file's
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MATMULS = ("auto", "scaled", "weight-only")
 BLOCK_PREFIX = "blocks."  # the block linears: attention, cross-attention, I2V's image projections, the FFN
+SCALED_OUT = torch.bfloat16  # the one output dtype CUDA's row-wise kernel gives on every architecture
 
 
-def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows -> (float8_e4m3fn rows, fp32 scale per row): amax(row) / 448, rounded to nearest even once.
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def quantize_rows(rows: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows -> (fp8 rows, fp32 scale per row): amax(row) / max, rounded to nearest even once.
 
     A row of zeros gets scale 1. The same rows always give the same bits, on any device.
     """
     work = rows.float().clone()
-    quantized = torch.empty(work.shape, dtype=FP8, device=work.device)
+    quantized = torch.empty(work.shape, dtype=dtype, device=work.device)
     return quantized, quantize_rows_into(work, quantized)
 
 
 def quantize_rows_into(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`quantize_rows` without allocating rows: `rows` (fp32) is used up, `out` (fp8) written; returns the scales."""
-    amax = rows.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    rows.div_(scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)  # clamp: the division may land a hair above 448
-    out.copy_(rows)
+    """`quantize_rows` without allocating rows: `rows` (fp32) is used up, `out` (fp8) written; returns the scales.
+
+    amax is max(max, -min), two plain reductions (|x| would be a pass and a copy more). The
+    quotient can land a hair above the maximum (the scale is rounded), which converts to the
+    maximum: no clamp is needed, as long as the scale is a normal number (never the case for
+    a real weight, whose rows are far above 448 x 2^-126).
+    """
+    top = fp8_max(out.dtype)
+    amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).clamp_min_(torch.finfo(torch.float32).tiny)
+    out.copy_(rows.div_(scale[:, None]))
     return scale
 
 
@@ -60,13 +78,46 @@ def dequantize(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 
 def dequantize_into(out: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`dequantize` into an fp32 buffer (the merge's accumulator), without allocating."""
-    out.copy_(quantized, non_blocking=True)
-    return out.mul_(scale.to(out.device, torch.float32, non_blocking=True)[:, None])
+    """`dequantize` into an fp32 buffer (the merge's accumulator), without allocating it."""
+    factor = widen_into(out, quantized)
+    return out.mul_(scale.to(out.device, torch.float32, non_blocking=True)[:, None] * factor)
+
+
+def widen_into(out: torch.Tensor, quantized: torch.Tensor) -> float:
+    """Write fp8 values into the fp32 `out`, exactly, up to a power-of-two factor returned for the caller to apply.
+
+    A GPU converts natively. On a CPU, torch's fp8 -> fp32 conversion is scalar code (about
+    0.15 G values/s a core, against 2 or more for bf16): each fp8 value is instead read as the
+    fp16 whose bits it fills (e5m2: the high byte; e4m3fn: the bits shifted into place, 2^-8 of
+    the value), and fp16 -> fp32 is vectorized. Exact for every code but e4m3fn's NaN, which no
+    weight holds (files are checked, quantization never makes it).
+    """
+    if out.device.type != "cpu":
+        out.copy_(quantized.to(out.device, non_blocking=True))
+        return 1.0
+    bits = _scratch(quantized.numel()).view(quantized.shape)
+    bits.copy_(quantized.view(torch.int8))  # sign-extended
+    if quantized.dtype == torch.float8_e5m2:
+        out.copy_(bits.bitwise_left_shift_(8).view(torch.float16))
+        return 1.0
+    # s eeee mmm -> s 0eeee mmm 0000000: the shift carries the sign's extension into bit 14, cleared here
+    out.copy_(bits.bitwise_left_shift_(7).bitwise_and_(-16385).view(torch.float16))  # -16385: 0xBFFF
+    return 256.0
+
+
+_scratches = threading.local()
+
+
+def _scratch(elements: int) -> torch.Tensor:
+    """An int16 buffer of this thread's, reused: allocating one per chunk costs more than the bit twiddling."""
+    buffer = getattr(_scratches, "int16", None)
+    if buffer is None or buffer.numel() < elements:
+        buffer = _scratches.int16 = torch.empty(elements, dtype=torch.int16)
+    return buffer[:elements]
 
 
 class Fp8Linear(torch.nn.Module):
-    """A linear layer whose weight is float8_e4m3fn rows, each with an fp32 scale (`weight_scale`)."""
+    """A linear layer whose weight is fp8 rows (e4m3fn, or a file's e5m2), each with an fp32 scale (`weight_scale`)."""
 
     weight_scale: torch.Tensor  # a buffer: it moves with the module, and a LoRA merge rewrites it in place
 
@@ -81,52 +132,183 @@ class Fp8Linear(torch.nn.Module):
         self.matmul = matmul
 
     @classmethod
-    def of(cls, linear: torch.nn.Linear, matmul: str) -> Fp8Linear:
-        """`linear` quantized (its bias kept as it is)."""
+    def of(cls, linear: torch.nn.Linear, matmul: str, device: torch.device | None = None) -> Fp8Linear:
+        """`linear` quantized (its bias kept as it is), on `device` (default: where it is)."""
         with torch.no_grad():
-            quantized, scale = quantize_rows(linear.weight.detach())
-        return cls(quantized, scale, None if linear.bias is None else linear.bias.detach(), matmul)
+            quantized, scale = quantize_rows(linear.weight.detach().to(device))
+            bias = None if linear.bias is None else linear.bias.detach().to(device)
+        return cls(quantized, scale, bias, matmul)
+
+    @property
+    def scaled(self) -> bool:
+        """Whether this layer's matmul is the scaled fp8 one: asked for, and within CUDA's rules for it."""
+        return self.matmul == "scaled" and scaled_layout_ok(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matmul == "scaled":
+        if self.scaled:
             return scaled_linear(x, self.weight, self.weight_scale, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8, matmul={self.matmul}"
+        kind = str(self.weight.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, matmul={self.matmul}"
+
+
+# ------------------------------------------------------------------ the scaled matmul and CUDA's rules for it
+
+
+class ScaledMatmulRefused(RuntimeError):
+    """What CUDA's `_scaled_mm` would raise for these operands (a RuntimeError, as CUDA's own)."""
+
+
+def scaled_layout_ok(weight: torch.Tensor) -> bool:
+    """The weight-side rules: CUDA's row-wise kernel takes float8_e4m3fn weights, both sizes multiples of 16."""
+    return weight.dtype == FP8 and weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+
+
+def check_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> None:
+    """Raise where CUDA's `torch._scaled_mm` with row-wise scales would, whatever device this runs on.
+
+    From PyTorch's aten/src/ATen/native/cuda/ScaledBlas.cpp (`_scaled_mm_out_cuda`) and
+    RowwiseScaledMM.cu (`check_inputs`), the strictest of its paths (CUTLASS on sm_89 and
+    sm_10x; sm_90 with cuBLAS before 12.9): mat1 e4m3fn or e5m2 and row-major, mat2 e4m3fn and
+    column-major, its sizes and mat1's inner one multiples of 16; fp32 scales of shape (M, 1)
+    and (1, N), contiguous; bf16 output only; a bias 1-D bf16 of N, and never with fp32 output.
+    """
+    problems = []
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        problems.append(f"mat1 {tuple(a.shape)} and mat2 {tuple(b.shape)} are not matrices that multiply")
+    else:
+        m, n = a.shape[0], b.shape[1]
+        if a.dtype not in FP8_DTYPES or b.dtype != FP8:
+            problems.append(f"row-wise scaling takes mat1 e4m3fn or e5m2 and mat2 e4m3fn, not {a.dtype}, {b.dtype}")
+        if a.shape[1] % 16 or b.shape[0] % 16 or b.shape[1] % 16:
+            problems.append(f"mat1 {tuple(a.shape)} and mat2 {tuple(b.shape)}: sizes must be divisible by 16")
+        if a.stride(1) != 1 or b.stride(0) != 1:
+            problems.append("mat1 must be row-major and mat2 column-major")
+        for name, scale, shape, unit in (("scale_a", scale_a, (m, 1), 0), ("scale_b", scale_b, (1, n), 1)):
+            if scale.dtype != torch.float32 or tuple(scale.shape) != shape or scale.stride(unit) != 1:
+                problems.append(f"{name} must be float32 of shape {shape}, contiguous")
+        if out_dtype != SCALED_OUT:
+            problems.append(f"row-wise scaling outputs bfloat16 only, not {out_dtype}")
+        if bias is not None:
+            if out_dtype == torch.float32:
+                problems.append("Bias is not supported when out_dtype is set to Float32")
+            if bias.dtype != torch.bfloat16 or bias.dim() != 1 or bias.shape[0] != n or bias.stride(0) != 1:
+                problems.append(f"the bias must be 1-D bfloat16 of {n}, not {bias.dtype} {tuple(bias.shape)}")
+    if problems:
+        raise ScaledMatmulRefused("torch._scaled_mm on CUDA refuses this: " + "; ".join(problems))
+
+
+def quantize_tokens(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3fn rows, fp32 scale per row): each token's scale a power of two at or above amax / 448.
+
+    A power of two makes the division exact in any float dtype. It is never below the
+    smallest normal of the rows' dtype: 2^-126 underflows to zero in fp16, and an all-zero
+    token would then be 0 / 0.
+    """
+    amax = rows.abs().amax(dim=1, keepdim=True).float()
+    floor = torch.finfo(rows.dtype).tiny
+    token_scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP8_MAX, min=floor))))
+    quantized = (rows / token_scale.to(rows.dtype)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantized, token_scale
+
+
+def _quantized_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_tokens` of x's rows, once for the same unchanged tensor: attention's q, k and v take one input.
+
+    Kept on the tensor itself with its version, so it lives exactly as long as the input, and
+    a tensor changed in place is quantized afresh. A compiled graph needs no help (the
+    compiler merges the repeats), and inference tensors carry no version: both are quantized
+    each time.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling() or x.is_inference():
+        return quantize_tokens(rows)
+    kept = getattr(x, "_wanlora_fp8_input", None)
+    if kept is not None and kept[0] == x._version:
+        return kept[1], kept[2]
+    quantized, token_scale = quantize_tokens(rows)
+    x._wanlora_fp8_input = (x._version, quantized, token_scale)  # type: ignore[attr-defined]
+    return quantized, token_scale
 
 
 def scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    """x @ (weight * scale).T + bias as one fp8 x fp8 matmul, x quantized per token on the fly."""
-    rows = x.reshape(-1, x.shape[-1])
-    amax = rows.abs().amax(dim=1, keepdim=True).float()
-    # a power of two at or above amax / 448: dividing by it is exact in any float dtype
-    token_scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP8_MAX, min=2.0**-126))))
-    quantized = (rows / token_scale.to(rows.dtype)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    """x @ (weight * scale).T + bias as one fp8 x fp8 matmul, x quantized per token on the fly.
+
+    The kernel gives bf16; a bias in bf16 is fused, any other is added after, in x's dtype.
+    """
+    quantized, token_scale = _quantized_input(x)
+    fused = bias is not None and bias.dtype == x.dtype == SCALED_OUT
+    mat2, scale_b, fused_bias = weight.t(), scale.view(1, -1), bias if fused else None
+    check_scaled_mm(quantized, mat2, token_scale, scale_b, fused_bias, SCALED_OUT)
     out = torch._scaled_mm(
-        quantized,
-        weight.t(),
-        scale_a=token_scale,
-        scale_b=scale.view(1, -1),
-        bias=None if bias is None else bias.to(x.dtype),
-        out_dtype=x.dtype,
-    )
+        quantized, mat2, scale_a=token_scale, scale_b=scale_b, bias=fused_bias, out_dtype=SCALED_OUT
+    ).to(x.dtype)
+    if bias is not None and not fused:
+        out = out + bias.to(x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def scaled_matmul_failure(device: torch.device) -> str | None:
+    """Why the scaled fp8 matmul cannot serve on `device`, or None: its real kernel is run once, at a block
+    linear's layout (an all-zero token and a bias included), and its result checked against weight-only."""
+    return _probe(device.type, device.index)
+
+
+@functools.cache
+def _probe(device_type: str, index: int | None) -> str | None:
+    device = torch.device(device_type) if index is None else torch.device(device_type, index)
+    generator = torch.Generator().manual_seed(0)
+    try:
+        x = torch.randn(48, 64, generator=generator).to(device, SCALED_OUT)
+        x[5] = 0
+        weight, scale = quantize_rows(torch.randn(32, 64, generator=generator).to(device) * 0.05)
+        bias = torch.randn(32, generator=generator).to(device, SCALED_OUT)
+        got = scaled_linear(x, weight, scale, bias).float()
+        want = F.linear(x.float(), dequantize(weight, scale), bias.float())
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        return f"raises {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    if not bool(torch.isfinite(got).all()):
+        return "gives NaN or infinity"
+    error = float((got - want).abs().max() / want.abs().max())
+    return f"is off by {error:.0%} of the largest output" if error > 0.1 else None
+
+
 def choose_matmul(requested: str, device: torch.device) -> str:
-    """ "scaled" where the device has fp8 tensor cores, else "weight-only"; a request is checked."""
+    """ "scaled" where the real kernel works on `device` (probed once), else "weight-only" and the log says why."""
     if requested not in MATMULS:
         raise InvalidInput("fp8 matmul", requested, f"one of {', '.join(MATMULS)}")
-    if requested != "auto":
-        return requested
-    has_fp8_cores = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    return "scaled" if has_fp8_cores else "weight-only"
+    if requested == "weight-only" or (requested == "auto" and device.type != "cuda"):
+        return "weight-only"
+    failure = scaled_matmul_failure(device)
+    if failure is None:
+        return "scaled"
+    if requested == "scaled":
+        raise InvalidInput("fp8 matmul", requested, f"auto or weight-only: on {device} the scaled kernel {failure}")
+    logger.info("fp8: weight-only matmuls on %s: the scaled fp8 kernel %s", device, failure)
+    return "weight-only"
 
 
-def quantize_transformer(transformer: torch.nn.Module, matmul: str = "weight-only") -> int:
-    """Replace every block linear of `transformer` by its Fp8Linear, one layer at a time; return how many."""
+# ------------------------------------------------------------------ making and finding fp8 layers
+
+
+def quantize_transformer(
+    transformer: torch.nn.Module, matmul: str = "weight-only", device: torch.device | None = None
+) -> int:
+    """Replace every block linear of `transformer` by its Fp8Linear, one layer at a time; return how many.
+
+    `device`: where to quantize and keep the fp8 layers (where the weights will live, when that
+    is a GPU: the work is there, and the full-precision weights never go there whole).
+    """
     targets = [
         (name, module)
         for name, module in transformer.named_modules()
@@ -134,7 +316,7 @@ def quantize_transformer(transformer: torch.nn.Module, matmul: str = "weight-onl
     ]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(transformer.get_submodule(parent_name), child, Fp8Linear.of(linear, matmul))
+        setattr(transformer.get_submodule(parent_name), child, Fp8Linear.of(linear, matmul, device))
     return len(targets)
 
 
@@ -146,3 +328,16 @@ def fp8_layers(module: torch.nn.Module) -> dict[str, Fp8Linear]:
 def set_matmul(module: torch.nn.Module, matmul: str) -> None:
     for layer in fp8_layers(module).values():
         layer.matmul = matmul
+
+
+def describe_matmuls(module: torch.nn.Module) -> str:
+    """How many fp8 layers compute scaled and how many weight-only, and why not scaled, for the log."""
+    layers = list(fp8_layers(module).values())
+    scaled = sum(layer.scaled for layer in layers)
+    unscaled = [layer for layer in layers if layer.matmul == "scaled" and not layer.scaled]
+    why = ""
+    if unscaled:
+        dtypes = sorted({str(layer.weight.dtype).removeprefix("torch.") for layer in unscaled})
+        why = f" ({len(unscaled)} by CUDA's rules for the scaled kernel: e4m3fn weights, sizes by 16; these: "
+        why += f"{', '.join(dtypes)})"
+    return f"{scaled} scaled, {len(layers) - scaled} weight-only{why}"

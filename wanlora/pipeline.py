@@ -31,12 +31,13 @@ from . import __version__
 from .accelerators import accelerator_refs
 from .attention import choose_backend, install_backend
 from .checkpoint import Checkpoint
+from .components import SHARABLE, Identity, model_identities
 from .devices import resolve_device
 from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .fastmode import apply_fast_mode
-from .fp8 import choose_matmul, quantize_transformer
+from .fp8 import choose_matmul, describe_matmuls, quantize_transformer
 from .guidance import BatchedGuidance
 from .hub import download_model
 from .images import ImageInput, resize_image
@@ -46,7 +47,7 @@ from .lora.pairs import EVERY_EXPERT
 from .lora.pristine import PristineSource
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
-from .memory import MemoryPlan, blocks_of, check_offload, gpu_plan, measure, vae_tiling_for
+from .memory import MemoryPlan, Sizes, blocks_of, catalogue_sizes, check_offload, gpu_plan, measure, vae_tiling_for
 from .models import TINY_NAMES, ModelSpec, identify_model
 from .parallel import ParallelPlan
 from .placement import ExpertSwitch, place, set_vae_tiling
@@ -74,14 +75,7 @@ from .video import Video
 
 logger = logging.getLogger(__name__)
 
-SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")
-PLANNED_COMPONENTS = (
-    "text_encoder",
-    "image_encoder",
-    "transformer",
-    "transformer_2",
-    "vae",
-)  # what takes GPU memory  # the same for every Wan model on Wan2.1's VAE
+PLANNED_COMPONENTS = ("text_encoder", "image_encoder", "transformer", "transformer_2", "vae")  # what takes GPU memory
 TEXT_TOKENS = 512  # the prompt's T5 tokens, as diffusers' Wan pipelines encode them
 
 
@@ -125,7 +119,7 @@ class WanLoraPipeline:
         self.diffusers_pipeline = diffusers_pipeline
         self.spec = spec
         self.device = device
-        self.experts: list[Expert] = experts_of(diffusers_pipeline, spec.experts, checkpoints)
+        self.experts: list[Expert] = experts_of(diffusers_pipeline, spec.experts, checkpoints, device)
         transformers = [expert.module for expert in self.experts]
         self.attention = choose_backend(attention, device, parallel.attention_split if parallel else None)
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
@@ -142,6 +136,7 @@ class WanLoraPipeline:
         self.memory_plan: MemoryPlan | None = None  # on a GPU: the plan it was placed by (wanlora.memory)
         self.placement: dict[str, object] = {}  # the host arenas and streams placement made, by component
         self.quantize: str | None = None  # "fp8" when the block linears are float8 (from_pretrained's `quantize`)
+        self.component_ids: dict[str, Identity] = {}  # what proves which files the shareable components came from
         self._encoded: dict[tuple, tuple] | None = None  # a sweep's text embeddings, by prompt
 
     @classmethod
@@ -166,7 +161,8 @@ class WanLoraPipeline:
         A catalogue model found in the weights folder (WANLORA_WEIGHTS) loads from there.
         `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
         keeps in fp32 stay fp32 either way. `share_from` reuses another pipeline's tokenizer,
-        text encoder and VAE (the same for every Wan model on Wan2.1's VAE) instead of loading them.
+        text encoder and VAE instead of loading them, each where it is proven the same as this
+        model's own (the same files, or the same content by the Hub's hashes: wanlora.components).
 
         `compile=True` compiles the repeated transformer blocks with torch.compile (a string
         names the backend); LoRA swaps rewrite weights in place and never recompile.
@@ -199,16 +195,17 @@ class WanLoraPipeline:
         device = resolve_device(device)
         offload = check_offload(offload, device, spec)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        shared = share_from.shared_components(spec) if share_from is not None else {}
+        shared, identities = share_from.shared_components(spec) if share_from is not None else ({}, {})
         timings = {}
         checkpoints: dict[str, PristineSource] = {}
         started = time.perf_counter()
         matmul = choose_matmul("auto", device)
+        stored_fp8 = False  # a transformer file kept fp8 block linears, each in its own dtype
         if transformer is not None:
             for name, path in transformer_files(transformer, spec).items():
                 module, checkpoints[name], kept_fp8 = load_transformer_file(path, spec, dtype, matmul)
                 shared[ATTRIBUTES[name]] = module
-                quantize = quantize or ("fp8" if kept_fp8 else None)
+                stored_fp8 = stored_fp8 or kept_fp8
         if spec.source == "tiny":
             diffusers_pipeline = tiny_pipeline(kind=TINY_NAMES[spec.name])
             for name in ("transformer", "transformer_2"):
@@ -216,25 +213,32 @@ class WanLoraPipeline:
                     cast_keeping_fp32(getattr(diffusers_pipeline, name), dtype)
             diffusers_pipeline.text_encoder.to(dtype)
             diffusers_pipeline.register_modules(**shared)
+            identities = tiny_identities(spec) | identities
         else:
             folder = Path(spec.source)
             if not folder.exists():  # a Hub repo: fetch what is not shared, then load from disk
-                folder = download_model(spec.source, skip=list(shared))
+                folder = download_model(spec.source, skip=list(identities))
                 timings["download_seconds"] = time.perf_counter() - started
                 logger.info("downloaded %s in %.1fs", spec.source, timings["download_seconds"])
             diffusers_pipeline = load_diffusers_pipeline(folder, dtype, shared, spec)
+            own = model_identities(spec.source, folder, tuple(n for n in SHARABLE if n not in identities))
+            identities = {**own, **identities}
             from_folder = tuple(name for name in spec.experts if name not in checkpoints)
             checkpoints |= transformer_checkpoints(folder, from_folder, dtype)
-        if quantize == "fp8":
-            for name in spec.experts:
-                layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul)
-                logger.info("fp8: %d more block linears in float8_e4m3fn, %s matmuls", layers, matmul)
         memory_plan = None
         if device.type == "cuda":  # planned from the components as loaded (a finetune may differ in size)
-            components = {n: getattr(diffusers_pipeline, n, None) for n in PLANNED_COMPONENTS}
-            sizes = measure({n: c for n, c in components.items() if c is not None})
-            memory_plan = gpu_plan(device, spec, offload, "fp8" if quantize == "fp8" else "bf16", sizes)
+            sizes = planned_sizes(diffusers_pipeline, spec, quantize == "fp8")
+            memory_plan = gpu_plan(device, spec, offload, "fp8" if quantize == "fp8" or stored_fp8 else "bf16", sizes)
         offload = memory_plan.mode if memory_plan is not None else "none" if offload == "auto" else offload
+        if quantize == "fp8":  # asked for: every block linear not fp8 yet; a file's own mix is kept otherwise
+            for name in spec.experts:
+                home = device if resident(name, device, offload) else None  # quantized where it will live
+                layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul, home)
+                logger.info("fp8: %d more block linears in float8_e4m3fn, on %s", layers, home or "the CPU")
+        quantize = quantize or ("fp8" if stored_fp8 else None)
+        for name in spec.experts if quantize == "fp8" else ():
+            layers_of = getattr(diffusers_pipeline, ATTRIBUTES[name])
+            logger.info("fp8 matmuls (%s): %s", name, describe_matmuls(layers_of))
         placement = place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
@@ -242,6 +246,7 @@ class WanLoraPipeline:
         loaded.load_timings = timings
         loaded.quantize = quantize
         loaded.memory_plan, loaded.placement = memory_plan, placement
+        loaded.component_ids = identities
         if compile:
             backend = "inductor" if compile is True else compile
             for expert in loaded.experts:
@@ -250,10 +255,23 @@ class WanLoraPipeline:
             logger.info("compiled the transformer blocks with torch.compile (%s)", backend)
         return loaded
 
-    def shared_components(self, spec: ModelSpec) -> dict[str, Any]:
-        """What `spec`'s model can take from this one: the text encoder and tokenizer, and the VAE if the same."""
-        names = [n for n in SHARED_COMPONENTS if n != "vae" or spec.vae_scale == self.spec.vae_scale]
-        return {name: getattr(self.diffusers_pipeline, name) for name in names}
+    def shared_components(self, spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Identity]]:
+        """What `spec`'s model can take from this one, and their identities: each of the tokenizer, text
+        encoder and VAE proven the same as the one `spec`'s model has (wanlora.components)."""
+        held = {n: i for n, i in self.component_ids.items() if getattr(self.diffusers_pipeline, n, None) is not None}
+        if not held:
+            return {}, {}
+        theirs = (
+            tiny_identities(spec) if spec.source == "tiny" else model_identities(spec.source, local(spec), tuple(held))
+        )
+        same = [name for name, identity in held.items() if theirs.get(name) == identity]
+        if len(same) < len(held):
+            logger.info(
+                "%s loads its own %s: not the same files as the model before",
+                spec.name,
+                ", ".join(sorted(set(held) - set(same))),
+            )
+        return {name: getattr(self.diffusers_pipeline, name) for name in same}, {name: held[name] for name in same}
 
     def release_transformer(self) -> None:
         """Drop the transformers and their LoRA state, to free memory for another variant."""
@@ -699,6 +717,40 @@ def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:
         return WanTransformer3DModel(**spec.arch.transformer_config())
 
 
+def tiny_identities(spec: ModelSpec) -> dict[str, Identity]:
+    """The tiny models' components, built from code with one seed: the VAE differs with Wan2.2's."""
+    return {
+        "tokenizer": (("code", "tiny tokenizer"),),
+        "text_encoder": (("code", "tiny umt5, seed 0"),),
+        "vae": (("code", f"tiny vae, seed 0, {spec.vae_scale}x"),),
+    }
+
+
+def local(spec: ModelSpec) -> Path | None:
+    """The model's folder where it is on disk, None for a Hub repo."""
+    return Path(spec.source) if Path(spec.source).exists() else None
+
+
+def planned_sizes(diffusers_pipeline: Any, spec: ModelSpec, quantize_pending: bool) -> Sizes:
+    """The components' sizes as they will be placed: as loaded, and transformers about to be quantized to fp8
+    (where they will live, so after the plan) at their fp8 size."""
+    components = {n: getattr(diffusers_pipeline, n, None) for n in PLANNED_COMPONENTS}
+    sizes = measure({n: c for n, c in components.items() if c is not None})
+    if not quantize_pending:
+        return sizes
+    fp8 = catalogue_sizes(spec, "fp8")
+    experts = [name for name in ("transformer", "transformer_2") if name in sizes.weights]
+    weights: dict[str, int] = {**sizes.weights, **{name: fp8.weights[name] for name in experts}}
+    return replace(sizes, weights=weights, transformer_window=fp8.transformer_window)
+
+
+def resident(expert: str, device: torch.device, offload: str) -> bool:
+    """Whether the expert's weights will live on the GPU (`memory.place`): where to quantize them."""
+    if device.type != "cuda":
+        return False
+    return offload in ("none", "encoder") or (offload == "experts" and ATTRIBUTES[expert] == "transformer")
+
+
 def transformer_checkpoints(folder: Path, experts: tuple[str, ...], dtype: torch.dtype) -> dict[str, PristineSource]:
     """Each transformer's files in a diffusers-layout folder, where LoRA merges can read W0 back exactly."""
     sources: dict[str, PristineSource] = {}
@@ -716,21 +768,31 @@ def load_diffusers_pipeline(folder: Path, dtype: torch.dtype, shared: dict[str, 
     The VAE and the CLIP image encoder (Wan2.1 I2V) stay fp32, as Wan's reference code runs
     them; Wan2.2's two experts load as `transformer` and `transformer_2`. Components in
     `shared` are taken as they are instead of being loaded.
+
+    Every file is read into memory, never mapped (`disable_mmap`): weights left on the CPU as
+    views of a file's mapping die with SIGBUS when that file is cut short under them.
     """
     shared = dict(shared)
+    unmapped = {"disable_mmap": True}
     try:
         if "vae" not in shared:
-            shared["vae"] = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32)
+            shared["vae"] = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32, **unmapped)
+        if "text_encoder" not in shared and (folder / "text_encoder").is_dir():
+            from transformers import UMT5EncoderModel
+
+            shared["text_encoder"] = UMT5EncoderModel.from_pretrained(
+                folder, subfolder="text_encoder", dtype=dtype, **unmapped
+            )
         if spec.task != "i2v":
-            return WanPipeline.from_pretrained(folder, dtype=dtype, **shared)
+            return WanPipeline.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
         # imported here: without torchvision, transformers warns about CLIP's processor
         from diffusers import WanImageToVideoPipeline
         from transformers import CLIPVisionModel
 
         if spec.arch.image_dim is not None:
             shared["image_encoder"] = CLIPVisionModel.from_pretrained(
-                folder, subfolder="image_encoder", dtype=torch.float32
+                folder, subfolder="image_encoder", dtype=torch.float32, **unmapped
             )
-        return WanImageToVideoPipeline.from_pretrained(folder, dtype=dtype, **shared)
+        return WanImageToVideoPipeline.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load {folder} as a diffusers Wan model: {exc}") from exc

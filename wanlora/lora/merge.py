@@ -9,6 +9,10 @@ All or nothing: every LoRA is fitted, and every new weight is proven finite and 
 its dtype's range, before the first write. If a write still fails (a cancellation, an
 error on the device), every tensor touched so far, the failing one included, is put back
 to the previous set.
+
+Where the math runs: on the GPU for a weight there; for a weight in host memory, on the GPU
+too when the pipeline has one with room for that layer's work (the rows in fp32, a few
+times over), else on the CPU, one weight per core (lora/spread.py: robust to busy cores).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,10 +36,12 @@ from .deltas import Delta
 from .formats import LoraFile
 from .keys import I2V_ONLY
 from .pristine import HostCopy, Pristine, PristineSource, QuantizedCopy
+from .spread import run_spread, single_threaded_ops
 
 logger = logging.getLogger(__name__)
 
 CPU_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of fp32 rows: big enough for an efficient GEMM, small enough for L3 (measured)
+GPU_WORK_COPIES = 3  # a layer merged on the GPU needs its rows in fp32 this many times over (the sum, temporaries)
 FP32_MAX = torch.finfo(torch.float32).max
 
 
@@ -143,16 +150,23 @@ class LoraMerger:
 
     W0 is read from the checkpoint file where `checkpoint` gives it back exactly, else copied
     to host memory (pinned for CUDA) on first touch, so GPU memory does not double; only
-    touched tensors are ever rewritten.
+    touched tensors are ever rewritten. `compute`: a GPU to merge host-memory weights on.
     """
 
-    def __init__(self, module: torch.nn.Module, checkpoint: PristineSource | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        checkpoint: PristineSource | None = None,
+        compute: torch.device | None = None,
+    ) -> None:
         self.params = dict(module.named_parameters())
         self.scales = {name: layer.weight_scale for name, layer in fp8_layers(module).items()}
         self.checkpoint = checkpoint
+        self.compute = compute if compute is not None and compute.type == "cuda" else None
         self.pristine: dict[str, Pristine] = {}
         self.plan: Plan = {}
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._local = threading.local()  # each thread's workspaces
+        self._lock = threading.Lock()
 
     def check(self, loras: Sequence[tuple[LoraFile, float]]) -> list[Fit]:
         """Fit every LoRA without changing anything; raises on the first that does not fit."""
@@ -165,8 +179,6 @@ class LoraMerger:
         (which collects them), so that two experts taking one LoRA warn once.
         """
         fits = self.check(loras)
-        if self.checkpoint is not None:
-            self.checkpoint.check_unchanged()  # before anything is written: W0 must still be there
         warned = set() if warned is None else warned
         for (lora, _), fit in zip(loras, fits, strict=True):
             if fit.skipped and lora.label not in warned:
@@ -184,7 +196,11 @@ class LoraMerger:
                 continue
             for name, delta in fit.deltas.items():
                 plan.setdefault(name, []).append(Term(delta, float(strength), lora.label))
-        for name in self._changes(plan):  # nothing is written before every result is known to be representable
+        changes = self._changes(plan)
+        if changes and self.checkpoint is not None:
+            self.checkpoint.check_unchanged()  # before anything is written: W0 must still be there
+        self._spread(changes, self._base)  # first touches read or copy W0: a core each
+        for name in changes:  # nothing is written before every result is known to be representable
             self._check_range(name, plan.get(name, []))
         return plan
 
@@ -193,12 +209,17 @@ class LoraMerger:
         changed = self._changes(plan)
         if not changed:
             return 0
+        for dtype in {self.params[name].dtype for name in changed}:
+            native_gemm_is_faster(dtype, "cpu")  # measured once, here: never by two threads at once
         started = time.perf_counter()
         touched: list[str] = []
+
+        def write_one(name: str) -> None:
+            touched.append(name)  # before the write: a write that fails half-way is undone too
+            self._write(name, plan.get(name, []))
+
         try:
-            for name in changed:
-                touched.append(name)  # before the write: a write that fails half-way is undone too
-                self._write(name, plan.get(name, []))
+            self._spread(changed, write_one)
         except BaseException:
             for name in touched:
                 self._write(name, self.plan.get(name, []))
@@ -207,18 +228,36 @@ class LoraMerger:
         logger.debug("rewrote %d tensors in %.3fs", len(changed), time.perf_counter() - started)
         return len(changed)
 
+    def _spread(self, names: list[str], job) -> None:
+        """`job(name)` for each name: on the GPU in turn, the CPU's share spread over its cores."""
+        on_cpu = [name for name in names if self._device_for(name).type == "cpu"]
+        for name in names:
+            if name not in on_cpu:
+                job(name)
+        run_spread([(self.params[name].numel(), functools.partial(job, name)) for name in on_cpu])
+
+    def _device_for(self, name: str) -> torch.device:
+        """Where `name`'s merge runs: where it lives, or the compute GPU for a host weight when it has room."""
+        param = self.params[name]
+        if param.device.type != "cpu" or self.compute is None:
+            return param.device
+        free, _ = torch.cuda.mem_get_info(self.compute)
+        return self.compute if free >= GPU_WORK_COPIES * 4 * param.numel() else param.device
+
     def _changes(self, plan: Plan) -> list[str]:
         return [name for name in sorted(set(plan) | set(self.plan)) if not _same(plan.get(name), self.plan.get(name))]
 
     def _base(self, name: str) -> Pristine:
         """The pristine W0 of `name`: from the checkpoint where exact, else copied the first time it is needed."""
-        if name not in self.pristine:
+        found = self.pristine.get(name)
+        if found is None:
             param, scale = self.params[name].detach(), self.scales.get(name)  # never written yet: it holds W0
             found = self.checkpoint.pristine(name, param, scale) if self.checkpoint is not None else None
             if found is None:
                 found = HostCopy(param) if scale is None else QuantizedCopy(param, scale)
-            self.pristine[name] = found
-        return self.pristine[name]
+            with self._lock:
+                found = self.pristine.setdefault(name, found)
+        return found
 
     def _check_range(self, name: str, terms: list[Term]) -> None:
         """Prove that the new `name` is finite and fits its dtype, cheaply when a bound allows."""
@@ -253,33 +292,37 @@ class LoraMerger:
         """
         param, scale = self.params[name], self.scales.get(name)
         base = self._base(name)
+        device = self._device_for(name)
         with torch.no_grad():
             if not terms and base.restore(param.data, scale):
                 return
-            whole = base.whole(param.dtype) if scale is None and len(terms) == 1 and param.dim() == 2 else None
-            if whole is not None and native_gemm_is_faster(param.dtype, param.device.type):
+            lone = scale is None and len(terms) == 1 and param.dim() == 2 and device == param.device
+            if lone and native_gemm_is_faster(param.dtype, param.device.type):
                 delta, strength, _ = terms[0]
                 factors = delta.gemm_factors(param.dtype, param.device)
-                if factors is not None:  # one GEMM: fp32 accumulation, one rounding
-                    source = whole.to(param.device, non_blocking=True)
-                    torch.addmm(source, *factors, alpha=strength * delta.alpha_scale, out=param.data)
+                if factors is not None and base.restore(param.data, None):  # one GEMM: fp32 accumulation, one rounding
+                    param.data.addmm_(*factors, alpha=strength * delta.alpha_scale)
                     return
             target = param.view(param.shape[0], -1)
-            for start, stop, rows in self._summed_rows(name, terms):
+            for start, stop, rows in self._summed_rows(name, terms, device):
                 if scale is None:
                     target[start:stop].copy_(rows)  # the one rounding to the model dtype
                 else:  # the fp32 rows are used up here: the accumulator is refilled for the next chunk
                     scale[start:stop].copy_(quantize_rows_into(rows, target[start:stop]))
 
-    def _summed_rows(self, name: str, terms: list[Term]) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(start, stop, rows) of pristine + sum(strength * delta) in fp32, a chunk of rows at a time."""
+    def _summed_rows(
+        self, name: str, terms: list[Term], device: torch.device | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, rows) of pristine + sum(strength * delta) in fp32, a chunk of rows at a time, on
+        `device` (default: the parameter's)."""
         param = self.params[name]
-        adders = [(t.delta.row_adder(param.shape, param.device), t.strength) for t in terms]
+        device = param.device if device is None else device
+        adders = [(t.delta.row_adder(param.shape, device), t.strength) for t in terms]
         rows = param.shape[0]
         source = self._base(name)
         width = param[0].numel() if rows else 0
-        step = rows if param.device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // max(width, 1))
-        workspace = self._workspace(param.device, min(step, rows) * width)
+        step = rows if device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // max(width, 1))
+        workspace = self._workspace(device, min(step, rows) * width)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             acc = workspace[: (stop - start) * width].view(stop - start, -1)
@@ -289,10 +332,11 @@ class LoraMerger:
             yield start, stop, acc
 
     def _workspace(self, device: torch.device, elements: int) -> torch.Tensor:
-        """A reused fp32 buffer: allocating a fresh one per tensor costs more than the math."""
-        buffer = self._buffers.get(device)
+        """A reused fp32 buffer, one per thread: allocating a fresh one per tensor costs more than the math."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(device)
         if buffer is None or buffer.numel() < elements:
-            buffer = self._buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
+            buffer = buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
         return buffer
 
 
@@ -302,10 +346,16 @@ def native_gemm_is_faster(dtype: torch.dtype, device_type: str) -> bool:
 
     On CUDA it does. On a CPU it depends on the instruction set: without native bf16 (AVX2
     only), a bf16 GEMM runs about 20x slower than an fp32 one, with AVX-512 BF16 or AMX it
-    is the faster. So the first merge times both at a real shape (a 1536-wide weight, rank 32).
+    is the faster. So the first merge times both at a real shape (a 1536-wide weight, rank 32), on
+    one thread, as merges run on a CPU (lora/spread.py).
     """
     if device_type != "cpu" or dtype == torch.float32:
         return True
+    with single_threaded_ops():
+        return _native_is_faster(dtype)
+
+
+def _native_is_faster(dtype: torch.dtype) -> bool:
     generator = torch.Generator().manual_seed(0)
     shapes = ((1536, 1536), (1536, 32), (32, 1536))
     weight, up, down = (torch.randn(shape, generator=generator).to(dtype) for shape in shapes)

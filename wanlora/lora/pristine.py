@@ -4,11 +4,11 @@ A weight is stored either dense (bf16, fp32: the parameter itself) or quantized 
 an fp32 scale per row, wanlora.fp8). Its pristine W0 can be held as:
 - a host copy, made the first time a LoRA touches the weight (pinned for CUDA): a dense
   weight's own bits, or a quantized weight's fp8 rows and scales (1 byte an element);
-- the checkpoint file it was loaded from, memory-mapped (wanlora.checkpoint): no host copy,
-  the OS page cache holds it. Only where the file gives back the loaded bits exactly.
+- the checkpoint file it was loaded from (wanlora.checkpoint): no host copy, the OS page
+  cache holds it. Only where the file gives back the loaded bits exactly.
 
 Every form fills fp32 rows of W0 for the merge's sum, and restores the loaded weight
-bitwise for the empty set.
+bitwise (for the empty set, and under a lone LoRA's one GEMM).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from ..fp8 import FP8_MAX, dequantize_into
+from ..fp8 import dequantize_into, fp8_max
 
 
 class Pristine(ABC):
@@ -27,10 +27,6 @@ class Pristine(ABC):
     @abstractmethod
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
         """Write rows start:stop of W0, in fp32, into `out` (on the weight's device)."""
-
-    def whole(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """W0 as one tensor in `dtype`, where it is held that way (the merge's one-GEMM path)."""
-        return None
 
     @abstractmethod
     def restore(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -48,9 +44,6 @@ class HostCopy(Pristine):
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
         out.copy_(self.tensor.view(self.tensor.shape[0], -1)[start:stop], non_blocking=True)
 
-    def whole(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return self.tensor if self.tensor.dtype == dtype else None
-
     def restore(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
         if scale is not None:
             return False
@@ -63,7 +56,7 @@ class QuantizedCopy(Pristine):
 
     def __init__(self, quantized: torch.Tensor, scale: torch.Tensor) -> None:
         self.quantized, self.scale = _host_copy(quantized), _host_copy(scale)
-        self.peak = float(scale.max()) * FP8_MAX if scale.numel() else 0.0
+        self.peak = float(scale.max()) * fp8_max(quantized.dtype) if scale.numel() else 0.0
 
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
         dequantize_into(out, self.quantized[start:stop], self.scale[start:stop])

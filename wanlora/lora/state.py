@@ -31,8 +31,10 @@ class Chosen:
 
 
 class TransformerLoras:
-    def __init__(self, module: torch.nn.Module, checkpoint: PristineSource | None = None) -> None:
-        self.merger = LoraMerger(module, checkpoint)
+    def __init__(
+        self, module: torch.nn.Module, checkpoint: PristineSource | None = None, compute: torch.device | None = None
+    ) -> None:
+        self.merger = LoraMerger(module, checkpoint, compute)
         self.active: list[Chosen] = []  # the set requested, and merged unless a plan is pending
         self.written: list[Chosen] = []  # the set the weights hold now
         self.pending: Plan | None = None
