@@ -79,8 +79,10 @@ HELD_BYTES = 64 * 2**20  # what a stage keeps from the others: embeddings, laten
 TEXT_ENCODE_BYTES = 150_000_000  # UMT5-XXL over 512 tokens: traced 0.10 GB
 IMAGE_ENCODE_BYTES = 60_000_000  # CLIP ViT-H/14 per 224x224 image (first-last-frame models take two): traced 0.056
 # The transformer, per token and batch entry: its FFN and attention temporaries at their peak (bf16),
-# with the fp8 path's quantized activations, and a timestep per token (TI2V-5B) as fp32 modulation.
+# with the fp8 path's quantized activations (the FFN's, and attention's input, quantized once for q, k
+# and v and kept while that input lives), and a timestep per token (TI2V-5B) as fp32 modulation.
 PER_TOKEN_DIM, PER_TOKEN_FFN, PER_TOKEN_FP8_FFN, PER_TOKEN_TIMESTEP_DIM = 14, 3.1, 2, 38
+PER_TOKEN_FP8_DIM = 1.1
 # The VAEs, by spatial compression (8: Wan2.1's, 16: Wan2.2's), per output pixel of one frame:
 # the decoder's working set (it runs a latent frame at a time), the encoder's for one frame and for video.
 VAE_DECODE_PER_PIXEL = {8: 19_300, 16: 21_400}
@@ -208,7 +210,7 @@ def transformer_activation_bytes(spec: ModelSpec, width: int, height: int, frame
     arch = spec.arch
     per_token = PER_TOKEN_DIM * arch.dim + PER_TOKEN_FFN * arch.ffn_dim
     if fp8:
-        per_token += PER_TOKEN_FP8_FFN * arch.ffn_dim
+        per_token += PER_TOKEN_FP8_FFN * arch.ffn_dim + PER_TOKEN_FP8_DIM * arch.dim
     if spec.expand_timesteps:
         per_token += PER_TOKEN_TIMESTEP_DIM * arch.dim
     return math.ceil(spec.token_count(width, height, frames) * per_token)
