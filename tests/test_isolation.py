@@ -3,7 +3,7 @@ the one its request gives alone in a fresh process, bitwise.
 
 A pool of requests that each leave something behind on a model (LoRAs, an accelerator's LoRA and
 its sampler, a strength schedule, fast mode's hooks, batched guidance, a negative prompt, a sweep's
-cached prompt embeddings, another model loaded in place) is run alone, each in a process of its own
+cached prompt embeddings, another model loaded in place, with its own text encoder and VAE) is run alone, each in a process of its own
 that has done nothing else: the references. Hypothesis then generates sequences of batches (with
 resumes), predictions and sweeps over them, run by one process's front ends on one resident model
 kept across all examples, as a server that takes all three would hold it, and every output must
@@ -127,7 +127,8 @@ def world(tmp_path_factory, tiny_dir):
             server.routes[f"/{name}.safetensors"] = Route((folder / f"{name}.safetensors").read_bytes())
         where = {
             "t2v": str(tiny_dir),
-            "i2v": str(write_tiny_model(folder / "tiny-i2v", kind="i2v")),
+            # its own text encoder and VAE (another seed): sharing them with the t2v model would change its video
+            "i2v": str(write_tiny_model(folder / "tiny-i2v", seed=1, kind="i2v")),
             "style": str(folder / "style.safetensors"),
             "motion": str(folder / "motion.safetensors"),
             "image": str(folder / "start.png"),
