@@ -14,9 +14,9 @@ import tempfile
 from cog import BaseRunner, Input, Path, Secret
 
 from wanlora.errors import InternalError, InvalidInput, WanLoraError
+from wanlora.frontends.service import PredictorInputs, VideoService
+from wanlora.frontends.workers import WorkerGroup, worker_count
 from wanlora.logs import configure as configure_logging
-from wanlora.service import PredictorInputs, VideoService
-from wanlora.workers import WorkerGroup, worker_count
 
 LORA_HELP = "A LoRA to apply. Paste any of: a Hugging Face repo (owner/repo, owner/repo/file.safetensors, owner/repo@revision/file.safetensors) or a huggingface.co link; a Civitai page (civitai.com/models/ID?modelVersionId=V), its download link (civitai.com/api/download/models/V) or civitai:V; a Replicate model (owner/model, replicate.com/owner/model) or its trained_model.tar link; or any https:// link to a .safetensors file. Private files: add hf_api_token or civitai_api_token. On 2.2-a14b it goes on both experts, and a Wan2.2 pair (a repo or folder holding a high_noise_model and a low_noise_model file, or *HIGH* and *LOW* ones) puts each file on its own expert."
 EXTRA_LORA_HELP = "A second LoRA, applied together with the first (same forms as lora_weights): for example a style plus a motion LoRA."

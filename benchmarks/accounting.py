@@ -4,7 +4,7 @@ The rehearsal (`bash benchmarks/gpu.sh --rehearse`) ends with this, so that the 
 is known to fit before it starts: the whole run in 8 minutes, every section under 70 GB of GPU
 memory and 100 GB of host memory (an H100 has 80 GB; the device machine 128 GB of RAM).
 
-GPU memory: the weights each section holds, counted on `meta` (wanlora.memory's sizes), plus its
+GPU memory: the weights each section holds, counted on `meta` (wanlora.runtime.memory's sizes), plus its
 largest activations traced on `meta` (tests/tracing.py: live bytes, flash-like attention). Host
 memory: the process (ASSUMED["process host GB"]), and the buffers a section makes: the LoRA
 merges' host copies of W0 as PyTorch pins them (each tensor rounded up to a power of two), the
@@ -20,9 +20,9 @@ import torch
 from benchmarks.gpu_step import RUN_SECONDS, SECTIONS, STARTUP_SECONDS
 from tests.builders import block_linears, forward_flops
 from tests.tracing import meta_transformer, trace_step, traced_peak, transformer_inputs
-from wanlora.memory import catalogue_sizes, vae_decode_bytes
 from wanlora.models import CATALOGUE
-from wanlora.placement import arena_layout, caching_allocator_bytes
+from wanlora.runtime.memory import catalogue_sizes, vae_decode_bytes
+from wanlora.runtime.placement import arena_layout, caching_allocator_bytes
 
 GB = 1e9
 ASSUMED = {

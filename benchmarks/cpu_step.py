@@ -29,7 +29,7 @@ from diffusers.hooks import FirstBlockCacheConfig
 from safetensors.torch import save_file
 
 from tests.builders import lora_tensors, random_transformer, step_inputs
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.models import TINY_ARCH, WAN_1_3B
 

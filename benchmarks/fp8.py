@@ -31,12 +31,12 @@ import torch
 
 from benchmarks.lora_swap import cached_loras
 from tests.builders import random_transformer, step_inputs
-from wanlora.checkpoint import Checkpoint
-from wanlora.fp8 import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_layers, quantize_rows, quantize_transformer
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
-from wanlora.memory import transformer_bytes
 from wanlora.models import CATALOGUE, WAN_1_3B, WAN_14B
+from wanlora.runtime.memory import transformer_bytes
+from wanlora.weights.checkpoint import Checkpoint
+from wanlora.weights.fp8 import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_layers, quantize_rows, quantize_transformer
 
 
 def median_seconds(step, repeats: int) -> float:

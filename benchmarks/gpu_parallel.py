@@ -24,10 +24,10 @@ import torch.distributed as dist
 
 from benchmarks.results import Results, out_dir
 from tests.builders import forward_flops, random_transformer, step_inputs
-from wanlora.attention import choose_backend, install_backend
-from wanlora.distributed import Parallel, init_distributed, leave_group
 from wanlora.models import SIZE_PRESETS, TINY_ARCH, WAN_1_3B, WAN_14B
 from wanlora.parallel import ParallelPlan
+from wanlora.parallel.distributed import Parallel, init_distributed, leave_group
+from wanlora.runtime.attention import choose_backend, install_backend
 
 ARCHES = {"14b": WAN_14B, "1.3b": WAN_1_3B, "tiny": TINY_ARCH}
 PUBLISHED_SECONDS = {1: 1838, 2: 945, 4: 497, 8: 288}  # Wan2.1 14B 720p, 81 frames, H100s

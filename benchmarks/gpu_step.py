@@ -48,12 +48,12 @@ from safetensors.torch import save_file
 
 from benchmarks.results import Results, out_dir
 from tests.builders import forward_flops, lora_tensors, materialize, random_transformer, step_inputs
-from wanlora.attention import BACKENDS, install_backend, unavailable_reason
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.lora.state import TransformerLoras
 from wanlora.models import CATALOGUE, TINY_ARCH, UMT5_XXL, WAN_14B, Architecture, ModelSpec, tiny_spec
-from wanlora.placement import ExpertSwitch, HostArena
+from wanlora.runtime.attention import BACKENDS, install_backend, unavailable_reason
+from wanlora.runtime.placement import ExpertSwitch, HostArena
 from wanlora.tiny import TINY_TEXT_CONFIG
 
 LIGHTX2V_H200 = 14.0  # seconds: LightX2V's published 4-step I2V 480p on an H200
@@ -212,7 +212,7 @@ def twin(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.M
 def fp8_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The model with its block linears in fp8, made a layer at a time: everything else is the model's own
     tensors, shared, so the copy costs the fp8 block linears alone."""
-    from wanlora.fp8 import quantize_transformer
+    from wanlora.weights.fp8 import quantize_transformer
 
     copied = twin(model, model.state_dict())
     quantize_transformer(copied, "scaled" if next(model.parameters()).is_cuda else "weight-only")
@@ -247,7 +247,7 @@ def step_14b_480p(bench: Bench) -> None:
 
 
 def fp8_14b(bench: Bench) -> None:
-    from wanlora.fp8 import set_matmul
+    from wanlora.weights.fp8 import set_matmul
 
     model, inputs, flops = bench.model, bench.inputs(), bench.flops()
     reference = model(**inputs, return_dict=False)[0].float()

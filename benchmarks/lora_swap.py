@@ -37,11 +37,11 @@ import torch
 from diffusers import WanPipeline
 
 from tests.builders import block_linears, lora_tensors, random_transformer
-from wanlora.fp8 import quantize_transformer
 from wanlora.lora.merge import native_gemm_is_faster
 from wanlora.models import WAN_1_3B, WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
 from wanlora.tiny import flow_scheduler
+from wanlora.weights.fp8 import quantize_transformer
 
 CACHE = Path(tempfile.gettempdir()) / "wanlora-bench-loras"
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -76,7 +76,7 @@ def wanlora_swapper(model, paths):
     """A pipeline around `model`, warm (both files parsed, W0 held), and its swap A <-> B."""
     from diffusers.hooks import HookRegistry
 
-    from wanlora.guidance import BatchedGuidance
+    from wanlora.runtime.guidance import BatchedGuidance
 
     HookRegistry.check_if_exists_or_initialize(model).remove_hook(BatchedGuidance.name)  # an earlier pipeline's
     wan = WanPipeline(None, None, None, flow_scheduler(), transformer=model)
@@ -160,8 +160,8 @@ def measure_first_touch(repeats: int = 3) -> float:
     on one thread as a merge runs it (lora/spread.py)."""
     from safetensors.torch import save_file
 
-    from wanlora.checkpoint import Checkpoint, CheckpointFile, TensorRef
-    from wanlora.lora.spread import single_threaded_ops
+    from wanlora.weights.checkpoint import Checkpoint, CheckpointFile, TensorRef
+    from wanlora.weights.spread import single_threaded_ops
 
     weight = torch.randn(WAN_14B.ffn_dim, WAN_14B.dim).to(torch.bfloat16)
     with tempfile.TemporaryDirectory() as folder:

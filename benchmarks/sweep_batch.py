@@ -26,7 +26,7 @@ from wanlora.tiny import tiny_transformer
 def wanlora(*args: str) -> float:
     """Seconds of wall time for one `wanlora` command, which must succeed."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "wanlora.cli", *args], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "wanlora.frontends.cli", *args], check=True, capture_output=True)
     return time.perf_counter() - started
 
 

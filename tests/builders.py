@@ -15,7 +15,7 @@ from wanlora.models import Architecture, latent_shape, token_count
 
 # ------------------------------------------------------------------ LoRA files in every layout
 #
-# Written from docs/lora-formats.md's tables directly, not from wanlora.lora.formats, so
+# Written from docs/lora-formats.md's tables directly, not from wanlora.lora.layouts, so
 # tests that read these files check the reader against an independent transcription.
 
 BLOCK_ORIGINAL_NAMES = {

@@ -73,7 +73,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run the installed `wanlora` entry point in a fresh process, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "wanlora.cli", *args],
+        [sys.executable, "-m", "wanlora.frontends.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -87,7 +87,7 @@ def run_cli(
 def cli(capsys, monkeypatch):
     """`wanlora ARGS` in this process, for what answers before anything heavy loads (input errors,
     help): as a user sees it, without a new interpreter's seconds of imports."""
-    from wanlora.cli import main
+    from wanlora.frontends.cli import main
 
     def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         if cwd is not None:

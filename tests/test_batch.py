@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from wanlora import WanLoraPipeline
-from wanlora.batch import JobRunner, Manifest, read_jobs, run_batch, run_order
 from wanlora.errors import BatchLineError, InvalidInput
+from wanlora.frontends.batch import JobRunner, Manifest, read_jobs, run_batch, run_order
 from wanlora.tiny import tiny_transformer
 
 from .builders import block_linears, write_lora
@@ -97,7 +97,7 @@ def test_each_lora_set_is_merged_once(loras, tmp_path, monkeypatch):
 
 def test_a_killed_batch_resumes_where_it_stopped_and_skips_what_was_done(loras, tmp_path):
     jobs, out = write_jobs(tmp_path / "jobs.jsonl", eight_jobs(loras)), tmp_path / "out"
-    command = [sys.executable, "-m", "wanlora.cli", "batch", str(jobs), "--out", str(out)]
+    command = [sys.executable, "-m", "wanlora.frontends.cli", "batch", str(jobs), "--out", str(out)]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = out / "manifest.jsonl"
     deadline = time.monotonic() + 120

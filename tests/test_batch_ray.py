@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import ray
 
-from wanlora.batch import Manifest, read_jobs, run_batch
-from wanlora.batch_ray import run_batch_on_ray
 from wanlora.errors import InvalidInput
+from wanlora.frontends.batch import Manifest, read_jobs, run_batch
+from wanlora.frontends.batch_ray import run_batch_on_ray
 
 from .conftest import probe
 from .processes import children_with, wait_for

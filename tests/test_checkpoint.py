@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from wanlora import WanLoraPipeline
-from wanlora.checkpoint import Checkpoint, CheckpointChanged, FileTensor
-from wanlora.fp8 import fp8_layers, quantize_rows
-from wanlora.lora.pristine import HostCopy
 from wanlora.tiny import tiny_transformer, write_tiny_model
+from wanlora.weights.checkpoint import Checkpoint, CheckpointChanged, FileTensor
+from wanlora.weights.fp8 import fp8_layers, quantize_rows
+from wanlora.weights.pristine import HostCopy
 
 from .builders import write_lora
 from .test_fp8 import assert_same_bits, bits
@@ -179,7 +179,7 @@ TRUNCATE_THEN_RUN = """
 import sys
 from pathlib import Path
 from wanlora import WanLoraPipeline
-from wanlora.checkpoint import CheckpointChanged
+from wanlora.weights.checkpoint import CheckpointChanged
 
 folder, single, first, second = sys.argv[1:5]
 pipes = [WanLoraPipeline.from_pretrained(folder), WanLoraPipeline.from_pretrained("tiny", transformer=single)]
@@ -229,7 +229,7 @@ def test_w0_is_proven_by_comparing_bytes_in_large_chunks_without_converting(fold
     dtype, a CHUNK_BYTES read at a time, no fp32 copy; and a single differing bit is still found."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from wanlora import checkpoint
+    from wanlora.weights import checkpoint
 
     pipe = WanLoraPipeline.from_pretrained(str(folder))
     source = pipe.experts[0].loras.merger.checkpoint

@@ -126,7 +126,7 @@ def test_help_says_tiny_makes_noise():
     ],
 )
 def test_lora_arguments_split_at_a_numeric_strength_only(text, parsed):
-    from wanlora.cli import parse_lora_arg
+    from wanlora.frontends.cli import parse_lora_arg
 
     assert parse_lora_arg(text) == parsed
 

@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from wanlora.errors import InvalidInput, LoraMismatch
-from wanlora.service import PredictorInputs
+from wanlora.frontends.service import PredictorInputs
 from wanlora.tiny import tiny_transformer, write_tiny_model
 
 from .builders import write_lora
@@ -452,7 +452,7 @@ def test_server_runs_every_variant_in_fp8_when_the_operator_asks(tmp_path_factor
 
 
 def test_an_unknown_quantization_is_named_at_setup(monkeypatch):
-    from wanlora.service import VideoService
+    from wanlora.frontends.service import VideoService
 
     monkeypatch.setenv("WANLORA_QUANTIZE", "int4")
     with pytest.raises(InvalidInput, match="WANLORA_QUANTIZE='int4' is not allowed: fp8 or none"):
@@ -536,7 +536,7 @@ def test_in_process_image_switches_to_i2v_and_bad_models_are_refused(predictor):
 @pytest.mark.parametrize("sample", sorted((ROOT / "samples").glob("*.json")), ids=lambda p: p.name)
 def test_samples_use_only_real_inputs_with_valid_values(sample):
     from predict import Predictor
-    from wanlora.service import VideoService
+    from wanlora.frontends.service import VideoService
 
     values = json.loads(sample.read_text())
     assert set(values) <= set(inspect.signature(Predictor.run).parameters), sample.name

@@ -14,8 +14,8 @@ import time
 import pytest
 from safetensors.torch import save
 
+from wanlora import net
 from wanlora.errors import InvalidInput, LoraAuthRequired, LoraDownloadError, LoraFormatError, LoraNotFound
-from wanlora.lora import net
 from wanlora.lora.cache import LoraCache
 from wanlora.lora.fetch import Credentials
 from wanlora.lora.refs import parse_ref
@@ -155,7 +155,7 @@ def test_a_header_length_that_looks_like_a_pickle_marker_is_still_safetensors(tm
     import json
     import struct
 
-    from wanlora.lora.sniff import read_header
+    from wanlora.weights.sniff import read_header
 
     entry = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     text = json.dumps(entry).encode().ljust(header_bytes, b" ")  # safetensors pads its header with spaces

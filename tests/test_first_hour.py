@@ -18,7 +18,7 @@ import pytest
 
 import wanlora
 from wanlora import InvalidInput, WanLoraPipeline
-from wanlora.service import PredictorInputs, VideoService
+from wanlora.frontends.service import PredictorInputs, VideoService
 
 from .conftest import SMALL, run_cli
 from .test_cli import FOX
@@ -49,7 +49,7 @@ def test_each_front_end_names_the_field_in_its_own_words(cli, tiny_pipe, tmp_pat
 
 def test_a_missing_local_file_is_called_one_and_is_found_out_before_torch_loads(tmp_path):
     code = (
-        "import sys; from wanlora.cli import main; "
+        "import sys; from wanlora.frontends.cli import main; "
         "code = main(['generate', 'a fox', '--lora', 'missing.safetensors']); "
         "print(code, 'torch' in sys.modules)"
     )
@@ -82,7 +82,7 @@ def test_verbose_goes_before_or_after_the_command(cli, tmp_path):
 
 
 def test_every_generate_option_has_help_with_its_default_and_short_metavars(cli):
-    from wanlora.cli import build_parser
+    from wanlora.frontends.cli import build_parser
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     options = [a for a in generate._actions if a.option_strings and a.dest not in ("help", "verbose")]
@@ -154,7 +154,7 @@ def test_a_terminal_hears_what_happens_at_once_and_sees_one_progress_display(tin
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws to the width
     args = [a if a != "tiny" else str(tiny_dir) for a in FOX]
     started = time.monotonic()
-    command = [sys.executable, "-m", "wanlora.cli", *args, "-o", str(tmp_path / "f.mp4")]
+    command = [sys.executable, "-m", "wanlora.frontends.cli", *args, "-o", str(tmp_path / "f.mp4")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=terminal, cwd=tmp_path)
     os.close(terminal)
     seen, first_at = b"", None

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wanlora import InvalidInput, LoraFormatError, WanLoraPipeline
-from wanlora.fp8 import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_layers, quantize_rows, quantize_transformer
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.tiny import tiny_transformer
+from wanlora.weights.fp8 import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_layers, quantize_rows, quantize_transformer
 
 from .builders import write_lora
 from .conftest import SMALL, recorded
@@ -85,7 +85,7 @@ def test_an_fp8_linear_computes_with_its_dequantized_weight(matmul):
 
 def test_the_14b_transformer_in_fp8_is_under_16_gb_with_its_400_block_linears():
     from wanlora.models import CATALOGUE
-    from wanlora.pipeline import cast_keeping_fp32
+    from wanlora.weights.dense import cast_keeping_fp32
 
     with torch.device("meta"):
         model = tiny_transformer(CATALOGUE["t2v-14b"].arch)
@@ -281,7 +281,7 @@ def test_the_scaled_matmul_is_chosen_by_running_its_kernel_not_by_the_capability
     """An RTX 5090 (sm_120) has fp8 tensor cores, and PyTorch's row-wise kernel raises there: weight-only, said why."""
     import logging
 
-    from wanlora import fp8
+    from wanlora.weights import fp8
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
@@ -297,7 +297,7 @@ def test_the_scaled_matmul_is_chosen_by_running_its_kernel_not_by_the_capability
 
 
 def test_the_probe_runs_the_real_kernel_and_checks_its_numbers(monkeypatch):
-    from wanlora import fp8
+    from wanlora.weights import fp8
 
     cpu = torch.device("cpu")
     fp8._probe.cache_clear()
@@ -338,7 +338,7 @@ def fp8_operands(m: int = 32, k: int = 64, n: int = 48):
     ids=["fp32-out-with-bias", "fp16-out", "e5m2-weight", "unaligned", "layout", "scale-shape", "fp32-bias"],
 )
 def test_cudas_rules_for_the_scaled_matmul_hold_on_any_device(change, words):
-    from wanlora.fp8 import ScaledMatmulRefused, check_scaled_mm
+    from wanlora.weights.fp8 import ScaledMatmulRefused, check_scaled_mm
 
     a, b, scale_a, scale_b = fp8_operands()
     check_scaled_mm(a, b, scale_a, scale_b, torch.zeros(48, dtype=torch.bfloat16), torch.bfloat16)  # as asked of it
@@ -354,7 +354,7 @@ def test_cudas_rules_for_the_scaled_matmul_hold_on_any_device(change, words):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_scaled_path_keeps_cudas_rules_with_a_bias_and_gives_no_nan_for_an_empty_token(dtype):
-    from wanlora.fp8 import scaled_linear
+    from wanlora.weights.fp8 import scaled_linear
 
     generator = torch.Generator().manual_seed(1)
     layer = Fp8Linear.of(torch.nn.Linear(64, 48).requires_grad_(False), "scaled")
@@ -382,8 +382,8 @@ def test_a_layer_outside_cudas_rules_computes_weight_only():
 def test_q_k_and_v_quantize_their_shared_input_once(monkeypatch):
     from dataclasses import replace
 
-    from wanlora import fp8
     from wanlora.models import TINY_ARCH
+    from wanlora.weights import fp8
 
     model = tiny_transformer(replace(TINY_ARCH, attention_head_dim=16))  # 32 wide: within CUDA's rules
     quantize_transformer(model, "scaled")
@@ -413,7 +413,7 @@ def test_q_k_and_v_quantize_their_shared_input_once(monkeypatch):
 def test_every_fp8_code_widens_exactly_without_torchs_scalar_conversion(dtype):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from wanlora.fp8 import dequantize_into
+    from wanlora.weights.fp8 import dequantize_into
 
     codes = torch.arange(256, dtype=torch.uint8).view(dtype)
     finite = torch.isfinite(codes.float())

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from wanlora import WanLoraPipeline
-from wanlora.batch import read_jobs
 from wanlora.errors import InvalidInput, WanLoraError
-from wanlora.service import PredictorInputs, VideoService
+from wanlora.frontends.batch import read_jobs
+from wanlora.frontends.service import PredictorInputs, VideoService
 
 from .conftest import SMALL
 
@@ -117,7 +117,7 @@ def style(tmp_path_factory) -> str:
 
 
 def test_a_line_without_loras_or_accelerator_runs_with_none_whatever_ran_before(style, tiny_dir, tmp_path):
-    from wanlora.batch import JobRunner, run_order
+    from wanlora.frontends.batch import JobRunner, run_order
 
     from .conftest import probe, recorded
 
@@ -177,7 +177,7 @@ def test_a_symlinked_manifest_is_refused_and_never_followed(tmp_path, cli):
 
 
 def test_the_manifest_is_replaced_by_rename_so_a_link_to_it_or_beside_it_leads_nowhere(tmp_path):
-    from wanlora.batch import run_batch
+    from wanlora.frontends.batch import run_batch
 
     jobs, out, victim = read_jobs(write_jobs(tmp_path / "jobs.jsonl", fox_lines(2))), tmp_path / "out", tmp_path / "v"
     out.mkdir()
@@ -193,7 +193,7 @@ def test_the_manifest_is_replaced_by_rename_so_a_link_to_it_or_beside_it_leads_n
 def test_a_collected_mp4_never_follows_a_link_at_its_name(tmp_path):
     import hashlib
 
-    from wanlora.batch_ray import _written
+    from wanlora.frontends.batch_ray import _written
 
     (job,) = read_jobs(write_jobs(tmp_path / "jobs.jsonl", fox_lines(1)))
     out, victim = tmp_path / "out", tmp_path / "victim"
@@ -399,7 +399,7 @@ def test_relative_paths_are_the_jobs_files_folders(style, tiny_dir, tmp_path, mo
 def test_a_jobs_identity_is_its_inputs_content_so_moving_them_reruns_nothing(style, tiny_dir, tmp_path):
     import shutil
 
-    from wanlora.batch import run_batch
+    from wanlora.frontends.batch import run_batch
 
     def layout(folder: Path) -> Path:
         folder.mkdir()

@@ -23,7 +23,7 @@ from safetensors.torch import save
 
 from wanlora.errors import InvalidInput, WanLoraError
 from wanlora.lora.fetch import Credentials, check_reference
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.selection import parse_requests
 from wanlora.models import tiny_spec
 from wanlora.request import resolve_request
@@ -172,7 +172,7 @@ def test_any_safetensors_header_is_read_or_refused_in_our_words(header, length, 
     path = tmp_path_factory.mktemp("hd") / "x.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + tail)
     with only_our_errors():
-        from wanlora.lora.sniff import read_header
+        from wanlora.weights.sniff import read_header
 
         read_header(path, "x")
         read_lora(path)
@@ -223,7 +223,7 @@ def test_any_http_answer_is_a_lora_or_our_error(status, encoding, location, body
 @pytest.fixture(scope="module")
 def loopback(tmp_path_factory):
     """A loopback server for the module, with a fresh cache, loopback allowed, fast retries and a short deadline."""
-    from wanlora.lora import net
+    from wanlora import net
 
     patch = pytest.MonkeyPatch()
     patch.setenv("WANLORA_CACHE", str(tmp_path_factory.mktemp("fuzz-cache")))

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from wanlora import WanLoraPipeline
-from wanlora.batch import JobRunner, read_jobs
 from wanlora.errors import WanLoraError
-from wanlora.service import PredictorInputs, VideoService
+from wanlora.frontends.batch import JobRunner, read_jobs
+from wanlora.frontends.service import PredictorInputs, VideoService
 
 from .servers import FileServer
 
@@ -174,7 +174,7 @@ def refused_or_accepted(call) -> None:
 def loopback(tmp_path_factory):
     """Links answer on 127.0.0.1 (404, or an empty file); the denoising is never reached."""
     global PORT
-    from wanlora.lora import net
+    from wanlora import net
 
     patch = pytest.MonkeyPatch()
     patch.setenv("WANLORA_CACHE", str(tmp_path_factory.mktemp("fuzz-inputs-cache")))

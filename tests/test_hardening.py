@@ -31,10 +31,10 @@ from wanlora.errors import (
     LoraNotFound,
     WanLoraError,
 )
+from wanlora.frontends.service import PredictorInputs
 from wanlora.lora.fetch import Credentials, fetch_lora_files
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.paths import PathRefused, inside, relative_name
-from wanlora.service import PredictorInputs
 from wanlora.tiny import tiny_transformer
 
 from .builders import write_lora
@@ -230,7 +230,7 @@ def test_no_exception_chain_carries_a_secret(offline_net, file_server):
 
 
 def test_the_predictor_refuses_a_broken_token_in_its_own_words(tiny_dir):
-    from wanlora.service import VideoService
+    from wanlora.frontends.service import VideoService
 
     with pytest.raises(InvalidInput) as refused:
         VideoService(override=str(tiny_dir), i2v_override="").resolve(

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from wanlora import InvalidInput, WanLoraPipeline
 from wanlora.images import resize_image
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.models import tiny_spec
 from wanlora.tiny import tiny_transformer

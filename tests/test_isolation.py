@@ -3,14 +3,14 @@ the one its request gives alone in a fresh process, bitwise.
 
 A pool of requests that each leave something behind on a model (LoRAs, an accelerator's LoRA and
 its sampler, a strength schedule, fast mode's hooks, batched guidance, a negative prompt, a sweep's
-cached prompt embeddings, another model loaded in place, with its own text encoder and VAE) is run alone, each in a process of its own
-that has done nothing else: the references. Hypothesis then generates sequences of batches (with
-resumes), predictions and sweeps over them, run by one process's front ends on one resident model
-kept across all examples, as a server that takes all three would hold it, and every output must
-equal its reference: the frames bitwise and the tags whole. One Ray batch with a single actor
-checks the same of a Ray batch.
+cached prompt embeddings, another model loaded in place, with its own text encoder and VAE) is run
+alone, each in a process of its own that has done nothing else: the references. Hypothesis then
+generates sequences of batches (with resumes), predictions and sweeps over them, run by one
+process's front ends on one resident model kept across all examples, as a server that takes all
+three would hold it, and every output must equal its reference: the frames bitwise and the tags
+whole. One Ray batch with a single actor checks the same of a Ray batch.
 
-WANLORA_CLASS_EXAMPLES sets the budget (default 10: 4 sequences, derandomized; about 40 s on this
+WANLORA_CLASS_EXAMPLES sets the budget (default 10: 4 sequences, derandomized; about 40 s on a
 2-core machine with the Ray case, most of it the references); rerun it larger, e.g.
 `WANLORA_CLASS_EXAMPLES=100 pytest tests/test_isolation.py` (40 random sequences).
 """
@@ -80,14 +80,14 @@ def run_alone(name: str, where: dict[str, str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="wanlora-alone-out-"))
     try:
         if kind == "line":
-            from wanlora.batch import read_jobs, run_batch
+            from wanlora.frontends.batch import read_jobs, run_batch
 
             (out / "jobs.jsonl").write_text(json.dumps({**fields, "output": f"{name}.mp4"}) + "\n")
             summary = run_batch(read_jobs(out / "jobs.jsonl"), out / "out", progress=False)
             assert summary.failed == [], summary.failed
             return saved(out / "out" / f"{name}.mp4")
         if kind == "predict":
-            from wanlora.service import PredictorInputs, VideoService
+            from wanlora.frontends.service import PredictorInputs, VideoService
 
             service = VideoService(override=where["t2v"], i2v_override="")
             return saved(service.generate(PredictorInputs(**fields), out).path)
@@ -143,7 +143,9 @@ def references(where: dict[str, str]) -> dict[str, dict]:
     """Each request run alone, each in a process of its own (forked from a server that has imported
     wanlora, and done nothing else), two at a time."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["wanlora.pipeline", "wanlora.batch", "wanlora.service", "tests.test_isolation"])
+    context.set_forkserver_preload(
+        ["wanlora.pipeline", "wanlora.frontends.batch", "wanlora.frontends.service", "tests.test_isolation"]
+    )
     with context.Pool(2, maxtasksperchild=1) as pool:
         pending = {name: pool.apply_async(run_alone, (name, where)) for name in requests_of(where)}
         return {name: result.get(timeout=600) for name, result in pending.items()}
@@ -156,8 +158,8 @@ class FrontEnds:
     """A batch runner, a prediction service and sweeps, taking turns with one resident model."""
 
     def __init__(self, where: dict[str, str]) -> None:
-        from wanlora.batch import JobRunner
-        from wanlora.service import VideoService
+        from wanlora.frontends.batch import JobRunner
+        from wanlora.frontends.service import VideoService
 
         self.where = where
         self.pipe, self.model = None, None
@@ -165,7 +167,7 @@ class FrontEnds:
         self.service = VideoService(override=where["t2v"], i2v_override="")
 
     def batch(self, names: list[str], out: Path, resume: bool) -> dict[str, dict]:
-        from wanlora.batch import read_jobs, run_batch
+        from wanlora.frontends.batch import read_jobs, run_batch
 
         requests = requests_of(self.where)
         out.mkdir()
@@ -183,7 +185,7 @@ class FrontEnds:
         return got
 
     def predict(self, name: str, out: Path) -> dict:
-        from wanlora.service import PredictorInputs
+        from wanlora.frontends.service import PredictorInputs
 
         self.service.pipe, self.service.model = self.pipe, self.model
         result = self.service.generate(PredictorInputs(**requests_of(self.where)[name][1]), out)
@@ -240,8 +242,8 @@ def test_every_output_is_its_request_alone_whatever_ran_before(sequence, world, 
 def test_a_ray_batch_on_one_actor_gives_each_line_its_output_alone(world, tmp_path):
     import ray
 
-    from wanlora.batch import read_jobs
-    from wanlora.batch_ray import run_batch_on_ray
+    from wanlora.frontends.batch import read_jobs
+    from wanlora.frontends.batch_ray import run_batch_on_ray
 
     where, references_ = world
     names = ["scheduled", "plain", "distilled", "styled"]  # one actor runs them all, each after the last

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from wanlora.errors import LoraFormatError, LoraMismatch
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.lora.metadata import trigger_words
 from wanlora.tiny import tiny_pipeline, tiny_transformer

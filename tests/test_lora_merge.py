@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from wanlora import WanLoraPipeline
 from wanlora.errors import InvalidInput, LoraFormatError, LoraMismatch, LoraNotFound
 from wanlora.lora.deltas import LoraDelta
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger, Term
 from wanlora.tiny import tiny_transformer
 

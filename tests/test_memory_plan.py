@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from wanlora.memory import (
+from wanlora.runtime.memory import (
     CATALOGUE,
     GPU_SIZES_GB,
     HELD_BYTES,
@@ -167,7 +167,7 @@ def test_the_memory_json_lists_every_variant_size_and_dtype(cli):
 def test_pinned_buffers_cost_what_they_hold():
     """One plain allocation registered with CUDA once, of the tensors' bytes (aligned to 512): not the caching
     host allocator's power-of-two blocks. The registration is a stand-in here, the allocation plan real."""
-    from wanlora.placement import ARENA_ALIGN, HostArena, caching_allocator_bytes
+    from wanlora.runtime.placement import ARENA_ALIGN, HostArena, caching_allocator_bytes
 
     tensors = {
         "a": torch.randn(3000, 700).to(torch.bfloat16),
@@ -194,7 +194,7 @@ def test_pinned_buffers_cost_what_they_hold():
         for name, p in meta_transformer(CATALOGUE["t2v-14b"]).named_parameters()
     }
     assert caching_allocator_bytes(expert) / 1e9 == pytest.approx(43.8, abs=0.1)
-    from wanlora.placement import arena_layout
+    from wanlora.runtime.placement import arena_layout
 
     assert arena_layout(expert)[1] / 1e9 == pytest.approx(28.6, abs=0.05)
 
@@ -205,7 +205,7 @@ def test_the_text_encoder_streams_from_its_host_arena_and_is_never_copied_back()
     import numpy as np
 
     from wanlora import WanLoraPipeline
-    from wanlora.placement import EncoderStream
+    from wanlora.runtime.placement import EncoderStream
 
     from .conftest import SMALL
 

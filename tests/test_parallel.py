@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from wanlora import InvalidInput, LoraDownloadError, ParallelPlan, WanLoraError, WanLoraPipeline, WorkerCrashed
-from wanlora.attention import BACKENDS, choose_backend, unavailable_reason
-from wanlora.service import PredictorInputs
+from wanlora.frontends.service import PredictorInputs
+from wanlora.runtime.attention import BACKENDS, choose_backend, unavailable_reason
 from wanlora.tiny import tiny_transformer
 
 from .builders import write_lora
@@ -113,7 +113,7 @@ def test_a_joined_process_group_is_left_before_the_process_exits():
     script = (
         "import atexit, torch.distributed as dist\n"
         "atexit.register(lambda: print('still joined at exit:', dist.is_initialized()))  # runs last\n"
-        "from wanlora.distributed import init_distributed\n"
+        "from wanlora.parallel.distributed import init_distributed\n"
         "init_distributed()\n"
         "print('joined:', dist.is_initialized())\n"
     )
@@ -259,7 +259,7 @@ def test_cli_gpus_2_and_torchrun_write_the_single_process_video(tmp_path):
         assert_frames_agree(probe(out).frames, probe(tmp_path / "one.mp4").frames)
     by_hand = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "wanlora.cli", *FOX, "-o", str(tmp_path / "torchrun.mp4")],
+         "-m", "wanlora.frontends.cli", *FOX, "-o", str(tmp_path / "torchrun.mp4")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert by_hand.returncode == 0, by_hand.stderr
@@ -287,12 +287,14 @@ def test_cli_parallel_flags_are_checked_before_any_process_starts(cli, tmp_path)
 def interrupted_long_run(tmp_path: Path, interrupt) -> tuple[int, str]:
     """A long `--gpus 2` run, hit by `interrupt(launcher, workers)` a few seconds after its workers
     start: the launcher's exit code and stderr. No output, and no worker outlives it."""
-    command = [sys.executable, "-m", "wanlora.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
+    command = [sys.executable, "-m", "wanlora.frontends.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
     launcher = subprocess.Popen(
         [*command, "-o", str(tmp_path / "x.mp4")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        workers = wait_for(lambda: len(found := children_with(launcher.pid, "wanlora.cli")) == 2 and found, 60)
+        workers = wait_for(
+            lambda: len(found := children_with(launcher.pid, "wanlora.frontends.cli")) == 2 and found, 60
+        )
         time.sleep(3)  # loading or denoising: either way the ranks now wait on each other
         interrupt(launcher, workers)
         _, stderr = launcher.communicate(timeout=60)
@@ -324,7 +326,7 @@ def test_cli_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def worker_group():
-    from wanlora.workers import WorkerGroup
+    from wanlora.frontends.workers import WorkerGroup
 
     os.environ.update(WANLORA_MODEL="tiny", WANLORA_ALLOW_PRIVATE_URLS="1")  # LoRAs come from loopback
     group = WorkerGroup(2)
@@ -338,7 +340,7 @@ REQUEST = {"prompt": "a fox", "num_frames": 9, "sample_steps": 2, "fps": 12, "se
 
 
 def test_worker_group_answers_like_one_process_and_relays_errors(worker_group, tmp_path):
-    from wanlora.service import VideoService
+    from wanlora.frontends.service import VideoService
 
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
@@ -352,7 +354,7 @@ def test_worker_group_answers_like_one_process_and_relays_errors(worker_group, t
 
 
 def test_worker_group_sweeps_like_one_process(worker_group, tmp_path):
-    from wanlora.service import VideoService
+    from wanlora.frontends.service import VideoService
 
     write_lora(tmp_path / "style.safetensors", tiny_transformer(), "original", seed=3)
     (tmp_path / "shared").mkdir()
@@ -390,7 +392,7 @@ def _answer_then_hang(conn, error: Exception | None) -> None:
 def test_worker_group_stops_a_group_where_one_rank_failed_alone(monkeypatch):
     import multiprocessing
 
-    from wanlora import workers
+    from wanlora.frontends import workers
 
     monkeypatch.setattr(workers, "STRAGGLER_SECONDS", 0.5)
     group = object.__new__(workers.WorkerGroup)  # two stand-in workers instead of loaded models
@@ -411,7 +413,7 @@ def test_worker_group_stops_a_group_where_one_rank_failed_alone(monkeypatch):
 
 
 def test_wanlora_gpus_sets_the_worker_count(monkeypatch):
-    from wanlora.workers import worker_count
+    from wanlora.frontends.workers import worker_count
 
     monkeypatch.delenv("WANLORA_GPUS", raising=False)
     assert worker_count() == max(1, torch.cuda.device_count())

@@ -1,4 +1,4 @@
-"""The targets of wanlora/patches.py still have the shape the patches assume.
+"""The targets of wanlora/runtime/patches.py still have the shape the patches assume.
 
 Each check names what moved, so a diffusers or torch upgrade that breaks a patch fails here
 first, rather than as a fast mode that never skips or a parallel run that divides by zero.
@@ -11,7 +11,7 @@ from diffusers import ModelMixin
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
 from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK, FBCHeadBlockHook
 
-from wanlora.patches import cpu_counts_as_one_device, first_block_cache_computes_first_steps
+from wanlora.runtime.patches import cpu_counts_as_one_device, first_block_cache_computes_first_steps
 from wanlora.tiny import tiny_transformer
 
 

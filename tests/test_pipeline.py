@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wanlora import InvalidInput, ModelNotFound, WanLoraPipeline
-from wanlora.sampling import WanFlowUniPC
+from wanlora.runtime.sampling import WanFlowUniPC
 
 from .conftest import SMALL, assert_frames_agree, probe
 
@@ -210,7 +210,7 @@ def test_compile_and_fast_mode_work_together(tiny_pipe):
 
 
 def test_offload_needs_a_gpu_and_the_vae_tiles_only_where_memory_requires(tiny_pipe, monkeypatch, caplog):
-    from wanlora.memory import plan_memory
+    from wanlora.runtime.memory import plan_memory
 
     for mode in ("encoder", "model"):
         with pytest.raises(InvalidInput, match="offloading moves weights to a GPU"):

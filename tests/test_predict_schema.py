@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wanlora.service import MODEL_CHOICES
+from wanlora.frontends.service import MODEL_CHOICES
 
 from .cog_schema import input_problems
 
@@ -38,7 +38,7 @@ def _edited(old: str, new: str) -> str:
             MODELS_LITERAL,
             "choices=list(MODEL_CHOICES)",
             "model: choices expression cannot be statically resolved",
-        ),  # MODEL_CHOICES would come from wanlora.service: Cog never resolves an import
+        ),  # MODEL_CHOICES would come from wanlora.frontends.service: Cog never resolves an import
         ('choices=["480p", "720p"]', 'choices=["480p"] + RESOLUTIONS', "resolution: choices expression"),
         ("description=LORA_HELP", 'description=f"A LoRA: {LORA_HELP}"', "lora_weights: description is dropped"),
         (FPS_HELP, 'description=("Frames per second " "of the MP4.")', "fps: description is dropped"),
@@ -128,7 +128,7 @@ def test_every_input_tells_a_person_what_to_put_in_it(inputs):
 
 
 def test_predictor_literals_equal_the_librarys_constants(inputs):
-    from wanlora import service
+    from wanlora.frontends import service
     from wanlora.models import CATALOGUE
     from wanlora.settings import (
         DEFAULT_QUALITY,
@@ -166,7 +166,7 @@ def test_predictor_literals_equal_the_librarys_constants(inputs):
 def test_the_service_reads_the_predictors_inputs_as_one_object_equal_to_the_signature(inputs):
     import dataclasses
 
-    from wanlora.service import PredictorInputs
+    from wanlora.frontends.service import PredictorInputs
 
     fields = dataclasses.fields(PredictorInputs)
     assert [field.name for field in fields] == list(inputs)  # every input, in the signature's order

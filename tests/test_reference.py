@@ -15,10 +15,10 @@ from PIL import Image
 
 from wanlora import WanLoraPipeline
 from wanlora.experts import expert_steps
+from wanlora.frontends.service import PredictorInputs, VideoService
 from wanlora.models import CATALOGUE, WAN_NEGATIVE_PROMPT, tiny_spec
 from wanlora.request import resolve_request
-from wanlora.sampling import WanFlowUniPC
-from wanlora.service import PredictorInputs, VideoService
+from wanlora.runtime.sampling import WanFlowUniPC
 
 from .conftest import SMALL, recorded, run_cli
 from .test_cli import FOX

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wanlora import InvalidInput, WanLoraPipeline
-from wanlora.lora.formats import read_lora
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.selection import LoraRequest
 from wanlora.sweep import Axis, grid_headers, grid_layout
 from wanlora.tiny import tiny_transformer

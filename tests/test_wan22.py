@@ -19,13 +19,13 @@ from safetensors.torch import save_file
 from wanlora import WanLoraPipeline
 from wanlora.errors import InternalError, InvalidInput, LoraMismatch, LoraNotFound
 from wanlora.experts import expert_steps
-from wanlora.lora.formats import read_lora
+from wanlora.frontends.service import PredictorInputs
 from wanlora.lora.keys import I2V_ONLY
+from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger, fit_lora
 from wanlora.models import CATALOGUE, TINY_ARCH, tiny_spec
 from wanlora.pipeline import meta_transformer
-from wanlora.placement import ExpertSwitch
-from wanlora.service import PredictorInputs
+from wanlora.runtime.placement import ExpertSwitch
 from wanlora.tiny import tiny_transformer
 
 from .builders import lora_tensors, write_lora
@@ -560,7 +560,7 @@ def test_cli_merge_bakes_a_lora_into_each_expert(tmp_path, loras):
 
 
 def test_replicates_wan22_inputs_map_onto_the_experts():
-    from wanlora.service import VideoService
+    from wanlora.frontends.service import VideoService
 
     service = VideoService(override="", i2v_override="")
     both = {"lora_weights": "https://example.com/style.safetensors", "lora_scale": 0.8}
@@ -597,7 +597,7 @@ def test_replicates_wan22_inputs_map_onto_the_experts():
 
 
 def test_replicates_model_choices_pick_the_wan22_variants():
-    from wanlora.service import VideoService
+    from wanlora.frontends.service import VideoService
 
     service = VideoService(override="", i2v_override="")
     ti2v = service.resolve(

@@ -9,7 +9,7 @@ import huggingface_hub.constants as constants
 import pytest
 
 from wanlora import WanLoraPipeline
-from wanlora.service import PredictorInputs, VideoService
+from wanlora.frontends.service import PredictorInputs, VideoService
 
 from .conftest import probe
 from .lora_helpers import fetch_lora

@@ -5,7 +5,7 @@ it is freed, and keeps the peak. Tensors that existed before (weights, inputs) a
 and views share their base's bytes. Attention runs through a flash-like stand-in: the output
 and the log-sum-exp, never the tokens x tokens scores, as every GPU kernel wanlora uses.
 
-`trace_step` traces one step of a generation (wanlora.memory's steps) at a variant's real
+`trace_step` traces one step of a generation (wanlora.runtime.memory's steps) at a variant's real
 shapes, as diffusers' Wan pipelines run it.
 """
 
@@ -90,8 +90,8 @@ def traced_peak(run) -> int:
 def meta_transformer(spec: ModelSpec, weights: str = "bf16", num_layers: int | None = None):
     from diffusers import WanTransformer3DModel
 
-    from wanlora.fp8 import quantize_transformer
-    from wanlora.pipeline import cast_keeping_fp32
+    from wanlora.weights.dense import cast_keeping_fp32
+    from wanlora.weights.fp8 import quantize_transformer
 
     arch = replace(spec.arch, num_layers=num_layers or spec.arch.num_layers)
     with torch.device("meta"):
@@ -155,7 +155,7 @@ def transformer_inputs(spec: ModelSpec, width: int, height: int, frames: int, ba
 
 
 def trace_step(spec: ModelSpec, step: str, size: tuple[int, int, int], weights: str, tiled: bool) -> int:
-    """The traced peak of live activations of `step` (wanlora.memory's) for `spec` at `size` (width, height,
+    """The traced peak of live activations of `step` (wanlora.runtime.memory's) for `spec` at `size` (width, height,
     frames). The transformer is traced with two blocks: its peak is one block's, and nothing outlives a
     block but the hidden states (tests/test_memory_plan.py checks this against the full depth)."""
     width, height, frames = size

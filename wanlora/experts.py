@@ -16,11 +16,11 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from .errors import InvalidInput
-from .lora.formats import LoraFile
-from .lora.pairs import EVERY_EXPERT, expert_of
-from .lora.pristine import PristineSource
+from .lora.layouts import LoraFile
 from .lora.selection import LoraRequest
 from .lora.state import Chosen, TransformerLoras
+from .pairs import EVERY_EXPERT, expert_of
+from .weights.pristine import PristineSource
 
 logger = logging.getLogger(__name__)
 

@@ -135,8 +135,8 @@ def _decoded(source: Path | io.BytesIO, field: str, shown: str) -> Image.Image:
 def fetch_image(url: str, field: str = "image") -> io.BytesIO:
     """The bytes at an image link, fetched as LoRA links are: https only, every redirect's address
     checked, retried when that is worth it, and at most MAX_IMAGE_BYTES."""
-    from .lora.net import http_session, open_url, with_retries
     from .lora.refs import display_ref
+    from .net import http_session, open_url, with_retries
 
     label = f"{field} {display_ref(url)}"
 

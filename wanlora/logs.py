@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 from typing import TextIO
+from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_FORMAT = "%(levelname)s %(name)s: %(message)s"
 QUERY = re.compile(r"((?:https?://)?[^\s'\"?]*)\?[^\s'\")]+")  # a URL's query: signatures, tokens
@@ -24,6 +25,13 @@ TOKENS = re.compile(
     r"|\bhf_[A-Za-z0-9]{20,}"  # a Hugging Face token on its own
 )
 PASSWORD = re.compile(r"(?<=:)[^\s:/@]+(?=@)")  # user:password@
+# Query parameters that carry credentials or signatures (S3, GCS, Azure SAS, CloudFront,
+# Akamai, JWTs, sessions): never part of a cache key, a log line, an error or a tag.
+SECRET_QUERY = re.compile(
+    r"(token|key|sig|signature|credential|auth|expires|policy|pass|pwd|secret|jwt|session|hdnts|hmac"
+    r"|^x-amz-|^x-goog-|^s[eprtv]$|^sr$|^skoid$|^sktid$|^code$)",
+    re.IGNORECASE,
+)
 
 
 def mask_secrets(text: str) -> str:
@@ -34,6 +42,18 @@ def mask_secrets(text: str) -> str:
 def scrub(text: str) -> str:
     """`text` for a log: `mask_secrets`, and every URL query cut to `?...` (a signature has no telling name)."""
     return mask_secrets(QUERY.sub(r"\1?...", text))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values inside `url`, to scrub from text that quotes it (a library's error message)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if SECRET_QUERY.search(k) and v]
+    found += [s for s in (parts.username, parts.password) if s]
+    found += [parts.query] if found and parts.query else []
+    return found
 
 
 class Scrub(logging.Filter):

@@ -29,32 +29,36 @@ from tqdm import tqdm
 
 from . import __version__
 from .accelerators import accelerator_refs
-from .attention import choose_backend, install_backend
-from .checkpoint import Checkpoint
-from .components import SHARABLE, Identity, model_identities
-from .devices import resolve_device
-from .distributed import Parallel, init_distributed, resolve_plan
 from .errors import InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
-from .fastmode import apply_fast_mode
-from .fp8 import choose_matmul, describe_matmuls, quantize_transformer
-from .guidance import BatchedGuidance
 from .hub import download_model
 from .images import ImageInput, resize_image
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
-from .lora.pairs import EVERY_EXPERT
-from .lora.pristine import PristineSource
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
-from .memory import MemoryPlan, Sizes, blocks_of, catalogue_sizes, check_offload, gpu_plan, measure, vae_tiling_for
 from .models import TINY_NAMES, ModelSpec, identify_model
+from .pairs import EVERY_EXPERT
 from .parallel import ParallelPlan
-from .placement import ExpertSwitch, place, set_vae_tiling
+from .parallel.distributed import Parallel, init_distributed, resolve_plan
 from .request import Request, refuse_unknown, resolve_request
-from .sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
+from .runtime.attention import choose_backend, install_backend
+from .runtime.devices import resolve_device
+from .runtime.fastmode import apply_fast_mode
+from .runtime.guidance import BatchedGuidance
+from .runtime.memory import (
+    MemoryPlan,
+    Sizes,
+    blocks_of,
+    catalogue_sizes,
+    check_offload,
+    gpu_plan,
+    measure,
+    vae_tiling_for,
+)
+from .runtime.placement import ExpertSwitch, place, set_vae_tiling
+from .runtime.sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .settings import check_quantize
-from .single_file import load_transformer_file, transformer_files
 from .staging import staged_folder
 from .sweep import (
     MAX_WIDTH,
@@ -72,19 +76,17 @@ from .sweep import (
 )
 from .tiny import tiny_pipeline
 from .video import Video
+from .weights.checkpoint import Checkpoint
+from .weights.components import SHARABLE, Identity, model_identities
+from .weights.dense import cast_keeping_fp32
+from .weights.fp8 import choose_matmul, describe_matmuls, quantize_transformer
+from .weights.pristine import PristineSource
+from .weights.single_file import load_transformer_file, transformer_files
 
 logger = logging.getLogger(__name__)
 
 PLANNED_COMPONENTS = ("text_encoder", "image_encoder", "transformer", "transformer_2", "vae")  # what takes GPU memory
 TEXT_TOKENS = 512  # the prompt's T5 tokens, as diffusers' Wan pipelines encode them
-
-
-def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast like diffusers' loader does: modules in `_keep_in_fp32_modules` stay fp32."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for name, param in model.named_parameters():
-        if not any(part in keep for part in name.split(".")):
-            param.data = param.data.to(dtype)
 
 
 def compile_blocks(transformer: torch.nn.Module, backend: str, fullgraph: bool) -> None:
@@ -133,7 +135,7 @@ class WanLoraPipeline:
         if offload == "experts":
             self.switch = ExpertSwitch([(e.module, e.loras) for e in self.experts], device)
         self.load_timings: dict[str, float] = {}
-        self.memory_plan: MemoryPlan | None = None  # on a GPU: the plan it was placed by (wanlora.memory)
+        self.memory_plan: MemoryPlan | None = None  # on a GPU: the plan it was placed by (wanlora.runtime.memory)
         self.placement: dict[str, object] = {}  # the host arenas and streams placement made, by component
         self.quantize: str | None = None  # "fp8" when the block linears are float8 (from_pretrained's `quantize`)
         self.component_ids: dict[str, Identity] = {}  # what proves which files the shareable components came from
@@ -162,20 +164,20 @@ class WanLoraPipeline:
         `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
         keeps in fp32 stay fp32 either way. `share_from` reuses another pipeline's tokenizer,
         text encoder and VAE instead of loading them, each where it is proven the same as this
-        model's own (the same files, or the same content by the Hub's hashes: wanlora.components).
+        model's own (the same files, or the same content by the Hub's hashes: wanlora.weights.components).
 
         `compile=True` compiles the repeated transformer blocks with torch.compile (a string
         names the backend); LoRA swaps rewrite weights in place and never recompile.
         `offload` ("auto", "none", "encoder", "experts", "model", "group") trades speed for GPU
         memory; "auto" plans each stage from the GPU's memory and takes the fastest mode that fits
-        (wanlora.memory); the VAE tiles only where memory requires it.
+        (wanlora.runtime.memory); the VAE tiles only where memory requires it.
 
         `quantize="fp8"` stores the transformer's block linears in float8_e4m3fn with a scale
         per output channel (half the memory; fp8 matmuls on GPUs with fp8 tensor cores, the
-        weights dequantized per call elsewhere): see wanlora.fp8. LoRAs still merge exactly.
+        weights dequantized per call elsewhere): see wanlora.weights.fp8. LoRAs still merge exactly.
 
         `transformer` replaces the model's transformer by a single file, as ComfyUI and Kijai
-        publish them (bf16, fp8, or scaled fp8: see wanlora.single_file), or a folder holding
+        publish them (bf16, fp8, or scaled fp8: see wanlora.weights.single_file), or a folder holding
         one (Wan2.2 A14B: a high/low pair, or a (high, low) tuple); the rest of the model comes
         from `model`. Its fp8 block linears stay fp8, and are the W0 LoRAs merge onto.
 
@@ -257,7 +259,7 @@ class WanLoraPipeline:
 
     def shared_components(self, spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Identity]]:
         """What `spec`'s model can take from this one, and their identities: each of the tokenizer, text
-        encoder and VAE proven the same as the one `spec`'s model has (wanlora.components)."""
+        encoder and VAE proven the same as the one `spec`'s model has (wanlora.weights.components)."""
         held = {n: i for n, i in self.component_ids.items() if getattr(self.diffusers_pipeline, n, None) is not None}
         if not held:
             return {}, {}

@@ -35,7 +35,7 @@ ASPECT_RATIOS = ("16:9", "9:16", "1:1")
 DEFAULT_MODEL = "t2v-14b"  # the CLI's --model, and a batch line's model, when none is given
 FAST_MODES = ("off", "balanced", "fast")
 OFFLOAD_MODES = ("auto", "none", "encoder", "experts", "model", "group")
-QUANTIZE_CHOICES = ("none", "fp8")  # fp8: the transformer's block linears in float8_e4m3fn (wanlora.fp8)
+QUANTIZE_CHOICES = ("none", "fp8")  # fp8: the transformer's block linears in float8_e4m3fn (wanlora.weights.fp8)
 RESIZE_MODES = ("fit", "pad", "stretch")
 
 # ---------------------------------------------------------------------------- output and LoRAs

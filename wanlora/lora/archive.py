@@ -16,9 +16,9 @@ from pathlib import Path
 
 from ..errors import LoraFormatError
 from ..messages import listing
+from ..net import CHUNK, current_transfer, disk_error, too_big
 from ..settings import max_lora_bytes
-from .net import CHUNK, current_transfer, disk_error, too_big
-from .sniff import is_tar
+from ..weights.sniff import is_tar
 
 MAX_MEMBERS = 1000  # Replicate's archives hold a handful; past this it is not a LoRA's archive
 

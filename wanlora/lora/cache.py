@@ -34,9 +34,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..errors import LoraDownloadError
+from ..net import CHUNK, Validators, current_transfer
 from ..paths import inside
 from ..settings import cache_dir, cache_max_bytes
-from .net import CHUNK, Validators, current_transfer
 
 LOCK_POLL_SECONDS = 0.2
 

@@ -23,11 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound, NoSuchHubRepo, error_boundary
 from ..hub import hub_errors, local_copy, transport_errors
-from ..settings import civitai_token, civitai_url, clean_token, max_lora_bytes, replicate_url
-from .archive import is_tar_file, unpack_single_lora
-from .cache import LoraCache
-from .metadata import MAX_CARD_BYTES, card_front_matter, card_trigger_words, trigger_words
-from .net import (
+from ..net import (
     check_url,
     discard_partial,
     download,
@@ -37,9 +33,13 @@ from .net import (
     revalidate,
     too_big,
 )
-from .pairs import EVERY_EXPERT, choose_files
+from ..pairs import EVERY_EXPERT, choose_files
+from ..settings import civitai_token, civitai_url, clean_token, max_lora_bytes, replicate_url
+from ..weights.sniff import header_metadata, read_header
+from .archive import is_tar_file, unpack_single_lora
+from .cache import LoraCache
+from .metadata import MAX_CARD_BYTES, card_front_matter, card_trigger_words, trigger_words
 from .refs import Source, canonical_url, display_ref, parse_ref, resolve_local, url_has_secrets
-from .sniff import header_metadata, read_header
 
 logger = logging.getLogger(__name__)
 

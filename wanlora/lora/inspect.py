@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import error_boundary
+from ..pairs import EVERY_EXPERT, expert_of
 from .fetch import Credentials, fetch_lora_files
-from .formats import read_lora
+from .layouts import read_lora
 from .merge import check_fit
-from .pairs import EVERY_EXPERT, expert_of
 from .refs import display_ref
 
 

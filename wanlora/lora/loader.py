@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoraFileGone
+from ..pairs import EVERY_EXPERT
 from .fetch import Credentials, FetchedLora, fetch_lora_files
-from .formats import LoraFile, read_lora
-from .pairs import EVERY_EXPERT
+from .layouts import LoraFile, read_lora
 from .refs import display_ref, parse_ref
 
 logger = logging.getLogger(__name__)

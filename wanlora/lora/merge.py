@@ -2,7 +2,7 @@
 
 The weights always equal `W0 + sum(strength_i * delta_i)`, computed in float32 from a
 pristine `W0` (lora/pristine.py) and rounded once to the parameter's dtype; an fp8 weight
-(wanlora.fp8) gets its per-row scales recomputed from that sum, then is rounded once. Nothing
+(wanlora.weights.fp8) gets its per-row scales recomputed from that sum, then is rounded once. Nothing
 is ever "unfused", so the result depends only on the base and the requested set, bitwise.
 
 All or nothing: every LoRA is fitted, and every new weight is proven finite and within
@@ -29,14 +29,14 @@ from typing import NamedTuple
 import torch
 
 from ..errors import LoraFormatError, LoraMismatch
-from ..fp8 import fp8_layers, quantize_rows_into
 from ..messages import listing
 from ..models import transformer_kind
+from ..weights.fp8 import fp8_layers, quantize_rows_into
+from ..weights.pristine import HostCopy, Pristine, PristineSource, QuantizedCopy
+from ..weights.spread import run_spread, single_threaded_ops
 from .deltas import Delta
-from .formats import LoraFile
 from .keys import I2V_ONLY
-from .pristine import HostCopy, Pristine, PristineSource, QuantizedCopy
-from .spread import run_spread, single_threaded_ops
+from .layouts import LoraFile
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class LoraMerger:
         accumulation, one rounding at the output) where that kernel is the fast one.
         Anything else is summed in an fp32 accumulator in row chunks (on a CPU, sized for its
         cache). Both round once; they differ only in summation order. An fp8 weight's rows
-        are quantized with scales from their own amax (wanlora.fp8.quantize_rows).
+        are quantized with scales from their own amax (wanlora.weights.fp8.quantize_rows).
         """
         param, scale = self.params[name], self.scales.get(name)
         base = self._base(name)

@@ -24,7 +24,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import InternalError, LoraNotFound
-from ..logs import mask_secrets
+from ..logs import SECRET_QUERY, mask_secrets
 from ..paths import PathRefused, relative_name
 from ..settings import MAX_REF_CHARS
 
@@ -37,13 +37,6 @@ CIVITAI_DEFAULT_FILE = {("type", "Model")}  # what Civitai serves without a sele
 REPLICATE_HOSTS = {"replicate.com", "www.replicate.com"}
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 REPO = re.compile(rf"(?P<repo>{NAME}/{NAME})(?:@(?P<rev>[^/\s]+))?(?:/(?P<path>\S+))?")
-# Query parameters that carry credentials or signatures (S3, GCS, Azure SAS, CloudFront,
-# Akamai, JWTs, sessions): never part of a cache key, a log line, an error or a tag.
-SECRET_QUERY = re.compile(
-    r"(token|key|sig|signature|credential|auth|expires|policy|pass|pwd|secret|jwt|session|hdnts|hmac"
-    r"|^x-amz-|^x-goog-|^s[eprtv]$|^sr$|^skoid$|^sktid$|^code$)",
-    re.IGNORECASE,
-)
 PATH_PREFIXES = ("/", "./", "../", "~", ".\\")
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".tar")
 SHOWN_CHARS = 300
@@ -243,18 +236,6 @@ def url_has_secrets(url: str) -> bool:
     return bool(parts.username or parts.password) or any(
         SECRET_QUERY.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)
     )
-
-
-def url_secrets(url: str) -> list[str]:
-    """The secret values inside `url`, to scrub from text that quotes it (a library's error message)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return []
-    found = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if SECRET_QUERY.search(k) and v]
-    found += [s for s in (parts.username, parts.password) if s]
-    found += [parts.query] if found and parts.query else []
-    return found
 
 
 def resolve_local(path: Path) -> Path:

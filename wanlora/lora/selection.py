@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidInput
-from .pairs import EVERY_EXPERT, EXPERT_TARGETS
+from ..pairs import EVERY_EXPERT, EXPERT_TARGETS
 from .refs import display_ref
 
 Strength = float | tuple[float, ...]

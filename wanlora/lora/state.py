@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import LoraFile
+from ..weights.pristine import PristineSource
+from .layouts import LoraFile
 from .merge import LoraMerger, Plan
-from .pristine import PristineSource
 from .selection import LoraRequest, phase_count, strength_at
 
 

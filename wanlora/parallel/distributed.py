@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from diffusers import WanTransformer3DModel
 
-from .errors import InvalidInput, WanLoraError
-from .guidance import SplitGuidance
-from .parallel import ParallelPlan, has_rendezvous, local_rank
-from .patches import cpu_counts_as_one_device
+from ..errors import InvalidInput, WanLoraError
+from ..runtime.guidance import SplitGuidance
+from ..runtime.patches import cpu_counts_as_one_device
+from . import ParallelPlan, has_rendezvous, local_rank
 
 logger = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from .checkpoint import Checkpoint, CheckpointFile, TensorRef
-from .errors import InvalidInput, LoraError, LoraNotFound, ModelNotFound
+from ..errors import InvalidInput, LoraError, LoraNotFound, ModelNotFound
 from .fp8 import BLOCK_PREFIX, FP8_DTYPES, Fp8Linear
-from .hub import download_file
-from .lora.pairs import EVERY_EXPERT, choose_files
-from .messages import listing
-from .models import ModelSpec, families_of_width
+from ..hub import download_file
+from ..pairs import EVERY_EXPERT, choose_files
+from ..messages import listing
+from ..models import ModelSpec, families_of_width
 
 logger = logging.getLogger(__name__)
 

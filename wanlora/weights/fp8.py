@@ -30,7 +30,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ hooks exchange what is needed: Ulysses swaps sequence shards for head shards wit
 all-to-all (its degree must divide the head count), ring attention passes key/value
 shards around (any degree, but it needs a kernel that returns log-sum-exp). With
 CFG-parallel the processes split in two halves, one per guidance pass, which swap results
-once per step. The runtime is in wanlora.distributed.
+once per step. The runtime is in wanlora.parallel.distributed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 
 @dataclass(frozen=True)

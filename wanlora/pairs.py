@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import LoraNotFound
-from ..messages import listing
+from .errors import LoraNotFound
+from .messages import listing
 
 EVERY_EXPERT = "both"
 EXPERT_TARGETS = (EVERY_EXPERT, "high", "low")

@@ -18,17 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .accelerators import ACCELERATORS
-from .attention import CHOICES as ATTENTION_CHOICES
-from .errors import InternalError, InvalidInput, WanLoraError
-from .logs import configure as configure_logging
-from .logs import scrub
-from .lora.pairs import EVERY_EXPERT
-from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
-from .parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
-from .request import Request, resolve_request
-from .settings import (
+from .. import __version__
+from ..accelerators import ACCELERATORS
+from ..errors import InternalError, InvalidInput, WanLoraError
+from ..logs import configure as configure_logging
+from ..logs import scrub
+from ..models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
+from ..pairs import EVERY_EXPERT
+from ..parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
+from ..request import Request, resolve_request
+from ..runtime.attention import CHOICES as ATTENTION_CHOICES
+from ..settings import (
     ASPECT_RATIOS,
     DEFAULT_MODEL,
     DEFAULT_QUALITY,
@@ -68,7 +68,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def say(text: str) -> None:
     """Tell a person at a terminal what the next slow step is; logged (shown with -v) either way."""
-    logging.getLogger("wanlora.cli").info(text)
+    logging.getLogger("wanlora.frontends.cli").info(text)
     if sys.stderr.isatty() and not logging.getLogger("wanlora").isEnabledFor(logging.INFO):
         print(f"wanlora: {text}...", file=sys.stderr, flush=True)
 
@@ -483,8 +483,8 @@ def checked_request(args: argparse.Namespace, default_output: str) -> tuple[Mode
     spec = resolve_model(args.model)
     options = generation_options(args, spec)
     request = resolve_request(spec, args.prompt, **options)
-    from .lora.fetch import check_reference
-    from .video import check_output, quality_to_crf
+    from ..lora.fetch import check_reference
+    from ..video import check_output, quality_to_crf
 
     for lora in request.loras or ():
         check_reference(lora.ref)  # its form, and that a local file exists
@@ -498,7 +498,7 @@ def identified_and_fetched(
 ) -> tuple[ModelSpec, Request]:
     """The model as its own config names it (a Hub repo may be another variant), and every LoRA fetched,
     before the slow model load."""
-    from .lora.fetch import fetch_lora_files
+    from ..lora.fetch import fetch_lora_files
 
     identified = identify_model(args.model)
     if identified != spec:
@@ -512,7 +512,7 @@ def identified_and_fetched(
 
 def load_pipeline(args: argparse.Namespace, spec: ModelSpec, parallel: ParallelPlan | None = None):
     quiet_library_bars()
-    from .pipeline import WanLoraPipeline
+    from ..pipeline import WanLoraPipeline
 
     say(f"loading {spec.name} ({spec.source})")
     return WanLoraPipeline.from_pretrained(
@@ -537,14 +537,14 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int | None:
     spec, options, request, output = checked_request(args, "wanlora-{seed}.mp4")
     say("importing torch and diffusers")
-    from .devices import resolve_device
+    from ..runtime.devices import resolve_device
 
     parallel = check_parallel_args(args, spec)
     if parallel is None:
         resolve_device(args.device)
     spec, request = identified_and_fetched(args, spec, options, request)
     if parallel is not None and not launched_by_torchrun():
-        from .launch import run_workers
+        from ..parallel.launch import run_workers
 
         return run_workers(parallel.world_size, args.argv, quiet=not args.verbose)
     video = load_pipeline(args, spec, parallel).run(request)
@@ -556,7 +556,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     spec, options, request, output = checked_request(args, "wanlora-sweep-{seed}.mp4")
-    from .sweep import check_max_width, sweep_axes
+    from ..sweep import check_max_width, sweep_axes
 
     check_max_width(args.max_width, "--max-width")  # before the model loads
     strengths = numbers(args.strengths, "--strengths", float)
@@ -572,7 +572,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
         raise InvalidInput("--keep-cells", str(keep), "a new or empty folder")
     say("importing torch and diffusers")
-    from .devices import resolve_device
+    from ..runtime.devices import resolve_device
 
     resolve_device(args.device)
     spec, request = identified_and_fetched(args, spec, options, request)
@@ -702,18 +702,18 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
         raise InvalidInput("dir", args.dir, "a new or empty folder")
     say("importing torch and diffusers")
     quiet_library_bars()
-    from .tiny import write_tiny_model
+    from ..tiny import write_tiny_model
 
     print(write_tiny_model(target, kind=args.kind))
 
 
 def cmd_lora_inspect(args: argparse.Namespace) -> None:
-    from .lora.inspect import inspect_lora
+    from ..lora.inspect import inspect_lora
 
     transformer = None
     if args.model:
         say("importing torch and diffusers")
-        from .pipeline import meta_transformer
+        from ..pipeline import meta_transformer
 
         transformer = meta_transformer(resolve_model(args.model))
     reports = inspect_lora(args.ref, transformer, args.model or "the model")
@@ -756,7 +756,7 @@ def cmd_lora_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
-    from .lora.selection import parse_requests
+    from ..lora.selection import parse_requests
 
     spec = resolve_model(args.model)
     loras = parse_requests(requested_loras(args, spec))
@@ -769,7 +769,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     quiet_library_bars()
     import torch
 
-    from .pipeline import WanLoraPipeline
+    from ..pipeline import WanLoraPipeline
 
     say(f"loading {spec.name} ({spec.source})")
     pipe = WanLoraPipeline.from_pretrained(args.model, device="cpu", dtype=getattr(torch, DTYPES[args.dtype]))
@@ -779,7 +779,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_fetch(args: argparse.Namespace) -> None:
-    from .lora.fetch import fetch_lora_files
+    from ..lora.fetch import fetch_lora_files
 
     files = fetch_lora_files(args.ref)
     for role, fetched in files:
@@ -793,8 +793,8 @@ def cmd_lora_fetch(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     import time
 
-    from .lora.cache import LoraCache
-    from .settings import cache_max_bytes
+    from ..lora.cache import LoraCache
+    from ..settings import cache_max_bytes
 
     cache = LoraCache()
     if args.cache_command == "clear":
@@ -812,13 +812,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> None:
     if args.memory:
-        from .memory import memory_json, memory_table
+        from ..runtime.memory import memory_json, memory_table
 
         print(json.dumps(memory_json(), indent=1) if args.json else memory_table())
         return
     if args.json:
         raise InvalidInput("json", True, "--json goes with --memory")
-    from .models import catalogue_markdown
+    from ..models import catalogue_markdown
 
     print(catalogue_markdown(), end="")
 

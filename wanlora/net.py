@@ -33,11 +33,10 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from tqdm import tqdm
 
-from .. import __version__
-from ..errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound
-from ..logs import guard_loggers, scrub
-from ..settings import download_timeout, max_lora_bytes, private_urls_allowed
-from .refs import url_secrets
+from . import __version__
+from .errors import LoraAuthRequired, LoraDownloadError, LoraError, LoraNotFound
+from .logs import guard_loggers, scrub, url_secrets
+from .settings import download_timeout, max_lora_bytes, private_urls_allowed
 
 logger = logging.getLogger(__name__)
 

@@ -28,22 +28,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import BatchLineError, InternalError, InvalidInput, WanLoraError
-from .identity import content_digest
-from .images import ImageHeader, check_image
-from .lora.fetch import Credentials
-from .lora.refs import display_ref, parse_ref
-from .models import CATALOGUE, TINY_NAMES, ModelSpec, resolve_model
-from .paths import PathRefused, inside, relative_name
-from .request import Request, refuse_unknown, resolve_request
+from ..errors import BatchLineError, InternalError, InvalidInput, WanLoraError
+from ..identity import content_digest
+from ..images import ImageHeader, check_image
+from ..lora.fetch import Credentials
+from ..lora.refs import display_ref, parse_ref
+from ..models import CATALOGUE, TINY_NAMES, ModelSpec, resolve_model
+from ..paths import PathRefused, inside, relative_name
+from ..request import Request, refuse_unknown, resolve_request
+from ..settings import DEFAULT_MODEL, DEFAULT_QUALITY
+from ..staging import remove_abandoned, staged_file
+from ..sweep import Axis
+from ..video import Video, quality_to_crf
 from .service import MODEL_CHOICES, PredictorInputs, VideoService
-from .settings import DEFAULT_MODEL, DEFAULT_QUALITY
-from .staging import remove_abandoned, staged_file
-from .sweep import Axis
-from .video import Video, quality_to_crf
 
 if TYPE_CHECKING:
-    from .pipeline import WanLoraPipeline
+    from ..pipeline import WanLoraPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def parse_job(number: int, line: str, base: Path | None = None) -> Job:
     if predictor:
         refuse_unknown({k: v for k, v in fields.items() if k not in PREDICTOR_FIELDS}, PREDICTOR_FIELDS, "a batch line")
     else:
-        from .pipeline import generate_options
+        from ..pipeline import generate_options
 
         known = ["prompt", "model", *generate_options(), *BATCH_FIELDS]
         refuse_unknown({k: v for k, v in fields.items() if k not in known}, [*known, *PREDICTOR_FIELDS], "a batch line")
@@ -181,7 +181,7 @@ def parse_job(number: int, line: str, base: Path | None = None) -> Job:
             fields["loras"] = []  # left out, or null: no LoRAs, never the set the last job left on the model
     resolved = resolve_line(fields, None, predictor)
     for lora in resolved.request.loras or ():
-        from .lora.fetch import check_reference
+        from ..lora.fetch import check_reference
 
         check_reference(lora.ref)  # its form, and that a local file exists
     key = job_key(resolved, quality, seeded=fields.get("seed") is not None)
@@ -191,7 +191,7 @@ def parse_job(number: int, line: str, base: Path | None = None) -> Job:
 
 def _in_predictor_fields(fields: dict[str, Any]) -> bool:
     """A line is read as the predictor reads it when it uses a name or model choice only the predictor has."""
-    from .pipeline import generate_options
+    from ..pipeline import generate_options
 
     library = {"prompt", "model", *generate_options()}
     model = fields.get("model")
@@ -227,7 +227,7 @@ def _lora_from_base(base: Path, ref: object) -> object:
     """A LoRA reference, made `base`'s when it reads as a path there (as `parse_ref` reads one here)."""
     if not isinstance(ref, str) or "://" in ref or ref.strip().lower().startswith("civitai:"):
         return ref
-    from .lora.refs import _looks_like_path
+    from ..lora.refs import _looks_like_path
 
     text = ref.strip()
     first = text.split("/", 1)[0]
@@ -383,7 +383,7 @@ class JobRunner:
         self.loads: list[str] = []  # the models loaded, in order
 
     def video(self, job: Job) -> Video:
-        from .pipeline import load_in_place_of
+        from ..pipeline import load_in_place_of
 
         if self.model != job.model:
             previous, self.pipe, self.model = self.pipe, None, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

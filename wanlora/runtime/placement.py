@@ -1,4 +1,4 @@
-"""Putting a pipeline's components where the memory plan (wanlora.memory) says, and moving them there.
+"""Putting a pipeline's components where the memory plan (wanlora.runtime.memory) says, and moving them there.
 
 Host buffers that feed the GPU are `HostArena`s: one plain allocation of exactly the bytes they
 hold, registered with CUDA as pinned pages. `pin_memory=True` would go through PyTorch's caching

@@ -4,7 +4,7 @@ Replicate's names (`sample_steps`, `lora_weights`, `output_quality`, ...) live h
 nowhere else; the library speaks diffusers' names. The service keeps one Wan transformer
 resident at a time and shares the text encoder and VAE between variants, so switching
 from 14B to 1.3B frees the 14B weights instead of stacking them (the memory plan is in
-wanlora.memory). LoRA state follows each request: the same LoRAs as last time cost
+wanlora.runtime.memory). LoRA state follows each request: the same LoRAs as last time cost
 nothing, others are an exact swap.
 
 The server is shared by everyone who runs the model, so every reference must be remote
@@ -19,20 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .accelerators import ACCELERATORS as ACCELERATOR_PRESETS
-from .errors import InvalidInput, LoraMismatch, error_boundary
-from .lora.fetch import Credentials
-from .lora.pairs import EVERY_EXPERT
-from .lora.refs import display_ref
-from .lora.selection import LoraRequest
-from .models import CATALOGUE, ONE_TRANSFORMER, ModelSpec, resolve_model
-from .request import Request, resolve_request
-from .settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
-from .sweep import Axis, sweep_axes
+from ..accelerators import ACCELERATORS as ACCELERATOR_PRESETS
+from ..errors import InvalidInput, LoraMismatch, error_boundary
+from ..lora.fetch import Credentials
+from ..lora.refs import display_ref
+from ..lora.selection import LoraRequest
+from ..models import CATALOGUE, ONE_TRANSFORMER, ModelSpec, resolve_model
+from ..pairs import EVERY_EXPERT
+from ..request import Request, resolve_request
+from ..settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
+from ..sweep import Axis, sweep_axes
 
 if TYPE_CHECKING:
-    from .pipeline import WanLoraPipeline
-    from .video import Video
+    from ..pipeline import WanLoraPipeline
+    from ..video import Video
 
 T = TypeVar("T")
 
@@ -233,7 +233,7 @@ class VideoService:
         device: str | None = None,
         parallel: str | None = None,
     ) -> None:
-        self.parallel = parallel  # "auto" in a worker of a WorkerGroup (wanlora.workers)
+        self.parallel = parallel  # "auto" in a worker of a WorkerGroup (wanlora.frontends.workers)
         self.override = override if override is not None else model_override("t2v")
         self.i2v_override = i2v_override if i2v_override is not None else model_override("i2v")
         self.device = device
@@ -257,7 +257,7 @@ class VideoService:
         """The pipeline for `model`, loading it (and dropping the resident one) if needed."""
         if self.model == model:
             return self.pipe
-        from .pipeline import load_in_place_of
+        from ..pipeline import load_in_place_of
 
         previous, self.pipe, self.model = self.pipe, None, None
         self.pipe = load_in_place_of(

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import WanLoraError
+from ..errors import WanLoraError
 from .fp8 import FP8_DTYPES, dequantize_into, fp8_max, quantize_rows
-from .lora.pristine import Pristine
-from .lora.sniff import read_header
+from .pristine import Pristine
+from .sniff import read_header
 
 logger = logging.getLogger(__name__)
 

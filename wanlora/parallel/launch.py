@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 
-from .parallel import LAUNCHED_BY_GPUS
+from . import LAUNCHED_BY_GPUS
 
 USER_ERROR = 2  # the exit code of a worker that already printed a one-line error
 
@@ -45,7 +45,7 @@ def run_workers(nprocs: int, argv: Sequence[str], quiet: bool = True) -> int:
         max_restarts=0,
     )
     try:
-        elastic_launch(config, sys.executable)("-m", "wanlora.cli", *argv)
+        elastic_launch(config, sys.executable)("-m", "wanlora.frontends.cli", *argv)
     except ChildFailedError as exc:
         # the launcher stops the survivors with SIGTERM: the cause is the other failure
         rank, failure = min(exc.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[0]))

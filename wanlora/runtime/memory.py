@@ -26,11 +26,11 @@ attention (tests/test_memory_plan.py traces them again for every entry, and hold
 peak at or above its trace). The budget is 90% of the card's memory: the rest is the CUDA
 context and the caching allocator's slack.
 
-Host memory: pinned buffers are plain allocations registered with CUDA (wanlora.placement's
+Host memory: pinned buffers are plain allocations registered with CUDA (wanlora.runtime.placement's
 `HostArena`), so they cost what they hold; PyTorch's caching host allocator would round each up
 to a power of two (a 28.6 GB expert to 34.4 GB). Pageable memory is what "model" offload moves
 weights back to. The LoRA merges' pristine W0 is read from the memory-mapped checkpoint where
-it gives the loaded bits back (wanlora.checkpoint), and is not counted here.
+it gives the loaded bits back (wanlora.weights.checkpoint), and is not counted here.
 
 `wanlora models --memory` prints the plan for every variant, GPU size and weight dtype (the
 README's table); `--json` gives every stage.
@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInput
-from .models import CATALOGUE, CLIP_VIT_H, UMT5_XXL, WAN21_VAE, WAN22_VAE, Architecture, ModelSpec
-from .settings import OFFLOAD_MODES
+from ..errors import InvalidInput
+from ..models import CATALOGUE, CLIP_VIT_H, UMT5_XXL, WAN21_VAE, WAN22_VAE, Architecture, ModelSpec
+from ..settings import OFFLOAD_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ def _meta_sizes(component: str, arch: Architecture | None = None, vae_scale: int
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    from .fp8 import quantize_transformer
-    from .pipeline import cast_keeping_fp32
+    from ..weights.dense import cast_keeping_fp32
+    from ..weights.fp8 import quantize_transformer
 
     with torch.device("meta"):
         if component == "transformer":  # one block, the rest counted from it: every block has the same shapes

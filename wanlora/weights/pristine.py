@@ -1,10 +1,10 @@
 """Where a weight's W0 comes from when the merge engine needs it again.
 
 A weight is stored either dense (bf16, fp32: the parameter itself) or quantized (fp8 rows and
-an fp32 scale per row, wanlora.fp8). Its pristine W0 can be held as:
+an fp32 scale per row, wanlora.weights.fp8). Its pristine W0 can be held as:
 - a host copy, made the first time a LoRA touches the weight (pinned for CUDA): a dense
   weight's own bits, or a quantized weight's fp8 rows and scales (1 byte an element);
-- the checkpoint file it was loaded from (wanlora.checkpoint): no host copy, the OS page
+- the checkpoint file it was loaded from (wanlora.weights.checkpoint): no host copy, the OS page
   cache holds it. Only where the file gives back the loaded bits exactly.
 
 Every form fills fp32 rows of W0 for the merge's sum, and restores the loaded weight
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from ..fp8 import dequantize_into, fp8_max
+from .fp8 import dequantize_into, fp8_max
 
 
 class Pristine(ABC):

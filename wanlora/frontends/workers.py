@@ -2,7 +2,7 @@
 
 The server process holds no model. `WorkerGroup` starts one worker per GPU; they form a
 torch.distributed group and each loads a `VideoService` whose pipelines are parallel over
-it (see wanlora.distributed). A request goes to every worker and rank 0 answers with the
+it (see wanlora.parallel.distributed). A request goes to every worker and rank 0 answers with the
 video. Every worker validates the request the same way, so a bad input fails on all of
 them at once and the same error comes back.
 
@@ -25,8 +25,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import WanLoraError, WorkerCrashed
-from .settings import gpu_workers
+from ..errors import WanLoraError, WorkerCrashed
+from ..settings import gpu_workers
 
 if TYPE_CHECKING:
     from .service import PredictorInputs, Result

@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInput
+from ..paths import PathRefused, inside
+from ..staging import staged_file
 from .batch import Job, JobRunner, Summary, failed_entry, pending_jobs
-from .errors import InvalidInput
-from .paths import PathRefused, inside
-from .staging import staged_file
 
 logger = logging.getLogger(__name__)
 

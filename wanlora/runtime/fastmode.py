@@ -20,10 +20,10 @@ import math
 
 from diffusers.hooks import FirstBlockCacheConfig
 
-from .errors import InvalidInput
-from .models import ModelSpec
+from ..errors import InvalidInput
+from ..models import ModelSpec
+from ..settings import FAST_MODES
 from .patches import first_block_cache_computes_first_steps
-from .settings import FAST_MODES
 
 logger = logging.getLogger(__name__)
 
