@@ -158,7 +158,7 @@ def recorded(path: str | Path) -> dict:
 @pytest.fixture
 def offline_net(tmp_path, monkeypatch):
     """A fresh LoRA cache, loopback URLs allowed, fast retries; returns the env for subprocesses."""
-    from wanlora.lora import net
+    from wanlora import net
 
     env = {"WANLORA_CACHE": str(tmp_path / "cache"), "WANLORA_ALLOW_PRIVATE_URLS": "1"}
     for key, value in env.items():

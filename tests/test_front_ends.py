@@ -256,7 +256,7 @@ video._run_ffmpeg = slow
 if sys.argv[1] == "encode":  # what `generate -o` and every other MP4 write comes to, without torch's import
     video.encode_mp4(np.zeros((5, 48, 64, 3), np.uint8), sys.argv[2], fps=8)
 else:
-    from wanlora import cli
+    from wanlora.frontends import cli
     sys.exit(cli.main(sys.argv[1:]))
 """
 

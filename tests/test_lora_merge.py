@@ -349,7 +349,7 @@ def test_a_cpu_merge_runs_one_weight_per_core_each_single_threaded(pool, monkeyp
     import threading
 
     from wanlora.lora import merge as merge_module
-    from wanlora.lora import spread
+    from wanlora.weights import spread
 
     monkeypatch.setattr(spread, "MIN_SPREAD_ELEMENTS", 0)  # the tiny model's weights count as work
     loaded = {k: read_lora(path) for k, (path, _) in pool.items()}
@@ -377,7 +377,7 @@ def test_a_cpu_merge_runs_one_weight_per_core_each_single_threaded(pool, monkeyp
 
 def test_a_write_that_fails_on_one_core_is_undone_on_all(pool, monkeypatch, two_threads):
     from wanlora.lora import merge as merge_module
-    from wanlora.lora import spread
+    from wanlora.weights import spread
 
     monkeypatch.setattr(spread, "MIN_SPREAD_ELEMENTS", 0)
     loaded = {k: read_lora(path) for k, (path, _) in pool.items()}
