@@ -64,7 +64,7 @@ def test_jobs_run_grouped_by_model_then_lora_set_each_model_loaded_once(loras, t
     )
     runner = JobRunner()
     summary = run_batch(jobs, tmp_path / "out", runner=runner, progress=False)
-    assert loads == ["tiny", "tiny-t2v-a14b"] and runner.loads == loads
+    assert loads == ["tiny", "tiny-t2v-a14b"] and runner.resident.loads == loads
     assert (summary.done, summary.skipped, summary.failed, summary.exit_status) == (8, 0, [], 0)
 
     entries = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
@@ -190,7 +190,7 @@ def test_a_samples_file_is_a_valid_line(sample, tmp_path, image_server, monkeypa
     assert job.request.settings.prompt == fields["prompt"]
     assert job.request.settings.seed == fields.get("seed", job.request.settings.seed)  # without one: a random one
     if "image" in fields:  # read when the job runs
-        assert job.request_for(job.request.spec).images[0].size == (320, 180)
+        assert job.prepared.for_spec(job.request.spec).images[0].size == (320, 180)
 
 
 def test_an_image_link_is_checked_by_its_form_and_fetched_as_lora_links_are_when_its_job_runs(
@@ -203,10 +203,10 @@ def test_an_image_link_is_checked_by_its_form_and_fetched_as_lora_links_are_when
     fetched = image_server.requests["/start.png"]
     (job,) = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [line]))
     assert image_server.requests["/start.png"] == fetched  # not fetched while lines are checked
-    assert job.request_for(job.request.spec).images[0].getpixel((0, 0)) == (20, 120, 200)
+    assert job.prepared.for_spec(job.request.spec).images[0].getpixel((0, 0)) == (20, 120, 200)
     (page,) = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [{**line, "image": f"{image_server.url}/page"}]))
     with pytest.raises(InvalidInput, match=r"image='\(the image at the link\)' is not allowed: a readable image"):
-        page.request_for(page.request.spec)
+        page.prepared.for_spec(page.request.spec)
 
 
 def test_a_batch_needs_a_folder_and_ray_options_need_ray(tmp_path, cli):

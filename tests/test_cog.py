@@ -402,8 +402,9 @@ def test_server_sweeps_lora_weights_into_one_grid_and_refuses_a_sweep_it_cannot_
     request = {"prompt": "styleword a fox", "model": "14b", "lora_weights": style, "extra_lora": motion, **SMALL}
     grid = video_of(predict(cog22, **request, lora_scale_sweep="0, 0.5,1"), tmp_path, "grid.mp4")
     tags = recorded(grid)
+    from wanlora.grid import grid_layout
     from wanlora.lora.selection import LoraRequest
-    from wanlora.sweep import Axis, grid_headers, grid_layout
+    from wanlora.sweep import Axis, grid_headers
 
     headers = grid_headers([Axis("strength", (0.0, 0.5, 1.0), 0)], [LoraRequest(style)])
     layout = grid_layout(headers, 1, 3, 112, 64, 1920)
@@ -489,7 +490,7 @@ def test_in_process_same_loras_do_no_work_and_a_cancel_leaves_a_consistent_model
 ):
     style = f"{lora_server.url}/style.safetensors"
     first = Path(predictor.run(**inputs(prompt="styleword fox", lora_weights=style))).read_bytes()
-    pipe = predictor.service.pipe
+    pipe = predictor.service.resident.pipe
     applied = []
     original = pipe.experts[0].loras.merger.write
     monkeypatch.setattr(
@@ -525,7 +526,7 @@ def test_in_process_image_switches_to_i2v_and_bad_models_are_refused(predictor):
     photo = cog_download(Image.new("RGB", (90, 160), (200, 40, 40)))
     got = probe(predictor.run(**inputs(prompt="a fox", image=Path(photo))))
     assert (got.width, got.height, len(got.frames)) == (*image2video_size(90, 160, 112 * 64), 9)  # the image's aspect
-    assert predictor.service.model == "tiny-i2v"
+    assert predictor.service.resident.model == "tiny-i2v"
     with pytest.raises(InvalidInput, match="model=1.3b is text-to-video only"):
         predictor.run(**inputs(prompt="a fox", image=Path(photo), model="1.3b"))
     with pytest.raises(InvalidInput, match="model='7b'"):

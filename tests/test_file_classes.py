@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from wanlora import InvalidInput, WanLoraPipeline
-from wanlora.pipeline import load_in_place_of
+from wanlora.resident import load_in_place_of
 from wanlora.tiny import tiny_transformer, write_tiny_model
 from wanlora.weights.fp8 import dequantize, fp8_layers
 

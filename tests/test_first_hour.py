@@ -105,6 +105,9 @@ def test_generate_has_real_keywords_and_names_old_and_misspelt_ones(tiny_pipe):
     assert {"num_inference_steps", "guidance_scale", "flow_shift", "negative_prompt", "loras", "seed"} <= set(
         parameters
     )
+    assert {"seeds", "prompts", "strengths", "loras", "width"} <= set(
+        inspect.signature(WanLoraPipeline.sweep).parameters
+    )
     with pytest.raises(InvalidInput, match="^steps=3 is not allowed: renamed in wanlora 0.2: use num_inference_steps$"):
         tiny_pipe.generate("a fox", steps=3)
     with pytest.raises(InvalidInput, match="did you mean num_inference_steps"):

@@ -338,7 +338,7 @@ def test_lines_check_their_images_by_header_and_each_is_read_when_its_job_runs(t
     jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", lines))
     assert reads == [] and len(jobs) == 50  # nothing decoded while checking
     assert jobs[0].request.settings.width > jobs[0].request.settings.height  # framed by the header's 16:9
-    assert jobs[0].request_for(jobs[0].request.spec).images[0].getpixel((0, 0)) == (10, 200, 30)
+    assert jobs[0].prepared.for_spec(jobs[0].request.spec).images[0].getpixel((0, 0)) == (10, 200, 30)
     assert reads  # read when the job runs
     turned = Image.new("RGB", (80, 40))
     exif = turned.getexif()
@@ -347,7 +347,7 @@ def test_lines_check_their_images_by_header_and_each_is_read_when_its_job_runs(t
     (job,) = read_jobs(
         write_jobs(tmp_path / "one.jsonl", [{"prompt": "a fox", "model": "tiny-i2v", "image": "turned.jpg"}])
     )
-    assert job.request.images[0].size == (40, 80) == job.request_for(job.request.spec).images[0].size
+    assert job.request.images[0].size == (40, 80) == job.prepared.for_spec(job.request.spec).images[0].size
     for name, words in (("not.png", "a readable image"), ("small.png", "at least 32 pixels"), ("no.png", "existing")):
         with pytest.raises(WanLoraError, match=words):
             read_jobs(write_jobs(tmp_path / "bad.jsonl", [{"prompt": "a fox", "model": "tiny-i2v", "image": name}]))

@@ -26,6 +26,7 @@ from wanlora.lora.fetch import Credentials, check_reference
 from wanlora.lora.layouts import read_lora
 from wanlora.lora.selection import parse_requests
 from wanlora.models import tiny_spec
+from wanlora.options import GenerationOptions
 from wanlora.request import resolve_request
 
 from .lora_helpers import assert_bitwise, fetch_lora, snapshot
@@ -301,7 +302,7 @@ def test_any_image_is_read_or_refused_in_our_words(kind, width, height, cut, gar
 def test_any_prompt_is_taken_or_refused_before_any_work(prompt, negative):
     assume(len(prompt) < 10_000)
     try:
-        request = resolve_request(tiny_spec(), prompt, negative_prompt=negative, num_frames=5)
+        request = resolve_request(tiny_spec(), GenerationOptions(prompt, negative_prompt=negative, num_frames=5))
     except InvalidInput as exc:
         assert len(str(exc)) < 2000
         return

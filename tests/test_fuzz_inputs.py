@@ -205,9 +205,9 @@ SMALL = {"width": 64, "height": 48, "num_frames": 5, "num_inference_steps": 1}
 
 
 def generate_names() -> list[str]:
-    from wanlora.pipeline import generate_options
+    from wanlora.options import option_names
 
-    return generate_options()
+    return [name for name in option_names() if name != "prompt"]
 
 
 @FUZZ

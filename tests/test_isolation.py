@@ -160,11 +160,12 @@ class FrontEnds:
     def __init__(self, where: dict[str, str]) -> None:
         from wanlora.frontends.batch import JobRunner
         from wanlora.frontends.service import VideoService
+        from wanlora.resident import ResidentModel
 
         self.where = where
-        self.pipe, self.model = None, None
-        self.runner = JobRunner()
-        self.service = VideoService(override=where["t2v"], i2v_override="")
+        self.resident = ResidentModel()  # one model, held across every front end's requests
+        self.runner = JobRunner(resident=self.resident)
+        self.service = VideoService(override=where["t2v"], i2v_override="", resident=self.resident)
 
     def batch(self, names: list[str], out: Path, resume: bool) -> dict[str, dict]:
         from wanlora.frontends.batch import read_jobs, run_batch
@@ -176,9 +177,7 @@ class FrontEnds:
         jobs = read_jobs(out / "jobs.jsonl")
         got = {}
         for attempt in range(2 if resume else 1):
-            self.runner.pipe, self.runner.model = self.pipe, self.model
             summary = run_batch(jobs, out / "out", runner=self.runner, progress=False)
-            self.pipe, self.model = self.runner.pipe, self.runner.model
             assert summary.failed == [] and summary.done == (1 if attempt else len(names)), summary
             got |= {name: saved(out / "out" / f"{name}.mp4") for name in (names[:1] if attempt else names)}
             (out / "out" / f"{names[0]}.mp4").unlink()  # resumed: it alone runs again, after all the others
@@ -187,17 +186,11 @@ class FrontEnds:
     def predict(self, name: str, out: Path) -> dict:
         from wanlora.frontends.service import PredictorInputs
 
-        self.service.pipe, self.service.model = self.pipe, self.model
         result = self.service.generate(PredictorInputs(**requests_of(self.where)[name][1]), out)
-        self.pipe, self.model = self.service.pipe, self.service.model
         return saved(result.path)
 
     def sweep(self, name: str) -> dict:
-        from wanlora.pipeline import load_in_place_of
-
-        if self.model != self.where["t2v"]:
-            self.pipe, self.model = load_in_place_of(self.pipe, self.where["t2v"]), self.where["t2v"]
-        grid = self.pipe.sweep(**requests_of(self.where)[name][1], progress=False).grid
+        grid = self.resident.load(self.where["t2v"]).sweep(**requests_of(self.where)[name][1], progress=False).grid
         return {"frames": grid.frames, "tags": json.loads(json.dumps(grid.metadata))}
 
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("lora", r"wanlora\.lora(\..+)?"),
     ("runtime", r"wanlora\.runtime(\..+)?"),
     ("parallel", r"wanlora\.parallel(\..+)?"),
-    ("core", r"wanlora\.(options|request|images|video|sweep|tiny|experts|pipeline|loading)"),
+    ("core", r"wanlora\.(options|request|images|video|grid|sweep|tiny|experts|pipeline)"),
     ("resident", r"wanlora\.resident"),
     ("front ends", r"wanlora\.(frontends(\..+)?|__main__)"),
     ("package", r"wanlora"),  # __init__: the public names, imported lazily

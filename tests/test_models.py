@@ -6,6 +6,7 @@ from diffusers import WanTransformer3DModel
 
 from wanlora.errors import InvalidInput, ModelNotFound
 from wanlora.models import CATALOGUE, TINY_KINDS, resolve_model, tiny_spec
+from wanlora.options import GenerationOptions
 from wanlora.request import resolve_settings
 
 
@@ -60,16 +61,18 @@ def test_wan22_sizes_and_guidance_are_checked(monkeypatch):
     with pytest.raises(InvalidInput, match="ti2v-5b supports 720p only"):
         ti2v.size("480p")
     with pytest.raises(InvalidInput, match="a multiple of 32"):
-        resolve_settings(ti2v, "p", width=1280, height=720)
-    both = resolve_settings(a14b, "p")
+        resolve_settings(ti2v, GenerationOptions("p", width=1280, height=720))
+    both = resolve_settings(a14b, GenerationOptions("p"))
     assert (both.guidance_scale, both.guidance_scale_2) == (4.0, 3.0)
-    same = resolve_settings(a14b, "p", guidance_scale=6.0)  # diffusers: one scale given serves both experts
+    same = resolve_settings(
+        a14b, GenerationOptions("p", guidance_scale=6.0)
+    )  # diffusers: one scale given serves both experts
     assert (same.guidance_scale, same.guidance_scale_2) == (6.0, 6.0)
-    assert resolve_settings(a14b, "p", guidance_scale_2=1.5).guidance_scale_2 == 1.5
+    assert resolve_settings(a14b, GenerationOptions("p", guidance_scale_2=1.5)).guidance_scale_2 == 1.5
     with pytest.raises(InvalidInput, match="guidance_scale_2.*ti2v-5b has one transformer"):
-        resolve_settings(ti2v, "p", guidance_scale_2=2.0)
+        resolve_settings(ti2v, GenerationOptions("p", guidance_scale_2=2.0))
     with pytest.raises(InvalidInput, match="guidance_scale_2"):
-        resolve_settings(a14b, "p", guidance_scale_2=21.0)
+        resolve_settings(a14b, GenerationOptions("p", guidance_scale_2=21.0))
 
 
 def test_small_model_refuses_720p_by_name():

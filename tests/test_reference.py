@@ -17,6 +17,7 @@ from wanlora import WanLoraPipeline
 from wanlora.experts import expert_steps
 from wanlora.frontends.service import PredictorInputs, VideoService
 from wanlora.models import CATALOGUE, WAN_NEGATIVE_PROMPT, tiny_spec
+from wanlora.options import GenerationOptions
 from wanlora.request import resolve_request
 from wanlora.runtime.sampling import WanFlowUniPC
 
@@ -167,7 +168,7 @@ def test_an_image_keeps_its_aspect_at_the_resolutions_area_by_the_references_rul
         area = {"480p": 832 * 480, "720p": 1280 * 704 if name == "ti2v-5b" else 1280 * 720}[resolution]
         for width, height in SHAPES:
             image = Image.new("RGB", (width, height))
-            got = resolve_request(spec, "p", image=image, resolution=resolution).settings
+            got = resolve_request(spec, GenerationOptions("p", image=image, resolution=resolution)).settings
             if spec.task == "ti2v":
                 want = best_output_size(width, height, 32, 32, area)
             else:
@@ -181,12 +182,14 @@ def test_the_issues_square_and_four_thirds_cases():
     assert size_of("ti2v-5b", square) == (960, 928)
     assert size_of("i2v-14b-480p", photo) == size_of("i2v-a14b", photo, "480p") == (720, 544)
     assert size_of("ti2v-5b", photo) == (1088, 800)
-    asked = resolve_request(CATALOGUE["i2v-14b-480p"], "p", image=photo, aspect_ratio="16:9").settings
+    asked = resolve_request(
+        CATALOGUE["i2v-14b-480p"], GenerationOptions("p", image=photo, aspect_ratio="16:9")
+    ).settings
     assert (asked.width, asked.height) == (832, 480)  # an aspect ratio asked for: the preset, and --resize
 
 
 def size_of(name: str, image: Image.Image, resolution: str | None = None) -> tuple[int, int]:
-    settings = resolve_request(CATALOGUE[name], "p", image=image, resolution=resolution).settings
+    settings = resolve_request(CATALOGUE[name], GenerationOptions("p", image=image, resolution=resolution)).settings
     return settings.width, settings.height
 
 
@@ -210,7 +213,7 @@ def test_an_extreme_aspect_is_refused_in_words():
     from wanlora import InvalidInput
 
     with pytest.raises(InvalidInput, match="less extreme aspect"):
-        resolve_request(CATALOGUE["i2v-14b-480p"], "p", image=Image.new("RGB", (32, 3200)))
+        resolve_request(CATALOGUE["i2v-14b-480p"], GenerationOptions("p", image=Image.new("RGB", (32, 3200))))
 
 
 # ------------------------------------------------------------------ 4. Wan2.1's defaults
@@ -239,6 +242,6 @@ def test_wan21_defaults_equal_generate_py_and_its_configs(name):
         size_flag = {"480p": "832*480", "720p": "1280*720"}[resolution]  # generate.py's --size for the resolution
         steps, shift = wan21_generate_defaults(WAN21_TASKS[name], size_flag)
         for width, height in spec.presets[resolution].values():
-            settings = resolve_request(spec, "p", width=width, height=height, image=image).settings
+            settings = resolve_request(spec, GenerationOptions("p", width=width, height=height, image=image)).settings
             assert (settings.num_inference_steps, settings.flow_shift) == (steps, shift), (resolution, width, height)
             assert (settings.guidance_scale, settings.num_frames, settings.fps) == (5.0, 81, 16)

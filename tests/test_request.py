@@ -4,6 +4,7 @@ import pytest
 
 from wanlora.errors import InvalidInput
 from wanlora.models import CATALOGUE, tiny_spec
+from wanlora.options import GenerationOptions
 from wanlora.request import resolve_settings
 
 SPEC = tiny_spec()
@@ -40,7 +41,7 @@ GOOD = {
 )
 def test_each_bad_value_names_field_value_and_range(field, value, message):
     with pytest.raises(InvalidInput, match=re.escape(message)) as info:
-        resolve_settings(SPEC, "a fox", **{**GOOD, field: value})
+        resolve_settings(SPEC, GenerationOptions("a fox", **{**GOOD, field: value}))
     assert info.value.field == field and (info.value.value == value or value != value)  # nan != nan
     assert field in str(info.value) and repr(value) in str(info.value)
 
@@ -48,16 +49,16 @@ def test_each_bad_value_names_field_value_and_range(field, value, message):
 @pytest.mark.parametrize("prompt", ["", "   ", None])
 def test_prompt_must_be_text(prompt):
     with pytest.raises(InvalidInput, match="prompt"):
-        resolve_settings(SPEC, prompt, **GOOD)
+        resolve_settings(SPEC, GenerationOptions(prompt, **GOOD))
 
 
 def test_width_and_height_come_together():
     with pytest.raises(InvalidInput, match="together"):
-        resolve_settings(SPEC, "a fox", width=64)
+        resolve_settings(SPEC, GenerationOptions("a fox", width=64))
 
 
 def test_defaults_follow_the_model():
-    settings = resolve_settings(CATALOGUE["t2v-14b"], "a fox", resolution="720p", seed=3)
+    settings = resolve_settings(CATALOGUE["t2v-14b"], GenerationOptions("a fox", resolution="720p", seed=3))
     assert (settings.width, settings.height, settings.flow_shift) == (1280, 720, 5.0)
     assert (settings.num_frames, settings.fps, settings.num_inference_steps, settings.guidance_scale) == (
         81,
@@ -65,12 +66,12 @@ def test_defaults_follow_the_model():
         50,
         5.0,
     )
-    i2v = resolve_settings(CATALOGUE["i2v-14b-480p"], "a fox", aspect_ratio="9:16")
+    i2v = resolve_settings(CATALOGUE["i2v-14b-480p"], GenerationOptions("a fox", aspect_ratio="9:16"))
     assert (i2v.width, i2v.height, i2v.num_inference_steps, i2v.flow_shift) == (480, 832, 40, 3.0)
     with pytest.raises(InvalidInput, match="supports 480p only"):
-        resolve_settings(CATALOGUE["t2v-1.3b"], "a fox", resolution="720p")
+        resolve_settings(CATALOGUE["t2v-1.3b"], GenerationOptions("a fox", resolution="720p"))
 
 
 def test_random_seed_is_reported():
-    seeds = {resolve_settings(SPEC, "a fox", width=64, height=48).seed for _ in range(5)}
+    seeds = {resolve_settings(SPEC, GenerationOptions("a fox", width=64, height=48)).seed for _ in range(5)}
     assert len(seeds) > 1 and all(0 <= s < 2**32 for s in seeds)

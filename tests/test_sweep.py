@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from wanlora import InvalidInput, WanLoraPipeline
+from wanlora.grid import grid_layout
 from wanlora.lora.layouts import read_lora
 from wanlora.lora.selection import LoraRequest
-from wanlora.sweep import Axis, grid_headers, grid_layout
+from wanlora.sweep import Axis, grid_headers
 from wanlora.tiny import tiny_transformer
 
 from .builders import block_linears, write_lora
@@ -160,7 +161,7 @@ def test_an_a14b_sweep_on_one_expert_rewrites_only_that_expert(pair, monkeypatch
     [
         ({}, "one or two of strengths"),
         ({"strengths": [0, 1], "seeds": [1, 2], "prompts": ["a", "b"]}, "one or two of strengths"),
-        ({"strengths_2": [0, 1]}, "at least 2 LoRA"),
+        ({"strengths_2": [0, 1]}, "a sweep with two LoRAs"),
         ({"strengths": []}, "a non-empty list"),
         ({"strengths": [0, float("nan")]}, "finite numbers"),
         ({"seeds": [1, -2]}, "whole numbers from 0"),
@@ -225,7 +226,7 @@ HEADER_CASES = {  # (axes, LoRAs, cell width and height, max width): the issue's
 def test_every_header_shows_its_value_in_full_inside_its_box_beside_untouched_cells(case):
     from PIL import ImageFont
 
-    from wanlora.sweep import MIN_FONT
+    from wanlora.grid import MIN_FONT
 
     axes, refs, (width, height), max_width = HEADER_CASES[case]
     headers = grid_headers(axes, [LoraRequest(ref) for ref in refs])

@@ -82,7 +82,7 @@ def test_a_folder_with_its_own_vae_and_text_encoder_run_after_another_is_itself(
     """As a batch runs two models' jobs: the second folder gives what `generate --model` on it gives, bitwise."""
     import numpy as np
 
-    from wanlora.pipeline import load_in_place_of
+    from wanlora.resident import load_in_place_of
     from wanlora.tiny import write_tiny_model
 
     first, other = write_tiny_model(tmp_path / "first"), write_tiny_model(tmp_path / "other", seed=7)

@@ -12,12 +12,11 @@ Example (offline, with the tiny random model):
 
 from __future__ import annotations
 
-import gc
-import inspect
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,17 @@ from .accelerators import accelerator_refs
 from .errors import InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .hub import download_model
-from .images import ImageInput, resize_image
+from .images import resize_image
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
 from .models import TINY_NAMES, ModelSpec, identify_model
+from .options import SWEEP_AXES, options_from, takes_options
 from .pairs import EVERY_EXPERT
 from .parallel import ParallelPlan
 from .parallel.distributed import Parallel, init_distributed, resolve_plan
-from .request import Request, refuse_unknown, resolve_request
+from .request import Request, resolve_request
 from .runtime.attention import choose_backend, install_backend
 from .runtime.devices import resolve_device
 from .runtime.fastmode import apply_fast_mode
@@ -60,20 +60,7 @@ from .runtime.placement import ExpertSwitch, place, set_vae_tiling
 from .runtime.sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
 from .settings import check_quantize
 from .staging import staged_folder
-from .sweep import (
-    MAX_WIDTH,
-    Axis,
-    Cell,
-    Sweep,
-    cell_order,
-    cell_request,
-    check_max_width,
-    compose,
-    grid_headers,
-    grid_layout,
-    sweep_axes,
-    values_at,
-)
+from .sweep import MAX_WIDTH, Sweep, run_sweep, sweep_axes
 from .tiny import tiny_pipeline
 from .video import Video
 from .weights.checkpoint import Checkpoint
@@ -379,63 +366,55 @@ class WanLoraPipeline:
             logger.info("LoRAs removed: base weights restored (%.2fs)", seconds)
 
     @error_boundary
+    @takes_options
     def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        image: ImageInput | None = None,
-        last_image: ImageInput | None = None,
-        resize: str = "fit",
-        resolution: str | None = None,
-        aspect_ratio: str | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_frames: int | None = None,
-        fps: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_scale_2: float | None = None,
-        flow_shift: float | None = None,
-        seed: int | None = None,
-        loras: Sequence | None = None,
-        fast_mode: str = "off",
-        accelerator: str | None = None,
-        cfg_batch: bool = False,
-        credentials: Credentials | None = None,
-        progress: bool = True,
-        **unknown: Any,
+        self, prompt: str, *, credentials: Credentials | None = None, progress: bool = True, **options: Any
     ) -> Video | None:
-        """Generate a video. Every argument is checked before any work starts.
+        """Generate a video. Every option is checked before any work starts.
 
-        Arguments use diffusers' names. Left unset, each takes this model's own default from
-        its reference configs (`pipe.spec`): frames and fps, steps, guidance (Wan2.2 A14B:
-        `guidance_scale` for the high-noise expert, `guidance_scale_2` for the low-noise
-        one), flow shift and negative prompt. `seed=None` picks a random seed, reported in
-        `Video.seed`. `loras` replaces the current LoRA set for this call and the ones after
-        it; `None` keeps the current set (less an accelerator's own LoRA from an earlier call).
-        `fast_mode` ("off", "balanced", "fast") skips transformer work on steps that change
-        little (First Block Cache).
+        Args:
+            prompt: What the video shows.
+            credentials: Per-request Hub and Civitai tokens (`wanlora.lora.fetch.Credentials`); HF_TOKEN and
+                CIVITAI_API_TOKEN apply otherwise.
+            progress: Show a progress bar over the denoising steps.
+            **options: The fields of `wanlora.options.GenerationOptions`, in diffusers' names: `negative_prompt`,
+                `image`, `last_image`, `resize`, `resolution`, `aspect_ratio`, `width`, `height`, `num_frames`,
+                `fps`, `num_inference_steps`, `guidance_scale`, `guidance_scale_2`, `flow_shift`, `seed`,
+                `loras`, `fast_mode`, `accelerator`, `cfg_batch`. Each has its default, bounds and help there.
 
-        Image-to-video models need `image` (a path, PIL image or uint8 array), and take an
-        optional `last_image` to end on. Without an explicit size, the frame keeps the
-        image's aspect at the resolution's pixel area, as the reference code does; with a
-        size or `aspect_ratio`, `resize` brings the image to it: "fit" (scale and
-        center-crop), "pad" (scale and letterbox) or "stretch".
+        Returns:
+            The `Video` (frames, fps, seed, metadata; `.save(path)` writes the MP4), or None on the ranks
+            but 0 of a parallel run.
 
-        `accelerator` ("lightx2v-4step", "causvid") stacks a step-distillation LoRA on the
-        LoRA set and samples as it was trained: few steps, no guidance, its own shift and
-        timesteps. Explicit steps, guidance or shift still win where the preset allows.
+        Left unset, an option takes this model's own default from its reference configs (`pipe.spec`):
+        frames and fps, steps, guidance (Wan2.2 A14B: `guidance_scale` for the high-noise expert,
+        `guidance_scale_2` for the low-noise one), flow shift and negative prompt. `seed=None` picks a
+        random seed, reported in `Video.seed`. `loras` replaces the current LoRA set for this call and
+        the ones after it; `None` keeps the current set (less an accelerator's own LoRA from an earlier
+        call). `fast_mode` ("off", "balanced", "fast") skips transformer work on steps that change little
+        (First Block Cache).
 
-        `cfg_batch=True` runs the guided and unguided passes of each step as one forward of
-        batch two: fewer, larger matmuls for twice the activation memory.
+        Image-to-video models need `image` (a path, an https:// link, a PIL image or a uint8 array), and
+        take an optional `last_image` to end on. Without an explicit size, the frame keeps the image's
+        aspect at the resolution's pixel area, as the reference code does; with a size or
+        `aspect_ratio`, `resize` brings the image to it: "fit" (scale and center-crop), "pad" (scale
+        and letterbox) or "stretch".
 
-        In a parallel run (see `from_pretrained`) every rank calls this with the same
-        arguments; rank 0's seed is used everywhere, and only rank 0 gets the Video.
+        `accelerator` (`wanlora models` lists them) stacks a step-distillation LoRA on the LoRA set and
+        samples as it was trained: few steps, no guidance, its own shift and timesteps. Explicit steps,
+        guidance or shift still win where the preset allows. `cfg_batch=True` runs the guided and
+        unguided passes of each step as one forward of batch two: fewer, larger matmuls for twice the
+        activation memory.
+
+        In a parallel run (see `from_pretrained`) every rank calls this with the same arguments; rank
+        0's seed is used everywhere, and only rank 0 gets the Video.
+
+        Example:
+            >>> video = pipe.generate("a fox in the snow", loras=[("style.safetensors", 0.8)], seed=7)
+            >>> video.save("fox.mp4")
         """
-        options = {k: v for k, v in locals().items() if k not in ("self", "credentials", "progress", "unknown")}
-        refuse_unknown(unknown, options, "WanLoraPipeline.generate()")
-        return self.run(resolve_request(self.spec, **options), credentials, progress)
+        chosen = options_from({"prompt": prompt, **options}, "WanLoraPipeline.generate()")
+        return self.run(resolve_request(self.spec, chosen), credentials, progress)
 
     @error_boundary
     def run(self, request: Request, credentials: Credentials | None = None, progress: bool = True) -> Video | None:
@@ -591,14 +570,13 @@ class WanLoraPipeline:
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
     @error_boundary
+    @takes_options(sweep_axes=True)
     def sweep(
         self,
         prompt: str,
         *,
         strengths: Sequence[float] | None = None,
         strengths_2: Sequence[float] | None = None,
-        seeds: Sequence[int] | None = None,
-        prompts: Sequence[str] | None = None,
         max_width: int = MAX_WIDTH,
         credentials: Credentials | None = None,
         progress: bool = True,
@@ -606,70 +584,42 @@ class WanLoraPipeline:
     ) -> Sweep | None:
         """The same request over one or two axes, as one labelled grid `Video` and its cells.
 
-        An axis is the strengths of the first or second LoRA of `loras` (`strengths`,
-        `strengths_2`; a LoRA aimed at one Wan2.2 expert varies on that expert only), `seeds`
-        or `prompts`; with two, the first of these in that order runs down the rows. Every
-        cell has the same seed (and so the same initial noise) unless seeds are the axis, and
-        is bitwise what `generate` gives for its settings. `options` are `generate`'s, each left
-        out its default: without `loras`, no LoRAs (never the set an earlier call left). The grid
-        is scaled to at most `max_width` pixels across; its metadata lists every cell's.
-        """
-        known = generate_options()
-        refuse_unknown({k: v for k, v in options.items() if k not in known}, known, "WanLoraPipeline.sweep()")
-        loras = options.pop("loras", None)
-        request = resolve_request(self.spec, prompt, **options, loras=[] if loras is None else loras)
-        axes = sweep_axes(list(request.loras or ()), strengths, strengths_2, seeds, prompts)
-        return self.run_sweep(request, axes, credentials, max_width, progress)
+        Args:
+            prompt: What the video shows.
+            strengths: The first LoRA of `loras`'s strengths, one cell each (a LoRA aimed at one Wan2.2
+                expert varies on that expert only).
+            strengths_2: The second LoRA's strengths.
+            max_width: The grid's widest, in pixels (64 or more); cells are scaled down to fit it.
+            credentials: Per-request Hub and Civitai tokens, as `generate` takes them.
+            progress: Show a progress bar over the cells.
+            **options: `generate`'s options, each left out its default: without `loras`, no LoRAs (never the
+                set an earlier call left); and an option's values as an axis, by the names in
+                `wanlora.options.SWEEP_AXES` (`seeds=[1, 2, 3]`, `prompts=[...]`).
 
-    @error_boundary
-    def run_sweep(
-        self,
-        request: Request,
-        axes: list[Axis],
-        credentials: Credentials | None = None,
-        max_width: int = MAX_WIDTH,
-        progress: bool = True,
-    ) -> Sweep | None:
-        """A sweep of `request` (with its LoRA set given) over `axes` (`wanlora.sweep.sweep_axes`).
+        Returns:
+            The `Sweep` (`.grid`, a `Video`; `.cells`, each cell's `Video`), or None on the ranks but 0 of a
+            parallel run.
 
-        In a parallel run every rank runs every cell; only rank 0 gets the Sweep.
+        With two axes, the first in the order strengths, strengths_2, seeds, prompts runs down the rows.
+        Every cell has the same seed (and so the same initial noise) unless seeds are the axis, and is
+        bitwise what `generate` gives for its settings. The grid's metadata lists every cell's.
         """
-        check_max_width(max_width)
-        assert request.loras is not None
-        rows, columns = len(axes[0].values) if len(axes) == 2 else 1, len(axes[-1].values)
-        headers = grid_headers(axes, list(request.loras))
-        grid_layout(headers, rows, columns, request.settings.width, request.settings.height, max_width)  # it fits
-        cells: dict[tuple[int, int], Cell] = {}
-        order = cell_order(axes)
-        bar = tqdm(total=len(order), desc="sweep", unit="cell", leave=False, disable=not progress)
+        axes_given = {name: options.pop(name) for name in SWEEP_AXES if name in options}
+        chosen = options_from({"prompt": prompt, **options}, "WanLoraPipeline.sweep()")
+        if chosen.loras is None:
+            chosen = replace(chosen, loras=[])  # left out, or None: no LoRAs, never the set an earlier call left
+        request = resolve_request(self.spec, chosen)
+        axes = sweep_axes(list(request.loras or ()), strengths, strengths_2, **axes_given)
+        return run_sweep(self, request, axes, credentials, max_width, progress)
+
+    @contextmanager
+    def prompts_encoded_once(self) -> Iterator[None]:
+        """Inside, each prompt is encoded once and its embeddings kept (a sweep's cells share them)."""
         self._encoded = {}
         try:
-            for position in order:
-                cell = cell_request(request, values_at(axes, position))
-                video = self.run(cell, credentials, progress=False)
-                if video is not None:  # None on every rank but 0 of a parallel run
-                    changed = {"prompt": cell.settings.prompt, "seed": cell.settings.seed}
-                    described = [lora.describe() for lora in cell.loras or ()]
-                    cells[position] = Cell(*position, {**changed, "loras": described}, video)
-                bar.update()
+            yield
         finally:
             self._encoded = None
-            bar.close()
-        if not cells:
-            return None
-        frames = compose({position: cell.video.frames for position, cell in cells.items()}, headers, max_width)
-        ordered = [cells[position] for position in sorted(cells)]
-        metadata = {
-            **ordered[0].video.metadata,
-            "sweep": {
-                "axes": [{"kind": a.kind, "values": list(a.values), "lora": a.lora} for a in axes],
-                "cells": [{"row": c.row, "column": c.column, **c.video.metadata} for c in ordered],
-            },
-        }
-        grid = Video(frames=frames, fps=ordered[0].video.fps, seed=ordered[0].video.seed, metadata=metadata)
-        for name in ordered[0].video.timings:  # the cells' timings, summed
-            grid.timings[name] = sum(cell.video.timings.get(name, 0.0) for cell in ordered)
-        return Sweep(grid, ordered)
 
     def _metadata(self, settings) -> dict[str, Any]:
         return {
@@ -679,26 +629,6 @@ class WanLoraPipeline:
             "loras": [r.describe() for r in self.active_loras],
             "wanlora": __version__,
         }
-
-
-def load_in_place_of(previous: WanLoraPipeline | None, model: str, **options: Any) -> WanLoraPipeline:
-    """`model` loaded (`from_pretrained`'s `options`) in place of `previous`: its transformers are freed
-    first, so two never share the memory; the text encoder, VAE and parsed LoRAs carry over."""
-    if previous is not None:
-        previous.release_transformer()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    pipe = WanLoraPipeline.from_pretrained(model, share_from=previous, **options)
-    if previous is not None:
-        pipe.loader = previous.loader  # parsed LoRAs fit any variant of their width
-    return pipe
-
-
-def generate_options() -> list[str]:
-    """`generate`'s request arguments: what a sweep passes on to every cell."""
-    skip = {"self", "prompt", "credentials", "progress", "unknown"}
-    return [name for name in inspect.signature(WanLoraPipeline.generate).parameters if name not in skip]
 
 
 def step_callback(schedule, bar: tqdm):

@@ -7,31 +7,22 @@ reading the conditioning images.
 
 from __future__ import annotations
 
-import difflib
 import math
 import secrets
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .accelerators import Accelerator, accelerator_for
-from .errors import InvalidInput, NotShown
+from .errors import InvalidInput
 from .images import ImageHeader, ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .models import ModelSpec
+from .options import GenerationOptions, describe
 from .settings import (
-    FAST_MODES,
-    MAX_FPS,
-    MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
-    MAX_SEED,
-    MAX_SHIFT,
     MAX_SIDE,
-    MAX_STEPS,
     MIN_FRAMES,
-    MIN_SHIFT,
     MIN_SIDE,
-    RESIZE_MODES,
 )
 
 
@@ -82,24 +73,7 @@ class Request:
         return LoraRequest(self.accelerator_ref, self.accelerator.strength, builtin=True)
 
 
-RENAMED = {"steps": "num_inference_steps", "shift": "flow_shift"}  # wanlora 0.1's names
 NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one means the model's own
-
-
-def refuse_unknown(options: Mapping[Any, object], known: Iterable[str], where: str) -> None:
-    """Refuse options that `where` does not take: a 0.1 name says its new name, a typo the nearest one.
-
-    An unknown option's value is never echoed: an option nobody expected may hold anything, a
-    token included. (A renamed one's is, scrubbed as every echoed value is: it is a step count or a shift.)
-    """
-    known = list(dict.fromkeys(known))
-    words = {word: full for full in reversed(known) for word in full.split("_")} | {full: full for full in known}
-    for name, value in options.items():
-        if name in RENAMED:
-            raise InvalidInput(name, value, f"renamed in wanlora 0.2: use {RENAMED[name]}")
-        near = difflib.get_close_matches(name, words, n=1, cutoff=0.6) if isinstance(name, str) else []
-        hint = f"did you mean {words[near[0]]}?" if near else f"it takes {', '.join(known)}"
-        raise InvalidInput(str(name), NotShown, f"not an option of {where}; {hint}")
 
 
 def _require_int(field: str, value: object) -> int:
@@ -108,11 +82,18 @@ def _require_int(field: str, value: object) -> int:
     return value
 
 
-def _number_in(field: str, value: object, low: float, high: float) -> float:
-    """`value` as a float, refused (as it was given) unless a finite number in [low, high]."""
+def _whole_in(field: str, value: object) -> int:
+    """`value`, refused (as it was given) unless a whole number within the option's bounds."""
+    value = _require_int(field, value)
+    _in_range(field, value, *describe(field).bounds())
+    return value
+
+
+def _number_in(field: str, value: object) -> float:
+    """`value` as a float, refused (as it was given) unless a finite number within the option's bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(field, value, "a finite number")
-    _in_range(field, value, low, high)
+    _in_range(field, value, *describe(field).bounds())
     return float(value)
 
 
@@ -153,24 +134,8 @@ def validate_num_frames(value: object, max_frames: int) -> int:
     return value
 
 
-def resolve_settings(
-    spec: ModelSpec,
-    prompt: object,
-    *,
-    negative_prompt: str | None = None,
-    resolution: str | None = None,
-    aspect_ratio: str | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    num_frames: int | None = None,
-    fps: int | None = None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    guidance_scale_2: float | None = None,
-    flow_shift: float | None = None,
-    seed: int | None = None,
-) -> GenerationSettings:
-    """Check the frame-deciding arguments against `spec` and fill in its defaults.
+def resolve_settings(spec: ModelSpec, options: GenerationOptions) -> GenerationSettings:
+    """Check the frame-deciding options against `spec` and fill in its defaults.
 
     `width`/`height` override the `resolution`/`aspect_ratio` preset and must come together.
     On two experts, `guidance_scale` is the high-noise one's and `guidance_scale_2` the
@@ -179,49 +144,41 @@ def resolve_settings(
     the model's own (the reference's `sample_neg_prompt`), "none" asks for none at all, and
     the settings hold the one a guided pass will use ("" when guidance is 1 or less).
     """
-    prompt = check_text("prompt", prompt, required=True)
-    negative_prompt = check_text("negative_prompt", negative_prompt or "", required=False)
+    o = options
+    prompt = check_text("prompt", o.prompt, required=True)
+    negative_prompt = check_text("negative_prompt", o.negative_prompt or "", required=False)
     if not negative_prompt.strip():
         negative_prompt = spec.negative_prompt  # as the reference: empty means the model's own
     elif negative_prompt.strip().lower() == NO_NEGATIVE_PROMPT:
         negative_prompt = ""
 
+    width, height = o.width, o.height
     if (width is None) != (height is None):
         raise InvalidInput("width" if width is None else "height", None, "give width and height together")
     if width is None:
-        width, height = spec.size(resolution, aspect_ratio or "16:9")
+        width, height = spec.size(o.resolution, o.aspect_ratio or "16:9")
     else:
         width = validate_side("width", width, spec.side_multiple)
         height = validate_side("height", height, spec.side_multiple)
 
-    num_frames = validate_num_frames(spec.default_frames if num_frames is None else num_frames, spec.max_frames)
+    num_frames = validate_num_frames(spec.default_frames if o.num_frames is None else o.num_frames, spec.max_frames)
+    fps = _whole_in("fps", spec.default_fps if o.fps is None else o.fps)
+    steps = o.num_inference_steps
+    steps = _whole_in("num_inference_steps", spec.default_steps if steps is None else steps)
 
-    fps = _require_int("fps", spec.default_fps if fps is None else fps)
-    _in_range("fps", fps, 1, MAX_FPS)
-
-    steps = _require_int(
-        "num_inference_steps", spec.default_steps if num_inference_steps is None else num_inference_steps
-    )
-    _in_range("num_inference_steps", steps, 1, MAX_STEPS)
-
-    guidance = spec.default_guidance if guidance_scale is None else guidance_scale
-    guidance = _number_in("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
-    if spec.boundary_ratio is None and guidance_scale_2 is not None:
-        raise InvalidInput("guidance_scale_2", guidance_scale_2, f"left out: {spec.name} has one transformer")
+    guidance = _number_in("guidance_scale", spec.default_guidance if o.guidance_scale is None else o.guidance_scale)
+    if spec.boundary_ratio is None and o.guidance_scale_2 is not None:
+        raise InvalidInput("guidance_scale_2", o.guidance_scale_2, f"left out: {spec.name} has one transformer")
     guidance_2 = None
     if spec.boundary_ratio is not None:
-        default_2 = spec.default_guidance_2 if guidance_scale is None else guidance
-        guidance_2 = default_2 if guidance_scale_2 is None else guidance_scale_2
-        guidance_2 = _number_in("guidance_scale_2", guidance_2, 0.0, MAX_GUIDANCE)
+        default_2 = spec.default_guidance_2 if o.guidance_scale is None else guidance
+        guidance_2 = _number_in("guidance_scale_2", default_2 if o.guidance_scale_2 is None else o.guidance_scale_2)
         if guidance <= 1 < guidance_2:  # diffusers runs the unconditional pass only for guidance_scale > 1
             why = "at most 1 when guidance_scale is 1 or less: the unconditional pass runs only when the high-noise"
             raise InvalidInput("guidance_scale_2", guidance_2, why + " expert is guided")
 
-    shift = spec.default_shift(width, height) if flow_shift is None else flow_shift
-    shift = _number_in("flow_shift", shift, MIN_SHIFT, MAX_SHIFT)
-
-    seed = secrets.randbelow(2**32) if seed is None else _require_int("seed", seed)
-    _in_range("seed", seed, 0, MAX_SEED)
+    shift = _number_in("flow_shift", spec.default_shift(width, height) if o.flow_shift is None else o.flow_shift)
+    seed = secrets.randbelow(2**32) if o.seed is None else _whole_in("seed", o.seed)
     if guidance <= 1:  # no unguided pass runs (diffusers' rule), so no negative prompt is used
         negative_prompt = ""
 
@@ -289,79 +246,53 @@ def frame_for_image(spec: ModelSpec, image, resolution: str | None) -> tuple[int
     return width, height
 
 
-def resolve_request(
-    spec: ModelSpec,
-    prompt: object,
-    *,
-    image: ImageInput | ImageHeader | None = None,
-    last_image: ImageInput | ImageHeader | None = None,
-    resize: str = "fit",
-    loras=None,
-    fast_mode: str = "off",
-    accelerator: str | None = None,
-    cfg_batch: bool = False,
-    aspect_ratio: str | None = None,
-    width: int | None = None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    guidance_scale_2: float | None = None,
-    flow_shift: float | None = None,
-    **settings: Any,
-) -> Request:
-    """Resolve a whole request for `spec`; the keyword arguments are `WanLoraPipeline.generate`'s.
+def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
+    """Resolve a whole request for `spec`: every option checked against the model, every default filled in.
 
     With an image and no size or aspect ratio asked for, the frame keeps the image's aspect at
     the resolution's pixel area, by the reference's rule for the model. An accelerator preset
     fills in the steps, guidance and shift it was trained for, unless the caller set them
     (and a fixed-timestep preset takes exactly its step count).
     """
-    images = resolve_images(spec, image, last_image)
-    if resize not in RESIZE_MODES:
-        raise InvalidInput("resize", resize, f"one of {', '.join(RESIZE_MODES)}")
-    if fast_mode not in FAST_MODES:
-        raise InvalidInput("fast_mode", fast_mode, f"one of {', '.join(FAST_MODES)}")
-    if not isinstance(cfg_batch, bool):
-        raise InvalidInput("cfg_batch", cfg_batch, "True or False")
+    o = options
+    images = resolve_images(spec, o.image, o.last_image)
+    for name in ("resize", "fast_mode"):
+        if getattr(o, name) not in (choices := describe(name).choices or ()):
+            raise InvalidInput(name, getattr(o, name), f"one of {', '.join(choices)}")
+    if not isinstance(o.cfg_batch, bool):
+        raise InvalidInput("cfg_batch", o.cfg_batch, "True or False")
     preset = accelerator_ref = None
-    if accelerator is not None:
-        preset, accelerator_ref = accelerator_for(accelerator, spec)
-        num_inference_steps = preset.steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = preset.guidance if guidance_scale is None else guidance_scale
-        if spec.boundary_ratio is not None:
-            guidance_scale_2 = preset.guidance if guidance_scale_2 is None else guidance_scale_2
-        flow_shift = preset.shift if flow_shift is None else flow_shift
-        if preset.timesteps and num_inference_steps != len(preset.timesteps):
-            raise InvalidInput(
-                "num_inference_steps",
-                num_inference_steps,
-                f"{len(preset.timesteps)} with {accelerator}: it samples fixed timesteps",
-            )
-    framed_by_image = bool(images) and aspect_ratio is None and width is None and settings.get("height") is None
+    if o.accelerator is not None:
+        preset, accelerator_ref = accelerator_for(o.accelerator, spec)
+        steps = preset.steps if o.num_inference_steps is None else o.num_inference_steps
+        two = spec.boundary_ratio is not None
+        o = replace(
+            o,
+            num_inference_steps=steps,
+            guidance_scale=preset.guidance if o.guidance_scale is None else o.guidance_scale,
+            guidance_scale_2=preset.guidance if two and o.guidance_scale_2 is None else o.guidance_scale_2,
+            flow_shift=preset.shift if o.flow_shift is None else o.flow_shift,
+        )
+        if preset.timesteps and steps != len(preset.timesteps):
+            why = f"{len(preset.timesteps)} with {o.accelerator}: it samples fixed timesteps"
+            raise InvalidInput("num_inference_steps", steps, why)
+    framed_by_image = bool(images) and o.aspect_ratio is None and o.width is None and o.height is None
     if framed_by_image:
-        width, settings["height"] = frame_for_image(spec, images[0], settings.get("resolution"))
-    resolved = resolve_settings(
-        spec,
-        prompt,
-        aspect_ratio=aspect_ratio,
-        width=width,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        guidance_scale_2=guidance_scale_2,
-        flow_shift=flow_shift,
-        **settings,
-    )
-    requests = None if loras is None else tuple(parse_requests(loras))
+        width, height = frame_for_image(spec, images[0], o.resolution)
+        o = replace(o, width=width, height=height)
+    settings = resolve_settings(spec, o)
+    requests = None if o.loras is None else tuple(parse_requests(o.loras))
     if spec.identified:  # a Hub repo's experts are known once its config has been read
         check_targets(list(requests or ()), spec.experts, spec.name)
     return Request(
         spec=spec,
-        settings=resolved,
+        settings=settings,
         images=images,
-        resize=resize,
+        resize=o.resize,
         loras=requests,
-        fast_mode=fast_mode,
+        fast_mode=o.fast_mode,
         accelerator=preset,
         accelerator_ref=accelerator_ref,
-        cfg_batch=cfg_batch,
+        cfg_batch=o.cfg_batch,
         framed_by_image=framed_by_image,
     )

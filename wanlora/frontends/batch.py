@@ -1,7 +1,7 @@
 """Batches: many requests from a JSONL file, each model loaded once and each LoRA set merged once.
 
-A line is one request, in the Python API's fields (`prompt`, `model`, `loras`, `seed` and the
-rest of `WanLoraPipeline.generate`'s arguments) or in the predictor's (a `samples/` file is a
+A line is one request, in the Python API's fields (`model`, and `prompt`, `loras`, `seed` and the
+rest of wanlora.options' GenerationOptions) or in the predictor's (a `samples/` file is a
 valid line), plus two of the batch's own: `output`, a file name in the batch's folder, and
 `quality`. A line means only what it says: a field it leaves out is that field's default
 (no `loras`: no LoRAs), never what the job before it left on the model. Relative paths in a
@@ -26,31 +26,28 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import BatchLineError, InternalError, InvalidInput, WanLoraError
 from ..identity import content_digest
-from ..images import ImageHeader, check_image
+from ..images import ImageHeader
 from ..lora.fetch import Credentials
 from ..lora.refs import display_ref, parse_ref
-from ..models import CATALOGUE, TINY_NAMES, ModelSpec, resolve_model
+from ..models import CATALOGUE, TINY_NAMES
+from ..options import IMAGE_OPTIONS, option_names, options_from, refuse_unknown
 from ..paths import PathRefused, inside, relative_name
-from ..request import Request, refuse_unknown, resolve_request
+from ..request import Request
+from ..resident import Prepared, ResidentModel, prepare
 from ..settings import DEFAULT_MODEL, DEFAULT_QUALITY
 from ..staging import remove_abandoned, staged_file
-from ..sweep import Axis
 from ..video import Video, quality_to_crf
 from .service import MODEL_CHOICES, PredictorInputs, VideoService
-
-if TYPE_CHECKING:
-    from ..pipeline import WanLoraPipeline
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 BATCH_FIELDS = ("output", "quality")
 PREDICTOR_FIELDS = tuple(PredictorInputs.__dataclass_fields__)
-IMAGE_FIELDS = ("image", "last_image")
 PREDICTOR_LORA_FIELDS = (
     "lora_weights",
     "extra_lora",
@@ -63,63 +60,44 @@ SOME_JOBS_FAILED = 3  # `wanlora batch`'s exit status when it ran, and some jobs
 
 @dataclass(frozen=True)
 class Job:
-    """One checked line: what to load, what to run, and where its MP4 goes."""
+    """One checked line: what to run (its images checked, read when it runs), and where its MP4 goes."""
 
     line: int
     key: str  # a digest of what the job runs with: the manifest matches a finished job on it
     output: str  # a file name in the batch's folder
-    model: str  # the model to load: a catalogue or tiny name, a folder or a Hub repo
-    request: Request  # as checked: images by their headers, read when the job runs
+    prepared: Prepared
     quality: int
     credentials: Credentials = field(default_factory=Credentials)
-    sweep: list[Axis] | None = None  # the predictor's lora_scale_sweep: the job's MP4 is a grid
-    fields: dict[str, Any] = field(default_factory=dict)  # the line's request fields, paths resolved
-    predictor: bool = False  # the fields are the predictor's
+
+    @property
+    def model(self) -> str:
+        """The model to load: a catalogue or tiny name, a folder or a Hub repo."""
+        return self.prepared.model
+
+    @property
+    def request(self) -> Request:
+        return self.prepared.request
 
     @property
     def lora_set(self) -> tuple:
-        """What a merge depends on: each LoRA, its strength and expert, and the accelerator's."""
-        loras = [*(self.request.loras or ()), self.request.accelerator_lora]
-        return tuple((lora.ref, lora.strength, lora.expert) for lora in loras if lora is not None)
+        return self.prepared.lora_set
 
     @property
     def entry(self) -> dict[str, Any]:
         """What every manifest entry of this job starts with."""
         return {"output": self.output, "line": self.line, "job": self.key, "model": self.model}
 
-    def request_for(self, spec: ModelSpec) -> Request:
-        """The request to run on the model that loaded (a Hub repo's own config may name another variant
-        than its name did), its images read now."""
-        if spec == self.request.spec and not self.request.images:
-            return self.request
-        return resolve_line(self.fields, spec, self.predictor, seed=self.request.settings.seed).request
 
-
-@dataclass(frozen=True)
-class Resolved:
-    """A line's request resolved: what `Job` keeps of it."""
-
-    model: str
-    request: Request
-    credentials: Credentials
-    sweep: list[Axis] | None
-
-
-def resolve_line(fields: dict[str, Any], spec: ModelSpec | None, predictor: bool, seed: int | None = None) -> Resolved:
-    """A line's request fields resolved, images read (or, with `spec` None at check time, checked by header)."""
-    fields = dict(fields)
-    if seed is not None:
-        fields["seed"] = seed
-    if spec is None:
-        fields |= {name: check_image(fields[name], name) for name in IMAGE_FIELDS if fields.get(name) is not None}
-    fields.setdefault("prompt", None)  # missing: said so by the check of its value
+def prepare_line(fields: dict[str, Any], predictor: bool) -> tuple[Prepared, Credentials]:
+    """A line's request fields checked and resolved, its images checked by their headers."""
+    fields = {"prompt": None, **fields}  # missing: said so by the check of its value
     if predictor:
-        resolved = VideoService(override="", i2v_override="").resolve(PredictorInputs(**fields), spec)
+        service = VideoService(override="", i2v_override="", resident=ResidentModel())
+        resolved = service.resolve(PredictorInputs(**fields), images_read=False)
         credentials = replace(resolved.credentials, local_files=True)  # this machine's own files: it is the user's
-        return Resolved(resolved.model, resolved.request, credentials, resolved.sweep)
+        return resolved.prepared, credentials
     model = fields.pop("model")
-    request = resolve_request(spec or resolve_model(model), **fields)
-    return Resolved(model, request, Credentials(), None)
+    return prepare(model, options_from(fields, "a batch line"), images_read=False), Credentials()
 
 
 def read_jobs(path: str | os.PathLike) -> list[Job]:
@@ -170,30 +148,25 @@ def parse_job(number: int, line: str, base: Path | None = None) -> Job:
     if predictor:
         refuse_unknown({k: v for k, v in fields.items() if k not in PREDICTOR_FIELDS}, PREDICTOR_FIELDS, "a batch line")
     else:
-        from ..pipeline import generate_options
-
-        known = ["prompt", "model", *generate_options(), *BATCH_FIELDS]
+        known = ["model", *option_names(), *BATCH_FIELDS]
         refuse_unknown({k: v for k, v in fields.items() if k not in known}, [*known, *PREDICTOR_FIELDS], "a batch line")
         fields.setdefault("model", DEFAULT_MODEL)
         if not isinstance(fields["model"], str):
             raise InvalidInput("model", fields["model"], "a model name, folder or Hub repo")
         if fields.get("loras") is None:
             fields["loras"] = []  # left out, or null: no LoRAs, never the set the last job left on the model
-    resolved = resolve_line(fields, None, predictor)
-    for lora in resolved.request.loras or ():
+    prepared, credentials = prepare_line(fields, predictor)
+    for lora in prepared.request.loras or ():
         from ..lora.fetch import check_reference
 
         check_reference(lora.ref)  # its form, and that a local file exists
-    key = job_key(resolved, quality, seeded=fields.get("seed") is not None)
-    return Job(number, key, output, resolved.model, resolved.request, quality, resolved.credentials,
-               resolved.sweep, fields, predictor)  # fmt: skip
+    key = job_key(prepared, quality, seeded=fields.get("seed") is not None)
+    return Job(number, key, output, prepared, quality, credentials)
 
 
 def _in_predictor_fields(fields: dict[str, Any]) -> bool:
     """A line is read as the predictor reads it when it uses a name or model choice only the predictor has."""
-    from ..pipeline import generate_options
-
-    library = {"prompt", "model", *generate_options()}
+    library = {"model", *option_names()}
     model = fields.get("model")
     return bool(set(fields) & (set(PREDICTOR_FIELDS) - library)) or (isinstance(model, str) and model in MODEL_CHOICES)
 
@@ -207,7 +180,7 @@ def _with_paths_from(base: Path, fields: dict[str, Any], predictor: bool) -> dic
     model = fields.get("model")
     if not predictor and isinstance(model, str) and model not in CATALOGUE and model not in TINY_NAMES:
         fields["model"] = _from_base(base, model, lambda path: path.exists())
-    for name in IMAGE_FIELDS:
+    for name in IMAGE_OPTIONS:
         if isinstance(fields.get(name), str) and "://" not in fields[name]:
             fields[name] = _from_base(base, fields[name], lambda path: True)
     for name in PREDICTOR_LORA_FIELDS if predictor else ():
@@ -247,21 +220,21 @@ def _from_base(base: Path, text: str, is_path) -> str:
         return text
 
 
-def job_key(resolved: Resolved, quality: int, seeded: bool) -> str:
+def job_key(prepared: Prepared, quality: int, seeded: bool) -> str:
     """A digest of what a job runs with: its defaults filled in, files named by content, no secrets.
 
     A line without a seed runs with any seed: it is done once one of its runs is.
     """
-    request = resolved.request
+    request = prepared.request
     settings = {**request.settings.as_dict(), "seed": request.settings.seed if seeded else None}
     identity = {
-        "model": _model_identity(resolved.model),
+        "model": _model_identity(prepared.model),
         "settings": settings,
         "images": [_image_identity(image) for image in request.images],
         "loras": [[_lora_identity(lora.ref), lora.strength, lora.expert] for lora in request.loras or ()],
         "accelerator": request.accelerator.name if request.accelerator else None,
         "run": [request.resize, request.fast_mode, request.cfg_batch, request.framed_by_image],
-        "sweep": [[axis.kind, list(axis.values), axis.lora] for axis in resolved.sweep or ()],
+        "sweep": [[axis.kind, list(axis.values), axis.lora] for axis in prepared.sweep or ()],
         "quality": quality,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -374,29 +347,13 @@ def file_digest(path: Path) -> str:
 
 
 class JobRunner:
-    """Runs jobs on one resident pipeline: a job for another model loads it in place of the last."""
+    """Runs jobs on one resident model (wanlora.resident): a job for another model loads it in place of the last."""
 
-    def __init__(self, load_options: dict[str, Any] | None = None) -> None:
-        self.load_options = load_options or {}
-        self.pipe: WanLoraPipeline | None = None
-        self.model: str | None = None
-        self.loads: list[str] = []  # the models loaded, in order
+    def __init__(self, load_options: dict[str, Any] | None = None, resident: ResidentModel | None = None) -> None:
+        self.resident = resident or ResidentModel(**(load_options or {}))
 
     def video(self, job: Job) -> Video:
-        from ..pipeline import load_in_place_of
-
-        if self.model != job.model:
-            previous, self.pipe, self.model = self.pipe, None, None
-            self.pipe = load_in_place_of(previous, job.model, **self.load_options)
-            self.model = job.model
-            self.loads.append(job.model)
-        assert self.pipe is not None
-        request = job.request_for(self.pipe.spec)  # its images read now: one that fails fails this job alone
-        if job.sweep:
-            swept = self.pipe.run_sweep(request, job.sweep, job.credentials, progress=False)
-            video = None if swept is None else swept.grid
-        else:
-            video = self.pipe.run(request, job.credentials, progress=False)
+        video = self.resident.run(job.prepared, job.credentials, progress=False)  # images read now: theirs to fail
         assert video is not None  # one process: it is rank 0
         return video
 

@@ -15,34 +15,29 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__
-from ..accelerators import ACCELERATORS
 from ..errors import InternalError, InvalidInput, WanLoraError
 from ..logs import configure as configure_logging
 from ..logs import scrub
-from ..models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, identify_model, resolve_model
+from ..lora.selection import parse_requests
+from ..models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, resolve_model
+from ..options import MODEL, SAMPLING, SPEED, SWEEP_AXES, WHAT, GenerationOptions, Option, describe, option_names
 from ..pairs import EVERY_EXPERT
-from ..parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, world_size
-from ..request import Request, resolve_request
+from ..parallel import ParallelPlan, launched_by_gpus, launched_by_torchrun, process_rank, requested_plan
+from ..resident import Prepared, ResidentModel, prepare
 from ..runtime.attention import CHOICES as ATTENTION_CHOICES
 from ..settings import (
-    ASPECT_RATIOS,
     DEFAULT_MODEL,
     DEFAULT_QUALITY,
-    FAST_MODES,
-    MAX_FPS,
-    MAX_GUIDANCE,
-    MAX_STEPS,
-    MIN_FRAMES,
     OFFLOAD_MODES,
     QUALITY_RANGE,
     QUANTIZE_CHOICES,
-    RESIZE_MODES,
-    RESOLUTIONS,
 )
+from ..sweep import Axis
 
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
@@ -197,17 +192,23 @@ def add_sweep(commands, verbose: OneLineParser) -> None:
     axes = sweep.add_argument_group("axes (one or two)")
     axes.add_argument("--strengths", metavar="S,S,...", help="the first --lora's strengths, e.g. 0,0.5,1; default none")
     axes.add_argument("--strengths-2", metavar="S,S,...", help="the second --lora's strengths; default none")
-    axes.add_argument("--seeds", metavar="N,N,...", help="seeds, e.g. 1,2,3; default none (one seed for all)")
-    axes.add_argument("--prompts", metavar="FILE", help="a text file, one prompt a line; default none")
+    for name, option in SWEEP_AXES.items():  # an option's values as an axis
+        if option == "prompt":
+            axes.add_argument(f"--{name}", metavar="FILE", help="a text file, one prompt a line; default none")
+        else:
+            flag = describe(option).flag
+            help = f"values of {flag}, e.g. 1,2,3; default none (one {flag} for all)"
+            axes.add_argument(f"--{name.replace('_', '-')}", metavar="N,N,...", help=help)
     axes.add_argument("--max-width", type=int, default=1920, metavar="PX", help="the grid's widest; default 1920")
     axes.add_argument("--keep-cells", metavar="DIR", help="also save each cell as its own MP4 there; default none")
     add_output_options(sweep, "the grid MP4 to write; default wanlora-sweep-SEED.mp4")
 
 
 def add_generation_options(gen: argparse.ArgumentParser) -> None:
-    """What generate and sweep share: the request, the model and how it runs."""
-    gen.add_argument("prompt", help="what the video shows")
-    model = gen.add_argument_group("model and LoRAs")
+    """What generate and sweep share: the request (every GenerationOptions field with a flag), the model and
+    how it runs."""
+    gen.add_argument("prompt", help=describe("prompt").help)
+    model = gen.add_argument_group(MODEL)
     model.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}: {MODEL_HELP}")
     model.add_argument(
         "--transformer",
@@ -222,96 +223,21 @@ def add_generation_options(gen: argparse.ArgumentParser) -> None:
         help="Wan2.2 A14B: the low-noise expert's file, --transformer the high one; default none",
     )
     add_lora_options(model)
-    model.add_argument(
-        "--accelerator",
-        choices=list(ACCELERATORS),
-        help="stack a step-distillation LoRA and sample as it was trained (4-8 steps, no guidance); default none",
-    )
-
-    what = gen.add_argument_group("what to generate")
-    what.add_argument(
-        "--negative-prompt",
-        metavar="TEXT",
-        help="what to avoid; default: the model's own, Wan's reference negative prompt; none: no negative prompt",
-    )
-    what.add_argument(
-        "--image",
-        metavar="PATH|URL",
-        help="start image for image-to-video models (i2v, ti2v-5b), a file or an https:// link; default none",
-    )
-    what.add_argument("--last-image", metavar="PATH|URL", help="end image, for first-last-frame models; default none")
-    what.add_argument(
-        "--resize",
-        choices=RESIZE_MODES,
-        default="fit",
-        help="how the image meets a size you ask for: fit (crop), pad (letterbox) or stretch; default fit",
-    )
-    what.add_argument("--resolution", choices=RESOLUTIONS, help="default: the model's first (480p; 720p on ti2v-5b)")
-    what.add_argument(
-        "--aspect-ratio", choices=ASPECT_RATIOS, help="default 16:9, or the image's own aspect with --image"
-    )
-    for side, other in (("width", "height"), ("height", "width")):
-        what.add_argument(
-            f"--{side}",
-            type=int,
-            metavar=side[0].upper(),
-            help=f"frame {side}, a multiple of 16 (32 on ti2v-5b), with --{other}; default the preset's",
+    groups = {MODEL: model, WHAT: gen.add_argument_group(WHAT), SAMPLING: gen.add_argument_group(SAMPLING)}
+    groups[SPEED] = add_load_options(gen)
+    for f in fields(GenerationOptions):
+        meta: Option = f.metadata["option"]
+        if meta.flag is None:
+            continue
+        group = groups[meta.group]
+        if "bool" in str(f.type):
+            group.add_argument(meta.flag, dest=f.name, action="store_true", help=meta.help)
+            continue
+        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+        choices = list(meta.choices) if meta.choices else None
+        group.add_argument(
+            meta.flag, dest=f.name, type=kind, default=f.default, choices=choices, metavar=meta.metavar, help=meta.help
         )
-    what.add_argument(
-        "--frames",
-        type=int,
-        dest="num_frames",
-        metavar="N",
-        help=f"4k+1 frames, {MIN_FRAMES} to 81 (121 on ti2v-5b); default the model's, 81 or 121",
-    )
-    what.add_argument(
-        "--fps", type=int, metavar="N", help=f"frames per second, 1 to {MAX_FPS}; default the model's, 16 or 24"
-    )
-
-    sampling = gen.add_argument_group("sampling")
-    sampling.add_argument(
-        "--steps",
-        type=int,
-        dest="num_inference_steps",
-        metavar="N",
-        help=f"denoising steps, 1 to {MAX_STEPS}; default the model's (50; 40 for i2v and A14B)",
-    )
-    sampling.add_argument(
-        "--guidance",
-        type=float,
-        dest="guidance_scale",
-        metavar="G",
-        help=f"classifier-free guidance, 0 to {MAX_GUIDANCE:g}; default the model's (5; "
-        "A14B's high-noise expert 4, or 3.5 with an image)",
-    )
-    sampling.add_argument(
-        "--guidance-2",
-        type=float,
-        dest="guidance_scale_2",
-        metavar="G",
-        help="the low-noise expert's guidance on Wan2.2 A14B; default the model's (3, or 3.5 "
-        "with an image), or --guidance when given",
-    )
-    sampling.add_argument(
-        "--shift",
-        type=float,
-        dest="flow_shift",
-        metavar="S",
-        help="flow shift; default the model's (Wan2.1 T2V 5, I2V 3 at 480p and 5 at 720p; "
-        "Wan2.2 T2V-A14B 12, others 5)",
-    )
-    sampling.add_argument("--seed", type=int, metavar="N", help="default random; the seed used is in the MP4's tags")
-    sampling.add_argument(
-        "--fast-mode",
-        choices=FAST_MODES,
-        default="off",
-        help="skip transformer work on steps that change little (First Block Cache); default off",
-    )
-
-    speed = add_load_options(gen)
-    speed.add_argument(
-        "--cfg-batch", action="store_true", help="run the guided and unguided passes as one batch of two; default off"
-    )
 
 
 def add_load_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -453,74 +379,42 @@ def flag_names(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str
 # ---------------------------------------------------------------------------- the commands
 
 
-def generation_options(args: argparse.Namespace, spec: ModelSpec) -> dict[str, Any]:
-    """generate's keyword arguments, as the flags give them."""
-    return {
-        "negative_prompt": args.negative_prompt,
-        "resolution": args.resolution,
-        "aspect_ratio": args.aspect_ratio,
-        "width": args.width,
-        "height": args.height,
-        "num_frames": args.num_frames,
-        "fps": args.fps,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "guidance_scale_2": args.guidance_scale_2,
-        "flow_shift": args.flow_shift,
-        "seed": args.seed,
-        "image": args.image,
-        "last_image": args.last_image,
-        "resize": args.resize,
-        "loras": requested_loras(args, spec),
-        "fast_mode": args.fast_mode,
-        "accelerator": args.accelerator,
-        "cfg_batch": args.cfg_batch,
-    }
+def generation_options(args: argparse.Namespace, spec: ModelSpec) -> GenerationOptions:
+    """The request, as the flags give it."""
+    given = {name: getattr(args, name) for name in option_names() if name != "loras"}
+    return GenerationOptions(**given, loras=requested_loras(args, spec))
 
 
-def checked_request(args: argparse.Namespace, default_output: str) -> tuple[ModelSpec, dict[str, Any], Request, Path]:
-    """The spec, the options, the resolved request and the output path: everything checked offline, first."""
-    spec = resolve_model(args.model)
-    options = generation_options(args, spec)
-    request = resolve_request(spec, args.prompt, **options)
+def checked(args: argparse.Namespace, default_output: str, sweep: tuple[Axis, ...] | None = None):
+    """The request prepared and the output path: everything checked offline, first."""
+    options = generation_options(args, resolve_model(args.model))
+    prepared = prepare(args.model, options, sweep)
     from ..lora.fetch import check_reference
     from ..video import check_output, quality_to_crf
 
-    for lora in request.loras or ():
+    for lora in prepared.request.loras or ():
         check_reference(lora.ref)  # its form, and that a local file exists
     quality_to_crf(args.quality, "quality")
-    output = check_output(args.output or default_output.format(seed=request.settings.seed), "--output")
-    return spec, options, request, output
+    output = check_output(args.output or default_output.format(seed=prepared.request.settings.seed), "--output")
+    return prepared, output
 
 
-def identified_and_fetched(
-    args: argparse.Namespace, spec: ModelSpec, options: dict[str, Any], request: Request
-) -> tuple[ModelSpec, Request]:
-    """The model as its own config names it (a Hub repo may be another variant), and every LoRA fetched,
-    before the slow model load."""
+def identified_and_fetched(prepared: Prepared) -> Prepared:
+    """The request for the model as its own config names it (a Hub repo may be another variant), and every
+    LoRA fetched, before the slow model load."""
     from ..lora.fetch import fetch_lora_files
 
-    identified = identify_model(args.model)
-    if identified != spec:
-        options["seed"] = request.settings.seed
-        spec, request = identified, resolve_request(identified, args.prompt, **options)
-    for lora in request.loras or ():
+    prepared = prepared.identify()
+    for lora in prepared.request.loras or ():
         say(f"fetching {lora.label}")
         fetch_lora_files(lora.ref)
-    return spec, request
+    return prepared
 
 
-def load_pipeline(args: argparse.Namespace, spec: ModelSpec, parallel: ParallelPlan | None = None):
+def resident_model(args: argparse.Namespace, parallel: ParallelPlan | None = None) -> ResidentModel:
     quiet_library_bars()
-    from ..pipeline import WanLoraPipeline
-
-    say(f"loading {spec.name} ({spec.source})")
-    return WanLoraPipeline.from_pretrained(
-        spec,
-        **load_options(args),
-        parallel=parallel,
-        transformer=args.transformer if args.transformer_2 is None else (args.transformer, args.transformer_2),
-    )
+    transformer = args.transformer if args.transformer_2 is None else (args.transformer, args.transformer_2)
+    return ResidentModel(**load_options(args), parallel=parallel, transformer=transformer)
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -535,19 +429,26 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int | None:
-    spec, options, request, output = checked_request(args, "wanlora-{seed}.mp4")
+    prepared, output = checked(args, "wanlora-{seed}.mp4")
     say("importing torch and diffusers")
     from ..runtime.devices import resolve_device
 
-    parallel = check_parallel_args(args, spec)
+    request = prepared.request
+    parallel = requested_plan(args.gpus, args.ulysses, args.ring, args.cfg_parallel, args.device,
+                              request.spec.arch.num_attention_heads, request.spec.name)  # fmt: skip
     if parallel is None:
         resolve_device(args.device)
-    spec, request = identified_and_fetched(args, spec, options, request)
+    else:
+        parallel.check_fast_mode(request.fast_mode)
+        if request.cfg_batch and parallel.cfg:
+            raise InvalidInput("cfg_batch", True, "left out with --cfg-parallel, which runs both passes at once")
+    prepared = identified_and_fetched(prepared)
     if parallel is not None and not launched_by_torchrun():
         from ..parallel.launch import run_workers
 
         return run_workers(parallel.world_size, args.argv, quiet=not args.verbose)
-    video = load_pipeline(args, spec, parallel).run(request)
+    say(f"loading {prepared.request.spec.name} ({prepared.model})")
+    video = resident_model(args, parallel).run(prepared)
     if video is not None:  # None on every rank but 0 of a parallel run
         say(f"encoding {output}")
         print(video.save(output, quality=args.quality))
@@ -555,38 +456,30 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    spec, options, request, output = checked_request(args, "wanlora-sweep-{seed}.mp4")
     from ..sweep import check_max_width, sweep_axes
 
     check_max_width(args.max_width, "--max-width")  # before the model loads
-    strengths = numbers(args.strengths, "--strengths", float)
-    strengths_2 = numbers(args.strengths_2, "--strengths-2", float)
-    seeds = numbers(args.seeds, "--seeds", int)
-    prompts = prompt_lines(args.prompts)
-    try:
-        sweep_axes(list(request.loras or ()), strengths, strengths_2, seeds, prompts)
-    except InvalidInput as exc:
-        names = ("strengths", "strengths_2", "seeds", "prompts", "sweep")
-        raise exc.renamed({name: "--" + name.replace("_", "-") for name in names}) from None
+    spec = resolve_model(args.model)
+    loras = parse_requests(requested_loras(args, spec))
+    values = {"strengths": numbers(args.strengths, "strengths", float)}
+    values["strengths_2"] = numbers(args.strengths_2, "strengths_2", float)
+    for name, option in SWEEP_AXES.items():
+        given = getattr(args, name)
+        values[name] = prompt_lines(given) if option == "prompt" else numbers(given, name, int)
+    axes = sweep_axes(loras, **values)
     keep = Path(args.keep_cells) if args.keep_cells else None
     if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
         raise InvalidInput("--keep-cells", str(keep), "a new or empty folder")
+    prepared, output = checked(args, "wanlora-sweep-{seed}.mp4", tuple(axes))
+    prepared = replace(prepared, max_width=args.max_width)
     say("importing torch and diffusers")
     from ..runtime.devices import resolve_device
 
     resolve_device(args.device)
-    spec, request = identified_and_fetched(args, spec, options, request)
-    pipe = load_pipeline(args, spec)
-    options.update(seed=request.settings.seed, loras=list(request.loras or ()))
-    result = pipe.sweep(
-        args.prompt,
-        strengths=strengths,
-        strengths_2=strengths_2,
-        seeds=seeds,
-        prompts=prompts,
-        max_width=args.max_width,
-        **options,
-    )
+    prepared = identified_and_fetched(prepared)
+    say(f"loading {prepared.request.spec.name} ({prepared.model})")
+    result = resident_model(args).sweep(prepared)
+    assert result is not None  # one process: it is rank 0
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for cell in result.cells:
@@ -638,48 +531,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(jobs, out, load_options(args))
     print(summary.describe(out / "manifest.jsonl"))
     return summary.exit_status
-
-
-def check_parallel_args(args: argparse.Namespace, spec: ModelSpec) -> ParallelPlan | None:
-    """The plan the parallel flags ask for (None: one process), checked before anything loads."""
-    world = world_size()
-    if args.gpus is not None:
-        if args.gpus < 1:
-            raise InvalidInput("--gpus", args.gpus, "1 or more")
-        if launched_by_torchrun() and args.gpus != world:
-            raise InvalidInput("--gpus", args.gpus, f"{world}, the process count torchrun started (or leave it out)")
-        world = args.gpus
-    if world == 1:
-        for flag, value in (("--ulysses", args.ulysses), ("--ring", args.ring), ("--cfg-parallel", args.cfg_parallel)):
-            if value:
-                raise InvalidInput(flag, value, "used with --gpus 2 or more (or under torchrun)")
-        return None
-    if args.device:
-        raise InvalidInput("--device", args.device, "left out with --gpus: each process takes its own device")
-    import torch
-
-    visible = torch.cuda.device_count()
-    if visible and world > visible and not launched_by_torchrun():
-        raise InvalidInput("--gpus", world, f"at most the {visible} GPUs visible here")
-    plan = plan_from_args(args, spec, world)
-    plan.check(spec.arch.num_attention_heads, world, spec.name, "cuda" if visible else "cpu")
-    plan.check_fast_mode(args.fast_mode)
-    if args.cfg_batch and plan.cfg:
-        raise InvalidInput("--cfg-batch", True, "left out with --cfg-parallel, which runs both passes at once")
-    return plan
-
-
-def plan_from_args(args: argparse.Namespace, spec: ModelSpec, world: int) -> ParallelPlan:
-    """--ulysses / --ring / --cfg-parallel over `world` processes; what is left open is chosen as in auto."""
-    plan = ParallelPlan.auto(world, spec.arch.num_attention_heads, args.cfg_parallel)
-    degree = plan.context_degree
-    for flag, value in (("--ulysses", args.ulysses), ("--ring", args.ring)):
-        if value is not None and (value < 1 or degree % value):
-            raise InvalidInput(flag, value, f"a divisor of {degree}, the processes that split each pass")
-    if args.ulysses or args.ring:
-        ulysses = args.ulysses or degree // args.ring
-        plan = ParallelPlan(ulysses, args.ring or degree // ulysses, args.cfg_parallel)
-    return plan
 
 
 def quiet_library_bars() -> None:

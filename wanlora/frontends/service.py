@@ -15,7 +15,7 @@ token is re-checked with the origin on every request.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -25,14 +25,15 @@ from ..lora.fetch import Credentials
 from ..lora.refs import display_ref
 from ..lora.selection import LoraRequest
 from ..models import CATALOGUE, ONE_TRANSFORMER, ModelSpec, resolve_model
+from ..options import GenerationOptions
 from ..pairs import EVERY_EXPERT
-from ..request import Request, resolve_request
+from ..request import Request
+from ..resident import Prepared, ResidentModel, prepare
 from ..settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
 from ..sweep import Axis, sweep_axes
 
 if TYPE_CHECKING:
     from ..pipeline import WanLoraPipeline
-    from ..video import Video
 
 T = TypeVar("T")
 
@@ -68,16 +69,38 @@ IMAGE_CHOICES = _image_choices()
 WIDTH_CHOICES = _width_choices()
 # trained without the input's default resolution (TI2V-5B: 720p only): for them, `resolution` does not apply
 ONE_SIZE_CHOICES = {c for c, name in MODEL_CHOICES.items() if DEFAULT_RESOLUTION not in CATALOGUE[name].resolutions}
+SWEEP_CELLS = 6  # the most strengths lora_scale_sweep takes: one grid video per prediction
+DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
+
+# The predictor's inputs that are generation options (wanlora.options), by the option each one is.
+# The others are the model, the LoRA slots, the sweep, the tokens and the output's quality.
+OPTION_INPUTS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "image": "image",
+    "resolution": "resolution",
+    "aspect_ratio": "aspect_ratio",
+    "num_frames": "num_frames",
+    "fps": "fps",
+    "sample_steps": "num_inference_steps",
+    "sample_guide_scale": "guidance_scale",
+    "sample_guide_scale_2": "guidance_scale_2",
+    "sample_shift": "flow_shift",
+    "seed": "seed",
+    "fast_mode": "fast_mode",
+    "accelerator": "accelerator",
+}
+# Inputs whose choices are Replicate's words: each choice -> the option's value.
 FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
 ASPECT_CHOICES = ("auto", *ASPECT_RATIOS)  # auto: the image's own aspect with an image, else 16:9
 ACCELERATORS = {"none": None, **{name: name for name in ACCELERATOR_PRESETS}}
-SWEEP_CELLS = 6  # the most strengths lora_scale_sweep takes: one grid video per prediction
-DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
-INPUT_NAMES = {  # the library's names -> the predictor's inputs, for its error messages
-    "num_inference_steps": "sample_steps",
-    "guidance_scale": "sample_guide_scale",
-    "guidance_scale_2": "sample_guide_scale_2",
-    "flow_shift": "sample_shift",
+CHOICE_VALUES: dict[str, dict[str, str | None]] = {
+    "fast_mode": dict(FAST_MODES),
+    "aspect_ratio": {"auto": None, **{ratio: ratio for ratio in ASPECT_RATIOS}},
+    "accelerator": ACCELERATORS,
+}
+# the library's names -> the predictor's inputs, for its error messages
+INPUT_NAMES = {option: name for name, option in OPTION_INPUTS.items() if option != name} | {
     "hf_token": "hf_api_token",
     "civitai_token": "civitai_api_token",
 }
@@ -214,13 +237,36 @@ def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ONE_TRANSFORM
 
 @dataclass(frozen=True)
 class ServiceRequest:
-    """A Replicate request resolved for the library: the model to run and what to run."""
+    """A Replicate request resolved for the library: what to run, how to encode it, and whose tokens."""
 
-    model: str
-    request: Request
+    prepared: Prepared
     quality: int
     credentials: Credentials
-    sweep: list[Axis] | None = None  # the main LoRA's strengths (lora_scale_sweep): one grid video of them
+
+    @property
+    def model(self) -> str:
+        return self.prepared.model
+
+    @property
+    def request(self) -> Request:
+        return self.prepared.request
+
+    @property
+    def sweep(self) -> tuple[Axis, ...] | None:
+        """The main LoRA's strengths (lora_scale_sweep): one grid video of them."""
+        return self.prepared.sweep
+
+
+def predictor_options(i: PredictorInputs, choice: str, experts: tuple[str, ...]) -> GenerationOptions:
+    """The inputs that are generation options, as the library names and reads them."""
+    values = {option: getattr(i, name) for name, option in OPTION_INPUTS.items()}
+    for name, choices in CHOICE_VALUES.items():
+        values[OPTION_INPUTS[name]] = _choice(name, getattr(i, name), choices)
+    if choice in ONE_SIZE_CHOICES:
+        values["resolution"] = None  # trained at one size: the input's default does not apply
+    if values["num_inference_steps"] is None and values["accelerator"] is None:
+        values["num_inference_steps"] = DEFAULT_SAMPLE_STEPS
+    return GenerationOptions(**values, loras=replicate_loras(i, experts))
 
 
 class VideoService:
@@ -232,13 +278,12 @@ class VideoService:
         i2v_override: str | None = None,
         device: str | None = None,
         parallel: str | None = None,
+        resident: ResidentModel | None = None,
     ) -> None:
-        self.parallel = parallel  # "auto" in a worker of a WorkerGroup (wanlora.frontends.workers)
         self.override = override if override is not None else model_override("t2v")
         self.i2v_override = i2v_override if i2v_override is not None else model_override("i2v")
-        self.device = device
-        self.pipe: WanLoraPipeline | None = None  # the resident pipeline
-        self.model: str | None = None  # the model name it was loaded from
+        # parallel="auto" in a worker of a WorkerGroup (wanlora.frontends.workers)
+        self.resident = resident or ResidentModel(device=device, parallel=parallel, quantize=quantize_mode())
         self.unreported_setup: dict[str, float] = {}  # cold-start timings for the first prediction's metrics
 
     def model_for(self, choice: object, image: bool = False, resolution: str = DEFAULT_RESOLUTION) -> str:
@@ -253,67 +298,48 @@ class VideoService:
         by_resolution = IMAGE_CHOICES[choice]
         return self.i2v_override or by_resolution.get(resolution) or next(iter(by_resolution.values()))
 
-    def load(self, model: str):
+    def load(self, model: str) -> WanLoraPipeline:
         """The pipeline for `model`, loading it (and dropping the resident one) if needed."""
-        if self.model == model:
-            return self.pipe
-        from ..pipeline import load_in_place_of
+        loads = len(self.resident.loads)
+        pipe = self.resident.load(model)
+        if len(self.resident.loads) > loads:
+            self.unreported_setup = {f"setup_{k}": v for k, v in pipe.load_timings.items()}
+        return pipe
 
-        previous, self.pipe, self.model = self.pipe, None, None
-        self.pipe = load_in_place_of(
-            previous, model, device=self.device, parallel=self.parallel, quantize=quantize_mode()
-        )
-        self.model = model
-        self.unreported_setup = {f"setup_{k}": v for k, v in self.pipe.load_timings.items()}
-        return self.pipe
-
-    def resolve(self, inputs: PredictorInputs, spec: ModelSpec | None = None) -> ServiceRequest:
+    def resolve(
+        self, inputs: PredictorInputs, spec: ModelSpec | None = None, images_read: bool = True
+    ) -> ServiceRequest:
         """Check every input and map Replicate's names onto the library's, before any work.
 
-        `spec` is the model the request will run on when it is known (a batch's, once loaded);
-        else the resident model's, or the catalogue's.
+        `spec` is the model the request will run on when it is known; else the resident model's, or
+        the catalogue's. With `images_read=False` (a batch's check), an image is checked by its header.
         """
         try:
-            return self._resolve(inputs, spec)
+            return self._resolve(inputs, spec, images_read)
         except InvalidInput as exc:
             raise exc.renamed(INPUT_NAMES) from None
 
-    def _resolve(self, i: PredictorInputs, spec: ModelSpec | None) -> ServiceRequest:
+    def _resolve(self, i: PredictorInputs, spec: ModelSpec | None, images_read: bool) -> ServiceRequest:
         credentials = Credentials(hf_token=i.hf_api_token, civitai_token=i.civitai_api_token, local_files=False)
         name = self.model_for(i.model, i.image is not None, i.resolution)
-        accelerator = _choice("accelerator", i.accelerator, ACCELERATORS)
-        steps = DEFAULT_SAMPLE_STEPS if i.sample_steps is None and accelerator is None else i.sample_steps
+        resident = self.resident
         if spec is None:
-            spec = self.pipe.spec if self.pipe is not None and self.model == name else resolve_model(name)
+            spec = resident.pipe.spec if resident.pipe is not None and resident.model == name else resolve_model(name)
         if i.sample_guide_scale_2 is not None and len(spec.experts) == 1:
             raise InvalidInput(
                 "sample_guide_scale_2",
                 i.sample_guide_scale_2,
                 "empty: only model=2.2-a14b has a second expert; use sample_guide_scale",
             )
-        request = resolve_request(
-            spec,
-            i.prompt,
-            negative_prompt=i.negative_prompt,
-            image=i.image,
-            resolution=None if i.model in ONE_SIZE_CHOICES else i.resolution,
-            aspect_ratio=None if i.aspect_ratio == ASPECT_CHOICES[0] else i.aspect_ratio,
-            num_frames=i.num_frames,
-            fps=i.fps,
-            num_inference_steps=steps,
-            guidance_scale=i.sample_guide_scale,
-            guidance_scale_2=i.sample_guide_scale_2,
-            flow_shift=i.sample_shift,
-            seed=i.seed,
-            fast_mode=_choice("fast_mode", i.fast_mode, FAST_MODES),
-            accelerator=accelerator,
-            loras=replicate_loras(i, spec.experts),
-        )
+        options = predictor_options(i, i.model, spec.experts)
         if isinstance(i.output_quality, bool) or not isinstance(i.output_quality, int):
             raise InvalidInput("output_quality", i.output_quality, "a whole number between 0 and 100")
+        prepared = prepare(name, options, spec=spec, images_read=images_read)
         strengths = sweep_strengths(i)
-        axes = None if strengths is None else sweep_axes(list(request.loras or ()), strengths=strengths)
-        return ServiceRequest(name, request, i.output_quality, credentials, axes)
+        if strengths is not None:
+            axes = tuple(sweep_axes(list(prepared.request.loras or ()), strengths=strengths))
+            prepared = replace(prepared, sweep=axes)
+        return ServiceRequest(prepared, i.output_quality, credentials)
 
     @error_boundary
     def generate(self, inputs: PredictorInputs, out_dir: Path) -> Result | None:
@@ -322,11 +348,9 @@ class VideoService:
         In a parallel worker, only rank 0 writes the MP4; the other ranks return None.
         """
         resolved = self.resolve(inputs)
-        pipe = self.load(resolved.model)
-        if resolved.request.spec != pipe.spec:  # the model's own config decided (a folder, the weights)
-            resolved = self.resolve(inputs)
+        self.load(resolved.model)
         try:
-            video = self._run(pipe, resolved)
+            video = self.resident.run(resolved.prepared, resolved.credentials, progress=not resolved.sweep)
         except LoraMismatch as exc:
             raise _with_model_hint(exc, inputs.model) from None
         if video is None:
@@ -337,14 +361,6 @@ class VideoService:
         self.unreported_setup = {}
         steps = resolved.request.settings.num_inference_steps
         return Result(path, video.seed, len(video.frames), steps, timings)
-
-    @staticmethod
-    def _run(pipe: WanLoraPipeline, resolved: ServiceRequest) -> Video | None:
-        """The video, or with lora_scale_sweep the grid of the main LoRA at each strength."""
-        if not resolved.sweep:
-            return pipe.run(resolved.request, resolved.credentials)
-        swept = pipe.run_sweep(resolved.request, resolved.sweep, resolved.credentials, progress=False)
-        return None if swept is None else swept.grid
 
 
 def _with_model_hint(exc: LoraMismatch, model: object) -> LoraMismatch:

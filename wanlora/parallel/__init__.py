@@ -141,3 +141,46 @@ def launched_by_torchrun() -> bool:
 def launched_by_gpus() -> bool:
     """Whether `wanlora generate --gpus` started this process (its launcher reports failures)."""
     return LAUNCHED_BY_GPUS in os.environ
+
+
+def requested_plan(
+    gpus: int | None,
+    ulysses: int | None,
+    ring: int | None,
+    cfg_parallel: bool,
+    device: str | None,
+    heads: int,
+    model: str,
+) -> ParallelPlan | None:
+    """The plan a person asked for (None: one process): the process count (`gpus`, or torchrun's), and the
+    Ulysses and ring degrees and CFG-parallel where given, the rest as in `ParallelPlan.auto`. Checked
+    against the machine and the model before anything loads."""
+    world = world_size()
+    if gpus is not None:
+        if gpus < 1:
+            raise InvalidInput("gpus", gpus, "1 or more")
+        if launched_by_torchrun() and gpus != world:
+            raise InvalidInput("gpus", gpus, f"{world}, the process count torchrun started (or leave it out)")
+        world = gpus
+    if world == 1:
+        for name, value in (("ulysses", ulysses), ("ring", ring), ("cfg_parallel", cfg_parallel)):
+            if value:
+                raise InvalidInput(name, value, "used with --gpus 2 or more (or under torchrun)")
+        return None
+    if device:
+        raise InvalidInput("device", device, "left out with --gpus: each process takes its own device")
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible and world > visible and not launched_by_torchrun():
+        raise InvalidInput("gpus", world, f"at most the {visible} GPUs visible here")
+    plan = ParallelPlan.auto(world, heads, cfg_parallel)
+    degree = plan.context_degree
+    for name, value in (("ulysses", ulysses), ("ring", ring)):
+        if value is not None and (value < 1 or degree % value):
+            raise InvalidInput(name, value, f"a divisor of {degree}, the processes that split each pass")
+    if ulysses or ring:
+        chosen_ulysses = ulysses or degree // (ring or 1)
+        plan = ParallelPlan(chosen_ulysses, ring or degree // chosen_ulysses, cfg_parallel)
+    plan.check(heads, world, model, "cuda" if visible else "cpu")
+    return plan

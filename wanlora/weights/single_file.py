@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
-from .checkpoint import Checkpoint, CheckpointFile, TensorRef
 from ..errors import InvalidInput, LoraError, LoraNotFound, ModelNotFound
-from .fp8 import BLOCK_PREFIX, FP8_DTYPES, Fp8Linear
 from ..hub import download_file
-from ..pairs import EVERY_EXPERT, choose_files
 from ..messages import listing
 from ..models import ModelSpec, families_of_width
+from ..pairs import EVERY_EXPERT, choose_files
+from .checkpoint import Checkpoint, CheckpointFile, TensorRef
+from .fp8 import BLOCK_PREFIX, FP8_DTYPES, Fp8Linear
 
 logger = logging.getLogger(__name__)
 
