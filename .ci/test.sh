@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: Chromium if missing, a fresh venv, the package with its test extras, lint, types, tests.
+# The README's test command: Chromium if missing, a fresh venv, the package with its test extras, lint, types,
+# the documentation build, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the sweep test plays a grid MP4 in headless Chromium, as a viewer's browser would
@@ -15,6 +16,11 @@ python3 -m venv .venv
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy  # wanlora/ and predict.py, as pyproject.toml's [tool.mypy] says
+# the documentation site, strictly: a broken link, a page missing from the nav or a docstring that does not
+# render fails; the site goes to a temporary folder, never into the repository
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+.venv/bin/mkdocs build --strict --site-dir "$site"  # not --quiet: it hides the warnings strict counts
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
 # pytest exits 5 when it collected no tests: that is a failure of the suite, not a pass.

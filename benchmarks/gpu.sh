@@ -3,7 +3,7 @@
 # random weights at the real Wan shapes, sections in order of value, each under its own
 # time limit, every row written to $OUT/gpu_results.json and .md as it is measured.
 #
-#   bash benchmarks/gpu.sh              # on the device: see the README's "GPU benchmark" section
+#   bash benchmarks/gpu.sh              # on the GPU machine: see docs/benchmarks.md, "The GPU benchmark"
 #   bash benchmarks/gpu.sh --rehearse   # every section on this CPU at tiny shapes, then the accounting
 #                                       # of the real run at real shapes on meta (the tests run it)
 #

@@ -77,10 +77,11 @@ def test_the_config_rules_catch_what_cogs_loader_refuses(edit, refusal):
     assert any(refusal in problem for problem in config_problems(config, ROOT)), config_problems(config, ROOT)
 
 
-def test_the_readmes_cog_commands_are_ones_cog_accepts():
-    commands = [line.split("#")[0] for line in (ROOT / "README.md").read_text().splitlines()]
+def test_the_documented_cog_commands_are_ones_cog_accepts():
+    pages = [ROOT / "README.md", ROOT / "docs" / "cog.md"]
+    commands = [line.split("#")[0] for page in pages for line in page.read_text().splitlines()]
     pushes = [c for c in commands if c.strip().startswith(("cog push", "cog weights"))]
-    assert pushes, "the README gives no cog push command"
+    assert pushes, "the documentation gives no cog push command"
     for command in pushes:
         name = "cog.weights.yaml" if "cog.weights.yaml" in command else "cog.yaml"
         config = yaml.safe_load((ROOT / name).read_text())

@@ -195,7 +195,7 @@ def test_tiny_accelerators_point_at_the_tiny_model_folder(cli, tmp_path):
 def test_the_readmes_inspect_example_uses_a_file_the_newcomer_has():
     readme = (ROOT / "README.md").read_text()
     examples = [line for line in readme.splitlines() if "wanlora lora inspect" in line and " REF " not in line]
-    assert examples and all("tiny-wan/accelerators/" in line for line in examples)
+    assert examples and all(("tiny-wan/accelerators/" in line or "tiny-wan/loras/" in line) for line in examples)
 
 
 def test_a_missing_image_is_missing_and_an_aimed_lora_says_what_to_do(cli, tmp_path):

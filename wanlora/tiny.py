@@ -124,7 +124,8 @@ def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v") -> Path
 
     Beside it, `accelerators/` holds a random stand-in for each accelerator preset's LoRA
     that the real variant has (a high/low pair for A14B), so that `--accelerator` runs
-    offline on the tiny model too.
+    offline on the tiny model too, and `loras/` two small random LoRAs to try (see
+    `write_tiny_loras`).
     """
     from safetensors.torch import save_file
 
@@ -146,7 +147,58 @@ def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v") -> Path
         for target, file_seed in files.items():
             target.parent.mkdir(parents=True, exist_ok=True)
             save_file(stand_in_lora(pipeline.transformer, file_seed), str(target))
+    write_tiny_loras(path / TINY_LORAS, pipeline.transformer, seed)
     return path
+
+
+TINY_LORAS = "loras"  # the folder of a tiny model's LoRAs to try
+
+# The block linears' original-Wan names (docs/lora-formats.md, "Module names"): what most published LoRAs use.
+ORIGINAL_BLOCK_LINEARS = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+
+
+def write_tiny_loras(folder: Path, transformer: WanTransformer3DModel, seed: int) -> None:
+    """Two small random LoRAs for a tiny model, in the layouts most published Wan LoRAs come in, so that
+    LoRAs can be tried offline: `style.safetensors` on the attention linears in original-Wan names
+    (`diffusion_model.blocks.0.self_attn.q.lora_down.weight`, as ComfyUI and kijai write them), and
+    `motion.safetensors` on the FFN in kohya/musubi-tuner's flattened names (`lora_unet_blocks_0_ffn_0...`)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    attention = [name for name in ORIGINAL_BLOCK_LINEARS if name.startswith("attn")]
+    style = random_lora(transformer, attention, lambda module: f"diffusion_model.{module}", seed)
+    motion = random_lora(
+        transformer, ["ffn.net.0.proj", "ffn.net.2"], lambda module: "lora_unet_" + module.replace(".", "_"), seed + 1
+    )
+    save_file(style, str(folder / "style.safetensors"))
+    save_file(motion, str(folder / "motion.safetensors"), metadata={"ss_network_dim": "4", "ss_network_alpha": "4"})
+
+
+def random_lora(transformer: WanTransformer3DModel, linears: list[str], key, seed: int) -> dict[str, torch.Tensor]:
+    """Rank-4 lora_down/lora_up factors (alpha 4: strength 1 adds up @ down) on `linears` of every block,
+    keyed by `key` of the module's original-Wan name."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, param in transformer.named_parameters():
+        parts = name.removesuffix(".weight").split(".", 2)  # blocks, N, module
+        if parts[0] != "blocks" or parts[2] not in linears or not name.endswith(".weight"):
+            continue
+        base = key(f"blocks.{parts[1]}.{ORIGINAL_BLOCK_LINEARS[parts[2]]}")
+        tensors[f"{base}.lora_down.weight"] = torch.randn(4, param.shape[1], generator=generator) * 0.25
+        tensors[f"{base}.lora_up.weight"] = torch.randn(param.shape[0], 4, generator=generator) * 0.1
+        tensors[f"{base}.alpha"] = torch.tensor(4.0)
+    return tensors
 
 
 def stand_in_lora(transformer: WanTransformer3DModel, seed: int) -> dict[str, torch.Tensor]:

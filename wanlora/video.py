@@ -34,7 +34,16 @@ MAX_TITLE_CHARS = 1000
 
 @dataclass
 class Video:
-    """Decoded frames (uint8, F x H x W x 3) and what made them."""
+    """Decoded frames (uint8, F x H x W x 3) and what made them.
+
+    Attributes:
+        frames: the frames, uint8, frames x height x width x 3 (RGB).
+        fps: frames per second.
+        seed: the seed that made them (the one picked, when none was asked for).
+        metadata: the prompt, model, LoRAs with their strengths and every setting; `save` writes it
+            into the MP4's tags.
+        timings: seconds per stage (LoRA merge, denoising, ...); not saved, so outputs stay reproducible.
+    """
 
     frames: np.ndarray
     fps: int

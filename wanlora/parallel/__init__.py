@@ -25,6 +25,11 @@ class ParallelPlan:
 
     `ulysses * ring` processes split the tokens; `cfg=True` doubles that, one half per
     guidance branch. The product must equal the number of processes.
+
+    Attributes:
+        ulysses: the Ulysses degree (all-to-all over heads); it must divide the head count.
+        ring: the ring-attention degree (key/value shards passed around); any, on CUDA.
+        cfg: whether the two guidance passes run on two halves of the processes.
     """
 
     ulysses: int = 1

@@ -1,0 +1,159 @@
+"""The README and docs/ say what the code does: the quick start runs as written, every link resolves,
+the snippets run, the tables name what the code takes, and the tiny model carries LoRAs to try."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from wanlora import WanLoraPipeline
+from wanlora.lora.layouts import read_lora
+
+from .conftest import SMALL, probe
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
+
+
+def fenced_block(page: Path, marker: str) -> str:
+    """The fenced code block right after the comment that starts with `marker`."""
+    after = page.read_text().split(marker, 1)[1]
+    block = re.match(r"[^\n]*\n```\w*\n(.*?)\n```", after, re.S)
+    assert block, f"no code block after {marker!r} in {page.name}"
+    return block.group(1)
+
+
+def without_code(text: str) -> str:
+    """Markdown with its fenced blocks and inline code removed: what is left is prose, headings and links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor, as Python-Markdown's toc (the docs site) and GitHub (the README) both make it."""
+    text = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def anchors(page: Path) -> set[str]:
+    """A page's anchors: its headings, and the objects mkdocstrings documents (`::: name`)."""
+    text = page.read_text()
+    found = {slug(h) for h in re.findall(r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M)}
+    return found | set(re.findall(r"^::: (\S+)", text, re.M))
+
+
+# ---------------------------------------------------------------------------- the README's quick start
+
+
+def test_the_readmes_quick_start_runs_as_written(tmp_path):
+    script = fenced_block(README, "<!-- quick-start:")
+    assert len(script.splitlines()) <= 20, "the quick start fits one screen"
+    python = f"{shlex.quote(sys.executable)} -m wanlora "
+    commands, count = re.subn(r"^wanlora ", python, script, flags=re.M)
+    assert count >= 5 and "wanlora " not in commands.replace(python, "")  # every command, as written
+    run = subprocess.run(
+        ["bash", "-euxo", "pipefail", "-c", commands], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "layout: original-Wan names" in run.stdout  # lora inspect, as the README describes it
+    for name in ("fox.mp4", "fox-loras.mp4", "grid.mp4", "runs/job-0001.mp4", "runs/boat.mp4"):
+        assert len(probe(tmp_path / name).frames) == 9, name
+    manifest = [json.loads(line) for line in (tmp_path / "runs" / "manifest.jsonl").read_text().splitlines()]
+    assert [(e["output"], e["status"]) for e in manifest] == [("job-0001.mp4", "done"), ("boat.mp4", "done")]
+    again = subprocess.run(["bash", "-c", commands.splitlines()[-1]], cwd=tmp_path, capture_output=True, text=True)
+    assert "0 done, 2 already done" in again.stdout  # "run it again and it skips what is done"
+
+
+# ---------------------------------------------------------------------------- links and words
+
+
+def test_every_link_in_the_readme_and_docs_resolves():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", without_code(page.read_text())):
+            if re.match(r"[a-z]+:", target):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_docs_page_is_on_the_site():
+    config = (ROOT / "mkdocs.yml").read_text()
+    listed = set(re.findall(r":\s+(\S+\.md)$", config, re.M))
+    assert listed == {page.name for page in DOCS.glob("*.md")}
+
+
+def test_the_documentation_speaks_of_the_project_and_its_users_only():
+    # how the project was built is no user's business: no sessions, lent machines or the builders' tools
+    outside = re.compile(
+        r"\bthis (2-core|machine|CPU|GPU)\b|\bsessions?\b|\blent\b|\bdevice (call|session|time)\b|"
+        r"\brun\(command|\bcarry=|/work/|KINDS\.md|\bthe lead\b",
+        re.I,
+    )
+    for page in PAGES:
+        for number, line in enumerate(without_code(page.read_text()).splitlines(), 1):
+            assert not outside.search(line), f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+
+
+# ---------------------------------------------------------------------------- tables and snippets
+
+
+def test_the_batch_field_table_names_every_field_of_each_form():
+    from wanlora.frontends.batch import BATCH_FIELDS, PREDICTOR_FIELDS, parse_job
+    from wanlora.pipeline import generate_options
+
+    page = (DOCS / "sweeps-and-batches.md").read_text()
+    table = page.split("<!-- batch fields:", 1)[1].split("\n\n", 1)[0].splitlines()[3:]  # after the header
+    library, predictor = set(), set()
+    for row in table:
+        first, second = row.strip("|").split("|")[:2]
+        library |= set(re.findall(r"`([a-z0-9_]+)`", first))
+        predictor |= set(re.findall(r"`([a-z0-9_]+)`", second))
+    assert library == {"prompt", "model", *generate_options(), *BATCH_FIELDS}
+    assert predictor == {*PREDICTOR_FIELDS, "output"}
+    assert "(`job-0002.mp4` for line 2)" in page
+    assert parse_job(2, '{"prompt": "a fox", "model": "tiny"}').output == "job-0002.mp4"
+
+
+def test_the_test_lora_snippet_writes_a_lora_the_tiny_model_takes(tmp_path, monkeypatch, fresh_tiny_pipe):
+    code = fenced_block(DOCS / "loras.md", "<!-- test-lora:")
+    assert len([line for line in code.splitlines() if line.strip()]) == 5  # "five lines"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/loras.md", "exec"), {})
+    before = {name: param.detach().clone() for name, param in fresh_tiny_pipe.transformer.named_parameters()}
+    fresh_tiny_pipe.set_loras([(str(tmp_path / "my-lora.safetensors"), 1.0)])
+    changed = {n for n, p in fresh_tiny_pipe.transformer.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"blocks.0.attn1.to_q.weight"}
+
+
+def test_a_tiny_model_carries_two_loras_in_published_layouts(tiny_dir):
+    style, motion = tiny_dir / "loras" / "style.safetensors", tiny_dir / "loras" / "motion.safetensors"
+    with safe_open(str(style), "pt") as file:
+        assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in file.keys()
+    with safe_open(str(motion), "pt") as file:
+        assert "lora_unet_blocks_0_ffn_0.lora_up.weight" in file.keys()
+    assert read_lora(style).layout == "original-Wan names, lora_down/up (ComfyUI, kijai)"
+    assert read_lora(motion).layout == "kohya / musubi-tuner"
+    assert {kind.split(".")[0] for kind in read_lora(style).module_kinds} == {"attn1", "attn2"}
+    assert set(read_lora(motion).module_kinds) == {"ffn.net.0.proj", "ffn.net.2"}
+
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir))
+    base = pipe.generate("a fox", **SMALL, seed=1, progress=False)
+    both = pipe.generate("a fox", **SMALL, seed=1, loras=[(str(style), 0.8), (str(motion), 0.5)], progress=False)
+    assert base is not None and both is not None
+    assert not np.array_equal(base.frames, both.frames)
