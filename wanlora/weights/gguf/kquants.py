@@ -58,30 +58,38 @@ def _unlanes(values: torch.Tensor) -> torch.Tensor:
 def fit_with_min(
     x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """make_qkx2_quants over sub-blocks (n, m): (scale (m,), the_min (m,) = -min, L (n, m) float in 0..nmax)."""
+    """make_qkx2_quants over sub-blocks (n, m): (scale (m,), the_min (m,) = -min, L (n, m) float in 0..nmax).
+
+    The (n, m) temporaries are three buffers written in place: allocating one per op costs more than the op."""
     low = x.amin(dim=0)
     low = torch.where(low > 0, torch.zeros_like(low), low)
     high = x.amax(dim=0)
     sum_w = sequential_sum(weights, from_zero=False)
     sum_x = sequential_sum(weights * x, from_zero=False)
     span = high - low
+    tried, weighted, work = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+
+    def levels_into(out: torch.Tensor, iscale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        """clamp(nearest_int(iscale * (x - min)), 0, nmax)"""
+        return round_clamp(torch.sub(x, minimum, out=out).mul_(iscale), 0, nmax)
 
     def error(scale: torch.Tensor, minimum: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        diff = scale * levels + minimum - x
-        diff = diff.abs_() if use_mad else diff * diff
-        return sequential_sum(weights * diff)
+        """sum(w * diff^2) (use_mad: |diff|), diff = scale * L + min - x"""
+        diff = torch.mul(levels, scale, out=work).add_(minimum).sub_(x)
+        diff = diff.abs_() if use_mad else diff.mul_(diff)
+        return sequential_sum(diff.mul_(weights))
 
     iscale = div(float(nmax), span)
     scale = div(1.0, iscale)
-    levels = round_clamp(iscale * (x - low), 0, nmax)
+    levels = levels_into(torch.empty_like(x), iscale, low)
     best = error(scale, low, levels)
     for step in range(nstep + 1):
         numerator = _f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax)
-        tried = round_clamp(div(float(numerator), high - low) * (x - low), 0, nmax)  # the current min
-        weighted = weights * tried
+        levels_into(tried, div(float(numerator), high - low), low)  # the current min: the best fit's so far
+        torch.mul(weights, tried, out=weighted)
         sum_l = sequential_sum(weighted)
-        sum_l2 = sequential_sum(weighted * tried)
-        sum_xl = sequential_sum(weighted * x)
+        sum_l2 = sequential_sum(torch.mul(weighted, tried, out=work))
+        sum_xl = sequential_sum(torch.mul(weighted, x, out=work))
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = div(sum_w * sum_xl - sum_x * sum_l, det)
         this_min = div(sum_l2 * sum_x - sum_l * sum_xl, det)
@@ -90,12 +98,12 @@ def fit_with_min(
         this_min = torch.where(clipped, torch.zeros_like(this_min), this_min)
         this_error = error(this_scale, this_min, tried)
         better = (det > 0) & (this_error < best)
-        levels = torch.where(better, tried, levels)
+        levels, weighted = torch.where(better, tried, levels, out=weighted), levels
         best = torch.where(better, this_error, best)
         scale = torch.where(better, this_scale, scale)
         low = torch.where(better, this_min, low)
     flat = span == 0  # every x the same (and <= 0): L 0, scale 0, the min kept
-    return torch.where(flat, torch.zeros_like(scale), scale), -low, torch.where(flat, torch.zeros_like(levels), levels)
+    return torch.where(flat, torch.zeros_like(scale), scale), -low, levels.masked_fill_(flat, 0)
 
 
 def fit_symmetric(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,23 +112,26 @@ def fit_symmetric(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tenso
     largest = first_largest(x)
     weights = x * x
     weighted_x = weights * x
+    tried, spare, work = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
 
-    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        levels = round_clamp(iscale * x, -nmax, nmax - 1)
-        return levels, sequential_sum(weighted_x * levels), sequential_sum(weights * levels * levels)
+    def sums(iscale: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        levels = round_clamp(torch.mul(x, iscale, out=out), -nmax, nmax - 1)
+        sum_lx = sequential_sum(torch.mul(weighted_x, levels, out=work))
+        sum_l2 = sequential_sum(torch.mul(weights, levels, out=work).mul_(levels))
+        return levels, sum_lx, sum_l2
 
-    levels, sum_lx, sum_l2 = sums(div(float(-nmax), largest))
+    levels, sum_lx, sum_l2 = sums(div(float(-nmax), largest), torch.empty_like(x))
     scale = torch.where(sum_l2 != 0, div(sum_lx, sum_l2), torch.zeros_like(sum_lx))
     best = scale * sum_lx
     for step in (*range(-9, 0), *range(1, 10)):
         numerator = -(_f32(nmax) + _f32(0.1) * _f32(step))
-        tried, tried_lx, tried_l2 = sums(div(float(numerator), largest))
+        _, tried_lx, tried_l2 = sums(div(float(numerator), largest), tried)
         better = (tried_l2 > 0) & (tried_lx * tried_lx > best * tried_l2)
-        levels = torch.where(better, tried, levels)
+        levels, spare = torch.where(better, tried, levels, out=spare), levels
         scale = torch.where(better, div(tried_lx, tried_l2), scale)
         best = torch.where(better, scale * tried_lx, best)
     zero = largest.abs() < GROUP_MAX_EPS
-    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, torch.zeros_like(levels), levels + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), levels.add_(nmax).masked_fill_(zero, 0)
 
 
 def fit_q3(x: torch.Tensor, passes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
