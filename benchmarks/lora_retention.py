@@ -24,7 +24,7 @@ Quantization is row-wise, so kept, noise and PSNR are measured on `--rows` rows 
 matrix; step times on the whole layer (GGUF blocks: those rows' blocks tiled to full size, which
 dequantize at the same speed).
 
-    python -m benchmarks.lora_retention [--rows 512] [--tokens 256] [--repeats 2]
+    python -m benchmarks.lora_retention [--rows 256] [--tokens 256] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def markdown(table: list[Row]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=512, help="rows of each matrix for kept, noise and PSNR")
+    parser.add_argument("--rows", type=int, default=256, help="rows of each matrix for kept, noise and PSNR")
     parser.add_argument("--tokens", type=int, default=256, help="tokens of the timed forward")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each forward (the best is shown)")
     args = parser.parse_args()

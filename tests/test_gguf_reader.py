@@ -172,6 +172,12 @@ def test_a_file_for_another_model_says_which_model_it_is_for(tmp_path, model):
     )
 
 
+def test_a_parameter_held_twice_under_two_names_is_refused(tmp_path, model):
+    tensors = gguf_tensors(model, "Q8_0")
+    twice = [*tensors, ("model.diffusion_model." + tensors[-1][0], tensors[-1][1], tensors[-1][2])]
+    assert "unexpected" in refused(write_gguf(tmp_path / "twice.gguf", twice, 7))
+
+
 def test_a_file_without_the_5d_patch_embedding_says_so(tmp_path, model):
     tensors = [t for t in gguf_tensors(model, "Q8_0") if t[0] != "patch_embedding.weight"]
     message = refused(write_gguf(tmp_path / "unfixed.gguf", tensors, 7))
@@ -238,3 +244,29 @@ def test_a_file_cut_short_under_a_running_model_ends_in_a_clear_error_not_a_sign
     )
     assert run.returncode == 0, f"exit {run.returncode} (negative: killed by that signal): {run.stderr[-2000:]}"
     assert "was rewritten since the model was loaded from it" in run.stdout and "clean" in run.stdout
+
+
+WITHOUT_GGUF = """
+import sys
+sys.modules["gguf"] = None  # the GPU image has no gguf package: `import gguf` fails
+import torch
+from wanlora.errors import ModelNotFound
+from wanlora.models import tiny_spec
+from wanlora.weights.gguf.linear import GgufLinear
+from wanlora.weights.gguf.quantize import quantize
+from wanlora.weights.gguf.reader import read_transformer
+
+layer = GgufLinear(quantize(torch.randn(8, 256), "Q4_K"), "Q4_K")
+assert layer(torch.randn(2, 256)).shape == (2, 8)
+try:
+    read_transformer(sys.argv[1], tiny_spec(kind="t2v", wide=True))
+except ModelNotFound as exc:
+    print(exc)
+"""
+
+
+def test_without_the_gguf_package_only_reading_a_file_needs_it(tmp_path, model):
+    path = write_file(tmp_path / "any.gguf", model, "Q8_0")
+    run = subprocess.run([sys.executable, "-c", WITHOUT_GGUF, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "reading GGUF files needs the gguf package: pip install 'wanlora[gguf]'" in run.stdout

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from ..spread import MIN_SPREAD_ELEMENTS, run_spread, single_threaded_ops
 from .qtypes import (
     BF16,
     F16,
@@ -41,7 +42,7 @@ from .qtypes import (
     qtype_of,
 )
 
-CHUNK_WEIGHTS = 1 << 22  # dequantized at a time: bounds the fp32 temporaries beside the output
+CHUNK_WEIGHTS = 1 << 20  # dequantized at a time: bounds the fp32 temporaries beside the output
 
 
 @functools.cache
@@ -216,18 +217,29 @@ def dequantize(data: torch.Tensor, qtype: QType | str, dtype: torch.dtype = torc
 
 def dequantize_into(out: torch.Tensor, data: torch.Tensor, qtype: QType | str) -> torch.Tensor:
     """`dequantize` into `out` (any float dtype), a chunk of rows at a time: the fp32 temporaries stay near
-    CHUNK_WEIGHTS, whatever the weight's size."""
+    CHUNK_WEIGHTS, whatever the weight's size. On a CPU the chunks are jobs spread over the cores, each on one
+    thread (wanlora.weights.spread: robust to a core another process keeps busy)."""
     qtype = qtype_of(qtype)
     columns = columns_of(data, qtype)
     rows = math.prod(data.shape[:-1])
     if tuple(out.shape) != (*data.shape[:-1], columns):
-        raise ValueError(
-            f"{qtype} rows {tuple(data.shape)} dequantize to {(*data.shape[:-1], columns)}, not {out.shape}"
-        )
+        wanted = (*data.shape[:-1], columns)
+        raise ValueError(f"{qtype} rows {tuple(data.shape)} dequantize to {wanted}, not {tuple(out.shape)}")
     flat_in, flat_out = data.reshape(rows, -1), out.view(rows, columns)
     step = max(1, CHUNK_WEIGHTS // max(1, columns))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+
+    def job(start: int, stop: int) -> None:
         weights = dequantize_blocks(flat_in[start:stop].contiguous(), qtype)
         flat_out[start:stop].copy_(weights.view(stop - start, columns))
+
+    chunks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+    if data.device.type != "cpu":
+        for start, stop in chunks:
+            job(start, stop)
+    elif rows * columns < MIN_SPREAD_ELEMENTS:
+        with single_threaded_ops():  # too little work for threads: one core, no barriers
+            for start, stop in chunks:
+                job(start, stop)
+    else:
+        run_spread([((stop - start) * columns, functools.partial(job, start, stop)) for start, stop in chunks])
     return out

@@ -16,15 +16,18 @@ device (wanlora.weights.gguf.arith says how).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from ..spread import MIN_SPREAD_ELEMENTS, run_spread, single_threaded_ops
 from .arith import div
 from .kquants import K_QUANTIZE
 from .qtypes import BF16, F16, F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QType, qtype_of
 
-CHUNK_WEIGHTS = 1 << 20  # quantized at a time: the K-quants' temporaries are many times this, in fp32
+CPU_CHUNK_WEIGHTS = 1 << 18
+DEVICE_CHUNK_WEIGHTS = 1 << 22
 
 
 def _scale_and_inverse(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,9 +141,19 @@ def quantize_blocks(blocks: torch.Tensor, qtype: QType | str) -> torch.Tensor:
     return QUANTIZE[qtype](blocks.float().reshape(-1, qtype.block_size)).view(-1, qtype.type_size)
 
 
+def chunk_weights(device: torch.device) -> int:
+    """Weights quantized at a time. The K-quants run thousands of ops a chunk over temporaries many times its
+    size: on a CPU a quarter million stays in cache; a GPU wants fewer, larger launches."""
+    return CPU_CHUNK_WEIGHTS if device.type == "cpu" else DEVICE_CHUNK_WEIGHTS
+
+
 def quantize(rows: torch.Tensor, qtype: QType | str) -> torch.Tensor:
-    """Weights (..., columns) -> rows of blocks (..., row_bytes) uint8, on the rows' device; a chunk of rows at
-    a time (the K-quants' temporaries are many times a chunk). ValueError where a row is not whole blocks."""
+    """Weights (..., columns) -> rows of blocks (..., row_bytes) uint8, on the rows' device, a chunk of rows at a
+    time. ValueError where a row is not whole blocks.
+
+    On a CPU the chunks are independent jobs spread over the cores, each on one thread
+    (wanlora.weights.spread): a K-quant chunk is thousands of small ops, and with every op on
+    every core, one core kept busy by another process stalls each op's barrier."""
     qtype = qtype_of(qtype)
     if rows.dim() == 0:
         raise ValueError("quantize takes rows, not a 0-d tensor")
@@ -148,8 +161,19 @@ def quantize(rows: torch.Tensor, qtype: QType | str) -> torch.Tensor:
     count = math.prod(rows.shape[:-1])
     flat = rows.reshape(count, rows.shape[-1])
     out = torch.empty((count, row_bytes), dtype=torch.uint8, device=rows.device)
-    step = max(1, CHUNK_WEIGHTS // max(1, rows.shape[-1]))
-    for start in range(0, count, step):
-        stop = min(count, start + step)
+    step = max(1, chunk_weights(rows.device) // max(1, rows.shape[-1]))
+
+    def job(start: int, stop: int) -> None:
         out[start:stop] = quantize_blocks(flat[start:stop], qtype).view(stop - start, row_bytes)
+
+    chunks = [(start, min(count, start + step)) for start in range(0, count, step)]
+    if rows.device.type != "cpu":
+        for start, stop in chunks:
+            job(start, stop)
+    elif count * rows.shape[-1] < MIN_SPREAD_ELEMENTS:
+        with single_threaded_ops():  # too little work for threads: one core, no barriers
+            for start, stop in chunks:
+                job(start, stop)
+    else:
+        run_spread([((stop - start) * rows.shape[-1], functools.partial(job, start, stop)) for start, stop in chunks])
     return out.view(*rows.shape[:-1], row_bytes)

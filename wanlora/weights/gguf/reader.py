@@ -63,7 +63,8 @@ class TensorInfo:
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        """Rows as read back: a matrix's (or a higher tensor's) first dimension; a vector is one row."""
+        return self.shape[0] if len(self.shape) >= 2 else 1
 
     @property
     def row_bytes(self) -> int:
@@ -227,7 +228,8 @@ class GgufTransformer:
         self.file.check_unchanged()
         info = self.sources[name]
         stop = info.rows if stop is None else stop
-        return _as_tensor(info, self.file.read(info, start, stop), (stop - start, *info.shape[1:]))
+        shape = (stop - start, *info.shape[1:]) if len(info.shape) >= 2 else info.shape
+        return _as_tensor(info, self.file.read(info, start, stop), shape)
 
     def types(self) -> Counter[str]:
         """How many tensors the file holds in each type (for logs and memory plans)."""
@@ -255,7 +257,8 @@ def read_transformer(path: str | Path, spec: ModelSpec) -> GgufTransformer:
         names = diffusers_names(path, [info.name for info in file.tensors])
         by_name = {info.name: info for info in file.tensors}
         sources = {name: by_name[key] for name, key in names.items()}
-        _check_fits(path, sources, spec)
+        unnamed = sorted(set(by_name) - set(names.values()))  # two of the file's names for one parameter
+        _check_fits(path, sources, spec, unnamed)
         tensors = {}
         for name, info in sources.items():
             value = _as_tensor(info, file.read(info), info.shape)
@@ -330,10 +333,10 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _check_fits(path: Path, sources: dict[str, TensorInfo], spec: ModelSpec) -> None:
+def _check_fits(path: Path, sources: dict[str, TensorInfo], spec: ModelSpec, unnamed: list[str]) -> None:
     shapes = _model_shapes(spec.arch)
     missing = sorted(set(shapes) - set(sources))
-    extra = [sources[name].name for name in sorted(set(sources) - set(shapes))]
+    extra = [sources[name].name for name in sorted(set(sources) - set(shapes))] + unnamed
     wrong = [
         f"{info.name} {info.shape} vs {shapes[name]}"
         for name, info in sources.items()
