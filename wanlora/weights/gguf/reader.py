@@ -108,8 +108,12 @@ class GgufFile:
         self._handle = path.open("rb", buffering=0)  # held: a file renamed over this one does not reach us
         self._stat = self._signature()
         self._lock = threading.Lock()  # for systems without preadv, whose reads seek
-        self.metadata, self.tensors = _parse(path)
-        self.check_unchanged()  # the table just read is this file's
+        try:
+            self.metadata, self.tensors = _parse(path)
+            self.check_unchanged()  # the table just read is this file's
+        except BaseException:
+            self._handle.close()
+            raise
 
     def _signature(self) -> tuple[int, int]:
         stat = os.fstat(self._handle.fileno())
@@ -151,6 +155,11 @@ class GgufFile:
 
     def close(self) -> None:
         self._handle.close()
+
+    def __del__(self) -> None:  # the handle lives as long as what was loaded may need W0 from it, then closes
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
 
 
 def _parse(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
