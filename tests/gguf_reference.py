@@ -24,8 +24,9 @@ def fp16(value: np.float32) -> tuple[bytes, np.float32]:
     return stored.tobytes(), F(stored)
 
 
-def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
-    """-> (scale, the_min, L list)."""
+def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad, first_min_only=False):
+    """-> (scale, the_min, L list). `first_min_only`: the trap, for the tests to show they would see it: every
+    try from the range's min, where ggml's uses the min of the best fit so far."""
     n = len(x)
     low, high = x[0], x[0]
     sum_w = weights[0]
@@ -43,6 +44,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         return F(0), -low, [0] * n
     iscale = F(nmax) / (high - low)
     scale = F(1) / iscale
+    first_low = low
     levels = []
     best = F(0)
     for i in range(n):
@@ -52,11 +54,12 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         diff = abs(diff) if use_mad else diff * diff
         best = best + weights[i] * diff
     for step in range(nstep + 1):
-        iscale = (F(rmin) + F(rdelta) * F(step) + F(nmax)) / (high - low)  # the current min
+        start = first_low if first_min_only else low  # ggml: the current min
+        iscale = (F(rmin) + F(rdelta) * F(step) + F(nmax)) / (high - start)
         tried = []
         sum_l = sum_l2 = sum_xl = F(0)
         for i in range(n):
-            level = max(0, min(nmax, nearest_int(iscale * (x[i] - low))))
+            level = max(0, min(nmax, nearest_int(iscale * (x[i] - start))))
             tried.append(level)
             sum_l = sum_l + weights[i] * F(level)
             sum_l2 = sum_l2 + weights[i] * F(level) * F(level)
@@ -160,7 +163,7 @@ def _k_scale_bytes(ls, lm):
     return packed
 
 
-def _q45_k(x, nmax, rmin, nstep):
+def _q45_k(x, nmax, rmin, nstep, first_min_only=False):
     """Q4_K (nmax 15) or Q5_K (31): (d bytes, dmin bytes, scale bytes, L list)."""
     scales, mins, levels = [], [], []
     for j in range(8):
@@ -170,7 +173,7 @@ def _q45_k(x, nmax, rmin, nstep):
             sum_x2 = sum_x2 + value * value
         av_x = np.sqrt(sum_x2 / F(32))
         weights = [av_x + abs(value) for value in sub]
-        scale, the_min, sub_levels = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep, False)
+        scale, the_min, sub_levels = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep, False, first_min_only)
         scales.append(scale)
         mins.append(the_min)
         levels += sub_levels
@@ -194,8 +197,8 @@ def _q45_k(x, nmax, rmin, nstep):
     return d_bytes, dmin_bytes, _k_scale_bytes(ls, lm), levels
 
 
-def quantize_q4_k(x) -> bytes:
-    d, dmin, scales, levels = _q45_k(x, 15, -1.0, 20)
+def quantize_q4_k(x, first_min_only=False) -> bytes:
+    d, dmin, scales, levels = _q45_k(x, 15, -1.0, 20, first_min_only)
     qs = [levels[64 * c + i] | (levels[64 * c + 32 + i] << 4) for c in range(4) for i in range(32)]
     return d + dmin + bytes(scales) + bytes(qs)
 

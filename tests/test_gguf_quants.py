@@ -12,7 +12,7 @@ from wanlora.weights.gguf import qtypes
 from wanlora.weights.gguf.dequant import dequantize, dequantize_into
 from wanlora.weights.gguf.quantize import quantize
 
-from .gguf_reference import quantize_reference
+from .gguf_reference import quantize_q4_k, quantize_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # gguf-py's numpy, on extreme and NaN blocks
 
@@ -123,6 +123,15 @@ def test_k_quantizers_are_the_reference_bit_for_bit(qtype):
     want = quantize_reference(x, qtype.name)
     differ = np.nonzero((got.reshape(-1, qtype.type_size) != want.reshape(-1, qtype.type_size)).any(axis=1))[0]
     assert differ.size == 0, f"blocks {differ.tolist()} differ from the reference"
+
+
+def test_the_reference_tests_would_see_the_trap_of_the_first_min():
+    """Tries from the range's min alone, not the best fit's so far, change most Q4_K blocks on plain weights:
+    the bit-for-bit test above would fail on that mistake."""
+    x = np.random.default_rng(5).standard_normal((2, 2048)).astype(np.float32) * 0.02
+    got = quantize(torch.from_numpy(x), qtypes.Q4_K).numpy().reshape(-1, 144)
+    trapped = np.stack([np.frombuffer(quantize_q4_k(list(block), True), np.uint8) for block in x.reshape(-1, 256)])
+    assert (got != trapped).any(axis=1).mean() > 0.25
 
 
 @pytest.mark.parametrize("qtype", QUANTIZED, ids=str)
