@@ -392,15 +392,19 @@ TINY_SHAPE = {
     "text_dim": 32,
     "rope_max_seq_len": 32,
 }
+# GGUF's K-quants (Q4_K ...) need rows of whole 256-weight blocks: a "wide" stand-in's block linears take
+# 256 inputs (2 heads of 128; an FFN of 256), everything else as the tiny one's. Made with `wide=True`
+# (`write_tiny_model`), and known by its folder's config like the others.
+TINY_WIDE_SHAPE = {**TINY_SHAPE, "attention_head_dim": 128, "ffn_dim": 256}
 TINY_IMAGE_DIM = 32  # the tiny CLIP's width
 TINY_SHORT_SIDE = 64  # pixels: the presets keep their aspect at this short side
 TINY_KINDS: dict[str, str] = {spec.tiny: spec.name for spec in CATALOGUE_ROWS if spec.tiny}  # kind -> variant
 TINY_NAMES = {"tiny" if kind == "t2v" else f"tiny-{kind}": kind for kind in TINY_KINDS}
 
 
-def tiny_architecture(real: Architecture) -> Architecture:
-    """Tiny shapes with the real model's inputs, outputs and image branch."""
-    tiny = Architecture(**TINY_SHAPE)
+def tiny_architecture(real: Architecture, wide: bool = False) -> Architecture:
+    """Tiny shapes (`wide`: 256 wide) with the real model's inputs, outputs and image branch."""
+    tiny = Architecture(**(TINY_WIDE_SHAPE if wide else TINY_SHAPE))
     return replace(
         tiny,
         in_channels=real.in_channels,
@@ -424,15 +428,16 @@ def tiny_presets(real: ModelSpec) -> dict[str, dict[str, tuple[int, int]]]:
     return {resolution: {aspect: shrink(*size) for aspect, size in real.presets[resolution].items()}}
 
 
-def tiny_spec(source: str = "tiny", kind: str = "t2v") -> ModelSpec:
-    """A tiny stand-in for a catalogue variant, in memory or (with `source`) from a `wanlora tiny-model` folder."""
+def tiny_spec(source: str = "tiny", kind: str = "t2v", wide: bool = False) -> ModelSpec:
+    """A tiny stand-in for a catalogue variant, in memory or (with `source`) from a `wanlora tiny-model` folder;
+    `wide`: its 256-wide form (GGUF K-quant files fit it)."""
     real = CATALOGUE[TINY_KINDS[kind]]
     presets = tiny_presets(real)
     return replace(
         real,
-        name="tiny" if kind == "t2v" else f"tiny-{kind}",
+        name=("tiny" if kind == "t2v" else f"tiny-{kind}") + ("-wide" if wide else ""),
         source=source,
-        arch=tiny_architecture(real.arch),
+        arch=tiny_architecture(real.arch, wide),
         resolutions=tuple(presets),
         default_steps=4,
         presets=presets,
@@ -528,8 +533,8 @@ def spec_for_config(config: dict[str, Any], source: str, index: dict[str, Any]) 
     """The spec whose transformer config and pipeline layout (model_index.json: experts, VAE) these are."""
     arch = Architecture.from_config(config)
     layout = (index.get("boundary_ratio") is not None, bool(index.get("expand_timesteps")))
-    for kind in TINY_KINDS:
-        candidate = tiny_spec(source, kind)
+    for kind, wide in ((kind, wide) for wide in (False, True) for kind in TINY_KINDS):
+        candidate = tiny_spec(source, kind, wide)
         if arch == candidate.arch and layout == (candidate.boundary_ratio is not None, candidate.expand_timesteps):
             return candidate
     for spec in CATALOGUE_ROWS:

@@ -88,8 +88,9 @@ def tiny_clip(seed: int):
     return encoder, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
-def tiny_pipeline(seed: int = 0, kind: str = "t2v") -> WanPipeline:
-    """A complete tiny Wan pipeline in fp32, the same for the same seed, for a kind of `TINY_KINDS`.
+def tiny_pipeline(seed: int = 0, kind: str = "t2v", wide: bool = False) -> WanPipeline:
+    """A complete tiny Wan pipeline in fp32, the same for the same seed, for a kind of `TINY_KINDS` (`wide`: its
+    transformer 256 wide, for GGUF's K-quants).
 
     It has the real variant's layout: two experts with their boundary for A14B, the
     Wan2.2 VAE and per-token timesteps for TI2V-5B, a tiny CLIP for Wan2.1 image-to-video.
@@ -98,7 +99,7 @@ def tiny_pipeline(seed: int = 0, kind: str = "t2v") -> WanPipeline:
     """
     from diffusers import WanImageToVideoPipeline
 
-    spec = tiny_spec(kind=kind)
+    spec = tiny_spec(kind=kind, wide=wide)
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_TEXT_CONFIG)).eval()
@@ -119,8 +120,9 @@ def tiny_pipeline(seed: int = 0, kind: str = "t2v") -> WanPipeline:
     return WanImageToVideoPipeline(**parts, image_encoder=encoder, image_processor=processor)
 
 
-def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v") -> Path:
-    """Save a tiny model in the exact diffusers folder layout and return the folder.
+def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v", wide: bool = False) -> Path:
+    """Save a tiny model (`wide`: 256 wide, see `tiny_pipeline`) in the exact diffusers folder layout and return
+    the folder.
 
     Beside it, `accelerators/` holds a random stand-in for each accelerator preset's LoRA
     that the real variant has (a high/low pair for A14B), so that `--accelerator` runs
@@ -132,7 +134,7 @@ def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v") -> Path
     from .accelerators import TINY_FOLDER
 
     path = Path(path)
-    pipeline = tiny_pipeline(seed, kind)
+    pipeline = tiny_pipeline(seed, kind, wide)
     pipeline.save_pretrained(path, safe_serialization=True)
     real = CATALOGUE[TINY_KINDS[kind]]
     for number, preset in enumerate(sorted(real.accelerators)):

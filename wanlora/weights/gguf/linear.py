@@ -1,0 +1,127 @@
+"""`GgufLinear`: a linear layer whose weight stays in GGML blocks, dequantized for each call.
+
+y = x W0^T + sum_i s_i (x A_i^T) B_i^T + bias. W0 is dequantized (in fp32, as gguf-py gives it) to
+the input's dtype a chunk of rows at a time, and the matmul runs there: the saving is memory,
+not time. LoRA terms set beside the matmul ("unfused") leave the blocks untouched; their part
+is computed from the factors themselves, so nothing of it is lost to W0's rounding (at the cost
+of two thin matmuls a term). A term may also be a full delta (`down` None: y += s x dW^T).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .dequant import columns_of, dequantize
+from .qtypes import QType, qtype_of
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """s * up @ down: `down` (rank, in), `up` (out, rank); or `down` None and `up` a full (out, in) delta."""
+
+    up: torch.Tensor
+    down: torch.Tensor | None
+    scale: float
+
+
+class GgufLinear(torch.nn.Module):
+    """A linear layer over a weight's raw GGML blocks (`weight_blocks`, uint8 (out, row bytes); a buffer, so
+    it moves with the module), its `qtype`, and a float bias."""
+
+    weight_blocks: torch.Tensor
+
+    def __init__(self, blocks: torch.Tensor, qtype: QType | str, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.qtype = qtype_of(qtype)
+        if blocks.dim() != 2:
+            raise ValueError(f"a GGUF linear holds 2-D rows of blocks, not {tuple(blocks.shape)}")
+        self.in_features = columns_of(blocks, self.qtype)
+        self.out_features = blocks.shape[0]
+        self.register_buffer("weight_blocks", blocks)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"a bias of {self.out_features} values, not {tuple(bias.shape)}")
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self._terms = 0  # LoRA terms held, as buffers lora_up_i / lora_down_i
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W0 (out, in) in `dtype`."""
+        return dequantize(self.weight_blocks, self.qtype, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.dequantized(x.dtype), bias)
+        for term in self.lora_terms():
+            if term.down is None:
+                y = y + F.linear(x, term.up.to(x.dtype)) * term.scale
+            else:
+                y = y + F.linear(F.linear(x, term.down.to(x.dtype)) * term.scale, term.up.to(x.dtype))
+        return y
+
+    # ------------------------------------------------------------------------------ unfused LoRA terms
+
+    def set_lora_terms(self, terms: Sequence[LoraTerm | tuple[torch.Tensor, torch.Tensor | None, float]]) -> None:
+        """Hold `terms` (replacing any held), on this layer's device. All are checked before any is held."""
+        checked = [term if isinstance(term, LoraTerm) else LoraTerm(*term) for term in terms]
+        for term in checked:
+            self._check(term)
+        self.clear_lora_terms()
+        device = self.weight_blocks.device
+        for index, term in enumerate(checked):
+            self.register_buffer(f"lora_up_{index}", term.up.to(device), persistent=False)
+            down = None if term.down is None else term.down.to(device)
+            self.register_buffer(f"lora_down_{index}", down, persistent=False)
+            setattr(self, f"lora_scale_{index}", float(term.scale))
+        self._terms = len(checked)
+
+    def clear_lora_terms(self) -> None:
+        for index in range(self._terms):
+            delattr(self, f"lora_up_{index}")
+            delattr(self, f"lora_down_{index}")
+            delattr(self, f"lora_scale_{index}")
+        self._terms = 0
+
+    def lora_terms(self) -> list[LoraTerm]:
+        return [
+            LoraTerm(
+                getattr(self, f"lora_up_{index}"),
+                getattr(self, f"lora_down_{index}"),
+                getattr(self, f"lora_scale_{index}"),
+            )
+            for index in range(self._terms)
+        ]
+
+    def _check(self, term: LoraTerm) -> None:
+        if term.down is None:
+            wanted = (self.out_features, self.in_features)
+            if tuple(term.up.shape) != wanted:
+                raise ValueError(f"a full delta of {wanted}, not {tuple(term.up.shape)}")
+            return
+        rank = term.down.shape[0] if term.down.dim() == 2 else -1
+        if tuple(term.down.shape) != (rank, self.in_features) or tuple(term.up.shape) != (self.out_features, rank):
+            raise ValueError(
+                f"LoRA factors down ({rank}, {self.in_features}) and up ({self.out_features}, {rank}), "
+                f"not {tuple(term.down.shape)} and {tuple(term.up.shape)}"
+            )
+
+    # ------------------------------------------------------------------------------ accounting
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weight_blocks.numel()
+
+    @property
+    def lora_bytes(self) -> int:
+        return sum(term.up.nbytes + (0 if term.down is None else term.down.nbytes) for term in self.lora_terms())
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte this layer holds: blocks, bias and LoRA terms."""
+        return self.weight_bytes + (0 if self.bias is None else self.bias.nbytes) + self.lora_bytes
+
+    def extra_repr(self) -> str:
+        terms = f", {self._terms} LoRA terms" if self._terms else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype}{terms}"
