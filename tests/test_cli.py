@@ -170,3 +170,19 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_mp4(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("wanlora: error: ffmpeg could not write") and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".fox*"))
+
+
+def test_a_reader_that_stops_reading_is_not_an_error():
+    # `wanlora models | head -1`: the pipe is closed before wanlora writes to it
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wanlora.frontends.cli", "models"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert stderr == ""

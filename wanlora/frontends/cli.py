@@ -716,6 +716,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if speaks:
             print(f"wanlora: error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, InternalError) else 2
+    except BrokenPipeError:
+        # the reader stopped reading (`wanlora models --json | head`): not a failure to report; stdout
+        # goes nowhere from here, so that the interpreter's last flush does not fail a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except Exception as exc:  # a bug, reported in one scrubbed line like any other failure
         if speaks:
             print(f"wanlora: error: {InternalError.of(exc)}", file=sys.stderr)
