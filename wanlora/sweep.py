@@ -21,7 +21,7 @@ from .errors import InvalidInput
 from .grid import Headers, compose, grid_layout
 from .lora.fetch import Credentials
 from .lora.refs import display_ref
-from .lora.selection import LoraRequest
+from .lora.selection import LoraRequest, check_strength_value
 from .options import SWEEP_AXES, describe, refuse_unknown
 from .request import Request, check_text
 from .video import Video
@@ -102,7 +102,7 @@ def _checked(kind: str, name: str, value: object) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         raise InvalidInput(name, value, "finite numbers")
     if kind == "strength":
-        return float(value)
+        return check_strength_value(value, name, "a LoRA's strength")
     low, high = describe(kind).bounds()
     if not isinstance(value, int) or not low <= value <= high:
         raise InvalidInput(name, value, f"whole numbers from {low:g} to {high:g}")

@@ -1,0 +1,49 @@
+"""The frictions a newcomer met (issue 31): each answered in the product, held here."""
+
+from __future__ import annotations
+
+import pytest
+
+from wanlora.errors import InvalidInput
+from wanlora.lora.selection import parse_requests
+from wanlora.settings import LORA_STRENGTH_RANGE
+from wanlora.sweep import sweep_axes
+
+# ---------------------------------------------------------------------------- 1. strengths have a range
+
+
+@pytest.mark.parametrize("strength", ["99", "1e30", "-11", "1,20"])
+def test_the_cli_refuses_a_strength_outside_the_range_and_says_the_range(cli, tmp_path, strength):
+    result = cli("generate", "a fox", "--model", "tiny", "--lora", f"style.safetensors:{strength}", cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("wanlora: error: --lora=") and "a strength from -10 to 10" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "loras",
+    [
+        [("style.safetensors", 10.5)],
+        [("style.safetensors", -1e6, "high")],
+        [("style.safetensors", [1.0, 0.5, 40])],
+        [("style.safetensors", {"high": 1.0, "low": -11})],
+        [["style.safetensors", 1e30]],
+    ],
+    ids=["tuple", "aimed", "schedule", "experts", "list"],
+)
+def test_the_library_refuses_a_strength_outside_the_range(loras):
+    with pytest.raises(InvalidInput, match="a strength from -10 to 10 \\(for style.safetensors\\)"):
+        parse_requests(loras)
+
+
+def test_the_range_ends_are_strengths_and_a_sweep_has_the_same_range():
+    low, high = LORA_STRENGTH_RANGE
+    assert [r.strength for r in parse_requests([("a", low), ("b", high), ("c", [low, high])])] == [
+        low,
+        high,
+        (low, high),
+    ]
+    (request,) = parse_requests([("style.safetensors", 1.0)])
+    with pytest.raises(InvalidInput, match="strengths=12.0 is not allowed: a strength from -10 to 10"):
+        sweep_axes([request], strengths=[0, 1, 12.0])
