@@ -47,3 +47,40 @@ def test_the_range_ends_are_strengths_and_a_sweep_has_the_same_range():
     (request,) = parse_requests([("style.safetensors", 1.0)])
     with pytest.raises(InvalidInput, match="strengths=12.0 is not allowed: a strength from -10 to 10"):
         sweep_axes([request], strengths=[0, 1, 12.0])
+
+
+# ---------------------------------------------------------------------------- 6. messages name real flags
+
+
+@pytest.mark.parametrize(
+    ("axes", "words"),
+    [
+        (
+            ["--strengths", "0,1,2,3,4,5,6", "--seeds", "1,2,3,4,5,6"],
+            "--strengths x --seeds is not allowed: 7 x 6 = 42 cells; a sweep makes at most 36",
+        ),
+        ([], "sweep axis is missing: one or two of --strengths, --strengths-2, --seeds, --prompts"),
+        (
+            ["--strengths", "0,1", "--strengths-2", "0,1", "--seeds", "1,2"],
+            "--strengths and --strengths-2 and --seeds is not allowed: all at once",
+        ),
+    ],
+    ids=["cells", "none", "three"],
+)
+def test_a_sweep_refused_names_its_flags(cli, tmp_path, axes, words):
+    result = cli("sweep", "a fox", "--model", "tiny", "--lora", "a.safetensors", "--lora", "b.safetensors", *axes)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert words in line and "strengths_2" not in line, line
+
+
+def test_the_accelerator_hint_on_a_tiny_pair_gives_the_whole_command(cli):
+    result = cli("generate", "a fox", "--model", "tiny-t2v-a14b", "--accelerator", "lightx2v-4step")
+    assert result.returncode == 2
+    assert "`wanlora tiny-model DIR --kind t2v-a14b`, then use --model DIR" in result.stderr, result.stderr
+
+
+def test_counts_are_proper_plurals():
+    from wanlora.messages import plural
+
+    assert [plural(1, "LoRA"), plural(2, "LoRA"), plural(0, "GPU")] == ["1 LoRA", "2 LoRAs", "0 GPUs"]

@@ -36,6 +36,7 @@ from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
+from .messages import plural
 from .models import TINY_NAMES, ModelSpec, identify_model
 from .options import SWEEP_AXES, options_from, takes_options
 from .pairs import EVERY_EXPERT
@@ -334,7 +335,7 @@ class WanLoraPipeline:
                 pipeline.save_pretrained(staging, safe_serialization=True)
         finally:
             pipeline.scheduler = sampler
-        logger.info("wrote %s with %d LoRA(s) merged", target, len(self.active_loras))
+        logger.info("wrote %s with %s merged", target, plural(len(self.active_loras), "LoRA"))
         return target
 
     def _set_loras(self, requests: list[LoraRequest], credentials: Credentials | None) -> None:

@@ -466,7 +466,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     for name, option in SWEEP_AXES.items():
         given = getattr(args, name)
         values[name] = prompt_lines(given) if option == "prompt" else numbers(given, name, int)
-    axes = sweep_axes(loras, **values)
+    flags = {name: f"--{name.replace('_', '-')}" for name in values}  # the axes' own flags
+    axes = sweep_axes(loras, **values, names=flags)
     keep = Path(args.keep_cells) if args.keep_cells else None
     if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
         raise InvalidInput("--keep-cells", str(keep), "a new or empty folder")
