@@ -84,3 +84,27 @@ def test_counts_are_proper_plurals():
     from wanlora.messages import plural
 
     assert [plural(1, "LoRA"), plural(2, "LoRA"), plural(0, "GPU")] == ["1 LoRA", "2 LoRAs", "0 GPUs"]
+
+
+# ---------------------------------------------------------------------------- 8. a mistyped flag
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["generate", "a fox", "--lroa", "style.safetensors"], "--lroa: did you mean --lora?"),
+        (["sweep", "a fox", "--stpes=3"], "--stpes: did you mean --steps?"),
+        (["lora", "inspect", "style.safetensors", "--jsno"], "--jsno: did you mean --json?"),
+        (["batch", "jobs.jsonl", "--out", "runs", "--ary"], "--ary: did you mean --ray?"),
+    ],
+)
+def test_a_mistyped_flag_gets_the_nearest_flag_of_its_command(cli, args, hint):
+    result = cli(*args)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("wanlora: error: unrecognized arguments: ") and line.endswith(hint), line
+
+
+def test_a_flag_like_none_gets_no_guess(cli):
+    result = cli("generate", "a fox", "--zzzzqq")
+    assert result.returncode == 2 and "did you mean" not in result.stderr

@@ -8,6 +8,7 @@ a line on stderr says what the slow steps are doing while they run.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -54,11 +55,46 @@ LORA_FIELDS = {"lora": "--lora", "lora strength": "--lora", "loras": "--lora"}  
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2, and a mistyped flag gets the
+    nearest real one (`--lroa`: did you mean --lora?)."""
+
+    argv: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        self.argv = list(sys.argv[1:] if args is None else args)  # the command typed, for `error`'s hints
+        return super().parse_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes the value it refused (`invalid int value: '...'`): it passes the scrubber too
-        self.exit(2, f"{self.prog}: error: {scrub(message)}\n")
+        self.exit(2, f"{self.prog}: error: {scrub(message)}{self.nearest_flags(message)}\n")
+
+    def nearest_flags(self, message: str) -> str:
+        """`; did you mean --lora?` for each unknown flag in an `unrecognized arguments` message that is close
+        to a flag of the command typed (argparse suggests only from Python 3.14)."""
+        if not message.startswith(UNRECOGNIZED):
+            return ""
+        known = [flag for parser in command_chain(self, self.argv) for flag in parser._option_string_actions]
+        hints = []
+        for word in message.removeprefix(UNRECOGNIZED).split():
+            typed = word.split("=", 1)[0]
+            near = difflib.get_close_matches(typed, known, n=1, cutoff=0.6) if typed.startswith("--") else []
+            hints += [f"{typed}: did you mean {near[0]}?"] if near else []
+        return "".join(f"; {hint}" for hint in hints)
+
+
+UNRECOGNIZED = "unrecognized arguments: "
+
+
+def command_chain(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[argparse.ArgumentParser]:
+    """`parser` and the subcommands' parsers `argv` goes through (`wanlora lora inspect`: three)."""
+    chain = [parser]
+    while True:
+        # argparse keeps no public list of a parser's subcommands
+        commands = next((a.choices for a in chain[-1]._actions if isinstance(a, argparse._SubParsersAction)), {})
+        following = next((commands[word] for word in argv if word in commands), None)
+        if following is None:
+            return chain
+        chain.append(following)
 
 
 def say(text: str) -> None:
@@ -362,17 +398,12 @@ def add_cache(commands, verbose: OneLineParser) -> None:
 def flag_names(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, str]:
     """The library's field name -> the flag a person typed for it, for the command in `argv`."""
     names = dict(LORA_FIELDS)
-    current: argparse.ArgumentParser | None = parser
-    while current is not None:
-        following: argparse.ArgumentParser | None = None
+    for current in command_chain(parser, argv):
         for action in current._actions:  # argparse keeps no public list of a parser's options
             if action.option_strings:
                 names[action.dest] = max(action.option_strings, key=len)
-            elif isinstance(action, argparse._SubParsersAction):
-                following = next((action.choices[word] for word in argv if word in action.choices), None)
-            else:
+            elif not isinstance(action, argparse._SubParsersAction):
                 names[action.dest] = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
-        current = following
     return names
 
 
