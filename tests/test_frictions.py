@@ -108,3 +108,59 @@ def test_a_mistyped_flag_gets_the_nearest_flag_of_its_command(cli, args, hint):
 def test_a_flag_like_none_gets_no_guess(cli):
     result = cli("generate", "a fox", "--zzzzqq")
     assert result.returncode == 2 and "did you mean" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- 3 and 7. batch lines
+
+
+def batch_line_error(cli, tmp_path, text: str) -> str:
+    (tmp_path / "jobs.jsonl").write_text(text)
+    result = cli("batch", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "runs"))
+    assert result.returncode == 2 and not (tmp_path / "runs").exists()  # refused before any work
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (
+            {"prompt": "a fox", "loras": [["style.safetensors", 1]], "lora_scale": 0.5},
+            "loras is the library's; lora_scale is the predictor's",
+        ),
+        (
+            {"prompt": "a fox", "model": "tiny", "lora_weights": "style.safetensors"},
+            "model 'tiny' (the predictor's models: 14b, 1.3b, 2.2-a14b, 2.2-5b) is the library's; lora_weights is",
+        ),
+        (
+            {"prompt": "a fox", "model": "1.3b", "loras": [], "width": 64},
+            "loras and width are the library's; model '1.3b' (the library's names: t2v-14b",
+        ),
+    ],
+    ids=["fields", "tiny-with-predictor-fields", "predictor-model-with-library-fields"],
+)
+def test_a_line_mixing_the_two_forms_says_which_form_each_field_belongs_to(cli, tmp_path, line, words):
+    import json
+
+    error = batch_line_error(cli, tmp_path, json.dumps(line) + "\n")
+    assert error.startswith("wanlora: error: jobs.jsonl line 1: a line is in the library's form or the predictor's")
+    assert words in error, error
+
+
+def test_a_pretty_printed_batch_gets_the_one_line_hint(cli, tmp_path):
+    error = batch_line_error(cli, tmp_path, '{\n  "prompt": "a fox",\n  "model": "tiny"\n}\n')
+    assert "jobs.jsonl line 1: not one JSON object" in error
+    assert error.endswith("a job is one line of JSON (JSONL): an object spread over several lines is not one")
+
+
+def test_every_lines_json_is_read_before_any_line_is_prepared(tmp_path, monkeypatch):
+    from wanlora.errors import BatchLineError
+    from wanlora.frontends import batch
+
+    prepared = []
+    monkeypatch.setattr(batch, "prepare_line", lambda *args: prepared.append(args) or pytest.fail("prepared"))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a fox", "model": "tiny"}\n{"prompt": "a cat", "model": "tiny"}\n{"prompt": \n')
+    with pytest.raises(BatchLineError, match="jobs.jsonl line 3: not one JSON object"):
+        batch.read_jobs(jobs)
+    assert prepared == []
