@@ -115,7 +115,7 @@ def test_the_documentation_speaks_of_the_project_and_its_users_only():
 
 def test_the_batch_field_table_names_every_field_of_each_form():
     from wanlora.frontends.batch import BATCH_FIELDS, PREDICTOR_FIELDS, parse_job
-    from wanlora.pipeline import generate_options
+    from wanlora.options import option_names
 
     page = (DOCS / "sweeps-and-batches.md").read_text()
     table = page.split("<!-- batch fields:", 1)[1].split("\n\n", 1)[0].splitlines()[3:]  # after the header
@@ -124,7 +124,7 @@ def test_the_batch_field_table_names_every_field_of_each_form():
         first, second = row.strip("|").split("|")[:2]
         library |= set(re.findall(r"`([a-z0-9_]+)`", first))
         predictor |= set(re.findall(r"`([a-z0-9_]+)`", second))
-    assert library == {"prompt", "model", *generate_options(), *BATCH_FIELDS}
+    assert library == {"model", *option_names(), *BATCH_FIELDS}
     assert predictor == {*PREDICTOR_FIELDS, "output"}
     assert "(`job-0002.mp4` for line 2)" in page
     assert parse_job(2, '{"prompt": "a fox", "model": "tiny"}').output == "job-0002.mp4"
