@@ -164,3 +164,36 @@ def test_every_lines_json_is_read_before_any_line_is_prepared(tmp_path, monkeypa
     with pytest.raises(BatchLineError, match="jobs.jsonl line 3: not one JSON object"):
         batch.read_jobs(jobs)
     assert prepared == []
+
+
+# ---------------------------------------------------------------------------- 10. an interrupted batch
+
+
+@pytest.mark.parametrize(("signum", "status"), [(2, 130), (15, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_batch_says_how_far_it_got_and_how_to_resume(tmp_path, signum, status):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import SMALL
+
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"prompt": f"a fox, take {n}", "model": "tiny", "seed": n, **SMALL} for n in range(1, 7)]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "wanlora.frontends.cli", "batch", str(jobs), "--out", str(out)]
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest = out / "manifest.jsonl"
+    deadline = time.monotonic() + 120
+    while running.poll() is None and time.monotonic() < deadline:
+        if manifest.exists() and manifest.read_text().strip():
+            break
+        time.sleep(0.02)
+    running.send_signal(signum)
+    _, stderr = running.communicate(timeout=120)
+    done = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert 1 <= len(done) < 6, "the batch was to be stopped part-way"
+    assert running.returncode == status, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == f"wanlora: interrupted: {len(done)} of 6 done; run the same command again to resume", stderr

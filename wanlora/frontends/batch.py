@@ -21,9 +21,12 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import stat
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -427,6 +430,11 @@ class Summary:
     failed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def finished(self) -> int:
+        """Jobs done, by this run or an earlier one."""
+        return self.done + self.skipped
+
+    @property
     def exit_status(self) -> int:
         """0 when every job is done; SOME_JOBS_FAILED when some failed (the summary counts them)."""
         return SOME_JOBS_FAILED if self.failed else 0
@@ -443,6 +451,53 @@ class Summary:
             " (" + ", ".join(f"line {e['line']}" for e in self.failed[:10]) + ")" if self.failed else ""
         )
         return f"{self.total} jobs: {self.done} done, {self.skipped} already done, {failed}; manifest {manifest}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the batch runs, so that it stops as Ctrl-C stops it."""
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """A batch stopped by Ctrl-C or SIGTERM; what ended is recorded, and the message says how to go on."""
+
+    def __init__(self, summary: Summary, signum: int) -> None:
+        self.summary, self.signum = summary, signum
+        failed = f", {len(summary.failed)} failed" if summary.failed else ""
+        super().__init__(f"{summary.finished} of {summary.total} done{failed}; run the same command again to resume")
+
+
+@contextmanager
+def interruptible(jobs: list[Job], manifest: Manifest, summary: Summary) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while the jobs run: the manifest compacted, and a `BatchInterrupted` with the counts.
+
+    A SIGTERM during a staged write arrives as staging's SystemExit(143), after its cleanup.
+    """
+    previous = _sigterm_interrupts()
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as exc:
+        by_sigterm = isinstance(exc, Terminated) or (isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM)
+        if isinstance(exc, SystemExit) and not by_sigterm:
+            raise
+        try:
+            manifest.compact(jobs)
+        except WanLoraError:  # a full disk: the entries recorded so far stay as they were written
+            pass
+        raise BatchInterrupted(summary, signal.SIGTERM if by_sigterm else signal.SIGINT) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_interrupts():
+    """SIGTERM raises Terminated in the main thread; the previous handler, or None elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def pending_jobs(jobs: list[Job], folder: Path) -> tuple[Manifest, list[Job], Summary]:
@@ -478,7 +533,10 @@ def run_batch(
     folder = Path(folder)
     manifest, todo, summary = pending_jobs(jobs, folder)
     runner = runner or JobRunner(load_options)
-    with tqdm(total=len(jobs), initial=summary.skipped, desc="batch", unit="job", disable=not progress) as bar:
+    with (
+        interruptible(jobs, manifest, summary),
+        tqdm(total=len(jobs), initial=summary.skipped, desc="batch", unit="job", disable=not progress) as bar,
+    ):
         for job in todo:
             entry = runner.run(job, folder)
             manifest.record(entry)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -752,10 +753,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if speaks:
             print(f"wanlora: error: {InternalError.of(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if speaks and not launched_by_gpus():  # under --gpus, the launcher says it
-            print("wanlora: interrupted", file=sys.stderr)
-        return 130
+            told = f": {exc}" if str(exc) else ""  # a batch says how far it got, and how to go on
+            print(f"wanlora: interrupted{told}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for a batch's SIGTERM
 
 
 if __name__ == "__main__":
