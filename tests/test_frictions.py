@@ -197,3 +197,76 @@ def test_an_interrupted_batch_says_how_far_it_got_and_how_to_resume(tmp_path, si
     assert running.returncode == status, stderr
     last = stderr.strip().splitlines()[-1]
     assert last == f"wanlora: interrupted: {len(done)} of 6 done; run the same command again to resume", stderr
+
+
+# ---------------------------------------------------------------------------- 4. what a person should know, without -v
+
+
+def test_without_v_the_cli_says_the_seed_a_pairs_placement_and_each_loras_coverage_once(tmp_path):
+    from wanlora.tiny import write_tiny_model
+
+    from .conftest import run_cli
+
+    model = write_tiny_model(tmp_path / "a14b", kind="t2v-a14b")
+    result = run_cli("generate", "a fox", "--model", str(model), "--lora", f"{model}/loras/style.safetensors:0.7",
+                     "--accelerator", "lightx2v-4step", "--steps", "4", "--frames", "5", "--width", "64",
+                     "--height", "48", "--seed", "7", "-o", str(tmp_path / "fox.mp4"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("wanlora: ")]
+    assert said[0] == "wanlora: seed 7 (--seed 7 makes this video again)", said
+    pair = f"wanlora: {model}/accelerators/lightx2v-4step is a Wan2.2 pair: high_noise_model.safetensors on the "
+    assert [line for line in said if line.startswith(pair)] == [
+        pair + "high-noise expert, low_noise_model.safetensors on the low-noise expert"
+    ]
+    style = f"wanlora: LoRA {model}/loras/style.safetensors: changes 16/20 block linears in 2/2 blocks of "
+    assert [line for line in said if line.startswith(style)] == [
+        style + "tiny-t2v-a14b, on each of its two experts; original-Wan names, lora_down/up (ComfyUI, kijai), rank 4"
+    ]
+    assert sum("high-noise expert): changes 20/20" in line for line in said) == 1  # the accelerator's files
+    assert sum("low-noise expert): changes 20/20" in line for line in said) == 1
+    assert not [line for line in result.stderr.splitlines() if line.startswith("INFO ")]  # -v's lines stay in
+
+
+def test_offload_auto_says_what_it_chose_for_this_gpu(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from wanlora.logs import NOTICE
+    from wanlora.models import CATALOGUE
+    from wanlora.runtime import memory
+
+    spec = CATALOGUE["t2v-14b"]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    with caplog.at_level(NOTICE, logger="wanlora"):
+        plan = memory.gpu_plan(torch.device("cuda"), spec, "auto", "bf16", memory.catalogue_sizes(spec, "bf16"))
+        memory.gpu_plan(torch.device("cuda"), spec, "model", "bf16", memory.catalogue_sizes(spec, "bf16"))
+    notices = [r.getMessage() for r in caplog.records if r.levelno == NOTICE]
+    assert notices == [f"offload auto: {plan.mode} on this 80 GiB GPU ({plan.why()})"]
+    assert logging.getLevelName(NOTICE) == "NOTICE"
+
+
+def test_the_cli_says_each_notice_once_and_as_wanlora():
+    import io
+    import logging
+
+    from wanlora.logs import NOTICE, NoticeFormatter, Once
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(NoticeFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(Once())
+    logger = logging.getLogger("wanlora.test-notices")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for strength in (0.0, 0.5, 1.0):  # a sweep's cells
+            logger.log(NOTICE, "LoRA %s: changes all of it", "style")
+            logger.info("applied style at strength %s", strength)
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue().splitlines() == [
+        "wanlora: LoRA style: changes all of it",
+        *[f"INFO wanlora.test-notices: applied style at strength {s}" for s in (0.0, 0.5, 1.0)],
+    ]

@@ -23,8 +23,8 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import InternalError, InvalidInput, WanLoraError
+from ..logs import NOTICE, scrub
 from ..logs import configure as configure_logging
-from ..logs import scrub
 from ..lora.selection import parse_requests
 from ..models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, resolve_model
 from ..options import MODEL, SAMPLING, SPEED, SWEEP_AXES, WHAT, GenerationOptions, Option, describe, option_names
@@ -475,6 +475,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         if request.cfg_batch and parallel.cfg:
             raise InvalidInput("cfg_batch", True, "left out with --cfg-parallel, which runs both passes at once")
     prepared = identified_and_fetched(prepared)
+    tell_seed(prepared.request.settings.seed, "--seed {seed} makes this video again")
     if parallel is not None and not launched_by_torchrun():
         from ..parallel.launch import run_workers
 
@@ -510,6 +511,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     resolve_device(args.device)
     prepared = identified_and_fetched(prepared)
+    if args.seeds is None:
+        tell_seed(prepared.request.settings.seed, "every cell's; --seed {seed} makes this grid again")
     say(f"loading {prepared.request.spec.name} ({prepared.model})")
     result = resident_model(args).sweep(prepared)
     assert result is not None  # one process: it is rank 0
@@ -519,6 +522,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             cell.video.save(keep / f"cell-{cell.row}-{cell.column}.mp4", quality=args.quality)
     say(f"encoding {output}")
     print(result.grid.save(output, quality=args.quality))
+
+
+def tell_seed(seed: int, again: str) -> None:
+    """Say the seed without -v (once: a parallel run's workers leave it to the process that launched them)."""
+    if process_rank() == 0 and not launched_by_gpus():
+        logging.getLogger("wanlora.frontends.cli").log(NOTICE, "seed %d (%s)", seed, again.format(seed=seed))
 
 
 def numbers(text: str | None, flag: str, kind: type[float] | type[int]) -> list | None:
@@ -592,7 +601,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_inspect(args: argparse.Namespace) -> None:
-    from ..lora.inspect import inspect_lora
+    from ..lora.inspect import coverage_line, inspect_lora
 
     transformer = None
     if args.model:
@@ -626,13 +635,7 @@ def cmd_lora_inspect(args: argparse.Namespace) -> None:
             count = len(c.missing) + len(c.misfit)
             rows.append((args.model, f"{c.verdict} (--json lists the {count} parameter{'s' * (count != 1)})"))
         elif c is not None:
-            rows.append(
-                (
-                    "coverage",
-                    f"{c.block_linears_changed}/{c.block_linears_total} block linears in "
-                    f"{c.blocks_touched}/{c.blocks_total} blocks of {c.model}",
-                )
-            )
+            rows.append(("coverage", coverage_line(c)))
             if c.skipped_image_parts:
                 rows.append(("skipped", f"{len(c.skipped_image_parts)} image-branch parameters"))
         for key, value in rows:

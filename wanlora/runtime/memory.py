@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInput
+from ..logs import NOTICE
 from ..models import CATALOGUE, CLIP_VIT_H, UMT5_XXL, WAN21_VAE, WAN22_VAE, Architecture, ModelSpec
 from ..settings import OFFLOAD_MODES
 
@@ -528,7 +529,9 @@ def gpu_plan(device: torch.device, spec: ModelSpec, mode: str, weights: str, siz
     that fits; logged."""
     total = torch.cuda.get_device_properties(device).total_memory
     plan = plan_memory(spec, total, weights, sizes, mode=None if mode == "auto" else mode)
-    if plan.fits:
+    if plan.fits and mode == "auto":  # a choice made for the user: said without -v
+        logger.log(NOTICE, "offload auto: %s on this %.0f GiB GPU (%s)", plan.mode, total / 2**30, plan.why())
+    elif plan.fits:
         logger.info("offload %s: %s (%s)", mode, plan.mode, plan.why())
     else:
         logger.warning("offload %s: %s, and even that may not fit: %s", mode, plan.mode, plan.why())
