@@ -270,3 +270,23 @@ def test_the_cli_says_each_notice_once_and_as_wanlora():
         "wanlora: LoRA style: changes all of it",
         *[f"INFO wanlora.test-notices: applied style at strength {s}" for s in (0.0, 0.5, 1.0)],
     ]
+
+
+# ---------------------------------------------------------------------------- 9. models --memory
+
+
+def test_models_memory_says_what_it_traces_and_explains_its_columns(cli, caplog):
+    from wanlora.logs import NOTICE
+    from wanlora.models import CATALOGUE
+
+    with caplog.at_level(NOTICE, logger="wanlora"):  # the CLI's handler prints them as `wanlora: ...`
+        result = cli("models", "--memory")
+    assert result.returncode == 0, result.stderr
+    assert [r.getMessage() for r in caplog.records if r.levelno == NOTICE] == [
+        f"tracing {name}'s components on the meta device ({number} of {len(CATALOGUE)})"
+        for number, name in enumerate(CATALOGUE, start=1)
+    ]
+    table, legend = result.stdout.rstrip("\n").split("\n\n")
+    assert table.startswith("| variant | weights | GB | 24 GB GPU")
+    assert legend.startswith("variant: the catalogue's name; weights: the transformer's dtype (--quantize); GB: ")
+    assert "then the peak GPU memory / the host memory the weights take, in GB" in legend
