@@ -290,3 +290,9 @@ def test_models_memory_says_what_it_traces_and_explains_its_columns(cli, caplog)
     assert table.startswith("| variant | weights | GB | 24 GB GPU")
     assert legend.startswith("variant: the catalogue's name; weights: the transformer's dtype (--quantize); GB: ")
     assert "then the peak GPU memory / the host memory the weights take, in GB" in legend
+
+
+def test_a_last_image_on_a_text_to_video_model_names_last_image(cli, tmp_path):
+    result = cli("generate", "a fox", "--model", "tiny", "--last-image", "end.png", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("wanlora: error: --last-image='(an image)' is not allowed: tiny is text-to-video")
