@@ -731,6 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # what `--gpus` hands to each worker
     args.verbose = getattr(args, "verbose", False)
     configure_logging(verbose=args.verbose)
+    if not args.verbose and process_rank() != 0:  # a parallel run's notices are rank 0's to say, once
+        logging.getLogger("wanlora").setLevel(logging.WARNING)
     if not args.verbose:
         # diffusers and transformers speak up about experimental APIs and optional backends on
         # every load; they read these before configuring their own loggers
