@@ -189,7 +189,7 @@ def test_tiny_model_shows_none_of_the_libraries_bars(tmp_path):
 
 def test_tiny_accelerators_point_at_the_tiny_model_folder(cli, tmp_path):
     result = cli(*FOX, "--accelerator", "lightx2v-4step", cwd=tmp_path)
-    assert "write it with `wanlora tiny-model DIR`, load DIR" in result.stderr
+    assert "write it with `wanlora tiny-model DIR --kind t2v`, then use --model DIR" in result.stderr
 
 
 def test_the_readmes_inspect_example_uses_a_file_the_newcomer_has():

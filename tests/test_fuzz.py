@@ -28,6 +28,7 @@ from wanlora.lora.selection import parse_requests
 from wanlora.models import tiny_spec
 from wanlora.options import GenerationOptions
 from wanlora.request import resolve_request
+from wanlora.settings import LORA_STRENGTH_RANGE
 
 from .lora_helpers import assert_bitwise, fetch_lora, snapshot
 from .servers import FileServer, Route
@@ -137,7 +138,7 @@ state_dicts = st.dictionaries(st.sampled_from(KEYS), tensors, min_size=1, max_si
 
 
 @FUZZ
-@given(contents=state_dicts, strength=st.floats(-1e6, 1e6))
+@given(contents=state_dicts, strength=st.floats(*LORA_STRENGTH_RANGE))
 def test_any_safetensors_contents_merge_exactly_or_change_nothing(contents, strength, tmp_path_factory, fuzz_pipe):
     path = tmp_path_factory.mktemp("st") / "lora.safetensors"
     path.write_bytes(save(contents))

@@ -241,11 +241,13 @@ def test_an_overflowing_alpha_is_refused_before_any_write(fresh_tiny_pipe, pool,
     assert_bitwise(pipe.transformer, before)
     assert [r.ref for r in pipe.active_loras] == [pool["a"][0]]
     bf16 = WanLoraPipeline.from_pretrained("tiny", dtype=torch.bfloat16)
-    big = lora_with_alpha(tmp_path / "big.safetensors", torch.tensor(4.0), factor=100.0)
-    bf16.set_loras([(big, 1e32)])  # 4e36 per weight: large, but bf16 holds it
+    # strengths stay within -10..10, so the alpha makes the weights huge (4e4 * alpha / rank 4 per weight)
+    big = lora_with_alpha(tmp_path / "big.safetensors", torch.tensor(4e32), factor=100.0)
+    bf16.set_loras([(big, 1.0)])  # 4e36 per weight: large, but bf16 holds it
     merged = snapshot(bf16.transformer)
+    bigger = lora_with_alpha(tmp_path / "bigger.safetensors", torch.tensor(4e36), factor=100.0)
     with pytest.raises(LoraFormatError, match="beyond what torch.bfloat16 can hold"):
-        bf16.set_loras([(big, 1e36)])  # 4e40: the bound cannot vouch, and the exact sum overflows
+        bf16.set_loras([(bigger, 1.0)])  # 4e40: the bound cannot vouch, and the exact sum overflows
     assert_bitwise(bf16.transformer, merged)
 
 

@@ -318,7 +318,10 @@ def test_cli_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
     code, stderr = interrupted_long_run(tmp_path, lambda launcher, _: launcher.send_signal(signal.SIGINT))
     assert code == 130
     said = [line for line in stderr.splitlines() if "wanlora:" in line]
-    assert said == ["wanlora: interrupted (SIGINT); the workers were stopped"], stderr
+    assert said == [  # the seed, said once, by the launcher (not its workers)
+        "wanlora: seed 7 (--seed 7 makes this video again)",
+        "wanlora: interrupted (SIGINT); the workers were stopped",
+    ], stderr
 
 
 # ------------------------------------------------------------------ the predictor's persistent workers

@@ -269,7 +269,7 @@ def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(tiny_pipe,
     )
     with pytest.raises(InvalidInput, match="4 with lightx2v-4step"):
         pipe.generate("a fox", accelerator="lightx2v-4step", num_inference_steps=6, width=64, height=48, num_frames=9)
-    with pytest.raises(InvalidInput, match="write it with `wanlora tiny-model DIR`"):
+    with pytest.raises(InvalidInput, match="write it with `wanlora tiny-model DIR --kind t2v`"):
         tiny_pipe.generate("a fox", accelerator="causvid", width=64, height=48, num_frames=9)
     with pytest.raises(InvalidInput, match="one of lightx2v-4step"):
         pipe.generate("a fox", accelerator="turbo", width=64, height=48, num_frames=9)

@@ -194,7 +194,7 @@ def test_the_cli_sweeps_into_one_grid_and_keeps_the_cells(cli, pair, tmp_path):
     refused = cli("sweep", "a fox", "--model", "tiny", "--lora", pair[0], "--strengths", "0,x")
     assert refused.returncode == 2 and "--strengths='0,x' is not allowed: comma-separated numbers" in refused.stderr
     none = cli("sweep", "a fox", "--model", "tiny", "--lora", pair[0])
-    assert none.returncode == 2 and "one or two of strengths" in none.stderr
+    assert none.returncode == 2 and "one or two of --strengths, --strengths-2, --seeds, --prompts" in none.stderr
 
 
 # ------------------------------------------------------------------ headers that show every value in full

@@ -56,7 +56,11 @@ def accelerator_for(name: str, spec: ModelSpec) -> tuple[Accelerator, str]:
     ref = _lora_for(preset, spec)
     stands_in_for = CATALOGUE[TINY_KINDS[TINY_NAMES[spec.name]]] if spec.name in TINY_NAMES else None
     if ref is None and stands_in_for is not None and name in stands_in_for.accelerators:
-        why = "a tiny stand-in has a random one only in a folder: write it with `wanlora tiny-model DIR`, load DIR"
+        kind = TINY_NAMES[spec.name]
+        why = (
+            f"a tiny stand-in has a random one only in a folder: write it with `wanlora tiny-model DIR --kind {kind}`, "
+            "then use --model DIR"
+        )
         raise InvalidInput("accelerator", name, why)
     if ref is None:
         having = [spec.name for spec in CATALOGUE.values() if name in spec.accelerators]

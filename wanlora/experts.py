@@ -16,6 +16,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from .errors import InvalidInput
+from .logs import NOTICE
 from .lora.layouts import LoraFile
 from .lora.selection import LoraRequest
 from .lora.state import Chosen, TransformerLoras
@@ -78,7 +79,7 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
                 chosen[name].append(Chosen(request, lora))
         if len(files) > 1:
             placed = ", ".join(f"{Path(lora.path).name} on {WORDS[role]}" for role, lora in files)
-            logger.info("%s is a Wan2.2 pair: %s", request.label, placed)
+            logger.log(NOTICE, "%s is a Wan2.2 pair: %s", request.label, placed)
     return chosen
 
 

@@ -17,6 +17,12 @@ from typing import TextIO
 from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+NOTICE_FORMAT = "wanlora: %(message)s"
+# What a person running wanlora should know without -v: a Wan2.2 pair's placement, the seed used,
+# offload="auto"'s choice, each LoRA applied and how much of the model it changes. Between INFO and
+# WARNING: the CLI shows it by default, once per message; a program's own logging decides for itself.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
 QUERY = re.compile(r"((?:https?://)?[^\s'\"?]*)\?[^\s'\")]+")  # a URL's query: signatures, tokens
 TOKENS = re.compile(
     r"(?i)(bearer\s+|authorization[=:]\s*"  # a token after its keyword,
@@ -70,16 +76,51 @@ class Scrub(logging.Filter):
         return True
 
 
+class NoticeFormatter(logging.Formatter):
+    """`wanlora: message` for a NOTICE, `fmt` for the rest: a notice is for a person, not a log reader."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self.notice = logging.Formatter(NOTICE_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.notice.format(record) if record.levelno == NOTICE else super().format(record)
+
+
+class Once(logging.Filter):
+    """Each NOTICE message once: a sweep's cells and a batch's jobs repeat the same LoRA, pair and plan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != NOTICE:
+            return True
+        message = record.getMessage()
+        if message in self.said:
+            return False
+        self.said.add(message)
+        return True
+
+
 def configure(verbose: bool, stream: TextIO = sys.stderr, fmt: str = DEFAULT_FORMAT, force: bool = False) -> None:
-    """A front end's logging: WARNING for every library, INFO for wanlora when `verbose`, scrubbed handlers.
+    """A front end's logging: WARNING for every library; for wanlora NOTICE (each notice once), or INFO when
+    `verbose`; scrubbed handlers.
 
     `force` replaces handlers someone else installed (a server's); without it, they are kept.
     """
+    root = logging.getLogger()
+    ours = force or not root.handlers  # basicConfig adds a handler only then
     logging.basicConfig(level=logging.WARNING, stream=stream, format=fmt, force=force)
-    logging.getLogger("wanlora").setLevel(logging.INFO if verbose else logging.WARNING)
-    for handler in logging.getLogger().handlers:
+    logging.getLogger("wanlora").setLevel(logging.INFO if verbose else NOTICE)
+    for handler in root.handlers:
         if not any(isinstance(f, Scrub) for f in handler.filters):
             handler.addFilter(Scrub())
+        if ours:
+            handler.setFormatter(NoticeFormatter(fmt))
+            if not verbose:
+                handler.addFilter(Once())
 
 
 def guard_loggers(*names: str) -> None:

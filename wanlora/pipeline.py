@@ -32,10 +32,14 @@ from .errors import InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .hub import download_model
 from .images import resize_image
+from .logs import NOTICE
 from .lora.fetch import Credentials
+from .lora.inspect import coverage_line, coverage_of
+from .lora.layouts import LoraFile
 from .lora.loader import LoraLoader
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .lora.state import apply_together
+from .messages import plural
 from .models import TINY_NAMES, ModelSpec, identify_model
 from .options import SWEEP_AXES, options_from, takes_options
 from .pairs import EVERY_EXPERT
@@ -334,7 +338,7 @@ class WanLoraPipeline:
                 pipeline.save_pretrained(staging, safe_serialization=True)
         finally:
             pipeline.scheduler = sampler
-        logger.info("wrote %s with %d LoRA(s) merged", target, len(self.active_loras))
+        logger.info("wrote %s with %s merged", target, plural(len(self.active_loras), "LoRA"))
         return target
 
     def _set_loras(self, requests: list[LoraRequest], credentials: Credentials | None) -> None:
@@ -351,6 +355,7 @@ class WanLoraPipeline:
         for request, files in loaded:
             aimed = "" if request.expert == EVERY_EXPERT else f" on the {request.expert}-noise expert"
             for role, lora in files:
+                self._tell_applied(lora, chosen)
                 logger.info(
                     "applied %s at strength %s%s: %s, rank %s, %d tensors, trigger words: %s (merge %.2fs)",
                     lora.label,  # a pair's file says its expert in its label already
@@ -364,6 +369,21 @@ class WanLoraPipeline:
                 )
         if not requests:
             logger.info("LoRAs removed: base weights restored (%.2fs)", seconds)
+
+    def _tell_applied(self, lora: LoraFile, chosen: dict) -> None:
+        """The notice a person sees without -v: the LoRA and how much of the model it changes (the same words
+        whatever its strength, so that the CLI, which says each notice once, says it once per LoRA and model)."""
+        if not logger.isEnabledFor(NOTICE):
+            return
+        taking = [e for e in self.experts if any(c.lora is lora for c in chosen.get(e.name, []))]
+        if not taking:
+            return
+        model = self.spec.name
+        if len(self.experts) > 1:
+            model += f"'s {taking[0].name}-noise expert" if len(taking) == 1 else ", on each of its two experts"
+        coverage = coverage_line(coverage_of(lora, taking[0].loras.merger.params, model))
+        rank = "/".join(map(str, lora.ranks)) or "-"
+        logger.log(NOTICE, "LoRA %s: changes %s; %s, rank %s", lora.label, coverage, lora.layout, rank)
 
     @error_boundary
     @takes_options

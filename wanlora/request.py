@@ -204,7 +204,8 @@ def resolve_images(
     checked already, is kept as it is: a batch reads it when its job runs, and resolves the request again)."""
     if spec.task == "t2v":
         if image is not None or last_image is not None:
-            raise InvalidInput("image", "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
+            given = "image" if image is not None else "last_image"  # the one given: a front end names its flag
+            raise InvalidInput(given, "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
         return ()
     if image is None:
         if spec.task == "ti2v" and last_image is None:

@@ -42,7 +42,11 @@ RESIZE_MODES = ("fit", "pad", "stretch")
 
 QUALITY_RANGE = (0, 100)  # higher is better; see wanlora.video.quality_to_crf
 DEFAULT_QUALITY = 80
-LORA_SCALE_RANGE = (-1.0, 3.0)  # the predictor's bound; the library takes any finite strength
+LORA_SCALE_RANGE = (-1.0, 3.0)  # the predictor's bound (Replicate's inputs)
+# The library's and the CLI's bound: wide enough for any LoRA in use (a step-distillation LoRA at 3,
+# a style pushed to 5, negated), narrow enough that a typo (:99, :1e30) is refused before it saturates
+# every frame to black.
+LORA_STRENGTH_RANGE = (-10.0, 10.0)
 MAX_REF_CHARS = 4096  # a LoRA reference longer than this is not a reference
 
 # ---------------------------------------------------------------------------- the environment

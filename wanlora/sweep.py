@@ -10,18 +10,18 @@ between cells that need it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
-from .errors import InvalidInput
+from .errors import InvalidInput, NotShown
 from .grid import Headers, compose, grid_layout
 from .lora.fetch import Credentials
 from .lora.refs import display_ref
-from .lora.selection import LoraRequest
+from .lora.selection import LoraRequest, check_strength_value
 from .options import SWEEP_AXES, describe, refuse_unknown
 from .request import Request, check_text
 from .video import Video
@@ -61,21 +61,25 @@ def sweep_axes(
     requests: list[LoraRequest],
     strengths: Sequence[float] | None = None,
     strengths_2: Sequence[float] | None = None,
+    *,
+    names: Mapping[str, str] | None = None,
     **option_values: Sequence | None,
 ) -> list[Axis]:
     """The sweep's axes, checked: one or two of them, each with values, at most MAX_CELLS cells in all.
 
     `option_values` are an option's values by its axis name (`seeds`, `prompts`: wanlora.options'
     SWEEP_AXES). With two axes, the first in the order strengths, strengths_2, then SWEEP_AXES' runs
-    down the rows.
+    down the rows. `names`: how the front end spells the axes in its errors (the CLI's flags); default
+    the library's names.
     """
+    spelled = {name: name for name in [*LORA_AXES, *SWEEP_AXES]} | dict(names or {})
     refuse_unknown(
         {k: v for k, v in option_values.items() if k not in SWEEP_AXES}, [*LORA_AXES, *SWEEP_AXES], "a sweep"
     )
     given: list[tuple[str, Sequence | None, int | None, str]]
     given = [("strength", strengths, 0, "strengths"), ("strength", strengths_2, 1, "strengths_2")]
     given += [(option, option_values.get(name), None, name) for name, option in SWEEP_AXES.items()]
-    axes = []
+    axes, named = [], []
     for kind, values, lora, name in given:
         if values is None:
             continue
@@ -85,13 +89,17 @@ def sweep_axes(
             which = "a LoRA" if lora == 0 else "two LoRAs"
             raise InvalidInput(name, values, f"a sweep with {which}: it varies LoRA {lora + 1}'s strength")
         axes.append(Axis(kind, tuple(_checked(kind, name, value) for value in values), lora))
-    if not axes or len(axes) > 2:
-        names = ", ".join([*LORA_AXES, *SWEEP_AXES])
-        raise InvalidInput("sweep", f"{len(axes)} axes", f"one or two of {names}")
+        named.append(spelled[name])
+    every = ", ".join(spelled[name] for name in [*LORA_AXES, *SWEEP_AXES])
+    if not axes:
+        raise InvalidInput("sweep axis", None, f"one or two of {every}")
+    if len(axes) > 2:
+        raise InvalidInput(" and ".join(named), NotShown, f"all at once: a sweep takes one or two of {every}")
     cells = int(np.prod([len(axis.values) for axis in axes]))
     if cells > MAX_CELLS:
         shape = " x ".join(str(len(axis.values)) for axis in axes)
-        raise InvalidInput("sweep", f"{shape} = {cells} cells", f"at most {MAX_CELLS} cells")
+        fewer = f"{shape} = {cells} cells; a sweep makes at most {MAX_CELLS}: give fewer values"
+        raise InvalidInput(" x ".join(named), NotShown, fewer)
     return axes
 
 
@@ -102,7 +110,7 @@ def _checked(kind: str, name: str, value: object) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         raise InvalidInput(name, value, "finite numbers")
     if kind == "strength":
-        return float(value)
+        return check_strength_value(value, name, "a LoRA's strength")
     low, high = describe(kind).bounds()
     if not isinstance(value, int) or not low <= value <= high:
         raise InvalidInput(name, value, f"whole numbers from {low:g} to {high:g}")

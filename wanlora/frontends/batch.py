@@ -21,14 +21,17 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import stat
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import BatchLineError, InternalError, InvalidInput, WanLoraError
+from ..errors import BatchLineError, InternalError, InvalidInput, WanLoraError, shown_value
 from ..identity import content_digest
 from ..images import ImageHeader
 from ..lora.fetch import Credentials
@@ -109,9 +112,13 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
         raise InvalidInput("jobs", str(path), f"a readable UTF-8 JSONL file ({exc})") from None
     jobs: list[Job] = []
     base = path.absolute().parent
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    for number, line in lines:  # first each line's JSON, which costs nothing: a typo on the last line is found at once
+        try:
+            json_fields(line)
+        except WanLoraError as exc:
+            raise BatchLineError(f"{path.name} line {number}: {exc}") from None
+    for number, line in lines:
         try:
             jobs.append(parse_job(number, line, base))
         except WanLoraError as exc:
@@ -129,20 +136,31 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
     return jobs
 
 
-def parse_job(number: int, line: str, base: Path | None = None) -> Job:
-    """Line `number` checked; relative paths in it are `base`'s (the jobs file's folder; default the current one)."""
+def json_fields(line: str) -> dict[str, Any]:
+    """A line's JSON object. A line that is not one whole object (`{` alone, `"prompt": ...,`) is most
+    likely part of a pretty-printed object: the error says that a job is one line."""
     try:  # the line is never echoed: it may hold a token
         fields = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise BatchLineError(f"not one JSON object ({exc.msg} at column {exc.colno})") from None
+        text = line.strip()
+        whole = text.startswith("{") and text.endswith("}")
+        hint = "" if whole else "; a job is one line of JSON (JSONL): an object spread over several lines is not one"
+        raise BatchLineError(f"not one JSON object ({exc.msg} at column {exc.colno}){hint}") from None
     if not isinstance(fields, dict):
         raise BatchLineError(f"a JSON {type(fields).__name__}, not one object of a request's fields")
+    return fields
+
+
+def parse_job(number: int, line: str, base: Path | None = None) -> Job:
+    """Line `number` checked; relative paths in it are `base`'s (the jobs file's folder; default the current one)."""
+    fields = json_fields(line)
     output = fields.pop("output", f"job-{number:04d}.mp4")
     if not isinstance(output, str) or not output.lower().endswith(".mp4"):
         raise InvalidInput("output", output, "a file name ending in .mp4, in the batch's folder")
     output = str(relative_name(output, "output"))
     quality = fields.pop("quality", fields.pop("output_quality", DEFAULT_QUALITY))
     quality_to_crf(quality, "quality")
+    refuse_mixed_forms(fields)
     predictor = _in_predictor_fields(fields)
     fields = _with_paths_from(base or Path.cwd(), fields, predictor)
     if predictor:
@@ -162,6 +180,31 @@ def parse_job(number: int, line: str, base: Path | None = None) -> Job:
         check_reference(lora.ref)  # its form, and that a local file exists
     key = job_key(prepared, quality, seeded=fields.get("seed") is not None)
     return Job(number, key, output, prepared, quality, credentials)
+
+
+def refuse_mixed_forms(fields: dict[str, Any]) -> None:
+    """Refuse a line that uses fields (or a model name) of both forms, saying which form each belongs to:
+    each form alone would refuse the other's field as unknown, which hides what is wrong."""
+    library_only = {*option_names()} - set(PREDICTOR_FIELDS)
+    predictor_only = set(PREDICTOR_FIELDS) - {"model", *option_names(), *BATCH_FIELDS, "output_quality"}
+    library = [name for name in fields if name in library_only]
+    predictor = [name for name in fields if name in predictor_only]
+    model = fields.get("model")
+    if isinstance(model, str) and predictor and not library and model not in MODEL_CHOICES:
+        library = [f"model {shown_value(model)} (the predictor's models: {', '.join(MODEL_CHOICES)})"]
+    elif isinstance(model, str) and library and not predictor and model in MODEL_CHOICES:
+        predictor = [f"model {shown_value(model)} (the library's names: {', '.join(CATALOGUE)})"]
+    if library and predictor:
+        raise BatchLineError(
+            "a line is in the library's form or the predictor's, not both: "
+            f"{_and(library)} {'is' if len(library) == 1 else 'are'} the library's; "
+            f"{_and(predictor)} {'is' if len(predictor) == 1 else 'are'} the predictor's "
+            "(the batch docs' field table says which form takes which field)"
+        )
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _in_predictor_fields(fields: dict[str, Any]) -> bool:
@@ -387,6 +430,11 @@ class Summary:
     failed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def finished(self) -> int:
+        """Jobs done, by this run or an earlier one."""
+        return self.done + self.skipped
+
+    @property
     def exit_status(self) -> int:
         """0 when every job is done; SOME_JOBS_FAILED when some failed (the summary counts them)."""
         return SOME_JOBS_FAILED if self.failed else 0
@@ -403,6 +451,53 @@ class Summary:
             " (" + ", ".join(f"line {e['line']}" for e in self.failed[:10]) + ")" if self.failed else ""
         )
         return f"{self.total} jobs: {self.done} done, {self.skipped} already done, {failed}; manifest {manifest}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the batch runs, so that it stops as Ctrl-C stops it."""
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """A batch stopped by Ctrl-C or SIGTERM; what ended is recorded, and the message says how to go on."""
+
+    def __init__(self, summary: Summary, signum: int) -> None:
+        self.summary, self.signum = summary, signum
+        failed = f", {len(summary.failed)} failed" if summary.failed else ""
+        super().__init__(f"{summary.finished} of {summary.total} done{failed}; run the same command again to resume")
+
+
+@contextmanager
+def interruptible(jobs: list[Job], manifest: Manifest, summary: Summary) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while the jobs run: the manifest compacted, and a `BatchInterrupted` with the counts.
+
+    A SIGTERM during a staged write arrives as staging's SystemExit(143), after its cleanup.
+    """
+    previous = _sigterm_interrupts()
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as exc:
+        by_sigterm = isinstance(exc, Terminated) or (isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM)
+        if isinstance(exc, SystemExit) and not by_sigterm:
+            raise
+        try:
+            manifest.compact(jobs)
+        except WanLoraError:  # a full disk: the entries recorded so far stay as they were written
+            pass
+        raise BatchInterrupted(summary, signal.SIGTERM if by_sigterm else signal.SIGINT) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_interrupts():
+    """SIGTERM raises Terminated in the main thread; the previous handler, or None elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def pending_jobs(jobs: list[Job], folder: Path) -> tuple[Manifest, list[Job], Summary]:
@@ -438,7 +533,10 @@ def run_batch(
     folder = Path(folder)
     manifest, todo, summary = pending_jobs(jobs, folder)
     runner = runner or JobRunner(load_options)
-    with tqdm(total=len(jobs), initial=summary.skipped, desc="batch", unit="job", disable=not progress) as bar:
+    with (
+        interruptible(jobs, manifest, summary),
+        tqdm(total=len(jobs), initial=summary.skipped, desc="batch", unit="job", disable=not progress) as bar,
+    ):
         for job in todo:
             entry = runner.run(job, folder)
             manifest.record(entry)

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import InvalidInput
 from ..paths import PathRefused, inside
 from ..staging import staged_file
-from .batch import Job, JobRunner, Summary, failed_entry, pending_jobs
+from .batch import Job, JobRunner, Summary, failed_entry, interruptible, pending_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def run_batch_on_ray(
         count, gpus = actor_count(ray, actors)  # before --out is made
         manifest, todo, summary = pending_jobs(jobs, folder)
         pool = ActorPool(ray, load_options or {}, count, gpus)
-        _drive(ray, pool, todo, None if collect else str(folder.resolve()), folder, manifest, summary, progress)
+        with interruptible(jobs, manifest, summary):
+            _drive(ray, pool, todo, None if collect else str(folder.resolve()), folder, manifest, summary, progress)
     finally:
         if started:
             ray.shutdown()

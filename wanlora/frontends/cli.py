@@ -8,10 +8,12 @@ a line on stderr says what the slow steps are doing while they run.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,8 +23,8 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import InternalError, InvalidInput, WanLoraError
+from ..logs import NOTICE, scrub
 from ..logs import configure as configure_logging
-from ..logs import scrub
 from ..lora.selection import parse_requests
 from ..models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec, resolve_model
 from ..options import MODEL, SAMPLING, SPEED, SWEEP_AXES, WHAT, GenerationOptions, Option, describe, option_names
@@ -54,11 +56,46 @@ LORA_FIELDS = {"lora": "--lora", "lora strength": "--lora", "loras": "--lora"}  
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2, and a mistyped flag gets the
+    nearest real one (`--lroa`: did you mean --lora?)."""
+
+    argv: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        self.argv = list(sys.argv[1:] if args is None else args)  # the command typed, for `error`'s hints
+        return super().parse_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes the value it refused (`invalid int value: '...'`): it passes the scrubber too
-        self.exit(2, f"{self.prog}: error: {scrub(message)}\n")
+        self.exit(2, f"{self.prog}: error: {scrub(message)}{self.nearest_flags(message)}\n")
+
+    def nearest_flags(self, message: str) -> str:
+        """`; did you mean --lora?` for each unknown flag in an `unrecognized arguments` message that is close
+        to a flag of the command typed (argparse suggests only from Python 3.14)."""
+        if not message.startswith(UNRECOGNIZED):
+            return ""
+        known = [flag for parser in command_chain(self, self.argv) for flag in parser._option_string_actions]
+        hints = []
+        for word in message.removeprefix(UNRECOGNIZED).split():
+            typed = word.split("=", 1)[0]
+            near = difflib.get_close_matches(typed, known, n=1, cutoff=0.6) if typed.startswith("--") else []
+            hints += [f"{typed}: did you mean {near[0]}?"] if near else []
+        return "".join(f"; {hint}" for hint in hints)
+
+
+UNRECOGNIZED = "unrecognized arguments: "
+
+
+def command_chain(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[argparse.ArgumentParser]:
+    """`parser` and the subcommands' parsers `argv` goes through (`wanlora lora inspect`: three)."""
+    chain = [parser]
+    while True:
+        # argparse keeps no public list of a parser's subcommands
+        commands = next((a.choices for a in chain[-1]._actions if isinstance(a, argparse._SubParsersAction)), {})
+        following = next((commands[word] for word in argv if word in commands), None)
+        if following is None:
+            return chain
+        chain.append(following)
 
 
 def say(text: str) -> None:
@@ -362,17 +399,12 @@ def add_cache(commands, verbose: OneLineParser) -> None:
 def flag_names(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, str]:
     """The library's field name -> the flag a person typed for it, for the command in `argv`."""
     names = dict(LORA_FIELDS)
-    current: argparse.ArgumentParser | None = parser
-    while current is not None:
-        following: argparse.ArgumentParser | None = None
+    for current in command_chain(parser, argv):
         for action in current._actions:  # argparse keeps no public list of a parser's options
             if action.option_strings:
                 names[action.dest] = max(action.option_strings, key=len)
-            elif isinstance(action, argparse._SubParsersAction):
-                following = next((action.choices[word] for word in argv if word in action.choices), None)
-            else:
+            elif not isinstance(action, argparse._SubParsersAction):
                 names[action.dest] = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
-        current = following
     return names
 
 
@@ -443,6 +475,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
         if request.cfg_batch and parallel.cfg:
             raise InvalidInput("cfg_batch", True, "left out with --cfg-parallel, which runs both passes at once")
     prepared = identified_and_fetched(prepared)
+    tell_seed(prepared.request.settings.seed, "--seed {seed} makes this video again")
     if parallel is not None and not launched_by_torchrun():
         from ..parallel.launch import run_workers
 
@@ -466,7 +499,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     for name, option in SWEEP_AXES.items():
         given = getattr(args, name)
         values[name] = prompt_lines(given) if option == "prompt" else numbers(given, name, int)
-    axes = sweep_axes(loras, **values)
+    flags = {name: f"--{name.replace('_', '-')}" for name in values}  # the axes' own flags
+    axes = sweep_axes(loras, **values, names=flags)
     keep = Path(args.keep_cells) if args.keep_cells else None
     if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
         raise InvalidInput("--keep-cells", str(keep), "a new or empty folder")
@@ -477,6 +511,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     resolve_device(args.device)
     prepared = identified_and_fetched(prepared)
+    if args.seeds is None:
+        tell_seed(prepared.request.settings.seed, "every cell's; --seed {seed} makes this grid again")
     say(f"loading {prepared.request.spec.name} ({prepared.model})")
     result = resident_model(args).sweep(prepared)
     assert result is not None  # one process: it is rank 0
@@ -486,6 +522,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             cell.video.save(keep / f"cell-{cell.row}-{cell.column}.mp4", quality=args.quality)
     say(f"encoding {output}")
     print(result.grid.save(output, quality=args.quality))
+
+
+def tell_seed(seed: int, again: str) -> None:
+    """Say the seed without -v (once: a parallel run's workers leave it to the process that launched them)."""
+    if process_rank() == 0 and not launched_by_gpus():
+        logging.getLogger("wanlora.frontends.cli").log(NOTICE, "seed %d (%s)", seed, again.format(seed=seed))
 
 
 def numbers(text: str | None, flag: str, kind: type[float] | type[int]) -> list | None:
@@ -559,7 +601,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 
 
 def cmd_lora_inspect(args: argparse.Namespace) -> None:
-    from ..lora.inspect import inspect_lora
+    from ..lora.inspect import coverage_line, inspect_lora
 
     transformer = None
     if args.model:
@@ -593,13 +635,7 @@ def cmd_lora_inspect(args: argparse.Namespace) -> None:
             count = len(c.missing) + len(c.misfit)
             rows.append((args.model, f"{c.verdict} (--json lists the {count} parameter{'s' * (count != 1)})"))
         elif c is not None:
-            rows.append(
-                (
-                    "coverage",
-                    f"{c.block_linears_changed}/{c.block_linears_total} block linears in "
-                    f"{c.blocks_touched}/{c.blocks_total} blocks of {c.model}",
-                )
-            )
+            rows.append(("coverage", coverage_line(c)))
             if c.skipped_image_parts:
                 rows.append(("skipped", f"{len(c.skipped_image_parts)} image-branch parameters"))
         for key, value in rows:
@@ -695,6 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # what `--gpus` hands to each worker
     args.verbose = getattr(args, "verbose", False)
     configure_logging(verbose=args.verbose)
+    if not args.verbose and process_rank() != 0:  # a parallel run's notices are rank 0's to say, once
+        logging.getLogger("wanlora").setLevel(logging.WARNING)
     if not args.verbose:
         # diffusers and transformers speak up about experimental APIs and optional backends on
         # every load; they read these before configuring their own loggers
@@ -725,10 +763,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if speaks:
             print(f"wanlora: error: {InternalError.of(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if speaks and not launched_by_gpus():  # under --gpus, the launcher says it
-            print("wanlora: interrupted", file=sys.stderr)
-        return 130
+            told = f": {exc}" if str(exc) else ""  # a batch says how far it got, and how to go on
+            print(f"wanlora: interrupted{told}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for a batch's SIGTERM
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidInput
 from ..pairs import EVERY_EXPERT, EXPERT_TARGETS
+from ..settings import LORA_STRENGTH_RANGE
 from .refs import display_ref
 
 Strength = float | tuple[float, ...]
@@ -44,11 +45,19 @@ class LoraRequest:
         )
 
 
+def check_strength_value(item: object, field: str, whose: str) -> float:
+    """One strength (a number of a schedule, a sweep's value): finite and within LORA_STRENGTH_RANGE."""
+    if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+        raise InvalidInput(field, item, f"a finite number ({whose})")
+    low, high = LORA_STRENGTH_RANGE
+    if not low <= item <= high:
+        raise InvalidInput(field, item, f"a strength from {low:g} to {high:g} ({whose})")
+    return float(item)
+
+
 def _check_strength(ref: str, value: object) -> Strength:
     def number(item: object) -> float:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
-            raise InvalidInput("lora strength", item, f"a finite number (for {display_ref(ref)})")
-        return float(item)
+        return check_strength_value(item, "lora strength", f"for {display_ref(ref)}")
 
     if isinstance(value, (list, tuple)):
         if not value:

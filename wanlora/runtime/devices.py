@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidInput
+from ..messages import plural
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -20,7 +21,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if count == 0:
             raise InvalidInput("device", device, "cpu: this machine has no CUDA GPU")
         if resolved.index is not None and resolved.index >= count:
-            raise InvalidInput("device", device, f"cuda:0 to cuda:{count - 1}: this machine has {count} GPU(s)")
+            raise InvalidInput("device", device, f"cuda:0 to cuda:{count - 1}: this machine has {plural(count, 'GPU')}")
     elif resolved.type != "cpu":
         raise InvalidInput("device", device, "cpu, cuda or cuda:N")
     return resolved

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInput
+from ..logs import NOTICE
 from ..models import CATALOGUE, CLIP_VIT_H, UMT5_XXL, WAN21_VAE, WAN22_VAE, Architecture, ModelSpec
 from ..settings import OFFLOAD_MODES
 
@@ -491,17 +492,29 @@ def check_offload(mode: str, device: torch.device, spec: ModelSpec) -> str:
 
 
 def catalogue_plans() -> list[MemoryPlan]:
-    """Every variant x GPU size x weight dtype, as `offload="auto"` plans it."""
-    return [
-        plan_memory(spec, gb * 2**30, weights)
-        for spec in CATALOGUE.values()
-        for weights in WEIGHT_DTYPES
-        for gb in GPU_SIZES_GB
-    ]
+    """Every variant x GPU size x weight dtype, as `offload="auto"` plans it.
+
+    Each variant's components are traced on `meta` the first time (seconds each): a notice says which, so
+    that `wanlora models --memory` is not silent meanwhile."""
+    plans = []
+    for number, spec in enumerate(CATALOGUE.values(), start=1):
+        logger.log(NOTICE, "tracing %s's components on the meta device (%d of %d)", spec.name, number, len(CATALOGUE))
+        plans += [plan_memory(spec, gb * 2**30, weights) for weights in WEIGHT_DTYPES for gb in GPU_SIZES_GB]
+    return plans
+
+
+MEMORY_LEGEND = (
+    "variant: the catalogue's name; weights: the transformer's dtype (--quantize); GB: the transformer's "
+    "weights (both experts on A14B).\n"
+    "Each GPU column: what --offload auto picks on a GPU of that size (`VAE tiled`: the decode tiles to fit; "
+    "`does not fit`: not even the last mode), then the peak GPU memory / the host memory the weights take, "
+    "in GB, at the variant's default size."
+)
 
 
 def memory_table() -> str:
-    """What `offload="auto"` picks per variant, weight dtype and GPU, with the peak GPU and host memory."""
+    """What `offload="auto"` picks per variant, weight dtype and GPU, with the peak GPU and host memory; then
+    the legend."""
     header = "| variant | weights | GB | " + " | ".join(f"{gb} GB GPU" for gb in GPU_SIZES_GB) + " |"
     lines = [header, "|---|---|---|" + "---|" * len(GPU_SIZES_GB)]
     plans = {(p.variant, p.weights, p.gpu_bytes // 2**30): p for p in catalogue_plans()}
@@ -516,7 +529,7 @@ def memory_table() -> str:
                 host = (plan.pinned_bytes + plan.pageable_bytes) / 1e9
                 cells.append(f"`{plan.mode}`{tiled}{mark}: {plan.peak_bytes / 1e9:.1f} / {host:.1f}")
             lines.append(f"| `{spec.name}` | {weights} | {experts / 1e9:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", MEMORY_LEGEND])
 
 
 def memory_json() -> list[dict[str, Any]]:
@@ -528,7 +541,9 @@ def gpu_plan(device: torch.device, spec: ModelSpec, mode: str, weights: str, siz
     that fits; logged."""
     total = torch.cuda.get_device_properties(device).total_memory
     plan = plan_memory(spec, total, weights, sizes, mode=None if mode == "auto" else mode)
-    if plan.fits:
+    if plan.fits and mode == "auto":  # a choice made for the user: said without -v
+        logger.log(NOTICE, "offload auto: %s on this %.0f GiB GPU (%s)", plan.mode, total / 2**30, plan.why())
+    elif plan.fits:
         logger.info("offload %s: %s (%s)", mode, plan.mode, plan.why())
     else:
         logger.warning("offload %s: %s, and even that may not fit: %s", mode, plan.mode, plan.why())
