@@ -108,7 +108,7 @@ def test_managed_weights_hold_what_the_library_looks_for():
             assert entry["source"]["include"] == list(MODEL_FILES)
     baked = {e["source"]["uri"].removeprefix("hf://"): set(e["source"]["include"]) for e in config["weights"]}
     needed: dict[str, set[str]] = {}
-    for ref in {ref for spec in CATALOGUE.values() for ref in spec.accelerators.values()}:
+    for ref in {ref for spec in CATALOGUE.values() for row in spec.accelerators.values() for ref in row.refs}:
         owner, name, path = ref.split("/", 2)
         pair = {f"{path}/{expert}_noise_model.safetensors" for expert in ("high", "low")}  # a Wan2.2-Lightning folder
         files = {path} if path.endswith(".safetensors") else pair
