@@ -31,6 +31,9 @@ class LoraRequest:
     strength: Strength = 1.0
     expert: str = EVERY_EXPERT
     builtin: bool = False  # chosen by wanlora (an accelerator preset), not by a user: may be a local file
+    # The expert was chosen, not left to the file: an expert named ("high", "low"), a {"high", "low"} strength,
+    # fal's `transformer`, or a preset's. Otherwise a file for both goes where its metadata or name says.
+    explicit: bool = False
 
     @property
     def label(self) -> str:
@@ -63,7 +66,9 @@ def _check_strength(ref: str, value: object) -> Strength:
 def parse_requests(loras: Sequence) -> list[LoraRequest]:
     """Check references, strengths and experts: `ref`, `(ref, strength)` or `(ref, strength, expert)`.
 
-    A strength may be a dict of experts, `{"high": s1, "low": s2}`, which makes one request each.
+    A strength may be a dict of experts, `{"high": s1, "low": s2}`, which makes one request each. A file
+    for "both" on Wan2.2 A14B goes on one expert when its metadata or name says so (`lora.placement`);
+    `LoraRequest(ref, strength, "both", explicit=True)` keeps it on both whatever it says.
     """
     if isinstance(loras, (str, bytes)) or not isinstance(loras, Sequence):
         raise InvalidInput("loras", type(loras).__name__, "a list of (reference, strength) pairs")
@@ -83,9 +88,10 @@ def parse_requests(loras: Sequence) -> list[LoraRequest]:
                     "lora strength", strength, f'{{"high": s, "low": s}}, one or both (for {display_ref(ref)})'
                 )
             for target, value in strength.items():
-                requests.append(LoraRequest(ref.strip(), _check_strength(ref, value), target))
+                requests.append(LoraRequest(ref.strip(), _check_strength(ref, value), target, explicit=True))
         else:
-            requests.append(LoraRequest(ref.strip(), _check_strength(ref, strength), expert))
+            aimed = expert != EVERY_EXPERT
+            requests.append(LoraRequest(ref.strip(), _check_strength(ref, strength), expert, explicit=aimed))
     return requests
 
 
