@@ -121,7 +121,17 @@ class Predictor(BaseRunner):
         ),
         accelerator: str = Input(
             description="Step distillation for speed, each sampled as its own reference code does: lightx2v-4step samples 4 steps without guidance (14b and 2.2-a14b; on 2.2-a14b the Wan2.2-Lightning Seko pair, one file per expert); on 2.2-a14b also lightning-250928 and lightx2v-1217 (text-to-video), lightx2v-1022, lightx2v-moe and lightx2v-260412 (image-to-video), all 4 steps; rcm samples 1 to 4 steps with rCM's own stochastic sampler (14b and 1.3b text-to-video, 2.2-a14b image-to-video); causvid 8 steps (14b and 1.3b text-to-video; a community recipe). Its LoRA stacks with the LoRA inputs, and it sets sample_steps, the guidance and sample_shift unless you do.",
-            choices=["none", "lightx2v-4step", "lightning-250928", "lightx2v-1217", "lightx2v-1022", "lightx2v-moe", "lightx2v-260412", "rcm", "causvid"],
+            choices=[
+                "none",
+                "lightx2v-4step",
+                "lightning-250928",
+                "lightx2v-1217",
+                "lightx2v-1022",
+                "lightx2v-moe",
+                "lightx2v-260412",
+                "rcm",
+                "causvid",
+            ],
             default="none",
         ),
         lora_weights: str | None = Input(description=LORA_HELP, default=None),

@@ -23,8 +23,8 @@ from wanlora.experts import expert_steps
 from wanlora.frontends.service import PredictorInputs, VideoService
 from wanlora.models import CATALOGUE, WAN_NEGATIVE_PROMPT, tiny_spec
 from wanlora.options import GenerationOptions
-from wanlora.request import resolve_request
 from wanlora.pipeline import sampler_for
+from wanlora.request import resolve_request
 from wanlora.runtime.sampling import RcmSampler, WanFlowUniPC
 
 from .conftest import SMALL, recorded, run_cli
@@ -253,7 +253,7 @@ def test_wan21_defaults_equal_generate_py_and_its_configs(name):
             assert (settings.guidance_scale, settings.num_frames, settings.fps) == (5.0, 81, 16)
 
 
-# ------------------------------------------------------------------ 5. accelerators, each on its own reference's schedule
+# ------------------------------------------------------------------ 5. accelerators, on their references' schedules
 #
 # Written out from each distillation's own sampling code, not from wanlora's:
 # - ModelTC/Wan2.2-Lightning @92efeb4: wan/utils/fm_solvers_euler.py lines 16-21 (`get_timesteps` =
