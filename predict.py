@@ -22,6 +22,7 @@ LORA_HELP = "A LoRA to apply. Paste any of: a Hugging Face repo (owner/repo, own
 EXTRA_LORA_HELP = "A second LoRA, applied together with the first (same forms as lora_weights): for example a style plus a motion LoRA."
 HIGH_LORA_HELP = "A LoRA for diffusers' transformer only: with model=2.2-a14b the high-noise expert (the first steps: composition and motion), with the other models their one transformer. Same forms as lora_weights; stacks with lora_weights and extra_lora, which go on both experts. Give a Wan2.2 pair's high_noise_model file here and its low_noise_model file in lora_weights_transformer_2 (or give the pair's repo or folder once, in lora_weights)."
 LOW_LORA_HELP = "A LoRA for transformer_2, Wan2.2 A14B's low-noise expert (the last steps: detail and texture); model=2.2-a14b only. Same forms as lora_weights; stacks with the other LoRA inputs."
+LORAS_HELP = 'More LoRAs, in the form of the fal Wan2.2 LoRA endpoints: a JSON list of up to 8 {"path": REF, "scale": 1, "transformer": "high" | "low" | "both"} items, e.g. [{"path": "owner/repo", "scale": 0.8, "transformer": "low"}]. path takes the forms of lora_weights (weight_name picks a file in a Hugging Face repo); scale is -1 to 3, as in the other slots. transformer: which 2.2-a14b expert it goes on; left out, the one the metadata or name of the file says (a musubi-tuner timestep range, an ai-toolkit _high_noise or _low_noise name), else both. The fal default is high: give transformer to keep the meaning of a fal request. Stacks with the other LoRA inputs; a LoRA given in one of them may not be repeated here.'
 
 
 class Predictor(BaseRunner):
@@ -170,6 +171,7 @@ class Predictor(BaseRunner):
             le=3,
             default=1.0,
         ),
+        loras: str | None = Input(description=LORAS_HELP, default=None),
         hf_api_token: Secret | None = Input(
             description="Hugging Face token, for LoRAs in private or gated repos.", default=None
         ),

@@ -8,10 +8,12 @@ rest. A LoRA goes on both unless the request aims it at one:
     ("lightning.safetensors", {"high": 3.0, "low": 1.0})  # each its own strength
     ("style.safetensors", [1.0, 0.5])                   # a schedule over equal phases of the steps
     ("style.safetensors", {"low": [1.0, 0.5]})          # a schedule over the low-noise expert's steps
+    {"path": "style.safetensors", "scale": 0.8, "transformer": "high"}  # fal's form (`fal_loras`)
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +79,9 @@ def parse_requests(loras: Sequence) -> list[LoraRequest]:
         if isinstance(item, LoraRequest):  # already checked
             requests.append(item)
             continue
+        if isinstance(item, dict):
+            requests.append(fal_lora(item))
+            continue
         ref, strength, expert = _parts(item)
         if not isinstance(ref, str) or not ref.strip():
             raise InvalidInput("lora", ref, "a LoRA reference (a path, URL or repo id)")
@@ -93,6 +98,58 @@ def parse_requests(loras: Sequence) -> list[LoraRequest]:
             aimed = expert != EVERY_EXPERT
             requests.append(LoraRequest(ref.strip(), _check_strength(ref, strength), expert, explicit=aimed))
     return requests
+
+
+MAX_FAL_LORAS = 8  # wanlora's own bound on a `loras` list: fal's schema sets none
+FAL_KEYS = ("path", "scale", "transformer", "weight_name")
+
+
+def fal_lora(item: dict, field: str = "loras") -> LoraRequest:
+    """One item of fal's Wan2.2 LoRA list, `{path, scale, transformer, weight_name}` (fal-js LoRAWeight).
+
+    `transformer` is "high", "low" or "both"; left out, the file goes where its metadata or name
+    says, else on both experts (fal's own default is "high": see docs/cog.md). `weight_name` picks a
+    file in a Hugging Face repo given as `path`.
+    """
+    unknown = sorted(set(item) - set(FAL_KEYS))
+    if unknown:
+        raise InvalidInput(f"{field} item", ", ".join(map(str, unknown)), f"only the keys {', '.join(FAL_KEYS)}")
+    ref, weight_name = item.get("path"), item.get("weight_name")
+    if not isinstance(ref, str) or not ref.strip():
+        raise InvalidInput(f"{field} path", type(ref).__name__, "a LoRA reference (a link or repo id) in every item")
+    ref = ref.strip()
+    if weight_name is not None:
+        if not isinstance(weight_name, str) or not weight_name.strip().endswith(".safetensors"):
+            raise InvalidInput(
+                f"{field} weight_name", weight_name, f"a .safetensors file name (for {display_ref(ref)})"
+            )
+        if ref.count("/") != 1 or "://" in ref or ref.startswith((".", "/")):
+            raise InvalidInput(
+                f"{field} weight_name", weight_name, f"left out: {display_ref(ref)} is not a Hugging Face repo id"
+            )
+        ref = f"{ref}/{weight_name.strip()}"
+    transformer = item.get("transformer")
+    if transformer is not None and transformer not in EXPERT_TARGETS:
+        raise InvalidInput(f"{field} transformer", transformer, f"high, low or both (for {display_ref(ref)})")
+    strength = _check_strength(ref, item.get("scale", 1.0))
+    return LoraRequest(ref, strength, transformer or EVERY_EXPERT, explicit=transformer is not None)
+
+
+def fal_loras(value: object, field: str = "loras") -> list[LoraRequest]:
+    """fal's `loras`: a JSON text (Cog's inputs are text) or a list, of at most MAX_FAL_LORAS items."""
+    if isinstance(value, str):
+        try:  # never echoed: a link in it may hold a token
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(field, f"text not JSON ({exc.msg} at column {exc.colno})", _FAL_FORM) from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise InvalidInput(field, f"a JSON {type(value).__name__}", _FAL_FORM)
+    if len(value) > MAX_FAL_LORAS:
+        raise InvalidInput(field, f"{len(value)} items", f"at most {MAX_FAL_LORAS}")
+    return [fal_lora(item, field) for item in value]
+
+
+_FAL_FORM = 'a JSON list of {"path": ..., "scale": 1, "transformer": "high" | "low" | "both"}'
 
 
 def _parts(item: object) -> tuple[object, object, object]:
