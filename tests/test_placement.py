@@ -6,7 +6,8 @@ The files carry the metadata keys each trainer really writes (read from their co
   training/trainer_base.py `ss_base_model_version` "wan" for every Wan task;
 - ai-toolkit: `diffusion_model.` keys (lora_A/lora_B); ss_base_model_version "wan_2.2_14b" in both files, and
   the expert only in the name (wan22_14b_model.py save_lora: NAME_high_noise / NAME_low_noise);
-- kohya's sd-scripts metadata with neither.
+- kohya's sd-scripts metadata with neither;
+- Civitai's model page API (`modelVersions[].baseModel`), stood in for on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import logging
 import pytest
 
 from wanlora import WanLoraPipeline
+from wanlora.errors import LoraMismatch
+from wanlora.lora.inspect import inspect_lora
 from wanlora.lora.placement import place
 from wanlora.lora.selection import LoraRequest
 from wanlora.tiny import tiny_transformer
 
 from .builders import write_lora
 from .conftest import run_cli
+from .servers import Route
 
 MUSUBI = {
     "modelspec.sai_model_spec": "1.0.0",
@@ -143,3 +147,45 @@ def test_lora_inspect_shows_what_it_read_and_decided(tmp_path):
     shown = run_cli("lora", "inspect", str(musubi))
     assert shown.returncode == 0, shown.stderr
     assert "the low-noise expert (Wan2.2 A14B): its modelspec.timestep_range 0,875 (musubi-tuner)" in shown.stdout
+
+
+def test_a_lora_whose_metadata_names_another_model_is_refused_before_any_merge(a14b, tmp_path):
+    five_b = tmp_path / "style.safetensors"
+    write_lora(
+        five_b, tiny_transformer(), "original-peft", metadata={**AI_TOOLKIT, "ss_base_model_version": "wan_2.2_5b"}
+    )
+    a14b.set_loras([])
+    with pytest.raises(LoraMismatch) as caught:
+        a14b.set_loras([(str(five_b), 1.0)])
+    assert "is for Wan2.2 TI2V-5B, as its ss_base_model_version wan_2.2_5b (ai-toolkit) says" in str(caught.value)
+    assert "tiny-t2v-a14b is Wan2.2 A14B" in str(caught.value) and caught.value.widths == (3072,)
+    assert on_experts(a14b) == {"high": 0, "low": 0}
+    wan21 = tmp_path / "wan21.safetensors"  # "wan_2.1" is 1.3B or 14B: the shapes decide, as before
+    write_lora(wan21, tiny_transformer(), "original-peft", metadata={**AI_TOOLKIT, "ss_base_model_version": "wan_2.1"})
+    a14b.set_loras([(str(wan21), 1.0)])
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+
+
+def civitai_page(file_server, model_id: int, version: int, base_model: str, body: bytes) -> str:
+    """A Civitai model page on 127.0.0.1, answering as civitai.com's /api/v1/models/ID does."""
+    answer = {"id": model_id, "modelVersions": [{"id": version, "baseModel": base_model, "trainedWords": []}]}
+    file_server.routes[f"/api/v1/models/{model_id}"] = Route(json.dumps(answer).encode())
+    file_server.routes[f"/api/download/models/{version}"] = Route(body)
+    return f"https://civitai.com/models/{model_id}"
+
+
+def test_civitais_base_model_is_read_for_a_model_page_and_checked(
+    a14b, tmp_path, offline_net, file_server, monkeypatch
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "kohya", metadata=KOHYA)
+    body = (tmp_path / "a.safetensors").read_bytes()
+    fits = civitai_page(file_server, 11, 111, "Wan Video 2.2 T2V-A14B", body)
+    (report,) = inspect_lora(fits)
+    assert (report.metadata_base_model, report.expert) == ("Wan2.2 A14B", None)
+    a14b.set_loras([(fits, 1.0)])
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+    other = civitai_page(file_server, 12, 112, "Wan Video 1.3B t2v", body)
+    with pytest.raises(LoraMismatch, match="is for Wan2.1 1.3B, as its Civitai base model 'Wan Video 1.3B t2v' says"):
+        a14b.set_loras([(other, 1.0)])
+    assert on_experts(a14b) == {"high": 1, "low": 1}  # the set before it, untouched

@@ -79,7 +79,7 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
 
 def placed_by_file(request: LoraRequest, lora: LoraFile, names: tuple[str, ...]) -> tuple[str, ...]:
     """The experts a file given for both goes on: the one its metadata or name says, else both; one log line."""
-    placement = place(lora.metadata, lora.path)
+    placement = place(lora.metadata, lora.path, lora.civitai_base_model)
     if placement.expert is None:
         logger.info("%s goes on both experts: %s", request.label, placement.why)
         return names

@@ -256,6 +256,58 @@ WAN22_VAE = {
     "scale_factor_temporal": 4,
 }
 
+# ---------------------------------------------------------------------------- accelerator presets
+#
+# Step distillations ("accelerators", wanlora/accelerators.py): each preset is the sampling its
+# distillation was trained for, held to its reference code in tests/test_reference.py. Three samplers:
+# "euler" (flow-matching Euler on fixed sigmas, shifted: the whole lightx2v / Wan2.2-Lightning family,
+# distilled on sigmas 1, 0.75, 0.5, 0.25 at shift 5), "rcm" (NVlabs' rCM: TrigFlow times, no shift, a
+# stochastic step) and "unipc" (the base model's own: CausVid, which no reference code samples so).
+# Each variant's row below names its LoRA(s) for the presets it has (`Distilled`).
+
+LIGHTNING_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # before the shift: LightX2V's [1000, 750, 500, 250] / 1000
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    steps: int
+    guidance: float
+    shift: float | None  # None: its sampler does not shift (rCM's fixed times)
+    sampler: str  # "euler" on `sigmas`, "rcm", or "unipc" (the base model's)
+    sigmas: tuple[float, ...] = ()  # "euler": the distillation's sigmas before the shift
+    step_counts: tuple[int, ...] = ()  # the step counts it samples; () for any
+    reference: str = ""  # the code its schedule is held to
+
+    def check_steps(self, steps: object) -> None:
+        if self.step_counts and steps not in self.step_counts:
+            counts = " or ".join(map(str, self.step_counts))
+            raise InvalidInput("num_inference_steps", steps, f"{counts} with {self.name}: it samples fixed times")
+
+
+def _lightning(name: str, reference: str) -> Accelerator:
+    """A release of the lightx2v / Wan2.2-Lightning family: same schedule, its own files."""
+    return Accelerator(name, 4, 1.0, 5.0, "euler", LIGHTNING_SIGMAS, (4,), reference)
+
+
+LIGHTX2V_CONFIG = "ModelTC/LightX2V configs/distill/wan22/wan_moe_{}.json"
+ACCELERATORS: dict[str, Accelerator] = {
+    preset.name: preset
+    for preset in (
+        # Wan2.1: lightx2v's CFG and step distillation; Wan2.2 A14B: Wan2.2-Lightning Seko V1.1 (T2V) / V1 (I2V)
+        _lightning("lightx2v-4step", "ModelTC/Wan2.2-Lightning wan/utils/fm_solvers_euler.py, wan/configs"),
+        _lightning("lightning-250928", "ModelTC/Wan2.2-Lightning (250928 changed no code)"),
+        _lightning("lightx2v-1217", LIGHTX2V_CONFIG.format("t2v_distill_lora")),
+        _lightning("lightx2v-1022", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
+        _lightning("lightx2v-moe", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
+        _lightning("lightx2v-260412", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
+        Accelerator("rcm", 4, 1.0, None, "rcm", step_counts=(1, 2, 3, 4), reference="NVlabs/rcm rcm/inference/"),
+        # Bidirectional CausVid distillation, sampled with UniPC like the base model: no reference does this.
+        Accelerator("causvid", 8, 1.0, 5.0, "unipc", reference="none: a community recipe"),
+    )
+}
+
+
 KIJAI = "Kijai/WanVideo_comfy"
 LIGHTNING = "lightx2v/Wan2.2-Lightning"  # a folder per model, each a high/low pair
 LIGHTX2V_I2V = f"{KIJAI}/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"  # serves 720p too
@@ -532,8 +584,6 @@ def catalogue_markdown() -> str:
             f"| `{spec.name}` | `{spec.source}` | {TASKS[spec.task]} | {experts} | {spec.default_steps} | {guidance} | "
             f"{shifts} | {spec.default_frames} at {spec.default_fps} | {sizes} | {spec.predictor or '-'} |"
         )
-    from .accelerators import accelerators_markdown  # the presets import the catalogue
-
     return "\n".join(lines) + "\n\n" + accelerators_markdown()
 
 
@@ -635,3 +685,33 @@ def identify_model(model: str) -> ModelSpec:
         return replace(spec, source=found.source) if same else found
     config, index = model_configs(spec.source)
     return spec if spec.identified else spec_for_config(config, spec.source, index)
+
+
+def schedule_words(preset: Accelerator, distilled: Distilled) -> str:
+    if preset.sampler == "euler":
+        sigmas = ", ".join(f"{s:g}" for s in preset.sigmas)
+        return f"Euler on sigmas {sigmas}, shift {preset.shift:g}"
+    if preset.sampler == "rcm":
+        return f"rCM (stochastic), sigma_max {distilled.sigma_max:g}"
+    return f"UniPC, shift {preset.shift:g}"
+
+
+def accelerators_markdown() -> str:
+    """Each variant's accelerators as a Markdown table: part of what `wanlora models` prints."""
+    lines = [
+        "| accelerator | variant | LoRA(s) | steps | guidance | sampling | strengths | schedule held to |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in CATALOGUE_ROWS:
+        for name, distilled in spec.accelerators.items():
+            preset = ACCELERATORS[name]
+            files = f"`{distilled.lora}`" if distilled.lora else f"high: `{distilled.high}`<br>low: `{distilled.low}`"
+            two = spec.boundary_ratio is not None
+            strengths = "{:g} / {:g}".format(*distilled.strengths) if two else f"{distilled.strengths[0]:g}"
+            reference = preset.reference + (f"; {distilled.note}" if distilled.note else "")
+            steps = "/".join(map(str, preset.step_counts)) or f"{preset.steps}"
+            lines.append(
+                f"| `{name}` | `{spec.name}` | {files} | {steps} | {preset.guidance:g} | "
+                f"{schedule_words(preset, distilled)} | {strengths} | {reference} |"
+            )
+    return "\n".join(lines) + "\n"

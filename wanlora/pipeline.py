@@ -33,6 +33,7 @@ from .errors import InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .hub import download_model
 from .images import resize_image
+from .lora import placement as lora_placement
 from .lora.fetch import Credentials
 from .lora.loader import LoraLoader
 from .lora.selection import LoraRequest, check_targets, parse_requests
@@ -343,6 +344,10 @@ class WanLoraPipeline:
         credentials = credentials or Credentials()
         builtin = replace(credentials, local_files=True)  # a preset's own file, not a user's path
         loaded = [(r, self.loader.load(r.ref, builtin if r.builtin else credentials)) for r in requests]
+        for request, files in loaded:  # before any weight changes: a LoRA named for another model is refused
+            for _, lora in files:
+                said = lora_placement.place(lora.metadata, lora.path, lora.civitai_base_model)
+                lora_placement.refuse_other_base(said, self.spec, request.label)
         chosen = assign(loaded, self.spec.experts)
         started = time.perf_counter()
         rewritten = apply_together([(expert.loras, chosen[expert.name]) for expert in self.experts])

@@ -11,7 +11,7 @@ from ..pairs import EVERY_EXPERT
 from .fetch import Credentials, fetch_lora_files
 from .layouts import read_lora
 from .merge import check_fit
-from .placement import place
+from .placement import Placement, place
 from .refs import display_ref
 
 
@@ -85,7 +85,7 @@ def inspect_lora(
                 delta_kinds=sorted({d.kind for d in lora.deltas.values()}),
                 targets=lora.module_kinds,
                 base_model=lora.base_model_hint(),
-                **_placement(role, lora.metadata, fetched.path),
+                **_placement(role, place(lora.metadata, fetched.path, fetched.base_model)),
                 trigger_words=fetched.trigger_words,
                 coverage=None if params is None else _coverage(lora, params, model_name),
             )
@@ -93,9 +93,8 @@ def inspect_lora(
     return reports
 
 
-def _placement(role: str, metadata: dict[str, str], path) -> dict:
+def _placement(role: str, placement: Placement) -> dict:
     """What `lora.placement.place` decides for the file, or its role in a Wan2.2 pair."""
-    placement = place(metadata, path)
     if role != EVERY_EXPERT:
         why = f"the {role}-noise file of a Wan2.2 pair"
         return {"expert": role, "expert_reason": why, "metadata_base_model": placement.base_model}
