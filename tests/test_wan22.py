@@ -382,6 +382,27 @@ def test_the_lightning_accelerator_puts_its_pair_on_the_experts_and_samples_4_st
         assert chosen.lora.path == str(folder / f"{file}.safetensors")
 
 
+def test_each_new_a14b_release_runs_on_its_stand_ins_at_its_strengths(tiny_dir_a14b, tmp_path):
+    from PIL import Image
+
+    from wanlora.tiny import write_tiny_model
+
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b))
+    for preset in ("lightning-250928", "lightx2v-1217"):
+        video = pipe.generate("a fox", width=64, height=48, num_frames=5, seed=1, accelerator=preset, progress=False)
+        assert (video.metadata["accelerator"], video.metadata["num_inference_steps"]) == (preset, 4)
+        for expert, file in zip(pipe.experts, ("high_noise_model", "low_noise_model"), strict=True):
+            (chosen,) = expert.loras.active
+            assert chosen.lora.path == str(tiny_dir_a14b / "accelerators" / preset / f"{file}.safetensors")
+    i2v = WanLoraPipeline.from_pretrained(str(write_tiny_model(tmp_path / "i2v", kind="i2v-a14b")))
+    image = Image.new("RGB", (96, 64), (200, 40, 40))
+    for preset, strengths in (("lightx2v-1022", (1.0, 1.0)), ("lightx2v-moe", (1.0, 1.0)), ("rcm", (4.0, 1.0))):
+        small = {"width": 64, "height": 48, "num_frames": 5, "seed": 1, "progress": False}
+        video = i2v.generate("a fox", image=image, accelerator=preset, **small)
+        assert (video.metadata["accelerator"], video.metadata["num_inference_steps"]) == (preset, 4)
+        assert tuple(expert.loras.active[0].request.strength for expert in i2v.experts) == strengths
+
+
 @pytest.fixture(scope="module")
 def tiny_dir_a14b(tmp_path_factory):
     from wanlora.tiny import write_tiny_model
