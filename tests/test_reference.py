@@ -392,3 +392,19 @@ def test_the_pipeline_runs_rcm_from_noise_at_its_first_sigma(tiny_dir):
         4,
         1.0,
     )
+
+
+def test_the_cli_runs_rcm_with_its_own_steps_and_no_shift(tiny_dir, tmp_path):
+    fox = [arg for arg in FOX if arg not in ("--steps", "2")]  # the preset's own 4
+    fox[fox.index("tiny")] = str(tiny_dir)
+    result = run_cli(*fox, "--accelerator", "rcm", "-o", str(tmp_path / "rcm.mp4"))
+    assert result.returncode == 0, result.stderr
+    tags = recorded(tmp_path / "rcm.mp4")
+    assert (tags["accelerator"], tags["num_inference_steps"], tags["flow_shift"], tags["guidance_scale"]) == (
+        "rcm",
+        4,
+        1.0,
+        1.0,
+    )
+    refused = run_cli(*fox, "--accelerator", "rcm", "--shift", "5", "-o", str(tmp_path / "no.mp4"))
+    assert refused.returncode == 2 and "its sampler does not shift" in refused.stderr
