@@ -339,6 +339,10 @@ def rcm_reference(steps: int, sigma_max: float) -> tuple[torch.Tensor, torch.Ten
 RCM_SIGMA_MAX = {"t2v-14b": 80.0, "t2v-1.3b": 80.0, "i2v-a14b": 200.0}  # the scripts' --sigma_max defaults
 
 
+def test_every_rcm_row_is_one_whose_script_sigma_max_is_known():
+    assert {spec.name for spec in CATALOGUE.values() if "rcm" in spec.accelerators} == set(RCM_SIGMA_MAX)
+
+
 @pytest.mark.parametrize("name", list(RCM_SIGMA_MAX))
 def test_rcm_samples_its_scripts_times_on_each_variant(name):
     spec, request, sampler = accelerated(name, "rcm")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .accelerators import accelerator_refs
-from .errors import InvalidInput, ModelNotFound, error_boundary
+from .errors import InternalError, InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .hub import download_model
 from .images import resize_image
@@ -699,7 +699,9 @@ def sampler_for(request: Request, base_config: Any, flow_shift: float, generator
     preset, distilled = request.accelerator, request.distilled
     if preset is not None and preset.sampler == "euler":
         return FixedSigmaEuler(list(preset.sigmas), flow_shift)
-    if preset is not None and preset.sampler == "rcm" and distilled is not None and distilled.sigma_max:
+    if preset is not None and preset.sampler == "rcm":
+        if distilled is None or distilled.sigma_max is None:
+            raise InternalError(f"the catalogue row of {preset.name} has no sigma_max")
         return RcmSampler(distilled.sigma_max, generator)
     return WanFlowUniPC.for_shift(base_config, flow_shift)
 
