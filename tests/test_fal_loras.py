@@ -42,7 +42,7 @@ def test_the_list_stacks_with_the_slots_each_item_on_its_transformer():
     ("loras", "words"),
     [
         ([{"path": "bob/style"}], "loras='bob/style' is not allowed: a LoRA not given in a lora_weights slot"),
-        ([{"path": "a/b", "strength": 1}], "only the keys path, scale, transformer, weight_name"),
+        ([{"path": "a/b", "strength": 1}], "fal's keys path, scale, transformer, weight_name only, not strength"),
         ([{"scale": 1}], "a LoRA reference"),
         ([{"path": "a/b", "transformer": "High"}], "high, low or both"),
         ([{"path": "a/b", "scale": 4}], "between -1 and 3"),

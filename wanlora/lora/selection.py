@@ -113,7 +113,8 @@ def fal_lora(item: dict, field: str = "loras") -> LoraRequest:
     """
     unknown = sorted(set(item) - set(FAL_KEYS))
     if unknown:
-        raise InvalidInput(f"{field} item", ", ".join(map(str, unknown)), f"only the keys {', '.join(FAL_KEYS)}")
+        keys = ", ".join(map(str, unknown))
+        raise InvalidInput(f"{field} item", item, f"fal's keys {', '.join(FAL_KEYS)} only, not {keys}")
     ref, weight_name = item.get("path"), item.get("weight_name")
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidInput(f"{field} path", type(ref).__name__, "a LoRA reference (a link or repo id) in every item")
