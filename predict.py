@@ -22,6 +22,7 @@ LORA_HELP = "A LoRA to apply. Paste any of: a Hugging Face repo (owner/repo, own
 EXTRA_LORA_HELP = "A second LoRA, applied together with the first (same forms as lora_weights): for example a style plus a motion LoRA."
 HIGH_LORA_HELP = "A LoRA for diffusers' transformer only: with model=2.2-a14b the high-noise expert (the first steps: composition and motion), with the other models their one transformer. Same forms as lora_weights; stacks with lora_weights and extra_lora, which go on both experts. Give a Wan2.2 pair's high_noise_model file here and its low_noise_model file in lora_weights_transformer_2 (or give the pair's repo or folder once, in lora_weights)."
 LOW_LORA_HELP = "A LoRA for transformer_2, Wan2.2 A14B's low-noise expert (the last steps: detail and texture); model=2.2-a14b only. Same forms as lora_weights; stacks with the other LoRA inputs."
+LORAS_HELP = 'More LoRAs, in the form of the fal Wan2.2 LoRA endpoints: a JSON list of up to 8 {"path": REF, "scale": 1, "transformer": "high" | "low" | "both"} items, e.g. [{"path": "owner/repo", "scale": 0.8, "transformer": "low"}]. path takes the forms of lora_weights (weight_name picks a file in a Hugging Face repo); scale is -1 to 3, as in the other slots. transformer: which 2.2-a14b expert it goes on; left out, the one the metadata or name of the file says (a musubi-tuner timestep range, an ai-toolkit _high_noise or _low_noise name), else both. The fal default is high: give transformer to keep the meaning of a fal request. Stacks with the other LoRA inputs; a LoRA given in one of them may not be repeated here.'
 
 
 class Predictor(BaseRunner):
@@ -120,8 +121,18 @@ class Predictor(BaseRunner):
             default="Off",
         ),
         accelerator: str = Input(
-            description="Step distillation for speed: lightx2v-4step samples 4 steps without guidance (14b and 2.2-a14b, text-to-video and image-to-video; on 2.2-a14b the Wan2.2-Lightning pair, one file per expert), causvid 8 steps (14b and 1.3b text-to-video). Its LoRA stacks with the LoRA inputs, and it sets sample_steps, the guidance and sample_shift unless you do.",
-            choices=["none", "lightx2v-4step", "causvid"],
+            description="Step distillation for speed, each sampled as its own reference code does: lightx2v-4step samples 4 steps without guidance (14b and 2.2-a14b; on 2.2-a14b the Wan2.2-Lightning Seko pair, one file per expert); on 2.2-a14b also lightning-250928 and lightx2v-1217 (text-to-video), lightx2v-1022, lightx2v-moe and lightx2v-260412 (image-to-video), all 4 steps; rcm samples 1 to 4 steps with rCM's own stochastic sampler (14b and 1.3b text-to-video, 2.2-a14b image-to-video); causvid 8 steps (14b and 1.3b text-to-video; a community recipe). Its LoRA stacks with the LoRA inputs, and it sets sample_steps, the guidance and sample_shift unless you do.",
+            choices=[
+                "none",
+                "lightx2v-4step",
+                "lightning-250928",
+                "lightx2v-1217",
+                "lightx2v-1022",
+                "lightx2v-moe",
+                "lightx2v-260412",
+                "rcm",
+                "causvid",
+            ],
             default="none",
         ),
         lora_weights: str | None = Input(description=LORA_HELP, default=None),
@@ -160,6 +171,7 @@ class Predictor(BaseRunner):
             le=3,
             default=1.0,
         ),
+        loras: str | None = Input(description=LORAS_HELP, default=None),
         hf_api_token: Secret | None = Input(
             description="Hugging Face token, for LoRAs in private or gated repos.", default=None
         ),

@@ -108,7 +108,7 @@ def test_managed_weights_hold_what_the_library_looks_for():
             assert entry["source"]["include"] == list(MODEL_FILES)
     baked = {e["source"]["uri"].removeprefix("hf://"): set(e["source"]["include"]) for e in config["weights"]}
     needed: dict[str, set[str]] = {}
-    for ref in {ref for spec in CATALOGUE.values() for ref in spec.accelerators.values()}:
+    for ref in {ref for spec in CATALOGUE.values() for row in spec.accelerators.values() for ref in row.refs}:
         owner, name, path = ref.split("/", 2)
         pair = {f"{path}/{expert}_noise_model.safetensors" for expert in ("high", "low")}  # a Wan2.2-Lightning folder
         files = {path} if path.endswith(".safetensors") else pair
@@ -352,6 +352,41 @@ def cog22(tmp_path_factory, lora_server):
     env = weights_folder(tmp_path_factory, ["Wan2.1-T2V-14B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B"])
     with running_cog_server(tmp_path_factory, **env) as server:
         yield server.url
+
+
+def test_server_takes_fals_loras_list_as_fal_writes_it(cog22, lora_server, tmp_path):
+    style, motion = f"{lora_server.url}/style.safetensors", f"{lora_server.url}/motion.safetensors"
+    listed = [
+        {"path": motion, "scale": 3.0, "transformer": "high"},
+        {"path": motion, "scale": 1.0, "transformer": "low"},
+    ]
+    a14b = predict(
+        cog22,
+        prompt="styleword motionword a fox",
+        model="2.2-a14b",
+        lora_weights=style,
+        lora_scale=0.5,
+        loras=json.dumps(listed),
+        **SMALL,
+    )
+    assert recorded(video_of(a14b, tmp_path, "fal.mp4"))["loras"] == [
+        {"ref": style, "strength": 0.5},
+        {"ref": motion, "strength": 3.0, "expert": "high"},
+        {"ref": motion, "strength": 1.0, "expert": "low"},
+    ]
+    secret = f"{lora_server.url}/style.safetensors?token=SECRET-TOKEN"
+    for loras, words in (
+        ([{"path": style}], "loras="),  # the slot's LoRA again
+        ([{"path": secret, "transformer": "middle"}], "high, low or both"),
+        ([{"path": secret, "scale": 3.5}], "between -1 and 3"),
+        ([{"path": secret}] * 9, "at most 8"),
+        ("[{'path': 'x'}]", "not JSON"),
+    ):
+        text = loras if isinstance(loras, str) else json.dumps(loras)
+        refused = predict(cog22, prompt="a fox", model="2.2-a14b", lora_weights=style, loras=text, **SMALL)
+        assert refused["status"] == "failed" and words in refused["error"], refused.get("error")
+        assert "SECRET" not in refused["error"] and len(refused["error"].splitlines()) == 1
+    assert health_settles(cog22) == "READY"
 
 
 def test_server_runs_wan22_a14b_with_a_lora_per_expert_and_ti2v(cog22, lora_server, tmp_path):
@@ -614,6 +649,8 @@ def test_server_accelerator_samples_its_own_steps(cog_server, tmp_path):
     assert (tags["accelerator"], tags["num_inference_steps"], tags["guidance_scale"]) == ("lightx2v-4step", 4, 1.0)
     assert [lora["ref"].rsplit("/", 1)[1] for lora in tags["loras"]] == ["lightx2v-4step.safetensors"]
     assert predict(cog_server, accelerator="causvid", **request)["metrics"]["steps"] == 8
+    rcm = predict(cog_server, accelerator="rcm", **request)  # rCM's own sampler, on its stand-in LoRA
+    assert rcm["status"] == "succeeded" and rcm["metrics"]["steps"] == 4, rcm.get("error")
     assert predict(cog_server, **request)["metrics"]["steps"] == 30  # Replicate's default without one
     wrong = predict(cog_server, accelerator="lightx2v-4step", sample_steps=6, **request)
     assert wrong["status"] == "failed" and "4 with lightx2v-4step" in wrong["error"]
@@ -660,6 +697,8 @@ def test_server_paths_on_the_server_are_refused_alike(cog_server, tmp_path):
         assert refused["status"] == "failed"
         errors.add(refused["error"].replace(ref, "PATH"))
     assert len(errors) == 1 and "is a path; here a LoRA must come from a link" in errors.pop()
+    listed = predict(cog_server, prompt="a fox", loras=json.dumps([{"path": "/etc/passwd"}]), **SMALL)
+    assert listed["status"] == "failed" and "is a path; here a LoRA must come from a link" in listed["error"]
 
 
 @pytest.mark.parametrize(

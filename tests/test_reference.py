@@ -8,18 +8,24 @@ not from wanlora's code.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import torch
 from diffusers import UniPCMultistepScheduler
 from PIL import Image
 
 from wanlora import WanLoraPipeline
+from wanlora.accelerators import ACCELERATORS
+from wanlora.errors import InvalidInput
 from wanlora.experts import expert_steps
 from wanlora.frontends.service import PredictorInputs, VideoService
 from wanlora.models import CATALOGUE, WAN_NEGATIVE_PROMPT, tiny_spec
 from wanlora.options import GenerationOptions
+from wanlora.pipeline import sampler_for
 from wanlora.request import resolve_request
-from wanlora.runtime.sampling import WanFlowUniPC
+from wanlora.runtime.sampling import RcmSampler, WanFlowUniPC
 
 from .conftest import SMALL, recorded, run_cli
 from .test_cli import FOX
@@ -245,3 +251,164 @@ def test_wan21_defaults_equal_generate_py_and_its_configs(name):
             settings = resolve_request(spec, GenerationOptions("p", width=width, height=height, image=image)).settings
             assert (settings.num_inference_steps, settings.flow_shift) == (steps, shift), (resolution, width, height)
             assert (settings.guidance_scale, settings.num_frames, settings.fps) == (5.0, 81, 16)
+
+
+# ------------------------------------------------------------------ 5. accelerators, on their references' schedules
+#
+# Written out from each distillation's own sampling code, not from wanlora's:
+# - ModelTC/Wan2.2-Lightning @92efeb4: wan/utils/fm_solvers_euler.py lines 16-21 (`get_timesteps` =
+#   linspace(1000, 0, N + 1, float32), `timestep_shift`), 42-44 and 50-57 (sigmas = shifted t / 1000),
+#   wan/text2video.py line 347 (`timesteps[:-1]`), line 200 (`t.item() >= boundary` is the high-noise
+#   expert); wan/configs/wan_{t2v,i2v}_A14B.py lines 34-37 (shift 5, 4 steps, boundary 0.875 / 0.900,
+#   guidance (1.0, 1.0)).
+# - ModelTC/LightX2V @f8aee98b: lightx2v/models/schedulers/wan/step_distill/scheduler.py lines 25-33
+#   (sigmas = shift(linspace(1, 0, 1001)[:-1]) taken at 1000 - denoising_step_list); configs/distill/wan22/
+#   wan_moe_i2v_distill_with_lora.json and wan_moe_t2v_distill_lora.json (infer_steps 4, sample_shift 5,
+#   enable_cfg false, boundary_step_index 2, denoising_step_list [1000, 750, 500, 250]).
+# - NVlabs/rcm @5b41aa9: rcm/inference/wan2pt2_i2v_rcm_infer.py line 69 (sigma_max 200), 64 (boundary 0.9),
+#   176-187 (mid_t [1.5, 1.4, 1.0], t = sin / (cos + sin), x = noise * t[0]), 194 (`t_cur < boundary`
+#   switches to the low-noise model), 201 (timesteps `(t_cur.float() * ones * 1000).to(bf16)`), 207 (the
+#   SDE step); wan2pt1_t2v_rcm_infer.py line 73 (sigma_max 80).
+
+LIGHTNING_AUTHOR_TIMESTEPS = [1000.0000, 937.5001, 833.3333, 625.0000]  # LightX2V-Wan2.2-Lightning issue #3
+
+
+def lightning_reference(steps: int, shift: float) -> np.ndarray:
+    """Wan2.2-Lightning's EulerScheduler: float32 sigmas of the `steps` steps (its `timesteps[:-1]` / 1000)."""
+    timesteps = np.linspace(1000, 0, steps + 1, dtype=np.float32)
+    sigmas = timesteps / 1000
+    return (shift * sigmas / (1 + (shift - 1) * sigmas))[:-1]
+
+
+def lightx2v_reference(denoising_step_list: list[int], shift: float) -> torch.Tensor:
+    """LightX2V's WanStepDistillScheduler.set_denoising_timesteps: the sigmas of the listed steps."""
+    sigmas = torch.linspace(1.0, 0.0, 1000 + 1)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return sigmas[[1000 - x for x in denoising_step_list]]
+
+
+def euler_rows() -> list[tuple[str, str]]:
+    return [
+        (spec.name, name)
+        for spec in CATALOGUE.values()
+        for name in spec.accelerators
+        if ACCELERATORS[name].sampler == "euler"
+    ]
+
+
+def accelerated(name: str, preset: str):
+    spec = CATALOGUE[name]
+    image = None if spec.task == "t2v" else Image.new("RGB", (64, 64))
+    request = resolve_request(spec, GenerationOptions("p", image=image, accelerator=preset))
+    return spec, request, sampler_for(request, SCHEDULER_CONFIG, request.settings.flow_shift)
+
+
+@pytest.mark.parametrize(("name", "preset"), euler_rows())
+def test_each_lightx2v_release_samples_its_references_sigmas_and_expert_split(name, preset):
+    spec, request, sampler = accelerated(name, preset)
+    settings = request.settings
+    assert (settings.num_inference_steps, settings.guidance_scale, settings.flow_shift) == (4, 1.0, 5.0)
+    assert settings.guidance_scale_2 in (None, 1.0)
+    sampler.set_timesteps(settings.num_inference_steps)
+    sigmas = sampler.sigmas[:-1].numpy()
+    assert sigmas.tolist() == lightning_reference(4, 5.0).tolist()  # bit for bit, in float32
+    assert sigmas.tolist() == lightx2v_reference([1000, 750, 500, 250], 5.0).tolist()
+    assert sampler.timesteps.tolist() == (lightning_reference(4, 5.0) * 1000).tolist()
+    assert np.abs(sampler.timesteps.numpy() - LIGHTNING_AUTHOR_TIMESTEPS).max() < 2e-4
+    if spec.boundary_ratio is not None:  # Lightning: t >= boundary; LightX2V: step index < boundary_step_index 2
+        lightning_high = int((lightning_reference(4, 5.0) * 1000 >= spec.boundary_ratio * 1000).sum())
+        assert lightning_high == 2
+        steps = expert_steps(sampler, 4, spec.boundary_ratio, spec.experts)
+        assert steps == {"high": range(0, 2), "low": range(2, 4)}
+        assert [(r.expert, r.strength) for r in request.accelerator_loras] in (
+            [("both", 1.0)],  # a Lightning folder: its pair lands one file per expert
+            [("high", 1.0), ("low", 1.0)],  # LightX2V's lora_configs: each file at strength 1.0 on its expert
+        )
+
+
+def rcm_reference(steps: int, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rCM's script: the rectified-flow sigmas (with the final 0) and the bf16 timesteps its model is given."""
+    mid_t = [1.5, 1.4, 1.0][: steps - 1]
+    t_steps = torch.tensor([math.atan(sigma_max), *mid_t, 0], dtype=torch.float64)
+    t_steps = torch.sin(t_steps) / (torch.cos(t_steps) + torch.sin(t_steps))
+    ones = torch.ones(1, 1, dtype=torch.float64)
+    timesteps = torch.stack([(t.float() * ones * 1000).to(torch.bfloat16).float()[0, 0] for t in t_steps[:-1]])
+    return t_steps, timesteps
+
+
+RCM_SIGMA_MAX = {"t2v-14b": 80.0, "t2v-1.3b": 80.0, "i2v-a14b": 200.0}  # the scripts' --sigma_max defaults
+
+
+def test_every_rcm_row_is_one_whose_script_sigma_max_is_known():
+    assert {spec.name for spec in CATALOGUE.values() if "rcm" in spec.accelerators} == set(RCM_SIGMA_MAX)
+
+
+@pytest.mark.parametrize("name", list(RCM_SIGMA_MAX))
+def test_rcm_samples_its_scripts_times_on_each_variant(name):
+    spec, request, sampler = accelerated(name, "rcm")
+    assert (request.settings.num_inference_steps, request.settings.guidance_scale) == (4, 1.0)
+    for steps in (1, 2, 3, 4):
+        sampler.set_timesteps(steps)
+        sigmas, timesteps = rcm_reference(steps, RCM_SIGMA_MAX[name])
+        assert torch.equal(sampler.sigmas, sigmas) and torch.equal(sampler.timesteps, timesteps), steps
+    sampler.set_timesteps(4)
+    if name == "i2v-a14b":  # 996, 932 >= 900 on the high-noise expert, as `t_cur < 0.9` switches after them
+        assert sampler.timesteps.tolist() == [996.0, 932.0, 852.0, 608.0]
+        assert expert_steps(sampler, 4, spec.boundary_ratio, spec.experts) == {"high": range(2), "low": range(2, 4)}
+        # Wan.md's Wan2.2 I2V example: the Wan2.1 T2V delta merged at 4.0 into the high expert, 1.0 into the low
+        assert [(r.expert, r.strength) for r in request.accelerator_loras] == [("high", 4.0), ("low", 1.0)]
+    else:
+        assert sampler.timesteps[0] == 988.0
+    image = None if spec.task == "t2v" else Image.new("RGB", (64, 64))
+    with pytest.raises(InvalidInput, match="1 or 2 or 3 or 4 with rcm"):
+        resolve_request(spec, GenerationOptions("p", image=image, accelerator="rcm", num_inference_steps=5))
+    with pytest.raises(InvalidInput, match="flow_shift=3.0 is not allowed: left out with rcm"):
+        resolve_request(spec, GenerationOptions("p", image=image, accelerator="rcm", flow_shift=3.0))
+
+
+def test_rcm_steps_as_its_script_does_with_fresh_noise_from_the_same_generator():
+    sampler = RcmSampler(80.0, torch.Generator().manual_seed(5))
+    sampler.set_timesteps(4)
+    sample, velocity = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 4, 2, 3, 3)
+    out = sampler.step(velocity, sampler.timesteps[0], sample, return_dict=False)[0]
+    t_cur, t_next = rcm_reference(4, 80.0)[0][:2]
+    noise = torch.randn(*sample.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    want = (1 - t_next) * (sample.double() - t_cur * velocity.double()) + t_next * noise
+    assert torch.equal(out, want.float())
+
+
+def test_the_pipeline_runs_rcm_from_noise_at_its_first_sigma(tiny_dir):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir))
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].clone(), float(kwargs["timestep"][0]))),
+        with_kwargs=True,
+    )
+    video = pipe.generate("a fox", accelerator="rcm", width=64, height=48, num_frames=9, seed=4, progress=False)
+    assert [t for _, t in seen] == rcm_reference(4, 80.0)[1].tolist()  # one pass a step: guidance 1
+    first_sigma = rcm_reference(4, 80.0)[0][0]
+    noise = randn_tensor(seen[0][0].shape, generator=torch.Generator("cpu").manual_seed(4), dtype=torch.float32)
+    assert torch.equal(seen[0][0], (noise.double() * first_sigma).float().to(seen[0][0].dtype))
+    assert (video.metadata["accelerator"], video.metadata["num_inference_steps"], video.metadata["flow_shift"]) == (
+        "rcm",
+        4,
+        1.0,
+    )
+
+
+def test_the_cli_runs_rcm_with_its_own_steps_and_no_shift(tiny_dir, tmp_path):
+    fox = [arg for arg in FOX if arg not in ("--steps", "2")]  # the preset's own 4
+    fox[fox.index("tiny")] = str(tiny_dir)
+    result = run_cli(*fox, "--accelerator", "rcm", "-o", str(tmp_path / "rcm.mp4"))
+    assert result.returncode == 0, result.stderr
+    tags = recorded(tmp_path / "rcm.mp4")
+    assert (tags["accelerator"], tags["num_inference_steps"], tags["flow_shift"], tags["guidance_scale"]) == (
+        "rcm",
+        4,
+        1.0,
+        1.0,
+    )
+    refused = run_cli(*fox, "--accelerator", "rcm", "--shift", "5", "-o", str(tmp_path / "no.mp4"))
+    assert refused.returncode == 2 and "its sampler does not shift" in refused.stderr

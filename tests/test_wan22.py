@@ -273,14 +273,14 @@ def test_a_hub_pair_lands_on_the_right_experts(fake_hub, offline_net, tmp_path, 
     assert_weights(pipe.experts[1].module, snapshot(expert_base("low")), [(low, 0.7)])
 
 
-def test_a_file_named_for_one_expert_given_for_both_is_applied_to_both_with_a_warning(tmp_path, caplog):
+def test_a_file_named_for_one_expert_given_for_both_goes_on_that_expert_only_with_a_log_line(tmp_path, caplog):
     high, _ = write_pair(tmp_path / "pair")
     pipe = WanLoraPipeline.from_pretrained("tiny-t2v-a14b")
-    caplog.set_level(logging.WARNING, logger="wanlora")
+    caplog.set_level(logging.INFO, logger="wanlora")
     pipe.set_loras([(str(tmp_path / "pair" / "high_noise_model.safetensors"), 1.0)])
-    assert "is named for the high-noise expert but goes on both" in caplog.text
-    for expert in pipe.experts:
-        assert_weights(expert.module, snapshot(expert_base(expert.name)), [(high, 1.0)])
+    assert "goes on the high-noise expert only: its file name high_noise_model.safetensors says" in caplog.text
+    assert_weights(pipe.experts[0].module, snapshot(expert_base("high")), [(high, 1.0)])
+    assert_weights(pipe.experts[1].module, snapshot(expert_base("low")), [])
 
 
 def test_a_pair_on_a_one_transformer_model_is_refused_and_nothing_changes(tmp_path, tiny_pipe):
@@ -380,6 +380,27 @@ def test_the_lightning_accelerator_puts_its_pair_on_the_experts_and_samples_4_st
     for expert, file in zip(pipe.experts, ("high_noise_model", "low_noise_model"), strict=True):
         (chosen,) = expert.loras.active
         assert chosen.lora.path == str(folder / f"{file}.safetensors")
+
+
+def test_each_new_a14b_release_runs_on_its_stand_ins_at_its_strengths(tiny_dir_a14b, tmp_path):
+    from PIL import Image
+
+    from wanlora.tiny import write_tiny_model
+
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b))
+    for preset in ("lightning-250928", "lightx2v-1217"):
+        video = pipe.generate("a fox", width=64, height=48, num_frames=5, seed=1, accelerator=preset, progress=False)
+        assert (video.metadata["accelerator"], video.metadata["num_inference_steps"]) == (preset, 4)
+        for expert, file in zip(pipe.experts, ("high_noise_model", "low_noise_model"), strict=True):
+            (chosen,) = expert.loras.active
+            assert chosen.lora.path == str(tiny_dir_a14b / "accelerators" / preset / f"{file}.safetensors")
+    i2v = WanLoraPipeline.from_pretrained(str(write_tiny_model(tmp_path / "i2v", kind="i2v-a14b")))
+    image = Image.new("RGB", (96, 64), (200, 40, 40))
+    for preset, strengths in (("lightx2v-1022", (1.0, 1.0)), ("lightx2v-moe", (1.0, 1.0)), ("rcm", (4.0, 1.0))):
+        small = {"width": 64, "height": 48, "num_frames": 5, "seed": 1, "progress": False}
+        video = i2v.generate("a fox", image=image, accelerator=preset, **small)
+        assert (video.metadata["accelerator"], video.metadata["num_inference_steps"]) == (preset, 4)
+        assert tuple(expert.loras.active[0].request.strength for expert in i2v.experts) == strengths
 
 
 @pytest.fixture(scope="module")
@@ -616,7 +637,9 @@ def test_replicates_model_choices_pick_the_wan22_variants():
     lightning = service.resolve(PredictorInputs(prompt="a fox", model="2.2-a14b", accelerator="lightx2v-4step"))
     settings = lightning.request.settings
     assert (settings.num_inference_steps, settings.guidance_scale, settings.guidance_scale_2) == (4, 1.0, 1.0)
-    assert lightning.request.accelerator_ref == "lightx2v/Wan2.2-Lightning/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"
+    assert [r.ref for r in lightning.request.accelerator_loras] == [
+        "lightx2v/Wan2.2-Lightning/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"
+    ]
 
 
 @pytest.mark.parametrize(("kind", "offload"), [("t2v", "none"), ("t2v-a14b", "experts")])

@@ -1,73 +1,67 @@
-"""Step-distillation LoRAs ("accelerators"): a few steps without guidance instead of 50 with it.
+"""Step-distillation LoRAs ("accelerators"): a few steps without guidance instead of 40 or 50 with it.
 
-A preset is the sampling a distillation was trained for; each catalogue row names its own
-LoRA for the presets it has (`ModelSpec.accelerators`). A preset stacks with the user's
-style LoRAs, and fills in steps, guidance and shift unless the caller set them. lightx2v's
-LoRAs were distilled on four fixed timesteps (1000, 750, 500, 250, shifted by 5) with
-flow-matching Euler; wanlora samples exactly those.
+A preset is the sampling a distillation was trained for, held to its own reference code in
+tests/test_reference.py; each catalogue row names the preset's LoRA(s) for that variant and
+what its recipe sets there (`models.Distilled`: strengths per expert, rCM's first sigma). A
+preset stacks with the user's style LoRAs, and fills in steps, guidance and shift unless the
+caller set them.
+
+Three samplers:
+- "euler": flow-matching Euler on fixed sigmas, shifted. lightx2v's and Wan2.2-Lightning's
+  releases were all distilled on sigmas 1, 0.75, 0.5, 0.25 at shift 5 (LightX2V's
+  `denoising_step_list` [1000, 750, 500, 250]; Lightning's `EulerScheduler`).
+- "rcm": NVlabs' rCM: four fixed TrigFlow times, no shift, a stochastic step (fresh noise),
+  the first latent scaled by its first sigma, timesteps given to the model in bf16.
+- "unipc": the base model's own sampler (CausVid, which has no reference code sampling it so).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import InvalidInput
-from .models import CATALOGUE, TINY_KINDS, TINY_NAMES, ModelSpec
+from .models import ACCELERATORS, CATALOGUE, TINY_KINDS, TINY_NAMES, Accelerator, Distilled, ModelSpec
 
+__all__ = ["ACCELERATORS", "Accelerator", "accelerator_for", "accelerator_refs"]
+
+# The presets themselves (`Accelerator`, `ACCELERATORS`) are catalogue data, in wanlora/models.py.
 TINY_FOLDER = "accelerators"  # `wanlora tiny-model` writes a random stand-in for each preset here
 
 
-@dataclass(frozen=True)
-class Accelerator:
-    name: str
-    steps: int
-    guidance: float
-    shift: float
-    strength: float = 1.0
-    timesteps: tuple[int, ...] | None = None  # the distillation's own schedule, if fixed
-
-
-ACCELERATORS: dict[str, Accelerator] = {
-    # CFG and step distillation (lightx2v; Wan2.2-Lightning for A14B, a LoRA per expert at strength 1
-    # each), sampled on the four timesteps (LightX2V's sigmas 1, 0.9375, 0.8333, 0.625 once shifted).
-    "lightx2v-4step": Accelerator(
-        name="lightx2v-4step", steps=4, guidance=1.0, shift=5.0, timesteps=(1000, 750, 500, 250)
-    ),
-    # Bidirectional CausVid distillation, sampled with UniPC like the base model.
-    "causvid": Accelerator("causvid", steps=8, guidance=1.0, shift=5.0),
-}
-
-
-def _lora_for(preset: Accelerator, spec: ModelSpec) -> str | None:
-    """The preset's LoRA for `spec`: its catalogue row's, or, in a tiny model folder, its own random one."""
+def _distilled_for(preset: Accelerator, spec: ModelSpec) -> Distilled | None:
+    """The preset's LoRA(s) for `spec`: its catalogue row's, or, in a tiny model folder, its own random one
+    (a file, or a high/low pair folder) with the real row's strengths and sigma."""
     if spec.name not in TINY_NAMES:
         return spec.accelerators.get(preset.name)
+    real = CATALOGUE[TINY_KINDS[TINY_NAMES[spec.name]]].accelerators.get(preset.name)
     folder = Path(spec.source) / TINY_FOLDER
     found = [p for p in (folder / f"{preset.name}.safetensors", folder / preset.name) if p.exists()]
-    return str(found[0]) if found else None
+    if not found or real is None:
+        return None
+    return replace(real, lora=str(found[0]), high=None, low=None)
 
 
-def accelerator_for(name: str, spec: ModelSpec) -> tuple[Accelerator, str]:
-    """The preset `name` and its LoRA for the base model `spec`, or a clear error."""
+def accelerator_for(name: str, spec: ModelSpec) -> tuple[Accelerator, Distilled]:
+    """The preset `name` and its LoRA(s) for the base model `spec`, or a clear error."""
     if not isinstance(name, str) or name not in ACCELERATORS:
         raise InvalidInput("accelerator", name, f"one of {', '.join(ACCELERATORS)}")
     preset = ACCELERATORS[name]
-    ref = _lora_for(preset, spec)
+    distilled = _distilled_for(preset, spec)
     stands_in_for = CATALOGUE[TINY_KINDS[TINY_NAMES[spec.name]]] if spec.name in TINY_NAMES else None
-    if ref is None and stands_in_for is not None and name in stands_in_for.accelerators:
+    if distilled is None and stands_in_for is not None and name in stands_in_for.accelerators:
         kind = TINY_NAMES[spec.name]
         why = (
             f"a tiny stand-in has a random one only in a folder: write it with `wanlora tiny-model DIR --kind {kind}`, "
             "then use --model DIR"
         )
         raise InvalidInput("accelerator", name, why)
-    if ref is None:
+    if distilled is None:
         having = [spec.name for spec in CATALOGUE.values() if name in spec.accelerators]
         raise InvalidInput("accelerator", name, f"available for {', '.join(having)}, not {spec.name}")
-    return preset, ref
+    return preset, distilled
 
 
 def accelerator_refs(spec: ModelSpec) -> set[str]:
     """Every preset's LoRA for `spec`: what a new preset replaces in the LoRA set."""
-    return {ref for preset in ACCELERATORS.values() if (ref := _lora_for(preset, spec)) is not None}
+    return {ref for preset in ACCELERATORS.values() if (d := _distilled_for(preset, spec)) for ref in d.refs}

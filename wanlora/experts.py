@@ -18,9 +18,10 @@ from diffusers import WanTransformer3DModel
 from .errors import InvalidInput
 from .logs import NOTICE
 from .lora.layouts import LoraFile
+from .lora.placement import place
 from .lora.selection import LoraRequest
 from .lora.state import Chosen, TransformerLoras
-from .pairs import EVERY_EXPERT, expert_of
+from .pairs import EVERY_EXPERT
 from .weights.pristine import PristineSource
 
 logger = logging.getLogger(__name__)
@@ -67,20 +68,30 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
                     "a single file here: it is a Wan2.2 high/low pair, and this model has one transformer",
                 )
             aimed = names if request.expert == EVERY_EXPERT else (request.expert,)
-            named = expert_of(lora.path)
-            if role == EVERY_EXPERT and len(aimed) == 2 and named is not None:
-                logger.warning(
-                    "%s is named for the %s-noise expert but goes on both; aim it at one expert to "
-                    "use it as its name says",
-                    request.label,
-                    named,
-                )
+            if role == EVERY_EXPERT and len(aimed) == 2 and not request.explicit:
+                aimed = placed_by_file(request, lora, names)
             for name in aimed if role == EVERY_EXPERT else [role] if role in aimed else []:
                 chosen[name].append(Chosen(request, lora))
         if len(files) > 1:
             placed = ", ".join(f"{Path(lora.path).name} on {WORDS[role]}" for role, lora in files)
             logger.log(NOTICE, "%s is a Wan2.2 pair: %s", request.label, placed)
     return chosen
+
+
+def placed_by_file(request: LoraRequest, lora: LoraFile, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The experts a file given for both goes on: the one its metadata or name says, else both; one log line."""
+    placement = place(lora.metadata, lora.path, lora.civitai_base_model)
+    if placement.expert is None:
+        logger.info("%s goes on both experts: %s", request.label, placement.why)
+        return names
+    logger.log(  # it changes the video: said without -v, as a pair's placement is
+        NOTICE,
+        "%s goes on the %s-noise expert only: %s (aim it at both to override)",
+        request.label,
+        placement.expert,
+        placement.why,
+    )
+    return (placement.expert,)
 
 
 def expert_steps(scheduler: Any, steps: int, boundary_ratio: float | None, names: tuple[str, ...]) -> dict[str, range]:

@@ -96,6 +96,26 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class Distilled:
+    """An accelerator's LoRA(s) for one variant, and what its recipe sets for that variant.
+
+    Either `lora` (one file; on Wan2.2 A14B a folder holding a `high_noise_model`/`low_noise_model`
+    pair, or one file for both experts), or a file per expert (`high`, `low`).
+    """
+
+    lora: str | None = None
+    high: str | None = None
+    low: str | None = None
+    strengths: tuple[float, float] = (1.0, 1.0)  # (the high-noise expert, or the only transformer; the low-noise)
+    sigma_max: float | None = None  # rCM: its sampler's first sigma on this variant (its inference script's)
+    note: str = ""  # where the files and strengths come from, when not the preset's own reference
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        return tuple(ref for ref in (self.lora, self.high, self.low) if ref is not None)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One base model: its source, shapes, task and generation defaults."""
 
@@ -125,7 +145,7 @@ class ModelSpec:
     family: str = ""  # the weights a LoRA is trained for, as people name them: "Wan2.1 14B"
     predictor: str | None = None  # the predictor's `model` choice that runs it, if any
     tiny: str | None = None  # the kind of its tiny stand-in (`wanlora tiny-model --kind`), if it has one
-    accelerators: dict[str, str] = field(default_factory=dict)  # accelerator preset -> its LoRA for this model
+    accelerators: dict[str, Distilled] = field(default_factory=dict)  # accelerator preset -> its LoRA(s) here
 
     @property
     def default_resolution(self) -> str:
@@ -236,9 +256,78 @@ WAN22_VAE = {
     "scale_factor_temporal": 4,
 }
 
+# ---------------------------------------------------------------------------- accelerator presets
+#
+# Step distillations ("accelerators", wanlora/accelerators.py): each preset is the sampling its
+# distillation was trained for, held to its reference code in tests/test_reference.py. Three samplers:
+# "euler" (flow-matching Euler on fixed sigmas, shifted: the whole lightx2v / Wan2.2-Lightning family,
+# distilled on sigmas 1, 0.75, 0.5, 0.25 at shift 5), "rcm" (NVlabs' rCM: TrigFlow times, no shift, a
+# stochastic step) and "unipc" (the base model's own: CausVid, which no reference code samples so).
+# Each variant's row below names its LoRA(s) for the presets it has (`Distilled`).
+
+LIGHTNING_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # before the shift: LightX2V's [1000, 750, 500, 250] / 1000
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    steps: int
+    guidance: float
+    shift: float | None  # None: its sampler does not shift (rCM's fixed times)
+    sampler: str  # "euler" on `sigmas`, "rcm", or "unipc" (the base model's)
+    sigmas: tuple[float, ...] = ()  # "euler": the distillation's sigmas before the shift
+    step_counts: tuple[int, ...] = ()  # the step counts it samples; () for any
+    reference: str = ""  # the code its schedule is held to
+
+    def check_steps(self, steps: object) -> None:
+        if self.step_counts and steps not in self.step_counts:
+            counts = " or ".join(map(str, self.step_counts))
+            raise InvalidInput("num_inference_steps", steps, f"{counts} with {self.name}: it samples fixed times")
+
+
+def _lightning(name: str, reference: str) -> Accelerator:
+    """A release of the lightx2v / Wan2.2-Lightning family: same schedule, its own files."""
+    return Accelerator(name, 4, 1.0, 5.0, "euler", LIGHTNING_SIGMAS, (4,), reference)
+
+
+LIGHTX2V_CONFIG = "ModelTC/LightX2V configs/distill/wan22/wan_moe_{}.json"
+ACCELERATORS: dict[str, Accelerator] = {
+    preset.name: preset
+    for preset in (
+        # Wan2.1: lightx2v's CFG and step distillation; Wan2.2 A14B: Wan2.2-Lightning Seko V1.1 (T2V) / V1 (I2V)
+        _lightning("lightx2v-4step", "ModelTC/Wan2.2-Lightning wan/utils/fm_solvers_euler.py, wan/configs"),
+        _lightning("lightning-250928", "ModelTC/Wan2.2-Lightning (250928 changed no code)"),
+        _lightning("lightx2v-1217", LIGHTX2V_CONFIG.format("t2v_distill_lora")),
+        _lightning("lightx2v-1022", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
+        _lightning("lightx2v-moe", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
+        _lightning("lightx2v-260412", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
+        Accelerator("rcm", 4, 1.0, None, "rcm", step_counts=(1, 2, 3, 4), reference="NVlabs/rcm rcm/inference/"),
+        # Bidirectional CausVid distillation, sampled with UniPC like the base model: no reference does this.
+        Accelerator("causvid", 8, 1.0, 5.0, "unipc", reference="none: a community recipe"),
+    )
+}
+
+
 KIJAI = "Kijai/WanVideo_comfy"
 LIGHTNING = "lightx2v/Wan2.2-Lightning"  # a folder per model, each a high/low pair
 LIGHTX2V_I2V = f"{KIJAI}/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"  # serves 720p too
+# lightx2v's Wan2.2 distill LoRAs, as LightX2V's configs/distill/wan22/wan_moe_i2v_distill_with_lora.json and
+# wan_moe_t2v_distill_lora.json name them (each at strength 1 on its expert).
+DISTILL_LORAS = (
+    "lightx2v/Wan2.2-Distill-Loras/wan2.2_{task}_A14b_{expert}_noise_lora_rank64_lightx2v_4step_{release}.safetensors"
+)
+KIJAI_22 = f"{KIJAI}/LoRAs/Wan22_Lightx2v"  # Kijai's LoRAs extracted from lightx2v's full distilled experts
+# rCM (NVlabs/rcm) is trained on Wan2.1 T2V; Kijai's LoRAs are its weight delta. Wan2.2 I2V takes the same
+# delta merged into each expert: the authors' Wan.md runs high-rCM4.0 / low-rCM1.0 merges.
+RCM_14B = f"{KIJAI}/LoRAs/rCM/Wan_2_1_T2V_14B_480p_rCM_lora_average_rank_83_bf16.safetensors"
+RCM_1_3B = f"{KIJAI}/LoRAs/rCM/Wan_2_1_T2V_1_3B_480p_rCM_lora_average_rank_64_bf16.safetensors"
+CAUSVID_NOTE = "no reference code samples it so: CausVid's own is 3 DMD steps on 1.3B; a community recipe"
+
+
+def distill_pair(task: str, release: str) -> Distilled:
+    high, low = (DISTILL_LORAS.format(task=task, expert=e, release=release) for e in ("high", "low"))
+    return Distilled(high=high, low=low)
+
 
 # One row per variant: everything wanlora knows about it. Defaults are each reference's:
 # Wan2.1's generate.py and wan/configs (50 steps, 40 for I2V; guidance 5; shift 5, but 3 for
@@ -259,8 +348,9 @@ CATALOGUE_ROWS = [
         predictor="14b",
         tiny="t2v",
         accelerators={
-            "lightx2v-4step": f"{KIJAI}/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
-            "causvid": f"{KIJAI}/Wan21_CausVid_14B_T2V_lora_rank32.safetensors",
+            "lightx2v-4step": Distilled(f"{KIJAI}/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"),
+            "causvid": Distilled(f"{KIJAI}/Wan21_CausVid_14B_T2V_lora_rank32.safetensors", note=CAUSVID_NOTE),
+            "rcm": Distilled(RCM_14B, sigma_max=80.0),  # rcm/inference/wan2pt1_t2v_rcm_infer.py's default
         },
     ),
     ModelSpec(
@@ -274,7 +364,12 @@ CATALOGUE_ROWS = [
         fast_thresholds=(0.07, 0.08),
         family="Wan2.1 1.3B",
         predictor="1.3b",
-        accelerators={"causvid": f"{KIJAI}/Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors"},
+        accelerators={
+            "causvid": Distilled(
+                f"{KIJAI}/Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors", note=CAUSVID_NOTE
+            ),
+            "rcm": Distilled(RCM_1_3B, sigma_max=80.0),
+        },
     ),
     ModelSpec(
         name="i2v-14b-480p",
@@ -290,7 +385,7 @@ CATALOGUE_ROWS = [
         family="Wan2.1 14B",
         predictor="14b",
         tiny="i2v",
-        accelerators={"lightx2v-4step": LIGHTX2V_I2V},
+        accelerators={"lightx2v-4step": Distilled(LIGHTX2V_I2V)},
     ),
     ModelSpec(
         name="i2v-14b-720p",
@@ -305,7 +400,7 @@ CATALOGUE_ROWS = [
         fast_thresholds=(0.2, 0.3),
         family="Wan2.1 14B",
         predictor="14b",
-        accelerators={"lightx2v-4step": LIGHTX2V_I2V},
+        accelerators={"lightx2v-4step": Distilled(LIGHTX2V_I2V, note="the 480p LoRA: no 720p one is published")},
     ),
     # First and last frame: Wan2.1's generate.py samples it 50 steps at shift 16.
     ModelSpec(
@@ -336,7 +431,11 @@ CATALOGUE_ROWS = [
         family="Wan2.2 A14B",
         predictor="2.2-a14b",
         tiny="t2v-a14b",
-        accelerators={"lightx2v-4step": f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"},
+        accelerators={
+            "lightx2v-4step": Distilled(f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"),
+            "lightning-250928": Distilled(f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-250928"),
+            "lightx2v-1217": distill_pair("t2v", "1217"),
+        },
     ),
     ModelSpec(
         name="i2v-a14b",
@@ -354,7 +453,24 @@ CATALOGUE_ROWS = [
         family="Wan2.2 A14B",
         predictor="2.2-a14b",
         tiny="i2v-a14b",
-        accelerators={"lightx2v-4step": f"{LIGHTNING}/Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"},
+        accelerators={
+            "lightx2v-4step": Distilled(f"{LIGHTNING}/Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"),
+            "lightx2v-1022": distill_pair("i2v", "1022"),
+            # The MoE distill (2025-10): lightx2v's SVD-extracted low-noise LoRA, Kijai's extraction of the high one
+            "lightx2v-moe": Distilled(
+                high=f"{KIJAI_22}/Wan_2_2_I2V_A14B_HIGH_lightx2v_MoE_distill_lora_rank_64_bf16.safetensors",
+                low="lightx2v/Wan2.2-I2V-A14B-Moe-Distill-Lightx2v/loras/low_noise_model_rank64.safetensors",
+            ),
+            # 260412 (720p): lightx2v publishes full models only; these are Kijai's rank-64 extractions of them
+            "lightx2v-260412": Distilled(
+                high=f"{KIJAI_22}/Wan_2_2_I2V_A14B_HIGH_lightx2v_4step_lora_260412_rank_64_fp16.safetensors",
+                low=f"{KIJAI_22}/Wan_2_2_I2V_A14B_LOW_lightx2v_4step_lora_260412_rank_64_fp16.safetensors",
+                note="lightx2v ships full models only (or load them with --transformer); no LightX2V config names "
+                "260412, so its schedule is the family's I2V distill config",
+            ),
+            # rcm/inference/wan2pt2_i2v_rcm_infer.py: sigma_max 200; Wan.md merges the delta at 4.0 (high), 1.0 (low)
+            "rcm": Distilled(RCM_14B, strengths=(4.0, 1.0), sigma_max=200.0),
+        },
     ),
     ModelSpec(
         name="ti2v-5b",
@@ -451,7 +567,8 @@ TASKS = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text-and-imag
 
 
 def catalogue_markdown() -> str:
-    """The catalogue as a Markdown table: what `wanlora models` prints, and what README.md shows."""
+    """The catalogue as Markdown tables, the variants' and their accelerators': what `wanlora models` prints, and
+    what docs/models.md shows."""
     lines = [
         "| variant | repo | task | experts | steps | guidance | shift (480p, 720p) | frames, fps | sizes | predictor |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -467,7 +584,7 @@ def catalogue_markdown() -> str:
             f"| `{spec.name}` | `{spec.source}` | {TASKS[spec.task]} | {experts} | {spec.default_steps} | {guidance} | "
             f"{shifts} | {spec.default_frames} at {spec.default_fps} | {sizes} | {spec.predictor or '-'} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + accelerators_markdown()
 
 
 def transformer_kind(width: int | None, in_channels: int | None, image_branch: bool) -> str:
@@ -568,3 +685,33 @@ def identify_model(model: str) -> ModelSpec:
         return replace(spec, source=found.source) if same else found
     config, index = model_configs(spec.source)
     return spec if spec.identified else spec_for_config(config, spec.source, index)
+
+
+def schedule_words(preset: Accelerator, distilled: Distilled) -> str:
+    if preset.sampler == "euler":
+        sigmas = ", ".join(f"{s:g}" for s in preset.sigmas)
+        return f"Euler on sigmas {sigmas}, shift {preset.shift:g}"
+    if preset.sampler == "rcm":
+        return f"rCM (stochastic), sigma_max {distilled.sigma_max:g}"
+    return f"UniPC, shift {preset.shift:g}"
+
+
+def accelerators_markdown() -> str:
+    """Each variant's accelerators as a Markdown table: part of what `wanlora models` prints."""
+    lines = [
+        "| accelerator | variant | LoRA(s) | steps | guidance | sampling | strengths | schedule held to |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in CATALOGUE_ROWS:
+        for name, distilled in spec.accelerators.items():
+            preset = ACCELERATORS[name]
+            files = f"`{distilled.lora}`" if distilled.lora else f"high: `{distilled.high}`<br>low: `{distilled.low}`"
+            two = spec.boundary_ratio is not None
+            strengths = "{:g} / {:g}".format(*distilled.strengths) if two else f"{distilled.strengths[0]:g}"
+            reference = preset.reference + (f"; {distilled.note}" if distilled.note else "")
+            steps = "/".join(map(str, preset.step_counts)) or f"{preset.steps}"
+            lines.append(
+                f"| `{name}` | `{spec.name}` | {files} | {steps} | {preset.guidance:g} | "
+                f"{schedule_words(preset, distilled)} | {strengths} | {reference} |"
+            )
+    return "\n".join(lines) + "\n"

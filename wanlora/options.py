@@ -191,7 +191,8 @@ class GenerationOptions:
         None,
         flag="--accelerator",
         group=MODEL,
-        help="stack a step-distillation LoRA and sample as it was trained (4-8 steps, no guidance); default none",
+        help="stack a step-distillation LoRA and sample as it was trained (1-8 steps, no guidance; `wanlora models` "
+        "lists each variant's); default none",
     )
     cfg_batch: bool = option(
         False,

@@ -24,15 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 from . import __version__
 from .accelerators import accelerator_refs
-from .errors import InvalidInput, ModelNotFound, error_boundary
+from .errors import InternalError, InvalidInput, ModelNotFound, error_boundary
 from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
 from .hub import download_model
 from .images import resize_image
 from .logs import NOTICE
+from .lora import placement as lora_placement
 from .lora.fetch import Credentials
 from .lora.inspect import coverage_line, coverage_of
 from .lora.layouts import LoraFile
@@ -61,7 +63,7 @@ from .runtime.memory import (
     vae_tiling_for,
 )
 from .runtime.placement import ExpertSwitch, place, set_vae_tiling
-from .runtime.sampling import NUM_TRAIN_TIMESTEPS, FixedSigmaEuler, WanFlowUniPC
+from .runtime.sampling import FixedSigmaEuler, RcmSampler, WanFlowUniPC
 from .settings import check_quantize
 from .staging import staged_folder
 from .sweep import MAX_WIDTH, Sweep, run_sweep, sweep_axes
@@ -346,6 +348,10 @@ class WanLoraPipeline:
         credentials = credentials or Credentials()
         builtin = replace(credentials, local_files=True)  # a preset's own file, not a user's path
         loaded = [(r, self.loader.load(r.ref, builtin if r.builtin else credentials)) for r in requests]
+        for request, files in loaded:  # before any weight changes: a LoRA named for another model is refused
+            for _, lora in files:
+                said = lora_placement.place(lora.metadata, lora.path, lora.civitai_base_model)
+                lora_placement.refuse_other_base(said, self.spec, request.label)
         chosen = assign(loaded, self.spec.experts)
         started = time.perf_counter()
         rewritten = apply_together([(expert.loras, chosen[expert.name]) for expert in self.experts])
@@ -462,9 +468,9 @@ class WanLoraPipeline:
         # LoRA an earlier request stacked: that belongs to its request alone. Access is re-checked.
         kept = [lora for lora in self.active_loras if not lora.builtin]
         loras = list(request.loras if request.loras is not None else kept)
-        if (distiller := request.accelerator_lora) is not None:
+        if distilled := request.accelerator_loras:
             replaced = accelerator_refs(self.spec)  # another preset's LoRA from an earlier run goes
-            loras = [r for r in loras if r.ref not in replaced] + [distiller]
+            loras = [r for r in loras if r.ref not in replaced] + list(distilled)
         started = time.perf_counter()
         self.set_loras(loras, credentials)
         lora_seconds = time.perf_counter() - started
@@ -514,10 +520,12 @@ class WanLoraPipeline:
         )
         set_vae_tiling(pipeline.vae, tiling)
         extra = {**extra, "vae_decode": "untiled" if tiling is None else f"tiled: {tiling}"}
-        pipeline.scheduler = self.diffusers_pipeline.scheduler = self._sampler_for(request, settings.flow_shift)
-        steps = expert_steps(
-            pipeline.scheduler, settings.num_inference_steps, self.spec.boundary_ratio, self.spec.experts
-        )
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        sampler = self._sampler_for(request, settings.flow_shift, generator)
+        pipeline.scheduler = self.diffusers_pipeline.scheduler = sampler
+        steps = expert_steps(sampler, settings.num_inference_steps, self.spec.boundary_ratio, self.spec.experts)
+        if isinstance(sampler, RcmSampler):  # its first latent is the noise at its first sigma, below 1
+            conditioning = {**conditioning, "latents": self._first_latents(pipeline, settings, generator, sampler)}
         main = self.parallel is None or self.parallel.is_main
         pipeline.set_progress_bar_config(disable=True)  # wanlora's own bar instead, below
         shown = progress and main
@@ -538,7 +546,7 @@ class WanLoraPipeline:
             num_frames=settings.num_frames,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(settings.seed),
+            generator=generator,
             output_type="np" if main else "latent",  # only rank 0 decodes
             callback_on_step_end=step_callback(schedule_callback(self.experts, steps), bar),
             **({"guidance_scale_2": settings.guidance_scale_2} if settings.guidance_scale_2 is not None else {}),
@@ -555,12 +563,21 @@ class WanLoraPipeline:
         video.timings["denoising_seconds"] = seconds
         return video
 
-    def _sampler_for(self, request: Request, flow_shift: float):
-        """The reference's sampler: an accelerator's fixed timesteps, else UniPC on Wan's schedule at `flow_shift`."""
-        preset = request.accelerator
-        if preset is not None and preset.timesteps:
-            return FixedSigmaEuler([t / NUM_TRAIN_TIMESTEPS for t in preset.timesteps], preset.shift)
-        return WanFlowUniPC.for_shift(self.base_scheduler.config, flow_shift)  # a new one: no state from the last run
+    def _sampler_for(self, request: Request, flow_shift: float, generator: torch.Generator):
+        return sampler_for(request, self.base_scheduler.config, flow_shift, generator)
+
+    @staticmethod
+    def _first_latents(pipeline: Any, settings, generator: torch.Generator, sampler: RcmSampler) -> torch.Tensor:
+        """The noise diffusers would draw for this seed (same shape, generator and dtype), times the first sigma."""
+        shape = (
+            1,
+            pipeline.vae.config.z_dim,
+            (settings.num_frames - 1) // pipeline.vae_scale_factor_temporal + 1,
+            settings.height // pipeline.vae_scale_factor_spatial,
+            settings.width // pipeline.vae_scale_factor_spatial,
+        )
+        noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        return noise.to(torch.float64).mul(sampler.initial_sigma).to(torch.float32)
 
     def _diffusers_pipeline_for(self, request: Request) -> WanPipeline:
         """diffusers' pipeline for the request: TI2V-5B takes an image through its image-to-video twin."""
@@ -694,6 +711,19 @@ def planned_sizes(diffusers_pipeline: Any, spec: ModelSpec, quantize_pending: bo
     experts = [name for name in ("transformer", "transformer_2") if name in sizes.weights]
     weights: dict[str, int] = {**sizes.weights, **{name: fp8.weights[name] for name in experts}}
     return replace(sizes, weights=weights, transformer_window=fp8.transformer_window)
+
+
+def sampler_for(request: Request, base_config: Any, flow_shift: float, generator: torch.Generator | None = None):
+    """The reference's sampler: an accelerator's own (fixed sigmas with Euler, or rCM's), else UniPC on Wan's
+    schedule at `flow_shift`. Always a new one: no state from the last run."""
+    preset, distilled = request.accelerator, request.distilled
+    if preset is not None and preset.sampler == "euler":
+        return FixedSigmaEuler(list(preset.sigmas), flow_shift)
+    if preset is not None and preset.sampler == "rcm":
+        if distilled is None or distilled.sigma_max is None:
+            raise InternalError(f"the catalogue row of {preset.name} has no sigma_max")
+        return RcmSampler(distilled.sigma_max, generator)
+    return WanFlowUniPC.for_shift(base_config, flow_shift)
 
 
 def resident(expert: str, device: torch.device, offload: str) -> bool:

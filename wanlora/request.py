@@ -16,7 +16,7 @@ from .accelerators import Accelerator, accelerator_for
 from .errors import InvalidInput
 from .images import ImageHeader, ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
-from .models import ModelSpec
+from .models import Distilled, ModelSpec
 from .options import GenerationOptions, describe
 from .settings import (
     MAX_PROMPT_CHARS,
@@ -61,16 +61,26 @@ class Request:
     loras: tuple[LoraRequest, ...] | None  # None keeps the pipeline's current set
     fast_mode: str
     accelerator: Accelerator | None
-    accelerator_ref: str | None
+    distilled: Distilled | None  # the accelerator's LoRA(s) for this model
     cfg_batch: bool
     framed_by_image: bool = False  # the frame keeps the image's aspect (nothing else was asked for)
 
     @property
-    def accelerator_lora(self) -> LoraRequest | None:
-        """The preset's own LoRA: chosen by wanlora, not a user, so it may be a local file."""
-        if self.accelerator is None or self.accelerator_ref is None:
-            return None
-        return LoraRequest(self.accelerator_ref, self.accelerator.strength, builtin=True)
+    def accelerator_loras(self) -> tuple[LoraRequest, ...]:
+        """The preset's own LoRA(s), at their strength on each expert: chosen by wanlora, not a user, so they
+        may be local files."""
+        d = self.distilled
+        if d is None:
+            return ()
+        high, low = d.strengths
+        if d.lora is not None and (self.spec.boundary_ratio is None or high == low):
+            return (LoraRequest(d.lora, high, builtin=True, explicit=True),)
+        files = (d.lora, d.lora) if d.lora is not None else (d.high, d.low)
+        return tuple(
+            LoraRequest(ref, strength, expert, builtin=True, explicit=True)
+            for ref, strength, expert in zip(files, (high, low), ("high", "low"), strict=True)
+            if ref is not None
+        )
 
 
 NO_NEGATIVE_PROMPT = "none"  # asks for no negative prompt at all; an empty one means the model's own
@@ -262,21 +272,21 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
             raise InvalidInput(name, getattr(o, name), f"one of {', '.join(choices)}")
     if not isinstance(o.cfg_batch, bool):
         raise InvalidInput("cfg_batch", o.cfg_batch, "True or False")
-    preset = accelerator_ref = None
+    preset = distilled = None
     if o.accelerator is not None:
-        preset, accelerator_ref = accelerator_for(o.accelerator, spec)
+        preset, distilled = accelerator_for(o.accelerator, spec)
         steps = preset.steps if o.num_inference_steps is None else o.num_inference_steps
         two = spec.boundary_ratio is not None
+        if preset.shift is None and o.flow_shift is not None:
+            raise InvalidInput("flow_shift", o.flow_shift, f"left out with {preset.name}: its sampler does not shift")
         o = replace(
             o,
             num_inference_steps=steps,
             guidance_scale=preset.guidance if o.guidance_scale is None else o.guidance_scale,
             guidance_scale_2=preset.guidance if two and o.guidance_scale_2 is None else o.guidance_scale_2,
-            flow_shift=preset.shift if o.flow_shift is None else o.flow_shift,
+            flow_shift=(1.0 if preset.shift is None else preset.shift) if o.flow_shift is None else o.flow_shift,
         )
-        if preset.timesteps and steps != len(preset.timesteps):
-            why = f"{len(preset.timesteps)} with {o.accelerator}: it samples fixed timesteps"
-            raise InvalidInput("num_inference_steps", steps, why)
+        preset.check_steps(steps)
     framed_by_image = bool(images) and o.aspect_ratio is None and o.width is None and o.height is None
     if framed_by_image:
         width, height = frame_for_image(spec, images[0], o.resolution)
@@ -293,7 +303,7 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
         loras=requests,
         fast_mode=o.fast_mode,
         accelerator=preset,
-        accelerator_ref=accelerator_ref,
+        distilled=distilled,
         cfg_batch=o.cfg_batch,
         framed_by_image=framed_by_image,
     )

@@ -45,8 +45,8 @@ class Prepared:
     @property
     def lora_set(self) -> tuple:
         """What its merge depends on: each LoRA, its strength and expert, and its accelerator's."""
-        loras = [*(self.request.loras or ()), self.request.accelerator_lora]
-        return tuple((lora.ref, lora.strength, lora.expert) for lora in loras if lora is not None)
+        loras = [*(self.request.loras or ()), *self.request.accelerator_loras]
+        return tuple((lora.ref, lora.strength, lora.expert) for lora in loras)
 
     def for_spec(self, spec: ModelSpec) -> Request:
         """The request to run on the model `spec` that loaded: the one prepared, or, for another variant than

@@ -228,14 +228,22 @@ def _with_paths_from(base: Path, fields: dict[str, Any], predictor: bool) -> dic
             fields[name] = _from_base(base, fields[name], lambda path: True)
     for name in PREDICTOR_LORA_FIELDS if predictor else ():
         fields[name] = _lora_from_base(base, fields.get(name))
-    if not predictor and isinstance(fields.get("loras"), list):
-        fields["loras"] = [_lora_item_from_base(base, item) for item in fields["loras"]]
+    listed = fields.get("loras")
+    if predictor and isinstance(listed, str):  # fal's list as the predictor takes it, JSON text
+        try:
+            listed = json.loads(listed)
+        except json.JSONDecodeError:
+            listed = None  # the service names what is wrong with it
+    if isinstance(listed, list):
+        fields["loras"] = [_lora_item_from_base(base, item) for item in listed]
     return fields
 
 
 def _lora_item_from_base(base: Path, item: object) -> object:
     if isinstance(item, list) and item:
         return [_lora_from_base(base, item[0]), *item[1:]]
+    if isinstance(item, dict) and "path" in item:  # fal's {path, scale, transformer}
+        return {**item, "path": _lora_from_base(base, item["path"])}
     return _lora_from_base(base, item)
 
 

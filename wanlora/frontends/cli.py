@@ -626,8 +626,12 @@ def cmd_lora_inspect(args: argparse.Namespace) -> None:
             ("alpha", ", ".join(f"{a:g}" for a in report.alphas) or "-"),
             ("deltas", ", ".join(report.delta_kinds)),
             ("targets", ", ".join(report.targets)),
-            ("made for", report.base_model),
-            ("expert", f"the {report.expert}-noise expert (Wan2.2 A14B)" if report.expert else "not said"),
+            ("made for", report.base_model + (f"; its metadata says {m}" if (m := report.metadata_base_model) else "")),
+            (
+                "expert",
+                (f"the {report.expert}-noise expert (Wan2.2 A14B): " if report.expert else "both: ")
+                + report.expert_reason,
+            ),
             ("trigger words", ", ".join(report.trigger_words) or "none found"),
         ]
         c = report.coverage

@@ -23,7 +23,7 @@ from ..accelerators import ACCELERATORS as ACCELERATOR_PRESETS
 from ..errors import InvalidInput, LoraMismatch, error_boundary
 from ..lora.fetch import Credentials
 from ..lora.refs import display_ref
-from ..lora.selection import LoraRequest
+from ..lora.selection import LoraRequest, fal_loras
 from ..models import CATALOGUE, ONE_TRANSFORMER, ModelSpec, resolve_model
 from ..options import GenerationOptions
 from ..pairs import EVERY_EXPERT
@@ -169,6 +169,7 @@ class PredictorInputs:
     lora_scale_transformer: float = 1.0
     lora_weights_transformer_2: str | None = None
     lora_scale_transformer_2: float = 1.0
+    loras: str | None = None  # fal's list, as JSON text
     hf_api_token: str | None = None
     civitai_api_token: str | None = None
     output_quality: int = 80
@@ -204,7 +205,9 @@ def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ONE_TRANSFORM
     A14B's high-noise expert; the only transformer of the others), and
     `lora_weights_transformer_2` on `transformer_2` (the low-noise expert, A14B only).
     `replicate_weights` is what Replicate passes when a fine-tuned version of this model
-    runs (its trainer's weights tar): it takes the main slot, at `lora_scale`.
+    runs (its trainer's weights tar): it takes the main slot, at `lora_scale`. `loras` is fal's
+    list (`{path, scale, transformer}` items, JSON text); it stacks with the slots, but may not
+    repeat one of their LoRAs.
     """
     main, extra = _text_or_none("lora_weights", i.lora_weights), _text_or_none("extra_lora", i.extra_lora)
     trained = _text_or_none("replicate_weights", i.replicate_weights)
@@ -232,7 +235,22 @@ def replicate_loras(i: PredictorInputs, experts: tuple[str, ...] = ONE_TRANSFORM
         (high, high_scale, "high" if two_experts else EVERY_EXPERT),
         (low, low_scale, "low"),
     ]
-    return [LoraRequest(ref, strength, expert) for ref, strength, expert in slots if ref]
+    named = [LoraRequest(ref, strength, expert) for ref, strength, expert in slots if ref]
+    listed = fal_list(i)
+    for lora in listed:
+        if lora.ref in {slot.ref for slot in named}:
+            why = "a LoRA not given in a lora_weights slot as well: give it once, in the list or in its slot"
+            raise InvalidInput("loras", lora.label, why)
+    return named + listed
+
+
+def fal_list(i: PredictorInputs) -> list[LoraRequest]:
+    """The `loras` input: fal's list, its scales within the slots' bounds."""
+    value = i.loras if isinstance(i.loras, list) else _text_or_none("loras", i.loras)  # a batch line's: a list
+    listed = [] if value is None else fal_loras(value)
+    for lora in listed:
+        _scale("loras scale", lora.strength)  # the slots' bounds
+    return listed
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ travel in headers, never in logs, errors, tags or cache keys.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -75,6 +75,7 @@ class FetchedLora:
     sha256: str | None = None
     trigger_words: list[str] = field(default_factory=list)
     protected: bool = False  # fetched with credentials: re-check access before each use
+    base_model: str | None = None  # its Civitai page's `baseModel`, where the reference's answer carries it
 
     @property
     def local(self) -> bool:
@@ -217,15 +218,16 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
     linked = dict(parse_qsl(urlsplit(source.url).query)).get("token") if source.url else None
     token = clean_token("the link's token", linked) or credentials.civitai()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    version, words = source.version_id, list[str]()
+    version, words, base = source.version_id, list[str](), None
     if version is None:  # a model page: its newest version
         model = get_json(f"{civitai_url()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
-        version, words = _latest_version(model, source.model_id, label)
+        version, words, base = _latest_version(model, source.model_id, label)
     picked = f"?{source.selection}" if source.selection else ""
     canonical = f"civitai:{version}{picked}"
     url = f"{civitai_url()}/api/download/models/{version}{picked}"
     try:
-        return _download(url, canonical, label, cache, headers, protected=token is not None, extra_words=words)
+        fetched = _download(url, canonical, label, cache, headers, protected=token is not None, extra_words=words)
+        return replace(fetched, base_model=base)
     except LoraNotFound as exc:
         raise LoraNotFound(
             f"{label}: Civitai has no model version {version}. The number in civitai.com/models/ID is the model "
@@ -242,8 +244,8 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
         ) from None
 
 
-def _latest_version(model: object, model_id: str | None, label: str) -> tuple[str, list[str]]:
-    """The newest version id of a Civitai model page and its trigger words, from the API's JSON."""
+def _latest_version(model: object, model_id: str | None, label: str) -> tuple[str, list[str], str | None]:
+    """The newest version id of a Civitai model page, its trigger words and base model, from the API's JSON."""
     versions = model.get("modelVersions") if isinstance(model, dict) else None
     if not isinstance(versions, list):
         raise LoraDownloadError(f"{label}: Civitai's answer for model {model_id} has no version list", label)
@@ -253,8 +255,9 @@ def _latest_version(model: object, model_id: str | None, label: str) -> tuple[st
     version = latest.get("id") if isinstance(latest, dict) else None
     if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).isdigit():
         raise LoraDownloadError(f"{label}: Civitai's answer for model {model_id} has no usable version id", label)
-    words = latest.get("trainedWords")
-    return str(version), [w for w in words if isinstance(w, str)] if isinstance(words, list) else []
+    words, base = latest.get("trainedWords"), latest.get("baseModel")
+    words = [w for w in words if isinstance(w, str)] if isinstance(words, list) else []
+    return str(version), words, base if isinstance(base, str) else None
 
 
 def _fetch_replicate(source: Source, label: str, cache: LoraCache) -> FetchedLora:

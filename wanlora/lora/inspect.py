@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import error_boundary
-from ..pairs import EVERY_EXPERT, expert_of
+from ..pairs import EVERY_EXPERT
 from .fetch import Credentials, fetch_lora_files
 from .layouts import read_lora
 from .merge import check_fit
+from .placement import Placement, place
 from .refs import display_ref
 
 
@@ -45,7 +46,9 @@ class FileReport:
     delta_kinds: list[str]
     targets: list[str]
     base_model: str
-    expert: str | None  # the Wan2.2 expert its name (or its pair) says, else None
+    expert: str | None  # the Wan2.2 A14B expert it goes on when given for both: its pair's, metadata's or name's
+    expert_reason: str  # what decided it
+    metadata_base_model: str | None  # the base model its metadata names (ai-toolkit's ss_base_model_version)
     trigger_words: list[str]
     coverage: Coverage | None = None
 
@@ -82,12 +85,20 @@ def inspect_lora(
                 delta_kinds=sorted({d.kind for d in lora.deltas.values()}),
                 targets=lora.module_kinds,
                 base_model=lora.base_model_hint(),
-                expert=role if role != EVERY_EXPERT else expert_of(fetched.path),
+                **_placement(role, place(lora.metadata, fetched.path, fetched.base_model)),
                 trigger_words=fetched.trigger_words,
                 coverage=None if params is None else coverage_of(lora, params, model_name),
             )
         )
     return reports
+
+
+def _placement(role: str, placement: Placement) -> dict:
+    """What `lora.placement.place` decides for the file, or its role in a Wan2.2 pair."""
+    if role != EVERY_EXPERT:
+        why = f"the {role}-noise file of a Wan2.2 pair"
+        return {"expert": role, "expert_reason": why, "metadata_base_model": placement.base_model}
+    return {"expert": placement.expert, "expert_reason": placement.why, "metadata_base_model": placement.base_model}
 
 
 def coverage_of(lora, params: dict[str, torch.nn.Parameter], model_name: str) -> Coverage:

@@ -44,6 +44,7 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     tensor_count: int = 0
     trigger_words: list[str] = field(default_factory=list)
+    civitai_base_model: str | None = None  # its Civitai page's base model, where its reference gave one
     label: str = ""  # the reference as it may be shown; the path when read directly
 
     def __post_init__(self) -> None:

@@ -72,6 +72,7 @@ class LoraLoader:
             label = display_ref(ref) + ("" if role == EVERY_EXPERT else f" ({role}-noise expert)")
             lora = read_lora(fetched.path, label=label)
             lora.trigger_words = fetched.trigger_words
+            lora.civitai_base_model = fetched.base_model
             logger.debug("read %s (%s) in %.2fs", label, lora.layout, time.perf_counter() - started)
             found.append(_Known(role, fetched, lora, identity))
         return found

@@ -9,13 +9,18 @@ at some step counts, which expert takes a step. `WanFlowUniPC` keeps diffusers' 
 feeds it the reference's sigmas.
 
 The accelerators were distilled on fixed timesteps: `FixedSigmaEuler` samples exactly those,
-whatever step count the pipeline asks for.
+whatever step count the pipeline asks for; `RcmSampler` samples rCM's, as its own script does.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 NUM_TRAIN_TIMESTEPS = 1000
 SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))  # the training schedule's first sigma, as float32
@@ -50,3 +55,54 @@ class FixedSigmaEuler(FlowMatchEulerDiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps=None, device=None, **_):
         super().set_timesteps(device=device, sigmas=self.fixed_sigmas)
+
+
+# rCM's times (NVlabs/rcm rcm/inference/wan2pt2_i2v_rcm_infer.py, wan2pt1_t2v_rcm_infer.py): TrigFlow angles
+# atan(sigma_max), then these, then 0; the rest of its steps' angles are the first `steps - 1` of them.
+RCM_MID_ANGLES = (1.5, 1.4, 1.0)
+
+
+def rcm_sigmas(steps: int, sigma_max: float) -> torch.Tensor:
+    """rCM's rectified-flow sigmas for `steps` steps, with the final 0, in float64 as its script computes them."""
+    angles = torch.tensor([math.atan(sigma_max), *RCM_MID_ANGLES[: steps - 1], 0.0], dtype=torch.float64)
+    return torch.sin(angles) / (torch.cos(angles) + torch.sin(angles))
+
+
+def rcm_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """What the model is given: each sigma as float32, times 1000, rounded to bf16 (as rCM's script passes it)."""
+    return (sigmas.float().double() * 1000).to(torch.bfloat16).float()
+
+
+class RcmSampler(FlowMatchEulerDiscreteScheduler):
+    """rCM's stochastic sampler: from x0 = x - sigma * v, the next latent is x0 noised afresh to the next sigma.
+
+    The first latent is the noise times the first sigma (`initial_sigma`, below 1); the fresh noise is
+    drawn from `generator`, the one the first latent came from, as rCM's script does. Its steps run in
+    float64, as there.
+    """
+
+    def __init__(self, sigma_max: float, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.sigma_max = sigma_max
+        self.generator = generator
+
+    @property
+    def initial_sigma(self) -> float:
+        """The first sigma, whatever the step count: the one of angle atan(sigma_max)."""
+        return float(rcm_sigmas(1, self.sigma_max)[0])
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **_):
+        self.num_inference_steps = num_inference_steps
+        self.sigmas = rcm_sigmas(num_inference_steps, self.sigma_max)
+        self.timesteps = rcm_timesteps(self.sigmas[:-1]).to(device)
+        self._step_index = None
+        self._begin_index = None
+
+    def step(self, model_output, timestep, sample, return_dict=True, **_):
+        index = 0 if self._step_index is None else self._step_index
+        sigma, sigma_next = self.sigmas[index].item(), self.sigmas[index + 1].item()
+        denoised = sample.to(torch.float64) - sigma * model_output.to(torch.float64)
+        noise = randn_tensor(sample.shape, generator=self.generator, device=sample.device, dtype=torch.float32)
+        sample_next = ((1 - sigma_next) * denoised + sigma_next * noise).to(sample.dtype)
+        self._step_index = index + 1
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=sample_next) if return_dict else (sample_next,)

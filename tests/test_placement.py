@@ -1,0 +1,191 @@
+"""Wan2.2 A14B: a LoRA file given for both experts goes on the one its metadata, then its name, says.
+
+The files carry the metadata keys each trainer really writes (read from their code):
+- musubi-tuner (kohya's): `lora_unet_` keys; src/musubi_tuner/utils/sai_model_spec.py writes `modelspec.*`,
+  with `modelspec.timestep_range` "min,max" only when --min_timestep/--max_timestep were given, and
+  training/trainer_base.py `ss_base_model_version` "wan" for every Wan task;
+- ai-toolkit: `diffusion_model.` keys (lora_A/lora_B); ss_base_model_version "wan_2.2_14b" in both files, and
+  the expert only in the name (wan22_14b_model.py save_lora: NAME_high_noise / NAME_low_noise);
+- kohya's sd-scripts metadata with neither;
+- Civitai's model page API (`modelVersions[].baseModel`), stood in for on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from wanlora import WanLoraPipeline
+from wanlora.errors import LoraMismatch
+from wanlora.lora.inspect import inspect_lora
+from wanlora.lora.placement import place
+from wanlora.lora.selection import LoraRequest
+from wanlora.tiny import tiny_transformer
+
+from .builders import write_lora
+from .conftest import run_cli
+from .servers import Route
+
+MUSUBI = {
+    "modelspec.sai_model_spec": "1.0.0",
+    "modelspec.architecture": "wan2.1/lora",  # musubi's ARCH_WAN for every task, Wan2.2 A14B included
+    "modelspec.implementation": "https://github.com/Wan-Video/Wan2.1",
+    "modelspec.title": "motion",
+    "modelspec.resolution": "1280x720",
+    "ss_base_model_version": "wan",
+    "ss_network_module": "networks.lora_wan",
+    "ss_network_dim": "4",
+    "ss_network_alpha": "4",
+    "ss_sd_model_name": "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+}
+AI_TOOLKIT = {
+    "ss_base_model_version": "wan_2.2_14b",
+    "software": json.dumps({"name": "ai-toolkit", "repo": "https://github.com/ostris/ai-toolkit", "version": "0.7"}),
+    "format": "pt",
+    "training_info": json.dumps({"step": 5000, "epoch": 3}),
+    "ss_output_name": "mystyle",
+}
+KOHYA = {
+    "ss_network_module": "networks.lora",
+    "ss_network_dim": "4",
+    "ss_network_alpha": "4",
+    "ss_base_model_version": "wan",
+}
+
+
+@pytest.fixture(scope="module")
+def a14b():
+    return WanLoraPipeline.from_pretrained("tiny-t2v-a14b")
+
+
+def on_experts(pipe) -> dict[str, int]:
+    return {expert.name: len(expert.loras.active) for expert in pipe.experts}
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "metadata", "expert", "why"),
+    [
+        (
+            "motion.safetensors",
+            "kohya",
+            {**MUSUBI, "modelspec.timestep_range": "875,1000"},
+            "high",
+            "its modelspec.timestep_range 875,1000 (musubi-tuner) is the high-noise end",
+        ),
+        (
+            "motion.safetensors",
+            "kohya",
+            {**MUSUBI, "modelspec.timestep_range": "0,900"},
+            "low",
+            "its modelspec.timestep_range 0,900 (musubi-tuner) is the low-noise end",
+        ),
+        (
+            "mystyle_000005000_high_noise.safetensors",
+            "original-peft",
+            AI_TOOLKIT,
+            "high",
+            "its file name mystyle_000005000_high_noise.safetensors says high-noise",
+        ),
+        (
+            "mystyle_low_noise.safetensors",
+            "original-peft",
+            AI_TOOLKIT,
+            "low",
+            "its file name mystyle_low_noise.safetensors says low-noise",
+        ),
+        ("wan22-SmoothMotion-LowNoise.safetensors", "kohya", KOHYA, "low", "says low-noise"),
+    ],
+)
+def test_a_file_for_both_goes_on_the_expert_its_metadata_or_name_says(
+    a14b, tmp_path, caplog, name, layout, metadata, expert, why
+):
+    path = tmp_path / name
+    write_lora(path, tiny_transformer(), layout, metadata=metadata, seed=3)
+    caplog.set_level(logging.INFO, logger="wanlora")
+    a14b.set_loras([(str(path), 0.8)])
+    assert on_experts(a14b) == {"high": int(expert == "high"), "low": int(expert == "low")}
+    (line,) = [r for r in caplog.records if "expert only" in r.getMessage()]
+    assert line.levelno == logging.INFO and f"goes on the {expert}-noise expert only" in line.getMessage()
+    assert why in line.getMessage()
+
+
+def test_a_file_that_says_nothing_goes_on_both_and_an_explicit_expert_always_wins(a14b, tmp_path, caplog):
+    plain, musubi_high = tmp_path / "style.safetensors", tmp_path / "motion.safetensors"
+    write_lora(plain, tiny_transformer(), "kohya", metadata=KOHYA, seed=4)
+    write_lora(musubi_high, tiny_transformer(), "kohya", metadata={**MUSUBI, "modelspec.timestep_range": "875,1000"})
+    caplog.set_level(logging.INFO, logger="wanlora")
+    a14b.set_loras([(str(plain), 1.0)])
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+    assert "style.safetensors goes on both experts: neither its metadata nor its name says" in caplog.text
+    a14b.set_loras([(str(musubi_high), 1.0, "low")])  # `--lora-low`: the user's word over the file's
+    assert on_experts(a14b) == {"high": 0, "low": 1}
+    a14b.set_loras([LoraRequest(str(musubi_high), 1.0, "both", explicit=True)])  # fal's transformer: "both"
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+    a14b.set_loras([(str(musubi_high), {"high": 1.0, "low": 0.5})])
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+
+
+def test_placement_reads_ranges_it_can_trust_only():
+    assert place({"modelspec.timestep_range": "900, 1000"}, "x.safetensors").expert == "high"
+    assert place({"modelspec.timestep_range": "0,1000"}, "x.safetensors").expert is None  # all the steps
+    assert place({"modelspec.timestep_range": "1000,0"}, "x.safetensors").expert is None  # not a range
+    assert place({"modelspec.timestep_range": "high"}, "x_low_noise.safetensors").expert == "low"  # then the name
+    assert place({"ss_base_model_version": "wan_2.2_5b"}, "x.safetensors").base_model == "Wan2.2 TI2V-5B"
+    assert place({"ss_base_model_version": "wan"}, "x.safetensors").base_model is None  # musubi: every Wan model
+
+
+def test_lora_inspect_shows_what_it_read_and_decided(tmp_path):
+    path = tmp_path / "mystyle_high_noise.safetensors"
+    write_lora(path, tiny_transformer(), "original-peft", metadata=AI_TOOLKIT)
+    info = json.loads(run_cli("lora", "inspect", str(path), "--json").stdout)
+    assert (info["expert"], info["metadata_base_model"]) == ("high", "Wan2.2 A14B")
+    assert info["expert_reason"] == "its file name mystyle_high_noise.safetensors says high-noise"
+    musubi = tmp_path / "motion.safetensors"
+    write_lora(musubi, tiny_transformer(), "kohya", metadata={**MUSUBI, "modelspec.timestep_range": "0,875"})
+    shown = run_cli("lora", "inspect", str(musubi))
+    assert shown.returncode == 0, shown.stderr
+    assert "the low-noise expert (Wan2.2 A14B): its modelspec.timestep_range 0,875 (musubi-tuner)" in shown.stdout
+
+
+def test_a_lora_whose_metadata_names_another_model_is_refused_before_any_merge(a14b, tmp_path):
+    five_b = tmp_path / "style.safetensors"
+    write_lora(
+        five_b, tiny_transformer(), "original-peft", metadata={**AI_TOOLKIT, "ss_base_model_version": "wan_2.2_5b"}
+    )
+    a14b.set_loras([])
+    with pytest.raises(LoraMismatch) as caught:
+        a14b.set_loras([(str(five_b), 1.0)])
+    assert "is for Wan2.2 TI2V-5B, as its ss_base_model_version wan_2.2_5b (ai-toolkit) says" in str(caught.value)
+    assert "tiny-t2v-a14b is Wan2.2 A14B" in str(caught.value) and caught.value.widths == (3072,)
+    assert on_experts(a14b) == {"high": 0, "low": 0}
+    wan21 = tmp_path / "wan21.safetensors"  # "wan_2.1" is 1.3B or 14B: the shapes decide, as before
+    write_lora(wan21, tiny_transformer(), "original-peft", metadata={**AI_TOOLKIT, "ss_base_model_version": "wan_2.1"})
+    a14b.set_loras([(str(wan21), 1.0)])
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+
+
+def civitai_page(file_server, model_id: int, version: int, base_model: str, body: bytes) -> str:
+    """A Civitai model page on 127.0.0.1, answering as civitai.com's /api/v1/models/ID does."""
+    answer = {"id": model_id, "modelVersions": [{"id": version, "baseModel": base_model, "trainedWords": []}]}
+    file_server.routes[f"/api/v1/models/{model_id}"] = Route(json.dumps(answer).encode())
+    file_server.routes[f"/api/download/models/{version}"] = Route(body)
+    return f"https://civitai.com/models/{model_id}"
+
+
+def test_civitais_base_model_is_read_for_a_model_page_and_checked(
+    a14b, tmp_path, offline_net, file_server, monkeypatch
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "kohya", metadata=KOHYA)
+    body = (tmp_path / "a.safetensors").read_bytes()
+    fits = civitai_page(file_server, 11, 111, "Wan Video 2.2 T2V-A14B", body)
+    (report,) = inspect_lora(fits)
+    assert (report.metadata_base_model, report.expert) == ("Wan2.2 A14B", None)
+    a14b.set_loras([(fits, 1.0)])
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+    other = civitai_page(file_server, 12, 112, "Wan Video 1.3B t2v", body)
+    with pytest.raises(LoraMismatch, match="is for Wan2.1 1.3B, as its Civitai base model 'Wan Video 1.3B t2v' says"):
+        a14b.set_loras([(other, 1.0)])
+    assert on_experts(a14b) == {"high": 1, "low": 1}  # the set before it, untouched
