@@ -125,16 +125,16 @@ def batch_line_error(cli, tmp_path, text: str) -> str:
     ("line", "words"),
     [
         (
-            {"prompt": "a fox", "loras": [["style.safetensors", 1]], "lora_scale": 0.5},
-            "loras is the library's; lora_scale is the predictor's",
+            {"prompt": "a fox", "num_inference_steps": 2, "lora_scale": 0.5},
+            "num_inference_steps is the library's; lora_scale is the predictor's",
         ),
         (
             {"prompt": "a fox", "model": "tiny", "lora_weights": "style.safetensors"},
             "model 'tiny' (the predictor's models: 14b, 1.3b, 2.2-a14b, 2.2-5b) is the library's; lora_weights is",
         ),
         (
-            {"prompt": "a fox", "model": "1.3b", "loras": [], "width": 64},
-            "loras and width are the library's; model '1.3b' (the library's names: t2v-14b",
+            {"prompt": "a fox", "model": "1.3b", "flow_shift": 3, "width": 64},
+            "flow_shift and width are the library's; model '1.3b' (the library's names: t2v-14b",
         ),
     ],
     ids=["fields", "tiny-with-predictor-fields", "predictor-model-with-library-fields"],

@@ -19,6 +19,7 @@ import pytest
 
 from wanlora import WanLoraPipeline
 from wanlora.errors import LoraMismatch
+from wanlora.logs import NOTICE
 from wanlora.lora.inspect import inspect_lora
 from wanlora.lora.placement import place
 from wanlora.lora.selection import LoraRequest
@@ -107,7 +108,7 @@ def test_a_file_for_both_goes_on_the_expert_its_metadata_or_name_says(
     a14b.set_loras([(str(path), 0.8)])
     assert on_experts(a14b) == {"high": int(expert == "high"), "low": int(expert == "low")}
     (line,) = [r for r in caplog.records if "expert only" in r.getMessage()]
-    assert line.levelno == logging.INFO and f"goes on the {expert}-noise expert only" in line.getMessage()
+    assert line.levelno == NOTICE and f"goes on the {expert}-noise expert only" in line.getMessage()
     assert why in line.getMessage()
 
 
