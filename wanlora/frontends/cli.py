@@ -35,9 +35,9 @@ from ..settings import (
     DEFAULT_QUALITY,
     OFFLOAD_MODES,
     QUALITY_RANGE,
-    QUANTIZE_CHOICES,
 )
 from ..sweep import Axis
+from ..weights import formats
 
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
@@ -213,7 +213,8 @@ def add_generation_options(gen: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--transformer",
         metavar="FILE",
-        help="the transformer from one .safetensors file instead (ComfyUI's or Kijai's: bf16, fp8, scaled fp8), "
+        help="the transformer from one .safetensors file instead (ComfyUI's or Kijai's: full precision, or "
+        f"{', '.join(formats.QUANTIZE_CHOICES[1:])}, scaled or not), "
         "a folder holding one (or a Wan2.2 high/low pair), or OWNER/REPO/FILE.safetensors; the rest comes "
         "from --model; default none",
     )
@@ -253,10 +254,9 @@ def add_load_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU); default off")
     speed.add_argument(
         "--quantize",
-        choices=QUANTIZE_CHOICES,
+        choices=formats.QUANTIZE_CHOICES,
         default="none",
-        help="fp8: the transformer's block linears in float8 (half the memory; fp8 matmuls on GPUs "
-        "that have them), LoRAs still merged exactly; default none",
+        help=formats.quantize_help(),
     )
     speed.add_argument(
         "--offload",

@@ -1,9 +1,10 @@
 """Merging LoRA deltas into a module tree exactly, and swapping them without drift.
 
 The weights always equal `W0 + sum(strength_i * delta_i)`, computed in float32 from a
-pristine `W0` (lora/pristine.py) and rounded once to the parameter's dtype; an fp8 weight
-(wanlora.weights.fp8) gets its per-row scales recomputed from that sum, then is rounded once. Nothing
-is ever "unfused", so the result depends only on the base and the requested set, bitwise.
+pristine `W0` (wanlora.weights.pristine) and handed to the weight's format for its final rounding
+(wanlora.weights.formats: full precision rounds once to the parameter's dtype; a quantized format
+encodes the sum once, its scales computed from it). Nothing is ever "unfused", so the result
+depends only on the base and the requested set, bitwise.
 
 All or nothing: every LoRA is fitted, and every new weight is proven finite and within
 its dtype's range, before the first write. If a write still fails (a cancellation, an
@@ -31,8 +32,9 @@ import torch
 from ..errors import LoraFormatError, LoraMismatch
 from ..messages import listing
 from ..models import transformer_kind
-from ..weights.fp8 import fp8_layers, quantize_rows_into
-from ..weights.pristine import HostCopy, Pristine, PristineSource, QuantizedCopy
+from ..weights import formats
+from ..weights.formats.base import Stored
+from ..weights.pristine import HostCopy, Pristine, PristineSource
 from ..weights.spread import run_spread, single_threaded_ops
 from .deltas import Delta
 from .keys import I2V_ONLY
@@ -160,7 +162,7 @@ class LoraMerger:
         compute: torch.device | None = None,
     ) -> None:
         self.params = dict(module.named_parameters())
-        self.scales = {name: layer.weight_scale for name, layer in fp8_layers(module).items()}
+        self.stored = stored_weights(module)
         self.checkpoint = checkpoint
         self.compute = compute if compute is not None and compute.type == "cuda" else None
         self.pristine: dict[str, Pristine] = {}
@@ -209,7 +211,7 @@ class LoraMerger:
         changed = self._changes(plan)
         if not changed:
             return 0
-        for dtype in {self.params[name].dtype for name in changed}:
+        for dtype in {self.stored[name].weight.dtype for name in changed}:
             native_gemm_is_faster(dtype, "cpu")  # measured once, here: never by two threads at once
         started = time.perf_counter()
         touched: list[str] = []
@@ -251,10 +253,10 @@ class LoraMerger:
         """The pristine W0 of `name`: from the checkpoint where exact, else copied the first time it is needed."""
         found = self.pristine.get(name)
         if found is None:
-            param, scale = self.params[name].detach(), self.scales.get(name)  # never written yet: it holds W0
-            found = self.checkpoint.pristine(name, param, scale) if self.checkpoint is not None else None
+            stored = self.stored[name]  # never written yet: it holds W0
+            found = self.checkpoint.pristine(name, stored) if self.checkpoint is not None else None
             if found is None:
-                found = HostCopy(param) if scale is None else QuantizedCopy(param, scale)
+                found = HostCopy(stored)
             with self._lock:
                 found = self.pristine.setdefault(name, found)
         return found
@@ -263,12 +265,12 @@ class LoraMerger:
         """Prove that the new `name` is finite and fits its dtype, cheaply when a bound allows."""
         if not terms:
             return
-        param = self.params[name]
+        stored = self.stored[name]
         base = self._base(name)
-        limit = torch.finfo(param.dtype if name not in self.scales else torch.float32).max  # fp8: the scale absorbs it
+        limit = stored.format.limit(stored.data)
         worst = max(terms, key=lambda t: abs(t.strength) * t.delta.bound)
         overflow = LoraFormatError(
-            f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {param.dtype} "
+            f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {stored.weight.dtype} "
             "can hold: its alpha or factors are far too large for this strength",
             worst.label,
         )
@@ -287,28 +289,26 @@ class LoraMerger:
         A lone LoRA whose factors are exact in the weight's dtype is one GEMM (fp32
         accumulation, one rounding at the output) where that kernel is the fast one.
         Anything else is summed in an fp32 accumulator in row chunks (on a CPU, sized for its
-        cache). Both round once; they differ only in summation order. An fp8 weight's rows
-        are quantized with scales from their own amax (wanlora.weights.fp8.quantize_rows).
+        cache). Both round once; they differ only in summation order. The format rounds each chunk
+        of rows (a quantized one with scales from the rows' own amax).
         """
-        param, scale = self.params[name], self.scales.get(name)
+        stored = self.stored[name]
         base = self._base(name)
         device = self._device_for(name)
         with torch.no_grad():
-            if not terms and base.restore(param.data, scale):
+            if not terms and base.restore(stored):
                 return
-            lone = scale is None and len(terms) == 1 and param.dim() == 2 and device == param.device
-            if lone and native_gemm_is_faster(param.dtype, param.device.type):
+            weight = stored.weight
+            dense = stored.format is formats.full_precision()
+            lone = dense and len(terms) == 1 and weight.dim() == 2 and device == weight.device
+            if lone and native_gemm_is_faster(weight.dtype, weight.device.type):
                 delta, strength, _ = terms[0]
-                factors = delta.gemm_factors(param.dtype, param.device)
-                if factors is not None and base.restore(param.data, None):  # one GEMM: fp32 accumulation, one rounding
-                    param.data.addmm_(*factors, alpha=strength * delta.alpha_scale)
+                factors = delta.gemm_factors(weight.dtype, weight.device)
+                if factors is not None and base.restore(stored):  # one GEMM: fp32 accumulation, one rounding
+                    weight.addmm_(*factors, alpha=strength * delta.alpha_scale)
                     return
-            target = param.view(param.shape[0], -1)
             for start, stop, rows in self._summed_rows(name, terms, device):
-                if scale is None:
-                    target[start:stop].copy_(rows)  # the one rounding to the model dtype
-                else:  # the fp32 rows are used up here: the accumulator is refilled for the next chunk
-                    scale[start:stop].copy_(quantize_rows_into(rows, target[start:stop]))
+                stored.format.encode_into(rows, stored.rows(start, stop))
 
     def _summed_rows(
         self, name: str, terms: list[Term], device: torch.device | None = None
@@ -338,6 +338,15 @@ class LoraMerger:
         if buffer is None or buffer.numel() < elements:
             buffer = buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
         return buffer
+
+
+def stored_weights(module: torch.nn.Module) -> dict[str, Stored]:
+    """Every parameter of `module` as its format stores it: full precision, or a format's layer's tensors."""
+    full = formats.full_precision()
+    stored = {name: Stored(full, (param,)) for name, param in module.named_parameters()}
+    for fmt in formats.every():
+        stored |= {name: fmt.stored(layer) for name, layer in fmt.layers(module).items()}
+    return stored
 
 
 @functools.cache
