@@ -166,7 +166,8 @@ def check_numbers(path: Path, file: CheckpointFile, names: dict[str, str], scale
         problems += convention.problems(file, keys, names, scale_keys)
     for key in names.values():
         dtype = file.dtype(key)
-        if dtype is None or formats.format_of_dtype(dtype) is None:
+        fmt = None if dtype is None else formats.format_of_dtype(dtype)
+        if fmt is None or (fmt is not formats.full_precision() and fmt.files is None):  # no format reads it here
             problems.append(f"{key} holds {file.header[key]['dtype']} values, where a weight holds floating point")
     for weight_key, scale_key in scale_keys.items():
         problems += _scale_problems(file, weight_key, scale_key)
