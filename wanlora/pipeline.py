@@ -141,6 +141,7 @@ class WanLoraPipeline:
         parallel: ParallelPlan | str | bool | None = None,
         quantize: str | None = None,
         transformer: str | Path | Sequence[str | Path] | None = None,
+        lora_mode: str | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
 
@@ -166,7 +167,12 @@ class WanLoraPipeline:
         publish them (full precision, or a weight format's: see wanlora.weights.single_file), or a
         folder holding one (Wan2.2 A14B: a high/low pair, or a (high, low) tuple); the rest of the
         model comes from `model`. Block linears the file stores in a format stay in it, and are
-        the W0 LoRAs merge onto.
+        the W0 LoRAs merge onto. A `.gguf` file (city96's Wan2.1, QuantStack's Wan2.2 experts) keeps its
+        quantized block linears as the file's own blocks (wanlora.weights.formats.gguf).
+
+        `lora_mode` says how LoRAs apply to a format that offers several ways (a `.gguf` transformer:
+        "unfused", the default, beside the matmul and exact; "requantize", merged into the file's own
+        types; "promote", the touched layers in bf16); None: each format's default.
 
         `parallel` ("auto", a `ParallelPlan`, or diffusers' `ContextParallelConfig`) shares
         each generation between the processes of a torch.distributed group, one per GPU
@@ -176,6 +182,7 @@ class WanLoraPipeline:
         """
         spec = model if isinstance(model, ModelSpec) else identify_model(model)
         quantize = formats.check_quantize(quantize)
+        lora_mode = formats.check_lora_mode(lora_mode)
         plan = None
         if parallel is not None:
             rank_device = init_distributed()  # joins the process group, so it runs either way
@@ -227,6 +234,8 @@ class WanLoraPipeline:
                 layers = fmt.convert_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul, home)
                 logger.info("%s: %d more block linears, on %s", quantize, layers, home or "the CPU")
         quantize = quantize or (weights if kept else None)
+        if lora_mode is not None:
+            set_lora_mode(diffusers_pipeline, spec, lora_mode, kept | {quantize or formats.DENSE})
         for name in spec.experts if quantize is not None else ():
             layers_of = getattr(diffusers_pipeline, ATTRIBUTES[name])
             logger.info("%s matmuls (%s): %s", quantize, name, formats.get(weights).describe(layers_of))
@@ -676,6 +685,19 @@ def planned_sizes(diffusers_pipeline: Any, spec: ModelSpec, quantize: str | None
     experts = [name for name in ("transformer", "transformer_2") if name in sizes.weights]
     weights: dict[str, int] = {**sizes.weights, **{name: converted.weights[name] for name in experts}}
     return replace(sizes, weights=weights, transformer_window=converted.transformer_window)
+
+
+def set_lora_mode(diffusers_pipeline: Any, spec: ModelSpec, mode: str, used: set[str]) -> None:
+    """How LoRAs apply to the weights of every format in `used` that offers `mode`; an error where none does."""
+    offering = [fmt for fmt in map(formats.get, sorted(used)) if mode in fmt.lora_modes]
+    if not offering:
+        where = sorted(entry.name for entry in formats.ENTRIES if mode in entry.lora_modes)
+        raise InvalidInput("lora_mode", mode, f"a model whose weights offer it ({', '.join(where)}); these are "
+                           f"{', '.join(sorted(used))}")  # fmt: skip
+    for name in spec.experts:
+        for fmt in offering:
+            fmt.set_lora_mode(getattr(diffusers_pipeline, ATTRIBUTES[name]), mode)
+    logger.info("LoRAs apply %s (%s)", mode, ", ".join(fmt.name for fmt in offering))
 
 
 def resident(expert: str, device: torch.device, offload: str) -> bool:

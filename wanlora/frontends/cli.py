@@ -259,6 +259,12 @@ def add_load_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
         help=formats.quantize_help(),
     )
     speed.add_argument(
+        "--lora-mode",
+        choices=formats.lora_modes(),
+        help="how LoRAs apply to a .gguf transformer's weights: unfused (the default: beside the matmul, exact), "
+        "requantize (merged into the file's own types) or promote (the layers LoRAs touch in bf16); others merge",
+    )
+    speed.add_argument(
         "--offload",
         choices=OFFLOAD_MODES,
         default="auto",
@@ -425,6 +431,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile,
         "offload": args.offload,
         "quantize": args.quantize,
+        "lora_mode": args.lora_mode,
     }
 
 

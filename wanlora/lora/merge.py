@@ -34,7 +34,7 @@ from ..messages import listing
 from ..models import transformer_kind
 from ..weights import formats
 from ..weights.formats.base import Stored
-from ..weights.pristine import HostCopy, Pristine, PristineSource
+from ..weights.pristine import HostCopy, InPlace, Pristine, PristineSource
 from ..weights.spread import run_spread, single_threaded_ops
 from .deltas import Delta
 from .keys import I2V_ONLY
@@ -161,8 +161,11 @@ class LoraMerger:
         checkpoint: PristineSource | None = None,
         compute: torch.device | None = None,
     ) -> None:
-        self.params = dict(module.named_parameters())
         self.stored = stored_weights(module)
+        self.params = dict(module.named_parameters())  # what LoRAs are fitted to: every weight at W's own shape
+        for name, stored in self.stored.items():
+            if name not in self.params or tuple(self.params[name].shape) != stored.shape:
+                self.params[name] = torch.nn.Parameter(torch.empty(stored.shape, device="meta"), requires_grad=False)
         self.checkpoint = checkpoint
         self.compute = compute if compute is not None and compute.type == "cuda" else None
         self.pristine: dict[str, Pristine] = {}
@@ -211,7 +214,8 @@ class LoraMerger:
         changed = self._changes(plan)
         if not changed:
             return 0
-        for dtype in {self.stored[name].weight.dtype for name in changed}:
+        full = formats.full_precision()
+        for dtype in {self.stored[n].weight.dtype for n in changed if self.stored[n].format is full}:
             native_gemm_is_faster(dtype, "cpu")  # measured once, here: never by two threads at once
         started = time.perf_counter()
         touched: list[str] = []
@@ -236,15 +240,16 @@ class LoraMerger:
         for name in names:
             if name not in on_cpu:
                 job(name)
-        run_spread([(self.params[name].numel(), functools.partial(job, name)) for name in on_cpu])
+        run_spread([(math.prod(self.stored[name].shape), functools.partial(job, name)) for name in on_cpu])
 
     def _device_for(self, name: str) -> torch.device:
         """Where `name`'s merge runs: where it lives, or the compute GPU for a host weight when it has room."""
-        param = self.params[name]
-        if param.device.type != "cpu" or self.compute is None:
-            return param.device
+        stored = self.stored[name]
+        home = stored.weight.device
+        if home.type != "cpu" or self.compute is None:
+            return home
         free, _ = torch.cuda.mem_get_info(self.compute)
-        return self.compute if free >= GPU_WORK_COPIES * 4 * param.numel() else param.device
+        return self.compute if free >= GPU_WORK_COPIES * 4 * math.prod(stored.shape) else home
 
     def _changes(self, plan: Plan) -> list[str]:
         return [name for name in sorted(set(plan) | set(self.plan)) if not _same(plan.get(name), self.plan.get(name))]
@@ -254,7 +259,10 @@ class LoraMerger:
         found = self.pristine.get(name)
         if found is None:
             stored = self.stored[name]  # never written yet: it holds W0
-            found = self.checkpoint.pristine(name, stored) if self.checkpoint is not None else None
+            if stored.format.keeps_w0:  # LoRAs go beside the stored tensors, which keep W0 for good
+                found = InPlace(stored)
+            else:
+                found = self.checkpoint.pristine(name, stored) if self.checkpoint is not None else None
             if found is None:
                 found = HostCopy(stored)
             with self._lock:
@@ -276,6 +284,8 @@ class LoraMerger:
         )
         if any(not abs(t.strength * t.delta.alpha_scale) <= FP32_MAX for t in terms):  # the kernels take it as fp32
             raise overflow
+        if limit == math.inf:  # applied beside the weight: nothing is rounded into a range
+            return
         bound = base.peak + sum(abs(t.strength) * t.delta.bound for t in terms)
         if math.isfinite(bound) and bound <= limit:
             return
@@ -296,6 +306,8 @@ class LoraMerger:
         base = self._base(name)
         device = self._device_for(name)
         with torch.no_grad():
+            if stored.format.apply_terms(stored, terms, lambda: self._summed_rows(name, terms, device)):
+                return
             if not terms and base.restore(stored):
                 return
             weight = stored.weight
@@ -315,12 +327,12 @@ class LoraMerger:
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, rows) of pristine + sum(strength * delta) in fp32, a chunk of rows at a time, on
         `device` (default: the parameter's)."""
-        param = self.params[name]
-        device = param.device if device is None else device
-        adders = [(t.delta.row_adder(param.shape, device), t.strength) for t in terms]
-        rows = param.shape[0]
+        shape = torch.Size(self.stored[name].shape)
+        device = self.stored[name].weight.device if device is None else device
+        adders = [(t.delta.row_adder(shape, device), t.strength) for t in terms]
+        rows = shape[0]
         source = self._base(name)
-        width = param[0].numel() if rows else 0
+        width = math.prod(shape[1:]) if rows else 0
         step = rows if device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // max(width, 1))
         workspace = self._workspace(device, min(step, rows) * width)
         for start in range(0, rows, step):

@@ -70,7 +70,7 @@ CANDIDATES = (
     ("group", True),
 )
 GPU_SIZES_GB = (24, 32, 48, 80, 141)  # GiB, as cards are sold: 4090, 5090, L40S/A6000, A100/H100, H200
-WEIGHT_DTYPES = tuple(entry.name for entry in formats.ENTRIES)  # the registered weight formats
+WEIGHT_DTYPES = formats.PLANNED  # full precision, and every format a model can be converted to
 USABLE = 0.9  # of the card's memory: the CUDA context (~0.5 GB) and the caching allocator's slack
 STAGES = ("encode", "denoise", "decode")
 COMPONENTS = ("text_encoder", "image_encoder", "transformer", "transformer_2", "vae")  # diffusers' offload order

@@ -14,6 +14,7 @@ loaded weight bitwise (for the empty set, and under a lone LoRA's one GEMM).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Protocol
 
@@ -52,6 +53,21 @@ class HostCopy(Pristine):
         for target, tensor in zip(stored.data, self.tensors, strict=True):
             target.copy_(tensor, non_blocking=True)
         return True
+
+
+class InPlace(Pristine):
+    """W0 in the stored tensors themselves, for a format whose LoRAs never write them (`keeps_w0`)."""
+
+    def __init__(self, stored: Stored) -> None:
+        self.stored = stored
+        unbounded = stored.format.limit(stored.data) == math.inf  # no range check: W0 is not decoded for one
+        self.peak = 0.0 if unbounded else stored.format.peak(stored.data)
+
+    def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
+        self.stored.format.decode_into(out, self.stored.rows(start, stop))
+
+    def restore(self, stored: Stored) -> bool:
+        return True  # never written
 
 
 class PristineSource(Protocol):

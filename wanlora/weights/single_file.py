@@ -34,6 +34,7 @@ from ..pairs import EVERY_EXPERT, choose_files
 from . import formats
 from .checkpoint import Checkpoint, CheckpointFile, TensorRef
 from .formats.base import BLOCK_PREFIX, FileConventions, WeightFormat
+from .pristine import PristineSource
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,13 @@ def diffusers_names(file: CheckpointFile) -> tuple[dict[str, str], dict[str, str
 
 def load_transformer_file(
     path: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device
-) -> tuple[WanTransformer3DModel, Checkpoint, set[str]]:
+) -> tuple[WanTransformer3DModel, PristineSource, set[str]]:
     """The transformer in `path` for `spec`, its checkpoint (W0 for merges), and the formats it kept block
-    linears in (their matmuls chosen for `device`)."""
+    linears in (their matmuls chosen for `device`). A file of a format's own (`file_suffixes`) is that format's
+    to read."""
+    own = next((fmt for fmt in formats.every() if path.suffix.lower() in fmt.file_suffixes), None)
+    if own is not None:
+        return own.load_file(path, spec, dtype, device)
     try:
         file = CheckpointFile(path)
     except OSError as exc:
@@ -220,10 +225,17 @@ def _check_fits(
     )
 
 
-TRANSFORMER_FORMS = (
-    "a .safetensors transformer file, a folder holding one (or a Wan2.2 high/low pair), "
-    "or OWNER/REPO/FILE.safetensors on the Hub"
-)
+def suffixes() -> tuple[str, ...]:
+    """The transformer files read: .safetensors, and every format's own (.gguf)."""
+    return (".safetensors", *(suffix for fmt in formats.every() for suffix in fmt.file_suffixes))
+
+
+def transformer_forms() -> str:
+    files = " or ".join(suffixes())
+    return (
+        f"a {files} transformer file, a folder holding one (or a Wan2.2 high/low pair, in it or in its two "
+        f"subfolders), or OWNER/REPO/FILE on the Hub"
+    )
 
 
 def transformer_files(given: str | Path | Sequence[str | Path], spec: ModelSpec) -> dict[str, Path]:
@@ -237,11 +249,11 @@ def transformer_files(given: str | Path | Sequence[str | Path], spec: ModelSpec)
     if not path.is_dir():
         roles = [(EVERY_EXPERT, path)]
     else:
-        names = sorted(p.name for p in path.glob("*.safetensors"))
+        names = _files_in(path)
         try:
             roles = [(role, path / name) for role, name in choose_files(names, str(path), str(path))]
         except LoraNotFound as exc:
-            raise InvalidInput("transformer", str(path), TRANSFORMER_FORMS + f" ({exc})") from None
+            raise InvalidInput("transformer", str(path), transformer_forms() + f" ({exc})") from None
     if [role for role, _ in roles] == [EVERY_EXPERT] and len(spec.experts) == 1:
         return {spec.experts[0]: roles[0][1]}
     if len(spec.experts) == 2 and {role for role, _ in roles} == set(spec.experts):
@@ -250,11 +262,24 @@ def transformer_files(given: str | Path | Sequence[str | Path], spec: ModelSpec)
     raise InvalidInput("transformer", str(given), f"{need} for {spec.name}")
 
 
+def _files_in(folder: Path) -> list[str]:
+    """The transformer files in `folder`, else in its subfolders (QuantStack's HighNoise/ and LowNoise/), by
+    their paths there."""
+
+    def found(where: Path) -> list[str]:
+        return sorted(p.relative_to(folder).as_posix() for p in where.iterdir() if p.suffix.lower() in suffixes())
+
+    here = found(folder)
+    if here:
+        return here
+    return sorted(name for sub in folder.iterdir() if sub.is_dir() for name in found(sub))
+
+
 def _locate(given: str) -> Path:
     path = Path(given).expanduser()
     if path.exists():
         return path
     parts = given.split("/")
-    if len(parts) >= 3 and given.endswith(".safetensors") and not given.startswith((".", "/", "~")):
+    if len(parts) >= 3 and given.lower().endswith(suffixes()) and not given.startswith((".", "/", "~")):
         return download_file("/".join(parts[:2]), "/".join(parts[2:]))
-    raise InvalidInput("transformer", given, TRANSFORMER_FORMS)
+    raise InvalidInput("transformer", given, transformer_forms())

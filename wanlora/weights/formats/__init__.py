@@ -33,6 +33,7 @@ class Entry:
     module: str  # in this package; imported on first use
     help: str  # one line, for --quantize's help and the docs
     quantize: bool = True  # offered as `quantize=NAME`: a full-precision model's block linears converted to it
+    lora_modes: tuple[str, ...] = ("requantize",)  # how LoRAs apply to its weights (the format's own), default first
 
 
 DENSE = "bf16"  # the full-precision format's name in memory plans (bf16 on a GPU; fp16 and fp32 as loaded)
@@ -44,9 +45,18 @@ ENTRIES = (
         "the transformer's block linears in float8 with a scale per row (half the memory; fp8 matmuls on GPUs "
         "that have them), LoRAs still merged exactly",
     ),
+    Entry(
+        "gguf",
+        "gguf",
+        "a .gguf transformer file's own blocks (city96's, QuantStack's), dequantized per call; LoRAs unfused, "
+        "requantized or promoted (lora_mode)",
+        quantize=False,
+        lora_modes=("unfused", "requantize", "promote"),
+    ),
 )
 BY_NAME = {entry.name: entry for entry in ENTRIES}
 QUANTIZE_CHOICES = ("none", *(entry.name for entry in ENTRIES if entry.quantize))
+PLANNED = (DENSE, *QUANTIZE_CHOICES[1:])  # what memory plans build on `meta` by name (files' formats plan their own)
 
 
 def quantize_help() -> str:
@@ -60,6 +70,20 @@ def check_quantize(quantize: object) -> str | None:
     if quantize not in QUANTIZE_CHOICES:
         raise InvalidInput("quantize", quantize, f"one of {', '.join(QUANTIZE_CHOICES)}")
     return str(quantize)
+
+
+def lora_modes() -> tuple[str, ...]:
+    """Every way a registered format applies LoRAs, each once."""
+    return tuple(dict.fromkeys(mode for entry in ENTRIES for mode in entry.lora_modes))
+
+
+def check_lora_mode(mode: object) -> str | None:
+    """`lora_mode` as the library takes it: None for each format's default, or a mode some format offers."""
+    if mode is None:
+        return None
+    if mode not in lora_modes():
+        raise InvalidInput("lora_mode", mode, f"one of {', '.join(lora_modes())}")
+    return str(mode)
 
 
 def get(name: str) -> WeightFormat:

@@ -18,7 +18,10 @@ merge works a chunk of rows at a time, and a format's side tensors (a scale per 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,10 +36,17 @@ class Stored:
 
     format: WeightFormat
     tensors: tuple[torch.Tensor, ...]
+    layer: torch.nn.Module | None = None  # the layer holding them, for formats that apply LoRAs beside the weight
+    logical_shape: tuple[int, ...] | None = None  # W's (out, in) where the stored weight's shape differs
 
     @property
     def weight(self) -> torch.Tensor:
         return self.tensors[0].data
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """W's shape, as a LoRA's delta sees it."""
+        return self.logical_shape or tuple(self.tensors[0].shape)
 
     @property
     def data(self) -> tuple[torch.Tensor, ...]:
@@ -66,6 +76,7 @@ class WeightFormat(ABC):
     layer_type: type[torch.nn.Module] | None = None  # the module type that holds this format's weights
     files: FileConventions | None = None  # how single .safetensors files hold its weights, where they can
     planned_matmul = "weight-only"  # the matmul whose activations are the largest: what memory plans trace
+    file_suffixes: tuple[str, ...] = ()  # transformer files of its own (".gguf"), read by `load_file`
 
     # ------------------------------------------------------------------ storing
 
@@ -91,6 +102,10 @@ class WeightFormat(ABC):
             parent_name, _, child = name.rpartition(".")
             setattr(transformer.get_submodule(parent_name), child, self.convert(linear, matmul, device))
         return len(targets)
+
+    def load_file(self, path: Path, spec: Any, dtype: torch.dtype, device: torch.device) -> Any:
+        """(transformer, its W0 source for merges, {format names kept}) from a file of this format's own."""
+        raise NotImplementedError(f"{self.name} has no files of its own")
 
     def layers(self, module: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """This format's layers in `module`, by the name of their weight parameter."""
@@ -141,6 +156,22 @@ class WeightFormat(ABC):
         """The stored tensors that a file's rows in this format (`scale`: the file's scale per row) give a layer
         holding `like`, without any rounding; None where they cannot (another dtype, no scale)."""
         return None
+
+    # ------------------------------------------------------------------ LoRAs
+
+    lora_modes: tuple[str, ...] = ("requantize",)  # how LoRAs apply to this format's weights; the first is the default
+    keeps_w0 = False  # LoRAs never write the stored tensors (they are applied beside them): W0 is read from them
+
+    def set_lora_mode(self, module: torch.nn.Module, mode: str) -> None:
+        """How LoRAs apply to this format's layers in `module` from now on (one of `lora_modes`)."""
+        if mode not in self.lora_modes:
+            raise ValueError(f"{self.name} weights take LoRAs {' or '.join(self.lora_modes)}, not {mode}")
+
+    def apply_terms(self, stored: Stored, terms: list, summed: Callable[[], Iterator]) -> bool:
+        """Apply a LoRA set's `terms` (each with `delta` and `strength`) to one weight the format's own way (beside
+        the matmul, or a finer copy from `summed()`: (start, stop, fp32 rows of W0 + sum(s dW))); False where the
+        merge rounds the sum into the stored tensors (`encode_into`)."""
+        return False
 
     # ------------------------------------------------------------------ memory and compute
 
