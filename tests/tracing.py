@@ -98,8 +98,7 @@ def meta_transformer(spec: ModelSpec, weights: str = "bf16", num_layers: int | N
         model = WanTransformer3DModel(**arch.transformer_config()).eval()
     cast_keeping_fp32(model, torch.bfloat16)
     if weights != formats.DENSE:  # with the matmul whose activations are the largest: the plan must cover it
-        fmt = formats.get(weights)
-        fmt.convert_transformer(model, fmt.planned_matmul)
+        formats.for_plan(weights).build_for_plan(model, weights)
     return model
 
 

@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--json", action="store_true", help="with --memory: every plan as JSON, stage by stage; default off"
     )
+    file_formats = [entry.name for entry in formats.ENTRIES if entry.plans]
+    models.add_argument(
+        "--format",
+        choices=file_formats,
+        help=f"with --memory: the plans of a file format's types instead ({', '.join(file_formats)}: its "
+        "files' types, on smaller cards too); default none",
+    )
     return parser
 
 
@@ -670,12 +677,16 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> None:
     if args.memory:
-        from ..runtime.memory import memory_json, memory_table
+        from ..runtime.memory import format_plans, format_table, memory_json, memory_table
 
+        if args.format is not None:
+            plans = [plan.as_dict() for plan in format_plans(args.format)]
+            print(json.dumps(plans, indent=1) if args.json else format_table(args.format))
+            return
         print(json.dumps(memory_json(), indent=1) if args.json else memory_table())
         return
-    if args.json:
-        raise InvalidInput("json", True, "--json goes with --memory")
+    if args.json or args.format:
+        raise InvalidInput("json" if args.json else "format", args.json or args.format, "it goes with --memory")
     from ..models import catalogue_markdown
 
     print(catalogue_markdown(), end="")

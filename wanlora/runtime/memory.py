@@ -168,7 +168,7 @@ def _meta_sizes(component: str, arch: Architecture | None = None, vae_scale: int
             module: torch.nn.Module = WanTransformer3DModel(**replace(arch, num_layers=1).transformer_config())
             cast_keeping_fp32(module, torch.bfloat16)
             if weights != formats.DENSE:
-                formats.get(weights).convert_transformer(module)
+                formats.for_plan(weights).build_for_plan(module, weights)
         elif component == "text_encoder":
             module = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16)
         elif component == "image_encoder":
@@ -208,10 +208,12 @@ def transformer_activation_bytes(spec: ModelSpec, width: int, height: int, frame
     """The transformer forward's peak of live activations: one pass (CFG's passes run one after the other)."""
     arch = spec.arch
     per_token = PER_TOKEN_DIM * arch.dim + PER_TOKEN_FFN * arch.ffn_dim
-    per_token += formats.get(weights).activation_bytes_per_token(arch.dim, arch.ffn_dim)
+    fmt = formats.for_plan(weights)
+    per_token += fmt.activation_bytes_per_token(arch.dim, arch.ffn_dim)
+    fixed = fmt.activation_bytes_fixed(arch.dim, arch.ffn_dim)
     if spec.expand_timesteps:
         per_token += PER_TOKEN_TIMESTEP_DIM * arch.dim
-    return math.ceil(spec.token_count(width, height, frames) * per_token)
+    return math.ceil(spec.token_count(width, height, frames) * per_token + fixed)
 
 
 def video_bytes(width: int, height: int, frames: int) -> int:
@@ -506,15 +508,42 @@ def memory_table() -> str:
     for spec in CATALOGUE.values():
         for weights in WEIGHT_DTYPES:
             experts = sum(b for c, b in catalogue_sizes(spec, weights).weights.items() if c.startswith("transformer"))
-            cells = []
-            for gb in GPU_SIZES_GB:
-                plan = plans[(spec.name, weights, gb)]
-                mark = "" if plan.fits else " (does not fit)"
-                tiled = ", VAE tiled" if plan.vae_tiling else ""
-                host = (plan.pinned_bytes + plan.pageable_bytes) / 1e9
-                cells.append(f"`{plan.mode}`{tiled}{mark}: {plan.peak_bytes / 1e9:.1f} / {host:.1f}")
+            cells = [_cell(plans[(spec.name, weights, gb)]) for gb in GPU_SIZES_GB]
             lines.append(f"| `{spec.name}` | {weights} | {experts / 1e9:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_plans(name: str) -> list[MemoryPlan]:
+    """Every variant x plan of the file format `name` (its files' types) x GPU size, its smaller cards too."""
+    entry = formats.BY_NAME[name]
+    return [
+        plan_memory(spec, gb * 2**30, plan)
+        for spec in CATALOGUE.values()
+        for plan in entry.plans
+        for gb in (*entry.cards_gb, *GPU_SIZES_GB)
+    ]
+
+
+def format_table(name: str) -> str:
+    """`memory_table` for a file format's types (`wanlora models --memory --format gguf`)."""
+    entry = formats.BY_NAME[name]
+    cards = (*entry.cards_gb, *GPU_SIZES_GB)
+    lines = ["| variant | weights | GB | " + " | ".join(f"{gb} GB GPU" for gb in cards) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(cards))
+    plans = {(p.variant, p.weights, p.gpu_bytes // 2**30): p for p in format_plans(name)}
+    for spec in CATALOGUE.values():
+        for weights in entry.plans:
+            experts = sum(b for c, b in catalogue_sizes(spec, weights).weights.items() if c.startswith("transformer"))
+            cells = [_cell(plans[(spec.name, weights, gb)]) for gb in cards]
+            lines.append(f"| `{spec.name}` | {weights} | {experts / 1e9:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(plan: MemoryPlan) -> str:
+    mark = "" if plan.fits else " (does not fit)"
+    tiled = ", VAE tiled" if plan.vae_tiling else ""
+    host = (plan.pinned_bytes + plan.pageable_bytes) / 1e9
+    return f"`{plan.mode}`{tiled}{mark}: {plan.peak_bytes / 1e9:.1f} / {host:.1f}"
 
 
 def memory_json() -> list[dict[str, Any]]:

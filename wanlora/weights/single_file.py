@@ -231,10 +231,10 @@ def suffixes() -> tuple[str, ...]:
 
 
 def transformer_forms() -> str:
-    files = " or ".join(suffixes())
+    others = " or ".join(suffixes()[1:])
     return (
-        f"a {files} transformer file, a folder holding one (or a Wan2.2 high/low pair, in it or in its two "
-        f"subfolders), or OWNER/REPO/FILE on the Hub"
+        "a .safetensors transformer file, a folder holding one (or a Wan2.2 high/low pair, there or in two "
+        "subfolders), or OWNER/REPO/FILE.safetensors on the Hub" + (f"; a {others} file likewise" if others else "")
     )
 
 

@@ -34,6 +34,8 @@ class Entry:
     help: str  # one line, for --quantize's help and the docs
     quantize: bool = True  # offered as `quantize=NAME`: a full-precision model's block linears converted to it
     lora_modes: tuple[str, ...] = ("requantize",)  # how LoRAs apply to its weights (the format's own), default first
+    plans: tuple[str, ...] = ()  # a file format's memory-plan rows, by the files' types (e.g. "gguf-Q4_K_M")
+    cards_gb: tuple[int, ...] = ()  # smaller cards its plans are made for too, beside every format's
 
 
 DENSE = "bf16"  # the full-precision format's name in memory plans (bf16 on a GPU; fp16 and fp32 as loaded)
@@ -52,6 +54,8 @@ ENTRIES = (
         "requantized or promoted (lora_mode)",
         quantize=False,
         lora_modes=("unfused", "requantize", "promote"),
+        plans=tuple(f"gguf-{t}" for t in ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S")),
+        cards_gb=(12, 16),
     ),
 )
 BY_NAME = {entry.name: entry for entry in ENTRIES}
@@ -70,6 +74,15 @@ def check_quantize(quantize: object) -> str | None:
     if quantize not in QUANTIZE_CHOICES:
         raise InvalidInput("quantize", quantize, f"one of {', '.join(QUANTIZE_CHOICES)}")
     return str(quantize)
+
+
+def for_plan(plan: str) -> WeightFormat:
+    """The format of a memory plan's weights: a format's own name, or one of a file format's `plans`."""
+    entry = next((e for e in ENTRIES if plan == e.name or plan in e.plans), None)
+    if entry is None:
+        every_plan = [*PLANNED, *(p for e in ENTRIES for p in e.plans)]
+        raise InvalidInput("weights", plan, f"one of {', '.join(every_plan)}")
+    return get(entry.name)
 
 
 def lora_modes() -> tuple[str, ...]:

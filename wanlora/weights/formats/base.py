@@ -179,6 +179,14 @@ class WeightFormat(ABC):
         """What this format's matmuls keep per token beyond full precision's (quantized activations)."""
         return 0.0
 
+    def activation_bytes_fixed(self, dim: int, ffn_dim: int) -> float:
+        """What its matmuls hold whatever the tokens: a weight decoded for the call (the largest, the FFN's)."""
+        return 0.0
+
+    def build_for_plan(self, transformer: torch.nn.Module, plan: str) -> None:
+        """Store `transformer`'s block linears (on `meta`, for a memory plan) as plan `plan` says (`for_plan`)."""
+        self.convert_transformer(transformer, self.planned_matmul)
+
     def choose_matmul(self, requested: str, device: torch.device) -> str:
         """The matmul this format's layers use on `device`; "auto" picks the fastest that works there."""
         return "dense"

@@ -24,10 +24,13 @@ from typing import Any
 import torch
 
 from ...errors import InvalidInput
+from ...models import ModelSpec
 from ..gguf.dequant import dequantize
 from ..gguf.linear import GgufLinear, LoraTerm
 from ..gguf.qtypes import QType, qtype_of
 from ..gguf.quantize import quantize
+from ..gguf.reader import GgufTransformer, QuantizedTensor, read_transformer
+from ..pristine import Pristine
 from . import BY_NAME
 from .base import BLOCK_PREFIX, Stored, WeightFormat
 
@@ -36,6 +39,23 @@ logger = logging.getLogger(__name__)
 MODES = BY_NAME["gguf"].lora_modes  # ("unfused", "requantize", "promote"): the default first
 PROMOTED = torch.bfloat16
 SUFFIX = ".gguf"
+# llama-quantize's mix for Wan (ComfyUI-GGUF's patch), per file type: the default type, the n-th `.v.weight`'s
+# (self- and cross-attention in file order) and `.ffn.2.weight`'s; used for memory plans, where block 0
+# stands for every block (an upper bound where the first few v weights take a larger type)
+FTYPE_MIX: dict[str, tuple[str, Callable[[int], str], str]] = {
+    "Q8_0": ("Q8_0", lambda i: "Q8_0", "Q8_0"),
+    "Q6_K": ("Q6_K", lambda i: "Q6_K", "Q6_K"),
+    "Q5_K_M": ("Q5_K", lambda i: "Q6_K", "Q6_K"),
+    "Q5_K_S": ("Q5_K", lambda i: "Q5_K", "Q5_K"),
+    "Q4_K_M": ("Q4_K", lambda i: "Q6_K", "Q6_K"),
+    "Q4_K_S": ("Q4_K", lambda i: "Q5_K" if i < 4 else "Q4_K", "Q5_K"),
+    "Q3_K_M": ("Q3_K", lambda i: "Q5_K" if i < 2 else "Q4_K", "Q4_K"),
+    "Q3_K_S": ("Q3_K", lambda i: "Q3_K", "Q3_K"),
+}
+DEQUANT_BYTES_PER_WEIGHT = 2.25  # a forward's decoded weight in bf16 and its chunked fp32 work, traced on `meta`: 2.17
+# Unfused LoRA terms add each term's output beside the matmul's (y + s (x A^T) B^T): traced on `meta` with a rank-32
+# term on every block linear, 1.1 (14B) and 2.2 (TI2V-5B) bytes per token and FFN width over full precision's peak
+UNFUSED_PER_TOKEN_FFN = 2.25
 
 
 class GgufFormat(WeightFormat):
@@ -67,6 +87,34 @@ class GgufFormat(WeightFormat):
     def limit(self, tensors: tuple[torch.Tensor, ...]) -> float:
         raise NotImplementedError
 
+    def activation_bytes_per_token(self, dim: int, ffn_dim: int) -> float:
+        return UNFUSED_PER_TOKEN_FFN * ffn_dim  # room for LoRAs beside the matmul, the default way
+
+    def activation_bytes_fixed(self, dim: int, ffn_dim: int) -> float:
+        return DEQUANT_BYTES_PER_WEIGHT * dim * ffn_dim  # one layer decoded at a time: the FFN's is the largest
+
+    def build_for_plan(self, transformer: torch.nn.Module, plan: str) -> None:
+        """Every block linear as a GgufLinear of its type in the file type `plan` ("gguf-Q4_K_M"), on `meta`."""
+        default, v_type, ffn_down = FTYPE_MIX[plan.removeprefix("gguf-")]
+        targets = [
+            (name, module)
+            for name, module in transformer.named_modules()
+            if name.startswith(BLOCK_PREFIX) and type(module) is torch.nn.Linear
+        ]
+        for name, linear in targets:
+            block, _, rest = name.removeprefix(BLOCK_PREFIX).partition(".")
+            kind = default
+            if rest in ("attn1.to_v", "attn2.to_v"):
+                kind = v_type(2 * int(block) + (rest == "attn2.to_v"))
+            elif rest == "ffn.net.2":
+                kind = ffn_down
+            qtype = qtype_of(kind)
+            out, columns = linear.weight.shape
+            blocks = torch.empty(out, qtype.row_bytes(columns), dtype=torch.uint8, device=linear.weight.device)
+            bias = None if linear.bias is None else linear.bias.detach()
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent), child, GgufLinear(blocks, qtype, bias))
+
     def set_lora_mode(self, module: torch.nn.Module, mode: str) -> None:
         """How LoRAs apply to `module`'s GGUF layers from now on (set before any LoRA)."""
         check_mode(mode)
@@ -85,8 +133,6 @@ class GgufFormat(WeightFormat):
 
     def load_file(self, path: Path, spec: Any, dtype: torch.dtype, device: torch.device) -> Any:
         """The transformer in the GGUF file `path` for `spec`, its W0 source for requantized merges, {"gguf"}."""
-        from .gguf_loading import load_transformer
-
         return load_transformer(path, spec, dtype)
 
 
@@ -162,3 +208,78 @@ def block_weight(name: str, shape: tuple[int, ...]) -> bool:
 
 
 FORMAT = GgufFormat()
+
+
+# ------------------------------------------------------------------ a .gguf file, loaded; W0 read back from it
+
+
+def load_transformer(path: Path, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.nn.Module, GgufSource, set[str]]:
+    """The quantized block linears kept as the file's blocks; everything else decoded to `dtype` (fp32 where
+    diffusers keeps modules in fp32)."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    read = read_transformer(path, spec)  # checked: architecture, types, extents, names, shapes, block scales
+    with init_empty_weights(include_buffers=False):  # parameters come from the file; buffers (rotary tables) built
+        model = WanTransformer3DModel(**spec.arch.transformer_config())
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, QuantizedTensor] = {}
+    for name, value in read.tensors.items():
+        if isinstance(value, QuantizedTensor) and block_weight(name, value.shape):
+            blocks[name] = value
+            continue
+        wanted = torch.float32 if keep_fp32 & set(name.split(".")) else dtype
+        decoded = value.dequantize(torch.float32) if isinstance(value, QuantizedTensor) else value
+        state[name] = decoded.to(wanted)
+    for name, value in blocks.items():
+        module_name = name.removesuffix(".weight")
+        bias = state.pop(f"{module_name}.bias", None)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, GgufLinear(value.data, value.qtype, bias))
+    model.load_state_dict(state, strict=False, assign=True)
+    logger.info("%s: %s", path.name, FORMAT.describe(model))
+    return model.eval(), GgufSource(read), {FORMAT.name}
+
+
+class GgufSource:
+    """The GGUF file a transformer was loaded from, as the W0 of its quantized block linears."""
+
+    def __init__(self, read: GgufTransformer) -> None:
+        self.read = read
+
+    def check_unchanged(self) -> None:
+        self.read.file.check_unchanged()
+
+    def pristine(self, name: str, stored: Stored) -> Pristine | None:
+        if not isinstance(stored.format, GgufWeights) or name not in self.read.sources:
+            return None
+        candidate = FileBlocks(self.read, name, stored.format)
+        return candidate if candidate.gives_back(stored) else None
+
+
+class FileBlocks(Pristine):
+    """A GGUF layer's W0: its blocks read back from the file."""
+
+    def __init__(self, read: GgufTransformer, name: str, fmt: GgufWeights) -> None:
+        self.read, self.name, self.format = read, name, fmt
+        self.peak = 0.0
+
+    def _blocks(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        value = self.read.read_back(self.name, start, stop)
+        assert isinstance(value, QuantizedTensor), "only quantized block linears are read back"
+        return value.data
+
+    def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
+        self.format.decode_into(out, (self._blocks(start, stop).to(out.device),))
+
+    def restore(self, stored: Stored) -> bool:
+        stored.weight.copy_(self._blocks())
+        return True
+
+    def gives_back(self, stored: Stored) -> bool:
+        blocks = self._blocks()
+        if blocks.shape != stored.weight.shape or not torch.equal(blocks, stored.weight.cpu()):
+            return False
+        self.peak = self.format.peak((blocks,))
+        return True

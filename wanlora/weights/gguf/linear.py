@@ -32,10 +32,10 @@ class LoraTerm:
 
 
 class GgufLinear(torch.nn.Module):
-    """A linear layer over a weight's raw GGML blocks (`weight_blocks`, uint8 (out, row bytes); a buffer, so
-    it moves with the module), its `qtype`, and a float bias."""
+    """A linear layer over a weight's raw GGML blocks (`weight_blocks`, uint8 (out, row bytes), a parameter
+    that is never trained), its `qtype`, and a float bias."""
 
-    weight_blocks: torch.Tensor
+    weight_blocks: torch.nn.Parameter
     lora_mode = "unfused"  # how LoRAs apply to it: wanlora.weights.formats.gguf's modes
 
     def __init__(self, blocks: torch.Tensor, qtype: QType | str, bias: torch.Tensor | None = None) -> None:
@@ -45,7 +45,9 @@ class GgufLinear(torch.nn.Module):
             raise ValueError(f"a GGUF linear holds 2-D rows of blocks, not {tuple(blocks.shape)}")
         self.in_features = columns_of(blocks, self.qtype)
         self.out_features = blocks.shape[0]
-        self.register_buffer("weight_blocks", blocks)
+        # a parameter (never trained): placement moves parameters between the GPU and host memory (offloading,
+        # Wan2.2's expert switch) and keeps buffers where they are, as small tables read every call
+        self.weight_blocks = torch.nn.Parameter(blocks, requires_grad=False)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"a bias of {self.out_features} values, not {tuple(bias.shape)}")
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
