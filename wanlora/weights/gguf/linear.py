@@ -61,13 +61,14 @@ class GgufLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        weight = self.dequantized(x.dtype) if self.promoted is None else self.promoted.to(x.dtype)
+        weight = self.dequantized(x.dtype) if self.promoted is None else self.promoted.to(x.device, x.dtype)
         y = F.linear(x, weight, bias)
-        for term in self.lora_terms():
+        for term in self.lora_terms():  # buffers: where placement left them (the blocks may have moved since)
+            up = term.up.to(x.device, x.dtype)
             if term.down is None:
-                y = y + F.linear(x, term.up.to(x.dtype)) * term.scale
+                y = y + F.linear(x, up) * term.scale
             else:
-                y = y + F.linear(F.linear(x, term.down.to(x.dtype)) * term.scale, term.up.to(x.dtype))
+                y = y + F.linear(F.linear(x, term.down.to(x.device, x.dtype)) * term.scale, up)
         return y
 
     def set_promoted(self, weight: torch.Tensor | None) -> None:
