@@ -100,3 +100,14 @@ def test_wan21_14b_q4_k_m_with_a_rank_32_lora_on_every_block_linear_fits_a_16_gb
     assert denoise.peak_bytes == denoise.weight_bytes + denoise.activation_bytes + HELD_BYTES
     assert "transformer" in denoise.resident and denoise.weight_bytes >= sizes.weights["transformer"]
     assert plan_memory(spec, 16 * GIB, "bf16").mode not in ("none", "encoder")  # bf16 must stream its blocks
+
+
+def test_the_cli_prints_the_gguf_plans_on_their_own_and_only_with_memory(cli):
+    run = cli("models", "--memory", "--format", "gguf")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("| variant | weights | GB | 12 GB GPU | 16 GB GPU | 24 GB GPU")
+    assert len(lines) == 2 + len(CATALOGUE) * len(formats.BY_NAME["gguf"].plans)
+    row = next(line for line in lines if line.startswith("| `t2v-14b` | gguf-Q4_K_M |"))
+    assert "does not fit" not in row.split("|")[5]  # the 16 GB card
+    assert cli("models", "--format", "gguf").returncode == 2
