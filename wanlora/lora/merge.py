@@ -3,8 +3,10 @@
 The weights always equal `W0 + sum(strength_i * delta_i)`, computed in float32 from a
 pristine `W0` (wanlora.weights.pristine) and handed to the weight's format for its final rounding
 (wanlora.weights.formats: full precision rounds once to the parameter's dtype; a quantized format
-encodes the sum once, its scales computed from it). Nothing is ever "unfused", so the result
-depends only on the base and the requested set, bitwise.
+encodes the sum once, its scales computed from it). Nothing is ever subtracted back out, so the
+result depends only on the base and the requested set, bitwise. A format may instead apply the
+terms its own way (`apply_terms`: beside the matmul, or into a finer copy), its stored tensors
+untouched and read as W0 in place.
 
 All or nothing: every LoRA is fitted, and every new weight is proven finite and within
 its dtype's range, before the first write. If a write still fails (a cancellation, an
