@@ -162,3 +162,29 @@ def test_the_cli_takes_a_gguf_transformer(files, cli, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "ftype", "publisher"), [("i2v", "Q4_K_S", "city96"), ("ti2v-5b", "Q8_0", "quantstack")]
+)
+def test_image_to_video_and_ti2v_5b_gguf_files_generate_with_an_image_and_a_lora(tmp_path, kind, ftype, publisher):
+    """Wan2.1 I2V (its image branch's k_img and v_img quantized too) and TI2V-5B (QuantStack's F16 small tensors)."""
+    import numpy as np
+
+    from wanlora.tiny import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / kind, kind=kind, wide=True)
+    spec = tiny_spec(kind=kind, wide=True)
+    model = tiny_transformer(spec.arch, seed=6)
+    gguf = write_transformer(tmp_path / f"{kind}-{ftype}.gguf", model, ftype, publisher)
+    deltas = write_lora(tmp_path / "a.safetensors", model, "original", seed=7)
+    pipe = WanLoraPipeline.from_pretrained(str(folder), transformer=str(gguf))
+    layers = FORMAT.layers(pipe.transformer)
+    read = read_transformer(gguf, spec)
+    quantized = {n for n, value in read.tensors.items() if hasattr(value, "qtype") and n.startswith("blocks.")}
+    assert set(layers) == quantized and any(".add_k_proj." in n for n in layers) == (kind == "i2v")
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    size = {**STEP, "width": 64, "height": 64}  # TI2V-5B takes sides in multiples of 32
+    video = pipe.generate("a fox", image=image, loras=[(str(tmp_path / "a.safetensors"), 0.5)], seed=1, **size)
+    assert video.frames.shape[1:] == (64, 64, 3)
+    assert any(layers[n].lora_terms() for n in deltas if n in layers)
