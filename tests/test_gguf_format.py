@@ -8,6 +8,7 @@ import torch
 
 from wanlora import InvalidInput, WanLoraPipeline
 from wanlora.models import tiny_spec
+from wanlora.pairs import expert_of
 from wanlora.tiny import tiny_transformer
 from wanlora.weights.formats.gguf import FORMAT
 from wanlora.weights.gguf.dequant import dequantize
@@ -146,6 +147,7 @@ def test_a_quantstack_wan22_pair_of_gguf_files_loads_as_its_two_experts(tmp_path
     spec = tiny_spec(kind="t2v-a14b", wide=True)
     high, low = tiny_transformer(spec.arch, seed=4), tiny_transformer(spec.arch, seed=5)
     written = write_pair(tmp_path / "pair", high, low, "Q8_0", kind="t2v")
+    assert [expert_of(path.name) for path in written.values()] == ["high", "low"]  # -HighNoise-, -LowNoise-
     pipe = WanLoraPipeline.from_pretrained(str(folder), transformer=str(tmp_path / "pair"))
     for expert, path in zip(pipe.experts, (written["high"], written["low"]), strict=True):
         read = read_transformer(path, spec)
