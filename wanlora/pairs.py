@@ -17,10 +17,10 @@ EXPERT_TARGETS = (EVERY_EXPERT, "high", "low")
 
 
 def expert_of(filename: str | Path) -> str | None:
-    """The Wan2.2 expert a file's name says it is for (high_noise_model, ..._HIGH..., -HighNoise-), or None."""
-    name = Path(filename).name.lower()
-    # QuantStack's GGUF experts say it in one word: Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf
-    said = [expert for expert in ("high", "low") if re.search(rf"(^|[^a-z]){expert}(noise)?([^a-z]|$)", name)]
+    """The Wan2.2 expert a file's name says it is for (high_noise_model, ..._HIGH..., ...HighNoise...), or None."""
+    name = Path(filename).name
+    name = re.sub(r"(High|Low)(?=Noise)", r"_\1_", name).lower()  # "HighNoise" / "LowNoise" as words
+    said = [expert for expert in ("high", "low") if re.search(rf"(^|[^a-z]){expert}([^a-z]|$)", name)]
     return said[0] if len(said) == 1 else None
 
 
