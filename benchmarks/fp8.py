@@ -36,7 +36,15 @@ from wanlora.lora.merge import LoraMerger
 from wanlora.models import CATALOGUE, WAN_1_3B, WAN_14B
 from wanlora.runtime.memory import transformer_bytes
 from wanlora.weights.checkpoint import Checkpoint
-from wanlora.weights.fp8 import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_layers, quantize_rows, quantize_transformer
+from wanlora.weights.formats.fp8 import (
+    FP8,
+    FP8_MAX,
+    Fp8Linear,
+    dequantize,
+    fp8_layers,
+    quantize_rows,
+    quantize_transformer,
+)
 
 
 def median_seconds(step, repeats: int) -> float:
@@ -54,7 +62,7 @@ def median_seconds(step, repeats: int) -> float:
 def sizes() -> None:
     print("\n1. transformer weights, as loaded on a GPU (meta device: exact counts)")
     for spec in CATALOGUE.values():
-        bf16, fp8 = (len(spec.experts) * transformer_bytes(spec.arch, q) / 1e9 for q in (False, True))
+        bf16, fp8 = (len(spec.experts) * transformer_bytes(spec.arch, w) / 1e9 for w in ("bf16", "fp8"))
         print(f"  {spec.name:14s} bf16 {bf16:6.2f} GB   fp8 {fp8:6.2f} GB   ({fp8 / bf16:.2f}x)")
 
 

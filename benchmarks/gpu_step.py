@@ -212,7 +212,7 @@ def twin(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.M
 def fp8_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The model with its block linears in fp8, made a layer at a time: everything else is the model's own
     tensors, shared, so the copy costs the fp8 block linears alone."""
-    from wanlora.weights.fp8 import quantize_transformer
+    from wanlora.weights.formats.fp8 import quantize_transformer
 
     copied = twin(model, model.state_dict())
     quantize_transformer(copied, "scaled" if next(model.parameters()).is_cuda else "weight-only")
@@ -247,7 +247,7 @@ def step_14b_480p(bench: Bench) -> None:
 
 
 def fp8_14b(bench: Bench) -> None:
-    from wanlora.weights.fp8 import set_matmul
+    from wanlora.weights.formats.fp8 import set_matmul
 
     model, inputs, flops = bench.model, bench.inputs(), bench.flops()
     reference = model(**inputs, return_dict=False)[0].float()

@@ -5,7 +5,7 @@ W0 from a heavy-tailed distribution (Student t with 4 degrees of freedom, std 0.
 channel scaled by a log-normal factor: trained weights have outlier values and channels), and
 a rank-32 delta sum(s*dW) scaled to 1%, 3% and 10% of |W0| (Frobenius norms):
 - fp8 e4m3 (row-scaled), the file being fp8(W0): the merge rounded to nearest (wanlora's fp8
-  merge), or stochastically (wanlora.weights.fp8_stochastic, seeded by the weight's name);
+  merge), or stochastically (wanlora.weights.formats.fp8_stochastic, seeded by the weight's name);
 - each GGUF type T, the file being Q_T(W0) with W0' its dequantized weights:
   - requantize: Q_T(W0' + sum(s*dW)), the file's own type (ggml's reference quantizers);
   - unfused: the blocks untouched, y = x W0'^T + sum s (x A^T) B^T (GgufLinear's LoRA terms);
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from wanlora.weights.fp8 import Fp8Linear, dequantize, quantize_rows
-from wanlora.weights.fp8_stochastic import quantize_rows_stochastic
+from wanlora.weights.formats.fp8 import Fp8Linear, dequantize, quantize_rows
+from wanlora.weights.formats.fp8_stochastic import quantize_rows_stochastic
 from wanlora.weights.gguf import qtypes
 from wanlora.weights.gguf.dequant import dequantize as gguf_dequantize
 from wanlora.weights.gguf.linear import GgufLinear

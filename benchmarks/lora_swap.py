@@ -41,7 +41,7 @@ from wanlora.lora.merge import native_gemm_is_faster
 from wanlora.models import WAN_1_3B, WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
 from wanlora.tiny import flow_scheduler
-from wanlora.weights.fp8 import quantize_transformer
+from wanlora.weights.formats.fp8 import quantize_transformer
 
 CACHE = Path(tempfile.gettempdir()) / "wanlora-bench-loras"
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -10,7 +10,7 @@ import torch
 from wanlora import WanLoraPipeline
 from wanlora.tiny import tiny_transformer, write_tiny_model
 from wanlora.weights.checkpoint import Checkpoint, CheckpointChanged, FileTensor
-from wanlora.weights.fp8 import fp8_layers, quantize_rows
+from wanlora.weights.formats.fp8 import fp8_layers, quantize_rows
 from wanlora.weights.pristine import HostCopy
 
 from .builders import write_lora
@@ -230,6 +230,7 @@ def test_w0_is_proven_by_comparing_bytes_in_large_chunks_without_converting(fold
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from wanlora.weights import checkpoint
+    from wanlora.weights.formats.dense import FORMAT as full_precision
 
     pipe = WanLoraPipeline.from_pretrained(str(folder))
     source = pipe.experts[0].loras.merger.checkpoint
@@ -247,9 +248,9 @@ def test_w0_is_proven_by_comparing_bytes_in_large_chunks_without_converting(fold
             return func(*args, **(kwargs or {}))
 
     with Traced() as traced:
-        assert source.pristine(name, weight, None) is not None
+        assert source.pristine(name, full_precision.weight(weight)) is not None
     assert not any(op.startswith(("_to_copy", "copy")) for op in traced.ops), traced.ops
     assert traced.ops.count("equal.default") == -(-weight.shape[0] // 8)
     changed = weight.clone()
     changed.view(torch.int32)[weight.shape[0] - 1, 3] ^= 1  # one bit, in the last chunk
-    assert source.pristine(name, changed, None) is None
+    assert source.pristine(name, full_precision.weight(changed)) is None

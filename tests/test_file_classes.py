@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from wanlora import InvalidInput, WanLoraPipeline
 from wanlora.resident import load_in_place_of
 from wanlora.tiny import tiny_transformer, write_tiny_model
-from wanlora.weights.fp8 import dequantize, fp8_layers
+from wanlora.weights.formats.fp8 import dequantize, fp8_layers
 
 from .builders import original_param_name, wan_checkpoint
 

@@ -12,7 +12,15 @@ from wanlora import InvalidInput, LoraFormatError, WanLoraPipeline
 from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.tiny import tiny_transformer
-from wanlora.weights.fp8 import FP8, FP8_MAX, Fp8Linear, dequantize, fp8_layers, quantize_rows, quantize_transformer
+from wanlora.weights.formats.fp8 import (
+    FP8,
+    FP8_MAX,
+    Fp8Linear,
+    dequantize,
+    fp8_layers,
+    quantize_rows,
+    quantize_transformer,
+)
 
 from .builders import write_lora
 from .conftest import SMALL, recorded
@@ -197,7 +205,9 @@ def test_a_nan_lora_or_a_write_that_fails_leaves_fp8_weights_and_scales_as_they_
 
     monkeypatch.setattr(merge_module, "CPU_CHUNK_ELEMENTS", 24 * 4)
     calls = {"n": 0}
-    original = merge_module.quantize_rows_into
+    from wanlora.weights.formats import fp8 as fp8_module  # the format's final rounding, which the merge calls
+
+    original = fp8_module.quantize_rows_into
 
     def failing(rows, out):
         calls["n"] += 1
@@ -205,10 +215,10 @@ def test_a_nan_lora_or_a_write_that_fails_leaves_fp8_weights_and_scales_as_they_
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return original(rows, out)
 
-    monkeypatch.setattr(merge_module, "quantize_rows_into", failing)
+    monkeypatch.setattr(fp8_module, "quantize_rows_into", failing)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         merge(merger, [(fp8_pool["b"], 2.0), (fp8_pool["c"], -1.0)])
-    monkeypatch.setattr(merge_module, "quantize_rows_into", original)
+    monkeypatch.setattr(fp8_module, "quantize_rows_into", original)
     assert_same_bits(model, before)
 
 
@@ -281,7 +291,7 @@ def test_the_scaled_matmul_is_chosen_by_running_its_kernel_not_by_the_capability
     """An RTX 5090 (sm_120) has fp8 tensor cores, and PyTorch's row-wise kernel raises there: weight-only, said why."""
     import logging
 
-    from wanlora.weights import fp8
+    from wanlora.weights.formats import fp8
 
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
@@ -297,7 +307,7 @@ def test_the_scaled_matmul_is_chosen_by_running_its_kernel_not_by_the_capability
 
 
 def test_the_probe_runs_the_real_kernel_and_checks_its_numbers(monkeypatch):
-    from wanlora.weights import fp8
+    from wanlora.weights.formats import fp8
 
     cpu = torch.device("cpu")
     fp8._probe.cache_clear()
@@ -338,7 +348,7 @@ def fp8_operands(m: int = 32, k: int = 64, n: int = 48):
     ids=["fp32-out-with-bias", "fp16-out", "e5m2-weight", "unaligned", "layout", "scale-shape", "fp32-bias"],
 )
 def test_cudas_rules_for_the_scaled_matmul_hold_on_any_device(change, words):
-    from wanlora.weights.fp8 import ScaledMatmulRefused, check_scaled_mm
+    from wanlora.weights.formats.fp8 import ScaledMatmulRefused, check_scaled_mm
 
     a, b, scale_a, scale_b = fp8_operands()
     check_scaled_mm(a, b, scale_a, scale_b, torch.zeros(48, dtype=torch.bfloat16), torch.bfloat16)  # as asked of it
@@ -354,7 +364,7 @@ def test_cudas_rules_for_the_scaled_matmul_hold_on_any_device(change, words):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_the_scaled_path_keeps_cudas_rules_with_a_bias_and_gives_no_nan_for_an_empty_token(dtype):
-    from wanlora.weights.fp8 import scaled_linear
+    from wanlora.weights.formats.fp8 import scaled_linear
 
     generator = torch.Generator().manual_seed(1)
     layer = Fp8Linear.of(torch.nn.Linear(64, 48).requires_grad_(False), "scaled")
@@ -383,7 +393,7 @@ def test_q_k_and_v_quantize_their_shared_input_once(monkeypatch):
     from dataclasses import replace
 
     from wanlora.models import TINY_ARCH
-    from wanlora.weights import fp8
+    from wanlora.weights.formats import fp8
 
     model = tiny_transformer(replace(TINY_ARCH, attention_head_dim=16))  # 32 wide: within CUDA's rules
     quantize_transformer(model, "scaled")
@@ -413,7 +423,7 @@ def test_q_k_and_v_quantize_their_shared_input_once(monkeypatch):
 def test_every_fp8_code_widens_exactly_without_torchs_scalar_conversion(dtype):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from wanlora.weights.fp8 import dequantize_into
+    from wanlora.weights.formats.fp8 import dequantize_into
 
     codes = torch.arange(256, dtype=torch.uint8).view(dtype)
     finite = torch.isfinite(codes.float())

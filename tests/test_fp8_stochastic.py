@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from wanlora.weights.fp8 import FP8, dequantize, quantize_rows
-from wanlora.weights.fp8_stochastic import quantize_rows_stochastic
+from wanlora.weights.formats.fp8 import FP8, dequantize, quantize_rows
+from wanlora.weights.formats.fp8_stochastic import quantize_rows_stochastic
 
 
 def test_each_value_goes_to_one_of_its_two_fp8_neighbours_with_the_row_scale_of_rounding_to_nearest():

@@ -55,7 +55,7 @@ def test_every_stated_peak_covers_its_trace_and_the_weights_on_the_gpu():
             assert step.weight_bytes == weights, where
             tiled = plan.vae_tiling and step.name in ("vae-encode", "decode")
             size = (*plan.size[:2], TILED_FRAMES) if tiled else plan.size
-            stated = step_activations(spec, step.name, size, plan.weights == "fp8", tiled)
+            stated = step_activations(spec, step.name, size, plan.weights, tiled)
             traced = trace_step(spec, step.name, size, plan.weights, tiled)
             assert traced <= stated <= 1.25 * traced + 2**28, f"{where}: stated {stated}, traced {traced}"
             if not tiled:

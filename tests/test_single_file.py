@@ -12,7 +12,7 @@ from wanlora.lora.layouts import read_lora
 from wanlora.lora.merge import LoraMerger
 from wanlora.tiny import tiny_transformer
 from wanlora.weights.checkpoint import FileTensor
-from wanlora.weights.fp8 import FP8_MAX, Fp8Linear, dequantize, fp8_layers
+from wanlora.weights.formats.fp8 import FP8_MAX, Fp8Linear, dequantize, fp8_layers
 
 from .builders import CHECKPOINT_LAYOUTS, original_param_name, wan_checkpoint, write_lora
 from .conftest import SMALL, recorded

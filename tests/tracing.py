@@ -90,15 +90,15 @@ def traced_peak(run) -> int:
 def meta_transformer(spec: ModelSpec, weights: str = "bf16", num_layers: int | None = None):
     from diffusers import WanTransformer3DModel
 
+    from wanlora.weights import formats
     from wanlora.weights.dense import cast_keeping_fp32
-    from wanlora.weights.fp8 import quantize_transformer
 
     arch = replace(spec.arch, num_layers=num_layers or spec.arch.num_layers)
     with torch.device("meta"):
         model = WanTransformer3DModel(**arch.transformer_config()).eval()
     cast_keeping_fp32(model, torch.bfloat16)
-    if weights == "fp8":
-        quantize_transformer(model, "scaled")  # fp8 x fp8 matmuls: the GPU path, and the larger one
+    if weights != formats.DENSE:  # with the matmul whose activations are the largest: the plan must cover it
+        formats.for_plan(weights).build_for_plan(model, weights)
     return model
 
 

@@ -64,15 +64,14 @@ from .runtime.memory import (
 )
 from .runtime.placement import ExpertSwitch, place, set_vae_tiling
 from .runtime.sampling import FixedSigmaEuler, RcmSampler, WanFlowUniPC
-from .settings import check_quantize
 from .staging import staged_folder
 from .sweep import MAX_WIDTH, Sweep, run_sweep, sweep_axes
 from .tiny import tiny_pipeline
 from .video import Video
+from .weights import formats
 from .weights.checkpoint import Checkpoint
 from .weights.components import SHARABLE, Identity, model_identities
 from .weights.dense import cast_keeping_fp32
-from .weights.fp8 import choose_matmul, describe_matmuls, quantize_transformer
 from .weights.pristine import PristineSource
 from .weights.single_file import load_transformer_file, transformer_files
 
@@ -130,7 +129,7 @@ class WanLoraPipeline:
         self.load_timings: dict[str, float] = {}
         self.memory_plan: MemoryPlan | None = None  # on a GPU: the plan it was placed by (wanlora.runtime.memory)
         self.placement: dict[str, object] = {}  # the host arenas and streams placement made, by component
-        self.quantize: str | None = None  # "fp8" when the block linears are float8 (from_pretrained's `quantize`)
+        self.quantize: str | None = None  # the block linears' weight format, when not full precision
         self.component_ids: dict[str, Identity] = {}  # what proves which files the shareable components came from
         self._encoded: dict[tuple, tuple] | None = None  # a sweep's text embeddings, by prompt
 
@@ -148,6 +147,7 @@ class WanLoraPipeline:
         parallel: ParallelPlan | str | bool | None = None,
         quantize: str | None = None,
         transformer: str | Path | Sequence[str | Path] | None = None,
+        lora_mode: str | None = None,
     ) -> WanLoraPipeline:
         """Load a base model once.
 
@@ -165,14 +165,20 @@ class WanLoraPipeline:
         memory; "auto" plans each stage from the GPU's memory and takes the fastest mode that fits
         (wanlora.runtime.memory); the VAE tiles only where memory requires it.
 
-        `quantize="fp8"` stores the transformer's block linears in float8_e4m3fn with a scale
-        per output channel (half the memory; fp8 matmuls on GPUs with fp8 tensor cores, the
-        weights dequantized per call elsewhere): see wanlora.weights.fp8. LoRAs still merge exactly.
+        `quantize` names a weight format to store the transformer's block linears in
+        (wanlora.weights.formats registers them; `wanlora generate --help` lists them with what
+        each saves); the format chooses its matmul per device. LoRAs still merge exactly.
 
         `transformer` replaces the model's transformer by a single file, as ComfyUI and Kijai
-        publish them (bf16, fp8, or scaled fp8: see wanlora.weights.single_file), or a folder holding
-        one (Wan2.2 A14B: a high/low pair, or a (high, low) tuple); the rest of the model comes
-        from `model`. Its fp8 block linears stay fp8, and are the W0 LoRAs merge onto.
+        publish them (full precision, or a weight format's: see wanlora.weights.single_file), or a
+        folder holding one (Wan2.2 A14B: a high/low pair, or a (high, low) tuple); the rest of the
+        model comes from `model`. Block linears the file stores in a format stay in it, and are
+        the W0 LoRAs merge onto. A `.gguf` file (city96's Wan2.1, QuantStack's Wan2.2 experts) keeps its
+        quantized block linears as the file's own blocks (wanlora.weights.formats.gguf).
+
+        `lora_mode` says how LoRAs apply to a format that offers several ways (a `.gguf` transformer:
+        "unfused", the default, beside the matmul and exact; "requantize", merged into the file's own
+        types; "promote", the touched layers in bf16); None: each format's default.
 
         `parallel` ("auto", a `ParallelPlan`, or diffusers' `ContextParallelConfig`) shares
         each generation between the processes of a torch.distributed group, one per GPU
@@ -181,7 +187,8 @@ class WanLoraPipeline:
         the video, the others None.
         """
         spec = model if isinstance(model, ModelSpec) else identify_model(model)
-        quantize = check_quantize(quantize)
+        quantize = formats.check_quantize(quantize)
+        lora_mode = formats.check_lora_mode(lora_mode)
         plan = None
         if parallel is not None:
             rank_device = init_distributed()  # joins the process group, so it runs either way
@@ -194,13 +201,12 @@ class WanLoraPipeline:
         timings = {}
         checkpoints: dict[str, PristineSource] = {}
         started = time.perf_counter()
-        matmul = choose_matmul("auto", device)
-        stored_fp8 = False  # a transformer file kept fp8 block linears, each in its own dtype
+        kept: set[str] = set()  # the formats transformer files kept block linears in, each in its own dtype
         if transformer is not None:
             for name, path in transformer_files(transformer, spec).items():
-                module, checkpoints[name], kept_fp8 = load_transformer_file(path, spec, dtype, matmul)
+                module, checkpoints[name], kept_formats = load_transformer_file(path, spec, dtype, device)
                 shared[ATTRIBUTES[name]] = module
-                stored_fp8 = stored_fp8 or kept_fp8
+                kept |= kept_formats
         if spec.source == "tiny":
             diffusers_pipeline = tiny_pipeline(kind=TINY_NAMES[spec.name])
             for name in ("transformer", "transformer_2"):
@@ -221,19 +227,24 @@ class WanLoraPipeline:
             from_folder = tuple(name for name in spec.experts if name not in checkpoints)
             checkpoints |= transformer_checkpoints(folder, from_folder, dtype)
         memory_plan = None
+        weights = quantize or min(kept, default=formats.DENSE)  # what the plan counts the transformers in
         if device.type == "cuda":  # planned from the components as loaded (a finetune may differ in size)
-            sizes = planned_sizes(diffusers_pipeline, spec, quantize == "fp8")
-            memory_plan = gpu_plan(device, spec, offload, "fp8" if quantize == "fp8" or stored_fp8 else "bf16", sizes)
+            sizes = planned_sizes(diffusers_pipeline, spec, quantize)
+            memory_plan = gpu_plan(device, spec, offload, weights, sizes)
         offload = memory_plan.mode if memory_plan is not None else "none" if offload == "auto" else offload
-        if quantize == "fp8":  # asked for: every block linear not fp8 yet; a file's own mix is kept otherwise
+        if quantize is not None:  # asked for: every full-precision block linear; a file's own mix is kept otherwise
+            fmt = formats.get(quantize)
+            matmul = fmt.choose_matmul("auto", device)
             for name in spec.experts:
                 home = device if resident(name, device, offload) else None  # quantized where it will live
-                layers = quantize_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul, home)
-                logger.info("fp8: %d more block linears in float8_e4m3fn, on %s", layers, home or "the CPU")
-        quantize = quantize or ("fp8" if stored_fp8 else None)
-        for name in spec.experts if quantize == "fp8" else ():
+                layers = fmt.convert_transformer(getattr(diffusers_pipeline, ATTRIBUTES[name]), matmul, home)
+                logger.info("%s: %d more block linears, on %s", quantize, layers, home or "the CPU")
+        quantize = quantize or (weights if kept else None)
+        if lora_mode is not None:
+            set_lora_mode(diffusers_pipeline, spec, lora_mode, kept | {quantize or formats.DENSE})
+        for name in spec.experts if quantize is not None else ():
             layers_of = getattr(diffusers_pipeline, ATTRIBUTES[name])
-            logger.info("fp8 matmuls (%s): %s", name, describe_matmuls(layers_of))
+            logger.info("%s matmuls (%s): %s", quantize, name, formats.get(weights).describe(layers_of))
         placement = place(diffusers_pipeline, device, offload)
         timings["load_seconds"] = time.perf_counter() - started - timings.get("download_seconds", 0.0)
         logger.info("loaded %s (%s) on %s in %.1fs", spec.name, spec.source, device, timings["load_seconds"])
@@ -331,7 +342,7 @@ class WanLoraPipeline:
         target = Path(folder)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise InvalidInput("folder", str(folder), "a new or empty folder")
-        if self.quantize is not None:  # diffusers' loader would read fp8 rows without their scales
+        if self.quantize is not None:  # diffusers' loader would read a format's stored rows without their scales
             raise InvalidInput("quantize", self.quantize, "none to save a merged model: load it without quantize")
         pipeline = self.diffusers_pipeline
         sampler, pipeline.scheduler = pipeline.scheduler, self.base_scheduler
@@ -700,17 +711,30 @@ def local(spec: ModelSpec) -> Path | None:
     return Path(spec.source) if Path(spec.source).exists() else None
 
 
-def planned_sizes(diffusers_pipeline: Any, spec: ModelSpec, quantize_pending: bool) -> Sizes:
-    """The components' sizes as they will be placed: as loaded, and transformers about to be quantized to fp8
-    (where they will live, so after the plan) at their fp8 size."""
+def planned_sizes(diffusers_pipeline: Any, spec: ModelSpec, quantize: str | None) -> Sizes:
+    """The components' sizes as they will be placed: as loaded, and transformers about to be converted to the
+    format `quantize` (where they will live, so after the plan) at that format's size."""
     components = {n: getattr(diffusers_pipeline, n, None) for n in PLANNED_COMPONENTS}
     sizes = measure({n: c for n, c in components.items() if c is not None})
-    if not quantize_pending:
+    if quantize is None:
         return sizes
-    fp8 = catalogue_sizes(spec, "fp8")
+    converted = catalogue_sizes(spec, quantize)
     experts = [name for name in ("transformer", "transformer_2") if name in sizes.weights]
-    weights: dict[str, int] = {**sizes.weights, **{name: fp8.weights[name] for name in experts}}
-    return replace(sizes, weights=weights, transformer_window=fp8.transformer_window)
+    weights: dict[str, int] = {**sizes.weights, **{name: converted.weights[name] for name in experts}}
+    return replace(sizes, weights=weights, transformer_window=converted.transformer_window)
+
+
+def set_lora_mode(diffusers_pipeline: Any, spec: ModelSpec, mode: str, used: set[str]) -> None:
+    """How LoRAs apply to the weights of every format in `used` that offers `mode`; an error where none does."""
+    offering = [fmt for fmt in map(formats.get, sorted(used)) if mode in fmt.lora_modes]
+    if not offering:
+        where = sorted(entry.name for entry in formats.ENTRIES if mode in entry.lora_modes)
+        raise InvalidInput("lora_mode", mode, f"a model whose weights offer it ({', '.join(where)}); these are "
+                           f"{', '.join(sorted(used))}")  # fmt: skip
+    for name in spec.experts:
+        for fmt in offering:
+            fmt.set_lora_mode(getattr(diffusers_pipeline, ATTRIBUTES[name]), mode)
+    logger.info("LoRAs apply %s (%s)", mode, ", ".join(fmt.name for fmt in offering))
 
 
 def sampler_for(request: Request, base_config: Any, flow_shift: float, generator: torch.Generator | None = None):

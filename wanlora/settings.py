@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InvalidInput
@@ -35,7 +36,6 @@ ASPECT_RATIOS = ("16:9", "9:16", "1:1")
 DEFAULT_MODEL = "t2v-14b"  # the CLI's --model, and a batch line's model, when none is given
 FAST_MODES = ("off", "balanced", "fast")
 OFFLOAD_MODES = ("auto", "none", "encoder", "experts", "model", "group")
-QUANTIZE_CHOICES = ("none", "fp8")  # fp8: the transformer's block linears in float8_e4m3fn (wanlora.weights.fp8)
 RESIZE_MODES = ("fit", "pad", "stretch")
 
 # ---------------------------------------------------------------------------- output and LoRAs
@@ -146,22 +146,15 @@ def model_override(task: str) -> str | None:
     return _raw("WANLORA_I2V_MODEL" if task == "i2v" else "WANLORA_MODEL")
 
 
-def check_quantize(quantize: object) -> str | None:
-    """`quantize` as the library takes it: None for full precision, or "fp8"."""
-    if quantize is None or quantize == "none":
-        return None
-    if quantize not in QUANTIZE_CHOICES:
-        raise InvalidInput("quantize", quantize, f"one of {', '.join(QUANTIZE_CHOICES)}")
-    return "fp8"
-
-
-def quantize_mode() -> str | None:
-    """WANLORA_QUANTIZE: the predictor's weights, "fp8" (the block linears in float8) or "none" (unset)."""
+def quantize_mode(choices: Sequence[str]) -> str | None:
+    """WANLORA_QUANTIZE: the predictor's weight format, one of `choices` (wanlora.weights.formats' quantize
+    choices, "none" among them), or None for "none" or unset."""
     raw = _raw("WANLORA_QUANTIZE")
-    try:
-        return check_quantize(raw)
-    except InvalidInput:
-        raise InvalidInput("WANLORA_QUANTIZE", raw, "fp8 or none") from None
+    if raw is None or raw == "none":
+        return None
+    if raw not in choices:
+        raise InvalidInput("WANLORA_QUANTIZE", raw, f"{', '.join(c for c in choices if c != 'none')} or none")
+    return raw
 
 
 def weights_dir() -> Path | None:

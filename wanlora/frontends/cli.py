@@ -37,9 +37,9 @@ from ..settings import (
     DEFAULT_QUALITY,
     OFFLOAD_MODES,
     QUALITY_RANGE,
-    QUANTIZE_CHOICES,
 )
 from ..sweep import Axis
+from ..weights import formats
 
 MODEL_HELP = (
     f"a catalogue variant ({', '.join(CATALOGUE)}), a Hugging Face repo id, a local diffusers-layout "
@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--json", action="store_true", help="with --memory: every plan as JSON, stage by stage; default off"
     )
+    file_formats = [entry.name for entry in formats.ENTRIES if entry.plans]
+    models.add_argument(
+        "--format",
+        choices=file_formats,
+        help=f"with --memory: the plans of a file format's types instead ({', '.join(file_formats)}: its "
+        "files' types, on smaller cards too); default none",
+    )
     return parser
 
 
@@ -250,7 +257,8 @@ def add_generation_options(gen: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--transformer",
         metavar="FILE",
-        help="the transformer from one .safetensors file instead (ComfyUI's or Kijai's: bf16, fp8, scaled fp8), "
+        help="the transformer from one .safetensors file instead (ComfyUI's or Kijai's: full precision, or "
+        f"{', '.join(formats.QUANTIZE_CHOICES[1:])}, scaled or not), "
         "a folder holding one (or a Wan2.2 high/low pair), or OWNER/REPO/FILE.safetensors; the rest comes "
         "from --model; default none",
     )
@@ -290,10 +298,15 @@ def add_load_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     speed.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU); default off")
     speed.add_argument(
         "--quantize",
-        choices=QUANTIZE_CHOICES,
+        choices=formats.QUANTIZE_CHOICES,
         default="none",
-        help="fp8: the transformer's block linears in float8 (half the memory; fp8 matmuls on GPUs "
-        "that have them), LoRAs still merged exactly; default none",
+        help=formats.quantize_help(),
+    )
+    speed.add_argument(
+        "--lora-mode",
+        choices=formats.lora_modes(),
+        help="how LoRAs apply to a .gguf transformer's weights: unfused (the default: beside the matmul, exact), "
+        "requantize (merged into the file's own types) or promote (the layers LoRAs touch in bf16); others merge",
     )
     speed.add_argument(
         "--offload",
@@ -457,6 +470,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile,
         "offload": args.offload,
         "quantize": args.quantize,
+        "lora_mode": args.lora_mode,
     }
 
 
@@ -703,12 +717,16 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace) -> None:
     if args.memory:
-        from ..runtime.memory import memory_json, memory_table
+        from ..runtime.memory import format_plans, format_table, memory_json, memory_table
 
+        if args.format is not None:
+            plans = [plan.as_dict() for plan in format_plans(args.format)]
+            print(json.dumps(plans, indent=1) if args.json else format_table(args.format))
+            return
         print(json.dumps(memory_json(), indent=1) if args.json else memory_table())
         return
-    if args.json:
-        raise InvalidInput("json", True, "--json goes with --memory")
+    if args.json or args.format:
+        raise InvalidInput("json" if args.json else "format", args.json or args.format, "it goes with --memory")
     from ..models import catalogue_markdown
 
     print(catalogue_markdown(), end="")

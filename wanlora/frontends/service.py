@@ -31,6 +31,7 @@ from ..request import Request
 from ..resident import Prepared, ResidentModel, prepare
 from ..settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
 from ..sweep import Axis, sweep_axes
+from ..weights import formats
 
 if TYPE_CHECKING:
     from ..pipeline import WanLoraPipeline
@@ -301,7 +302,8 @@ class VideoService:
         self.override = override if override is not None else model_override("t2v")
         self.i2v_override = i2v_override if i2v_override is not None else model_override("i2v")
         # parallel="auto" in a worker of a WorkerGroup (wanlora.frontends.workers)
-        self.resident = resident or ResidentModel(device=device, parallel=parallel, quantize=quantize_mode())
+        quantize = quantize_mode(formats.QUANTIZE_CHOICES)
+        self.resident = resident or ResidentModel(device=device, parallel=parallel, quantize=quantize)
         self.unreported_setup: dict[str, float] = {}  # cold-start timings for the first prediction's metrics
 
     def model_for(self, choice: object, image: bool = False, resolution: str = DEFAULT_RESOLUTION) -> str:

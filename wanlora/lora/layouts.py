@@ -163,16 +163,16 @@ def parse_state_dict(
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _numeric(tensors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
-    """Tensors whose values the math can use: fp8 factors as bf16 (which holds every fp8 value exactly),
+    """Tensors whose values the math can use: float8 factors as bf16 (which holds every float8 value exactly),
     whole numbers only as an alpha; booleans, unsigned and anything else refused by name."""
     usable = {}
     for key, tensor in tensors.items():
-        if tensor.dtype in FP8_DTYPES:
+        if tensor.dtype in FLOAT8_DTYPES:
             tensor = tensor.to(torch.bfloat16)
         elif tensor.dtype not in FLOAT_DTYPES and not (key.endswith("alpha") and tensor.dtype in INTEGER_DTYPES):
             what = "an alpha" if key.endswith("alpha") else "a LoRA factor"

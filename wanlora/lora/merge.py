@@ -1,9 +1,12 @@
 """Merging LoRA deltas into a module tree exactly, and swapping them without drift.
 
 The weights always equal `W0 + sum(strength_i * delta_i)`, computed in float32 from a
-pristine `W0` (lora/pristine.py) and rounded once to the parameter's dtype; an fp8 weight
-(wanlora.weights.fp8) gets its per-row scales recomputed from that sum, then is rounded once. Nothing
-is ever "unfused", so the result depends only on the base and the requested set, bitwise.
+pristine `W0` (wanlora.weights.pristine) and handed to the weight's format for its final rounding
+(wanlora.weights.formats: full precision rounds once to the parameter's dtype; a quantized format
+encodes the sum once, its scales computed from it). Nothing is ever subtracted back out, so the
+result depends only on the base and the requested set, bitwise. A format may instead apply the
+terms its own way (`apply_terms`: beside the matmul, or into a finer copy), its stored tensors
+untouched and read as W0 in place.
 
 All or nothing: every LoRA is fitted, and every new weight is proven finite and within
 its dtype's range, before the first write. If a write still fails (a cancellation, an
@@ -31,8 +34,9 @@ import torch
 from ..errors import LoraFormatError, LoraMismatch
 from ..messages import listing
 from ..models import transformer_kind
-from ..weights.fp8 import fp8_layers, quantize_rows_into
-from ..weights.pristine import HostCopy, Pristine, PristineSource, QuantizedCopy
+from ..weights import formats
+from ..weights.formats.base import Stored
+from ..weights.pristine import HostCopy, InPlace, Pristine, PristineSource
 from ..weights.spread import run_spread, single_threaded_ops
 from .deltas import Delta
 from .keys import I2V_ONLY
@@ -159,8 +163,11 @@ class LoraMerger:
         checkpoint: PristineSource | None = None,
         compute: torch.device | None = None,
     ) -> None:
-        self.params = dict(module.named_parameters())
-        self.scales = {name: layer.weight_scale for name, layer in fp8_layers(module).items()}
+        self.stored = stored_weights(module)
+        self.params = dict(module.named_parameters())  # what LoRAs are fitted to: every weight at W's own shape
+        for name, stored in self.stored.items():
+            if name not in self.params or tuple(self.params[name].shape) != stored.shape:
+                self.params[name] = torch.nn.Parameter(torch.empty(stored.shape, device="meta"), requires_grad=False)
         self.checkpoint = checkpoint
         self.compute = compute if compute is not None and compute.type == "cuda" else None
         self.pristine: dict[str, Pristine] = {}
@@ -209,7 +216,8 @@ class LoraMerger:
         changed = self._changes(plan)
         if not changed:
             return 0
-        for dtype in {self.params[name].dtype for name in changed}:
+        full = formats.full_precision()
+        for dtype in {self.stored[n].weight.dtype for n in changed if self.stored[n].format is full}:
             native_gemm_is_faster(dtype, "cpu")  # measured once, here: never by two threads at once
         started = time.perf_counter()
         touched: list[str] = []
@@ -234,15 +242,16 @@ class LoraMerger:
         for name in names:
             if name not in on_cpu:
                 job(name)
-        run_spread([(self.params[name].numel(), functools.partial(job, name)) for name in on_cpu])
+        run_spread([(math.prod(self.stored[name].shape), functools.partial(job, name)) for name in on_cpu])
 
     def _device_for(self, name: str) -> torch.device:
         """Where `name`'s merge runs: where it lives, or the compute GPU for a host weight when it has room."""
-        param = self.params[name]
-        if param.device.type != "cpu" or self.compute is None:
-            return param.device
+        stored = self.stored[name]
+        home = stored.weight.device
+        if home.type != "cpu" or self.compute is None:
+            return home
         free, _ = torch.cuda.mem_get_info(self.compute)
-        return self.compute if free >= GPU_WORK_COPIES * 4 * param.numel() else param.device
+        return self.compute if free >= GPU_WORK_COPIES * 4 * math.prod(stored.shape) else home
 
     def _changes(self, plan: Plan) -> list[str]:
         return [name for name in sorted(set(plan) | set(self.plan)) if not _same(plan.get(name), self.plan.get(name))]
@@ -251,10 +260,13 @@ class LoraMerger:
         """The pristine W0 of `name`: from the checkpoint where exact, else copied the first time it is needed."""
         found = self.pristine.get(name)
         if found is None:
-            param, scale = self.params[name].detach(), self.scales.get(name)  # never written yet: it holds W0
-            found = self.checkpoint.pristine(name, param, scale) if self.checkpoint is not None else None
+            stored = self.stored[name]  # never written yet: it holds W0
+            if stored.format.keeps_w0:  # LoRAs go beside the stored tensors, which keep W0 for good
+                found = InPlace(stored)
+            else:
+                found = self.checkpoint.pristine(name, stored) if self.checkpoint is not None else None
             if found is None:
-                found = HostCopy(param) if scale is None else QuantizedCopy(param, scale)
+                found = HostCopy(stored)
             with self._lock:
                 found = self.pristine.setdefault(name, found)
         return found
@@ -263,17 +275,19 @@ class LoraMerger:
         """Prove that the new `name` is finite and fits its dtype, cheaply when a bound allows."""
         if not terms:
             return
-        param = self.params[name]
+        stored = self.stored[name]
         base = self._base(name)
-        limit = torch.finfo(param.dtype if name not in self.scales else torch.float32).max  # fp8: the scale absorbs it
+        limit = stored.format.limit(stored.data)
         worst = max(terms, key=lambda t: abs(t.strength) * t.delta.bound)
         overflow = LoraFormatError(
-            f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {param.dtype} "
+            f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {stored.weight.dtype} "
             "can hold: its alpha or factors are far too large for this strength",
             worst.label,
         )
         if any(not abs(t.strength * t.delta.alpha_scale) <= FP32_MAX for t in terms):  # the kernels take it as fp32
             raise overflow
+        if limit == math.inf:  # applied beside the weight: nothing is rounded into a range
+            return
         bound = base.peak + sum(abs(t.strength) * t.delta.bound for t in terms)
         if math.isfinite(bound) and bound <= limit:
             return
@@ -287,40 +301,40 @@ class LoraMerger:
         A lone LoRA whose factors are exact in the weight's dtype is one GEMM (fp32
         accumulation, one rounding at the output) where that kernel is the fast one.
         Anything else is summed in an fp32 accumulator in row chunks (on a CPU, sized for its
-        cache). Both round once; they differ only in summation order. An fp8 weight's rows
-        are quantized with scales from their own amax (wanlora.weights.fp8.quantize_rows).
+        cache). Both round once; they differ only in summation order. The format rounds each chunk
+        of rows (a quantized one with scales from the rows' own amax).
         """
-        param, scale = self.params[name], self.scales.get(name)
+        stored = self.stored[name]
         base = self._base(name)
         device = self._device_for(name)
         with torch.no_grad():
-            if not terms and base.restore(param.data, scale):
+            if stored.format.apply_terms(stored, terms, lambda: self._summed_rows(name, terms, device)):
                 return
-            lone = scale is None and len(terms) == 1 and param.dim() == 2 and device == param.device
-            if lone and native_gemm_is_faster(param.dtype, param.device.type):
+            if not terms and base.restore(stored):
+                return
+            weight = stored.weight
+            dense = stored.format is formats.full_precision()
+            lone = dense and len(terms) == 1 and weight.dim() == 2 and device == weight.device
+            if lone and native_gemm_is_faster(weight.dtype, weight.device.type):
                 delta, strength, _ = terms[0]
-                factors = delta.gemm_factors(param.dtype, param.device)
-                if factors is not None and base.restore(param.data, None):  # one GEMM: fp32 accumulation, one rounding
-                    param.data.addmm_(*factors, alpha=strength * delta.alpha_scale)
+                factors = delta.gemm_factors(weight.dtype, weight.device)
+                if factors is not None and base.restore(stored):  # one GEMM: fp32 accumulation, one rounding
+                    weight.addmm_(*factors, alpha=strength * delta.alpha_scale)
                     return
-            target = param.view(param.shape[0], -1)
             for start, stop, rows in self._summed_rows(name, terms, device):
-                if scale is None:
-                    target[start:stop].copy_(rows)  # the one rounding to the model dtype
-                else:  # the fp32 rows are used up here: the accumulator is refilled for the next chunk
-                    scale[start:stop].copy_(quantize_rows_into(rows, target[start:stop]))
+                stored.format.encode_into(rows, stored.rows(start, stop))
 
     def _summed_rows(
         self, name: str, terms: list[Term], device: torch.device | None = None
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, rows) of pristine + sum(strength * delta) in fp32, a chunk of rows at a time, on
         `device` (default: the parameter's)."""
-        param = self.params[name]
-        device = param.device if device is None else device
-        adders = [(t.delta.row_adder(param.shape, device), t.strength) for t in terms]
-        rows = param.shape[0]
+        shape = torch.Size(self.stored[name].shape)
+        device = self.stored[name].weight.device if device is None else device
+        adders = [(t.delta.row_adder(shape, device), t.strength) for t in terms]
+        rows = shape[0]
         source = self._base(name)
-        width = param[0].numel() if rows else 0
+        width = math.prod(shape[1:]) if rows else 0
         step = rows if device.type == "cuda" else max(1, CPU_CHUNK_ELEMENTS // max(width, 1))
         workspace = self._workspace(device, min(step, rows) * width)
         for start in range(0, rows, step):
@@ -338,6 +352,15 @@ class LoraMerger:
         if buffer is None or buffer.numel() < elements:
             buffer = buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
         return buffer
+
+
+def stored_weights(module: torch.nn.Module) -> dict[str, Stored]:
+    """Every parameter of `module` as its format stores it: full precision, or a format's layer's tensors."""
+    full = formats.full_precision()
+    stored = {name: Stored(full, (param,)) for name, param in module.named_parameters()}
+    for fmt in formats.every():
+        stored |= {name: fmt.stored(layer) for name, layer in fmt.layers(module).items()}
+    return stored
 
 
 @functools.cache

@@ -19,12 +19,12 @@ Within a mode the VAE decodes untiled, as the reference does, wherever that fits
 does not are its decode (and encode) tiled, and the plan says so.
 
 Weights are exact: each component built on the `meta` device at its published shape, its
-parameters counted at their stored size (bf16; fp8 block linears with fp32 scales; the VAE and
-CLIP in fp32). Activations are formulas in the request's size, whose constants were measured by
-tracing every stage on `meta` with a dispatch mode that counts live bytes and a flash-like
-attention (tests/test_memory_plan.py traces them again for every entry, and holds each stated
-peak at or above its trace). The budget is 90% of the card's memory: the rest is the CUDA
-context and the caching allocator's slack.
+parameters counted at their stored size (bf16, or the weight format's block linears as the format
+builds them, scales included: wanlora.weights.formats; the VAE and CLIP in fp32). Activations are
+formulas in the request's size, whose constants were measured by tracing every stage on `meta`
+with a dispatch mode that counts live bytes and a flash-like attention (tests/test_memory_plan.py
+traces them again for every entry, and holds each stated peak at or above its trace). The budget is
+90% of the card's memory: the rest is the CUDA context and the caching allocator's slack.
 
 Host memory: pinned buffers are plain allocations registered with CUDA (wanlora.runtime.placement's
 `HostArena`), so they cost what they hold; PyTorch's caching host allocator would round each up
@@ -32,7 +32,7 @@ to a power of two (a 28.6 GB expert to 34.4 GB). Pageable memory is what "model"
 weights back to. The LoRA merges' pristine W0 is read from the memory-mapped checkpoint where
 it gives the loaded bits back (wanlora.weights.checkpoint), and is not counted here.
 
-`wanlora models --memory` prints the plan for every variant, GPU size and weight dtype (the
+`wanlora models --memory` prints the plan for every variant, GPU size and weight format (the
 README's table); `--json` gives every stage.
 """
 
@@ -50,6 +50,7 @@ from ..errors import InvalidInput
 from ..logs import NOTICE
 from ..models import CATALOGUE, CLIP_VIT_H, UMT5_XXL, WAN21_VAE, WAN22_VAE, Architecture, ModelSpec
 from ..settings import OFFLOAD_MODES
+from ..weights import formats
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ CANDIDATES = (
     ("group", True),
 )
 GPU_SIZES_GB = (24, 32, 48, 80, 141)  # GiB, as cards are sold: 4090, 5090, L40S/A6000, A100/H100, H200
-WEIGHT_DTYPES = ("bf16", "fp8")
+WEIGHT_DTYPES = formats.PLANNED  # full precision, and every format a model can be converted to
 USABLE = 0.9  # of the card's memory: the CUDA context (~0.5 GB) and the caching allocator's slack
 STAGES = ("encode", "denoise", "decode")
 COMPONENTS = ("text_encoder", "image_encoder", "transformer", "transformer_2", "vae")  # diffusers' offload order
@@ -80,10 +81,9 @@ HELD_BYTES = 64 * 2**20  # what a stage keeps from the others: embeddings, laten
 TEXT_ENCODE_BYTES = 150_000_000  # UMT5-XXL over 512 tokens: traced 0.10 GB
 IMAGE_ENCODE_BYTES = 60_000_000  # CLIP ViT-H/14 per 224x224 image (first-last-frame models take two): traced 0.056
 # The transformer, per token and batch entry: its FFN and attention temporaries at their peak (bf16),
-# with the fp8 path's quantized activations (the FFN's, and attention's input, quantized once for q, k
-# and v and kept while that input lives), and a timestep per token (TI2V-5B) as fp32 modulation.
-PER_TOKEN_DIM, PER_TOKEN_FFN, PER_TOKEN_FP8_FFN, PER_TOKEN_TIMESTEP_DIM = 14, 3.1, 2, 38
-PER_TOKEN_FP8_DIM = 1.1
+# what the weight format's matmuls keep beside (its `activation_bytes_per_token`), and a timestep per
+# token (TI2V-5B) as fp32 modulation.
+PER_TOKEN_DIM, PER_TOKEN_FFN, PER_TOKEN_TIMESTEP_DIM = 14, 3.1, 38
 # The VAEs, by spatial compression (8: Wan2.1's, 16: Wan2.2's), per output pixel of one frame:
 # the decoder's working set (it runs a latent frame at a time), the encoder's for one frame and for video.
 VAE_DECODE_PER_PIXEL = {8: 19_300, 16: 21_400}
@@ -162,15 +162,14 @@ def _meta_sizes(component: str, arch: Architecture | None = None, vae_scale: int
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     from ..weights.dense import cast_keeping_fp32
-    from ..weights.fp8 import quantize_transformer
 
     with torch.device("meta"):
         if component == "transformer":  # one block, the rest counted from it: every block has the same shapes
             arch = arch or CATALOGUE["t2v-1.3b"].arch
             module: torch.nn.Module = WanTransformer3DModel(**replace(arch, num_layers=1).transformer_config())
             cast_keeping_fp32(module, torch.bfloat16)
-            if weights == "fp8":
-                quantize_transformer(module)
+            if weights != formats.DENSE:
+                formats.for_plan(weights).build_for_plan(module, weights)
         elif component == "text_encoder":
             module = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16)
         elif component == "image_encoder":
@@ -198,23 +197,24 @@ def catalogue_sizes(spec: ModelSpec, weights: str) -> Sizes:
     return Sizes(sizes, text.text_window, text.text_leaf_window, transformer.transformer_window)
 
 
-def transformer_bytes(arch: Architecture, quantized: bool) -> int:
-    """One transformer's weights as loaded on a GPU: bf16, or fp8 block linears with fp32 scales (exact)."""
-    return _meta_sizes("transformer", arch, weights="fp8" if quantized else "bf16").weights["transformer"]
+def transformer_bytes(arch: Architecture, weights: str = formats.DENSE) -> int:
+    """One transformer's weights as loaded on a GPU: bf16, or its block linears in the format `weights` (exact)."""
+    return _meta_sizes("transformer", arch, weights=weights).weights["transformer"]
 
 
 # ---------------------------------------------------------------------------- activations
 
 
-def transformer_activation_bytes(spec: ModelSpec, width: int, height: int, frames: int, fp8: bool) -> int:
+def transformer_activation_bytes(spec: ModelSpec, width: int, height: int, frames: int, weights: str) -> int:
     """The transformer forward's peak of live activations: one pass (CFG's passes run one after the other)."""
     arch = spec.arch
     per_token = PER_TOKEN_DIM * arch.dim + PER_TOKEN_FFN * arch.ffn_dim
-    if fp8:
-        per_token += PER_TOKEN_FP8_FFN * arch.ffn_dim + PER_TOKEN_FP8_DIM * arch.dim
+    fmt = formats.for_plan(weights)
+    per_token += fmt.activation_bytes_per_token(arch.dim, arch.ffn_dim)
+    fixed = fmt.activation_bytes_fixed(arch.dim, arch.ffn_dim)
     if spec.expand_timesteps:
         per_token += PER_TOKEN_TIMESTEP_DIM * arch.dim
-    return math.ceil(spec.token_count(width, height, frames) * per_token)
+    return math.ceil(spec.token_count(width, height, frames) * per_token + fixed)
 
 
 def video_bytes(width: int, height: int, frames: int) -> int:
@@ -287,7 +287,7 @@ class MemoryPlan:
 
     variant: str
     gpu_bytes: int
-    weights: str  # "bf16" or "fp8"
+    weights: str  # the weight format's name (wanlora.weights.formats)
     mode: str
     vae_tiling: bool
     steps: tuple[Step, ...]
@@ -399,7 +399,7 @@ def on_gpu(mode: str, names: list[str], calls: list[tuple[str, str, str]]) -> li
     return placed
 
 
-def step_activations(spec: ModelSpec, step: str, size: tuple[int, int, int], fp8: bool, tiled: bool) -> int:
+def step_activations(spec: ModelSpec, step: str, size: tuple[int, int, int], weights: str, tiled: bool) -> int:
     width, height, frames = size
     if step == "text":
         return TEXT_ENCODE_BYTES
@@ -408,7 +408,7 @@ def step_activations(spec: ModelSpec, step: str, size: tuple[int, int, int], fp8
     if step == "vae-encode":
         return vae_encode_bytes(spec.vae_scale, width, height, 1 if spec.task == "ti2v" else frames, tiled)
     if step.startswith("denoise"):
-        return transformer_activation_bytes(spec, width, height, frames, fp8)
+        return transformer_activation_bytes(spec, width, height, frames, weights)
     return vae_decode_bytes(spec.vae_scale, width, height, frames, tiled)
 
 
@@ -422,7 +422,7 @@ def plan_steps(spec: ModelSpec, mode: str, sizes: Sizes, weights: str, tiled: bo
     steps = []
     for (step, stage, _), (resident, streamed) in zip(calls, on_gpu(mode, list(sizes.weights), calls), strict=True):
         held = sum(sizes.weights[c] for c in resident) + sum(windows[c] for c in streamed)
-        activations = step_activations(spec, step, size, weights == "fp8", tiled)
+        activations = step_activations(spec, step, size, weights, tiled)
         steps.append(Step(step, stage, tuple(sorted(resident)), tuple(sorted(streamed)), held, activations))
     return tuple(steps)
 
@@ -521,15 +521,42 @@ def memory_table() -> str:
     for spec in CATALOGUE.values():
         for weights in WEIGHT_DTYPES:
             experts = sum(b for c, b in catalogue_sizes(spec, weights).weights.items() if c.startswith("transformer"))
-            cells = []
-            for gb in GPU_SIZES_GB:
-                plan = plans[(spec.name, weights, gb)]
-                mark = "" if plan.fits else " (does not fit)"
-                tiled = ", VAE tiled" if plan.vae_tiling else ""
-                host = (plan.pinned_bytes + plan.pageable_bytes) / 1e9
-                cells.append(f"`{plan.mode}`{tiled}{mark}: {plan.peak_bytes / 1e9:.1f} / {host:.1f}")
+            cells = [_cell(plans[(spec.name, weights, gb)]) for gb in GPU_SIZES_GB]
             lines.append(f"| `{spec.name}` | {weights} | {experts / 1e9:.1f} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", MEMORY_LEGEND])
+
+
+def format_plans(name: str) -> list[MemoryPlan]:
+    """Every variant x plan of the file format `name` (its files' types) x GPU size, its smaller cards too."""
+    entry = formats.BY_NAME[name]
+    return [
+        plan_memory(spec, gb * 2**30, plan)
+        for spec in CATALOGUE.values()
+        for plan in entry.plans
+        for gb in (*entry.cards_gb, *GPU_SIZES_GB)
+    ]
+
+
+def format_table(name: str) -> str:
+    """`memory_table` for a file format's types (`wanlora models --memory --format gguf`)."""
+    entry = formats.BY_NAME[name]
+    cards = (*entry.cards_gb, *GPU_SIZES_GB)
+    lines = ["| variant | weights | GB | " + " | ".join(f"{gb} GB GPU" for gb in cards) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(cards))
+    plans = {(p.variant, p.weights, p.gpu_bytes // 2**30): p for p in format_plans(name)}
+    for spec in CATALOGUE.values():
+        for weights in entry.plans:
+            experts = sum(b for c, b in catalogue_sizes(spec, weights).weights.items() if c.startswith("transformer"))
+            cells = [_cell(plans[(spec.name, weights, gb)]) for gb in cards]
+            lines.append(f"| `{spec.name}` | {weights} | {experts / 1e9:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(plan: MemoryPlan) -> str:
+    mark = "" if plan.fits else " (does not fit)"
+    tiled = ", VAE tiled" if plan.vae_tiling else ""
+    host = (plan.pinned_bytes + plan.pageable_bytes) / 1e9
+    return f"`{plan.mode}`{tiled}{mark}: {plan.peak_bytes / 1e9:.1f} / {host:.1f}"
 
 
 def memory_json() -> list[dict[str, Any]]:

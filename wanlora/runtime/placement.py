@@ -157,7 +157,7 @@ class ExpertSwitch:
     works; leaving, it copies back only the weights whose LoRA terms changed since it arrived (the
     merged weights depend on the base and the LoRA set alone), and usually nothing. The waiting
     expert's LoRA state is deferred: a change made meanwhile is merged when it comes back, on the
-    GPU. Buffers (rotary tables, fp8 scales) stay on the GPU.
+    GPU. Buffers (rotary tables, a weight format's scales) stay on the GPU.
     """
 
     def __init__(self, experts: list, device: torch.device) -> None:

@@ -5,7 +5,7 @@ transformer in bf16; the checkpoint already holds it, and the OS page cache keep
 shared and drops them under pressure, not the process's heap.
 
 Only exact sources are used: the first time a weight is touched, what the file gives back
-(cast to the loaded dtype, quantized like the loaded fp8 weight) is compared bit for bit with
+(cast to the loaded dtype, or encoded in the loaded layer's format) is compared bit for bit with
 the weight, which still holds W0 then: as raw bytes where the dtypes match, in large chunks. A
 mismatch (a conversion other than a plain cast, a different file), or a dtype torch cannot
 read, means a host copy instead.
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from ..errors import WanLoraError
-from .fp8 import FP8_DTYPES, dequantize_into, fp8_max, quantize_rows
+from . import formats
+from .formats.base import Stored, WeightFormat, row_view
 from .pristine import Pristine
 from .sniff import read_header
 
@@ -141,12 +142,12 @@ class CheckpointFile:
 class TensorRef:
     file: CheckpointFile
     key: str
-    scale: torch.Tensor | None = None  # an fp8 tensor's scale per row, as its file gives it
+    scale: torch.Tensor | None = None  # a stored weight's scale per row, as its file gives it (W = stored * scale)
 
 
 class Checkpoint:
     """Where each parameter of one transformer lies in its files. `loaded_dtype`: the dtype the model
-    was loaded in, which an fp8 weight was quantized from."""
+    was loaded in, which a quantized layer was encoded from."""
 
     def __init__(self, refs: dict[str, TensorRef], loaded_dtype: torch.dtype) -> None:
         self.refs = refs
@@ -174,37 +175,38 @@ class Checkpoint:
         for file in {id(ref.file): ref.file for ref in self.refs.values()}.values():
             file.check_unchanged()
 
-    def pristine(self, name: str, weight: torch.Tensor, scale: torch.Tensor | None) -> Pristine | None:
+    def pristine(self, name: str, stored: Stored) -> Pristine | None:
         ref = self.refs.get(name)
         if ref is None:
             return None
-        stored = ref.file.dtype(ref.key)
-        if stored is None or ref.file.shape(ref.key) != tuple(weight.shape):
+        file_dtype = ref.file.dtype(ref.key)
+        file_format = None if file_dtype is None else formats.format_of_dtype(file_dtype)
+        if file_format is None or ref.file.shape(ref.key) != tuple(stored.weight.shape):
             logger.debug("%s: the checkpoint holds it as %s; keeping a host copy", name, ref.file.header[ref.key])
             return None
-        candidate = FileTensor(ref, weight.dtype if scale is None else self.loaded_dtype)
-        if not candidate.gives_back(weight, scale):
+        candidate = FileTensor(ref, stored, file_format, self.loaded_dtype)
+        if not candidate.gives_back(stored):
             logger.debug("%s: the checkpoint does not give back the loaded weight; keeping a host copy", name)
             return None
         return candidate
 
 
 class FileTensor(Pristine):
-    """W0 read from the checkpoint: dense (cast to the dtype the model was loaded in), or fp8 rows and their
-    scales."""
+    """W0 read from the checkpoint: the layer format's own tensors as the file holds them ("raw": full
+    precision cast to the loaded dtype, or a quantized format's rows and their scales), or full-precision
+    values a quantized layer was encoded from at load."""
 
-    def __init__(self, ref: TensorRef, loaded_dtype: torch.dtype) -> None:
+    def __init__(self, ref: TensorRef, layer: Stored, file_format: WeightFormat, loaded_dtype: torch.dtype) -> None:
         stored = ref.file.dtype(ref.key)
         assert stored is not None, "Checkpoint.pristine reads back only dtypes torch holds"
         self.file, self.key, self.scale = ref.file, ref.key, ref.scale
         self.stored: torch.dtype = stored
         self.shape = ref.file.shape(ref.key)
-        self.loaded_dtype = loaded_dtype
+        self.format = layer.format
+        self.like = tuple(torch.empty(0, dtype=tensor.dtype) for tensor in layer.data)  # the layer's dtypes
+        self.raw = file_format is layer.format  # else: full-precision values, encoded in the layer's format at load
+        self.values_dtype = loaded_dtype
         self.peak = 0.0
-
-    @property
-    def quantized(self) -> bool:
-        return self.stored in FP8_DTYPES
 
     @property
     def rows(self) -> int:
@@ -224,67 +226,61 @@ class FileTensor(Pristine):
             out = _read_buffer(count)
         return self.file.read(self.key, start, stop, out=out).view(stop - start, -1)
 
+    def _scale_rows(self, start: int, stop: int, device: torch.device | None = None) -> torch.Tensor | None:
+        return None if self.scale is None else self.scale[start:stop].to(device or self.scale.device)
+
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
         self.file.check_unchanged()
         rows = self._read(start, stop)
-        if self.quantized:
-            assert self.scale is not None, "an fp8 tensor comes with its scale"
-            dequantize_into(out, rows, self.scale[start:stop])
-        elif rows.dtype == self.loaded_dtype:
-            out.copy_(rows)
-        else:
-            out.copy_(rows.to(self.loaded_dtype))
+        if not self.raw:
+            out.copy_(rows if rows.dtype == self.values_dtype else rows.to(self.values_dtype))
+            return
+        tensors = self.format.from_file(rows, self._scale_rows(start, stop), self.like)
+        assert tensors is not None, "gives_back proved the file's tensors fit the layer"
+        self.format.decode_into(out, tensors)
 
-    def restore(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    def restore(self, stored: Stored) -> bool:
         self.file.check_unchanged()
-        if self.quantized != (scale is not None):
+        if not self.raw or stored.format is not self.format:
             return False
-        target = weight.view(self.rows, -1)
-        in_place = target.device.type == "cpu" and target.is_contiguous() and weight.dtype == self.stored
+        target = row_view(stored.weight)
+        in_place = target.device.type == "cpu" and target.is_contiguous() and target.dtype == self.stored
         for start, stop in self._chunks():
             if in_place:
                 self.file.read(self.key, start, stop, out=target[start:stop])
             else:
                 target[start:stop].copy_(self._read(start, stop))
-        if scale is not None:
-            assert self.scale is not None
-            scale.copy_(self.scale)
+        for side, value in zip(stored.data[1:], self._sides(), strict=True):
+            side.copy_(value)
         return True
 
-    def gives_back(self, weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
-        """Whether restoring from here reproduces `weight` (and `scale`) bitwise; measures the peak on the way.
+    def _sides(self) -> tuple[torch.Tensor, ...]:
+        """The file's side tensors of the layer's stored form (its scale per row), whole."""
+        return () if self.scale is None else (self.scale,)
+
+    def gives_back(self, stored: Stored) -> bool:
+        """Whether restoring from here reproduces the stored tensors bitwise; measures the peak on the way.
 
         Compared where the weight lives, a chunk at a time: bytes against bytes where the file
-        holds the weight's own dtype (no conversion), else after the cast or quantization the
+        holds the layer's own form (a full-precision cast at most), else after the encoding the
         load made.
         """
-        if self.quantized and (scale is None or self.scale is None or self.stored != weight.dtype):
-            return False  # fp8 in the file, dequantized or requantized at load: a computed W0, not one to read back
-        target = weight.view(self.rows, -1)
+        device = stored.weight.device
         for start, stop in self._chunks():
-            stored = self._read(start, stop, reuse=True).to(weight.device)  # pageable: copied before the next read
-            loaded = target[start:stop]
-            if scale is None:
-                want = stored if stored.dtype == weight.dtype else stored.to(weight.dtype)
-                self.peak = max(self.peak, _peak(loaded))
-            elif self.quantized:
-                assert self.scale is not None
-                want, want_scale = stored, self.scale[start:stop].to(weight.device)
-                self.peak = max(self.peak, float(want_scale.max()) * fp8_max(self.stored) if want_scale.numel() else 0)
+            rows = self._read(start, stop, reuse=True).to(device)  # pageable: copied before the next read
+            loaded = stored.rows(start, stop)
+            if self.raw:
+                want = self.format.from_file(rows, self._scale_rows(start, stop, device), loaded)
+                if want is None:
+                    return False
+                self.peak = max(self.peak, self.format.peak(want))
             else:
-                values = stored.to(self.loaded_dtype)
-                self.peak = max(self.peak, _peak(values))
-                want, want_scale = quantize_rows(values, weight.dtype)
-            if not _same_bits(want, loaded):
-                return False
-            if scale is not None and not _same_bits(want_scale, scale[start:stop]):
+                values = rows.to(self.values_dtype)
+                self.peak = max(self.peak, formats.full_precision().peak((values,)))
+                want = self.format.encode(values, loaded)
+            if len(want) != len(loaded) or not all(_same_bits(a, b) for a, b in zip(want, loaded, strict=True)):
                 return False
         return True
-
-
-def _peak(tensor: torch.Tensor) -> float:
-    """max |x|, as max(max, -min): two reductions, no copy."""
-    return max(float(tensor.amax()), -float(tensor.amin())) if tensor.numel() else 0.0
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

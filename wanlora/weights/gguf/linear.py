@@ -5,6 +5,9 @@ the input's dtype a chunk of rows at a time, and the matmul runs there: the savi
 not time. LoRA terms set beside the matmul ("unfused") leave the blocks untouched; their part
 is computed from the factors themselves, so nothing of it is lost to W0's rounding (at the cost
 of two thin matmuls a term). A term may also be a full delta (`down` None: y += s x dW^T).
+
+A "promoted" layer computes with a finer dense copy instead (`set_promoted`: W0 + sum(s dW) in bf16,
+say), its blocks untouched: clearing it gives the file's weight back exactly.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ class LoraTerm:
 
 
 class GgufLinear(torch.nn.Module):
-    """A linear layer over a weight's raw GGML blocks (`weight_blocks`, uint8 (out, row bytes); a buffer, so
-    it moves with the module), its `qtype`, and a float bias."""
+    """A linear layer over a weight's raw GGML blocks (`weight_blocks`, uint8 (out, row bytes), a parameter
+    that is never trained), its `qtype`, and a float bias."""
 
-    weight_blocks: torch.Tensor
+    weight_blocks: torch.nn.Parameter
+    lora_mode = "unfused"  # how LoRAs apply to it: wanlora.weights.formats.gguf's modes
 
     def __init__(self, blocks: torch.Tensor, qtype: QType | str, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -41,11 +45,15 @@ class GgufLinear(torch.nn.Module):
             raise ValueError(f"a GGUF linear holds 2-D rows of blocks, not {tuple(blocks.shape)}")
         self.in_features = columns_of(blocks, self.qtype)
         self.out_features = blocks.shape[0]
-        self.register_buffer("weight_blocks", blocks)
+        # a parameter (never trained): placement moves parameters between the GPU and host memory (offloading,
+        # Wan2.2's expert switch) and keeps buffers where they are, as small tables read every call
+        self.weight_blocks = torch.nn.Parameter(blocks, requires_grad=False)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"a bias of {self.out_features} values, not {tuple(bias.shape)}")
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self._terms = 0  # LoRA terms held, as buffers lora_up_i / lora_down_i
+        self.promoted: torch.Tensor | None
+        self.register_buffer("promoted", None, persistent=False)  # a dense weight used instead of the blocks
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W0 (out, in) in `dtype`."""
@@ -53,13 +61,21 @@ class GgufLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.dequantized(x.dtype), bias)
-        for term in self.lora_terms():
+        weight = self.dequantized(x.dtype) if self.promoted is None else self.promoted.to(x.device, x.dtype)
+        y = F.linear(x, weight, bias)
+        for term in self.lora_terms():  # buffers: where placement left them (the blocks may have moved since)
+            up = term.up.to(x.device, x.dtype)
             if term.down is None:
-                y = y + F.linear(x, term.up.to(x.dtype)) * term.scale
+                y = y + F.linear(x, up) * term.scale
             else:
-                y = y + F.linear(F.linear(x, term.down.to(x.dtype)) * term.scale, term.up.to(x.dtype))
+                y = y + F.linear(F.linear(x, term.down.to(x.device, x.dtype)) * term.scale, up)
         return y
+
+    def set_promoted(self, weight: torch.Tensor | None) -> None:
+        """Compute with `weight` (out, in) instead of the blocks, or (None) with the blocks again."""
+        if weight is not None and tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a promoted weight of {(self.out_features, self.in_features)}, not {tuple(weight.shape)}")
+        self.promoted = weight
 
     # ------------------------------------------------------------------------------ unfused LoRA terms
 
@@ -119,9 +135,11 @@ class GgufLinear(torch.nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Every byte this layer holds: blocks, bias and LoRA terms."""
-        return self.weight_bytes + (0 if self.bias is None else self.bias.nbytes) + self.lora_bytes
+        """Every byte this layer holds: blocks, bias, LoRA terms and a promoted weight."""
+        promoted = 0 if self.promoted is None else self.promoted.nbytes
+        return self.weight_bytes + (0 if self.bias is None else self.bias.nbytes) + self.lora_bytes + promoted
 
     def extra_repr(self) -> str:
         terms = f", {self._terms} LoRA terms" if self._terms else ""
+        terms += f", promoted to {self.promoted.dtype}" if self.promoted is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype}{terms}"

@@ -30,7 +30,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidInput
+from ...errors import InvalidInput
+from .base import Stored, WeightFormat
+from .fp8_files import CONVENTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,6 @@ FP8 = torch.float8_e4m3fn  # what quantize="fp8" makes
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # what a layer may hold: its own, or a file's
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MATMULS = ("auto", "scaled", "weight-only")
-BLOCK_PREFIX = "blocks."  # the block linears: attention, cross-attention, I2V's image projections, the FFN
 SCALED_OUT = torch.bfloat16  # the one output dtype CUDA's row-wise kernel gives on every architecture
 
 
@@ -309,15 +310,7 @@ def quantize_transformer(
     `device`: where to quantize and keep the fp8 layers (where the weights will live, when that
     is a GPU: the work is there, and the full-precision weights never go there whole).
     """
-    targets = [
-        (name, module)
-        for name, module in transformer.named_modules()
-        if name.startswith(BLOCK_PREFIX) and type(module) is torch.nn.Linear
-    ]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(transformer.get_submodule(parent_name), child, Fp8Linear.of(linear, matmul, device))
-    return len(targets)
+    return FORMAT.convert_transformer(transformer, matmul, device)
 
 
 def fp8_layers(module: torch.nn.Module) -> dict[str, Fp8Linear]:
@@ -341,3 +334,72 @@ def describe_matmuls(module: torch.nn.Module) -> str:
         why = f" ({len(unscaled)} by CUDA's rules for the scaled kernel: e4m3fn weights, sizes by 16; these: "
         why += f"{', '.join(dtypes)})"
     return f"{scaled} scaled, {len(layers) - scaled} weight-only{why}"
+
+
+# ------------------------------------------------------------------ the format, as the rest of the package sees it
+
+
+class Fp8Format(WeightFormat):
+    """fp8 rows with an fp32 scale per row; a merge recomputes each row's scale from the fp32 sum, then rounds
+    once (`quantize_rows_into`)."""
+
+    name = "fp8"
+    layer_type = Fp8Linear
+    planned_matmul = "scaled"  # fp8 x fp8 matmuls: the GPU path, and the one with more activations
+
+    files = CONVENTIONS  # ComfyUI's and Kijai's fp8 files
+
+    def layer_from_file(
+        self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, matmul: str
+    ) -> torch.nn.Module:
+        return Fp8Linear(weight, scale, bias, matmul)
+
+    def stores(self, dtype: torch.dtype) -> bool:
+        return dtype in FP8_DTYPES
+
+    def convert(self, linear: torch.nn.Linear, matmul: str, device: torch.device | None = None) -> torch.nn.Module:
+        return Fp8Linear.of(linear, matmul, device)
+
+    def stored(self, layer: torch.nn.Module) -> Stored:
+        assert isinstance(layer, Fp8Linear)
+        return Stored(self, (layer.weight, layer.weight_scale))
+
+    def encode_into(self, rows: torch.Tensor, target: tuple[torch.Tensor, ...]) -> None:
+        weight, scale = target  # the fp32 rows are used up here: the accumulator is refilled for the next chunk
+        scale.copy_(quantize_rows_into(rows, weight))
+
+    def decode_into(self, out: torch.Tensor, source: tuple[torch.Tensor, ...]) -> None:
+        dequantize_into(out, source[0], source[1])
+
+    def peak(self, tensors: tuple[torch.Tensor, ...]) -> float:
+        weight, scale = tensors
+        return float(scale.max()) * fp8_max(weight.dtype) if scale.numel() else 0.0
+
+    def limit(self, tensors: tuple[torch.Tensor, ...]) -> float:
+        return float(torch.finfo(torch.float32).max)  # the scale absorbs any range
+
+    def from_file(
+        self, rows: torch.Tensor, scale: torch.Tensor | None, like: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...] | None:
+        if scale is None or rows.dtype != like[0].dtype:
+            return None  # fp8 in the file, dequantized or requantized at load: a computed W0, not one to read back
+        return rows, scale
+
+    def activation_bytes_per_token(self, dim: int, ffn_dim: int) -> float:
+        """The scaled matmul's quantized activations: the FFN's, and attention's input (quantized once for q, k
+        and v, and kept while that input lives); constants traced on `meta` (tests/test_memory_plan.py)."""
+        return PER_TOKEN_FFN * ffn_dim + PER_TOKEN_DIM * dim
+
+    def choose_matmul(self, requested: str, device: torch.device) -> str:
+        return choose_matmul(requested, device)
+
+    def set_matmul(self, module: torch.nn.Module, matmul: str) -> None:
+        set_matmul(module, matmul)
+
+    def describe(self, module: torch.nn.Module) -> str:
+        return describe_matmuls(module)
+
+
+PER_TOKEN_FFN, PER_TOKEN_DIM = 2, 1.1  # bytes per token and FFN (model) width: see activation_bytes_per_token
+
+FORMAT = Fp8Format()
