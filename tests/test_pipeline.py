@@ -161,7 +161,7 @@ def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     )
     assert not resolve_model("someone/wan-flf2v").identified
     spec = identify_model("someone/wan-flf2v")
-    assert spec.task == "i2v" and spec.arch.takes_last_image and spec.identified
+    assert spec.task.name == "i2v" and spec.arch.takes_last_image and spec.identified
     with pytest.raises(ModelNotFound, match="not a Hub repo you can read"):
         model_configs("someone/missing")
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
@@ -543,14 +544,14 @@ class WanLoraPipeline:
         return WanFlowUniPC.for_shift(self.base_scheduler.config, flow_shift)  # a new one: no state from the last run
 
     def _diffusers_pipeline_for(self, request: Request) -> WanPipeline:
-        """diffusers' pipeline for the request: TI2V-5B takes an image through its image-to-video twin."""
+        """diffusers' pipeline for the request: a task whose image runs through another class (TI2V-5B: its
+        image-to-video twin) gets that class over the same components."""
         pipeline = self.diffusers_pipeline
-        if self.spec.task != "ti2v" or not request.images:
+        twin = self.spec.task.image_pipeline_class
+        if twin is None or not request.images:
             return pipeline
-        from diffusers import WanImageToVideoPipeline
-
-        return WanImageToVideoPipeline(
-            **pipeline.components, image_encoder=None, image_processor=None, expand_timesteps=True
+        return getattr(diffusers, twin)(
+            **pipeline.components, image_encoder=None, image_processor=None, expand_timesteps=self.spec.expand_timesteps
         )
 
     def _text(self, pipeline: Any, settings) -> dict[str, Any]:
@@ -715,16 +716,14 @@ def load_diffusers_pipeline(folder: Path, dtype: torch.dtype, shared: dict[str, 
             shared["text_encoder"] = UMT5EncoderModel.from_pretrained(
                 folder, subfolder="text_encoder", dtype=dtype, **unmapped
             )
-        if spec.task != "i2v":
-            return WanPipeline.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
-        # imported here: without torchvision, transformers warns about CLIP's processor
-        from diffusers import WanImageToVideoPipeline
-        from transformers import CLIPVisionModel
+        if spec.task.takes_images and spec.arch.image_dim is not None:  # Wan2.1 I2V's CLIP image branch
+            # imported here: without torchvision, transformers warns about CLIP's processor
+            from transformers import CLIPVisionModel
 
-        if spec.arch.image_dim is not None:
             shared["image_encoder"] = CLIPVisionModel.from_pretrained(
                 folder, subfolder="image_encoder", dtype=torch.float32, **unmapped
             )
-        return WanImageToVideoPipeline.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
+        pipeline_class = getattr(diffusers, spec.task.pipeline_class)
+        return pipeline_class.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load {folder} as a diffusers Wan model: {exc}") from exc

@@ -202,15 +202,16 @@ def resolve_images(
 ) -> tuple:
     """The conditioning images, read and checked: the right number for the model's task (an `ImageHeader`,
     checked already, is kept as it is: a batch reads it when its job runs, and resolves the request again)."""
-    if spec.task == "t2v":
+    task = spec.task
+    if not task.takes_images:
         if image is not None or last_image is not None:
-            raise InvalidInput("image", "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
+            raise InvalidInput("image", "(an image)", f"{spec.name} is {task.title}; use an image-to-video model")
         return ()
     if image is None:
-        if spec.task == "ti2v" and last_image is None:
+        if task.runs_without_image and last_image is None:
             return ()  # TI2V-5B: text-to-video without an image
         raise InvalidInput("image", None, f"{spec.name} is image-to-video and needs a start image")
-    if last_image is not None and not spec.arch.takes_last_image:
+    if last_image is not None and spec.max_images < 2:
         raise InvalidInput(
             "last_image",
             "(an image)",
@@ -237,7 +238,7 @@ def frame_for_image(spec: ModelSpec, image, resolution: str | None) -> tuple[int
     if image.size is None:
         return spec.size(resolution, "16:9")
     area = spec.max_area(resolution)
-    width, height = reference_frame_size(image.size, area, spec.vae_scale, per_side=spec.task == "i2v")
+    width, height = reference_frame_size(image.size, area, spec.vae_scale, per_side=spec.task.framing == "per_side")
     if not (MIN_SIDE <= min(width, height) and max(width, height) <= MAX_SIDE):
         shown = f"{image.size[0]}x{image.size[1]}"
         at = resolution or spec.default_resolution

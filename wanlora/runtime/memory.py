@@ -361,7 +361,7 @@ def pipeline_calls(spec: ModelSpec) -> list[tuple[str, str, str]]:
     calls = [("text", "encode", "text_encoder")]
     if spec.arch.image_dim:
         calls.append(("image", "encode", "image_encoder"))
-    if spec.task in ("i2v", "ti2v"):
+    if spec.task.takes_images:
         calls.append(("vae-encode", "encode", "vae"))
     calls.append(("denoise", "denoise", "transformer"))
     if len(spec.experts) == 2:
@@ -405,7 +405,9 @@ def step_activations(spec: ModelSpec, step: str, size: tuple[int, int, int], fp8
     if step == "image":
         return IMAGE_ENCODE_BYTES * (2 if spec.arch.takes_last_image else 1)
     if step == "vae-encode":
-        return vae_encode_bytes(spec.vae_scale, width, height, 1 if spec.task == "ti2v" else frames, tiled)
+        # per-token timesteps (TI2V-5B) take the image as the first latent frame: the VAE encodes it alone; else
+        # the image and the frames after it (zeros, or up to the last image) go in as channels, every frame encoded
+        return vae_encode_bytes(spec.vae_scale, width, height, 1 if spec.expand_timesteps else frames, tiled)
     if step.startswith("denoise"):
         return transformer_activation_bytes(spec, width, height, frames, fp8)
     return vae_decode_bytes(spec.vae_scale, width, height, frames, tiled)
