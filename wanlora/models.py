@@ -496,7 +496,7 @@ def tiny_spec(source: str = "tiny", kind: str = "t2v", wide: bool = False) -> Mo
 
 
 def catalogue_markdown() -> str:
-    """The catalogue as a Markdown table: what `wanlora models` prints, and what README.md shows."""
+    """The catalogue as a Markdown table: what `wanlora models` prints, and what docs/models.md shows."""
     lines = [
         "| variant | repo | task | experts | steps | guidance | shift (480p, 720p) | frames, fps | sizes | predictor |",
         "|---|---|---|---|---|---|---|---|---|---|",

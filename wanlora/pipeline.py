@@ -146,8 +146,28 @@ class WanLoraPipeline:
     ) -> WanLoraPipeline:
         """Load a base model once.
 
-        `model` is a catalogue variant (`t2v-1.3b`, `t2v-14b`, ...), a Hub repo id, a local
-        diffusers-layout folder, or `tiny` (random weights, built offline: noise, not art).
+        Args:
+            model: A catalogue variant (`wanlora models` lists them), a Hub repo id, a local
+                diffusers-layout folder, `tiny`, or a `ModelSpec`.
+            device: "cpu", "cuda", "cuda:N" or a `torch.device`; by default CUDA when there is a GPU, else the CPU.
+            dtype: The transformer's and text encoder's dtype: bf16 on CUDA and fp32 on CPU by default.
+            attention: The attention kernel: "auto" (xformers on CUDA where installed, else torch's SDPA), or
+                one by name (`wanlora.runtime.attention`).
+            share_from: A loaded pipeline whose tokenizer, text encoder and VAE this one reuses where
+                they are the same.
+            compile: Compile the transformer blocks with torch.compile (a string names the backend).
+            offload: "auto", "none", "encoder", "experts", "model" or "group": what stays on the GPU.
+            parallel: "auto", a `ParallelPlan` or diffusers' `ContextParallelConfig`: one generation
+                shared by the GPUs of a torch.distributed group.
+            quantize: None, or "fp8" to store the transformer's block linears in fp8.
+            transformer: A single transformer file (or a folder, or a (high, low) pair for Wan2.2
+                A14B) replacing the model's own.
+
+        Returns:
+            The `WanLoraPipeline`, with no LoRA set: call `generate`, `set_loras` or `sweep` on it.
+
+        In more detail: `model` is a catalogue variant (`t2v-1.3b`, `t2v-14b`, ...), a Hub repo id, a
+        local diffusers-layout folder, or `tiny` (random weights, built offline: noise, not art).
         A catalogue model found in the weights folder (WANLORA_WEIGHTS) loads from there.
         `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
         keeps in fp32 stay fp32 either way. `share_from` reuses another pipeline's tokenizer,
@@ -289,6 +309,17 @@ class WanLoraPipeline:
         credentials: Credentials | None = None,
     ) -> None:
         """Make the weights equal to base + sum(strength_i * delta_i), exactly.
+
+        Args:
+            loras: The LoRA set, replacing the current one: each a reference (a Hub repo or file, a Hugging
+                Face, Civitai or Replicate link, an https:// link to a .safetensors file, or a local file) at
+                strength 1, a `(reference, strength)` pair, or a `LoraRequest` (one expert of Wan2.2 A14B).
+                A strength is a number, or a list of them: a schedule over the denoising steps. `None` or
+                `[]`: the base model alone.
+            credentials: Per-request Hub and Civitai tokens (`wanlora.lora.fetch.Credentials`).
+
+        Returns:
+            None. `active_loras` holds the set now merged.
 
         Every LoRA is fetched, parsed and checked against the model, and every new weight
         proven finite and representable, before any weight changes; if one fails, the

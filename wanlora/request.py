@@ -218,6 +218,8 @@ def resolve_images(
             f"{spec.name} takes one image; a last frame needs a first-last-frame model "
             "such as Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
         )
+    if last_image is None and task.min_images > 1:
+        raise InvalidInput("last_image", None, f"{spec.name} is {task.title} and needs a last frame too")
     images = [_image(image, "image")]
     if last_image is not None:
         images.append(_image(last_image, "last_image"))

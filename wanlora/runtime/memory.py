@@ -33,7 +33,7 @@ weights back to. The LoRA merges' pristine W0 is read from the memory-mapped che
 it gives the loaded bits back (wanlora.weights.checkpoint), and is not counted here.
 
 `wanlora models --memory` prints the plan for every variant, GPU size and weight dtype (the
-README's table); `--json` gives every stage.
+table in docs/memory.md); `--json` gives every stage.
 """
 
 from __future__ import annotations
