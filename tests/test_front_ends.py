@@ -1,6 +1,5 @@
-"""The third adversarial pass, front-end half: each problem it found in batches, sweeps, the predictor and
-the errors they show, reproduced. (The classes behind them are closed in test_isolation.py and
-test_fuzz_inputs.py.)"""
+"""The front ends' problems found in batches, sweeps, the predictor and the errors they show, each reproduced.
+(The classes behind them are closed in test_isolation.py and test_secrets_in_errors.py.)"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The second adversarial pass: each problem it found, reproduced, and the class of mistake closed.
+"""Values a request brings are never trusted: each problem found, reproduced, and the class of mistake closed.
 
 A value from a request (a path part, a token, a redirect target, a header, a tensor's
 dtype) must never reach code that trusts it.
