@@ -32,6 +32,8 @@ from wanlora.request import resolve_request
 from .lora_helpers import assert_bitwise, fetch_lora, snapshot
 from .servers import FileServer, Route
 
+pytestmark = pytest.mark.slow  # generated inputs (WANLORA_FUZZ_EXAMPLES of each kind)
+
 EXAMPLES = int(os.environ.get("WANLORA_FUZZ_EXAMPLES", "25"))
 SECRET = "S3CR3Tvalue"
 FUZZ = settings(

@@ -29,6 +29,8 @@ from wanlora.frontends.service import PredictorInputs, VideoService
 
 from .servers import FileServer
 
+pytestmark = pytest.mark.slow  # class runs: generated inputs into every front end
+
 BUDGET = int(os.environ.get("WANLORA_CLASS_EXAMPLES", "10"))
 FUZZ = settings(
     max_examples=BUDGET * 20,  # per front end

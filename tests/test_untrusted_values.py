@@ -349,6 +349,7 @@ def test_odd_answers_and_inputs_are_our_own_errors(offline_net, file_server, tmp
 # ------------------------------------------------------------------ 11. bounded messages and scans
 
 
+@pytest.mark.slow
 def test_a_tar_of_many_members_is_refused_quickly_in_a_short_message(offline_net, file_server):
     many = tar_of({f"lora-{i}.safetensors": b"" for i in range(50_000)})
     file_server.routes["/many.tar"] = Route(many)
