@@ -412,6 +412,7 @@ def test_expert_switching_defers_a_merge_to_the_experts_turn_and_changes_nothing
     assert np.array_equal(video.frames, expected.frames)
 
 
+@pytest.mark.slow
 def test_an_expert_leaving_unchanged_copies_nothing_back(loras):
     """Each expert keeps its host copy while it works: leaving, it copies back only the weights a LoRA merge
     changed since it came (28.6 GB a switch on a real 14B expert otherwise), and the videos stay exact."""
