@@ -218,6 +218,7 @@ def test_compile_and_fast_mode_work_together(tiny_pipe):
     assert np.abs(fast.astype(int) - full.astype(int)).max() > 1  # blocks were skipped
 
 
+@pytest.mark.slow
 def test_offload_needs_a_gpu_and_the_vae_tiles_only_where_memory_requires(tiny_pipe, monkeypatch, caplog):
     from wanlora.runtime.memory import plan_memory
 
@@ -254,6 +255,7 @@ def test_offload_needs_a_gpu_and_the_vae_tiles_only_where_memory_requires(tiny_p
     assert not tiny_pipe.diffusers_pipeline.vae.use_tiling
 
 
+@pytest.mark.slow
 def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(tiny_pipe, tiny_dir, tmp_path):
     from wanlora.tiny import tiny_transformer
 

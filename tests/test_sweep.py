@@ -134,6 +134,7 @@ def test_seeds_and_prompts_axes_encode_each_prompt_once(pair):
     assert np.array_equal(single.frames, result.cells[3].video.frames)
 
 
+@pytest.mark.slow
 def test_the_grid_is_scaled_to_its_cap(pair):
     pipe = WanLoraPipeline.from_pretrained("tiny")
     result = pipe.sweep("a fox", loras=[(pair[0], 1.0)], strengths=[0, 0.5, 1, 1.5], max_width=200, **SMALL)
