@@ -170,3 +170,11 @@ def test_each_task_loads_as_its_diffusers_pipeline_class():
     for kind in TINY_KINDS:
         task = tiny_spec(kind=kind).task
         assert type(tiny_pipeline(kind=kind)) is getattr(diffusers, task.pipeline_class), kind
+
+
+def test_a_task_compared_with_a_name_is_an_error_not_false():
+    spec = CATALOGUE["t2v-14b"]
+    with pytest.raises(TypeError, match="ask the record"):
+        assert spec.task == "t2v"
+    assert spec.task == CATALOGUE["t2v-1.3b"].task != CATALOGUE["i2v-a14b"].task and spec.task.name == "t2v"
+    assert hash(spec.task) == hash(CATALOGUE["t2v-1.3b"].task)  # a record stays hashable

@@ -63,6 +63,11 @@ class Task:
     # WanPipeline and takes an image through its image-to-video twin, which shares its components.
     image_pipeline_class: str | None = None
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):  # `spec.task == "t2v"` would be False, silently, whatever the task
+            raise TypeError(f"a Task compared with {other!r}: ask the record (task.takes_images, ...) or task.name")
+        return isinstance(other, Task) and self.__dict__ == other.__dict__
+
     @property
     def takes_images(self) -> bool:
         return self.max_images > 0
