@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,6 +22,31 @@ from wanlora import WanLoraPipeline
 from wanlora.tiny import write_tiny_model
 
 SMALL = {"width": 64, "height": 48, "num_frames": 9, "num_inference_steps": 2, "fps": 12}
+
+# The fast tier, `pytest -m "not slow"`, leaves out the tests marked slow (pyproject.toml registers the
+# marker): those that start processes or take more than about two seconds. These are slow by what they use,
+# and marked here; any other is marked where it is written (a decorator, or a file's `pytestmark`).
+SLOW_FIXTURES = {
+    "cog",  # the real Cog server in its own process (tests/test_cog.py), and the fixtures that start it
+    "cog_server",
+    "cog22",
+    "predictor",  # predict.py's Predictor set up in this process: a model loaded, outputs encoded
+    "cluster",  # a Ray cluster (tests/test_batch_ray.py)
+    "worker_group",  # one worker process per (CPU) device (tests/test_parallel.py)
+}
+
+
+# A test whose own code calls one of these starts a process: `wanlora` in a new interpreter, the Cog server, or
+# another child (a process to kill, a second process racing the first).
+STARTS_PROCESSES = ("run_cli(", "running_cog_server(", "subprocess.")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if any(call in source for call in STARTS_PROCESSES) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass

@@ -53,6 +53,7 @@ def write_jobs(path: Path, jobs: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_jobs_run_grouped_by_model_then_lora_set_each_model_loaded_once(loras, tmp_path, monkeypatch):
     jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", eight_jobs(loras)))
     assert [job.line for job in run_order(jobs)] == [1, 4, 3, 8, 6, 2, 7, 5]
@@ -80,6 +81,7 @@ def test_jobs_run_grouped_by_model_then_lora_set_each_model_loaded_once(loras, t
     assert np.array_equal(probe(single.save(tmp_path / "single.mp4")).frames, probe(tmp_path / "out/fox-3.mp4").frames)
 
 
+@pytest.mark.slow
 def test_each_lora_set_is_merged_once(loras, tmp_path, monkeypatch):
     jobs = read_jobs(write_jobs(tmp_path / "jobs.jsonl", [j for j in eight_jobs(loras) if j["model"] == "tiny"]))
     runner = JobRunner()
@@ -124,6 +126,7 @@ def test_a_killed_batch_resumes_where_it_stopped_and_skips_what_was_done(loras, 
     assert "8 jobs: 1 done, 7 already done, 0 failed" in third.stdout and probe(out / "fox-2.mp4").width == 64
 
 
+@pytest.mark.slow
 def test_a_failed_job_does_not_stop_the_others_and_the_exit_status_says_some_failed(loras, tmp_path, cli):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")

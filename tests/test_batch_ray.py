@@ -20,6 +20,8 @@ from .conftest import probe
 from .processes import children_with, wait_for
 from .test_batch import eight_jobs, loras, write_jobs  # noqa: F401 (loras is a fixture)
 
+pytestmark = pytest.mark.slow  # a Ray cluster
+
 
 @pytest.fixture(scope="module")
 def cluster():

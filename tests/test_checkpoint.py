@@ -36,6 +36,7 @@ def host_copies_only(monkeypatch):
     monkeypatch.setattr(Checkpoint, "of_folder", classmethod(lambda cls, folder, dtype: None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "fp8"])
 def test_merges_read_w0_from_the_checkpoint_and_come_off_bitwise(folder, loras, quantize, monkeypatch):
     """In full precision, exactly what host copies give. In fp8, W0 from the file is the full-precision

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -141,6 +142,7 @@ def test_the_test_lora_snippet_writes_a_lora_the_tiny_model_takes(tmp_path, monk
     assert changed == {"blocks.0.attn1.to_q.weight"}
 
 
+@pytest.mark.slow
 def test_a_tiny_model_carries_two_loras_in_published_layouts(tiny_dir):
     style, motion = tiny_dir / "loras" / "style.safetensors", tiny_dir / "loras" / "motion.safetensors"
     with safe_open(str(style), "pt") as file:

@@ -31,6 +31,8 @@ from wanlora.weights.formats.fp8 import dequantize, fp8_layers
 
 from .builders import original_param_name, wan_checkpoint
 
+pytestmark = pytest.mark.slow  # class runs: generated single files and model folders
+
 
 def class_examples(default: int) -> int:
     raw = os.environ.get("WANLORA_CLASS_EXAMPLES", "").strip()

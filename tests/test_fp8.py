@@ -123,6 +123,7 @@ STRENGTHS = st.floats(min_value=-2, max_value=3, allow_nan=False, allow_infinity
 SETS = st.lists(st.tuples(st.sampled_from("abc"), STRENGTHS), max_size=3, unique_by=lambda r: r[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1], ids=["wan21-or-high-expert", "low-expert"])
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history=st.lists(SETS, min_size=1, max_size=4))
@@ -227,6 +228,7 @@ def test_a_nan_lora_or_a_write_that_fails_leaves_fp8_weights_and_scales_as_they_
 IMAGE_KINDS = {"tiny-i2v", "tiny-i2v-a14b"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-i2v", "tiny-t2v-a14b", "tiny-i2v-a14b", "tiny-ti2v-5b"])
 def test_every_tiny_kind_generates_in_fp8_close_to_full_precision(model, fp8_pool):
     from PIL import Image
@@ -242,6 +244,7 @@ def test_every_tiny_kind_generates_in_fp8_close_to_full_precision(model, fp8_poo
     assert 10 * np.log10(255**2 / max(error, 1e-12)) > 30  # noise from random weights, but the same noise
 
 
+@pytest.mark.slow
 def test_loras_swap_on_an_fp8_pipeline_and_come_off_bitwise(tmp_path):
     pipe = WanLoraPipeline.from_pretrained("tiny", quantize="fp8")
     base = bits(pipe.transformer)
@@ -255,6 +258,7 @@ def test_loras_swap_on_an_fp8_pipeline_and_come_off_bitwise(tmp_path):
     assert np.array_equal(plain.frames, again.frames)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-i2v", "tiny-t2v-a14b", "tiny-i2v-a14b", "tiny-ti2v-5b"])
 def test_the_cli_generates_in_fp8(cli, tmp_path, model):
     from PIL import Image

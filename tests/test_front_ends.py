@@ -1,6 +1,5 @@
-"""The third adversarial pass, front-end half: each problem it found in batches, sweeps, the predictor and
-the errors they show, reproduced. (The classes behind them are closed in test_isolation.py and
-test_fuzz_inputs.py.)"""
+"""The front ends' problems found in batches, sweeps, the predictor and the errors they show, each reproduced.
+(The classes behind them are closed in test_isolation.py and test_secrets_in_errors.py.)"""
 
 from __future__ import annotations
 
@@ -116,6 +115,7 @@ def style(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_line_without_loras_or_accelerator_runs_with_none_whatever_ran_before(style, tiny_dir, tmp_path):
     from wanlora.frontends.batch import JobRunner, run_order
 
@@ -141,6 +141,7 @@ def test_a_line_without_loras_or_accelerator_runs_with_none_whatever_ran_before(
         assert (probe(alone).frames == probe(tmp_path / "out" / f"{name}.mp4").frames).all(), name
 
 
+@pytest.mark.slow
 def test_the_library_keeps_the_callers_set_but_never_a_presets_lora_and_a_sweep_inherits_nothing(
     style, tiny_dir, tmp_path
 ):
@@ -176,6 +177,7 @@ def test_a_symlinked_manifest_is_refused_and_never_followed(tmp_path, cli):
     assert victim.read_text() == "precious\n" and not (out / "fox-1.mp4").exists()
 
 
+@pytest.mark.slow
 def test_the_manifest_is_replaced_by_rename_so_a_link_to_it_or_beside_it_leads_nowhere(tmp_path):
     from wanlora.frontends.batch import run_batch
 
@@ -212,6 +214,7 @@ def test_a_collected_mp4_never_follows_a_link_at_its_name(tmp_path):
 # ------------------------------------------------------------------ 11. a manifest that cannot be written
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_the_manifest_is_written_stops_the_batch_cleanly_and_a_rerun_resumes(
     tmp_path, cli, monkeypatch
 ):
@@ -353,6 +356,7 @@ def test_lines_check_their_images_by_header_and_each_is_read_when_its_job_runs(t
             read_jobs(write_jobs(tmp_path / "bad.jsonl", [{"prompt": "a fox", "model": "tiny-i2v", "image": name}]))
 
 
+@pytest.mark.slow
 def test_an_unreachable_image_link_fails_its_job_and_the_others_run(tmp_path, cli, offline_net):
     from PIL import Image
 
@@ -396,6 +400,7 @@ def test_relative_paths_are_the_jobs_files_folders(style, tiny_dir, tmp_path, mo
     assert jobs[2].request.images[0].source == str(project / "start.png")
 
 
+@pytest.mark.slow
 def test_a_jobs_identity_is_its_inputs_content_so_moving_them_reruns_nothing(style, tiny_dir, tmp_path):
     import shutil
 

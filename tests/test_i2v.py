@@ -35,6 +35,7 @@ def photo(tmp_path, size=(200, 120), name="photo.png"):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(200, 120), (90, 160), (100, 104)])
 def test_the_frame_keeps_the_image_aspect_unless_a_shape_is_asked_for(i2v_pipe, tmp_path, size):
     path = photo(tmp_path, size)
@@ -59,6 +60,7 @@ def test_resize_modes():
         resize_image(image, (100, 100), "zoom")
 
 
+@pytest.mark.slow
 def test_the_pipeline_receives_the_resized_image(i2v_pipe, tmp_path, monkeypatch):
     seen = {}
     original = type(i2v_pipe.diffusers_pipeline).__call__
@@ -97,6 +99,7 @@ def test_task_and_image_must_agree(i2v_pipe, tiny_pipe, tmp_path):
         tiny_pipe.generate("a fox", image=photo(tmp_path), **SMALL)
 
 
+@pytest.mark.slow
 def test_image_tokens_and_text_tokens_stay_apart(i2v_pipe, tmp_path):
     """diffusers takes all but the last 512 context tokens as image tokens: the tiny model pads to 512."""
     seen = []

@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 
 from .conftest import probe, recorded
 
+pytestmark = pytest.mark.slow  # class runs: every request after every other, compared with a fresh process
+
 BUDGET = int(os.environ.get("WANLORA_CLASS_EXAMPLES", "10"))
 SEQUENCES = settings(
     max_examples=max(1, BUDGET * 2 // 5),

@@ -49,6 +49,7 @@ strengths = st.floats(min_value=-2, max_value=3, allow_nan=False, allow_infinity
 sets = st.lists(st.tuples(st.sampled_from("abc"), strengths), max_size=3, unique_by=lambda x: x[0])
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(history=st.lists(sets, min_size=1, max_size=6))
 def test_any_swap_history_gives_bitwise_the_same_weights_as_one_apply(pool, history):
@@ -146,6 +147,7 @@ def test_a_bad_lora_in_a_request_leaves_the_model_as_it_was(fresh_tiny_pipe, poo
         pipe.set_loras([(pool["b"][0], float("inf"))])
 
 
+@pytest.mark.slow
 def test_generate_with_loras_changes_the_video_and_dropping_them_restores_it(fresh_tiny_pipe, pool):
     pipe = fresh_tiny_pipe
     plain = pipe.generate("a fox", seed=1, **SMALL).frames
@@ -155,6 +157,7 @@ def test_generate_with_loras_changes_the_video_and_dropping_them_restores_it(fre
     assert np.array_equal(pipe.generate("a fox", seed=1, loras=[], **SMALL).frames, plain)
 
 
+@pytest.mark.slow
 def test_strength_schedule_remerges_only_at_phase_boundaries(fresh_tiny_pipe, pool, monkeypatch):
     pipe = fresh_tiny_pipe
     applied = []

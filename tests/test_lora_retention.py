@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.lora_retention import STRENGTHS, markdown, measure
 from wanlora.weights.gguf import qtypes
+
+pytestmark = pytest.mark.slow  # a benchmark run, at its smallest
 
 
 def test_the_retention_table_measures_each_way_at_each_strength():

@@ -40,6 +40,7 @@ GIB = 2**30
 TILED_FRAMES = 5
 
 
+@pytest.mark.slow
 def test_every_stated_peak_covers_its_trace_and_the_weights_on_the_gpu():
     plans = catalogue_plans()
     assert len(plans) == len(CATALOGUE) * len(GPU_SIZES_GB) * len(WEIGHT_DTYPES)
@@ -63,6 +64,7 @@ def test_every_stated_peak_covers_its_trace_and_the_weights_on_the_gpu():
             assert step.peak_bytes <= plan.budget_bytes, where
 
 
+@pytest.mark.slow
 def test_component_sizes_are_the_full_models_on_meta():
     """The plan counts a transformer from one block (they are all alike): here, every block, and the windows
     streaming keeps on the GPU, from the models' own attributes."""
@@ -199,6 +201,7 @@ def test_pinned_buffers_cost_what_they_hold():
     assert arena_layout(expert)[1] / 1e9 == pytest.approx(28.6, abs=0.05)
 
 
+@pytest.mark.slow
 def test_the_text_encoder_streams_from_its_host_arena_and_is_never_copied_back():
     """ "encoder" and "experts" modes: the weights live in one pinned arena; each call brings the embedding for
     the call and the blocks one at a time, and leaving drops the GPU copies (the weights never change)."""

@@ -190,6 +190,7 @@ def loras(tmp_path_factory) -> tuple[str, str]:
     return str(paths[0]), str(paths[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("plan", "guidance"),
     [(ParallelPlan(ulysses=2), 5.0), (ParallelPlan(cfg=True), 5.0), (ParallelPlan(cfg=True), 1.0)],
@@ -233,6 +234,7 @@ def _diffusers_config_and_fast_mode(rank: int) -> tuple:
     return pipe.parallel.plan, refusal, frames, None if rounded is None else rounded.metadata
 
 
+@pytest.mark.slow
 def test_diffusers_config_is_accepted_and_fast_mode_refused_under_context_parallelism(tmp_path):
     ranks = run_ranks(_diffusers_config_and_fast_mode, tmp_path)
     for plan, refusal, _, _ in ranks:
@@ -305,6 +307,7 @@ def interrupted_long_run(tmp_path: Path, interrupt) -> tuple[int, str]:
     return launcher.returncode, stderr
 
 
+@pytest.mark.slow
 def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
     def kill_rank_1(launcher, workers):
         os.kill(next(pid for pid, env in workers.items() if env.get("RANK") == "1"), signal.SIGKILL)
@@ -314,6 +317,7 @@ def test_cli_a_killed_worker_stops_the_run_with_a_clear_error(tmp_path):
     assert "wanlora: error: worker process 1 was killed by SIGKILL; the other workers were stopped" in stderr
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_stops_every_worker_and_says_so_once(tmp_path):
     code, stderr = interrupted_long_run(tmp_path, lambda launcher, _: launcher.send_signal(signal.SIGINT))
     assert code == 130
@@ -392,6 +396,7 @@ def _answer_then_hang(conn, error: Exception | None) -> None:
     time.sleep(600)  # stuck, as a rank left alone in a collective would be
 
 
+@pytest.mark.slow
 def test_worker_group_stops_a_group_where_one_rank_failed_alone(monkeypatch):
     import multiprocessing
 

@@ -11,6 +11,7 @@ from wanlora.runtime.sampling import WanFlowUniPC
 from .conftest import SMALL, assert_frames_agree, probe
 
 
+@pytest.mark.slow
 def test_generate_returns_uint8_video_that_saves_as_mp4(tiny_pipe, tmp_path):
     video = tiny_pipe.generate("a fox in the snow", seed=7, **SMALL)
     assert video.frames.shape == (9, 48, 64, 3) and video.frames.dtype == np.uint8
@@ -28,6 +29,7 @@ def test_generate_returns_uint8_video_that_saves_as_mp4(tiny_pipe, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_same_seed_same_frames_other_seed_other_frames(tiny_pipe):
     first = tiny_pipe.generate("a fox", seed=3, **SMALL).frames
     again = tiny_pipe.generate("a fox", seed=3, **SMALL).frames
@@ -36,6 +38,7 @@ def test_same_seed_same_frames_other_seed_other_frames(tiny_pipe):
     assert not np.array_equal(first, other)
 
 
+@pytest.mark.slow
 def test_random_seed_is_reported_and_reproduces(tiny_pipe):
     video = tiny_pipe.generate("a fox", **SMALL)
     assert np.array_equal(tiny_pipe.generate("a fox", seed=video.seed, **SMALL).frames, video.frames)
@@ -47,6 +50,7 @@ def test_validation_happens_before_any_work(tiny_pipe, monkeypatch):
         tiny_pipe.generate("a fox", **{**SMALL, "num_frames": 10})
 
 
+@pytest.mark.slow
 def test_local_folder_loads_the_same_model_as_tiny(tiny_pipe, tiny_dir):
     """The weights are bitwise the same; the frames agree within a level (a memory-mapped file may take
     other CPU kernels than tensors made in memory), and each load path repeats itself bitwise."""
@@ -93,6 +97,7 @@ def test_unavailable_attention_backend_is_a_clear_error():
         WanLoraPipeline.from_pretrained("tiny", attention="fastest")
 
 
+@pytest.mark.slow
 def test_fast_mode_skips_block_work_and_off_is_bit_identical(fresh_tiny_pipe):
     pipe = fresh_tiny_pipe
     runs = {"n": 0}
@@ -112,6 +117,7 @@ def test_fast_mode_skips_block_work_and_off_is_bit_identical(fresh_tiny_pipe):
         pipe.generate("a fox", fast_mode="turbo", **settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-i2v"])
 def test_cfg_batch_runs_one_forward_per_step_with_the_same_result(model):
     pipe = WanLoraPipeline.from_pretrained(model)
@@ -135,6 +141,7 @@ def test_cfg_batch_runs_one_forward_per_step_with_the_same_result(model):
         pipe.generate("a fox", cfg_batch="yes", **SMALL, **image)
 
 
+@pytest.mark.slow
 def test_fast_mode_runs_the_first_tenth_of_the_steps_in_full(fresh_tiny_pipe):
     pipe = fresh_tiny_pipe
     pipe.spec = replace(pipe.spec, fast_thresholds=(1e9, 1e9))  # skip whatever may be skipped
@@ -161,11 +168,12 @@ def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     )
     assert not resolve_model("someone/wan-flf2v").identified
     spec = identify_model("someone/wan-flf2v")
-    assert spec.task == "i2v" and spec.arch.takes_last_image and spec.identified
+    assert spec.task.name == "i2v" and spec.arch.takes_last_image and spec.identified
     with pytest.raises(ModelNotFound, match="not a Hub repo you can read"):
         model_configs("someone/missing")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "fp8"])
 def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path, quantize):
     from torch._dynamo.utils import counters
@@ -191,6 +199,7 @@ def test_compiled_blocks_do_not_recompile_on_lora_swaps(tmp_path, quantize):
     assert np.abs(eager.astype(int) - first.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_compile_and_fast_mode_work_together(tiny_pipe):
     """First Block Cache's hooks run around the compiled blocks, not inside one graph (which dynamo refuses)."""
     from torch._dynamo.utils import counters
@@ -209,6 +218,7 @@ def test_compile_and_fast_mode_work_together(tiny_pipe):
     assert np.abs(fast.astype(int) - full.astype(int)).max() > 1  # blocks were skipped
 
 
+@pytest.mark.slow
 def test_offload_needs_a_gpu_and_the_vae_tiles_only_where_memory_requires(tiny_pipe, monkeypatch, caplog):
     from wanlora.runtime.memory import plan_memory
 
@@ -245,6 +255,7 @@ def test_offload_needs_a_gpu_and_the_vae_tiles_only_where_memory_requires(tiny_p
     assert not tiny_pipe.diffusers_pipeline.vae.use_tiling
 
 
+@pytest.mark.slow
 def test_accelerator_preset_stacks_its_lora_and_samples_its_timesteps(tiny_pipe, tiny_dir, tmp_path):
     from wanlora.tiny import tiny_transformer
 

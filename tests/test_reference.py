@@ -175,7 +175,7 @@ def test_an_image_keeps_its_aspect_at_the_resolutions_area_by_the_references_rul
         for width, height in SHAPES:
             image = Image.new("RGB", (width, height))
             got = resolve_request(spec, GenerationOptions("p", image=image, resolution=resolution)).settings
-            if spec.task == "ti2v":
+            if spec.task.name == "ti2v":
                 want = best_output_size(width, height, 32, 32, area)
             else:
                 want = image2video_size(width, height, area)
@@ -243,7 +243,7 @@ WAN21_TASKS["flf2v-14b"] = "flf2v-14B"
 @pytest.mark.parametrize("name", list(WAN21_TASKS))
 def test_wan21_defaults_equal_generate_py_and_its_configs(name):
     spec = CATALOGUE[name]
-    image = None if spec.task == "t2v" else Image.new("RGB", (64, 64))
+    image = None if spec.task.name == "t2v" else Image.new("RGB", (64, 64))
     for resolution in spec.resolutions:
         size_flag = {"480p": "832*480", "720p": "1280*720"}[resolution]  # generate.py's --size for the resolution
         steps, shift = wan21_generate_defaults(WAN21_TASKS[name], size_flag)
@@ -298,7 +298,7 @@ def euler_rows() -> list[tuple[str, str]]:
 
 def accelerated(name: str, preset: str):
     spec = CATALOGUE[name]
-    image = None if spec.task == "t2v" else Image.new("RGB", (64, 64))
+    image = None if spec.task.name == "t2v" else Image.new("RGB", (64, 64))
     request = resolve_request(spec, GenerationOptions("p", image=image, accelerator=preset))
     return spec, request, sampler_for(request, SCHEDULER_CONFIG, request.settings.flow_shift)
 
@@ -359,7 +359,7 @@ def test_rcm_samples_its_scripts_times_on_each_variant(name):
         assert [(r.expert, r.strength) for r in request.accelerator_loras] == [("high", 4.0), ("low", 1.0)]
     else:
         assert sampler.timesteps[0] == 988.0
-    image = None if spec.task == "t2v" else Image.new("RGB", (64, 64))
+    image = None if spec.task.name == "t2v" else Image.new("RGB", (64, 64))
     with pytest.raises(InvalidInput, match="1 or 2 or 3 or 4 with rcm"):
         resolve_request(spec, GenerationOptions("p", image=image, accelerator="rcm", num_inference_steps=5))
     with pytest.raises(InvalidInput, match="flow_shift=3.0 is not allowed: left out with rcm"):

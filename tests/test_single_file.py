@@ -41,6 +41,7 @@ def write_checkpoint(path, layout: str, prefix: str = "", seed: int = 0):
     return path
 
 
+@pytest.mark.slow
 def test_a_full_precision_file_is_the_transformer_it_holds(tmp_path):
     path = write_checkpoint(tmp_path / "wan2.1_t2v_tiny_fp32.safetensors", "full", "model.diffusion_model.")
     pipe = WanLoraPipeline.from_pretrained("tiny", transformer=path)
@@ -50,6 +51,7 @@ def test_a_full_precision_file_is_the_transformer_it_holds(tmp_path):
     assert np.array_equal(pipe.generate("a fox", seed=4, **SMALL).frames, same.frames)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [layout for layout in CHECKPOINT_LAYOUTS if layout != "full"])
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["kijai-names", "comfy-names"])
 def test_an_fp8_file_stays_fp8_and_loras_merge_onto_its_own_weights(tmp_path, style, layout, prefix):
@@ -226,6 +228,7 @@ def test_per_row_scales_load_row_by_row(tmp_path):
 # ------------------------------------------------------------------ Kijai's e5m2 files, and files of mixed precision
 
 
+@pytest.mark.slow
 def test_an_e5m2_file_runs_as_stored_and_loras_merge_onto_it(tmp_path, style, caplog):
     """Kijai's `_fp8_e5m2` files: block linears cast to float8_e5m2. They stay e5m2, at a byte a weight."""
     import logging

@@ -64,3 +64,28 @@ def test_the_wheel_holds_the_library_and_no_test_scaffolding(tmp_path):
     code = "".join(zipfile.ZipFile(wheel).read(name).decode() for name in names if name.endswith(".py"))
     for scaffolding in ("def write_lora", "def lora_tensors", "def random_transformer", "from tests", "import pytest"):
         assert scaffolding not in code, scaffolding
+
+
+def test_no_task_name_is_compared_as_a_string_outside_the_catalogue():
+    """What a task decides is asked of its record (`models.Task`: `spec.task.takes_images`, its pipeline class,
+    its framing), never by comparing its name, so that a new task is one record and its catalogue rows."""
+    import ast
+
+    from wanlora.models import TASKS
+
+    def named(node: ast.AST) -> bool:  # a task's name as a literal, or a model's task (or its name) itself
+        literal = isinstance(node, ast.Constant) and node.value in TASKS
+        listed = isinstance(node, ast.Tuple | ast.List | ast.Set) and any(named(item) for item in node.elts)
+        task = isinstance(node, ast.Attribute) and (node.attr == "task" or named(node.value) and node.attr == "name")
+        return literal or listed or task
+
+    found = []
+    for path in sorted((ROOT / "wanlora").rglob("*.py")):
+        if path.relative_to(ROOT).as_posix() == "wanlora/models.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            compared = isinstance(node, ast.Compare) and any(named(n) for n in (node.left, *node.comparators))
+            looked_up = isinstance(node, ast.Subscript) and ast.unparse(node.value) == "TASKS"
+            if compared or looked_up:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "ask the task's record instead:\n" + "\n".join(found)

@@ -43,6 +43,7 @@ def count_rewrites(pipe, monkeypatch) -> list[int]:
     return written
 
 
+@pytest.mark.slow
 def test_a_2x3_sweep_is_a_labelled_grid_of_cells_equal_to_their_single_generates(pair, monkeypatch, tmp_path):
     pipe = WanLoraPipeline.from_pretrained("tiny")
     written = count_rewrites(pipe, monkeypatch)
@@ -118,6 +119,7 @@ def played_in_chromium(path: Path) -> str:
             chromium.kill()
 
 
+@pytest.mark.slow
 def test_seeds_and_prompts_axes_encode_each_prompt_once(pair):
     pipe = WanLoraPipeline.from_pretrained("tiny")
     calls = []
@@ -132,6 +134,7 @@ def test_seeds_and_prompts_axes_encode_each_prompt_once(pair):
     assert np.array_equal(single.frames, result.cells[3].video.frames)
 
 
+@pytest.mark.slow
 def test_the_grid_is_scaled_to_its_cap(pair):
     pipe = WanLoraPipeline.from_pretrained("tiny")
     result = pipe.sweep("a fox", loras=[(pair[0], 1.0)], strengths=[0, 0.5, 1, 1.5], max_width=200, **SMALL)
@@ -142,6 +145,7 @@ def test_the_grid_is_scaled_to_its_cap(pair):
     assert frames.shape[1:3] == (layout.height, layout.width)
 
 
+@pytest.mark.slow
 def test_an_a14b_sweep_on_one_expert_rewrites_only_that_expert(pair, monkeypatch):
     pipe = WanLoraPipeline.from_pretrained("tiny-t2v-a14b")
     writes = {}
@@ -177,6 +181,7 @@ def test_a_sweep_that_cannot_run_is_refused_before_any_work(pair, axes, words):
         pipe.sweep("a fox", loras=[(pair[0], 1.0)], **axes, **SMALL)
 
 
+@pytest.mark.slow
 def test_the_cli_sweeps_into_one_grid_and_keeps_the_cells(cli, pair, tmp_path):
     out, cells = tmp_path / "grid.mp4", tmp_path / "cells"
     result = cli("sweep", "a fox", "--model", "tiny", "--lora", pair[0], "--strengths", "0,1", "--seeds", "1,2",

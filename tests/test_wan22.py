@@ -69,6 +69,7 @@ def write_pair(folder, high_name="high_noise_model.safetensors", low_name="low_n
 # ------------------------------------------------------------------ end to end in Python
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "image", "shape"),
     [
@@ -90,6 +91,7 @@ def test_tiny_wan22_models_generate_in_python(model, image, shape):
     assert video.metadata["guidance_scale_2"] == expected
 
 
+@pytest.mark.slow
 def test_ti2v_conditions_on_its_image_and_i2v_a14b_needs_one():
     pipe = WanLoraPipeline.from_pretrained("tiny-ti2v-5b")
     text = pipe.generate("a fox", **FAST).frames
@@ -102,6 +104,7 @@ def test_ti2v_conditions_on_its_image_and_i2v_a14b_needs_one():
 # ------------------------------------------------------------------ the expert switch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "steps"), [("tiny-t2v-a14b", 6), ("tiny-i2v-a14b", 5)])
 def test_the_experts_switch_at_the_configured_boundary(model, steps):
     """Each expert's forwards, counted: the high-noise one takes every timestep >= boundary x 1000."""
@@ -126,6 +129,7 @@ def test_the_experts_switch_at_the_configured_boundary(model, steps):
     assert planned == {"high": range(0, high), "low": range(high, steps)}
 
 
+@pytest.mark.slow
 def test_each_expert_samples_with_its_own_guidance():
     pipe = WanLoraPipeline.from_pretrained("tiny-t2v-a14b")
     own = pipe.generate("a fox", guidance_scale=4.0, guidance_scale_2=1.5, **FAST)
@@ -433,6 +437,7 @@ def test_expert_switching_defers_a_merge_to_the_experts_turn_and_changes_nothing
     assert np.array_equal(video.frames, expected.frames)
 
 
+@pytest.mark.slow
 def test_an_expert_leaving_unchanged_copies_nothing_back(loras):
     """Each expert keeps its host copy while it works: leaving, it copies back only the weights a LoRA merge
     changed since it came (28.6 GB a switch on a real 14B expert otherwise), and the videos stay exact."""

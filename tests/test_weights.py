@@ -26,6 +26,7 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.mark.slow
 def test_the_service_loads_a_catalogue_model_from_the_weights_folder(tiny_dir, tmp_path, monkeypatch, offline_hub):
     weights = tmp_path / "weights"
     shutil.copytree(tiny_dir, weights / "Wan-AI" / "Wan2.1-T2V-14B-Diffusers")
@@ -68,6 +69,7 @@ def test_a_hub_model_is_downloaded_once_then_loaded_with_both_times_reported(tin
     assert (fake_hub.downloads[transformer], fake_hub.downloads[encoder]) == (1, 1)  # the Hub cache serves the rest
 
 
+@pytest.mark.slow
 def test_the_first_prediction_reports_the_setup_times(fake_hub, tiny_dir, tmp_path, monkeypatch):
     files = {str(p.relative_to(tiny_dir)): p.read_bytes() for p in tiny_dir.rglob("*") if p.is_file()}
     fake_hub.repos["someone/tiny-wan"] = HubRepo(files)

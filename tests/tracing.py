@@ -165,7 +165,7 @@ def trace_step(spec: ModelSpec, step: str, size: tuple[int, int, int], weights: 
         return _trace("image", images=2 if spec.arch.takes_last_image else 1)
     if step.startswith("denoise"):
         return _trace_denoise(spec.arch, spec.expand_timesteps, spec.vae_scale, size, weights)
-    frames = 1 if step == "vae-encode" and spec.task == "ti2v" else frames
+    frames = 1 if step == "vae-encode" and spec.task.name == "ti2v" else frames
     return _trace(step, vae_scale=spec.vae_scale, size=(width, height, frames), tiled=tiled)
 
 

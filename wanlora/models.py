@@ -44,6 +44,54 @@ ONE_TRANSFORMER = ("transformer",)  # Wan2.1 and TI2V-5B: diffusers' `transforme
 
 
 @dataclass(frozen=True)
+class Task:
+    """What a model's task decides: every question the code would otherwise answer by comparing task names.
+
+    A new task is one record here (registered in TASKS) and the catalogue rows that run it.
+    """
+
+    name: str  # Wan's short name: "t2v"
+    title: str  # as people say it: "text-to-video"
+    pipeline_class: str  # the diffusers class a model folder of this task loads as
+    min_images: int  # the conditioning images a request must bring (the start frame: `image`)
+    # ... and may bring: a second is `last_image`, on a transformer that embeds two frames (FLF2V's)
+    max_images: int
+    # How a frame is chosen from an image (`images.reference_frame_size`): "per_side" as Wan's image2video.py,
+    # "best_output_size" as Wan2.2's textimage2video.py; None where the task takes no image.
+    framing: str | None = None
+    # The diffusers class a request with an image runs through, when not `pipeline_class`: TI2V-5B's loads as
+    # WanPipeline and takes an image through its image-to-video twin, which shares its components.
+    image_pipeline_class: str | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):  # `spec.task == "t2v"` would be False, silently, whatever the task
+            raise TypeError(f"a Task compared with {other!r}: ask the record (task.takes_images, ...) or task.name")
+        return isinstance(other, Task) and self.__dict__ == other.__dict__
+
+    @property
+    def takes_images(self) -> bool:
+        return self.max_images > 0
+
+    @property
+    def runs_without_image(self) -> bool:
+        return self.min_images == 0
+
+
+T2V = Task("t2v", "text-to-video", "WanPipeline", min_images=0, max_images=0)
+I2V = Task("i2v", "image-to-video", "WanImageToVideoPipeline", min_images=1, max_images=2, framing="per_side")
+TI2V = Task(
+    "ti2v",
+    "text-and-image-to-video",
+    "WanPipeline",
+    min_images=0,
+    max_images=1,
+    framing="best_output_size",
+    image_pipeline_class="WanImageToVideoPipeline",
+)
+TASKS: dict[str, Task] = {task.name: task for task in (T2V, I2V, TI2V)}
+
+
+@dataclass(frozen=True)
 class Architecture:
     """The `WanTransformer3DModel` config fields that tell Wan variants apart."""
 
@@ -122,7 +170,7 @@ class ModelSpec:
     name: str
     source: str  # a Hub repo id, a local folder, or "tiny"
     arch: Architecture
-    task: str  # "t2v", "i2v", or "ti2v" (text-to-video, or image-to-video with an image)
+    task: Task  # what it makes from what: T2V, I2V or TI2V (a record of TASKS)
     resolutions: tuple[str, ...]
     default_steps: int
     presets: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: SIZE_PRESETS)
@@ -150,6 +198,11 @@ class ModelSpec:
     @property
     def default_resolution(self) -> str:
         return self.resolutions[0]
+
+    @property
+    def max_images(self) -> int:
+        """The images a request may bring: its task's, but a last frame only where the transformer embeds two."""
+        return min(self.task.max_images, 2 if self.arch.takes_last_image else 1)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -340,7 +393,7 @@ CATALOGUE_ROWS = [
         name="t2v-14b",
         source="Wan-AI/Wan2.1-T2V-14B-Diffusers",
         arch=WAN_14B,
-        task="t2v",
+        task=T2V,
         resolutions=("480p", "720p"),
         default_steps=50,
         published_params=14_288_491_584,
@@ -357,7 +410,7 @@ CATALOGUE_ROWS = [
         name="t2v-1.3b",
         source="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         arch=WAN_1_3B,
-        task="t2v",
+        task=T2V,
         resolutions=("480p",),
         default_steps=50,
         published_params=1_418_996_800,
@@ -375,7 +428,7 @@ CATALOGUE_ROWS = [
         name="i2v-14b-480p",
         source="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
         arch=WAN_14B_I2V,
-        task="i2v",
+        task=I2V,
         resolutions=("480p",),
         default_steps=40,
         flow_shifts=(3.0, 5.0),
@@ -391,7 +444,7 @@ CATALOGUE_ROWS = [
         name="i2v-14b-720p",
         source="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
         arch=WAN_14B_I2V,
-        task="i2v",
+        task=I2V,
         resolutions=("720p", "480p"),
         default_steps=40,
         flow_shifts=(3.0, 5.0),
@@ -407,7 +460,7 @@ CATALOGUE_ROWS = [
         name="flf2v-14b",
         source="Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
         arch=WAN_FLF2V_14B,
-        task="i2v",
+        task=I2V,
         resolutions=("720p", "480p"),
         default_steps=50,
         flow_shifts=(16.0, 16.0),
@@ -419,7 +472,7 @@ CATALOGUE_ROWS = [
         name="t2v-a14b",
         source="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
         arch=WAN_14B,
-        task="t2v",
+        task=T2V,
         resolutions=("480p", "720p"),
         default_steps=40,
         presets=A14B_PRESETS,
@@ -441,7 +494,7 @@ CATALOGUE_ROWS = [
         name="i2v-a14b",
         source="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
         arch=WAN22_I2V_A14B,
-        task="i2v",
+        task=I2V,
         resolutions=("480p", "720p"),
         default_steps=40,
         presets=A14B_PRESETS,
@@ -476,7 +529,7 @@ CATALOGUE_ROWS = [
         name="ti2v-5b",
         source="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
         arch=WAN22_TI2V_5B,
-        task="ti2v",
+        task=TI2V,
         resolutions=("720p",),
         default_steps=50,
         presets=TI2V_PRESETS,
@@ -563,9 +616,6 @@ def tiny_spec(source: str = "tiny", kind: str = "t2v", wide: bool = False) -> Mo
     )
 
 
-TASKS = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text-and-image-to-video"}
-
-
 def catalogue_markdown() -> str:
     """The catalogue as Markdown tables, the variants' and their accelerators': what `wanlora models` prints, and
     what docs/models.md shows."""
@@ -581,7 +631,7 @@ def catalogue_markdown() -> str:
             f"{res}: " + ", ".join(f"{w}×{h}" for w, h in spec.presets[res].values()) for res in spec.resolutions
         )
         lines.append(
-            f"| `{spec.name}` | `{spec.source}` | {TASKS[spec.task]} | {experts} | {spec.default_steps} | {guidance} | "
+            f"| `{spec.name}` | `{spec.source}` | {spec.task.title} | {experts} | {spec.default_steps} | {guidance} | "
             f"{shifts} | {spec.default_frames} at {spec.default_fps} | {sizes} | {spec.predictor or '-'} |"
         )
     return "\n".join(lines) + "\n\n" + accelerators_markdown()
@@ -595,7 +645,7 @@ def transformer_kind(width: int | None, in_channels: int | None, image_branch: b
     ]
     same_width = [s for s in rows if s.arch.dim == width]
     families = list(dict.fromkeys(s.family for s in same_width or rows))
-    tasks = list(dict.fromkeys(TASKS[s.task] for s in same_width or rows)) or ["text-to-video"]
+    tasks = list(dict.fromkeys(s.task.title for s in same_width or rows)) or ["text-to-video"]
     return f"{families[0]} {tasks[0]}" if len(families) == 1 and len(tasks) == 1 else tasks[0]
 
 

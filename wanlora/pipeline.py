@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
@@ -151,8 +152,28 @@ class WanLoraPipeline:
     ) -> WanLoraPipeline:
         """Load a base model once.
 
-        `model` is a catalogue variant (`t2v-1.3b`, `t2v-14b`, ...), a Hub repo id, a local
-        diffusers-layout folder, or `tiny` (random weights, built offline: noise, not art).
+        Args:
+            model: A catalogue variant (`wanlora models` lists them), a Hub repo id, a local
+                diffusers-layout folder, `tiny`, or a `ModelSpec`.
+            device: "cpu", "cuda", "cuda:N" or a `torch.device`; by default CUDA when there is a GPU, else the CPU.
+            dtype: The transformer's and text encoder's dtype: bf16 on CUDA and fp32 on CPU by default.
+            attention: The attention kernel: "auto" (xformers on CUDA where installed, else torch's SDPA), or
+                one by name (`wanlora.runtime.attention`).
+            share_from: A loaded pipeline whose tokenizer, text encoder and VAE this one reuses where
+                they are the same.
+            compile: Compile the transformer blocks with torch.compile (a string names the backend).
+            offload: "auto", "none", "encoder", "experts", "model" or "group": what stays on the GPU.
+            parallel: "auto", a `ParallelPlan` or diffusers' `ContextParallelConfig`: one generation
+                shared by the GPUs of a torch.distributed group.
+            quantize: None, or "fp8" to store the transformer's block linears in fp8.
+            transformer: A single transformer file (or a folder, or a (high, low) pair for Wan2.2
+                A14B) replacing the model's own.
+
+        Returns:
+            The `WanLoraPipeline`, with no LoRA set: call `generate`, `set_loras` or `sweep` on it.
+
+        In more detail: `model` is a catalogue variant (`t2v-1.3b`, `t2v-14b`, ...), a Hub repo id, a
+        local diffusers-layout folder, or `tiny` (random weights, built offline: noise, not art).
         A catalogue model found in the weights folder (WANLORA_WEIGHTS) loads from there.
         `dtype` defaults to bf16 on CUDA and fp32 on CPU; the VAE and the modules diffusers
         keeps in fp32 stay fp32 either way. `share_from` reuses another pipeline's tokenizer,
@@ -305,6 +326,17 @@ class WanLoraPipeline:
         credentials: Credentials | None = None,
     ) -> None:
         """Make the weights equal to base + sum(strength_i * delta_i), exactly.
+
+        Args:
+            loras: The LoRA set, replacing the current one: each a reference (a Hub repo or file, a Hugging
+                Face, Civitai or Replicate link, an https:// link to a .safetensors file, or a local file) at
+                strength 1, a `(reference, strength)` pair, or a `LoraRequest` (one expert of Wan2.2 A14B).
+                A strength is a number, or a list of them: a schedule over the denoising steps. `None` or
+                `[]`: the base model alone.
+            credentials: Per-request Hub and Civitai tokens (`wanlora.lora.fetch.Credentials`).
+
+        Returns:
+            None. `active_loras` holds the set now merged.
 
         Every LoRA is fetched, parsed and checked against the model, and every new weight
         proven finite and representable, before any weight changes; if one fails, the
@@ -591,14 +623,14 @@ class WanLoraPipeline:
         return noise.to(torch.float64).mul(sampler.initial_sigma).to(torch.float32)
 
     def _diffusers_pipeline_for(self, request: Request) -> WanPipeline:
-        """diffusers' pipeline for the request: TI2V-5B takes an image through its image-to-video twin."""
+        """diffusers' pipeline for the request: a task whose image runs through another class (TI2V-5B: its
+        image-to-video twin) gets that class over the same components."""
         pipeline = self.diffusers_pipeline
-        if self.spec.task != "ti2v" or not request.images:
+        twin = self.spec.task.image_pipeline_class
+        if twin is None or not request.images:
             return pipeline
-        from diffusers import WanImageToVideoPipeline
-
-        return WanImageToVideoPipeline(
-            **pipeline.components, image_encoder=None, image_processor=None, expand_timesteps=True
+        return getattr(diffusers, twin)(
+            **pipeline.components, image_encoder=None, image_processor=None, expand_timesteps=self.spec.expand_timesteps
         )
 
     def _text(self, pipeline: Any, settings) -> dict[str, Any]:
@@ -789,16 +821,14 @@ def load_diffusers_pipeline(folder: Path, dtype: torch.dtype, shared: dict[str, 
             shared["text_encoder"] = UMT5EncoderModel.from_pretrained(
                 folder, subfolder="text_encoder", dtype=dtype, **unmapped
             )
-        if spec.task != "i2v":
-            return WanPipeline.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
-        # imported here: without torchvision, transformers warns about CLIP's processor
-        from diffusers import WanImageToVideoPipeline
-        from transformers import CLIPVisionModel
+        if spec.task.takes_images and spec.arch.image_dim is not None:  # Wan2.1 I2V's CLIP image branch
+            # imported here: without torchvision, transformers warns about CLIP's processor
+            from transformers import CLIPVisionModel
 
-        if spec.arch.image_dim is not None:
             shared["image_encoder"] = CLIPVisionModel.from_pretrained(
                 folder, subfolder="image_encoder", dtype=torch.float32, **unmapped
             )
-        return WanImageToVideoPipeline.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
+        pipeline_class = getattr(diffusers, spec.task.pipeline_class)
+        return pipeline_class.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load {folder} as a diffusers Wan model: {exc}") from exc

@@ -212,22 +212,25 @@ def resolve_images(
 ) -> tuple:
     """The conditioning images, read and checked: the right number for the model's task (an `ImageHeader`,
     checked already, is kept as it is: a batch reads it when its job runs, and resolves the request again)."""
-    if spec.task == "t2v":
+    task = spec.task
+    if not task.takes_images:
         if image is not None or last_image is not None:
             given = "image" if image is not None else "last_image"  # the one given: a front end names its flag
-            raise InvalidInput(given, "(an image)", f"{spec.name} is text-to-video; use an image-to-video model")
+            raise InvalidInput(given, "(an image)", f"{spec.name} is {task.title}; use an image-to-video model")
         return ()
     if image is None:
-        if spec.task == "ti2v" and last_image is None:
+        if task.runs_without_image and last_image is None:
             return ()  # TI2V-5B: text-to-video without an image
         raise InvalidInput("image", None, f"{spec.name} is image-to-video and needs a start image")
-    if last_image is not None and not spec.arch.takes_last_image:
+    if last_image is not None and spec.max_images < 2:
         raise InvalidInput(
             "last_image",
             "(an image)",
             f"{spec.name} takes one image; a last frame needs a first-last-frame model "
             "such as Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers",
         )
+    if last_image is None and task.min_images > 1:
+        raise InvalidInput("last_image", None, f"{spec.name} is {task.title} and needs a last frame too")
     images = [_image(image, "image")]
     if last_image is not None:
         images.append(_image(last_image, "last_image"))
@@ -248,7 +251,7 @@ def frame_for_image(spec: ModelSpec, image, resolution: str | None) -> tuple[int
     if image.size is None:
         return spec.size(resolution, "16:9")
     area = spec.max_area(resolution)
-    width, height = reference_frame_size(image.size, area, spec.vae_scale, per_side=spec.task == "i2v")
+    width, height = reference_frame_size(image.size, area, spec.vae_scale, per_side=spec.task.framing == "per_side")
     if not (MIN_SIDE <= min(width, height) and max(width, height) <= MAX_SIDE):
         shown = f"{image.size[0]}x{image.size[1]}"
         at = resolution or spec.default_resolution

@@ -141,9 +141,10 @@ def civitai_token() -> str | None:
     return clean_token("CIVITAI_API_TOKEN", _raw("CIVITAI_API_TOKEN"))
 
 
-def model_override(task: str) -> str | None:
-    """WANLORA_MODEL (text-to-video) or WANLORA_I2V_MODEL: the predictor's base model, e.g. a folder."""
-    return _raw("WANLORA_I2V_MODEL" if task == "i2v" else "WANLORA_MODEL")
+def model_override(image: bool) -> str | None:
+    """The predictor's base model (e.g. a folder) for requests without an image (WANLORA_MODEL) or with one
+    (WANLORA_I2V_MODEL). It follows the request, not the task: model=2.2-5b runs TI2V-5B either way."""
+    return _raw("WANLORA_I2V_MODEL" if image else "WANLORA_MODEL")
 
 
 def quantize_mode(choices: Sequence[str]) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -97,8 +98,6 @@ def tiny_pipeline(seed: int = 0, kind: str = "t2v", wide: bool = False) -> WanPi
     Its text is padded to 512 tokens like the real model's, because diffusers' Wan
     attention takes everything before the last 512 context tokens as image tokens.
     """
-    from diffusers import WanImageToVideoPipeline
-
     spec = tiny_spec(kind=kind, wide=wide)
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -114,10 +113,9 @@ def tiny_pipeline(seed: int = 0, kind: str = "t2v", wide: bool = False) -> WanPi
         parts.update(transformer_2=tiny_transformer(spec.arch, seed + 1), boundary_ratio=spec.boundary_ratio)
     if spec.expand_timesteps:
         parts["expand_timesteps"] = True
-    if spec.task != "i2v":
-        return WanPipeline(**parts)
-    encoder, processor = tiny_clip(seed) if spec.arch.image_dim else (None, None)
-    return WanImageToVideoPipeline(**parts, image_encoder=encoder, image_processor=processor)
+    if spec.task.takes_images and spec.arch.image_dim:  # Wan2.1 I2V's CLIP image branch
+        parts["image_encoder"], parts["image_processor"] = tiny_clip(seed)
+    return getattr(diffusers, spec.task.pipeline_class)(**parts)
 
 
 def write_tiny_model(path: str | Path, seed: int = 0, kind: str = "t2v", wide: bool = False) -> Path:

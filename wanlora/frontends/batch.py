@@ -535,7 +535,29 @@ def run_batch(
     progress: bool = True,
     runner: JobRunner | None = None,
 ) -> Summary:
-    """Run every job not done yet into `folder`, in one process, and keep its manifest."""
+    """Run every job not done yet into `folder`, in one process, and keep its manifest.
+
+    Jobs run grouped by model, then by LoRA set, so that each model loads once and LoRAs swap
+    in place. A job the manifest records as done, with its MP4 still there and unchanged, is
+    skipped: a killed or failed batch resumes by running it again.
+
+    Args:
+        jobs: The checked jobs, as `read_jobs` reads them from a JSON Lines file (one request a line).
+        folder: Where each job's MP4 and the manifest (`manifest.jsonl`) go; made if missing.
+        load_options: Keyword arguments for `WanLoraPipeline.from_pretrained` (device, offload,
+            quantize, ...), the same for every model the batch loads.
+        progress: Show a progress bar over the jobs.
+        runner: The `JobRunner` to run on (one resident model), to share a loaded model with the
+            caller; by default a new one with `load_options`.
+
+    Returns:
+        A `Summary`: the jobs done now, those done by an earlier run, and the failed ones with their
+        errors (a job's failure is its own: the others still run). `Summary.exit_status` is the CLI's.
+
+    Example:
+        >>> summary = run_batch(read_jobs("jobs.jsonl"), "out/")
+        >>> print(summary.describe(Path("out/manifest.jsonl")))
+    """
     from tqdm import tqdm
 
     folder = Path(folder)

@@ -44,13 +44,13 @@ logger = logging.getLogger(__name__)
 # column; predict.py repeats them as literals, and a test holds the two equal.
 # (predictor choice, variant): a choice names its text-to-video variant and its image-to-video ones
 PREDICTED = [(spec.predictor, spec) for spec in CATALOGUE.values() if spec.predictor]
-MODEL_CHOICES = {choice: spec.name for choice, spec in PREDICTED if spec.task != "i2v"}  # without an image
+MODEL_CHOICES = {choice: spec.name for choice, spec in PREDICTED if spec.task.runs_without_image}  # without an image
 DEFAULT_RESOLUTION = "480p"  # predict.py's default for `resolution`
 
 
 def _image_choices() -> dict[str, dict[str, str]]:
     """With an image, the model each choice runs, by resolution: first the model made for that one alone."""
-    with_image = [(choice, spec) for choice, spec in PREDICTED if spec.task != "t2v"]
+    with_image = [(choice, spec) for choice, spec in PREDICTED if spec.task.takes_images]
     choices: dict[str, dict[str, str]] = {choice: {} for choice, _ in with_image}  # catalogue order
     for choice, spec in sorted(with_image, key=lambda item: len(item[1].resolutions)):
         for resolution in spec.resolutions:
@@ -299,8 +299,8 @@ class VideoService:
         parallel: str | None = None,
         resident: ResidentModel | None = None,
     ) -> None:
-        self.override = override if override is not None else model_override("t2v")
-        self.i2v_override = i2v_override if i2v_override is not None else model_override("i2v")
+        self.override = override if override is not None else model_override(image=False)
+        self.i2v_override = i2v_override if i2v_override is not None else model_override(image=True)
         # parallel="auto" in a worker of a WorkerGroup (wanlora.frontends.workers)
         quantize = quantize_mode(formats.QUANTIZE_CHOICES)
         self.resident = resident or ResidentModel(device=device, parallel=parallel, quantize=quantize)

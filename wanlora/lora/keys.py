@@ -1,5 +1,5 @@
 """The key tables of every published Wan LoRA layout (docs/lora-formats.md): who wrote a key, which module
-it names, and which factor it holds. A new layout is a new row here; the reader (formats.py) uses them.
+it names, and which factor it holds. A new layout is a new row here; the reader (layouts.py) uses them.
 
 A file's keys are `<prefix><module><separator><factor>`. The prefix says who wrote it, the
 module is named in original-Wan or diffusers terms (dotted, or flattened with `_` by kohya

@@ -33,7 +33,7 @@ weights back to. The LoRA merges' pristine W0 is read from the memory-mapped che
 it gives the loaded bits back (wanlora.weights.checkpoint), and is not counted here.
 
 `wanlora models --memory` prints the plan for every variant, GPU size and weight format (the
-README's table); `--json` gives every stage.
+table in docs/memory.md); `--json` gives every stage.
 """
 
 from __future__ import annotations
@@ -362,7 +362,7 @@ def pipeline_calls(spec: ModelSpec) -> list[tuple[str, str, str]]:
     calls = [("text", "encode", "text_encoder")]
     if spec.arch.image_dim:
         calls.append(("image", "encode", "image_encoder"))
-    if spec.task in ("i2v", "ti2v"):
+    if spec.task.takes_images:
         calls.append(("vae-encode", "encode", "vae"))
     calls.append(("denoise", "denoise", "transformer"))
     if len(spec.experts) == 2:
@@ -406,7 +406,9 @@ def step_activations(spec: ModelSpec, step: str, size: tuple[int, int, int], wei
     if step == "image":
         return IMAGE_ENCODE_BYTES * (2 if spec.arch.takes_last_image else 1)
     if step == "vae-encode":
-        return vae_encode_bytes(spec.vae_scale, width, height, 1 if spec.task == "ti2v" else frames, tiled)
+        # per-token timesteps (TI2V-5B) take the image as the first latent frame: the VAE encodes it alone; else
+        # the image and the frames after it (zeros, or up to the last image) go in as channels, every frame encoded
+        return vae_encode_bytes(spec.vae_scale, width, height, 1 if spec.expand_timesteps else frames, tiled)
     if step.startswith("denoise"):
         return transformer_activation_bytes(spec, width, height, frames, weights)
     return vae_decode_bytes(spec.vae_scale, width, height, frames, tiled)

@@ -210,6 +210,7 @@ def test_a_missing_image_is_missing_and_an_aimed_lora_says_what_to_do(cli, tmp_p
         WanLoraPipeline.from_pretrained("tiny-i2v").generate("a fox")
 
 
+@pytest.mark.slow
 def test_verbose_logs_each_lora_once_without_saying_its_expert_twice(tmp_path, caplog):
     import logging
 

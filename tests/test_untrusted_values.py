@@ -1,4 +1,4 @@
-"""The second adversarial pass: each problem it found, reproduced, and the class of mistake closed.
+"""Values a request brings are never trusted: each problem found, reproduced, and the class of mistake closed.
 
 A value from a request (a path part, a token, a redirect target, a header, a tensor's
 dtype) must never reach code that trusts it.
@@ -349,6 +349,7 @@ def test_odd_answers_and_inputs_are_our_own_errors(offline_net, file_server, tmp
 # ------------------------------------------------------------------ 11. bounded messages and scans
 
 
+@pytest.mark.slow
 def test_a_tar_of_many_members_is_refused_quickly_in_a_short_message(offline_net, file_server):
     many = tar_of({f"lora-{i}.safetensors": b"" for i in range(50_000)})
     file_server.routes["/many.tar"] = Route(many)

@@ -8,7 +8,7 @@ is refused with a WanLoraError (the CLI: exit 2, one line), under 2,000 characte
 no secret; or it is accepted, and stopped where the denoising would start.
 
 WANLORA_CLASS_EXAMPLES sets the budget (default 10: 200 inputs a front end, derandomized, about
-25 s here); rerun it larger, e.g. `WANLORA_CLASS_EXAMPLES=100 pytest tests/test_fuzz_inputs.py`
+25 s here); rerun it larger, e.g. `WANLORA_CLASS_EXAMPLES=100 pytest tests/test_secrets_in_errors.py`
 (random, 2,000 a front end). Links go to a server on 127.0.0.1 only.
 """
 
@@ -28,6 +28,8 @@ from wanlora.frontends.batch import JobRunner, read_jobs
 from wanlora.frontends.service import PredictorInputs, VideoService
 
 from .servers import FileServer
+
+pytestmark = pytest.mark.slow  # class runs: generated inputs into every front end
 
 BUDGET = int(os.environ.get("WANLORA_CLASS_EXAMPLES", "10"))
 FUZZ = settings(

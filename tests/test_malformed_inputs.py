@@ -1,7 +1,7 @@
 """Generated inputs: whatever a request holds, only wanlora's own errors come out, short and secret-free.
 
 WANLORA_FUZZ_EXAMPLES sets the examples per suite (default 25, under a minute in all):
-`WANLORA_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py` for a deeper run. Network inputs go to a
+`WANLORA_FUZZ_EXAMPLES=500 pytest tests/test_malformed_inputs.py` for a deeper run. Network inputs go to a
 server on 127.0.0.1 only; nothing here resolves a real host name.
 """
 
@@ -32,6 +32,8 @@ from wanlora.settings import LORA_STRENGTH_RANGE
 
 from .lora_helpers import assert_bitwise, fetch_lora, snapshot
 from .servers import FileServer, Route
+
+pytestmark = pytest.mark.slow  # generated inputs (WANLORA_FUZZ_EXAMPLES of each kind)
 
 EXAMPLES = int(os.environ.get("WANLORA_FUZZ_EXAMPLES", "25"))
 SECRET = "S3CR3Tvalue"
