@@ -165,9 +165,12 @@ class WanLoraPipeline:
             offload: "auto", "none", "encoder", "experts", "model" or "group": what stays on the GPU.
             parallel: "auto", a `ParallelPlan` or diffusers' `ContextParallelConfig`: one generation
                 shared by the GPUs of a torch.distributed group.
-            quantize: None, or "fp8" to store the transformer's block linears in fp8.
-            transformer: A single transformer file (or a folder, or a (high, low) pair for Wan2.2
-                A14B) replacing the model's own.
+            quantize: None (full precision), or the name of a weight format to store the transformer's block
+                linears in (`wanlora.weights.formats`; `wanlora generate --help` lists them).
+            transformer: A single transformer file, `.safetensors` or `.gguf` (or a folder, or a (high, low)
+                pair for Wan2.2 A14B) replacing the model's own.
+            lora_mode: How LoRAs apply where the weights' format offers several ways (a `.gguf` file:
+                "unfused", the default, "requantize" or "promote"); None: the format's default.
 
         Returns:
             The `WanLoraPipeline`, with no LoRA set: call `generate`, `set_loras` or `sweep` on it.
