@@ -190,3 +190,28 @@ def test_image_to_video_and_ti2v_5b_gguf_files_generate_with_an_image_and_a_lora
     video = pipe.generate("a fox", image=image, loras=[(str(tmp_path / "a.safetensors"), 0.5)], seed=1, **size)
     assert video.frames.shape[1:] == (64, 64, 3)
     assert any(layers[n].lora_terms() for n in deltas if n in layers)
+
+
+PUBLISHED = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S")  # city96's, QuantStack's
+
+
+@pytest.mark.slow  # three loads a type
+@pytest.mark.parametrize("ftype", PUBLISHED)
+def test_every_published_type_generates_and_takes_loras_each_way_and_gives_the_file_back(files, tmp_path, ftype):
+    gguf = write_transformer(tmp_path / file_name(ftype), tiny_transformer(SPEC.arch, seed=3), ftype)
+    lora = [(str(files["a"]), 0.7)]
+    for mode in ("unfused", "requantize", "promote"):
+        pipe = WanLoraPipeline.from_pretrained(str(files["folder"]), transformer=str(gguf), lora_mode=mode)
+        file_blocks, out = blocks(pipe), forward(pipe)
+        pipe.set_loras(lora)
+        assert not torch.equal(forward(pipe), out), mode  # the LoRA is felt
+        if mode == "requantize":  # history-free: another LoRA first changes nothing of the result
+            merged = blocks(pipe)
+            pipe.set_loras([(str(files["b"]), 1.0)])
+            pipe.set_loras(lora)
+            assert all(torch.equal(w, merged[n]) for n, w in blocks(pipe).items()), mode
+        video = pipe.generate("a fox", seed=1, loras=lora, **STEP)
+        assert video.frames.shape == (9, 48, 64, 3)
+        pipe.set_loras([])
+        assert all(torch.equal(w, file_blocks[n]) for n, w in blocks(pipe).items()), mode
+        assert torch.equal(forward(pipe), out), mode  # the file's own model again, bitwise
