@@ -159,3 +159,14 @@ def test_a_tiny_model_carries_two_loras_in_published_layouts(tiny_dir):
     both = pipe.generate("a fox", **SMALL, seed=1, loras=[(str(style), 0.8), (str(motion), 0.5)], progress=False)
     assert base is not None and both is not None
     assert not np.array_equal(base.frames, both.frames)
+
+
+def test_the_readme_says_how_to_install_for_a_cpu_a_gpu_and_a_contributor():
+    install = README.read_text().split("## Install", 1)[1].split("\n## ", 1)[0]
+    for audience in ("**On a CPU**", "**On an NVIDIA GPU**", "**To contribute**"):
+        assert audience in install
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = set(re.findall(r"^([a-z0-9_]+) = \[", section, re.M))
+    named = {extra for group in re.findall(r'"\.\[([a-z0-9_,]+)\]"', install) for extra in group.split(",")}
+    assert {"gpu", "gguf"} <= named and named <= extras  # every extra it names exists
+    assert "bash .ci/test.sh" in install and (ROOT / ".ci" / "test.sh").exists()
