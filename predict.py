@@ -29,8 +29,9 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the default model (t2v-14b, or WANLORA_MODEL) once; other variants load on first use.
 
-        WANLORA_I2V_MODEL likewise overrides the image-to-video model, and WANLORA_WEIGHTS
-        points at pre-fetched weights (cog.weights.yaml mounts them). With several GPUs
+        WANLORA_I2V_MODEL likewise overrides the image-to-video model, WANLORA_WEIGHTS
+        points at pre-fetched weights (cog.weights.yaml mounts them), and WANLORA_TRANSFORMER
+        names a transformer file (a GGUF one) for some variants. With several GPUs
         visible (or WANLORA_GPUS set), one persistent worker per GPU shares every prediction.
         """
         configure_logging(verbose=True, stream=sys.stdout, fmt="%(message)s", force=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -90,11 +91,13 @@ class ResidentModel:
     """Holds one loaded model; `run` loads the one a request names in its place when it differs.
 
     `load_options` are `WanLoraPipeline.from_pretrained`'s (device, dtype, attention, compile,
-    offload, parallel, quantize, transformer), the same for every model it loads.
+    offload, parallel, quantize, transformer), the same for every model it loads; `options_for(model)`,
+    when given, adds those of one model (the predictor's transformer file for a variant).
     """
 
-    def __init__(self, **load_options: Any) -> None:
+    def __init__(self, options_for: Callable[[str], Mapping[str, Any]] | None = None, **load_options: Any) -> None:
         self.load_options = load_options
+        self.options_for = options_for
         self.pipe: WanLoraPipeline | None = None
         self.model: str | None = None  # the name `pipe` was loaded under
         self.loads: list[str] = []  # every model loaded, in order
@@ -106,7 +109,8 @@ class ResidentModel:
             return self.pipe
         source = prepared.request.spec if prepared is not None and prepared.identified else model
         previous, self.pipe, self.model = self.pipe, None, None
-        self.pipe = load_in_place_of(previous, source, **self.load_options)
+        own = self.options_for(model) if self.options_for is not None else {}
+        self.pipe = load_in_place_of(previous, source, **{**self.load_options, **own})
         self.model = model
         self.loads.append(model)
         return self.pipe

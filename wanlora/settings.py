@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import InvalidInput
@@ -156,6 +156,50 @@ def quantize_mode(choices: Sequence[str]) -> str | None:
     if raw not in choices:
         raise InvalidInput("WANLORA_QUANTIZE", raw, f"{', '.join(c for c in choices if c != 'none')} or none")
     return raw
+
+
+TransformerPath = str | tuple[str, str]  # a file or folder, or a Wan2.2 A14B (high, low) pair of files
+TRANSFORMER_FORM = "VARIANT=PATH items separated by ; (e.g. t2v-14b=/src/weights/wan2.1-t2v-14b-Q4_K_M.gguf)"
+
+
+def transformer_overrides(variants: Mapping[str, int], suffixes: Sequence[str]) -> dict[str, TransformerPath]:
+    """WANLORA_TRANSFORMER: the predictor's transformer file for some variants, {variant: path}.
+
+    `VARIANT=PATH` items separated by `;`: VARIANT one of `variants` (catalogue name -> how many transformers
+    it has), PATH a file ending in one of `suffixes`, a folder holding one (or a Wan2.2 pair), or for a
+    two-transformer variant `HIGH,LOW`, two files. Each path must exist now: a server refuses to start
+    rather than fail its first request for that variant. Unset: none.
+    """
+    raw = _raw("WANLORA_TRANSFORMER")
+    overrides: dict[str, TransformerPath] = {}
+    for item in (part.strip() for part in (raw or "").split(";")):
+        if not item:
+            continue  # a trailing `;`
+        variant, equals, given = (text.strip() for text in item.partition("="))
+        if not equals or not variant or not given:
+            raise InvalidInput("WANLORA_TRANSFORMER", item, TRANSFORMER_FORM)
+        if variant not in variants:
+            raise InvalidInput("WANLORA_TRANSFORMER", item, f"a variant before the =: {', '.join(variants)}")
+        if variant in overrides:
+            raise InvalidInput("WANLORA_TRANSFORMER", item, f"one item per variant: {variant} has two")
+        paths = [path.strip() for path in given.split(",")]
+        if len(paths) > variants[variant] or not all(paths):
+            why = "a file or folder" if variants[variant] == 1 else "a file or folder, or HIGH,LOW: two files"
+            raise InvalidInput("WANLORA_TRANSFORMER", item, f"{why} after {variant}=")
+        for path in paths:
+            _check_transformer_path(item, Path(path).expanduser(), suffixes, pair=len(paths) > 1)
+        overrides[variant] = paths[0] if len(paths) == 1 else (paths[0], paths[1])
+    return overrides
+
+
+def _check_transformer_path(item: str, path: Path, suffixes: Sequence[str], pair: bool) -> None:
+    files = f"a {' or '.join(suffixes)} file"
+    if not path.exists():
+        raise InvalidInput("WANLORA_TRANSFORMER", item, f"an existing file or folder: {path} is missing")
+    if path.is_dir() and not pair:
+        return
+    if not path.is_file() or path.suffix.lower() not in suffixes:
+        raise InvalidInput("WANLORA_TRANSFORMER", item, f"{files}{'' if pair else ' or a folder'}: {path} is not one")
 
 
 def weights_dir() -> Path | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..accelerators import ACCELERATORS as ACCELERATOR_PRESETS
 from ..errors import InvalidInput, LoraMismatch, error_boundary
@@ -29,7 +29,7 @@ from ..options import GenerationOptions
 from ..pairs import EVERY_EXPERT
 from ..request import Request
 from ..resident import Prepared, ResidentModel, prepare
-from ..settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode
+from ..settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode, transformer_overrides
 from ..sweep import Axis, sweep_axes
 from ..weights import formats
 
@@ -301,10 +301,25 @@ class VideoService:
     ) -> None:
         self.override = override if override is not None else model_override(image=False)
         self.i2v_override = i2v_override if i2v_override is not None else model_override(image=True)
-        # parallel="auto" in a worker of a WorkerGroup (wanlora.frontends.workers)
+        from ..weights.single_file import suffixes  # diffusers' converter with it: imported when a service starts
+
         quantize = quantize_mode(formats.QUANTIZE_CHOICES)
-        self.resident = resident or ResidentModel(device=device, parallel=parallel, quantize=quantize)
+        variants = {name: len(spec.experts) for name, spec in CATALOGUE.items()}
+        self.transformers = transformer_overrides(variants, suffixes())  # WANLORA_TRANSFORMER
+        # parallel="auto" in a worker of a WorkerGroup (wanlora.frontends.workers)
+        self.resident = resident or ResidentModel(
+            self.transformer_options, device=device, parallel=parallel, quantize=quantize
+        )
         self.unreported_setup: dict[str, float] = {}  # cold-start timings for the first prediction's metrics
+
+    def transformer_options(self, model: str) -> dict[str, Any]:
+        """`from_pretrained`'s transformer for `model` (a catalogue name, or WANLORA_MODEL's folder or repo): its
+        variant's file in WANLORA_TRANSFORMER, if any; another variant loads its own. The file's format keeps
+        its own LoRA mode by default."""
+        if not self.transformers:
+            return {}
+        path = self.transformers.get(resolve_model(model).name)
+        return {} if path is None else {"transformer": path}
 
     def model_for(self, choice: object, image: bool = False, resolution: str = DEFAULT_RESOLUTION) -> str:
         """The model a request runs on: an image switches the choice to its image-to-video variant."""
