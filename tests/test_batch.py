@@ -236,7 +236,7 @@ def test_an_option_marked_for_the_predictor_is_an_input_and_a_predictor_line_fie
     from wanlora.options import described
 
     with pytest.raises(InvalidInput, match="not an option of the predictor"):
-        PredictorInputs.of(prompt="a fox", cfg_batch=True)  # not offered: refused, not dropped
+        PredictorInputs.of(prompt="a fox", width=64)  # an option the predictor does not offer: refused, not dropped
     with pytest.raises(InvalidInput, match="not an option of the predictor's options"):
         PredictorInputs(prompt="a fox", options={"width": 64})
     marked = {**described(), "cfg_batch": dataclasses.replace(described()["cfg_batch"], predictor=True)}
