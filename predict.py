@@ -195,7 +195,7 @@ class Predictor(BaseRunner):
                 hf_api_token=secret_text("hf_api_token", hf_api_token),
                 civitai_api_token=secret_text("civitai_api_token", civitai_api_token),
             )
-            result = self.service.generate(PredictorInputs(**arguments), out_dir=self.outputs)
+            result = self.service.generate(PredictorInputs.of(**arguments), out_dir=self.outputs)
             if result is None:  # only a parallel rank other than 0 returns none, and this process is rank 0
                 raise InternalError("the generation returned no video")
         except WanLoraError as exc:

@@ -222,3 +222,38 @@ def test_a_batch_needs_a_folder_and_ray_options_need_ray(tmp_path, cli):
     assert "this one has none" in cli("batch", str(empty), "--out", "o").stderr
     with pytest.raises(InvalidInput, match="readable UTF-8"):
         read_jobs(tmp_path / "absent.jsonl")
+
+
+def test_an_option_marked_for_the_predictor_is_an_input_and_a_predictor_line_field_without_a_service_edit(
+    monkeypatch, tiny_dir
+):
+    """An input named as an option marked `predictor=True` passes through PredictorInputs and a predictor-form
+    batch line as it is: a new predictor option needs no field or table row in wanlora/frontends/service.py."""
+    import dataclasses
+
+    from wanlora.frontends import batch, service
+    from wanlora.frontends.service import PredictorInputs, VideoService
+    from wanlora.options import described
+
+    with pytest.raises(InvalidInput, match="not an option of the predictor"):
+        PredictorInputs.of(prompt="a fox", width=64)  # an option the predictor does not offer: refused, not dropped
+    with pytest.raises(InvalidInput, match="not an option of the predictor's options"):
+        PredictorInputs(prompt="a fox", options={"width": 64})
+    marked = {**described(), "cfg_batch": dataclasses.replace(described()["cfg_batch"], predictor=True)}
+    monkeypatch.setattr(service, "described", lambda: marked)  # as options.py would mark it
+    monkeypatch.setattr(batch, "PREDICTOR_FIELDS", (*service.declared_inputs(), *service.carried_options()))
+    assert service.carried_options() == ["cfg_batch"] and service.option_inputs()["cfg_batch"] == "cfg_batch"
+    inputs = PredictorInputs.of(prompt="a fox", cfg_batch=True, hf_api_token="hf_SECRET")
+    assert inputs.options == {"cfg_batch": True} and "hf_SECRET" not in repr(inputs)
+    resolved = VideoService(override=str(tiny_dir), i2v_override="").resolve(inputs)
+    assert resolved.request.cfg_batch is True
+    assert (
+        VideoService(override=str(tiny_dir), i2v_override="")
+        .resolve(PredictorInputs.of(prompt="a fox"))
+        .request.cfg_batch
+        is False
+    )  # the option's default
+    line = {"prompt": "a fox", "model": "1.3b", "lora_scale": 0.5, "cfg_batch": True}  # the predictor's form
+    assert batch.parse_job(1, json.dumps(line)).request.cfg_batch is True
+    with pytest.raises(InvalidInput, match="not an option of the predictor; it takes"):
+        PredictorInputs.of(prompt="a fox", num_inference_steps=2)  # the predictor's name for it is sample_steps

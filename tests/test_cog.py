@@ -581,7 +581,7 @@ def test_samples_use_only_real_inputs_with_valid_values(sample):
     values = json.loads(sample.read_text())
     assert set(values) <= set(inspect.signature(Predictor.run).parameters), sample.name
     values.pop("image", None)  # a URL: Cog downloads it before the predictor sees it
-    VideoService(override="", i2v_override="").resolve(PredictorInputs(**values))
+    VideoService(override="", i2v_override="").resolve(PredictorInputs.of(**values))
 
 
 def test_server_with_two_workers_matches_one_process_and_survives_a_killed_worker(

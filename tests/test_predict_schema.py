@@ -164,12 +164,20 @@ def test_predictor_literals_equal_the_librarys_constants(inputs):
 
 
 def test_the_service_reads_the_predictors_inputs_as_one_object_equal_to_the_signature(inputs):
+    """predict.py's inputs are PredictorInputs' fields and the options marked `predictor=True`, no more, no less.
+
+    The rule for the marked ones: each is an input of the option's own name with the option's own default
+    (the service passes it through as it is), so a new one needs no edit in wanlora/frontends/service.py."""
     import dataclasses
 
-    from wanlora.frontends.service import PredictorInputs
+    from wanlora.frontends.service import PredictorInputs, carried_options, declared_inputs
+    from wanlora.options import default_of
 
-    fields = dataclasses.fields(PredictorInputs)
-    assert [field.name for field in fields] == list(inputs)  # every input, in the signature's order
+    fields = [field for field in dataclasses.fields(PredictorInputs) if field.name in declared_inputs()]
+    assert [field.name for field in fields] == [name for name in inputs if name in declared_inputs()]  # its order
+    assert set(inputs) == {*declared_inputs(), *carried_options()}  # every input, once
     assert [field.name for field in fields if field.default is dataclasses.MISSING] == ["prompt"]  # as in Cog
     for field in fields[1:]:
         assert field.default == inputs[field.name].default, field.name
+    for name in carried_options():
+        assert inputs[name].default == default_of(name), name

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from wanlora import WanLoraPipeline
 from wanlora.errors import WanLoraError
 from wanlora.frontends.batch import JobRunner, read_jobs
-from wanlora.frontends.service import PredictorInputs, VideoService
+from wanlora.frontends.service import PredictorInputs, VideoService, carried_options, declared_inputs
 
 from .servers import FileServer
 
@@ -229,21 +229,24 @@ def test_python_sweep(prompt, fields, pipe):
 # ------------------------------------------------------------------ the predictor and batch lines
 
 
+PREDICTOR_NAMES = [*declared_inputs(), *carried_options()]  # every input predict.py may offer
+
+
 @pytest.fixture(scope="module")
 def service(tiny_dir):
     return VideoService(override=str(tiny_dir), i2v_override="")
 
 
 @FUZZ
-@given(fields=fields_of(list(PredictorInputs.__dataclass_fields__)), prompt=prompts())
+@given(fields=fields_of(PREDICTOR_NAMES), prompt=prompts())
 def test_predictor_inputs(fields, prompt, service, tmp_path_factory):
     inputs = {"prompt": prompt, "num_frames": 5, "sample_steps": 1, **fields}
-    inputs = {name: value for name, value in inputs.items() if name in PredictorInputs.__dataclass_fields__}
+    inputs = {name: value for name, value in inputs.items() if name in PREDICTOR_NAMES}
     out = tmp_path_factory.mktemp("predicted")
-    refused_or_accepted(lambda: service.generate(PredictorInputs(**inputs), out))
+    refused_or_accepted(lambda: service.generate(PredictorInputs.of(**inputs), out))
 
 
-LINE_NAMES = [*generate_names(), "prompt", "model", "output", "quality", *PredictorInputs.__dataclass_fields__]
+LINE_NAMES = [*generate_names(), "prompt", "model", "output", "quality", *PREDICTOR_NAMES]
 
 
 @FUZZ

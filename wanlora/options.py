@@ -3,7 +3,9 @@
 `WanLoraPipeline.generate(prompt, **options)`, the CLI's flags and their help, the predictor's
 mapping (one table of Replicate's names, in wanlora.frontends.service), a batch line's fields and
 a sweep's axes are all read from `GenerationOptions`. A new option is one field here; what it
-does to the video is `wanlora.request`'s business, the only module that reads the values.
+does to the video is `wanlora.request`'s business, the only module that reads the values. Marked
+`predictor=True`, it is also the Cog predictor's input of the same name (plus its `Input()` in
+predict.py, which Cog reads statically).
 
 Left unset (None), an option takes the model's own default from its reference configs; the
 help says which. Model-independent bounds are here (`Option.low`/`high`, `choices`); what depends
@@ -56,6 +58,10 @@ class Option:
     choices: tuple[str, ...] | None = None
     low: float | None = None  # bounds that hold on every model (each model narrows some: the most frames)
     high: float | None = None
+    # The Cog predictor offers it as an input of this very name (predict.py writes its `Input()`, with this
+    # option's default; tests/test_predict_schema.py holds the two equal): wanlora.frontends.service passes it
+    # through as it is. The predictor's other inputs are its own (wanlora.frontends.service.PredictorInputs).
+    predictor: bool = False
 
     def bounds(self) -> tuple[float, float]:
         assert self.low is not None and self.high is not None, "an option with bounds"

@@ -44,13 +44,13 @@ from ..resident import Prepared, ResidentModel, prepare
 from ..settings import DEFAULT_MODEL, DEFAULT_QUALITY
 from ..staging import remove_abandoned, staged_file
 from ..video import Video, quality_to_crf
-from .service import MODEL_CHOICES, PredictorInputs, VideoService
+from .service import MODEL_CHOICES, PredictorInputs, VideoService, carried_options, declared_inputs
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 BATCH_FIELDS = ("output", "quality")
-PREDICTOR_FIELDS = tuple(PredictorInputs.__dataclass_fields__)
+PREDICTOR_FIELDS = (*declared_inputs(), *carried_options())  # the inputs predict.py can offer
 PREDICTOR_LORA_FIELDS = (
     "lora_weights",
     "extra_lora",
@@ -96,7 +96,7 @@ def prepare_line(fields: dict[str, Any], predictor: bool) -> tuple[Prepared, Cre
     fields = {"prompt": None, **fields}  # missing: said so by the check of its value
     if predictor:
         service = VideoService(override="", i2v_override="", resident=ResidentModel())
-        resolved = service.resolve(PredictorInputs(**fields), images_read=False)
+        resolved = service.resolve(PredictorInputs.of(**fields), images_read=False)
         credentials = replace(resolved.credentials, local_files=True)  # this machine's own files: it is the user's
         return resolved.prepared, credentials
     model = fields.pop("model")

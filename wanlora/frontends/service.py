@@ -15,7 +15,8 @@ token is re-checked with the origin on every request.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,7 +26,7 @@ from ..lora.fetch import Credentials
 from ..lora.refs import display_ref
 from ..lora.selection import LoraRequest, fal_loras
 from ..models import CATALOGUE, ONE_TRANSFORMER, ModelSpec, resolve_model
-from ..options import GenerationOptions
+from ..options import GenerationOptions, described, option_names, refuse_unknown
 from ..pairs import EVERY_EXPERT
 from ..request import Request
 from ..resident import Prepared, ResidentModel, prepare
@@ -73,23 +74,15 @@ ONE_SIZE_CHOICES = {c for c, name in MODEL_CHOICES.items() if DEFAULT_RESOLUTION
 SWEEP_CELLS = 6  # the most strengths lora_scale_sweep takes: one grid video per prediction
 DEFAULT_SAMPLE_STEPS = 30  # Replicate's Wan models default to 30 steps; the library to Wan's 50
 
-# The predictor's inputs that are generation options (wanlora.options), by the option each one is.
-# The others are the model, the LoRA slots, the sweep, the tokens and the output's quality.
+# The predictor's inputs that are generation options under another name (Replicate's), by the option each one
+# is. An input named as an option is that option: a field of PredictorInputs below, or one marked
+# `predictor=True` in wanlora.options, which PredictorInputs carries without a field (`option_inputs()` is
+# the whole mapping). The other inputs are the model, the LoRA slots, the sweep, the tokens and the quality.
 OPTION_INPUTS = {
-    "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
-    "image": "image",
-    "resolution": "resolution",
-    "aspect_ratio": "aspect_ratio",
-    "num_frames": "num_frames",
-    "fps": "fps",
     "sample_steps": "num_inference_steps",
     "sample_guide_scale": "guidance_scale",
     "sample_guide_scale_2": "guidance_scale_2",
     "sample_shift": "flow_shift",
-    "seed": "seed",
-    "fast_mode": "fast_mode",
-    "accelerator": "accelerator",
 }
 # Inputs whose choices are Replicate's words: each choice -> the option's value.
 FAST_MODES = {"Off": "off", "Balanced": "balanced", "Fast": "fast"}
@@ -174,10 +167,46 @@ class PredictorInputs:
     hf_api_token: str | None = None
     civitai_api_token: str | None = None
     output_quality: int = 80
+    # the inputs named as an option marked `predictor=True` (wanlora.options): as given, or left out for its default
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, Mapping):
+            raise InvalidInput("options", type(self.options).__name__, "the inputs named as options, by name")
+        carried = carried_options()
+        refuse_unknown({k: v for k, v in self.options.items() if k not in carried}, carried, "the predictor's options")
+
+    @classmethod
+    def of(cls, **arguments: Any) -> PredictorInputs:
+        """The inputs as predict.py (or a batch line) names them, each option marked for the predictor among them;
+        a name that is neither is refused, with the nearest input."""
+        declared, carried = declared_inputs(), carried_options()
+        known = [*declared, *carried]
+        refuse_unknown({k: v for k, v in arguments.items() if k not in known}, known, "the predictor")
+        own = {name: value for name, value in arguments.items() if name in declared}
+        return cls(**own, options={name: value for name, value in arguments.items() if name in carried})
 
     def __repr__(self) -> str:  # never print a token by accident
         shown = {name: "***" if name.endswith("api_token") and value else value for name, value in vars(self).items()}
         return f"PredictorInputs({shown})"
+
+
+def declared_inputs() -> list[str]:
+    """The inputs PredictorInputs has a field of its own for, in predict.py's order."""
+    return [f.name for f in fields(PredictorInputs) if f.name != "options"]
+
+
+def carried_options() -> list[str]:
+    """The options the predictor offers under their own names without a field here: those marked `predictor=True`."""
+    taken = {*declared_inputs(), *OPTION_INPUTS.values()}
+    return [name for name, described_as in described().items() if described_as.predictor and name not in taken]
+
+
+def option_inputs() -> dict[str, str]:
+    """Every predictor input that is a generation option -> the option: those named as one, and the renamed.
+    (`loras`, fal's list, is one of the LoRA inputs: replicate_loras reads it with the slots.)"""
+    named = [name for name in declared_inputs() if name in option_names() and name != "loras"]
+    return {name: name for name in [*named, *carried_options()]} | OPTION_INPUTS
 
 
 def sweep_strengths(i: PredictorInputs) -> tuple[float, ...] | None:
@@ -278,9 +307,11 @@ class ServiceRequest:
 
 def predictor_options(i: PredictorInputs, choice: str, experts: tuple[str, ...]) -> GenerationOptions:
     """The inputs that are generation options, as the library names and reads them."""
-    values = {option: getattr(i, name) for name, option in OPTION_INPUTS.items()}
+    mapping, carried = option_inputs(), carried_options()
+    values = {option: getattr(i, name) for name, option in mapping.items() if name not in carried}
+    values |= i.options  # as given: each one's default is the option's own (a test holds predict.py to it)
     for name, choices in CHOICE_VALUES.items():
-        values[OPTION_INPUTS[name]] = _choice(name, getattr(i, name), choices)
+        values[mapping[name]] = _choice(name, getattr(i, name), choices)
     if choice in ONE_SIZE_CHOICES:
         values["resolution"] = None  # trained at one size: the input's default does not apply
     if values["num_inference_steps"] is None and values["accelerator"] is None:
