@@ -468,14 +468,18 @@ class Terminated(KeyboardInterrupt):
 class BatchInterrupted(KeyboardInterrupt):
     """A batch stopped by Ctrl-C or SIGTERM; what ended is recorded, and the message says how to go on."""
 
-    def __init__(self, summary: Summary, signum: int) -> None:
-        self.summary, self.signum = summary, signum
-        failed = f", {len(summary.failed)} failed" if summary.failed else ""
-        super().__init__(f"{summary.finished} of {summary.total} done{failed}; run the same command again to resume")
+    def __init__(self, jobs: list[Job], manifest: Manifest, signum: int) -> None:
+        # counted from the manifest, not the run's tally: a signal between recording a job and counting it
+        # would leave the tally one short of what a resume will find done
+        entries = [(job, manifest.entries.get(job.output) or {}) for job in jobs]
+        statuses = [entry.get("status") for job, entry in entries if entry.get("job") == job.key]
+        self.done, self.failed, self.signum = statuses.count("done"), statuses.count("failed"), signum
+        failed = f", {self.failed} failed" if self.failed else ""
+        super().__init__(f"{self.done} of {len(jobs)} done{failed}; run the same command again to resume")
 
 
 @contextmanager
-def interruptible(jobs: list[Job], manifest: Manifest, summary: Summary) -> Iterator[None]:
+def interruptible(jobs: list[Job], manifest: Manifest) -> Iterator[None]:
     """Ctrl-C or SIGTERM while the jobs run: the manifest compacted, and a `BatchInterrupted` with the counts.
 
     A SIGTERM during a staged write arrives as staging's SystemExit(143), after its cleanup.
@@ -491,7 +495,7 @@ def interruptible(jobs: list[Job], manifest: Manifest, summary: Summary) -> Iter
             manifest.compact(jobs)
         except WanLoraError:  # a full disk: the entries recorded so far stay as they were written
             pass
-        raise BatchInterrupted(summary, signal.SIGTERM if by_sigterm else signal.SIGINT) from None
+        raise BatchInterrupted(jobs, manifest, signal.SIGTERM if by_sigterm else signal.SIGINT) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -564,7 +568,7 @@ def run_batch(
     manifest, todo, summary = pending_jobs(jobs, folder)
     runner = runner or JobRunner(load_options)
     with (
-        interruptible(jobs, manifest, summary),
+        interruptible(jobs, manifest),
         tqdm(total=len(jobs), initial=summary.skipped, desc="batch", unit="job", disable=not progress) as bar,
     ):
         for job in todo:

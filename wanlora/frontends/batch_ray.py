@@ -71,7 +71,7 @@ def run_batch_on_ray(
         count, gpus = actor_count(ray, actors)  # before --out is made
         manifest, todo, summary = pending_jobs(jobs, folder)
         pool = ActorPool(ray, load_options or {}, count, gpus)
-        with interruptible(jobs, manifest, summary):
+        with interruptible(jobs, manifest):
             _drive(ray, pool, todo, None if collect else str(folder.resolve()), folder, manifest, summary, progress)
     finally:
         if started:
