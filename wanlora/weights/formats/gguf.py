@@ -82,10 +82,10 @@ class GgufFormat(WeightFormat):
         raise NotImplementedError("a GGUF weight is decoded in its own type: see GgufWeights")
 
     def peak(self, tensors: tuple[torch.Tensor, ...]) -> float:
-        raise NotImplementedError
+        raise NotImplementedError("a GGUF weight's peak is its own type's: see GgufWeights")
 
     def limit(self, tensors: tuple[torch.Tensor, ...]) -> float:
-        raise NotImplementedError
+        raise NotImplementedError("a GGUF weight's limit is its own type's: see GgufWeights")
 
     def activation_bytes_per_token(self, dim: int, ffn_dim: int) -> float:
         return UNFUSED_PER_TOKEN_FFN * ffn_dim  # room for LoRAs beside the matmul, the default way
