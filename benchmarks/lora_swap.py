@@ -160,6 +160,7 @@ def measure_first_touch(repeats: int = 3) -> float:
     on one thread as a merge runs it (lora/spread.py)."""
     from safetensors.torch import save_file
 
+    from wanlora.weights import formats
     from wanlora.weights.checkpoint import Checkpoint, CheckpointFile, TensorRef
     from wanlora.weights.spread import single_threaded_ops
 
@@ -168,10 +169,11 @@ def measure_first_touch(repeats: int = 3) -> float:
         path = Path(folder) / "w.safetensors"
         save_file({"w": weight}, str(path))
         checkpoint = Checkpoint({"w": TensorRef(CheckpointFile(path), "w")}, torch.bfloat16)
-        checkpoint.pristine("w", weight, None)  # the page cache warm, as after loading
+        stored = formats.full_precision().weight(weight)
+        checkpoint.pristine("w", stored)  # the page cache warm, as after loading
 
         def prove(_: int) -> None:
-            assert checkpoint.pristine("w", weight, None) is not None
+            assert checkpoint.pristine("w", stored) is not None
 
         with single_threaded_ops():
             return median_seconds(prove, repeats)

@@ -198,3 +198,10 @@ def test_the_carried_wheels_are_what_the_run_imports_beyond_the_image():
     image = image_packages(ROOT / "benchmarks" / "device_image.txt")
     assert carried_wheels() == {"diffusers", "xformers", "ftfy", "wcwidth", "importlib-metadata"}
     assert not carried_wheels() & set(image) and image["torch"] == "2.11.0"
+
+
+def test_the_cpu_swap_benchmarks_first_touch_runs_on_the_librarys_current_api():
+    # the benchmark calls the checkpoint's W0 proof directly: an API change must fail here, not in a long run
+    from benchmarks.lora_swap import measure_first_touch
+
+    assert measure_first_touch(repeats=1) > 0
