@@ -24,12 +24,13 @@ import time
 
 import torch
 from diffusers import WanPipeline
-from lora_swap import cached_loras, median_seconds, time_diffusers
 
 from tests.builders import random_transformer
 from wanlora.models import WAN_14B, tiny_spec
 from wanlora.pipeline import WanLoraPipeline
 from wanlora.tiny import flow_scheduler
+
+from .lora_swap import cached_loras, median_seconds, time_diffusers
 
 # Sustained host<->GPU copy rates for pinned memory, per direction (GB/s): what the links
 # give in practice, below their nominal 32 / 64 / 450 GB/s.

@@ -205,3 +205,12 @@ def test_the_cpu_swap_benchmarks_first_touch_runs_on_the_librarys_current_api():
     from benchmarks.lora_swap import measure_first_touch
 
     assert measure_first_touch(repeats=1) > 0
+
+
+@pytest.mark.parametrize(
+    "name", ["overhead", "lora_swap", "cpu_step", "expert_switch", "fp8", "sweep_batch", "lora_retention"]
+)
+def test_each_cpu_benchmark_starts_as_the_docs_say_to_run_it(name):
+    # `python -m benchmarks.NAME --help`: its imports resolve from the repository root
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage" in result.stdout, result.stderr
