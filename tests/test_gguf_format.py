@@ -215,3 +215,9 @@ def test_every_published_type_generates_and_takes_loras_each_way_and_gives_the_f
         pipe.set_loras([])
         assert all(torch.equal(w, file_blocks[n]) for n, w in blocks(pipe).items()), mode
         assert torch.equal(forward(pipe), out), mode  # the file's own model again, bitwise
+
+
+def test_a_gguf_model_is_not_saved_merged_and_the_refusal_says_why(files, tmp_path):
+    with pytest.raises(InvalidInput, match="stored as gguf; load it in full precision"):
+        load(files).save_merged(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())

@@ -378,7 +378,9 @@ class WanLoraPipeline:
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise InvalidInput("folder", str(folder), "a new or empty folder")
         if self.quantize is not None:  # diffusers' loader would read a format's stored rows without their scales
-            raise InvalidInput("quantize", self.quantize, "none to save a merged model: load it without quantize")
+            why = f"its block linears are stored as {self.quantize}; load it in full precision"
+            why += " (no quantize, no quantized transformer file)"
+            raise InvalidInput("quantize", self.quantize, f"none to save a merged model: {why}")
         pipeline = self.diffusers_pipeline
         sampler, pipeline.scheduler = pipeline.scheduler, self.base_scheduler
         try:
