@@ -9,8 +9,9 @@ import torch
 
 from wanlora import WanLoraPipeline
 from wanlora.tiny import tiny_transformer, write_tiny_model
-from wanlora.weights.checkpoint import Checkpoint, CheckpointChanged, FileTensor
+from wanlora.weights.checkpoint import Checkpoint, FileTensor
 from wanlora.weights.formats.fp8 import fp8_layers, quantize_rows
+from wanlora.weights.held_file import CheckpointChanged
 from wanlora.weights.pristine import HostCopy
 
 from .builders import write_lora
@@ -180,7 +181,7 @@ TRUNCATE_THEN_RUN = """
 import sys
 from pathlib import Path
 from wanlora import WanLoraPipeline
-from wanlora.weights.checkpoint import CheckpointChanged
+from wanlora.weights.held_file import CheckpointChanged
 
 folder, single, first, second = sys.argv[1:5]
 pipes = [WanLoraPipeline.from_pretrained(folder), WanLoraPipeline.from_pretrained("tiny", transformer=single)]

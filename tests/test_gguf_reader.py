@@ -12,9 +12,9 @@ import torch
 from wanlora.errors import InvalidInput, ModelNotFound
 from wanlora.models import tiny_spec
 from wanlora.tiny import tiny_transformer
-from wanlora.weights.checkpoint import CheckpointChanged
 from wanlora.weights.gguf import qtypes
 from wanlora.weights.gguf.reader import QuantizedTensor, read_transformer
+from wanlora.weights.held_file import CheckpointChanged
 
 from .gguf_files import FTYPES, encode, file_name, gguf_tensors, set_tensor_type, write_gguf, write_pair
 from .gguf_files import write_transformer as write_file
@@ -217,7 +217,7 @@ def test_w0_reads_back_by_rows_and_a_rewritten_file_is_refused(tmp_path, model):
 CUT_UNDER_A_RUNNING_MODEL = """
 import sys
 from wanlora.models import tiny_spec
-from wanlora.weights.checkpoint import CheckpointChanged
+from wanlora.weights.held_file import CheckpointChanged
 from wanlora.weights.gguf.reader import QuantizedTensor, read_transformer
 
 path = sys.argv[1]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from ..errors import WanLoraError
 from . import formats
 from .formats.base import Stored, WeightFormat, row_view
+from .held_file import HeldFile
 from .pristine import Pristine
 from .sniff import read_header
 
@@ -59,34 +59,13 @@ SINGLE = "diffusion_pytorch_model.safetensors"
 CHUNK_BYTES = 64 << 20  # read and compared at a time: large enough for full speed, small enough to stay modest
 
 
-class CheckpointChanged(WanLoraError):
-    """The checkpoint a model was loaded from was rewritten in place: its W0 is gone."""
-
-
-class CheckpointFile:
+class CheckpointFile(HeldFile):
     """One safetensors file, open for reading: each tensor read is a copy of its own."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self.header = read_header(path, str(path))
-        self._handle = path.open("rb", buffering=0)  # held: a file renamed over this one does not reach us
-        self._stat = self._signature()
+        super().__init__(path)
         self._data_start = 8 + int.from_bytes(self._pread(8, 0), "little")
-        self._lock = threading.Lock()  # for systems without preadv, whose reads seek
-
-    def _signature(self) -> tuple[int, int]:
-        stat = os.fstat(self._handle.fileno())
-        return stat.st_size, stat.st_mtime_ns
-
-    def check_unchanged(self) -> None:
-        if self._signature() != self._stat:
-            raise self._changed()
-
-    def _changed(self) -> CheckpointChanged:
-        return CheckpointChanged(
-            f"{self.path} was rewritten since the model was loaded from it, and LoRA merges read the "
-            "original weights there: load the model again"
-        )
 
     def dtype(self, key: str) -> torch.dtype | None:
         """The tensor's dtype, or None where torch has none for it."""
@@ -114,28 +93,6 @@ class CheckpointFile:
             self._read_into(target, self._data_start + begin + start * row_bytes)
         result = target.view(dtype)
         return result.view(stop - start, *shape[1:]) if shape else result.view(())
-
-    def _read_into(self, target: torch.Tensor, offset: int) -> None:
-        view = memoryview(target.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
-        done = 0
-        while done < len(view):
-            got = self._pread_into(view[done:], offset + done)
-            if got <= 0:  # the file ends early: cut short since it was loaded
-                raise self._changed()
-            done += got
-
-    def _pread_into(self, view: memoryview, offset: int) -> int:
-        if hasattr(os, "preadv"):
-            return os.preadv(self._handle.fileno(), [view], offset)
-        with self._lock:
-            self._handle.seek(offset)
-            return self._handle.readinto(view) or 0
-
-    def _pread(self, count: int, offset: int) -> bytes:
-        buffer = bytearray(count)
-        if count and self._pread_into(memoryview(buffer), offset) != count:
-            raise self._changed()
-        return bytes(buffer)
 
 
 @dataclass(frozen=True)

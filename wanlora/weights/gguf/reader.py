@@ -24,8 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 from ...errors import InvalidInput, ModelNotFound
 from ...messages import listing
 from ...models import Architecture, ModelSpec, families_of_width, transformer_kind
-from ..checkpoint import CheckpointChanged
+from ..held_file import HeldFile
 from .dequant import dequantize
 from .qtypes import BF16, F16, F32, OTHER_GGML_TYPES, READ_TYPES, QType
 
@@ -100,14 +98,11 @@ def _gguf_reader() -> Any:
     return gguf.GGUFReader
 
 
-class GgufFile:
+class GgufFile(HeldFile):
     """One GGUF file, open for reading: its metadata and tensor table, each tensor read as a copy of its own."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._handle = path.open("rb", buffering=0)  # held: a file renamed over this one does not reach us
-        self._stat = self._signature()
-        self._lock = threading.Lock()  # for systems without preadv, whose reads seek
+        super().__init__(path)
         try:
             self.metadata, self.tensors = _parse(path)
             self.check_unchanged()  # the table just read is this file's
@@ -115,51 +110,17 @@ class GgufFile:
             self._handle.close()
             raise
 
-    def _signature(self) -> tuple[int, int]:
-        stat = os.fstat(self._handle.fileno())
-        return stat.st_size, stat.st_mtime_ns
-
     @property
     def size(self) -> int:
         return self._stat[0]
-
-    def check_unchanged(self) -> None:
-        if self._signature() != self._stat:
-            raise self._changed()
-
-    def _changed(self) -> CheckpointChanged:
-        return CheckpointChanged(
-            f"{self.path} was rewritten since the model was loaded from it, and LoRA merges read the "
-            "original weights there: load the model again"
-        )
 
     def read(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start:stop of a tensor's raw bytes, uint8 (rows, row bytes), in memory of their own."""
         stop = info.rows if stop is None else stop
         target = torch.empty((stop - start, info.row_bytes), dtype=torch.uint8)
-        view = memoryview(target.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
-        offset, done = info.offset + start * info.row_bytes, 0
-        while done < len(view):
-            got = self._pread_into(view[done:], offset + done)
-            if got <= 0:  # the file ends early: cut short since it was loaded
-                raise self._changed()
-            done += got
+        if target.numel():
+            self._read_into(target, info.offset + start * info.row_bytes)
         return target
-
-    def _pread_into(self, view: memoryview, offset: int) -> int:
-        if hasattr(os, "preadv"):
-            return os.preadv(self._handle.fileno(), [view], offset)
-        with self._lock:
-            self._handle.seek(offset)
-            return self._handle.readinto(view) or 0
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __del__(self) -> None:  # the handle lives as long as what was loaded may need W0 from it, then closes
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.close()
 
 
 def _parse(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
