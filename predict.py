@@ -122,7 +122,7 @@ class Predictor(BaseRunner):
             default="Off",
         ),
         accelerator: str = Input(
-            description="Step distillation for speed, each sampled as its own reference code does: lightx2v-4step samples 4 steps without guidance (14b and 2.2-a14b; on 2.2-a14b the Wan2.2-Lightning Seko pair, one file per expert); on 2.2-a14b also lightning-250928 and lightx2v-1217 (text-to-video), lightx2v-1022, lightx2v-moe and lightx2v-260412 (image-to-video), all 4 steps; rcm samples 1 to 4 steps with rCM's own stochastic sampler (14b and 1.3b text-to-video, 2.2-a14b image-to-video); causvid 8 steps (14b and 1.3b text-to-video; a community recipe). Its LoRA stacks with the LoRA inputs, and it sets sample_steps, the guidance and sample_shift unless you do.",
+            description="Step distillation for speed, each sampled as its own reference code does: lightx2v-4step samples 4 steps without guidance (14b and 2.2-a14b; on 2.2-a14b the Wan2.2-Lightning Seko pair, one file per expert); on 2.2-a14b also lightning-250928 and lightx2v-1217 (text-to-video), lightx2v-1022, lightx2v-moe and lightx2v-260412 (image-to-video), all 4 steps; lightning-3phase (2.2-a14b) runs Wan2GP's three-phase recipe: 8 steps, the first guided (sample_guide_scale, 3.5) without the accelerator, then the high-noise and the low-noise accelerator unguided; rcm samples 1 to 4 steps with rCM's own stochastic sampler (14b and 1.3b text-to-video, 2.2-a14b image-to-video); causvid 8 steps (14b and 1.3b text-to-video; a community recipe). Its LoRA stacks with the LoRA inputs, and it sets sample_steps, the guidance and sample_shift unless you do.",
             choices=[
                 "none",
                 "lightx2v-4step",
@@ -131,6 +131,7 @@ class Predictor(BaseRunner):
                 "lightx2v-1022",
                 "lightx2v-moe",
                 "lightx2v-260412",
+                "lightning-3phase",
                 "rcm",
                 "causvid",
             ],

@@ -9,6 +9,7 @@ not from wanlora's code.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from wanlora.models import CATALOGUE, WAN_NEGATIVE_PROMPT, tiny_spec
 from wanlora.options import GenerationOptions
 from wanlora.pipeline import sampler_for
 from wanlora.request import resolve_request
-from wanlora.runtime.sampling import RcmSampler, WanFlowUniPC
+from wanlora.runtime.sampling import RcmSampler, Wan2gpEuler, WanFlowUniPC
 
 from .conftest import SMALL, recorded, run_cli
 from .test_cli import FOX
@@ -412,3 +413,99 @@ def test_the_cli_runs_rcm_with_its_own_steps_and_no_shift(tiny_dir, tmp_path):
     )
     refused = run_cli(*fox, "--accelerator", "rcm", "--shift", "5", "-o", str(tmp_path / "no.mp4"))
     assert refused.returncode == 2 and "its sampler does not shift" in refused.stderr
+
+
+# ------------------------------------------------------------------ 6. Wan2GP's three-phase recipe
+#
+# Written out from deepbeepmeep/Wan2GP @8681e9f7: shared/utils/euler_scheduler.py (`set_timesteps`: a float32
+# linspace(1000, 1, N) plus 0, each a 1-element tensor shifted by `_timestep_transform`, the last dropped;
+# `step`: dt = (t - t_next).item() / 1000, the last step's t_next 0, `sample - model_output * dt`),
+# shared/utils/loras_mutipliers.py `get_model_switch_steps` (a phase starts at the first step with
+# t <= its threshold), models/wan/any2video.py `update_guidance` (phase 2 and 3 guidance; the low-noise
+# model from phase `model_switch_phase` + 1), and profiles/wan_2_2/"Lightning t2v v2025-09-28 3 Phases -
+# 8 Steps.json" (8 steps, shift 3, thresholds 965 / 800, guidance 3.5 / 1 / 1, multipliers "0;1;0 0;0;1"),
+# "Lightning i2v v2025-10-14 3 Phases - 8 Steps.json" (the same with shift 5 and 985 / 800).
+
+WAN2GP_PROFILES = {"t2v-a14b": (3.0, 965.0, 800.0), "i2v-a14b": (5.0, 985.0, 800.0)}  # shift, thresholds
+
+
+def wan2gp_reference(steps: int, shift: float) -> list[float]:
+    """Wan2GP's EulerScheduler.set_timesteps: each 1-element float32 timestep shifted on its own."""
+    timesteps = [torch.tensor([t]) for t in np.linspace(1000, 1, steps, dtype=np.float32)]
+    timesteps.append(torch.tensor([0.0]))
+    shifted = []
+    for t in timesteps:
+        t = t / 1000
+        shifted.append(shift * t / (1 + (shift - 1) * t) * 1000)
+    return [float(t) for t in shifted[:-1]]
+
+
+def wan2gp_switch_steps(timesteps: list[float], first: float, second: float) -> tuple[int, int]:
+    """get_model_switch_steps with three guidance phases."""
+    found = [None, None]
+    for i, t in enumerate(timesteps):
+        if found[0] is None and t <= first:
+            found[0] = i
+        if found[1] is None and t <= second:
+            found[1] = i
+    return tuple(len(timesteps) if f is None else f for f in found)
+
+
+def test_every_three_phase_row_is_a_wan2gp_profile():
+    assert {spec.name for spec in CATALOGUE.values() if "lightning-3phase" in spec.accelerators} == set(WAN2GP_PROFILES)
+
+
+@pytest.mark.parametrize("name", list(WAN2GP_PROFILES))
+def test_three_phases_sample_wan2gps_timesteps_with_its_phases_guidance_and_strengths(name):
+    shift, first, second = WAN2GP_PROFILES[name]
+    spec, request, sampler = accelerated(name, "lightning-3phase")
+    settings = request.settings
+    assert (settings.num_inference_steps, settings.flow_shift) == (8, shift)
+    assert (settings.guidance_scale, settings.guidance_scale_2) == (3.5, 1.0)  # guidance, guidance2 (= guidance3)
+    assert settings.negative_prompt == spec.negative_prompt  # phase 1 is guided: the model's own negative prompt
+    for steps in (5, 8, 12, 20):
+        sampler.set_timesteps(steps)
+        reference = wan2gp_reference(steps, shift)
+        assert sampler.timesteps.tolist() == reference, steps  # bit for bit, in float32
+        options = GenerationOptions("p", image=None if name == "t2v-a14b" else Image.new("RGB", (64, 64)))
+        split = resolve_request(spec, replace(options, accelerator="lightning-3phase", num_inference_steps=steps))
+        guided, high = wan2gp_switch_steps(reference, first, second)
+        assert (split.phases.guided, split.phases.high) == (guided, high), steps
+        boundary = split.phases.boundary_ratio
+        assert expert_steps(sampler, steps, boundary, spec.experts) == {"high": range(high), "low": range(high, steps)}
+    sampler.set_timesteps(8)
+    assert [round(t, 1) for t in sampler.timesteps.tolist()][:4] == (
+        [1000.0, 947.4, 882.5, 800.3] if shift == 3.0 else [1000.0, 967.8, 926.0, 869.8]
+    )
+    assert request.phases.describe() == "phase 1 = steps 1-1, phase 2 = steps 2-4, phase 3 = steps 5-8"
+    # "0;1;0 0;0;1": the high-noise LoRA off in phase 1 and on in phase 2; the low-noise one on in phase 3
+    assert [(r.expert, r.strength) for r in request.accelerator_loras] == [
+        ("high", (0.0, 1.0, 1.0, 1.0)),
+        ("low", 1.0),
+    ]
+
+
+def test_wan2gps_euler_steps_as_its_code_does():
+    sampler = Wan2gpEuler(3.0)
+    sampler.set_timesteps(8)
+    reference = wan2gp_reference(8, 3.0)
+    sample, velocity = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 4, 2, 3, 3)
+    for index in (0, 7):  # a step to the next timestep, and the last one, to 0
+        sampler._step_index = index
+        got = sampler.step(velocity, sampler.timesteps[index], sample, return_dict=False)[0]
+        here = torch.tensor([reference[index]])
+        after = torch.tensor([reference[index + 1]]) if index < 7 else None
+        dt = ((here - after) if after is not None else here).item() / 1000
+        assert torch.equal(got, sample - velocity * dt), index
+
+
+def test_three_phases_refuse_what_would_leave_a_phase_empty_or_guide_the_low_noise_phase():
+    spec = CATALOGUE["t2v-a14b"]
+    with pytest.raises(InvalidInput, match="num_inference_steps=3 is not allowed: more with lightning-3phase"):
+        resolve_request(spec, GenerationOptions("p", accelerator="lightning-3phase", num_inference_steps=3))
+    with pytest.raises(InvalidInput, match="guidance_scale_2=3.0 is not allowed: left out with lightning-3phase"):
+        resolve_request(spec, GenerationOptions("p", accelerator="lightning-3phase", guidance_scale_2=3.0))
+    with pytest.raises(InvalidInput, match="available for t2v-a14b, i2v-a14b, not t2v-14b"):
+        resolve_request(CATALOGUE["t2v-14b"], GenerationOptions("p", accelerator="lightning-3phase"))
+    guided = resolve_request(spec, GenerationOptions("p", accelerator="lightning-3phase", guidance_scale=5.0))
+    assert guided.settings.guidance_scale == 5.0 and guided.phases.guided == 1  # phase 1's guidance is yours

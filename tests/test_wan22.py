@@ -8,6 +8,7 @@ and per-token timesteps for TI2V-5B.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -405,6 +406,99 @@ def test_each_new_a14b_release_runs_on_its_stand_ins_at_its_strengths(tiny_dir_a
         video = i2v.generate("a fox", image=image, accelerator=preset, **small)
         assert (video.metadata["accelerator"], video.metadata["num_inference_steps"]) == (preset, 4)
         assert tuple(expert.loras.active[0].request.strength for expert in i2v.experts) == strengths
+
+
+def test_three_phases_guide_the_first_step_without_the_accelerator_and_switch_experts_at_800(tiny_dir_a14b):
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b))
+    high = pipe.experts[0].module
+    base = high.blocks[0].attn1.to_q.weight.detach().clone()
+    calls, forwards = [], []
+    for expert in pipe.experts:
+        expert.module.register_forward_pre_hook(
+            lambda module, args, kwargs, name=expert.name: calls.append(
+                (name, round(float(kwargs["timestep"][0]), 1), torch.equal(high.blocks[0].attn1.to_q.weight, base))
+            ),
+            with_kwargs=True,
+        )
+        expert.module.blocks[0].register_forward_hook(
+            lambda module, args, output, name=expert.name: forwards.append((name, output.shape[0]))
+        )
+    small = {"width": 64, "height": 48, "num_frames": 5, "seed": 1, "progress": False}
+    video = pipe.generate("a fox", accelerator="lightning-3phase", **small)
+    assert calls == [
+        ("high", 1000.0, True),  # phase 1: guided (cond and uncond), without the accelerator
+        ("high", 1000.0, True),
+        ("high", 947.4, False),  # phase 2: the accelerator merged, one pass a step
+        ("high", 882.5, False),
+        ("high", 800.3, False),
+        ("low", 692.8, False),  # phase 3: the low-noise expert from t <= 800, not from the boundary at 875
+        ("low", 546.3, False),
+        ("low", 334.9, False),
+        ("low", 3.0, False),
+    ]
+    assert video.metadata["phases"] == "phase 1 = steps 1-1, phase 2 = steps 2-4, phase 3 = steps 5-8"
+    assert (video.metadata["guidance_scale"], video.metadata["guidance_scale_2"]) == (3.5, 1.0)
+    assert pipe.diffusers_pipeline.config.boundary_ratio == 0.875  # the model's own switch, back
+    forwards.clear()
+    batched = pipe.generate("a fox", accelerator="lightning-3phase", cfg_batch=True, **small)
+    assert forwards == [("high", 2)] + [("high", 1)] * 3 + [("low", 1)] * 4  # the guided step as one batch of two
+    assert np.abs(batched.frames.astype(int) - video.frames.astype(int)).max() <= 1  # matmul order may differ
+    calls.clear()
+    after = pipe.generate("a fox", accelerator="lightx2v-4step", **small)
+    fresh = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b))
+    assert np.array_equal(after.frames, fresh.generate("a fox", accelerator="lightx2v-4step", **small).frames)
+    assert [name for name, *_ in calls] == ["high", "high", "low", "low"]  # nothing left of the phases
+
+
+def test_three_phases_run_on_image_to_video_with_their_own_pair(tmp_path, caplog):
+    from PIL import Image
+
+    from wanlora.tiny import write_tiny_model
+
+    i2v = WanLoraPipeline.from_pretrained(str(write_tiny_model(tmp_path / "i2v", kind="i2v-a14b")))
+    image = Image.new("RGB", (96, 64), (200, 40, 40))
+    small = {"width": 64, "height": 48, "num_frames": 5, "seed": 1, "progress": False}
+    with caplog.at_level(logging.INFO):
+        video = i2v.generate("a fox", image=image, accelerator="lightning-3phase", **small)
+    # the pair's folder is asked for once per expert: each request says the one file it placed, and is applied once
+    placed = [r.getMessage().split(": ", 1)[1] for r in caplog.records if "is a Wan2.2 pair" in r.getMessage()]
+    assert placed == [
+        "high_noise_model.safetensors on the high-noise expert",
+        "low_noise_model.safetensors on the low-noise expert",
+    ]
+    assert sum(r.getMessage().startswith("applied ") for r in caplog.records) == 2
+    assert (video.metadata["num_inference_steps"], video.metadata["flow_shift"]) == (8, 5.0)
+    assert video.metadata["phases"] == "phase 1 = steps 1-1, phase 2 = steps 2-4, phase 3 = steps 5-8"
+    strengths = [(expert.name, [c.request.strength for c in expert.loras.active]) for expert in i2v.experts]
+    assert strengths == [("high", [(0.0, 1.0, 1.0, 1.0)]), ("low", [1.0])]
+
+
+def test_the_cli_and_the_predictor_run_three_phases(tiny_dir_a14b, tmp_path):
+    from wanlora.frontends.service import VideoService
+
+    from .conftest import recorded, run_cli
+    from .test_cli import FOX
+
+    fox = [arg for arg in FOX if arg not in ("--steps", "2")]  # the preset's own 8
+    fox[fox.index("tiny")] = str(tiny_dir_a14b)
+    result = run_cli(*fox, "--frames", "5", "--accelerator", "lightning-3phase", "-o", str(tmp_path / "cli.mp4"))
+    assert result.returncode == 0, result.stderr
+    tags = recorded(tmp_path / "cli.mp4")
+    assert (tags["accelerator"], tags["num_inference_steps"], tags["guidance_scale"], tags["flow_shift"]) == (
+        "lightning-3phase",
+        8,
+        3.5,
+        3.0,
+    )
+    assert tags["phases"] == "phase 1 = steps 1-1, phase 2 = steps 2-4, phase 3 = steps 5-8"
+    refused = run_cli(*fox, "--accelerator", "lightning-3phase", "--guidance-2", "3", "-o", str(tmp_path / "no.mp4"))
+    assert refused.returncode == 2 and "the low-noise expert's phase runs unguided" in refused.stderr
+    service = VideoService(override=str(tiny_dir_a14b), i2v_override="")
+    inputs = PredictorInputs(prompt="a fox", model="2.2-a14b", accelerator="lightning-3phase", num_frames=5, seed=7)
+    made = service.generate(inputs, tmp_path)
+    assert made.steps == 8 and recorded(made.path)["phases"] == tags["phases"]
+    with pytest.raises(InvalidInput, match="sample_guide_scale_2=2.0 is not allowed: left out with lightning-3phase"):
+        service.resolve(replace(inputs, sample_guide_scale_2=2.0))
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
     """
     chosen: dict[str, list[Chosen]] = {name: [] for name in names}
     for request, files in loaded:
+        placed = []
         for role, lora in files:
             if role != EVERY_EXPERT and role not in names:
                 raise InvalidInput(
@@ -72,9 +73,9 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
                 aimed = placed_by_file(request, lora, names)
             for name in aimed if role == EVERY_EXPERT else [role] if role in aimed else []:
                 chosen[name].append(Chosen(request, lora))
-        if len(files) > 1:
-            placed = ", ".join(f"{Path(lora.path).name} on {WORDS[role]}" for role, lora in files)
-            logger.log(NOTICE, "%s is a Wan2.2 pair: %s", request.label, placed)
+                placed.append(f"{Path(lora.path).name} on {WORDS[name]}")
+        if len(files) > 1:  # a request aimed at one expert takes its file alone
+            logger.log(NOTICE, "%s is a Wan2.2 pair: %s", request.label, ", ".join(placed))
     return chosen
 
 

@@ -144,6 +144,19 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class Phases:
+    """A three-phase recipe (Wan2GP's "3 Phases" profiles): phase 1 guided on the high-noise expert without the
+    accelerator, phase 2 on the high-noise expert with its accelerator LoRA, phase 3 on the low-noise expert with
+    its own, both unguided.
+
+    A phase starts at the first step whose timestep is at or below its threshold (Wan2GP's
+    `get_model_switch_steps`), so the low-noise expert takes over at `thresholds[1]`, not at the model's boundary.
+    """
+
+    thresholds: tuple[float, float]  # phase 2 starts at t <= [0], phase 3 (the low-noise expert's) at t <= [1]
+
+
+@dataclass(frozen=True)
 class Distilled:
     """An accelerator's LoRA(s) for one variant, and what its recipe sets for that variant.
 
@@ -156,6 +169,8 @@ class Distilled:
     low: str | None = None
     strengths: tuple[float, float] = (1.0, 1.0)  # (the high-noise expert, or the only transformer; the low-noise)
     sigma_max: float | None = None  # rCM: its sampler's first sigma on this variant (its inference script's)
+    shift: float | None = None  # the recipe's shift on this variant, where it is not the preset's
+    phases: Phases | None = None  # a phased recipe's switch points on this variant
     note: str = ""  # where the files and strengths come from, when not the preset's own reference
 
     @property
@@ -315,7 +330,8 @@ WAN22_VAE = {
 # distillation was trained for, held to its reference code in tests/test_reference.py. Three samplers:
 # "euler" (flow-matching Euler on fixed sigmas, shifted: the whole lightx2v / Wan2.2-Lightning family,
 # distilled on sigmas 1, 0.75, 0.5, 0.25 at shift 5), "rcm" (NVlabs' rCM: TrigFlow times, no shift, a
-# stochastic step) and "unipc" (the base model's own: CausVid, which no reference code samples so).
+# stochastic step), "unipc" (the base model's own: CausVid, which no reference code samples so) and
+# "wan2gp-euler" (Wan2GP's Euler on shifted linspace(1000, 1, N): its three-phase Lightning recipe).
 # Each variant's row below names its LoRA(s) for the presets it has (`Distilled`).
 
 LIGHTNING_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # before the shift: LightX2V's [1000, 750, 500, 250] / 1000
@@ -327,7 +343,7 @@ class Accelerator:
     steps: int
     guidance: float
     shift: float | None  # None: its sampler does not shift (rCM's fixed times)
-    sampler: str  # "euler" on `sigmas`, "rcm", or "unipc" (the base model's)
+    sampler: str  # "euler" on `sigmas`, "rcm", "unipc" (the base model's) or "wan2gp-euler"
     sigmas: tuple[float, ...] = ()  # "euler": the distillation's sigmas before the shift
     step_counts: tuple[int, ...] = ()  # the step counts it samples; () for any
     reference: str = ""  # the code its schedule is held to
@@ -354,6 +370,15 @@ ACCELERATORS: dict[str, Accelerator] = {
         _lightning("lightx2v-1022", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
         _lightning("lightx2v-moe", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
         _lightning("lightx2v-260412", LIGHTX2V_CONFIG.format("i2v_distill_with_lora")),
+        # Wan2GP's three-phase Lightning profiles: 8 steps, the first guided (3.5) without the accelerator
+        Accelerator(
+            "lightning-3phase",
+            8,
+            3.5,
+            3.0,
+            "wan2gp-euler",
+            reference="deepbeepmeep/Wan2GP profiles/wan_2_2/Lightning * 3 Phases - 8 Steps.json",
+        ),
         Accelerator("rcm", 4, 1.0, None, "rcm", step_counts=(1, 2, 3, 4), reference="NVlabs/rcm rcm/inference/"),
         # Bidirectional CausVid distillation, sampled with UniPC like the base model: no reference does this.
         Accelerator("causvid", 8, 1.0, 5.0, "unipc", reference="none: a community recipe"),
@@ -370,6 +395,7 @@ DISTILL_LORAS = (
     "lightx2v/Wan2.2-Distill-Loras/wan2.2_{task}_A14b_{expert}_noise_lora_rank64_lightx2v_4step_{release}.safetensors"
 )
 KIJAI_22 = f"{KIJAI}/LoRAs/Wan22_Lightx2v"  # Kijai's LoRAs extracted from lightx2v's full distilled experts
+MOE_HIGH = f"{KIJAI_22}/Wan_2_2_I2V_A14B_HIGH_lightx2v_MoE_distill_lora_rank_64_bf16.safetensors"
 # rCM (NVlabs/rcm) is trained on Wan2.1 T2V; Kijai's LoRAs are its weight delta. Wan2.2 I2V takes the same
 # delta merged into each expert: the authors' Wan.md runs high-rCM4.0 / low-rCM1.0 merges.
 RCM_14B = f"{KIJAI}/LoRAs/rCM/Wan_2_1_T2V_14B_480p_rCM_lora_average_rank_83_bf16.safetensors"
@@ -488,6 +514,12 @@ CATALOGUE_ROWS = [
             "lightx2v-4step": Distilled(f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"),
             "lightning-250928": Distilled(f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-250928"),
             "lightx2v-1217": distill_pair("t2v", "1217"),
+            "lightning-3phase": Distilled(
+                f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-250928",
+                phases=Phases((965.0, 800.0)),
+                note="Wan2GP's 'Lightning t2v v2025-09-28 3 Phases - 8 Steps' profile (its files are copies of "
+                "this pair)",
+            ),
         },
     ),
     ModelSpec(
@@ -511,7 +543,7 @@ CATALOGUE_ROWS = [
             "lightx2v-1022": distill_pair("i2v", "1022"),
             # The MoE distill (2025-10): lightx2v's SVD-extracted low-noise LoRA, Kijai's extraction of the high one
             "lightx2v-moe": Distilled(
-                high=f"{KIJAI_22}/Wan_2_2_I2V_A14B_HIGH_lightx2v_MoE_distill_lora_rank_64_bf16.safetensors",
+                high=MOE_HIGH,
                 low="lightx2v/Wan2.2-I2V-A14B-Moe-Distill-Lightx2v/loras/low_noise_model_rank64.safetensors",
             ),
             # 260412 (720p): lightx2v publishes full models only; these are Kijai's rank-64 extractions of them
@@ -520,6 +552,14 @@ CATALOGUE_ROWS = [
                 low=f"{KIJAI_22}/Wan_2_2_I2V_A14B_LOW_lightx2v_4step_lora_260412_rank_64_fp16.safetensors",
                 note="lightx2v ships full models only (or load them with --transformer); no LightX2V config names "
                 "260412, so its schedule is the family's I2V distill config",
+            ),
+            "lightning-3phase": Distilled(
+                high=MOE_HIGH,
+                low=f"{LIGHTNING}/Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/low_noise_model.safetensors",
+                shift=5.0,
+                phases=Phases((985.0, 800.0)),
+                note="Wan2GP's 'Lightning i2v v2025-10-14 3 Phases - 8 Steps' profile: the MoE distill's high-noise "
+                "LoRA, Seko V1's low-noise one",
             ),
             # rcm/inference/wan2pt2_i2v_rcm_infer.py: sigma_max 200; Wan.md merges the delta at 4.0 (high), 1.0 (low)
             "rcm": Distilled(RCM_14B, strengths=(4.0, 1.0), sigma_max=200.0),
@@ -743,7 +783,11 @@ def schedule_words(preset: Accelerator, distilled: Distilled) -> str:
         return f"Euler on sigmas {sigmas}, shift {preset.shift:g}"
     if preset.sampler == "rcm":
         return f"rCM (stochastic), sigma_max {distilled.sigma_max:g}"
-    return f"UniPC, shift {preset.shift:g}"
+    shift = preset.shift if distilled.shift is None else distilled.shift
+    if preset.sampler == "wan2gp-euler":
+        switches = " and ".join(f"t <= {t:g}" for t in distilled.phases.thresholds) if distilled.phases else ""
+        return f"Wan2GP's Euler, shift {shift:g}; phases from {switches} (the low-noise expert at the second)"
+    return f"UniPC, shift {shift:g}"
 
 
 def accelerators_markdown() -> str:
@@ -758,10 +802,14 @@ def accelerators_markdown() -> str:
             files = f"`{distilled.lora}`" if distilled.lora else f"high: `{distilled.high}`<br>low: `{distilled.low}`"
             two = spec.boundary_ratio is not None
             strengths = "{:g} / {:g}".format(*distilled.strengths) if two else f"{distilled.strengths[0]:g}"
+            guidance = f"{preset.guidance:g}"
+            if distilled.phases is not None:  # the high-noise file off in the guided first phase
+                strengths = "0 then {:g} / {:g}".format(*distilled.strengths)
+                guidance += " in phase 1, then 1"
             reference = preset.reference + (f"; {distilled.note}" if distilled.note else "")
             steps = "/".join(map(str, preset.step_counts)) or f"{preset.steps}"
             lines.append(
-                f"| `{name}` | `{spec.name}` | {files} | {steps} | {preset.guidance:g} | "
+                f"| `{name}` | `{spec.name}` | {files} | {steps} | {guidance} | "
                 f"{schedule_words(preset, distilled)} | {strengths} | {reference} |"
             )
     return "\n".join(lines) + "\n"

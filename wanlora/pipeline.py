@@ -64,7 +64,7 @@ from .runtime.memory import (
     vae_tiling_for,
 )
 from .runtime.placement import ExpertSwitch, place, set_vae_tiling
-from .runtime.sampling import FixedSigmaEuler, RcmSampler, WanFlowUniPC
+from .runtime.sampling import FixedSigmaEuler, RcmSampler, Wan2gpEuler, WanFlowUniPC
 from .staging import staged_folder
 from .sweep import MAX_WIDTH, Sweep, run_sweep, sweep_axes
 from .tiny import tiny_pipeline
@@ -409,7 +409,12 @@ class WanLoraPipeline:
         for request, files in loaded:
             aimed = "" if request.expert == EVERY_EXPERT else f" on the {request.expert}-noise expert"
             for role, lora in files:
-                self._tell_applied(lora, chosen)
+                taking = [
+                    e for e in self.experts if any(c.lora is lora and c.request is request for c in chosen[e.name])
+                ]
+                if not taking:  # a pair's other file, for a request aimed at one expert
+                    continue
+                self._tell_applied(lora, taking)
                 logger.info(
                     "applied %s at strength %s%s: %s, rank %s, %d tensors, trigger words: %s (merge %.2fs)",
                     lora.label,  # a pair's file says its expert in its label already
@@ -424,13 +429,10 @@ class WanLoraPipeline:
         if not requests:
             logger.info("LoRAs removed: base weights restored (%.2fs)", seconds)
 
-    def _tell_applied(self, lora: LoraFile, chosen: dict) -> None:
+    def _tell_applied(self, lora: LoraFile, taking: list[Expert]) -> None:
         """The notice a person sees without -v: the LoRA and how much of the model it changes (the same words
         whatever its strength, so that the CLI, which says each notice once, says it once per LoRA and model)."""
         if not logger.isEnabledFor(NOTICE):
-            return
-        taking = [e for e in self.experts if any(c.lora is lora for c in chosen.get(e.name, []))]
-        if not taking:
             return
         model = self.spec.name
         if len(self.experts) > 1:
@@ -571,7 +573,13 @@ class WanLoraPipeline:
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         sampler = self._sampler_for(request, settings.flow_shift, generator)
         pipeline.scheduler = self.diffusers_pipeline.scheduler = sampler
-        steps = expert_steps(sampler, settings.num_inference_steps, self.spec.boundary_ratio, self.spec.experts)
+        boundary_ratio = self.spec.boundary_ratio if request.phases is None else request.phases.boundary_ratio
+        steps = expert_steps(sampler, settings.num_inference_steps, boundary_ratio, self.spec.experts)
+        callbacks = [schedule_callback(self.experts, steps)]
+        if request.phases is not None:
+            extra = {**extra, "phases": request.phases.describe()}
+            logger.info("%s: %s", request.accelerator.name if request.accelerator else "phases", extra["phases"])
+            callbacks.append(self._unguided_after(request.phases.guided))
         if isinstance(sampler, RcmSampler):  # its first latent is the noise at its first sigma, below 1
             conditioning = {**conditioning, "latents": self._first_latents(pipeline, settings, generator, sampler)}
         main = self.parallel is None or self.parallel.is_main
@@ -587,19 +595,20 @@ class WanLoraPipeline:
             settings.num_inference_steps,
         )
         started = time.perf_counter()
-        output = pipeline(
-            **self._text(pipeline, settings),
-            width=settings.width,
-            height=settings.height,
-            num_frames=settings.num_frames,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            generator=generator,
-            output_type="np" if main else "latent",  # only rank 0 decodes
-            callback_on_step_end=step_callback(schedule_callback(self.experts, steps), bar),
-            **({"guidance_scale_2": settings.guidance_scale_2} if settings.guidance_scale_2 is not None else {}),
-            **conditioning,
-        )
+        with expert_switch_at(pipeline, boundary_ratio):
+            output = pipeline(
+                **self._text(pipeline, settings),
+                width=settings.width,
+                height=settings.height,
+                num_frames=settings.num_frames,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=generator,
+                output_type="np" if main else "latent",  # only rank 0 decodes
+                callback_on_step_end=step_callback(callbacks, bar),
+                **({"guidance_scale_2": settings.guidance_scale_2} if settings.guidance_scale_2 is not None else {}),
+                **conditioning,
+            )
         seconds = time.perf_counter() - started
         bar.close()
         if not main:
@@ -610,6 +619,25 @@ class WanLoraPipeline:
         video = Video(frames=frames, fps=settings.fps, seed=settings.seed, metadata=metadata)
         video.timings["denoising_seconds"] = seconds
         return video
+
+    def _unguided_after(self, guided_steps: int):
+        """A step callback that ends guidance after the first `guided_steps` steps (a phased recipe's first phase).
+
+        diffusers decides each step whether to run the unconditional pass from the pipeline's
+        `_guidance_scale` (its documented way to change guidance in a callback); the guidance
+        hooks follow it. The next call sets it afresh from its own arguments.
+        """
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            if step == guided_steps - 1:
+                pipeline._guidance_scale = 1.0
+                for hook in self.batched_guidance:
+                    hook.active = False
+                if self.parallel is not None:
+                    self.parallel.set_guidance(False)
+            return tensors
+
+        return on_step_end
 
     def _sampler_for(self, request: Request, flow_shift: float, generator: torch.Generator):
         return sampler_for(request, self.base_scheduler.config, flow_shift, generator)
@@ -716,16 +744,33 @@ class WanLoraPipeline:
         }
 
 
-def step_callback(schedule, bar: tqdm):
-    """diffusers' callback_on_step_end: the strength schedule's re-merges (if any), then one tick of the bar."""
+def step_callback(callbacks: list, bar: tqdm):
+    """diffusers' callback_on_step_end: each of `callbacks` (None: nothing to do) in turn, then one tick of the
+    bar."""
 
     def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        if schedule is not None:
-            tensors = schedule(pipeline, step, timestep, tensors)
+        for callback in callbacks:
+            if callback is not None:
+                tensors = callback(pipeline, step, timestep, tensors)
         bar.update()
         return tensors
 
     return on_step_end
+
+
+@contextmanager
+def expert_switch_at(pipeline: Any, boundary_ratio: float | None) -> Iterator[None]:
+    """diffusers' pipeline switching experts at `boundary_ratio` for one call (a phased recipe moves it off the
+    model's own boundary), its own put back after, whatever happens."""
+    own = pipeline.config.get("boundary_ratio")
+    if own is None or boundary_ratio == own:
+        yield
+        return
+    pipeline.register_to_config(boundary_ratio=boundary_ratio)
+    try:
+        yield
+    finally:
+        pipeline.register_to_config(boundary_ratio=own)
 
 
 def meta_transformer(spec: ModelSpec) -> WanTransformer3DModel:
@@ -780,6 +825,8 @@ def sampler_for(request: Request, base_config: Any, flow_shift: float, generator
     preset, distilled = request.accelerator, request.distilled
     if preset is not None and preset.sampler == "euler":
         return FixedSigmaEuler(list(preset.sigmas), flow_shift)
+    if preset is not None and preset.sampler == "wan2gp-euler":
+        return Wan2gpEuler(flow_shift)
     if preset is not None and preset.sampler == "rcm":
         if distilled is None or distilled.sigma_max is None:
             raise InternalError(f"the catalogue row of {preset.name} has no sigma_max")

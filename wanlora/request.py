@@ -16,8 +16,9 @@ from .accelerators import Accelerator, accelerator_for
 from .errors import InvalidInput
 from .images import ImageHeader, ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
-from .models import Distilled, ModelSpec
+from .models import Distilled, ModelSpec, Phases
 from .options import GenerationOptions, describe
+from .runtime.sampling import NUM_TRAIN_TIMESTEPS, wan2gp_timesteps
 from .settings import (
     MAX_PROMPT_CHARS,
     MAX_SIDE,
@@ -51,6 +52,33 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class PhaseSplit:
+    """Where a three-phase recipe's phases fall on a request's steps (`models.Phases`)."""
+
+    guided: int  # phase 1: the first steps, guided, without the accelerator
+    high: int  # phases 1 and 2: the high-noise expert's steps
+    steps: int
+    boundary_ratio: float  # the expert switch, between the last high-noise step's timestep and the next one's
+
+    def describe(self) -> str:
+        """Wan2GP's words for it: each phase's steps, counted from 1."""
+        spans = ((1, self.guided), (self.guided + 1, self.high), (self.high + 1, self.steps))
+        return ", ".join(f"phase {n} = steps {a}-{b}" for n, (a, b) in enumerate(spans, 1))
+
+
+def split_phases(phases: Phases, steps: int, shift: float, preset: str) -> PhaseSplit:
+    """The phases on Wan2GP's timesteps: each starts at the first step at or below its threshold; none empty."""
+    timesteps = wan2gp_timesteps(steps, shift).tolist()
+    guided, high = (next((i for i, t in enumerate(timesteps) if t <= limit), steps) for limit in phases.thresholds)
+    if not 0 < guided < high < steps:
+        thresholds = " and ".join(f"{limit:g}" for limit in phases.thresholds)
+        why = f"more with {preset}: at shift {shift:g} its phase switches (t <= {thresholds}) leave a phase no step"
+        raise InvalidInput("num_inference_steps", steps, why)
+    ratio = (timesteps[high - 1] + timesteps[high]) / 2 / NUM_TRAIN_TIMESTEPS
+    return PhaseSplit(guided, high, steps, ratio)
+
+
+@dataclass(frozen=True)
 class Request:
     """A generation request, valid for `spec`: what `WanLoraPipeline.run` takes."""
 
@@ -64,6 +92,7 @@ class Request:
     distilled: Distilled | None  # the accelerator's LoRA(s) for this model
     cfg_batch: bool
     framed_by_image: bool = False  # the frame keeps the image's aspect (nothing else was asked for)
+    phases: PhaseSplit | None = None  # a three-phase recipe's steps
 
     @property
     def accelerator_loras(self) -> tuple[LoraRequest, ...]:
@@ -73,6 +102,13 @@ class Request:
         if d is None:
             return ()
         high, low = d.strengths
+        if self.phases is not None:  # the high-noise accelerator off for the guided first phase
+            split = self.phases
+            schedule = (0.0,) * split.guided + (high,) * (split.high - split.guided)
+            return (
+                LoraRequest(d.high or str(d.lora), schedule, "high", builtin=True, explicit=True),
+                LoraRequest(d.low or str(d.lora), low, "low", builtin=True, explicit=True),
+            )
         if d.lora is not None and (self.spec.boundary_ratio is None or high == low):
             return (LoraRequest(d.lora, high, builtin=True, explicit=True),)
         files = (d.lora, d.lora) if d.lora is not None else (d.high, d.low)
@@ -280,14 +316,19 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
         preset, distilled = accelerator_for(o.accelerator, spec)
         steps = preset.steps if o.num_inference_steps is None else o.num_inference_steps
         two = spec.boundary_ratio is not None
-        if preset.shift is None and o.flow_shift is not None:
+        shift = preset.shift if distilled.shift is None else distilled.shift
+        if shift is None and o.flow_shift is not None:
             raise InvalidInput("flow_shift", o.flow_shift, f"left out with {preset.name}: its sampler does not shift")
+        guidance_2 = 1.0 if distilled.phases is not None else preset.guidance  # phases 2 and 3 run unguided
+        if distilled.phases is not None and o.guidance_scale_2 not in (None, 1.0):
+            why = f"left out with {preset.name}: the low-noise expert's phase runs unguided, as the accelerator was"
+            raise InvalidInput("guidance_scale_2", o.guidance_scale_2, why + " distilled")
         o = replace(
             o,
             num_inference_steps=steps,
             guidance_scale=preset.guidance if o.guidance_scale is None else o.guidance_scale,
-            guidance_scale_2=preset.guidance if two and o.guidance_scale_2 is None else o.guidance_scale_2,
-            flow_shift=(1.0 if preset.shift is None else preset.shift) if o.flow_shift is None else o.flow_shift,
+            guidance_scale_2=guidance_2 if two and o.guidance_scale_2 is None else o.guidance_scale_2,
+            flow_shift=(1.0 if shift is None else shift) if o.flow_shift is None else o.flow_shift,
         )
         preset.check_steps(steps)
     framed_by_image = bool(images) and o.aspect_ratio is None and o.width is None and o.height is None
@@ -295,6 +336,9 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
         width, height = frame_for_image(spec, images[0], o.resolution)
         o = replace(o, width=width, height=height)
     settings = resolve_settings(spec, o)
+    phases = None
+    if preset is not None and distilled is not None and distilled.phases is not None:
+        phases = split_phases(distilled.phases, settings.num_inference_steps, settings.flow_shift, preset.name)
     requests = None if o.loras is None else tuple(parse_requests(o.loras))
     if spec.identified:  # a Hub repo's experts are known once its config has been read
         check_targets(list(requests or ()), spec.experts, spec.name)
@@ -309,4 +353,5 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
         distilled=distilled,
         cfg_batch=o.cfg_batch,
         framed_by_image=framed_by_image,
+        phases=phases,
     )

@@ -9,7 +9,8 @@ at some step counts, which expert takes a step. `WanFlowUniPC` keeps diffusers' 
 feeds it the reference's sigmas.
 
 The accelerators were distilled on fixed timesteps: `FixedSigmaEuler` samples exactly those,
-whatever step count the pipeline asks for; `RcmSampler` samples rCM's, as its own script does.
+whatever step count the pipeline asks for; `RcmSampler` samples rCM's, as its own script does;
+`Wan2gpEuler` samples Wan2GP's Euler grid, on which its three-phase Lightning recipe runs.
 """
 
 from __future__ import annotations
@@ -104,5 +105,40 @@ class RcmSampler(FlowMatchEulerDiscreteScheduler):
         denoised = sample.to(torch.float64) - sigma * model_output.to(torch.float64)
         noise = randn_tensor(sample.shape, generator=self.generator, device=sample.device, dtype=torch.float32)
         sample_next = ((1 - sigma_next) * denoised + sigma_next * noise).to(sample.dtype)
+        self._step_index = index + 1
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=sample_next) if return_dict else (sample_next,)
+
+
+def wan2gp_timesteps(steps: int, shift: float) -> torch.Tensor:
+    """Wan2GP's Euler timesteps (shared/utils/euler_scheduler.py): linspace(1000, 1, N) in float32, each shifted
+    in float32 as `shift * s / (1 + (shift - 1) * s)` of s = t / 1000, then times 1000.
+
+    Not Lightning's grid (linspace(1000, 0, N + 1)[:-1]): the last step starts near t = shift, not at 1000 / N.
+    """
+    unit = torch.from_numpy(np.linspace(NUM_TRAIN_TIMESTEPS, 1, steps, dtype=np.float32)) / NUM_TRAIN_TIMESTEPS
+    return shift * unit / (1 + (shift - 1) * unit) * NUM_TRAIN_TIMESTEPS
+
+
+class Wan2gpEuler(FlowMatchEulerDiscreteScheduler):
+    """Wan2GP's Euler sampler: its timesteps, and its step `x - v * dt` with dt = (t - t_next) / 1000 (the
+    last step to 0), computed as there: the float32 difference, divided in Python's double."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__(shift=shift)
+        self.flow_shift = shift
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **_):
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = wan2gp_timesteps(num_inference_steps, self.flow_shift).to(device)
+        self.sigmas = torch.cat([self.timesteps.cpu() / NUM_TRAIN_TIMESTEPS, torch.zeros(1)])
+        self._step_index = None
+        self._begin_index = None
+
+    def step(self, model_output, timestep, sample, return_dict=True, **_):
+        index = 0 if self._step_index is None else self._step_index
+        here = self.timesteps[index]
+        after = self.timesteps[index + 1] if index + 1 < len(self.timesteps) else torch.zeros_like(here)
+        dt = (here - after).item() / NUM_TRAIN_TIMESTEPS
+        sample_next = (sample.float() - model_output.float() * dt).to(sample.dtype)
         self._step_index = index + 1
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=sample_next) if return_dict else (sample_next,)
