@@ -22,7 +22,7 @@ from tests.builders import block_linears, forward_flops
 from tests.tracing import meta_transformer, trace_step, traced_peak, transformer_inputs
 from wanlora.models import CATALOGUE
 from wanlora.runtime.memory import catalogue_sizes, vae_decode_bytes
-from wanlora.runtime.placement import arena_layout, caching_allocator_bytes
+from wanlora.weights.host_memory import arena_layout, caching_allocator_bytes
 
 GB = 1e9
 ASSUMED = {

@@ -53,8 +53,9 @@ from wanlora.lora.merge import LoraMerger
 from wanlora.lora.state import TransformerLoras
 from wanlora.models import CATALOGUE, TINY_ARCH, UMT5_XXL, WAN_14B, Architecture, ModelSpec, tiny_spec
 from wanlora.runtime.attention import BACKENDS, install_backend, unavailable_reason
-from wanlora.runtime.placement import ExpertSwitch, HostArena
+from wanlora.runtime.placement import ExpertSwitch
 from wanlora.tiny import TINY_TEXT_CONFIG
+from wanlora.weights.host_memory import HostArena
 
 LIGHTX2V_H200 = 14.0  # seconds: LightX2V's published 4-step I2V 480p on an H200
 TINY_VAE = {"base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1}

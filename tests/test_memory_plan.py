@@ -169,7 +169,7 @@ def test_the_memory_json_lists_every_variant_size_and_dtype(cli):
 def test_pinned_buffers_cost_what_they_hold():
     """One plain allocation registered with CUDA once, of the tensors' bytes (aligned to 512): not the caching
     host allocator's power-of-two blocks. The registration is a stand-in here, the allocation plan real."""
-    from wanlora.runtime.placement import ARENA_ALIGN, HostArena, caching_allocator_bytes
+    from wanlora.weights.host_memory import ARENA_ALIGN, HostArena, caching_allocator_bytes
 
     tensors = {
         "a": torch.randn(3000, 700).to(torch.bfloat16),
@@ -196,9 +196,43 @@ def test_pinned_buffers_cost_what_they_hold():
         for name, p in meta_transformer(CATALOGUE["t2v-14b"]).named_parameters()
     }
     assert caching_allocator_bytes(expert) / 1e9 == pytest.approx(43.8, abs=0.1)
-    from wanlora.runtime.placement import arena_layout
+    from wanlora.weights.host_memory import arena_layout
 
     assert arena_layout(expert)[1] / 1e9 == pytest.approx(28.6, abs=0.05)
+
+
+def test_a_merges_host_copy_of_w0_is_pinned_at_its_exact_size(monkeypatch):
+    """Where no checkpoint gives W0 back, a merge keeps a host copy of the weight (an fp8 one: rows and scales);
+    pinned through the caching host allocator a 13824x5120 bf16 weight would take 268 MB for its 142 MB."""
+    import gc
+
+    from wanlora.weights import formats, host_memory
+    from wanlora.weights.formats.base import Stored
+    from wanlora.weights.formats.fp8 import quantize_rows
+    from wanlora.weights.host_memory import arena_layout, caching_allocator_bytes
+    from wanlora.weights.pristine import HostCopy
+
+    registered, released = [], []
+    monkeypatch.setattr(host_memory, "cuda_register", lambda ptr, size: registered.append((ptr, size)))
+    monkeypatch.setattr(host_memory, "cuda_unregister", released.append)
+    rows, scale = quantize_rows(torch.randn(1536, 700))
+    stored = Stored(formats.get("fp8"), (rows, scale))
+    copy = HostCopy(stored, pin=True)
+    held = {"rows": rows, "scale": scale}
+    assert registered == [(copy.arena.storage.data_ptr(), arena_layout(held)[1])]
+    assert caching_allocator_bytes(held) > 1.5 * arena_layout(held)[1]
+    assert all(
+        torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(copy.tensors, stored.data, strict=True)
+    )
+    rows.zero_()  # a merge writes the weight: the copy is its own
+    assert not torch.equal(copy.tensors[0].view(torch.uint8), rows.view(torch.uint8))
+    assert copy.restore(stored) and torch.equal(rows.view(torch.uint8), copy.tensors[0].view(torch.uint8))
+    pointer = copy.arena.storage.data_ptr()
+    del copy
+    gc.collect()
+    assert released == [pointer]
+    bf16 = {"w": torch.empty(13824, 5120, dtype=torch.bfloat16, device="meta")}
+    assert (caching_allocator_bytes(bf16), arena_layout(bf16)[1]) == (268_435_456, 141_557_760)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ with a dispatch mode that counts live bytes and a flash-like attention (tests/te
 traces them again for every entry, and holds each stated peak at or above its trace). The budget is
 90% of the card's memory: the rest is the CUDA context and the caching allocator's slack.
 
-Host memory: pinned buffers are plain allocations registered with CUDA (wanlora.runtime.placement's
+Host memory: pinned buffers are plain allocations registered with CUDA (wanlora.weights.host_memory's
 `HostArena`), so they cost what they hold; PyTorch's caching host allocator would round each up
 to a power of two (a 28.6 GB expert to 34.4 GB). Pageable memory is what "model" offload moves
 weights back to. The LoRA merges' pristine W0 is read from the memory-mapped checkpoint where

@@ -3,8 +3,8 @@
 A weight is stored in its format (wanlora.weights.formats): full precision (the parameter
 itself), or a quantized layer's tensors (rows and a scale per row, ...). Its pristine W0 can be
 held as:
-- a host copy, made the first time a LoRA touches the weight (pinned for CUDA): the stored
-  tensors' own bits (a quantized weight at its stored size);
+- a host copy, made the first time a LoRA touches the weight (pinned for CUDA, at its exact size):
+  the stored tensors' own bits (a quantized weight at its stored size);
 - the checkpoint file it was loaded from (wanlora.weights.checkpoint): no host copy, the OS page
   cache holds it. Only where the file gives back the loaded bits exactly.
 
@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from .formats.base import Stored, rows_of
+from .host_memory import HostArena
 
 
 class Pristine(ABC):
@@ -37,11 +38,15 @@ class Pristine(ABC):
 
 
 class HostCopy(Pristine):
-    """A weight's stored tensors as loaded, in host memory."""
+    """A weight's stored tensors as loaded, in host memory: one `HostArena` of exactly their bytes, pinned
+    where the weight lives on a GPU (`pin`, by default), so that restoring it copies at the link's speed."""
 
-    def __init__(self, stored: Stored) -> None:
+    def __init__(self, stored: Stored, pin: bool | None = None) -> None:
         self.format = stored.format
-        self.tensors = tuple(_host_copy(tensor) for tensor in stored.data)
+        pin = stored.weight.device.type == "cuda" if pin is None else pin
+        names = [str(index) for index in range(len(stored.data))]
+        self.arena = HostArena(dict(zip(names, stored.data, strict=True)), pin=pin)  # pinned while this copy lives
+        self.tensors = tuple(self.arena.views[name] for name in names)
         self.peak = self.format.peak(stored.data)
 
     def fill(self, out: torch.Tensor, start: int, stop: int) -> None:
@@ -78,8 +83,3 @@ class PristineSource(Protocol):
 
     def check_unchanged(self) -> None:
         """Raise when W0 can no longer be read back as it was (a file rewritten in place)."""
-
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    copy = tensor.detach().to("cpu", copy=True)
-    return copy.pin_memory() if tensor.device.type == "cuda" else copy
