@@ -6,6 +6,8 @@ The files carry the metadata keys each trainer really writes (read from their co
   training/trainer_base.py `ss_base_model_version` "wan" for every Wan task;
 - ai-toolkit: `diffusion_model.` keys (lora_A/lora_B); ss_base_model_version "wan_2.2_14b" in both files, and
   the expert only in the name (wan22_14b_model.py save_lora: NAME_high_noise / NAME_low_noise);
+- ai-toolkit's one "combo" file for both experts (split_multistage_loras off), whose keys name the expert:
+  `diffusion_model.transformer_1.` (high noise) and `diffusion_model.transformer_2.` (low noise);
 - kohya's sd-scripts metadata with neither;
 - Civitai's model page API (`modelVersions[].baseModel`), stood in for on 127.0.0.1.
 """
@@ -16,17 +18,21 @@ import json
 import logging
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from wanlora import WanLoraPipeline
-from wanlora.errors import LoraMismatch
+from wanlora.errors import InvalidInput, LoraFormatError, LoraMismatch
 from wanlora.logs import NOTICE
 from wanlora.lora.inspect import inspect_lora
+from wanlora.lora.layouts import parse_halves, parse_state_dict
 from wanlora.lora.placement import place
 from wanlora.lora.selection import LoraRequest
 from wanlora.tiny import tiny_transformer
 
-from .builders import write_lora
+from .builders import ai_toolkit_combo, ai_toolkit_split, write_lora
 from .conftest import run_cli
+from .lora_helpers import assert_bitwise, assert_weights, snapshot
 from .servers import Route
 
 MUSUBI = {
@@ -190,3 +196,99 @@ def test_civitais_base_model_is_read_for_a_model_page_and_checked(
     with pytest.raises(LoraMismatch, match="is for Wan2.1 1.3B, as its Civitai base model 'Wan Video 1.3B t2v' says"):
         a14b.set_loras([(other, 1.0)])
     assert on_experts(a14b) == {"high": 1, "low": 1}  # the set before it, untouched
+
+
+# ------------------------------------------------------------------ ai-toolkit's combo file: the expert in its keys
+
+
+def write_combo(folder, experts=("high", "low")) -> tuple:
+    """An ai-toolkit combo file `mystyle.safetensors` and, in `folder/split/`, the pair save_lora would have
+    written from it with split_multistage_loras on; returns (combo path, split folder, deltas per expert)."""
+    tensors, deltas = ai_toolkit_combo(tiny_transformer(), experts, seed=31)
+    (folder / "split").mkdir(parents=True)
+    save_file(tensors, str(folder / "mystyle.safetensors"), metadata=AI_TOOLKIT)
+    for expert in experts:
+        split = ai_toolkit_split(tensors, expert)
+        save_file(split, str(folder / "split" / f"mystyle_{expert}_noise.safetensors"), metadata=AI_TOOLKIT)
+    return folder / "mystyle.safetensors", folder / "split", deltas
+
+
+def expert_weights(pipe) -> dict:
+    return {expert.name: snapshot(expert.module) for expert in pipe.experts}
+
+
+def test_an_ai_toolkit_combo_file_is_a_pair_each_half_on_its_expert_as_its_two_files_are(a14b, tmp_path, caplog):
+    combo, split, deltas = write_combo(tmp_path)
+    assert any(k.startswith("diffusion_model.transformer_1.blocks.0.self_attn.q.lora_A") for k in keys_of(combo))
+    a14b.set_loras([])
+    bases = expert_weights(a14b)
+    for strength in (0.8, {"high": 2.0, "low": 0.5}):
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="wanlora")
+        a14b.set_loras([(str(combo), strength)])
+        line, *_ = [r for r in caplog.records if "is a Wan2.2 pair" in r.getMessage()]  # once per request
+        assert line.levelno == NOTICE
+        assert "mystyle.safetensors's transformer_1 keys on the high-noise expert" in line.getMessage()
+        assert "mystyle.safetensors's transformer_2 keys on the low-noise expert" in line.getMessage()
+        from_combo = expert_weights(a14b)
+        a14b.set_loras([(str(split), strength)])  # the same LoRA as ai-toolkit's two files
+        for expert in a14b.experts:
+            assert_bitwise(expert.module, from_combo[expert.name])
+            scale = strength if isinstance(strength, float) else strength[expert.name]
+            assert_weights(expert.module, bases[expert.name], [(deltas[expert.name], scale)], atol=1e-5)
+    a14b.set_loras([(str(combo), 1.0, "low")])  # aimed at one expert: only its half, as with a pair
+    assert on_experts(a14b) == {"high": 0, "low": 1}
+    assert_bitwise(a14b.experts[0].module, bases["high"])
+
+
+def keys_of(path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_a_combo_file_with_one_half_goes_on_that_expert_with_a_notice(a14b, tmp_path, caplog, expert):
+    combo, split, _ = write_combo(tmp_path, (expert,))
+    a14b.set_loras([(str(split), 1.0)])
+    from_file = expert_weights(a14b)
+    caplog.set_level(logging.INFO, logger="wanlora")
+    a14b.set_loras([(str(combo), 1.0)])
+    assert on_experts(a14b) == {"high": int(expert == "high"), "low": int(expert == "low")}
+    (line,) = [r for r in caplog.records if "expert only" in r.getMessage()]
+    marker = {"high": "transformer_1", "low": "transformer_2"}[expert]
+    assert line.levelno == NOTICE
+    assert f"goes on the {expert}-noise expert only: its keys name ai-toolkit's {marker}" in line.getMessage()
+    for module in a14b.experts:
+        assert_bitwise(module.module, from_file[module.name])
+
+
+def test_a_combo_file_on_a_one_transformer_model_is_refused_and_nothing_changes(tmp_path, tiny_pipe):
+    combo, _, _ = write_combo(tmp_path)
+    before = snapshot(tiny_pipe.transformer)
+    with pytest.raises(InvalidInput, match=r"a Wan2.2 high/low pair in one file \(ai-toolkit's transformer_1 and tra"):
+        tiny_pipe.set_loras([(str(combo), 1.0)])
+    assert_bitwise(tiny_pipe.transformer, before)
+
+
+def test_lora_inspect_reports_each_half_of_a_combo_file(tmp_path):
+    combo, _, deltas = write_combo(tmp_path)
+    high, low = inspect_lora(str(combo), tiny_transformer(), "tiny-t2v-a14b")
+    assert (high.expert, low.expert) == ("high", "low") and high.path == low.path == str(combo)
+    half = len(keys_of(combo)) // 2
+    assert high.tensors == low.tensors == half and high.parameters == len(deltas["high"])
+    assert high.expert_reason == (
+        "the high-noise half of an ai-toolkit file that holds both experts' LoRAs: "
+        f"{half} of its {2 * half} tensors, under transformer_1"
+    )
+    assert low.coverage is not None and low.coverage.fits and high.metadata_base_model == "Wan2.2 A14B"
+
+
+def test_a_combo_file_whose_keys_do_not_all_name_an_expert_is_refused(tmp_path):
+    tensors, _ = ai_toolkit_combo(tiny_transformer(), ("high",))
+    stray = {k.replace("transformer_1.", ""): v for k, v in tensors.items() if "blocks.1." in k}
+    with pytest.raises(LoraFormatError, match="names a Wan2.2 expert .* in some keys but not in: diffusion_model.blo"):
+        parse_halves({**tensors, **stray}, {}, label="mixed.safetensors")
+    both, _ = ai_toolkit_combo(tiny_transformer())
+    assert [lora.expert for lora in parse_halves(both, {})] == ["high", "low"]
+    with pytest.raises(LoraFormatError, match="holds both Wan2.2 experts' LoRAs"):
+        parse_state_dict(both, {})  # one LoRA asked for: a combo is two
