@@ -9,7 +9,8 @@ The files carry the metadata keys each trainer really writes (read from their co
 - ai-toolkit's one "combo" file for both experts (split_multistage_loras off), whose keys name the expert:
   `diffusion_model.transformer_1.` (high noise) and `diffusion_model.transformer_2.` (low noise);
 - kohya's sd-scripts metadata with neither;
-- Civitai's model page API (`modelVersions[].baseModel`), stood in for on 127.0.0.1.
+- Civitai's API: a model page's `modelVersions[].baseModel`, a version's top-level `baseModel`
+  (/api/v1/model-versions/V), stood in for on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from safetensors.torch import save_file
 from wanlora import WanLoraPipeline
 from wanlora.errors import InvalidInput, LoraFormatError, LoraMismatch
 from wanlora.logs import NOTICE
+from wanlora.lora.fetch import Credentials
 from wanlora.lora.inspect import inspect_lora
 from wanlora.lora.layouts import parse_halves, parse_state_dict
+from wanlora.lora.loader import LoraLoader
 from wanlora.lora.placement import place
 from wanlora.lora.selection import LoraRequest
 from wanlora.tiny import tiny_transformer
@@ -33,7 +36,7 @@ from wanlora.tiny import tiny_transformer
 from .builders import ai_toolkit_combo, ai_toolkit_split, write_lora
 from .conftest import run_cli
 from .lora_helpers import assert_bitwise, assert_weights, snapshot
-from .servers import Route
+from .servers import Route, civitai_version
 
 MUSUBI = {
     "modelspec.sai_model_spec": "1.0.0",
@@ -198,6 +201,40 @@ def test_civitais_base_model_is_read_for_a_model_page_and_checked(
     assert on_experts(a14b) == {"high": 1, "low": 1}  # the set before it, untouched
 
 
+def test_civitais_base_model_is_read_for_a_version_reference_and_checked(
+    a14b, tmp_path, offline_net, file_server, monkeypatch
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "kohya", metadata=KOHYA)
+    body = (tmp_path / "a.safetensors").read_bytes()
+    a14b.set_loras([])
+    for ref in (
+        civitai_version(file_server, 121, body, "Wan Video 1.3B t2v"),
+        "https://civitai.com/api/download/models/121?type=Model&format=SafeTensor",
+    ):
+        with pytest.raises(LoraMismatch, match="is for Wan2.1 1.3B, as its Civitai base model 'Wan Video 1.3B t2v'"):
+            a14b.set_loras([(ref, 1.0)])
+        assert on_experts(a14b) == {"high": 0, "low": 0}
+    a14b.set_loras([(civitai_version(file_server, 122, body, "Wan Video 14B t2v"), 1.0)])  # 14B's shapes: fits
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+
+
+def test_a_civitai_version_for_i2v_a14b_passes_on_a_tiny_i2v_a14b(tmp_path, offline_net, file_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "kohya", metadata=KOHYA)
+    body = (tmp_path / "a.safetensors").read_bytes()
+    ref = civitai_version(file_server, 131, body, "Wan Video 2.2 I2V-A14B")
+    (report,) = inspect_lora(ref)
+    assert (report.metadata_base_model, report.expert) == ("Wan2.2 A14B", None)
+    pipe = WanLoraPipeline.from_pretrained("tiny-i2v-a14b")
+    pipe.set_loras([(ref, 1.0)])
+    assert on_experts(pipe) == {"high": 1, "low": 1}
+    five_b = civitai_version(file_server, 132, body, "Wan Video 2.2 TI2V-5B")
+    with pytest.raises(LoraMismatch, match="is for Wan2.2 TI2V-5B, as its Civitai base model 'Wan Video 2.2 TI2V-5B'"):
+        pipe.set_loras([(five_b, 1.0)])
+    assert on_experts(pipe) == {"high": 1, "low": 1}
+
+
 # ------------------------------------------------------------------ ai-toolkit's combo file: the expert in its keys
 
 
@@ -292,3 +329,16 @@ def test_a_combo_file_whose_keys_do_not_all_name_an_expert_is_refused(tmp_path):
     assert [lora.expert for lora in parse_halves(both, {})] == ["high", "low"]
     with pytest.raises(LoraFormatError, match="holds both Wan2.2 experts' LoRAs"):
         parse_state_dict(both, {})  # one LoRA asked for: a combo is two
+
+
+def test_a_private_combo_file_is_two_loras_each_time_the_loader_rechecks_it(
+    tmp_path, offline_net, file_server, monkeypatch
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    combo, _, _ = write_combo(tmp_path)
+    ref = civitai_version(file_server, 141, combo.read_bytes(), "Wan Video 2.2 T2V-A14B", token="good")
+    loader = LoraLoader()
+    first = loader.load(ref, Credentials(civitai_token="good"))
+    again = loader.load(ref, Credentials(civitai_token="good"))  # access re-checked, the file not read again
+    assert [role for role, _ in again] == ["high", "low"]
+    assert all(a is b for (_, a), (_, b) in zip(first, again, strict=True))

@@ -46,7 +46,7 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     tensor_count: int = 0
     trigger_words: list[str] = field(default_factory=list)
-    civitai_base_model: str | None = None  # its Civitai page's base model, where its reference gave one
+    civitai_base_model: str | None = None  # its Civitai version's base model, where Civitai's API named one
     label: str = ""  # the reference as it may be shown; the path when read directly
     expert: str | None = None  # the Wan2.2 A14B expert its keys name (ai-toolkit's transformer_1 / _2), if any
 

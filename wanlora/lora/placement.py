@@ -10,8 +10,8 @@ Trainers record it in different places (docs/loras.md, "Experts"):
 - lightx2v names its files `high_noise_model` / `low_noise_model`, Kijai `..._HIGH_...` / `..._LOW_...`.
 A file that says nothing goes where its request aims; a request that names an expert always wins.
 
-The base model a file's metadata (ai-toolkit's `ss_base_model_version`) or its Civitai page
-(`baseModel`, for a model-page reference) names is checked against the model before any merge:
+The base model a file's metadata (ai-toolkit's `ss_base_model_version`) or its Civitai version
+(`baseModel`, from Civitai's API: lora.fetch) names is checked against the model before any merge:
 a LoRA named for a model of another width is refused, naming what said so.
 """
 
