@@ -342,3 +342,14 @@ def test_a_private_combo_file_is_two_loras_each_time_the_loader_rechecks_it(
     again = loader.load(ref, Credentials(civitai_token="good"))  # access re-checked, the file not read again
     assert [role for role, _ in again] == ["high", "low"]
     assert all(a is b for (_, a), (_, b) in zip(first, again, strict=True))
+
+
+def test_a_pair_whose_file_name_and_keys_disagree_is_refused(a14b, tmp_path):
+    tensors, _ = ai_toolkit_combo(tiny_transformer(), ("low",))
+    (tmp_path / "pair").mkdir()
+    save_file(tensors, str(tmp_path / "pair" / "mystyle_high_noise.safetensors"))  # transformer_2 keys, named high
+    save_file(ai_toolkit_split(tensors, "low"), str(tmp_path / "pair" / "mystyle_low_noise.safetensors"))
+    a14b.set_loras([])
+    with pytest.raises(LoraFormatError, match="is the high-noise file of a Wan2.2 pair by its name, but its keys are"):
+        a14b.set_loras([(str(tmp_path / "pair"), 1.0)])
+    assert on_experts(a14b) == {"high": 0, "low": 0}
