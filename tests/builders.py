@@ -87,6 +87,7 @@ def lora_tensors(
     prefix: str | None = None,
     dtype: torch.dtype = torch.float32,
     with_deltas: bool = True,
+    alpha: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A LoRA state dict in `layout` (docs/lora-formats.md, "Layouts") and the fp32 deltas it means.
 
@@ -94,6 +95,7 @@ def lora_tensors(
     `targets` are module names (default: every block linear). The second dict maps each
     changed parameter to its delta, computed with the doc's "The math"; with `with_deltas=False`
     it stays empty (a dense delta per linear is 283 MB at the 14B shape: benchmarks want the file only).
+    `alpha` writes `.alpha` keys or leaves them out (default: as the layout's trainers do).
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -119,6 +121,7 @@ def lora_tensors(
 
     if layout in LORA_LAYOUTS:
         default_prefix, namespace, flat, down_suffix, up_suffix, with_alpha = LORA_LAYOUTS[layout]
+        with_alpha = with_alpha if alpha is None else alpha
         for module in targets:
             name = original_name(module) if namespace == "original" else module
             name = name.replace(".", "_") if flat else name
@@ -186,6 +189,35 @@ def write_lora(
     tensors, expected = lora_tensors(shapes, layout, **options)
     save_file(tensors, str(path), metadata=metadata)
     return expected
+
+
+# ai-toolkit's Wan2.2 A14B trainer wraps both experts in one DualWanTransformer3DModel, whose modules are
+# `transformer_1.*` (high noise) and `transformer_2.*` (low noise). Its PEFT-format keys (no alpha) pass
+# convert_to_original (`transformer.` -> `diffusion_model.`, original-Wan module names), and save_lora
+# (extensions_built_in/diffusion_models/wan22/wan22_14b_model.py) writes them as they are into one "combo"
+# file when `split_multistage_loras` is off, or else drops `.transformer_N.` from each key into
+# NAME_high_noise.safetensors and NAME_low_noise.safetensors.
+AI_TOOLKIT_TRANSFORMERS = {"high": "transformer_1", "low": "transformer_2"}
+
+
+def ai_toolkit_combo(
+    model: torch.nn.Module, experts: tuple[str, ...] = ("high", "low"), seed: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The tensors of an ai-toolkit combo LoRA for `model`'s shapes, one half per expert in `experts`
+    (`diffusion_model.transformer_1.blocks.0.self_attn.q.lora_A.weight`), and each half's deltas."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    tensors, deltas = {}, {}
+    for offset, expert in enumerate(experts):
+        prefix = f"diffusion_model.{AI_TOOLKIT_TRANSFORMERS[expert]}."
+        half, deltas[expert] = lora_tensors(shapes, "original-peft", prefix=prefix, seed=seed + offset, alpha=False)
+        tensors.update(half)
+    return tensors, deltas
+
+
+def ai_toolkit_split(tensors: dict[str, torch.Tensor], expert: str) -> dict[str, torch.Tensor]:
+    """One expert's file, as save_lora splits a combo: its keys with `.transformer_N.` taken out."""
+    marker = f".{AI_TOOLKIT_TRANSFORMERS[expert]}."
+    return {key.replace(marker, "."): value for key, value in tensors.items() if marker in key}
 
 
 # ------------------------------------------------------------------ real-shaped models for benchmarks

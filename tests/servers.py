@@ -1,5 +1,6 @@
-"""Loopback stand-ins for the outside world: a file server that misbehaves on purpose, and a
-Hub that speaks the endpoints huggingface_hub uses for downloads and file listings."""
+"""Loopback stand-ins for the outside world: a file server that misbehaves on purpose (and answers as
+Civitai's API does, given its routes), and a Hub that speaks the endpoints huggingface_hub uses for
+downloads and file listings."""
 
 from __future__ import annotations
 
@@ -72,6 +73,34 @@ class FileServer(_Base):
         self.headers_seen: list[dict[str, str]] = []
         self.lock = threading.Lock()
         super().__init__(_FileHandler)
+
+
+def civitai_version(
+    server: FileServer,
+    version: int,
+    body: bytes,
+    base_model: str | None,
+    words: list[str] | None = None,
+    token: str | None = None,
+) -> str:
+    """Civitai's answers for one model version, on `server` (behind WANLORA_CIVITAI_URL): its API's
+    GET /api/v1/model-versions/V, the version with a top-level `baseModel` ("Wan Video 2.2 I2V-A14B") as
+    developer.civitai.com documents it, and its file at /api/download/models/V. With `token`, the download
+    wants it as a Bearer header. Returns the reference `civitai:V`."""
+    answer = {
+        "id": version,
+        "modelId": 4000 + version,
+        "name": "v1.0",
+        "baseModel": base_model,
+        "baseModelType": "Standard",
+        "trainedWords": words or [],
+        "files": [{"id": 10 * version, "name": "lora.safetensors", "type": "Model", "primary": True}],
+    }
+    server.routes[f"/api/v1/model-versions/{version}"] = Route(
+        json.dumps(answer).encode(), content_type="application/json"
+    )
+    server.routes[f"/api/download/models/{version}"] = Route(body, require_auth=f"Bearer {token}" if token else None)
+    return f"civitai:{version}"
 
 
 class _FileHandler(http.server.BaseHTTPRequestHandler):

@@ -24,7 +24,7 @@ from wanlora.tiny import tiny_transformer
 from .builders import lora_tensors
 from .conftest import file_size_limit, run_cli
 from .lora_helpers import fetch_lora, tar_of
-from .servers import FileServer, HubRepo, Route
+from .servers import FileServer, HubRepo, Route, civitai_version
 
 SHAPES = {n: tuple(p.shape) for n, p in tiny_transformer().named_parameters()}
 
@@ -263,6 +263,48 @@ def test_civitai_404_explains_page_id_versus_version_id(offline_net, file_server
     monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
     with pytest.raises(LoraNotFound, match="page id, not the version id"):
         fetch_lora("civitai:1234")
+
+
+@pytest.mark.parametrize(
+    ("ref", "credentials"),
+    [
+        ("civitai:5678", Credentials(civitai_token="sekrit-token")),
+        ("https://civitai.com/api/download/models/5678?type=Model&token=sekrit-token", None),
+        ("https://civitai.com/models/1234/some-style?modelVersionId=5678", Credentials(civitai_token="sekrit-token")),
+    ],
+    ids=["civitai-V", "download-link", "page-with-version"],
+)
+def test_a_civitai_version_asks_civitais_api_for_its_base_model_with_the_token_in_a_header(
+    offline_net, file_server, monkeypatch, caplog, ref, credentials
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    body = lora_bytes(seed=6)
+    civitai_version(file_server, 5678, body, "Wan Video 2.2 I2V-A14B", ["wanstyle"], token="sekrit-token")
+    caplog.set_level(logging.DEBUG)
+    got = fetch_lora(ref, credentials)
+    assert (got.base_model, got.trigger_words, got.source) == ("Wan Video 2.2 I2V-A14B", ["wanstyle"], "civitai:5678")
+    asked = [h for h in file_server.headers_seen if h.get("Authorization") == "Bearer sekrit-token"]
+    assert len(asked) == 2 and file_server.requests["/api/v1/model-versions/5678"] == 1  # the lookup, the file
+    cache_text = "".join(p.read_text(errors="ignore") + str(p) for p in LoraCache().root.rglob("*") if p.is_file())
+    assert "sekrit" not in cache_text and "sekrit" not in caplog.text
+
+
+def test_a_failed_version_lookup_still_loads_and_the_cache_keeps_the_base_model(
+    offline_net, file_server, monkeypatch, caplog
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    body = lora_bytes(seed=7)
+    ref = civitai_version(file_server, 61, body, "Wan Video 1.3B t2v")
+    assert fetch_lora(ref).base_model == "Wan Video 1.3B t2v"
+    caplog.set_level(logging.INFO, logger="wanlora")
+    file_server.routes["/api/v1/model-versions/61"] = Route(status=503)  # Civitai's API down, its files not
+    again = fetch_lora(ref)  # from the cache: the check of its base model is not skipped
+    assert again.base_model == "Wan Video 1.3B t2v" and file_server.full_bodies["/api/download/models/61"] == 1
+    (line,) = [r for r in caplog.records if "version lookup failed" in r.getMessage()]
+    assert line.levelno == logging.INFO and "civitai:61: Civitai's version lookup failed" in line.getMessage()
+    file_server.routes["/api/download/models/62"] = Route(body)  # a version the API does not know at all
+    unknown = fetch_lora("civitai:62")
+    assert unknown.path.read_bytes() == body and unknown.base_model is None
 
 
 def test_replicate_weights_tar_and_cheap_second_fetch(offline_net, file_server, monkeypatch):

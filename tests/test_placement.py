@@ -6,8 +6,11 @@ The files carry the metadata keys each trainer really writes (read from their co
   training/trainer_base.py `ss_base_model_version` "wan" for every Wan task;
 - ai-toolkit: `diffusion_model.` keys (lora_A/lora_B); ss_base_model_version "wan_2.2_14b" in both files, and
   the expert only in the name (wan22_14b_model.py save_lora: NAME_high_noise / NAME_low_noise);
+- ai-toolkit's one "combo" file for both experts (split_multistage_loras off), whose keys name the expert:
+  `diffusion_model.transformer_1.` (high noise) and `diffusion_model.transformer_2.` (low noise);
 - kohya's sd-scripts metadata with neither;
-- Civitai's model page API (`modelVersions[].baseModel`), stood in for on 127.0.0.1.
+- Civitai's API: a model page's `modelVersions[].baseModel`, a version's top-level `baseModel`
+  (/api/v1/model-versions/V), stood in for on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,18 +19,24 @@ import json
 import logging
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from wanlora import WanLoraPipeline
-from wanlora.errors import LoraMismatch
+from wanlora.errors import InvalidInput, LoraFormatError, LoraMismatch
 from wanlora.logs import NOTICE
+from wanlora.lora.fetch import Credentials
 from wanlora.lora.inspect import inspect_lora
+from wanlora.lora.layouts import parse_halves, parse_state_dict
+from wanlora.lora.loader import LoraLoader
 from wanlora.lora.placement import place
 from wanlora.lora.selection import LoraRequest
 from wanlora.tiny import tiny_transformer
 
-from .builders import write_lora
+from .builders import ai_toolkit_combo, ai_toolkit_split, write_lora
 from .conftest import run_cli
-from .servers import Route
+from .lora_helpers import assert_bitwise, assert_weights, snapshot
+from .servers import Route, civitai_version
 
 MUSUBI = {
     "modelspec.sai_model_spec": "1.0.0",
@@ -190,3 +199,158 @@ def test_civitais_base_model_is_read_for_a_model_page_and_checked(
     with pytest.raises(LoraMismatch, match="is for Wan2.1 1.3B, as its Civitai base model 'Wan Video 1.3B t2v' says"):
         a14b.set_loras([(other, 1.0)])
     assert on_experts(a14b) == {"high": 1, "low": 1}  # the set before it, untouched
+
+
+def test_civitais_base_model_is_read_for_a_version_reference_and_checked(
+    a14b, tmp_path, offline_net, file_server, monkeypatch
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "kohya", metadata=KOHYA)
+    body = (tmp_path / "a.safetensors").read_bytes()
+    a14b.set_loras([])
+    for ref in (
+        civitai_version(file_server, 121, body, "Wan Video 1.3B t2v"),
+        "https://civitai.com/api/download/models/121?type=Model&format=SafeTensor",
+    ):
+        with pytest.raises(LoraMismatch, match="is for Wan2.1 1.3B, as its Civitai base model 'Wan Video 1.3B t2v'"):
+            a14b.set_loras([(ref, 1.0)])
+        assert on_experts(a14b) == {"high": 0, "low": 0}
+    a14b.set_loras([(civitai_version(file_server, 122, body, "Wan Video 14B t2v"), 1.0)])  # 14B's shapes: fits
+    assert on_experts(a14b) == {"high": 1, "low": 1}
+
+
+def test_a_civitai_version_for_i2v_a14b_passes_on_a_tiny_i2v_a14b(tmp_path, offline_net, file_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "kohya", metadata=KOHYA)
+    body = (tmp_path / "a.safetensors").read_bytes()
+    ref = civitai_version(file_server, 131, body, "Wan Video 2.2 I2V-A14B")
+    (report,) = inspect_lora(ref)
+    assert (report.metadata_base_model, report.expert) == ("Wan2.2 A14B", None)
+    pipe = WanLoraPipeline.from_pretrained("tiny-i2v-a14b")
+    pipe.set_loras([(ref, 1.0)])
+    assert on_experts(pipe) == {"high": 1, "low": 1}
+    five_b = civitai_version(file_server, 132, body, "Wan Video 2.2 TI2V-5B")
+    with pytest.raises(LoraMismatch, match="is for Wan2.2 TI2V-5B, as its Civitai base model 'Wan Video 2.2 TI2V-5B'"):
+        pipe.set_loras([(five_b, 1.0)])
+    assert on_experts(pipe) == {"high": 1, "low": 1}
+
+
+# ------------------------------------------------------------------ ai-toolkit's combo file: the expert in its keys
+
+
+def write_combo(folder, experts=("high", "low")) -> tuple:
+    """An ai-toolkit combo file `mystyle.safetensors` and, in `folder/split/`, the pair save_lora would have
+    written from it with split_multistage_loras on; returns (combo path, split folder, deltas per expert)."""
+    tensors, deltas = ai_toolkit_combo(tiny_transformer(), experts, seed=31)
+    (folder / "split").mkdir(parents=True)
+    save_file(tensors, str(folder / "mystyle.safetensors"), metadata=AI_TOOLKIT)
+    for expert in experts:
+        split = ai_toolkit_split(tensors, expert)
+        save_file(split, str(folder / "split" / f"mystyle_{expert}_noise.safetensors"), metadata=AI_TOOLKIT)
+    return folder / "mystyle.safetensors", folder / "split", deltas
+
+
+def expert_weights(pipe) -> dict:
+    return {expert.name: snapshot(expert.module) for expert in pipe.experts}
+
+
+def test_an_ai_toolkit_combo_file_is_a_pair_each_half_on_its_expert_as_its_two_files_are(a14b, tmp_path, caplog):
+    combo, split, deltas = write_combo(tmp_path)
+    assert any(k.startswith("diffusion_model.transformer_1.blocks.0.self_attn.q.lora_A") for k in keys_of(combo))
+    a14b.set_loras([])
+    bases = expert_weights(a14b)
+    for strength in (0.8, {"high": 2.0, "low": 0.5}):
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="wanlora")
+        a14b.set_loras([(str(combo), strength)])
+        lines = [r for r in caplog.records if "is a Wan2.2 pair" in r.getMessage()]  # a line per request
+        assert all(line.levelno == NOTICE for line in lines) and len(lines) == (1 if strength == 0.8 else 2)
+        said = " ".join(line.getMessage() for line in lines)  # each request names the half it placed
+        assert said.count("mystyle.safetensors's transformer_1 keys on the high-noise expert") == 1
+        assert said.count("mystyle.safetensors's transformer_2 keys on the low-noise expert") == 1
+        from_combo = expert_weights(a14b)
+        a14b.set_loras([(str(split), strength)])  # the same LoRA as ai-toolkit's two files
+        for expert in a14b.experts:
+            assert_bitwise(expert.module, from_combo[expert.name])
+            scale = strength if isinstance(strength, float) else strength[expert.name]
+            assert_weights(expert.module, bases[expert.name], [(deltas[expert.name], scale)], atol=1e-5)
+    a14b.set_loras([(str(combo), 1.0, "low")])  # aimed at one expert: only its half, as with a pair
+    assert on_experts(a14b) == {"high": 0, "low": 1}
+    assert_bitwise(a14b.experts[0].module, bases["high"])
+
+
+def keys_of(path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_a_combo_file_with_one_half_goes_on_that_expert_with_a_notice(a14b, tmp_path, caplog, expert):
+    combo, split, _ = write_combo(tmp_path, (expert,))
+    a14b.set_loras([(str(split), 1.0)])
+    from_file = expert_weights(a14b)
+    caplog.set_level(logging.INFO, logger="wanlora")
+    a14b.set_loras([(str(combo), 1.0)])
+    assert on_experts(a14b) == {"high": int(expert == "high"), "low": int(expert == "low")}
+    (line,) = [r for r in caplog.records if "expert only" in r.getMessage()]
+    marker = {"high": "transformer_1", "low": "transformer_2"}[expert]
+    assert line.levelno == NOTICE
+    assert f"goes on the {expert}-noise expert only: its keys name ai-toolkit's {marker}" in line.getMessage()
+    for module in a14b.experts:
+        assert_bitwise(module.module, from_file[module.name])
+
+
+def test_a_combo_file_on_a_one_transformer_model_is_refused_and_nothing_changes(tmp_path, tiny_pipe):
+    combo, _, _ = write_combo(tmp_path)
+    before = snapshot(tiny_pipe.transformer)
+    with pytest.raises(InvalidInput, match=r"a Wan2.2 high/low pair in one file \(ai-toolkit's transformer_1 and tra"):
+        tiny_pipe.set_loras([(str(combo), 1.0)])
+    assert_bitwise(tiny_pipe.transformer, before)
+
+
+def test_lora_inspect_reports_each_half_of_a_combo_file(tmp_path):
+    combo, _, deltas = write_combo(tmp_path)
+    high, low = inspect_lora(str(combo), tiny_transformer(), "tiny-t2v-a14b")
+    assert (high.expert, low.expert) == ("high", "low") and high.path == low.path == str(combo)
+    half = len(keys_of(combo)) // 2
+    assert high.tensors == low.tensors == half and high.parameters == len(deltas["high"])
+    assert high.expert_reason == (
+        "the high-noise half of an ai-toolkit file that holds both experts' LoRAs: "
+        f"{half} of its {2 * half} tensors, under transformer_1"
+    )
+    assert low.coverage is not None and low.coverage.fits and high.metadata_base_model == "Wan2.2 A14B"
+
+
+def test_a_combo_file_whose_keys_do_not_all_name_an_expert_is_refused(tmp_path):
+    tensors, _ = ai_toolkit_combo(tiny_transformer(), ("high",))
+    stray = {k.replace("transformer_1.", ""): v for k, v in tensors.items() if "blocks.1." in k}
+    with pytest.raises(LoraFormatError, match="names a Wan2.2 expert .* in some keys but not in: diffusion_model.blo"):
+        parse_halves({**tensors, **stray}, {}, label="mixed.safetensors")
+    both, _ = ai_toolkit_combo(tiny_transformer())
+    assert [lora.expert for lora in parse_halves(both, {})] == ["high", "low"]
+    with pytest.raises(LoraFormatError, match="holds both Wan2.2 experts' LoRAs"):
+        parse_state_dict(both, {})  # one LoRA asked for: a combo is two
+
+
+def test_a_private_combo_file_is_two_loras_each_time_the_loader_rechecks_it(
+    tmp_path, offline_net, file_server, monkeypatch
+):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    combo, _, _ = write_combo(tmp_path)
+    ref = civitai_version(file_server, 141, combo.read_bytes(), "Wan Video 2.2 T2V-A14B", token="good")
+    loader = LoraLoader()
+    first = loader.load(ref, Credentials(civitai_token="good"))
+    again = loader.load(ref, Credentials(civitai_token="good"))  # access re-checked, the file not read again
+    assert [role for role, _ in again] == ["high", "low"]
+    assert all(a is b for (_, a), (_, b) in zip(first, again, strict=True))
+
+
+def test_a_pair_whose_file_name_and_keys_disagree_is_refused(a14b, tmp_path):
+    tensors, _ = ai_toolkit_combo(tiny_transformer(), ("low",))
+    (tmp_path / "pair").mkdir()
+    save_file(tensors, str(tmp_path / "pair" / "mystyle_high_noise.safetensors"))  # transformer_2 keys, named high
+    save_file(ai_toolkit_split(tensors, "low"), str(tmp_path / "pair" / "mystyle_low_noise.safetensors"))
+    a14b.set_loras([])
+    with pytest.raises(LoraFormatError, match="is the high-noise file of a Wan2.2 pair by its name, but its keys are"):
+        a14b.set_loras([(str(tmp_path / "pair"), 1.0)])
+    assert on_experts(a14b) == {"high": 0, "low": 0}

@@ -17,6 +17,7 @@ from diffusers import WanTransformer3DModel
 
 from .errors import InvalidInput
 from .logs import NOTICE
+from .lora.keys import MARKER_OF
 from .lora.layouts import LoraFile
 from .lora.placement import place
 from .lora.selection import LoraRequest
@@ -63,25 +64,32 @@ def assign(loaded: list[tuple[LoraRequest, list[tuple[str, LoraFile]]]], names: 
         placed = []
         for role, lora in files:
             if role != EVERY_EXPERT and role not in names:
+                what = "a Wan2.2 high/low pair"
+                if lora.expert is not None:
+                    what += " in one file (ai-toolkit's transformer_1 and transformer_2 keys)"
                 raise InvalidInput(
-                    "lora",
-                    request.label,
-                    "a single file here: it is a Wan2.2 high/low pair, and this model has one transformer",
+                    "lora", request.label, f"a single file here: it is {what}, and this model has one transformer"
                 )
             aimed = names if request.expert == EVERY_EXPERT else (request.expert,)
             if role == EVERY_EXPERT and len(aimed) == 2 and not request.explicit:
                 aimed = placed_by_file(request, lora, names)
             for name in aimed if role == EVERY_EXPERT else [role] if role in aimed else []:
                 chosen[name].append(Chosen(request, lora))
-                placed.append(f"{Path(lora.path).name} on {WORDS[name]}")
+                placed.append(f"{_part_name(lora)} on {WORDS[name]}")
         if len(files) > 1:  # a request aimed at one expert takes its file alone
             logger.log(NOTICE, "%s is a Wan2.2 pair: %s", request.label, ", ".join(placed))
     return chosen
 
 
+def _part_name(lora: LoraFile) -> str:
+    """A pair's file by its name; a combo file's half by the keys that hold it."""
+    name = Path(lora.path).name
+    return name if lora.expert is None else f"{name}'s {MARKER_OF[lora.expert]} keys"
+
+
 def placed_by_file(request: LoraRequest, lora: LoraFile, names: tuple[str, ...]) -> tuple[str, ...]:
     """The experts a file given for both goes on: the one its metadata or name says, else both; one log line."""
-    placement = place(lora.metadata, lora.path, lora.civitai_base_model)
+    placement = place(lora.metadata, lora.path, lora.civitai_base_model, lora.expert)
     if placement.expert is None:
         logger.info("%s goes on both experts: %s", request.label, placement.why)
         return names

@@ -3,7 +3,7 @@
 Layout under `WANLORA_CACHE` (default: the user cache folder, e.g. ~/.cache/wanlora):
 
     entries/<key>/lora.safetensors   the file, renamed into place once verified
-    entries/<key>/entry.json         size, sha256, source, validators, trigger words, last use
+    entries/<key>/entry.json         size, sha256, source, validators, trigger words, base model, last use
     partial/<key>.part               an unfinished download, resumable
     partial/<key>.part.json          the validators (ETag, Last-Modified) that resuming must match
     locks/<key>.lock                 one downloader per key, across processes
@@ -56,6 +56,7 @@ class Entry:
     etag: str | None = None
     last_modified: str | None = None
     origin_length: int | None = None  # the whole body's length at the origin (a tar's, for an unpacked LoRA)
+    base_model: str | None = None  # the base model Civitai's API last named for it
 
     @property
     def validators(self) -> Validators:
@@ -146,6 +147,7 @@ class LoraCache:
         trigger_words: list[str],
         protected: bool = False,
         validators: Validators | None = None,
+        base_model: str | None = None,
     ) -> Entry:
         """Move a verified `file` into the cache and record it (the caller holds its key's lock)."""
         folder = self._dir(self.key(canonical))
@@ -169,12 +171,21 @@ class LoraCache:
                 validators.etag,
                 validators.last_modified,
                 validators.length,
+                base_model,
             )
             self._write_meta(folder, entry)
         except OSError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise self.unwritable(exc) from exc
         return entry
+
+    def record(self, entry: Entry) -> None:
+        """Write down what is now known of `entry` (the caller holds its key's lock); a read-only cache keeps
+        what it held."""
+        try:
+            self._write_meta(Path(entry.path).parent, entry)
+        except OSError:
+            pass
 
     def entries(self) -> list[Entry]:
         folder = self.root / "entries"

@@ -17,7 +17,7 @@ travel in headers, never in logs, errors, tags or cache keys.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -75,7 +75,7 @@ class FetchedLora:
     sha256: str | None = None
     trigger_words: list[str] = field(default_factory=list)
     protected: bool = False  # fetched with credentials: re-check access before each use
-    base_model: str | None = None  # its Civitai page's `baseModel`, where the reference's answer carries it
+    base_model: str | None = None  # its Civitai version's `baseModel`, where Civitai's API gave one
 
     @property
     def local(self) -> bool:
@@ -214,20 +214,26 @@ def _card_trigger_words(api, repo: str, revision: str | None, token: str | None)
 
 def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: LoraCache) -> FetchedLora:
     """A Civitai version's file (the one `fileId` and its kin pick, else the primary one), with the token the
-    link carries (`?token=`), else the request's, else CIVITAI_API_TOKEN, sent as a header, never in a URL."""
+    link carries (`?token=`), else the request's, else CIVITAI_API_TOKEN, sent as a header, never in a URL.
+
+    Civitai's API says the version's trigger words and base model: a model page must ask it (for its
+    newest version); a version reference asks it too, and does without when it does not answer.
+    """
     linked = dict(parse_qsl(urlsplit(source.url).query)).get("token") if source.url else None
     token = clean_token("the link's token", linked) or credentials.civitai()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    version, words, base = source.version_id, list[str](), None
+    version = source.version_id
     if version is None:  # a model page: its newest version
         model = get_json(f"{civitai_url()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
         version, words, base = _latest_version(model, source.model_id, label)
+    else:
+        words, base = _version_facts(version, headers, label)
     picked = f"?{source.selection}" if source.selection else ""
     canonical = f"civitai:{version}{picked}"
     url = f"{civitai_url()}/api/download/models/{version}{picked}"
     try:
-        fetched = _download(url, canonical, label, cache, headers, protected=token is not None, extra_words=words)
-        return replace(fetched, base_model=base)
+        protected = token is not None
+        return _download(url, canonical, label, cache, headers, protected, extra_words=words, base_model=base)
     except LoraNotFound as exc:
         raise LoraNotFound(
             f"{label}: Civitai has no model version {version}. The number in civitai.com/models/ID is the model "
@@ -255,9 +261,25 @@ def _latest_version(model: object, model_id: str | None, label: str) -> tuple[st
     version = latest.get("id") if isinstance(latest, dict) else None
     if isinstance(version, bool) or not isinstance(version, (int, str)) or not str(version).isdigit():
         raise LoraDownloadError(f"{label}: Civitai's answer for model {model_id} has no usable version id", label)
-    words, base = latest.get("trainedWords"), latest.get("baseModel")
+    return (str(version), *_described(latest))
+
+
+def _version_facts(version: str, headers: dict[str, str], label: str) -> tuple[list[str], str | None]:
+    """A version's trigger words and base model, from Civitai's /api/v1/model-versions/V with the request's
+    token; none when it does not answer: the download alone decides whether the LoRA may be had."""
+    try:
+        answer = get_json(f"{civitai_url()}/api/v1/model-versions/{version}", headers, label, "Civitai version")
+    except LoraError as exc:  # the token's right to the file is the download's to judge, not this lookup's
+        logger.info("%s: Civitai's version lookup failed (%s); its base model is only what it was before", label, exc)
+        return [], None
+    return _described(answer)
+
+
+def _described(version: object) -> tuple[list[str], str | None]:
+    """The trigger words (`trainedWords`) and the base model (`baseModel`) of a version in Civitai's JSON."""
+    words, base = (version.get("trainedWords"), version.get("baseModel")) if isinstance(version, dict) else ([], None)
     words = [w for w in words if isinstance(w, str)] if isinstance(words, list) else []
-    return str(version), words, base if isinstance(base, str) else None
+    return words, base if isinstance(base, str) else None
 
 
 def _fetch_replicate(source: Source, label: str, cache: LoraCache) -> FetchedLora:
@@ -284,8 +306,12 @@ def _download(
     headers: dict[str, str] | None = None,
     protected: bool = False,
     extra_words: list[str] | None = None,
+    base_model: str | None = None,
 ) -> FetchedLora:
-    """`url` from the cache (re-checking access for a protected entry), or downloaded into it, once."""
+    """`url` from the cache (re-checking access for a protected entry), or downloaded into it, once.
+
+    `base_model` (Civitai's answer now) is kept with the entry, so that a later fetch whose lookup
+    fails still knows it: a cached file never skips the check of its base model."""
     check_url(url, label)  # the address policy holds whatever the cache holds
     headers = dict(headers or {})
     protected = protected or url_has_secrets(url)
@@ -306,11 +332,16 @@ def _download(
                 partial.with_suffix(".extracted").unlink(missing_ok=True)
                 raise
             words = list(dict.fromkeys(trigger_words(header_metadata(header)) + list(extra_words or [])))
-            entry = cache.put(canonical, file, words, protected, validators)
+            entry = cache.put(canonical, file, words, protected, validators, base_model)
             discard_partial(partial)
             logger.info("downloaded %s (%.1f MiB)", label, entry.size / 2**20)
+        elif base_model is not None and base_model != entry.base_model:  # the origin's answer now wins
+            entry.base_model = base_model
+            cache.record(entry)
     cache.evict(keep=key)  # outside the lock: no process holds two entries' locks
-    return FetchedLora(Path(entry.path), canonical, entry.size, entry.sha256, entry.trigger_words, entry.protected)
+    return FetchedLora(
+        Path(entry.path), canonical, entry.size, entry.sha256, entry.trigger_words, entry.protected, entry.base_model
+    )
 
 
 def _verified(path: Path, canonical: str, label: str) -> FetchedLora:

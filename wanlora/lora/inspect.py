@@ -9,7 +9,8 @@ import torch
 from ..errors import error_boundary
 from ..pairs import EVERY_EXPERT
 from .fetch import Credentials, fetch_lora_files
-from .layouts import read_lora
+from .keys import MARKER_OF
+from .layouts import LoraFile, read_lora_files
 from .merge import check_fit
 from .placement import Placement, place
 from .refs import display_ref
@@ -46,7 +47,7 @@ class FileReport:
     delta_kinds: list[str]
     targets: list[str]
     base_model: str
-    expert: str | None  # the Wan2.2 A14B expert it goes on when given for both: its pair's, metadata's or name's
+    expert: str | None  # the Wan2.2 A14B expert it goes on when given for both: its pair's, keys', metadata's or name's
     expert_reason: str  # what decided it
     metadata_base_model: str | None  # the base model its metadata names (ai-toolkit's ss_base_model_version)
     trigger_words: list[str]
@@ -63,7 +64,8 @@ def inspect_lora(
     model_name: str = "the model",
     credentials: Credentials | None = None,
 ) -> list[FileReport]:
-    """Fetch and read `ref` (one file, or two for a Wan2.2 pair), and report on each file.
+    """Fetch and read `ref` (one file, or two for a Wan2.2 pair), and report on each file (on each half of
+    an ai-toolkit file that holds both experts' LoRAs).
 
     With `model` (any Wan transformer, on the meta device is enough) each report says whether
     the LoRA fits it and how much of it the LoRA changes; a LoRA made for another model is a
@@ -72,29 +74,38 @@ def inspect_lora(
     params = dict(model.named_parameters()) if model is not None else None
     reports = []
     for role, fetched in fetch_lora_files(ref, credentials):
-        lora = read_lora(fetched.path, label=display_ref(ref))
-        reports.append(
-            FileReport(
-                source=fetched.source,
-                path=str(fetched.path),
-                layout=lora.layout,
-                tensors=lora.tensor_count,
-                parameters=len(lora.deltas),
-                ranks=lora.ranks,
-                alphas=lora.alphas,
-                delta_kinds=sorted({d.kind for d in lora.deltas.values()}),
-                targets=lora.module_kinds,
-                base_model=lora.base_model_hint(),
-                **_placement(role, place(lora.metadata, fetched.path, fetched.base_model)),
-                trigger_words=fetched.trigger_words,
-                coverage=None if params is None else coverage_of(lora, params, model_name),
+        halves = read_lora_files(fetched.path, label=display_ref(ref))
+        for lora in halves:
+            placement = place(lora.metadata, fetched.path, fetched.base_model, lora.expert)
+            reports.append(
+                FileReport(
+                    source=fetched.source,
+                    path=str(fetched.path),
+                    layout=lora.layout,
+                    tensors=lora.tensor_count,
+                    parameters=len(lora.deltas),
+                    ranks=lora.ranks,
+                    alphas=lora.alphas,
+                    delta_kinds=sorted({d.kind for d in lora.deltas.values()}),
+                    targets=lora.module_kinds,
+                    base_model=lora.base_model_hint(),
+                    **_placement(role, placement, lora, halves),
+                    trigger_words=fetched.trigger_words,
+                    coverage=None if params is None else coverage_of(lora, params, model_name),
+                )
             )
-        )
     return reports
 
 
-def _placement(role: str, placement: Placement) -> dict:
-    """What `lora.placement.place` decides for the file, or its role in a Wan2.2 pair."""
+def _placement(role: str, placement: Placement, lora: LoraFile, halves: list[LoraFile]) -> dict:
+    """What `lora.placement.place` decides for the file, or its role in a Wan2.2 pair (of files, or in one file)."""
+    if len(halves) > 1 and lora.expert is not None:
+        total = sum(half.tensor_count for half in halves)
+        why = (
+            f"the {lora.expert}-noise half of an ai-toolkit file that holds both experts' LoRAs: "
+            f"{lora.tensor_count} of its {total} tensors, under {MARKER_OF[lora.expert]}"
+        )
+        return {"expert": lora.expert, "expert_reason": why, "metadata_base_model": placement.base_model}
     if role != EVERY_EXPERT:
         why = f"the {role}-noise file of a Wan2.2 pair"
         return {"expert": role, "expert_reason": why, "metadata_base_model": placement.base_model}

@@ -22,6 +22,14 @@ PREFIXES: list[tuple[str, str | None]] = [
     ("lycoris_", None),
 ]
 
+# ai-toolkit's Wan2.2 A14B trainer (extensions_built_in/diffusion_models/wan22/wan22_14b_model.py, save_lora)
+# with `split_multistage_loras` off saves one "combo" file for both experts: its network wraps a
+# DualWanTransformer3DModel, so each key names the expert right after `diffusion_model.`
+# (`diffusion_model.transformer_1.blocks.0.self_attn.q.lora_A.weight`). transformer_1 is the high-noise one.
+EXPERT_MARKERS = {"transformer_1.": "high", "transformer_2.": "low"}
+MARKED_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # the prefixes such a marker follows
+MARKER_OF = {expert: marker.rstrip(".") for marker, expert in EXPERT_MARKERS.items()}  # "high" -> "transformer_1"
+
 # Factor suffixes, longest first: (suffix, role). A role names one input of the delta math.
 FACTORS: list[tuple[str, str]] = [
     (".lora_down.weight", "down"),

@@ -24,8 +24,10 @@ from .deltas import Delta, FullDelta, LohaDelta, LokrDelta, LoraDelta
 from .keys import (
     BLOCK,
     DIFFUSERS_MARKERS,
+    EXPERT_MARKERS,
     FACTORS,
     I2V_ONLY,
+    MARKED_PREFIXES,
     ORIGINAL_MARKERS,
     PARAMETER_TARGETS,
     PREFIXES,
@@ -44,8 +46,9 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     tensor_count: int = 0
     trigger_words: list[str] = field(default_factory=list)
-    civitai_base_model: str | None = None  # its Civitai page's base model, where its reference gave one
+    civitai_base_model: str | None = None  # its Civitai version's base model, where Civitai's API named one
     label: str = ""  # the reference as it may be shown; the path when read directly
+    expert: str | None = None  # the Wan2.2 A14B expert its keys name (ai-toolkit's transformer_1 / _2), if any
 
     def __post_init__(self) -> None:
         self.label = self.label or self.path
@@ -96,10 +99,18 @@ class LoraFile:
 def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
     """Read a safetensors LoRA of any layout in docs/lora-formats.md into a `LoraFile`.
 
-    `label` names the file in errors (the reference the user gave); default its path.
+    `label` names the file in errors (the reference the user gave); default its path. A file
+    that holds both halves of a Wan2.2 pair (ai-toolkit's combo file) is read by `read_lora_files`.
     """
-    path = str(path)
-    label = label or path
+    return parse_state_dict(*_read_tensors(str(path), label or str(path)), str(path), label)
+
+
+def read_lora_files(path: str | Path, label: str | None = None) -> list[LoraFile]:
+    """The LoRAs one file holds: itself, or the high- and the low-noise half of an ai-toolkit combo file."""
+    return parse_halves(*_read_tensors(str(path), label or str(path)), str(path), label)
+
+
+def _read_tensors(path: str, label: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -110,16 +121,62 @@ def read_lora(path: str | Path, label: str | None = None) -> LoraFile:
         raise LoraFormatError(f"{label} is not a readable safetensors file: {exc}", label) from exc
     if not tensors:
         raise LoraFormatError(f"{label} holds no tensors", label)
-    return parse_state_dict(tensors, metadata, path, label)
+    return tensors, metadata
 
 
 def parse_state_dict(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str = "<memory>", label: str | None = None
 ) -> LoraFile:
+    """One LoRA from a state dict; a combo file's two halves are refused here (`parse_halves` reads them)."""
+    label = label or path
+    loras = parse_halves(tensors, metadata, path, label)
+    if len(loras) > 1:
+        raise LoraFormatError(
+            f"{label} holds both Wan2.2 experts' LoRAs (ai-toolkit's transformer_1 and transformer_2 keys); "
+            "read it with read_lora_files",
+            label,
+        )
+    return loras[0]
+
+
+def parse_halves(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str = "<memory>", label: str | None = None
+) -> list[LoraFile]:
+    """One `LoraFile`, or one per expert (high first) when the keys name Wan2.2 experts (keys.EXPERT_MARKERS)."""
     label = label or path
     tensors = _numeric(tensors, label)
     _check_finite(tensors, label)
     stripped, namespace = _strip_prefixes(tensors, label)
+    experts = {expert for expert, _ in stripped.values()}
+    if None in experts and len(experts) > 1:  # a key without an expert in a combo file: whose is it?
+        unmarked = [key for key, (expert, _) in stripped.items() if expert is None]
+        raise LoraFormatError(
+            listing(f"{label} names a Wan2.2 expert (transformer_1/transformer_2) in some keys but not in", unmarked),
+            label,
+        )
+    return [
+        _parse_half(
+            {key: part for key, (expert, part) in stripped.items() if expert == half},
+            namespace,
+            metadata,
+            path,
+            label,
+            half,
+        )
+        for half in ("high", "low", None)
+        if half in experts
+    ]
+
+
+def _parse_half(
+    stripped: dict[str, tuple[str, torch.Tensor]],
+    namespace: str,
+    metadata: dict[str, str],
+    path: str,
+    label: str,
+    expert: str | None,
+) -> LoraFile:
+    """The LoRA of the keys `stripped` holds (all of a file's, or one expert's half), by their stripped names."""
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unexplained: list[str] = []
     for key, (rest, tensor) in stripped.items():
@@ -154,11 +211,12 @@ def parse_state_dict(
         raise LoraFormatError(listing(f"{label} targets modules that Wan does not have", unknown), label)
     return LoraFile(
         path=path,
-        layout=_describe_layout(tensors, namespace, kinds),
+        layout=_describe_layout(list(stripped), namespace, kinds),
         deltas=deltas,
         metadata=metadata,
-        tensor_count=len(tensors),
+        tensor_count=len(stripped),
         label=label,
+        expert=expert,
     )
 
 
@@ -188,12 +246,16 @@ def _check_finite(tensors: dict[str, torch.Tensor], label: str) -> None:
         raise LoraFormatError(listing(f"{label} holds NaN or infinite values, in", bad), label)
 
 
-def _strip_prefixes(tensors: dict[str, torch.Tensor], label: str) -> tuple[dict[str, tuple[str, torch.Tensor]], str]:
-    """Drop every known prefix and decide the namespace: by prefix, then by telling words."""
-    stripped = {}
+Stripped = dict[str, tuple[str | None, tuple[str, torch.Tensor]]]  # key -> (its expert, (its rest, its tensor))
+
+
+def _strip_prefixes(tensors: dict[str, torch.Tensor], label: str) -> tuple[Stripped, str]:
+    """Drop every known prefix, and the expert marker an ai-toolkit combo file puts after `diffusion_model.`;
+    decide the namespace: by prefix, then by telling words."""
+    stripped: Stripped = {}
     votes: set[str] = set()
     for key, tensor in tensors.items():
-        rest = key
+        rest, expert = key, None
         changed = True
         while changed:
             changed = False
@@ -203,15 +265,25 @@ def _strip_prefixes(tensors: dict[str, torch.Tensor], label: str) -> tuple[dict[
                     if namespace:
                         votes.add(namespace)
                     changed = True
-        stripped[key] = (rest, tensor)
+                    if prefix in MARKED_PREFIXES and expert is None:
+                        expert, rest = _expert_marker(rest)
+        stripped[key] = (expert, (rest, tensor))
     if len(votes) != 1:
-        names = " ".join(rest for rest, _ in stripped.values())
+        names = " ".join(rest for _, (rest, _) in stripped.values())
         votes = {"diffusers"} if any(m in names for m in DIFFUSERS_MARKERS) else {"original"}
         if any(m in names for m in ORIGINAL_MARKERS) and "diffusers" in votes:
             raise LoraFormatError(
                 f"{label} mixes original-Wan and diffusers module names; it cannot be read safely", label
             )
     return stripped, votes.pop()
+
+
+def _expert_marker(rest: str) -> tuple[str | None, str]:
+    """(the expert `rest` starts by naming, `rest` without it), or (None, `rest`)."""
+    for marker, expert in EXPERT_MARKERS.items():
+        if rest.startswith(marker):
+            return expert, rest[len(marker) :]
+    return None, rest
 
 
 def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], adapter: dict, label: str):
@@ -327,9 +399,8 @@ def _peft_alpha(adapter: dict[str, Any], module: str, rank: int, label: str) -> 
     return alpha * math.sqrt(rank) if adapter.get("use_rslora") else alpha
 
 
-def _describe_layout(tensors: dict[str, torch.Tensor], namespace: str, kinds: set[str]) -> str:
+def _describe_layout(keys: list[str], namespace: str, kinds: set[str]) -> str:
     """A short human name for the file's layout, as docs/lora-formats.md names them."""
-    keys = list(tensors)
     any_key = lambda s: any(s in k for k in keys)  # noqa: E731
     if "loha" in kinds:
         family = "LyCORIS LoHa"

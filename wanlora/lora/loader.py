@@ -15,10 +15,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LoraFileGone
+from ..errors import LoraFileGone, LoraFormatError
 from ..pairs import EVERY_EXPERT
 from .fetch import Credentials, FetchedLora, fetch_lora_files
-from .layouts import LoraFile, read_lora
+from .layouts import LoraFile, read_lora_files
 from .refs import display_ref, parse_ref
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class LoraLoader:
         self._known: OrderedDict[str, list[_Known]] = OrderedDict()
 
     def load(self, ref: str, credentials: Credentials | None = None) -> list[tuple[str, LoraFile]]:
-        """The LoRA file(s) `ref` names, each with the expert it is for ("both" unless a Wan2.2 pair)."""
+        """The LoRA file(s) `ref` names, each with the expert it is for ("both" unless a Wan2.2 pair: two files,
+        or the two halves of one ai-toolkit combo file)."""
         credentials = credentials or Credentials()
         parse_ref(ref, credentials.local_files)  # before the memory: a server's request may not name a file here
         known = self._known.get(ref)
@@ -65,17 +66,38 @@ class LoraLoader:
         found = []
         for role, fetched in fetch_lora_files(ref, credentials):
             identity = _identity(fetched.path)
-            same = next((k for k in before if k.fetched.path == fetched.path and k.identity == identity), None)
-            if same is not None:  # access confirmed, the same file: nothing to read again
-                found.append(same)
+            same = [k for k in before if k.fetched.path == fetched.path and k.identity == identity]
+            if same:  # access confirmed, the same file: nothing to read again
+                found.extend(same)
                 continue
             label = display_ref(ref) + ("" if role == EVERY_EXPERT else f" ({role}-noise expert)")
-            lora = read_lora(fetched.path, label=label)
-            lora.trigger_words = fetched.trigger_words
-            lora.civitai_base_model = fetched.base_model
-            logger.debug("read %s (%s) in %.2fs", label, lora.layout, time.perf_counter() - started)
-            found.append(_Known(role, fetched, lora, identity))
+            loras = read_lora_files(fetched.path, label=label)
+            for lora in loras:
+                lora.trigger_words = fetched.trigger_words
+                lora.civitai_base_model = fetched.base_model
+                logger.debug("read %s (%s) in %.2fs", label, lora.layout, time.perf_counter() - started)
+                found.append(_Known(_role(role, lora, len(loras), label), fetched, lora, identity))
         return found
+
+
+def _role(role: str, lora: LoraFile, halves: int, label: str) -> str:
+    """The expert a file (or half of one) is for: a combo file's two halves each go to theirs, as a pair's files do.
+
+    A file with one half only is a file for both that says its expert: lora.placement puts it, with a notice.
+    """
+    if role == EVERY_EXPERT and (halves == 1 or lora.expert is None):
+        return role
+    if role == EVERY_EXPERT:
+        lora.label += f" ({lora.expert}-noise half)"
+        return lora.expert or role
+    if halves == 1 and lora.expert in (None, role):
+        return role
+    said = "both experts" if halves > 1 else f"the {lora.expert}-noise expert"
+    raise LoraFormatError(
+        f"{label} is the {role}-noise file of a Wan2.2 pair by its name, but its keys are for {said} "
+        "(ai-toolkit's transformer_1/transformer_2 names); give that file alone",
+        label,
+    )
 
 
 def _identity(path: Path) -> tuple:

@@ -4,12 +4,14 @@ Trainers record it in different places (docs/loras.md, "Experts"):
 - musubi-tuner writes `modelspec.timestep_range` ("875,1000": the high-noise expert's steps) when the
   LoRA was trained on part of the timesteps, and `ss_base_model_version` "wan" for every Wan model;
 - ai-toolkit writes `ss_base_model_version` ("wan_2.1", "wan_2.2_14b", "wan_2.2_5b") and puts the
-  expert only in the file name (`NAME_high_noise.safetensors`, `NAME_low_noise.safetensors`);
+  expert in the file name (`NAME_high_noise.safetensors`, `NAME_low_noise.safetensors`), or, in one
+  "combo" file for both experts, in its keys (`diffusion_model.transformer_1.`: keys.EXPERT_MARKERS);
+  a combo file with both halves is a pair (lora.loader), one with a single half says its expert here;
 - lightx2v names its files `high_noise_model` / `low_noise_model`, Kijai `..._HIGH_...` / `..._LOW_...`.
 A file that says nothing goes where its request aims; a request that names an expert always wins.
 
-The base model a file's metadata (ai-toolkit's `ss_base_model_version`) or its Civitai page
-(`baseModel`, for a model-page reference) names is checked against the model before any merge:
+The base model a file's metadata (ai-toolkit's `ss_base_model_version`) or its Civitai version
+(`baseModel`, from Civitai's API: lora.fetch) names is checked against the model before any merge:
 a LoRA named for a model of another width is refused, naming what said so.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from ..errors import LoraMismatch
 from ..models import CATALOGUE_ROWS, ModelSpec
 from ..pairs import expert_of
+from .keys import MARKER_OF
 
 TIMESTEP_RANGE = "modelspec.timestep_range"  # musubi-tuner (sai_model_spec.py): "min,max" of 0..1000
 BASE_MODEL_VERSION = "ss_base_model_version"
@@ -71,9 +74,15 @@ def base_model(metadata: dict[str, str], civitai: str | None = None) -> tuple[st
     return None, ""
 
 
-def place(metadata: dict[str, str], path: str | Path, civitai: str | None = None) -> Placement:
-    """Where a file's own metadata, then its name, put it (`civitai`: its Civitai page's base model)."""
+def place(
+    metadata: dict[str, str], path: str | Path, civitai: str | None = None, keyed: str | None = None
+) -> Placement:
+    """Where a file's keys, then its metadata, then its name, put it (`civitai`: its Civitai version's base
+    model; `keyed`: the expert its keys name, LoraFile.expert)."""
     base, base_said = base_model(metadata, civitai)
+    if keyed is not None:
+        why = f"its keys name ai-toolkit's {MARKER_OF[keyed]}, the {keyed}-noise expert"
+        return Placement(keyed, why, base, base_said)
     found = timestep_range(metadata)
     if found is not None:
         low, high = found
