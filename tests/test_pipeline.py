@@ -153,6 +153,24 @@ def test_fast_mode_runs_the_first_tenth_of_the_steps_in_full(fresh_tiny_pipe):
         assert runs["n"] == 2 * full_steps, steps  # cond and uncond each
 
 
+def test_fast_mode_restarts_after_a_schedule_changes_the_weights_mid_run(fresh_tiny_pipe, tmp_path):
+    """A residual cached before a strength schedule's re-merge is another model's: the step after runs in full."""
+    from .builders import write_lora
+
+    pipe = fresh_tiny_pipe
+    pipe.spec = replace(pipe.spec, fast_thresholds=(1e9, 1e9))  # skip whatever may be skipped
+    style = tmp_path / "style.safetensors"
+    write_lora(style, pipe.transformer, "original", seed=1)
+    full = []
+    pipe.transformer.blocks[1].ffn.register_forward_hook(
+        lambda *_: full.append(pipe.diffusers_pipeline._current_timestep)
+    )
+    pipe.generate("a fox", fast_mode="fast", loras=[(str(style), [1.0, 0.0])], **{**SMALL, "num_inference_steps": 8})
+    timesteps = pipe.diffusers_pipeline.scheduler.timesteps.tolist()
+    # steps 1 and 5 (the schedule's second half) in full, cond and uncond each; none other
+    assert [float(t) for t in full] == [timesteps[0]] * 2 + [timesteps[4]] * 2
+
+
 def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     import json
 

@@ -450,6 +450,24 @@ def test_three_phases_guide_the_first_step_without_the_accelerator_and_switch_ex
     assert [name for name, *_ in calls] == ["high", "high", "low", "low"]  # nothing left of the phases
 
 
+def test_your_own_schedule_keeps_its_equal_phases_beside_the_three_phase_accelerator(tiny_dir_a14b, loras):
+    """The preset's per-step schedule (4 values on the 4 high-noise steps) and a user's [1.0, 0.5] each split the
+    expert's steps by their own length: the user's halves stay halves."""
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b))
+    high = pipe.experts[0]
+    seen = []
+    high.module.register_forward_pre_hook(
+        lambda module, args: seen.append(
+            tuple(t.strength for t in high.loras.merger.plan.get("blocks.0.attn1.to_q.weight", []))
+        )
+    )
+    style = loras["a"][0]
+    small = {"width": 64, "height": 48, "num_frames": 5, "seed": 1, "progress": False}
+    pipe.generate("a fox", accelerator="lightning-3phase", loras=[(style, [1.0, 0.5], "high")], **small)
+    # (yours, the accelerator's) per high-noise call; the guided first step makes two calls
+    assert seen == [(1.0,), (1.0,), (1.0, 1.0), (0.5, 1.0), (0.5, 1.0)]
+
+
 def test_three_phases_run_on_image_to_video_with_their_own_pair(tmp_path, caplog):
     from PIL import Image
 

@@ -23,6 +23,7 @@ from .lora.placement import place
 from .lora.selection import LoraRequest
 from .lora.state import Chosen, TransformerLoras
 from .pairs import EVERY_EXPERT
+from .runtime.fastmode import restart_step_cache
 from .weights.pristine import PristineSource
 
 logger = logging.getLogger(__name__)
@@ -114,24 +115,21 @@ def expert_steps(scheduler: Any, steps: int, boundary_ratio: float | None, names
 
 
 def schedule_callback(experts: list[Expert], ranges: dict[str, range]):
-    """Re-merge each expert's schedule at its phase boundaries, inside its own steps; None without schedules."""
-    scheduled = [(e, ranges[e.name], e.loras.phases) for e in experts if e.loras.phases > 1]
+    """Re-merge each expert's scheduled strengths where they change, inside its own steps; None without
+    schedules."""
+    scheduled = [(e, ranges[e.name]) for e in experts if e.loras.scheduled]
     if not scheduled:
         return None
-    for expert, _, _ in scheduled:
-        expert.loras.merge_phase(0)
-
-    def phase_of(step: int, steps: range, phases: int) -> int:
-        return (step - steps.start) * phases // max(1, len(steps))
+    for expert, steps in scheduled:
+        expert.loras.merge_at(0, len(steps))
 
     def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        for expert, steps, phases in scheduled:
-            if (
-                step in steps
-                and step + 1 in steps
-                and phase_of(step + 1, steps, phases) != phase_of(step, steps, phases)
-            ):
-                expert.loras.merge_phase(phase_of(step + 1, steps, phases))
+        for expert, steps in scheduled:
+            if step in steps and step + 1 in steps:
+                here, after = step - steps.start, step + 1 - steps.start
+                if expert.loras.strengths_at(after, len(steps)) != expert.loras.strengths_at(here, len(steps)):
+                    expert.loras.merge_at(after, len(steps))
+                    restart_step_cache(expert.module)
         return tensors
 
     return on_step_end

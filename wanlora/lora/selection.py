@@ -181,16 +181,10 @@ def check_targets(requests: list[LoraRequest], names: tuple[str, ...], model: st
             )
 
 
-def strength_at(strength: Strength, phase: int) -> float:
-    """The strength in effect in `phase`; a single number holds in every phase.
-
-    A shorter schedule than the longest one keeps its last value.
-    """
+def strength_at(strength: Strength, step: int, steps: int) -> float:
+    """The strength in effect at `step` of an expert's `steps`: a schedule of n values splits those steps into n
+    equal phases, each schedule its own (two of different lengths stay aligned to the steps); a single number
+    holds throughout."""
     if isinstance(strength, tuple):
-        return strength[min(phase, len(strength) - 1)]
+        return strength[min(step * len(strength) // max(1, steps), len(strength) - 1)]
     return strength
-
-
-def phase_count(requests: Sequence[LoraRequest]) -> int:
-    """How many phases the longest schedule splits the steps into (1: no schedule)."""
-    return max((len(r.strength) for r in requests if isinstance(r.strength, tuple)), default=1)

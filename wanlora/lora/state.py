@@ -19,7 +19,7 @@ import torch
 from ..weights.pristine import PristineSource
 from .layouts import LoraFile
 from .merge import LoraMerger, Plan
-from .selection import LoraRequest, phase_count, strength_at
+from .selection import LoraRequest, strength_at
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,17 @@ class TransformerLoras:
         self.deferred = False
 
     @property
-    def phases(self) -> int:
-        return phase_count([c.request for c in self.active])
+    def scheduled(self) -> bool:
+        """Whether a strength of the active set changes over the steps."""
+        return any(isinstance(c.request.strength, tuple) for c in self.active)
 
-    def prepare(self, chosen: Sequence[Chosen], phase: int = 0, warned: set[str] | None = None) -> Plan:
-        """`chosen`'s plan at `phase`; skipped parts are warned about for labels not in `warned`."""
-        loras = [(c.lora, strength_at(c.request.strength, phase)) for c in chosen]
+    def strengths_at(self, step: int, steps: int) -> tuple[float, ...]:
+        return tuple(strength_at(c.request.strength, step, steps) for c in self.active)
+
+    def prepare(self, chosen: Sequence[Chosen], step: int = 0, steps: int = 1, warned: set[str] | None = None) -> Plan:
+        """`chosen`'s plan at `step` of this transformer's `steps`; skipped parts are warned about for labels
+        not in `warned`."""
+        loras = [(c.lora, strength_at(c.request.strength, step, steps)) for c in chosen]
         return self.merger.prepare(loras, warned)
 
     def commit(self, chosen: Sequence[Chosen], plan: Plan) -> int:
@@ -71,9 +76,10 @@ class TransformerLoras:
             raise
         self.written = self.active
 
-    def merge_phase(self, phase: int) -> None:
-        """Re-merge the active set at the strengths of schedule phase `phase`."""
-        self.commit(self.active, self.prepare(self.active, phase, warned={c.lora.label for c in self.active}))
+    def merge_at(self, step: int, steps: int) -> None:
+        """Re-merge the active set at its strengths for `step` of this transformer's `steps`."""
+        warned = {c.lora.label for c in self.active}
+        self.commit(self.active, self.prepare(self.active, step, steps, warned=warned))
 
 
 def apply_together(changes: Sequence[tuple[TransformerLoras, list[Chosen]]]) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 
-from diffusers.hooks import FirstBlockCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
 
 from ..errors import InvalidInput
 from ..models import ModelSpec
@@ -47,3 +47,10 @@ def apply_fast_mode(transformer, spec: ModelSpec, mode: str, steps: int) -> None
     full_steps = math.ceil(FULL_STEPS_FRACTION * steps)
     first_block_cache_computes_first_steps(transformer, full_steps)
     logger.info("fast mode %s: First Block Cache at threshold %g after %d full steps", mode, threshold, full_steps)
+
+
+def restart_step_cache(transformer) -> None:
+    """Forget what the step cache learned on `transformer`, whose weights just changed (a strength schedule's
+    re-merge mid-run): a residual cached before would be another model's. Its first steps run in full again."""
+    if transformer.is_cache_enabled:
+        HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
