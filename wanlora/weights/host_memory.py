@@ -37,6 +37,7 @@ def cuda_register(pointer: int, size: int) -> None:
 
 
 def cuda_unregister(pointer: int) -> None:
+    torch.cuda.synchronize()  # a non-blocking copy from these pages may still be in flight
     torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
@@ -68,4 +69,4 @@ class HostArena:
             chunk = self.storage[offsets[name] : offsets[name] + size]
             self.views[name] = chunk.view(tensor.dtype).view(tensor.shape)
             if fill:
-                self.views[name].copy_(tensor)
+                self.views[name].copy_(tensor.detach())  # a parameter's autograd stays out of the copy
