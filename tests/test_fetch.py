@@ -289,7 +289,7 @@ def test_a_civitai_version_asks_civitais_api_for_its_base_model_with_the_token_i
     assert "sekrit" not in cache_text and "sekrit" not in caplog.text
 
 
-def test_a_failed_version_lookup_still_loads_and_the_cache_keeps_the_base_model(
+def test_a_cached_version_keeps_its_base_model_and_a_failed_lookup_still_loads(
     offline_net, file_server, monkeypatch, caplog
 ):
     monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
@@ -298,13 +298,31 @@ def test_a_failed_version_lookup_still_loads_and_the_cache_keeps_the_base_model(
     assert fetch_lora(ref).base_model == "Wan Video 1.3B t2v"
     caplog.set_level(logging.INFO, logger="wanlora")
     file_server.routes["/api/v1/model-versions/61"] = Route(status=503)  # Civitai's API down, its files not
-    again = fetch_lora(ref)  # from the cache: the check of its base model is not skipped
+    again = fetch_lora(ref)  # from the cache, with what was learned with it: the check is not skipped
     assert again.base_model == "Wan Video 1.3B t2v" and file_server.full_bodies["/api/download/models/61"] == 1
-    (line,) = [r for r in caplog.records if "version lookup failed" in r.getMessage()]
-    assert line.levelno == logging.INFO and "civitai:61: Civitai's version lookup failed" in line.getMessage()
+    assert file_server.requests["/api/v1/model-versions/61"] == 1  # a cached version asks nothing again
     file_server.routes["/api/download/models/62"] = Route(body)  # a version the API does not know at all
     unknown = fetch_lora("civitai:62")
     assert unknown.path.read_bytes() == body and unknown.base_model is None
+    (line,) = [r for r in caplog.records if "version lookup failed" in r.getMessage()]
+    assert line.levelno == logging.INFO and "the base model is not checked: civitai:62" in line.getMessage()
+
+
+def test_a_private_version_read_once_takes_the_base_model_its_next_lookup_finds(offline_net, file_server, monkeypatch):
+    """The loader reads a protected file once and re-checks its access on each load: what Civitai says of it
+    then (its base model, its trigger words) replaces what a failed first lookup left unknown."""
+    from wanlora.lora.loader import LoraLoader
+
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    ref = civitai_version(file_server, 71, lora_bytes(seed=3), "Wan Video 14B t2v", ["inkwash"], token="good")
+    answer = file_server.routes["/api/v1/model-versions/71"]
+    file_server.routes["/api/v1/model-versions/71"] = Route(status=404)
+    loader = LoraLoader()
+    ((_, first),) = loader.load(ref, Credentials(civitai_token="good"))
+    assert first.civitai_base_model is None
+    file_server.routes["/api/v1/model-versions/71"] = answer  # Civitai answers again
+    ((_, again),) = loader.load(ref, Credentials(civitai_token="good"))
+    assert again is first and (again.civitai_base_model, again.trigger_words) == ("Wan Video 14B t2v", ["inkwash"])
 
 
 def test_replicate_weights_tar_and_cheap_second_fetch(offline_net, file_server, monkeypatch):

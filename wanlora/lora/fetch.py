@@ -217,18 +217,21 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
     link carries (`?token=`), else the request's, else CIVITAI_API_TOKEN, sent as a header, never in a URL.
 
     Civitai's API says the version's trigger words and base model: a model page must ask it (for its
-    newest version); a version reference asks it too, and does without when it does not answer.
+    newest version); a version reference asks it too unless its cached file has the answer, and does
+    without when it does not answer.
     """
     linked = dict(parse_qsl(urlsplit(source.url).query)).get("token") if source.url else None
     token = clean_token("the link's token", linked) or credentials.civitai()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     version = source.version_id
+    picked = f"?{source.selection}" if source.selection else ""
     if version is None:  # a model page: its newest version
         model = get_json(f"{civitai_url()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
         version, words, base = _latest_version(model, source.model_id, label)
+    elif (cached := cache.recorded(f"civitai:{version}{picked}")) is not None and cached.base_model is not None:
+        words, base = [], cached.base_model  # a version's file never changes: what was learned with it holds
     else:
         words, base = _version_facts(version, headers, label)
-    picked = f"?{source.selection}" if source.selection else ""
     canonical = f"civitai:{version}{picked}"
     url = f"{civitai_url()}/api/download/models/{version}{picked}"
     try:
@@ -270,7 +273,7 @@ def _version_facts(version: str, headers: dict[str, str], label: str) -> tuple[l
     try:
         answer = get_json(f"{civitai_url()}/api/v1/model-versions/{version}", headers, label, "Civitai version")
     except LoraError as exc:  # the token's right to the file is the download's to judge, not this lookup's
-        logger.info("%s: Civitai's version lookup failed (%s); its base model is only what it was before", label, exc)
+        logger.info("Civitai's version lookup failed, so the base model is not checked: %s", exc)
         return [], None
     return _described(answer)
 
@@ -335,9 +338,12 @@ def _download(
             entry = cache.put(canonical, file, words, protected, validators, base_model)
             discard_partial(partial)
             logger.info("downloaded %s (%.1f MiB)", label, entry.size / 2**20)
-        elif base_model is not None and base_model != entry.base_model:  # the origin's answer now wins
-            entry.base_model = base_model
-            cache.record(entry)
+        else:  # what the origin's answer says now (a lookup that failed when the file came) is kept with it
+            learned = [word for word in extra_words or [] if word not in entry.trigger_words]
+            if learned or (base_model is not None and base_model != entry.base_model):
+                entry.trigger_words = [*entry.trigger_words, *learned]
+                entry.base_model = entry.base_model if base_model is None else base_model
+                cache.record(entry)
     cache.evict(keep=key)  # outside the lock: no process holds two entries' locks
     return FetchedLora(
         Path(entry.path), canonical, entry.size, entry.sha256, entry.trigger_words, entry.protected, entry.base_model

@@ -67,7 +67,10 @@ class LoraLoader:
         for role, fetched in fetch_lora_files(ref, credentials):
             identity = _identity(fetched.path)
             same = [k for k in before if k.fetched.path == fetched.path and k.identity == identity]
-            if same:  # access confirmed, the same file: nothing to read again
+            if same:  # access confirmed, the same file: nothing to read again, but what the origin says now holds
+                for known in same:
+                    known.lora.trigger_words = fetched.trigger_words
+                    known.lora.civitai_base_model = fetched.base_model
                 found.extend(same)
                 continue
             label = display_ref(ref) + ("" if role == EVERY_EXPERT else f" ({role}-noise expert)")
