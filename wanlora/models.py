@@ -517,8 +517,8 @@ CATALOGUE_ROWS = [
             "lightning-3phase": Distilled(
                 f"{LIGHTNING}/Wan2.2-T2V-A14B-4steps-lora-250928",
                 phases=Phases((965.0, 800.0)),
-                note="Wan2GP's 'Lightning t2v v2025-09-28 3 Phases - 8 Steps' profile (its files are copies of "
-                "this pair)",
+                note="Wan2GP's 'Lightning t2v v2025-09-28 3 Phases - 8 Steps' profile, with lightx2v's own files of "
+                "the release it names",
             ),
         },
     ),

@@ -13,12 +13,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .accelerators import Accelerator, accelerator_for
-from .errors import InvalidInput
+from .errors import InternalError, InvalidInput
 from .images import ImageHeader, ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
 from .models import Distilled, ModelSpec, Phases
 from .options import GenerationOptions, describe
-from .runtime.sampling import NUM_TRAIN_TIMESTEPS, wan2gp_timesteps
 from .settings import (
     MAX_PROMPT_CHARS,
     MAX_SIDE,
@@ -68,6 +67,8 @@ class PhaseSplit:
 
 def split_phases(phases: Phases, steps: int, shift: float, preset: str) -> PhaseSplit:
     """The phases on Wan2GP's timesteps: each starts at the first step at or below its threshold; none empty."""
+    from .runtime.sampling import NUM_TRAIN_TIMESTEPS, wan2gp_timesteps  # torch: only for a phased preset
+
     timesteps = wan2gp_timesteps(steps, shift).tolist()
     guided, high = (next((i for i, t in enumerate(timesteps) if t <= limit), steps) for limit in phases.thresholds)
     if not 0 < guided < high < steps:
@@ -105,9 +106,12 @@ class Request:
         if self.phases is not None:  # the high-noise accelerator off for the guided first phase
             split = self.phases
             schedule = (0.0,) * split.guided + (high,) * (split.high - split.guided)
+            high_file, low_file = d.high or d.lora, d.low or d.lora
+            if high_file is None or low_file is None:
+                raise InternalError(f"a phased catalogue row ({self.spec.name}) lacks a file for an expert")
             return (
-                LoraRequest(d.high or str(d.lora), schedule, "high", builtin=True, explicit=True),
-                LoraRequest(d.low or str(d.lora), low, "low", builtin=True, explicit=True),
+                LoraRequest(high_file, schedule, "high", builtin=True, explicit=True),
+                LoraRequest(low_file, low, "low", builtin=True, explicit=True),
             )
         if d.lora is not None and (self.spec.boundary_ratio is None or high == low):
             return (LoraRequest(d.lora, high, builtin=True, explicit=True),)

@@ -132,8 +132,8 @@ def parse_state_dict(
     loras = parse_halves(tensors, metadata, path, label)
     if len(loras) > 1:
         raise LoraFormatError(
-            f"{label} holds both Wan2.2 experts' LoRAs (ai-toolkit's transformer_1 and transformer_2 keys); "
-            "read it with read_lora_files",
+            f"{label} holds both Wan2.2 experts' LoRAs (ai-toolkit's transformer_1 and transformer_2 keys), "
+            "where one LoRA was expected: load it on a Wan2.2 A14B model, whose experts each take their half",
             label,
         )
     return loras[0]
