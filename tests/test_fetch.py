@@ -300,12 +300,12 @@ def test_a_cached_version_keeps_its_base_model_and_a_failed_lookup_still_loads(
     file_server.routes["/api/v1/model-versions/61"] = Route(status=503)  # Civitai's API down, its files not
     again = fetch_lora(ref)  # from the cache, with what was learned with it: the check is not skipped
     assert again.base_model == "Wan Video 1.3B t2v" and file_server.full_bodies["/api/download/models/61"] == 1
-    assert file_server.requests["/api/v1/model-versions/61"] == 1  # a cached version asks nothing again
+    assert file_server.requests["/api/v1/model-versions/61"] == 2  # asked again, once: a 503 is not retried
     file_server.routes["/api/download/models/62"] = Route(body)  # a version the API does not know at all
     unknown = fetch_lora("civitai:62")
     assert unknown.path.read_bytes() == body and unknown.base_model is None
-    (line,) = [r for r in caplog.records if "version lookup failed" in r.getMessage()]
-    assert line.levelno == logging.INFO and "the base model is not checked: civitai:62" in line.getMessage()
+    lines = [r.getMessage() for r in caplog.records if "version lookup failed" in r.getMessage()]
+    assert [line.split("if any: ")[1][:10] for line in lines] == ["civitai:61", "civitai:62"]
 
 
 def test_a_private_version_read_once_takes_the_base_model_its_next_lookup_finds(offline_net, file_server, monkeypatch):
@@ -323,6 +323,52 @@ def test_a_private_version_read_once_takes_the_base_model_its_next_lookup_finds(
     file_server.routes["/api/v1/model-versions/71"] = answer  # Civitai answers again
     ((_, again),) = loader.load(ref, Credentials(civitai_token="good"))
     assert again is first and (again.civitai_base_model, again.trigger_words) == ("Wan Video 14B t2v", ["inkwash"])
+
+
+def test_a_corrected_civitai_tag_is_seen_on_the_next_fetch(offline_net, file_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    ref = civitai_version(file_server, 81, lora_bytes(seed=8), "Wan Video 1.3B t2v")
+    assert fetch_lora(ref).base_model == "Wan Video 1.3B t2v"
+    civitai_version(file_server, 81, lora_bytes(seed=8), "Wan Video 2.2 T2V-A14B")  # the author fixes the tag
+    assert fetch_lora(ref).base_model == "Wan Video 2.2 T2V-A14B"
+    assert file_server.full_bodies["/api/download/models/81"] == 1  # the file itself came once
+
+
+@pytest.mark.parametrize(
+    ("answer", "route"),
+    [
+        ("nested past the parser", Route(b'{"baseModel": "x", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")),
+        ("not JSON", Route(b"<html>busy</html>", content_type="text/html")),
+        ("too big", Route(b'{"baseModel": "' + b"x" * (9 << 20) + b'"}')),
+        ("stalled", Route(b'{"baseModel": "Wan Video 14B t2v"}', drip=0.5)),
+    ],
+)  # fmt: skip
+def test_a_version_lookup_that_answers_badly_or_stalls_costs_little_and_the_lora_loads(
+    offline_net, file_server, monkeypatch, caplog, answer, route
+):
+    from wanlora.lora import fetch
+
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    monkeypatch.setattr(fetch, "VERSION_LOOKUP_SECONDS", 1.0)
+    body = lora_bytes(seed=9)
+    ref = civitai_version(file_server, 91, body, None)
+    file_server.routes["/api/v1/model-versions/91"] = route
+    caplog.set_level(logging.INFO, logger="wanlora")
+    started = time.monotonic()
+    got = fetch_lora(ref)
+    assert got.path.read_bytes() == body and got.base_model is None, answer
+    assert time.monotonic() - started < 5, answer  # one attempt, cut at its deadline: not retried for minutes
+    assert file_server.requests["/api/v1/model-versions/91"] == 1
+    (line,) = [r for r in caplog.records if "version lookup failed" in r.getMessage()]
+    assert line.levelno == logging.INFO and "a bug" not in line.getMessage()
+
+
+def test_what_is_kept_of_civitais_words_and_tag_is_bounded(offline_net, file_server, monkeypatch):
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    words = [f"w{i:04d}" for i in range(100)] + ["x" * 10_000]
+    ref = civitai_version(file_server, 95, lora_bytes(seed=10), "W" * 10_000, words)
+    got = fetch_lora(ref)
+    assert got.trigger_words == words[:32] and got.base_model is None  # a tag no base model has is no tag
 
 
 def test_replicate_weights_tar_and_cheap_second_fetch(offline_net, file_server, monkeypatch):

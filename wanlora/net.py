@@ -49,6 +49,7 @@ BACKOFF_SECONDS = 1.0  # doubles after each failed attempt
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After is a failure, not a wait
 MAX_REDIRECTS = 10
 CHUNK = 1 << 20
+MAX_JSON_BYTES = 8 << 20  # an API's answer (a Civitai model page lists its versions); past this it is not read
 POLL_SECONDS = 0.1  # how soon a cancellation or the deadline is noticed
 ABORT_GRACE = 5.0  # how long an aborted helper gets to let go of its files
 # Cloud metadata services outside the link-local range (Alibaba Cloud, AWS over IPv6).
@@ -178,7 +179,15 @@ def in_background(work: Callable[[], T], label: str) -> T:
     aborts the helper and propagates; the helper lets go of its locks on its own, promptly.
     """
     timeout = download_timeout()
-    deadline = time.monotonic() + timeout
+    why = f"fetching took longer than {timeout:g} s (WANLORA_DOWNLOAD_TIMEOUT); the server is too slow or stalled"
+    return within(work, label, timeout, why + ": try again later")
+
+
+def within(work: Callable[[], T], label: str, seconds: float, late: str) -> T:
+    """Run `work` in a helper thread of its own, abandoned with a LoraDownloadError saying `late` after `seconds`,
+    or at once when the transfer this thread works for (if any) is stopped."""
+    outer = current_transfer()
+    deadline = time.monotonic() + seconds
     transfer = Transfer()
     values: list[T] = []
     errors: list[BaseException] = []
@@ -196,12 +205,9 @@ def in_background(work: Callable[[], T], label: str) -> T:
     thread.start()
     try:
         while not transfer.finished.wait(POLL_SECONDS):
+            outer.check()
             if time.monotonic() > deadline:
-                raise LoraDownloadError(
-                    f"{label}: fetching took longer than {timeout:g} s (WANLORA_DOWNLOAD_TIMEOUT); "
-                    "the server is too slow or stalled: try again later",
-                    label,
-                )
+                raise LoraDownloadError(f"{label}: {late}", label)
     except BaseException:
         transfer.abort()
         thread.join(ABORT_GRACE)
@@ -264,8 +270,11 @@ def raise_for_status(response: requests.Response, label: str) -> None:
         raise LoraDownloadError(f"{label}: the server answered {status}", label, status)
 
 
-def with_retries(action: Callable[[], T], label: str, what: str, url: str | None = None) -> T:
-    """Run `action` up to MAX_ATTEMPTS times, backing off after failures worth another try."""
+def with_retries(
+    action: Callable[[], T], label: str, what: str, url: str | None = None, attempts: int | None = None
+) -> T:
+    """Run `action` up to `attempts` (default MAX_ATTEMPTS) times, backing off after failures worth another try."""
+    attempts = MAX_ATTEMPTS if attempts is None else attempts
     transfer = current_transfer()
     attempt = 0
     while True:
@@ -281,9 +290,10 @@ def with_retries(action: Callable[[], T], label: str, what: str, url: str | None
                 raise LoraDownloadError(
                     f"{label}: the server is busy and asks to wait {asked:.0f} s; try again later", label, 429
                 ) from None
-            if attempt == MAX_ATTEMPTS:  # the cause is not chained: a request error quotes its URL, query and all
+            if attempt == attempts:  # the cause is not chained: a request error quotes its URL, query and all
+                tries = f"after {attempts} attempts" if attempts > 1 else "once"
                 raise LoraDownloadError(
-                    f"{label}: {what} failed after {MAX_ATTEMPTS} attempts ({describe(exc, url)}); try again", label
+                    f"{label}: {what} failed {tries} ({describe(exc, url)}); try again", label
                 ) from None
             logger.warning("%s: %s; retrying", label, describe(exc, url))
             transfer.sleep(max(BACKOFF_SECONDS * 2 ** (attempt - 1), asked or 0.0))
@@ -344,15 +354,23 @@ def _redirect_target(url: str, location: str, label: str) -> str:
         raise LoraDownloadError(f"{label}: the server redirected to a malformed link", label) from None
 
 
-def get_json(url: str, headers: dict[str, str], label: str, what: str) -> object:
+def get_json(url: str, headers: dict[str, str], label: str, what: str, attempts: int | None = None) -> object:
+    """An API's JSON answer, at most MAX_JSON_BYTES; anything else (too big, not JSON, nested past what the
+    parser can follow) is a LoraDownloadError."""
+
     def lookup() -> object:
         with http_session() as session, open_url(session, url, headers, label) as response:
+            body = bytearray()
+            for chunk in response.iter_content(64 * 1024):
+                body += chunk
+                if len(body) > MAX_JSON_BYTES:
+                    raise LoraDownloadError(f"{label}: the {what} lookup answered more than a lookup holds", label)
             try:
-                return response.json()
-            except ValueError:
+                return json.loads(body)
+            except (ValueError, RecursionError):
                 raise LoraDownloadError(f"{label}: the {what} lookup did not return JSON", label) from None
 
-    return with_retries(lookup, label, f"the {what} lookup", url)
+    return with_retries(lookup, label, f"the {what} lookup", url, attempts)
 
 
 def first_redirect(url: str, label: str) -> str:

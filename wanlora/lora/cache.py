@@ -120,11 +120,6 @@ class LoraCache:
         finally:
             lock.release()
 
-    def recorded(self, canonical: str) -> Entry | None:
-        """What the cache recorded for `canonical`, unverified and untouched: for facts kept with a file (its
-        base model); `get` verifies the file when it is served."""
-        return self._read(self._dir(self.key(canonical)))
-
     def get(self, canonical: str) -> Entry | None:
         """The complete, intact entry for `canonical`, marked as used now, or None."""
         folder = self._dir(self.key(canonical))

@@ -32,6 +32,7 @@ from ..net import (
     in_background,
     revalidate,
     too_big,
+    within,
 )
 from ..pairs import EVERY_EXPERT, choose_files
 from ..settings import civitai_token, civitai_url, clean_token, max_lora_bytes, replicate_url
@@ -42,6 +43,9 @@ from .metadata import MAX_CARD_BYTES, card_front_matter, card_trigger_words, tri
 from .refs import Source, canonical_url, display_ref, parse_ref, resolve_local, url_has_secrets
 
 logger = logging.getLogger(__name__)
+
+VERSION_LOOKUP_SECONDS = 10.0  # Civitai's answer on a version is a nicety: it never holds a fetch up for long
+MAX_TRIGGER_WORDS, MAX_WORD_CHARS = 32, 200  # what is kept of an API's trigger words and base-model tag
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,8 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
     link carries (`?token=`), else the request's, else CIVITAI_API_TOKEN, sent as a header, never in a URL.
 
     Civitai's API says the version's trigger words and base model: a model page must ask it (for its
-    newest version); a version reference asks it too unless its cached file has the answer, and does
-    without when it does not answer.
+    newest version); a version reference asks it too, once and briefly (a tag can be corrected since the
+    file came), and keeps what its cached file recorded when it does not answer.
     """
     linked = dict(parse_qsl(urlsplit(source.url).query)).get("token") if source.url else None
     token = clean_token("the link's token", linked) or credentials.civitai()
@@ -228,8 +232,6 @@ def _fetch_civitai(source: Source, label: str, credentials: Credentials, cache: 
     if version is None:  # a model page: its newest version
         model = get_json(f"{civitai_url()}/api/v1/models/{source.model_id}", headers, label, "Civitai model")
         version, words, base = _latest_version(model, source.model_id, label)
-    elif (cached := cache.recorded(f"civitai:{version}{picked}")) is not None and cached.base_model is not None:
-        words, base = [], cached.base_model  # a version's file never changes: what was learned with it holds
     else:
         words, base = _version_facts(version, headers, label)
     canonical = f"civitai:{version}{picked}"
@@ -269,20 +271,26 @@ def _latest_version(model: object, model_id: str | None, label: str) -> tuple[st
 
 def _version_facts(version: str, headers: dict[str, str], label: str) -> tuple[list[str], str | None]:
     """A version's trigger words and base model, from Civitai's /api/v1/model-versions/V with the request's
-    token; none when it does not answer: the download alone decides whether the LoRA may be had."""
+    token, one attempt within VERSION_LOOKUP_SECONDS; none when it does not answer: the download alone
+    decides whether the LoRA may be had, and a cached file keeps the base model recorded with it."""
+    url = f"{civitai_url()}/api/v1/model-versions/{version}"
+    late = f"Civitai's version lookup took longer than {VERSION_LOOKUP_SECONDS:g} s"
     try:
-        answer = get_json(f"{civitai_url()}/api/v1/model-versions/{version}", headers, label, "Civitai version")
+        answer = within(lambda: get_json(url, headers, label, "Civitai version", attempts=1), label,
+                        VERSION_LOOKUP_SECONDS, late)  # fmt: skip
     except LoraError as exc:  # the token's right to the file is the download's to judge, not this lookup's
-        logger.info("Civitai's version lookup failed, so the base model is not checked: %s", exc)
+        logger.info("Civitai's version lookup failed; the base model is what a cached file recorded, if any: %s", exc)
         return [], None
     return _described(answer)
 
 
 def _described(version: object) -> tuple[list[str], str | None]:
-    """The trigger words (`trainedWords`) and the base model (`baseModel`) of a version in Civitai's JSON."""
+    """The trigger words (`trainedWords`) and the base model (`baseModel`) of a version in Civitai's JSON, as
+    much as is kept: a few short words, and a base model of a tag's length (else none)."""
     words, base = (version.get("trainedWords"), version.get("baseModel")) if isinstance(version, dict) else ([], None)
-    words = [w for w in words if isinstance(w, str)] if isinstance(words, list) else []
-    return words, base if isinstance(base, str) else None
+    words = [w for w in words if isinstance(w, str) and len(w) <= MAX_WORD_CHARS] if isinstance(words, list) else []
+    fits = isinstance(base, str) and len(base) <= MAX_WORD_CHARS
+    return words[:MAX_TRIGGER_WORDS], base if fits else None
 
 
 def _fetch_replicate(source: Source, label: str, cache: LoraCache) -> FetchedLora:
