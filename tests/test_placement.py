@@ -322,6 +322,29 @@ def test_lora_inspect_reports_each_half_of_a_combo_file(tmp_path):
     assert low.coverage is not None and low.coverage.fits and high.metadata_base_model == "Wan2.2 A14B"
 
 
+def test_lora_inspect_says_does_not_fit_where_generating_would_refuse(tmp_path, offline_net, file_server, monkeypatch):
+    """Shapes alone fit in both cases; the model's row says what generate refuses: a pair on one transformer, a
+    base model of another family."""
+    from wanlora.models import tiny_spec
+
+    combo, _, _ = write_combo(tmp_path)
+    for report in inspect_lora(str(combo), tiny_transformer(), "tiny", spec=tiny_spec()):
+        assert not report.coverage.fits
+        assert report.coverage.verdict == (
+            "does not fit: it is half of a Wan2.2 high/low pair, and tiny has one transformer"
+        )
+    monkeypatch.setenv("WANLORA_CIVITAI_URL", file_server.url)
+    write_lora(tmp_path / "a.safetensors", tiny_transformer(), "kohya", metadata=KOHYA)
+    ref = civitai_version(file_server, 151, (tmp_path / "a.safetensors").read_bytes(), "Wan Video 1.3B t2v")
+    a14b = tiny_spec(kind="t2v-a14b")
+    (report,) = inspect_lora(ref, tiny_transformer(), a14b.name, spec=a14b)
+    assert not report.coverage.fits and "as its Civitai base model 'Wan Video 1.3B t2v' says" in report.coverage.verdict
+    assert report.base_model_said_by == "its Civitai base model 'Wan Video 1.3B t2v'"  # not "its metadata"
+    right = civitai_version(file_server, 152, (tmp_path / "a.safetensors").read_bytes(), "Wan Video 2.2 T2V-A14B")
+    (fits,) = inspect_lora(right, tiny_transformer(), a14b.name, spec=a14b)
+    assert fits.coverage.fits and fits.coverage.verdict == "fits"
+
+
 def test_a_combo_file_whose_keys_do_not_all_name_an_expert_is_refused(tmp_path):
     tensors, _ = ai_toolkit_combo(tiny_transformer(), ("high",))
     stray = {k.replace("transformer_1.", ""): v for k, v in tensors.items() if "blocks.1." in k}

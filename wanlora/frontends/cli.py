@@ -617,13 +617,14 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 def cmd_lora_inspect(args: argparse.Namespace) -> None:
     from ..lora.inspect import coverage_line, inspect_lora
 
-    transformer = None
+    transformer = spec = None
     if args.model:
         say("importing torch and diffusers")
         from ..pipeline import meta_transformer
 
-        transformer = meta_transformer(resolve_model(args.model))
-    reports = inspect_lora(args.ref, transformer, args.model or "the model")
+        spec = resolve_model(args.model)
+        transformer = meta_transformer(spec)
+    reports = inspect_lora(args.ref, transformer, args.model or "the model", spec=spec)
     if args.json:
         dicts = [report.as_dict() for report in reports]
         print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))
@@ -640,7 +641,11 @@ def cmd_lora_inspect(args: argparse.Namespace) -> None:
             ("alpha", ", ".join(f"{a:g}" for a in report.alphas) or "-"),
             ("deltas", ", ".join(report.delta_kinds)),
             ("targets", ", ".join(report.targets)),
-            ("made for", report.base_model + (f"; its metadata says {m}" if (m := report.metadata_base_model) else "")),
+            (
+                "made for",
+                report.base_model
+                + (f"; {report.base_model_said_by} says {m}" if (m := report.metadata_base_model) else ""),
+            ),
             (
                 "expert",
                 (f"the {report.expert}-noise expert (Wan2.2 A14B): " if report.expert else "both: ")

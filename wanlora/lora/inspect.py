@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..errors import error_boundary
+from ..errors import LoraMismatch, error_boundary
+from ..models import ModelSpec
 from ..pairs import EVERY_EXPERT
 from .fetch import Credentials, fetch_lora_files
 from .keys import MARKER_OF
 from .layouts import LoraFile, read_lora_files
 from .merge import check_fit
-from .placement import Placement, place
+from .placement import Placement, place, refuse_other_base
 from .refs import display_ref
 
 
@@ -49,7 +50,8 @@ class FileReport:
     base_model: str
     expert: str | None  # the Wan2.2 A14B expert it goes on when given for both: its pair's, keys', metadata's or name's
     expert_reason: str  # what decided it
-    metadata_base_model: str | None  # the base model its metadata names (ai-toolkit's ss_base_model_version)
+    metadata_base_model: str | None  # the base model its metadata or Civitai page names
+    base_model_said_by: str  # which of the two ("" when neither names one)
     trigger_words: list[str]
     coverage: Coverage | None = None
 
@@ -63,13 +65,16 @@ def inspect_lora(
     model: torch.nn.Module | None = None,
     model_name: str = "the model",
     credentials: Credentials | None = None,
+    spec: ModelSpec | None = None,
 ) -> list[FileReport]:
     """Fetch and read `ref` (one file, or two for a Wan2.2 pair), and report on each file (on each half of
     an ai-toolkit file that holds both experts' LoRAs).
 
     With `model` (any Wan transformer, on the meta device is enough) each report says whether
     the LoRA fits it and how much of it the LoRA changes; a LoRA made for another model is a
-    report that says so, not an error.
+    report that says so, not an error. With `spec`, the model's catalogue row, the verdict also
+    holds what generating would refuse that shapes cannot tell: a Wan2.2 pair on a model of one
+    transformer, a base model named for another family.
     """
     params = dict(model.named_parameters()) if model is not None else None
     reports = []
@@ -77,6 +82,10 @@ def inspect_lora(
         halves = read_lora_files(fetched.path, label=display_ref(ref))
         for lora in halves:
             placement = place(lora.metadata, fetched.path, fetched.base_model, lora.expert)
+            coverage = None if params is None else coverage_of(lora, params, model_name)
+            if coverage is not None and spec is not None:
+                pair = role != EVERY_EXPERT or (len(halves) > 1 and lora.expert is not None)
+                coverage = _refused_by(coverage, spec, placement, pair, display_ref(ref))
             reports.append(
                 FileReport(
                     source=fetched.source,
@@ -91,10 +100,22 @@ def inspect_lora(
                     base_model=lora.base_model_hint(),
                     **_placement(role, placement, lora, halves),
                     trigger_words=fetched.trigger_words,
-                    coverage=None if params is None else coverage_of(lora, params, model_name),
+                    coverage=coverage,
                 )
             )
     return reports
+
+
+def _refused_by(coverage: Coverage, spec: ModelSpec, placement: Placement, pair: bool, label: str) -> Coverage:
+    """`coverage`, its verdict turned to what generating on `spec` would refuse (as the pipeline refuses it)."""
+    if pair and len(spec.experts) == 1:
+        why = f"does not fit: it is half of a Wan2.2 high/low pair, and {spec.name} has one transformer"
+        return replace(coverage, fits=False, verdict=why)
+    try:
+        refuse_other_base(placement, spec, label)
+    except LoraMismatch as exc:
+        return replace(coverage, fits=False, verdict=f"does not fit: {exc}")
+    return coverage
 
 
 def _placement(role: str, placement: Placement, lora: LoraFile, halves: list[LoraFile]) -> dict:
@@ -105,11 +126,15 @@ def _placement(role: str, placement: Placement, lora: LoraFile, halves: list[Lor
             f"the {lora.expert}-noise half of an ai-toolkit file that holds both experts' LoRAs: "
             f"{lora.tensor_count} of its {total} tensors, under {MARKER_OF[lora.expert]}"
         )
-        return {"expert": lora.expert, "expert_reason": why, "metadata_base_model": placement.base_model}
+        return {"expert": lora.expert, "expert_reason": why, **_base(placement)}
     if role != EVERY_EXPERT:
         why = f"the {role}-noise file of a Wan2.2 pair"
-        return {"expert": role, "expert_reason": why, "metadata_base_model": placement.base_model}
-    return {"expert": placement.expert, "expert_reason": placement.why, "metadata_base_model": placement.base_model}
+        return {"expert": role, "expert_reason": why, **_base(placement)}
+    return {"expert": placement.expert, "expert_reason": placement.why, **_base(placement)}
+
+
+def _base(placement: Placement) -> dict:
+    return {"metadata_base_model": placement.base_model, "base_model_said_by": placement.base_said}
 
 
 def coverage_of(lora, params: dict[str, torch.nn.Parameter], model_name: str) -> Coverage:
