@@ -171,6 +171,34 @@ def test_fast_mode_restarts_after_a_schedule_changes_the_weights_mid_run(fresh_t
     assert [float(t) for t in full] == [timesteps[0]] * 2 + [timesteps[4]] * 2
 
 
+def test_after_a_run_a_schedules_first_value_holds_again(tmp_path):
+    """Outside generate a schedule's first value applies: after a run that ended on another, the weights are
+    what set_loras gives at the first value (what save_merged would write), also after an interrupted run."""
+    from .builders import write_lora
+    from .lora_helpers import assert_bitwise, snapshot
+
+    pipe = WanLoraPipeline.from_pretrained("tiny")
+    style = tmp_path / "style.safetensors"
+    write_lora(style, pipe.transformer, "original", seed=1)
+    reference = WanLoraPipeline.from_pretrained("tiny")
+    reference.set_loras([(str(style), 1.0)])
+    pipe.generate("a fox", loras=[(str(style), [1.0, 0.0])], **{**SMALL, "num_inference_steps": 4})
+    assert_bitwise(pipe.transformer, snapshot(reference.transformer))
+
+    calls = []
+
+    def interrupt(module, args):
+        calls.append(1)
+        if len(calls) == 5:  # the third step's first pass (two a step: guided), merged at the schedule's 1.0
+            raise KeyboardInterrupt
+
+    hook = pipe.transformer.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate("a fox", loras=[(str(style), [0.0, 1.0, 0.0])], **{**SMALL, "num_inference_steps": 6})
+    hook.remove()
+    assert_bitwise(pipe.transformer, snapshot(WanLoraPipeline.from_pretrained("tiny").transformer))  # back at 0.0
+
+
 def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     import json
 

@@ -8,6 +8,8 @@ on the experts its request names. A strength schedule spans the steps of its exp
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,15 @@ def schedule_callback(experts: list[Expert], ranges: dict[str, range]):
         return tensors
 
     return on_step_end
+
+
+@contextmanager
+def schedules_restarted_after(experts: list[Expert]) -> Iterator[None]:
+    """Put each scheduled expert back at its schedules' first values after a run, whatever happens: outside
+    `generate` a schedule's first value applies (what `save_merged` writes, what the next run starts from)."""
+    try:
+        yield
+    finally:
+        for expert in experts:
+            if expert.loras.scheduled:
+                expert.loras.merge_at(0, 1)

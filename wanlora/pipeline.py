@@ -31,7 +31,15 @@ from tqdm import tqdm
 from . import __version__
 from .accelerators import accelerator_refs
 from .errors import InternalError, InvalidInput, ModelNotFound, error_boundary
-from .experts import ATTRIBUTES, Expert, assign, expert_steps, experts_of, schedule_callback
+from .experts import (
+    ATTRIBUTES,
+    Expert,
+    assign,
+    expert_steps,
+    experts_of,
+    schedule_callback,
+    schedules_restarted_after,
+)
 from .hub import download_model
 from .images import resize_image
 from .logs import NOTICE
@@ -595,7 +603,7 @@ class WanLoraPipeline:
             settings.num_inference_steps,
         )
         started = time.perf_counter()
-        with expert_switch_at(pipeline, boundary_ratio):
+        with expert_switch_at(pipeline, boundary_ratio), schedules_restarted_after(self.experts):
             output = pipeline(
                 **self._text(pipeline, settings),
                 width=settings.width,
