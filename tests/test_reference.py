@@ -501,8 +501,16 @@ def test_wan2gps_euler_steps_as_its_code_does():
 
 def test_three_phases_refuse_what_would_leave_a_phase_empty_or_guide_the_low_noise_phase():
     spec = CATALOGUE["t2v-a14b"]
-    with pytest.raises(InvalidInput, match="num_inference_steps=3 is not allowed: more with lightning-3phase"):
+    with pytest.raises(
+        InvalidInput, match="num_inference_steps=3 is not allowed: more with lightning-3phase.*; 4 steps"
+    ):
         resolve_request(spec, GenerationOptions("p", accelerator="lightning-3phase", num_inference_steps=3))
+    with pytest.raises(InvalidInput, match="flow_shift=0.1 is not allowed: another with lightning-3phase.*; 42 steps"):
+        resolve_request(
+            spec, GenerationOptions("p", accelerator="lightning-3phase", flow_shift=0.1)
+        )  # 8 steps: its own
+    with pytest.raises(InvalidInput, match="guidance_scale_2='1' is not allowed: a finite number"):
+        resolve_request(spec, GenerationOptions("p", accelerator="lightning-3phase", guidance_scale_2="1"))
     with pytest.raises(InvalidInput, match="guidance_scale_2=3.0 is not allowed: left out with lightning-3phase"):
         resolve_request(spec, GenerationOptions("p", accelerator="lightning-3phase", guidance_scale_2=3.0))
     with pytest.raises(InvalidInput, match="available for t2v-a14b, i2v-a14b, not t2v-14b"):

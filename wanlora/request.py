@@ -65,16 +65,28 @@ class PhaseSplit:
         return ", ".join(f"phase {n} = steps {a}-{b}" for n, (a, b) in enumerate(spans, 1))
 
 
-def split_phases(phases: Phases, steps: int, shift: float, preset: str) -> PhaseSplit:
-    """The phases on Wan2GP's timesteps: each starts at the first step at or below its threshold; none empty."""
+def split_phases(phases: Phases, steps: int, shift: float, preset: str, shift_given: bool = False) -> PhaseSplit:
+    """The phases on Wan2GP's timesteps: each starts at the first step at or below its threshold; none empty.
+
+    Refused otherwise, naming the fewest steps that work at this shift (and the shift, when it is the
+    caller's and the steps the preset's)."""
     from .runtime.sampling import NUM_TRAIN_TIMESTEPS, wan2gp_timesteps  # torch: only for a phased preset
 
-    timesteps = wan2gp_timesteps(steps, shift).tolist()
-    guided, high = (next((i for i, t in enumerate(timesteps) if t <= limit), steps) for limit in phases.thresholds)
+    def switches(count: int) -> tuple[list[float], int, int]:
+        timesteps = wan2gp_timesteps(count, shift).tolist()
+        guided, high = (next((i for i, t in enumerate(timesteps) if t <= limit), count) for limit in phases.thresholds)
+        return timesteps, guided, high
+
+    timesteps, guided, high = switches(steps)
     if not 0 < guided < high < steps:
         thresholds = " and ".join(f"{limit:g}" for limit in phases.thresholds)
-        why = f"more with {preset}: at shift {shift:g} its phase switches (t <= {thresholds}) leave a phase no step"
-        raise InvalidInput("num_inference_steps", steps, why)
+        low, most = describe("num_inference_steps").bounds()
+        fewest = next((n for n in range(steps + 1, int(most) + 1) if 0 < switches(n)[1] < switches(n)[2] < n), None)
+        why = f"its phase switches (t <= {thresholds}) leave a phase with no step at shift {shift:g} and {steps} steps"
+        why += f"; {fewest} steps or more work" if fewest else "; no step count does"
+        if shift_given:
+            raise InvalidInput("flow_shift", shift, f"another with {preset}: {why}")
+        raise InvalidInput("num_inference_steps", steps, f"more with {preset}: {why}")
     ratio = (timesteps[high - 1] + timesteps[high]) / 2 / NUM_TRAIN_TIMESTEPS
     return PhaseSplit(guided, high, steps, ratio)
 
@@ -324,9 +336,10 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
         if shift is None and o.flow_shift is not None:
             raise InvalidInput("flow_shift", o.flow_shift, f"left out with {preset.name}: its sampler does not shift")
         guidance_2 = 1.0 if distilled.phases is not None else preset.guidance  # phases 2 and 3 run unguided
-        if distilled.phases is not None and o.guidance_scale_2 not in (None, 1.0):
-            why = f"left out with {preset.name}: the low-noise expert's phase runs unguided, as the accelerator was"
-            raise InvalidInput("guidance_scale_2", o.guidance_scale_2, why + " distilled")
+        if distilled.phases is not None and o.guidance_scale_2 is not None:
+            if _number_in("guidance_scale_2", o.guidance_scale_2) != 1:
+                why = f"left out with {preset.name}: the low-noise expert's phase runs unguided, as its LoRA was"
+                raise InvalidInput("guidance_scale_2", o.guidance_scale_2, why + " distilled")
         o = replace(
             o,
             num_inference_steps=steps,
@@ -342,7 +355,10 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
     settings = resolve_settings(spec, o)
     phases = None
     if preset is not None and distilled is not None and distilled.phases is not None:
-        phases = split_phases(distilled.phases, settings.num_inference_steps, settings.flow_shift, preset.name)
+        shift_given = options.flow_shift is not None and options.num_inference_steps is None
+        phases = split_phases(
+            distilled.phases, settings.num_inference_steps, settings.flow_shift, preset.name, shift_given
+        )
     requests = None if o.loras is None else tuple(parse_requests(o.loras))
     if spec.identified:  # a Hub repo's experts are known once its config has been read
         check_targets(list(requests or ()), spec.experts, spec.name)
