@@ -364,7 +364,8 @@ def get_json(url: str, headers: dict[str, str], label: str, what: str, attempts:
             for chunk in response.iter_content(64 * 1024):
                 body += chunk
                 if len(body) > MAX_JSON_BYTES:
-                    raise LoraDownloadError(f"{label}: the {what} lookup answered more than a lookup holds", label)
+                    too_much = f"{label}: the {what} lookup answered over {MAX_JSON_BYTES >> 20} MiB"
+                    raise LoraDownloadError(too_much, label)
             try:
                 return json.loads(body)
             except (ValueError, RecursionError):
