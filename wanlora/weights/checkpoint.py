@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from . import formats
 from .formats.base import Stored, WeightFormat, row_view
 from .held_file import HeldFile
 from .pristine import Pristine
+from .scratch import thread_buffer
 from .sniff import read_header
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class FileTensor(Pristine):
         out = None
         if reuse:
             count = (stop - start) * (math.prod(self.shape[1:]) if self.shape else 1) * self.stored.itemsize
-            out = _read_buffer(count)
+            out = thread_buffer("file reads", count, torch.uint8)  # a chunk: CHUNK_BYTES at most
         return self.file.read(self.key, start, stop, out=out).view(stop - start, -1)
 
     def _scale_rows(self, start: int, stop: int, device: torch.device | None = None) -> torch.Tensor | None:
@@ -250,14 +250,3 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         if a.numel() % size == 0 and a.data_ptr() % size == 0 and b.data_ptr() % size == 0:
             return torch.equal(a.view(wide), b.view(wide))
     return torch.equal(a, b)
-
-
-_buffers = threading.local()
-
-
-def _read_buffer(count: int) -> torch.Tensor:
-    """This thread's read buffer of at least `count` bytes (a chunk: CHUNK_BYTES at most)."""
-    buffer = getattr(_buffers, "bytes", None)
-    if buffer is None or buffer.numel() < count:
-        buffer = _buffers.bytes = torch.empty(count, dtype=torch.uint8)
-    return buffer[:count]

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidInput
+from ..scratch import thread_buffer
 from .base import Stored, WeightFormat
 from .fp8_files import CONVENTIONS
 
@@ -96,7 +96,7 @@ def widen_into(out: torch.Tensor, quantized: torch.Tensor) -> float:
     if out.device.type != "cpu":
         out.copy_(quantized.to(out.device, non_blocking=True))
         return 1.0
-    bits = _scratch(quantized.numel()).view(quantized.shape)
+    bits = thread_buffer("fp8 bits", quantized.numel(), torch.int16).view(quantized.shape)
     bits.copy_(quantized.view(torch.int8))  # sign-extended
     if quantized.dtype == torch.float8_e5m2:
         out.copy_(bits.bitwise_left_shift_(8).view(torch.float16))
@@ -104,17 +104,6 @@ def widen_into(out: torch.Tensor, quantized: torch.Tensor) -> float:
     # s eeee mmm -> s 0eeee mmm 0000000: the shift carries the sign's extension into bit 14, cleared here
     out.copy_(bits.bitwise_left_shift_(7).bitwise_and_(-16385).view(torch.float16))  # -16385: 0xBFFF
     return 256.0
-
-
-_scratches = threading.local()
-
-
-def _scratch(elements: int) -> torch.Tensor:
-    """An int16 buffer of this thread's, reused: allocating one per chunk costs more than the bit twiddling."""
-    buffer = getattr(_scratches, "int16", None)
-    if buffer is None or buffer.numel() < elements:
-        buffer = _scratches.int16 = torch.empty(elements, dtype=torch.int16)
-    return buffer[:elements]
 
 
 class Fp8Linear(torch.nn.Module):
