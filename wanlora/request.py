@@ -77,11 +77,15 @@ def split_phases(phases: Phases, steps: int, shift: float, preset: str, shift_gi
         guided, high = (next((i for i, t in enumerate(timesteps) if t <= limit), count) for limit in phases.thresholds)
         return timesteps, guided, high
 
+    def every_phase_has_a_step(count: int) -> bool:
+        _, guided, high = switches(count)
+        return 0 < guided < high < count
+
     timesteps, guided, high = switches(steps)
     if not 0 < guided < high < steps:
         thresholds = " and ".join(f"{limit:g}" for limit in phases.thresholds)
-        low, most = describe("num_inference_steps").bounds()
-        fewest = next((n for n in range(steps + 1, int(most) + 1) if 0 < switches(n)[1] < switches(n)[2] < n), None)
+        most = int(describe("num_inference_steps").bounds()[1])
+        fewest = next((n for n in range(steps + 1, most + 1) if every_phase_has_a_step(n)), None)
         why = f"its phase switches (t <= {thresholds}) leave a phase with no step at shift {shift:g} and {steps} steps"
         why += f"; {fewest} steps or more work" if fewest else "; no step count does"
         if shift_given:
