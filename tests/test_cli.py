@@ -26,6 +26,13 @@ FOX = [
 ]
 
 
+def fox_with_preset_steps(model) -> list[str]:
+    """FOX on the model folder `model`, its step count left to an accelerator preset."""
+    fox = [arg for arg in FOX if arg not in ("--steps", "2")]
+    fox[fox.index("tiny")] = str(model)
+    return fox
+
+
 def test_generate_writes_the_requested_mp4_and_is_deterministic(tmp_path):
     first = run_cli(*FOX, "-o", str(tmp_path / "a.mp4"))
     assert first.returncode == 0, first.stderr

@@ -29,7 +29,7 @@ from wanlora.request import resolve_request
 from wanlora.runtime.sampling import RcmSampler, Wan2gpEuler, WanFlowUniPC
 
 from .conftest import SMALL, recorded, run_cli
-from .test_cli import FOX
+from .test_cli import FOX, fox_with_preset_steps
 
 SCHEDULER_CONFIG = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "num_train_timesteps": 1000}
 
@@ -400,8 +400,7 @@ def test_the_pipeline_runs_rcm_from_noise_at_its_first_sigma(tiny_dir):
 
 
 def test_the_cli_runs_rcm_with_its_own_steps_and_no_shift(tiny_dir, tmp_path):
-    fox = [arg for arg in FOX if arg not in ("--steps", "2")]  # the preset's own 4
-    fox[fox.index("tiny")] = str(tiny_dir)
+    fox = fox_with_preset_steps(tiny_dir)  # the preset's own 4
     result = run_cli(*fox, "--accelerator", "rcm", "-o", str(tmp_path / "rcm.mp4"))
     assert result.returncode == 0, result.stderr
     tags = recorded(tmp_path / "rcm.mp4")

@@ -495,10 +495,9 @@ def test_the_cli_and_the_predictor_run_three_phases(tiny_dir_a14b, tmp_path):
     from wanlora.frontends.service import VideoService
 
     from .conftest import recorded, run_cli
-    from .test_cli import FOX
+    from .test_cli import fox_with_preset_steps
 
-    fox = [arg for arg in FOX if arg not in ("--steps", "2")]  # the preset's own 8
-    fox[fox.index("tiny")] = str(tiny_dir_a14b)
+    fox = fox_with_preset_steps(tiny_dir_a14b)  # the preset's own 8
     result = run_cli(*fox, "--frames", "5", "--accelerator", "lightning-3phase", "-o", str(tmp_path / "cli.mp4"))
     assert result.returncode == 0, result.stderr
     tags = recorded(tmp_path / "cli.mp4")
