@@ -57,6 +57,16 @@ def test_width_and_height_come_together():
         resolve_settings(SPEC, GenerationOptions("a fox", width=64))
 
 
+def test_a_frame_past_the_models_position_table_is_refused_before_the_forward_would_fail():
+    """A tiny stand-in's rotary table covers 32 patches a side (16 pixels each): 512 pixels; a published model's
+    1024 patches cover every size the catalogue allows."""
+    with pytest.raises(InvalidInput, match="width=832 is not allowed: at most 512 for tiny: its positions cover 32"):
+        resolve_settings(SPEC, GenerationOptions("a fox", width=832, height=480))
+    assert resolve_settings(SPEC, GenerationOptions("a fox", width=512, height=288)).width == 512
+    big = CATALOGUE["t2v-14b"]
+    assert resolve_settings(big, GenerationOptions("a fox", width=1280, height=720)).width == 1280
+
+
 def test_defaults_follow_the_model():
     settings = resolve_settings(CATALOGUE["t2v-14b"], GenerationOptions("a fox", resolution="720p", seed=3))
     assert (settings.width, settings.height, settings.flow_shift) == (1280, 720, 5.0)

@@ -16,7 +16,7 @@ from .accelerators import Accelerator, accelerator_for
 from .errors import InternalError, InvalidInput
 from .images import ImageHeader, ImageInput, load_image, reference_frame_size
 from .lora.selection import LoraRequest, check_targets, parse_requests
-from .models import Distilled, ModelSpec, Phases
+from .models import Distilled, ModelSpec, Phases, latent_shape
 from .options import GenerationOptions, describe
 from .settings import (
     MAX_PROMPT_CHARS,
@@ -200,6 +200,21 @@ def validate_num_frames(value: object, max_frames: int) -> int:
     return value
 
 
+def check_position_table(spec: ModelSpec, width: int, height: int, num_frames: int) -> None:
+    """Refuse a frame or clip longer than the transformer's rotary position table, a patch a position along each
+    axis (`rope_max_seq_len`: 1024 on every published Wan model; a tiny stand-in's is 32): diffusers would fail
+    inside the forward with a reshape error."""
+    most = spec.arch.rope_max_seq_len
+    frames, rows, columns = latent_shape(num_frames, height, width, spec.vae_scale)
+    side = 2 * spec.vae_scale  # pixels a patch covers
+    covers = f"for {spec.name}: its positions cover {most} patches"
+    for field, value, patches in (("width", width, columns // 2), ("height", height, rows // 2)):
+        if patches > most:
+            raise InvalidInput(field, value, f"at most {most * side} {covers}")
+    if frames > most:
+        raise InvalidInput("num_frames", num_frames, f"at most {4 * most - 3} {covers} of frames")
+
+
 def resolve_settings(spec: ModelSpec, options: GenerationOptions) -> GenerationSettings:
     """Check the frame-deciding options against `spec` and fill in its defaults.
 
@@ -228,6 +243,7 @@ def resolve_settings(spec: ModelSpec, options: GenerationOptions) -> GenerationS
         height = validate_side("height", height, spec.side_multiple)
 
     num_frames = validate_num_frames(spec.default_frames if o.num_frames is None else o.num_frames, spec.max_frames)
+    check_position_table(spec, width, height, num_frames)
     fps = _whole_in("fps", spec.default_fps if o.fps is None else o.fps)
     steps = o.num_inference_steps
     steps = _whole_in("num_inference_steps", spec.default_steps if steps is None else steps)
