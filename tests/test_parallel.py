@@ -289,7 +289,8 @@ def test_cli_parallel_flags_are_checked_before_any_process_starts(cli, tmp_path)
 def interrupted_long_run(tmp_path: Path, interrupt) -> tuple[int, str]:
     """A long `--gpus 2` run, hit by `interrupt(launcher, workers)` a few seconds after its workers
     start: the launcher's exit code and stderr. No output, and no worker outlives it."""
-    command = [sys.executable, "-m", "wanlora.frontends.cli", *FOX, "--gpus", "2", "--frames", "81", "--steps", "100"]
+    long_run = ["--frames", "81", "--steps", "100", "--width", "512", "--height", "288"]  # a minute: never done first
+    command = [sys.executable, "-m", "wanlora.frontends.cli", *FOX, "--gpus", "2", *long_run]
     launcher = subprocess.Popen(
         [*command, "-o", str(tmp_path / "x.mp4")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
