@@ -278,14 +278,8 @@ class LoraMerger:
         stored = self.stored[name]
         base = self._base(name)
         limit = stored.format.limit(stored.data)
-        worst = max(terms, key=lambda t: abs(t.strength) * t.delta.bound)
-        overflow = LoraFormatError(
-            f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {stored.weight.dtype} "
-            "can hold: its alpha or factors are far too large for this strength",
-            worst.label,
-        )
         if any(not abs(t.strength * t.delta.alpha_scale) <= FP32_MAX for t in terms):  # the kernels take it as fp32
-            raise overflow
+            raise _overflow(name, terms, stored.weight.dtype)
         if limit == math.inf:  # applied beside the weight: nothing is rounded into a range
             return
         bound = base.peak + sum(abs(t.strength) * t.delta.bound for t in terms)
@@ -293,7 +287,7 @@ class LoraMerger:
             return
         for _, _, rows in self._summed_rows(name, terms):  # the bound cannot vouch: compute it and look
             if not bool(torch.isfinite(rows).all()) or float(rows.abs().max()) > limit:
-                raise overflow
+                raise _overflow(name, terms, stored.weight.dtype)
 
     def _write(self, name: str, terms: list[Term]) -> None:
         """param = round(pristine + sum(strength * delta)), computed in fp32.
@@ -352,6 +346,20 @@ class LoraMerger:
         if buffer is None or buffer.numel() < elements:
             buffer = buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
         return buffer
+
+
+def _overflow(name: str, terms: list[Term], dtype: torch.dtype) -> LoraFormatError:
+    """The refusal for terms that would push `name` out of its dtype's range, naming the likeliest culprit.
+
+    Built only when raised: an error masks secrets in its message, which cost more than the whole range
+    check of a weight when made for every one of them.
+    """
+    worst = max(terms, key=lambda t: abs(t.strength) * t.delta.bound)
+    return LoraFormatError(
+        f"{worst.label} at strength {worst.strength:g} would push {name} beyond what {dtype} "
+        "can hold: its alpha or factors are far too large for this strength",
+        worst.label,
+    )
 
 
 def stored_weights(module: torch.nn.Module) -> dict[str, Stored]:
