@@ -25,7 +25,7 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
         if value:
             try:
                 parsed = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or past the parser: the phrase as it is
                 parsed = value
             items = parsed if isinstance(parsed, list) else str(parsed).split(",")
             words += [str(w).strip() for w in items if str(w).strip()]
@@ -36,7 +36,7 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
                 for tag, count in tags.items():
                     frequency[tag.strip()] += int(count)
             words = sorted(frequency, key=lambda t: (-frequency[t], t))[:3]
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError, RecursionError):
             pass  # a malformed optional hint: no trigger words, the LoRA still applies
     return list(dict.fromkeys(words))[:limit]
 
