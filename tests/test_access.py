@@ -60,6 +60,17 @@ def test_a_token_link_does_not_open_the_bare_link(offline_net, file_server, civi
         fetch_lora(f"{file_server.url}/signed.safetensors?token=guess")
 
 
+def test_a_link_whose_query_value_is_a_token_does_not_open_the_bare_link(offline_net, file_server, civitai):
+    """A token under a plain name (`?t=hf_...`) is left out of the cache key like one under `token=`: the entry it
+    fetched is as private as the link, and the bare link is the origin's to refuse."""
+    _, body = civitai
+    token = "hf_" + "A1b2" * 8
+    file_server.routes["/shared.safetensors"] = Route(body, require_query=f"t={token}")
+    assert fetch_lora(f"{file_server.url}/shared.safetensors?t={token}").path.read_bytes() == body
+    with pytest.raises(LoraAuthRequired):
+        fetch_lora(f"{file_server.url}/shared.safetensors")
+
+
 def test_the_loaders_memory_rechecks_a_private_lora(civitai):
     loader = LoraLoader()
     first = loader.load("civitai:77", Credentials(civitai_token="good"))

@@ -96,6 +96,14 @@ def test_a_model_or_accelerator_of_the_wrong_type_is_an_input_error(field, value
         read_jobs(tmp_path / "jobs.jsonl")
 
 
+@pytest.mark.parametrize("quality", [101, -1, 80.0, True])
+def test_the_services_output_quality_is_checked_before_any_work(quality):
+    """Cog's schema bounds it for its server; the service itself (a worker, a caller of it) is held to the same."""
+    service = VideoService(override="", i2v_override="")
+    with pytest.raises(InvalidInput, match=r"^output_quality=.* between 0\b.*and 100"):
+        service.resolve(PredictorInputs.of(prompt="a fox", output_quality=quality))
+
+
 # ------------------------------------------------------------------ 1. a batch line means only what it says
 
 STEPS = {"num_frames": 5, "num_inference_steps": 2, "width": 64, "height": 48}

@@ -92,6 +92,19 @@ def test_bad_images_are_clear_errors(i2v_pipe, tmp_path, make, message):
         i2v_pipe.generate("a fox", image=make(tmp_path), **SMALL)
 
 
+def test_an_image_link_that_drips_meets_the_download_deadline(offline_net, file_server, monkeypatch, tmp_path):
+    """A server sending a byte now and then, each within the read timeout, must not hold a request for ever."""
+    from wanlora.errors import LoraDownloadError
+    from wanlora.images import load_image
+
+    from .servers import Route
+
+    monkeypatch.setenv("WANLORA_DOWNLOAD_TIMEOUT", "1")
+    file_server.routes["/drip.png"] = Route(photo(tmp_path).read_bytes(), content_type="image/png", drip=0.1)
+    with pytest.raises(LoraDownloadError, match=r"^image .*drip.png: fetching took longer than 1 s"):
+        load_image(f"{file_server.url}/drip.png")
+
+
 def test_task_and_image_must_agree(i2v_pipe, tiny_pipe, tmp_path):
     with pytest.raises(InvalidInput, match="needs a start image"):
         i2v_pipe.generate("a fox", **SMALL)

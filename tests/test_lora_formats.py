@@ -166,6 +166,9 @@ def test_trigger_words_from_metadata():
     freq = json.dumps({"10_set": {"wanstyle": 30, "a dog": 2, "blue": 5}})
     assert trigger_words({"ss_tag_frequency": freq}) == ["wanstyle", "blue", "a dog"]
     assert trigger_words({"ss_tag_frequency": "not json"}) == []
+    huge = "x" * 100_000  # a file's header may hold 100 MiB: a "word" that long would fill every log line it is in
+    assert trigger_words({"trigger_phrase": f"{huge}, sks dog"}) == ["sks dog"]
+    assert trigger_words({"ss_tag_frequency": json.dumps({"set": {huge: 9, "wanstyle": 1}})}) == ["wanstyle"]
 
 
 def test_lightx2v_head_modulation_maps_to_the_top_level_table(model, tmp_path):

@@ -36,6 +36,7 @@ GOOD = {
         ("fps", 61, "between 1 and 60"),
         ("flow_shift", 0, "between 0.1 and 20"),
         ("seed", -1, "between 0 and"),
+        ("seed", 2**63, f"between 0 and {2**63 - 1}"),  # the bound as it is, not 9.22337e+18
         ("num_inference_steps", 2.5, "whole number"),
     ],
 )

@@ -134,9 +134,10 @@ def _decoded(source: Path | io.BytesIO, field: str, shown: str) -> Image.Image:
 
 def fetch_image(url: str, field: str = "image") -> io.BytesIO:
     """The bytes at an image link, fetched as LoRA links are: https only, every redirect's address
-    checked, retried when that is worth it, and at most MAX_IMAGE_BYTES."""
+    checked, retried when that is worth it, at most MAX_IMAGE_BYTES, and within WANLORA_DOWNLOAD_TIMEOUT
+    in all (a server that drips bytes, each within the read timeout, would hold the request for ever)."""
     from .lora.refs import display_ref
-    from .net import http_session, open_url, with_retries
+    from .net import http_session, in_background, open_url, with_retries
 
     label = f"{field} {display_ref(url)}"
 
@@ -150,7 +151,7 @@ def fetch_image(url: str, field: str = "image") -> io.BytesIO:
         body.seek(0)
         return body
 
-    return with_retries(attempt, label, "the download", url)
+    return in_background(lambda: with_retries(attempt, label, "the download", url), label)
 
 
 def _check_pixels(field: str, size: tuple[int, int]) -> None:

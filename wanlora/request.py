@@ -165,7 +165,12 @@ def _number_in(field: str, value: object) -> float:
 
 def _in_range(field: str, value, low, high) -> None:
     if not low <= value <= high:
-        raise InvalidInput(field, value, f"between {low:g} and {high:g}")
+        raise InvalidInput(field, value, f"between {_bound(low)} and {_bound(high)}")
+
+
+def _bound(value: float) -> str:
+    """A bound as a person types it: a whole one exactly (the most seed is 19 digits long), else shortest."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def check_text(field: str, value: object, required: bool) -> str:

@@ -104,7 +104,7 @@ def max_lora_bytes() -> int:
 
 
 def download_timeout() -> float:
-    """WANLORA_DOWNLOAD_TIMEOUT: seconds one LoRA download may take in all, retries included."""
+    """WANLORA_DOWNLOAD_TIMEOUT: seconds one LoRA or image-link download may take in all, retries included."""
     return _number("WANLORA_DOWNLOAD_TIMEOUT", DEFAULT_DOWNLOAD_TIMEOUT_S, minimum=1.0)
 
 

@@ -146,6 +146,8 @@ def json_fields(line: str) -> dict[str, Any]:
         whole = text.startswith("{") and text.endswith("}")
         hint = "" if whole else "; a job is one line of JSON (JSONL): an object spread over several lines is not one"
         raise BatchLineError(f"not one JSON object ({exc.msg} at column {exc.colno}){hint}") from None
+    except (ValueError, RecursionError):  # past Python's parser: nested thousands deep, a number too long
+        raise BatchLineError("JSON nested too deeply or with a number too long to be a request") from None
     if not isinstance(fields, dict):
         raise BatchLineError(f"a JSON {type(fields).__name__}, not one object of a request's fields")
     return fields
@@ -232,7 +234,7 @@ def _with_paths_from(base: Path, fields: dict[str, Any], predictor: bool) -> dic
     if predictor and isinstance(listed, str):  # fal's list as the predictor takes it, JSON text
         try:
             listed = json.loads(listed)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             listed = None  # the service names what is wrong with it
     if isinstance(listed, list):
         fields["loras"] = [_lora_item_from_base(base, item) for item in listed]

@@ -32,6 +32,7 @@ from ..request import Request
 from ..resident import Prepared, ResidentModel, prepare
 from ..settings import ASPECT_RATIOS, LORA_SCALE_RANGE, model_override, quantize_mode, transformer_overrides
 from ..sweep import Axis, sweep_axes
+from ..video import quality_to_crf
 from ..weights import formats
 
 if TYPE_CHECKING:
@@ -398,8 +399,7 @@ class VideoService:
                 "empty: only model=2.2-a14b has a second expert; use sample_guide_scale",
             )
         options = predictor_options(i, i.model, spec.experts)
-        if isinstance(i.output_quality, bool) or not isinstance(i.output_quality, int):
-            raise InvalidInput("output_quality", i.output_quality, "a whole number between 0 and 100")
+        quality_to_crf(i.output_quality, "output_quality")  # here, not when the video is saved after all the work
         prepared = prepare(name, options, spec=spec, images_read=images_read)
         strengths = sweep_strengths(i)
         if strengths is not None:

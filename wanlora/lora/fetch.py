@@ -39,13 +39,13 @@ from ..settings import civitai_token, civitai_url, clean_token, max_lora_bytes, 
 from ..weights.sniff import header_metadata, read_header
 from .archive import is_tar_file, unpack_single_lora
 from .cache import LoraCache
-from .metadata import MAX_CARD_BYTES, card_front_matter, card_trigger_words, trigger_words
+from .metadata import MAX_CARD_BYTES, MAX_WORD_CHARS, card_front_matter, card_trigger_words, trigger_words
 from .refs import Source, canonical_url, display_ref, parse_ref, resolve_local, url_has_secrets
 
 logger = logging.getLogger(__name__)
 
 VERSION_LOOKUP_SECONDS = 10.0  # Civitai's answer on a version is a nicety: it never holds a fetch up for long
-MAX_TRIGGER_WORDS, MAX_WORD_CHARS = 32, 200  # what is kept of an API's trigger words and base-model tag
+MAX_TRIGGER_WORDS = 32  # what is kept of an API's trigger words (each, and its base-model tag, MAX_WORD_CHARS)
 
 
 @dataclass(frozen=True)

@@ -375,8 +375,11 @@ def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]
         return {}
     try:
         config = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except json.JSONDecodeError as exc:
         raise LoraFormatError(f"{label}: its lora_adapter_metadata is not JSON: {exc}", label) from exc
+    except (ValueError, RecursionError) as exc:  # past Python's parser: nested thousands deep, a number too long
+        why = "is JSON nested too deeply or with a number too long to be real"
+        raise LoraFormatError(f"{label}: its lora_adapter_metadata {why}", label) from exc
     config = config.get("transformer", config) if isinstance(config, dict) else {}
     return config if isinstance(config, dict) else {}
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 MAX_CARD_BYTES = 256 * 1024  # a model card is a README; past this it is not read
+MAX_WORD_CHARS = 200  # a trigger word (or a base-model tag) longer than this is not one: it would flood the logs
 
 TRIGGER_KEYS = ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "ss_trigger_words", "instance_prompt")
 
@@ -25,18 +26,18 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> list[str]:
         if value:
             try:
                 parsed = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or past the parser: the phrase as it is
                 parsed = value
             items = parsed if isinstance(parsed, list) else str(parsed).split(",")
-            words += [str(w).strip() for w in items if str(w).strip()]
+            words += [str(w).strip() for w in items if 0 < len(str(w).strip()) <= MAX_WORD_CHARS]
     if not words and metadata.get("ss_tag_frequency"):
         try:
             frequency: dict[str, int] = defaultdict(int)
             for tags in json.loads(metadata["ss_tag_frequency"]).values():
                 for tag, count in tags.items():
                     frequency[tag.strip()] += int(count)
-            words = sorted(frequency, key=lambda t: (-frequency[t], t))[:3]
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            words = sorted((t for t in frequency if len(t) <= MAX_WORD_CHARS), key=lambda t: (-frequency[t], t))[:3]
+        except (AttributeError, TypeError, ValueError, RecursionError):
             pass  # a malformed optional hint: no trigger words, the LoRA still applies
     return list(dict.fromkeys(words))[:limit]
 

@@ -223,8 +223,7 @@ def _hub_source(text: str, repo: str, revision: str | None, filename: str | None
 def canonical_url(url: str) -> str:
     """The URL without credentials, signatures or fragment: safe to show and to key a cache."""
     parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(k, v) for k, v in pairs if not SECRET_QUERY.search(k) and mask_secrets(v) == v]  # a secret by name or look
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _secret_pair(k, v)]
     netloc = parts.hostname or ""
     if parts.port:
         netloc += f":{parts.port}"
@@ -232,10 +231,16 @@ def canonical_url(url: str) -> str:
 
 
 def url_has_secrets(url: str) -> bool:
+    """Whether the link carries what `canonical_url` leaves out: then its cache entry is as private as the link."""
     parts = urlsplit(url)
     return bool(parts.username or parts.password) or any(
-        SECRET_QUERY.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+        _secret_pair(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
     )
+
+
+def _secret_pair(name: str, value: str) -> bool:
+    """A query parameter that is a secret by its name, or by its look (a token under a plain name: `?t=hf_...`)."""
+    return bool(SECRET_QUERY.search(name)) or mask_secrets(value) != value
 
 
 def resolve_local(path: Path) -> Path:

@@ -152,6 +152,8 @@ def fal_loras(value: object, field: str = "loras") -> list[LoraRequest]:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise InvalidInput(field, f"text not JSON ({exc.msg} at column {exc.colno})", _FAL_FORM) from None
+        except (ValueError, RecursionError):  # past Python's parser: nested thousands deep, a number too long
+            raise InvalidInput(field, "JSON nested too deeply or with a number too long", _FAL_FORM) from None
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise InvalidInput(field, f"a JSON {type(value).__name__}", _FAL_FORM)
     if len(value) > MAX_FAL_LORAS:

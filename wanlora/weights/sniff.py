@@ -95,6 +95,8 @@ def read_header(path: str | os.PathLike, label: str) -> dict[str, Any]:
         raise LoraFormatError(f"{label} has a safetensors header that is not valid JSON: {exc}", label) from exc
     except RecursionError as exc:  # a header nested thousands deep: an attack, not a LoRA
         raise LoraFormatError(f"{label} has a safetensors header nested too deeply to be real", label) from exc
+    except ValueError as exc:  # a number of thousands of digits, past Python's integer-string limit
+        raise LoraFormatError(f"{label} has a safetensors header with a number too long to be real", label) from exc
     if not isinstance(header, dict):
         raise LoraFormatError(f"{label} has a safetensors header that is not a JSON object", label)
     _check_tensors(header, size - 8 - header_len, label)
