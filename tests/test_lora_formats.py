@@ -112,6 +112,29 @@ def test_peft_metadata_alpha_is_honoured(model, tmp_path):
     assert_weights(model, base, [({k: 2 * v for k, v in expected.items()}, 1.0)])
 
 
+def test_the_peft_config_diffusers_save_lora_weights_writes_is_honoured(tmp_path):
+    """WanPipeline.save_lora_weights stores the config under `transformer.`-prefixed keys
+    ({"transformer.lora_alpha": 16, ...}), not nested: its alpha is the file's, as diffusers reads it."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    trained, ours, theirs = tiny_pipeline(), tiny_pipeline(), tiny_pipeline()
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "ffn.net.2"], init_lora_weights=False)
+    trained.transformer.add_adapter(config)
+    layers = get_peft_model_state_dict(trained.transformer)
+    WanPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict()
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    merge(LoraMerger(ours.transformer), [(read_lora(path), 0.5)])
+    theirs.load_lora_weights(str(path), adapter_name="style")
+    theirs.fuse_lora(lora_scale=0.5, components=["transformer"])
+    theirs.unload_lora_weights()
+    reference = dict(theirs.transformer.named_parameters())
+    for name, param in ours.transformer.named_parameters():
+        torch.testing.assert_close(param, reference[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_unknown_keys_are_listed_up_to_ten(tmp_path):
     junk = {f"diffusion_model.blocks.{i}.self_attn.q.lora_down.weight": torch.zeros(4, 24) for i in range(12)}
     junk |= {f"diffusion_model.blocks.{i}.self_attn.q.lora_up.weight": torch.zeros(24, 4) for i in range(12)}

@@ -369,7 +369,9 @@ def _lokr(parts: dict[str, torch.Tensor], alpha: float | None, module: str, labe
 
 
 def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]:
-    """diffusers stores the PEFT LoraConfig (lora_alpha, r, patterns) in the file's metadata."""
+    """diffusers stores the PEFT LoraConfig (lora_alpha, r, patterns) in the file's metadata: as it is (a model's
+    `save_lora_adapter`), or with each key under its component's prefix (a pipeline's `save_lora_weights`:
+    {"transformer.lora_alpha": 16, ...}, which diffusers' loader strips again)."""
     raw = metadata.get("lora_adapter_metadata") or metadata.get("transformer.lora_adapter_metadata")
     if not raw:
         return {}
@@ -377,7 +379,12 @@ def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]
         config = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise LoraFormatError(f"{label}: its lora_adapter_metadata is not JSON: {exc}", label) from exc
-    config = config.get("transformer", config) if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    prefixed = {
+        key.removeprefix("transformer."): value for key, value in config.items() if key.startswith("transformer.")
+    }
+    config = prefixed or config.get("transformer", config)
     return config if isinstance(config, dict) else {}
 
 
