@@ -135,6 +135,29 @@ def test_the_peft_config_diffusers_save_lora_weights_writes_is_honoured(tmp_path
         torch.testing.assert_close(param, reference[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.q.lora_A.weight"),
+        (
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+            "model.diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+        ),
+        ("blocks.0.self_attn.q.lora_A.weight", "blocks.0.self_attn.q.lora_A.default.weight"),
+    ],
+    ids=["factor-names", "prefixes", "peft-adapter-name"],
+)
+def test_one_factor_under_two_names_is_refused_naming_both(tmp_path, first, second):
+    """Two spellings of one key strip to the same factor: keeping either one silently drops the other."""
+    up = first.replace("lora_down", "lora_up").replace("lora_A", "lora_B")
+    save_file(
+        {first: torch.randn(4, 24), second: torch.randn(4, 24), up: torch.randn(24, 4)}, tmp_path / "l.safetensors"
+    )
+    with pytest.raises(LoraFormatError, match="holds one factor twice") as caught:
+        read_lora(tmp_path / "l.safetensors")
+    assert first in str(caught.value) and second in str(caught.value)
+
+
 def test_unknown_keys_are_listed_up_to_ten(tmp_path):
     junk = {f"diffusion_model.blocks.{i}.self_attn.q.lora_down.weight": torch.zeros(4, 24) for i in range(12)}
     junk |= {f"diffusion_model.blocks.{i}.self_attn.q.lora_up.weight": torch.zeros(24, 4) for i in range(12)}

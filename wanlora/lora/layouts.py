@@ -178,6 +178,7 @@ def _parse_half(
 ) -> LoraFile:
     """The LoRA of the keys `stripped` holds (all of a file's, or one expert's half), by their stripped names."""
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    keys_of: dict[tuple[str, str], str] = {}  # (module, role) -> the key that gave it
     unexplained: list[str] = []
     for key, (rest, tensor) in stripped.items():
         for suffix, why in UNSUPPORTED_FACTORS.items():
@@ -186,6 +187,13 @@ def _parse_half(
         for suffix, role in FACTORS:
             if rest.endswith(suffix) or (role == "diff_m" and rest.endswith("_diff_m")):
                 module = rest[: -len(suffix)]
+                if (module, role) in keys_of:  # one factor under two names (lora_A and lora_down, two prefixes)
+                    raise LoraFormatError(
+                        f"{label} holds one factor twice, as {keys_of[module, role]} and as {key}: "
+                        "which of them is meant cannot be told",
+                        label,
+                    )
+                keys_of[module, role] = key
                 groups[module][role] = tensor
                 break
         else:
