@@ -320,6 +320,40 @@ def test_malformed_factors_are_refused_by_name(tmp_path, down, up, alpha, words)
         read_lora(tmp_path / "l.safetensors")
 
 
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("diffusion_model.blocks.0.ffn.0.diff", (24, 32)),  # the (32, 24) weight's delta, transposed
+        ("diffusion_model.blocks.0.ffn.0.diff", (32 * 24,)),  # flattened
+        ("diffusion_model.blocks.0.diff_m", (24, 6)),  # the (1, 6, 24) table's, transposed
+    ],
+    ids=["transposed", "flat", "table-transposed"],
+)
+def test_a_full_delta_of_the_right_size_but_another_shape_is_refused(pool, tmp_path, key, shape):
+    """Only the count of values agrees: merged, they would land scrambled over the weight."""
+    model = tiny_transformer()
+    merger = LoraMerger(model)
+    merge(merger, [(read_lora(pool["a"][0]), 1.0)])
+    before = snapshot(model)
+    save_file({key: torch.randn(shape) * 0.01}, tmp_path / "l.safetensors")
+    with pytest.raises(LoraMismatch, match=r"Shapes differ: blocks\.0\."):
+        merge(merger, [(read_lora(pool["a"][0]), 1.0), (read_lora(tmp_path / "l.safetensors"), 1.0)])
+    assert_bitwise(model, before)
+
+
+def test_a_full_delta_with_dimensions_of_one_added_or_dropped_still_merges(tmp_path):
+    model = tiny_transformer()
+    base = snapshot(model)
+    table, bias = torch.randn(6, 24) * 0.01, torch.randn(1, 32) * 0.01
+    save_file(
+        {"diffusion_model.blocks.0.diff_m": table, "diffusion_model.blocks.0.ffn.0.diff_b": bias},
+        tmp_path / "l.safetensors",
+    )
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    expected = {"blocks.0.scale_shift_table": table[None], "blocks.0.ffn.net.0.proj.bias": bias[0]}
+    assert_weights(model, base, [(expected, 1.0)])
+
+
 def test_an_integer_alpha_is_still_alpha(tmp_path):
     """Wan2.2-Lightning stores alpha as an int64 scalar: dropping it runs the LoRA at rank/alpha times its strength."""
     model = tiny_transformer()
