@@ -305,8 +305,10 @@ def test_nan_or_inf_in_a_file_is_refused_by_name(tmp_path, key, value):
         (torch.tensor(1.0), torch.zeros(24, 1), None, r"down factor has shape \[\]"),
         (torch.zeros(0, 24), torch.zeros(24, 0), None, r"up factor has shape \[24, 0\]"),
         (torch.zeros(4, 24), torch.zeros(24, 4), torch.ones(4), r"alpha must be one number, not a \[4\]"),
+        (torch.zeros(4, 24), torch.zeros(24, 3), None, r"up factor has shape \[24, 3\], which does not fit .* rank 4"),
+        (torch.zeros(4, 24), torch.zeros(24, 4, 2), None, r"up factor has shape \[24, 4, 2\], which does not fit"),
     ],
-    ids=["0-dim", "empty", "vector-alpha"],
+    ids=["0-dim", "empty", "vector-alpha", "ranks", "up-with-a-kernel"],
 )
 def test_malformed_factors_are_refused_by_name(tmp_path, down, up, alpha, words):
     tensors = {

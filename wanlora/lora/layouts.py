@@ -323,8 +323,12 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
     if "down" in roles or "up" in roles:
         up, down = need("up", "down")
         rank = down.shape[0]
-        if up.shape[1] != rank:
-            raise LoraFormatError(f"{label}: {module}'s up factor has rank {up.shape[1]}, its down one {rank}", label)
+        if math.prod(up.shape[1:]) != rank:  # a conv up is (out, rank, 1, 1, 1): flattened, it must be (out, rank)
+            raise LoraFormatError(
+                f"{label}: {module}'s up factor has shape {list(up.shape)}, which does not fit "
+                f"its down factor's rank {rank}",
+                label,
+            )
         if alpha is None:
             alpha = _peft_alpha(adapter, target, rank, label)
         yield weight, LoraDelta((up, down), alpha / rank)
