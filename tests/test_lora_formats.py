@@ -158,6 +158,31 @@ def test_one_factor_under_two_names_is_refused_naming_both(tmp_path, first, seco
     assert first in str(caught.value) and second in str(caught.value)
 
 
+TEXT_ENCODER_KEYS = (
+    "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",  # kohya
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha",
+    "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",  # diffusers / PEFT
+    "text_encoders.umt5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight",  # ComfyUI
+)
+
+
+def test_text_encoder_keys_are_skipped_with_a_warning_and_the_rest_merges(model, tmp_path, caplog):
+    tensors, expected = lora_tensors(shapes_of(model), "kohya", targets=["blocks.0.attn1.to_q", "blocks.1.ffn.net.2"])
+    text_encoder = {key: torch.randn(4, 32) for key in TEXT_ENCODER_KEYS}
+    save_file(tensors | text_encoder, tmp_path / "l.safetensors")
+    base = snapshot(model)
+    lora = read_lora(tmp_path / "l.safetensors")
+    assert "skipping its 4 text-encoder tensors" in caplog.text and TEXT_ENCODER_KEYS[0] in caplog.text
+    merge(LoraMerger(model), [(lora, 0.7)])
+    assert_weights(model, base, [(expected, 0.7)])
+
+
+def test_a_file_of_text_encoder_keys_only_is_refused_by_name(tmp_path):
+    save_file({key: torch.randn(4, 32) for key in TEXT_ENCODER_KEYS}, tmp_path / "te.safetensors")
+    with pytest.raises(LoraFormatError, match=r"te.safetensors holds only text-encoder keys .*: lora_te"):
+        read_lora(tmp_path / "te.safetensors")
+
+
 def test_unknown_keys_are_listed_up_to_ten(tmp_path):
     junk = {f"diffusion_model.blocks.{i}.self_attn.q.lora_down.weight": torch.zeros(4, 24) for i in range(12)}
     junk |= {f"diffusion_model.blocks.{i}.self_attn.q.lora_up.weight": torch.zeros(24, 4) for i in range(12)}

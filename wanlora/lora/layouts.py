@@ -7,6 +7,7 @@ is dropped silently: a key that fits no row is an error that names it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import defaultdict
@@ -31,9 +32,12 @@ from .keys import (
     ORIGINAL_MARKERS,
     PARAMETER_TARGETS,
     PREFIXES,
+    TEXT_ENCODER,
     UNSUPPORTED_FACTORS,
     to_diffusers_name,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,6 +148,7 @@ def parse_halves(
 ) -> list[LoraFile]:
     """One `LoraFile`, or one per expert (high first) when the keys name Wan2.2 experts (keys.EXPERT_MARKERS)."""
     label = label or path
+    tensors = _without_text_encoder(tensors, label)
     tensors = _numeric(tensors, label)
     _check_finite(tensors, label)
     stripped, namespace = _strip_prefixes(tensors, label)
@@ -226,6 +231,27 @@ def _parse_half(
         label=label,
         expert=expert,
     )
+
+
+def _without_text_encoder(tensors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    """The file's tensors but its text encoder's, which are skipped with a warning; a file of those alone is
+    refused: it has nothing for the transformer, and taking it would change nothing without a word."""
+    kept = {key: tensor for key, tensor in tensors.items() if not TEXT_ENCODER.match(key)}
+    skipped = [key for key in tensors if key not in kept]
+    if skipped and not kept:
+        raise LoraFormatError(
+            listing(f"{label} holds only text-encoder keys (wanlora applies LoRAs to the transformer only)", skipped),
+            label,
+        )
+    if skipped:
+        logger.warning(
+            "%s: skipping its %d text-encoder tensors (wanlora applies LoRAs to the transformer; the text "
+            "encoder stays as it is): %s",
+            label,
+            len(skipped),
+            listing("", skipped, limit=3).lstrip(": "),
+        )
+    return kept
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
