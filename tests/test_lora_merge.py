@@ -356,6 +356,29 @@ def test_a_full_delta_with_dimensions_of_one_added_or_dropped_still_merges(tmp_p
     assert_weights(model, base, [(expected, 1.0)])
 
 
+def test_an_alpha_of_zero_means_the_rank_as_its_trainers_read_it(tmp_path):
+    """kohya's, musubi-tuner's and LyCORIS's modules take alpha 0 as alpha = rank (scale 1); read as 0, the LoRA
+    would merge to nothing without a word."""
+    model = tiny_transformer()
+    base = snapshot(model)
+    down, up = torch.randn(4, 24) * 0.1, torch.randn(24, 4) * 0.1
+    w1a, w1b, w2a, w2b = (torch.randn(shape) * 0.3 for shape in ((24, 2), (2, 24), (24, 2), (2, 24)))
+    tensors = {
+        "lora_unet_blocks_0_self_attn_q.lora_down.weight": down,
+        "lora_unet_blocks_0_self_attn_q.lora_up.weight": up,
+        "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(0.0),
+        "lora_unet_blocks_0_cross_attn_k.hada_w1_a": w1a,
+        "lora_unet_blocks_0_cross_attn_k.hada_w1_b": w1b,
+        "lora_unet_blocks_0_cross_attn_k.hada_w2_a": w2a,
+        "lora_unet_blocks_0_cross_attn_k.hada_w2_b": w2b,
+        "lora_unet_blocks_0_cross_attn_k.alpha": torch.tensor(0, dtype=torch.int64),
+    }
+    save_file(tensors, tmp_path / "l.safetensors")
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    expected = {"blocks.0.attn1.to_q.weight": up @ down, "blocks.0.attn2.to_k.weight": (w1a @ w1b) * (w2a @ w2b)}
+    assert_weights(model, base, [(expected, 1.0)])
+
+
 def test_an_integer_alpha_is_still_alpha(tmp_path):
     """Wan2.2-Lightning stores alpha as an int64 scalar: dropping it runs the LoRA at rank/alpha times its strength."""
     model = tiny_transformer()

@@ -331,6 +331,8 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
                 f"{label}: {module}.alpha must be one number, not a {list(parts['alpha'].shape)}", label
             )
         alpha = float(parts["alpha"])  # int64 in some files (Wan2.2-Lightning): still alpha
+        if alpha == 0:  # kohya's, musubi-tuner's and LyCORIS's modules read alpha 0 as "alpha is the rank"
+            alpha = None
 
     def need(*names: str, matrix: bool = True) -> list[torch.Tensor]:
         missing = [n for n in names if n not in parts]
