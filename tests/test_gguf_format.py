@@ -92,6 +92,21 @@ def test_loras_are_unfused_by_default_exact_beside_the_blocks_and_come_off_bitwi
     assert torch.equal(forward(pipe), out) and not any(layer.lora_terms() for layer in layers.values())
 
 
+@pytest.mark.parametrize("extra", [(-1,), (0,)], ids=["trailing", "leading"])
+def test_an_unfused_full_delta_with_an_axis_of_one_applies_at_its_weights_shape(files, tmp_path, extra):
+    """A delta that fits give or take dimensions of 1 goes beside the matmul at W's shape, not its own."""
+    from safetensors.torch import save_file
+
+    pipe = load(files)
+    layer = FORMAT.layers(pipe.transformer)["blocks.0.ffn.net.0.proj.weight"]
+    delta = torch.randn(layer.out_features, layer.in_features) * 0.01
+    save_file({"diffusion_model.blocks.0.ffn.0.diff": delta.unsqueeze(extra[0])}, tmp_path / "d.safetensors")
+    pipe.set_loras([(str(tmp_path / "d.safetensors"), 0.5)])
+    x = torch.randn(3, layer.in_features)
+    want = x @ (dequantize(layer.weight_blocks, layer.qtype) + 0.5 * delta).T + layer.bias
+    assert torch.allclose(layer(x), want, atol=1e-5)
+
+
 def test_requantize_merges_into_each_tensors_own_type_history_free(files):
     from wanlora.lora.layouts import read_lora
 

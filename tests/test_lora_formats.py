@@ -112,6 +112,77 @@ def test_peft_metadata_alpha_is_honoured(model, tmp_path):
     assert_weights(model, base, [({k: 2 * v for k, v in expected.items()}, 1.0)])
 
 
+def test_the_peft_config_diffusers_save_lora_weights_writes_is_honoured(tmp_path):
+    """WanPipeline.save_lora_weights stores the config under `transformer.`-prefixed keys
+    ({"transformer.lora_alpha": 16, ...}), not nested: its alpha is the file's, as diffusers reads it."""
+    from diffusers import WanPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    trained, ours, theirs = tiny_pipeline(), tiny_pipeline(), tiny_pipeline()
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "ffn.net.2"], init_lora_weights=False)
+    trained.transformer.add_adapter(config)
+    layers = get_peft_model_state_dict(trained.transformer)
+    WanPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict()
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    merge(LoraMerger(ours.transformer), [(read_lora(path), 0.5)])
+    theirs.load_lora_weights(str(path), adapter_name="style")
+    theirs.fuse_lora(lora_scale=0.5, components=["transformer"])
+    theirs.unload_lora_weights()
+    reference = dict(theirs.transformer.named_parameters())
+    for name, param in ours.transformer.named_parameters():
+        torch.testing.assert_close(param, reference[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.q.lora_A.weight"),
+        (
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+            "model.diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+        ),
+        ("blocks.0.self_attn.q.lora_A.weight", "blocks.0.self_attn.q.lora_A.default.weight"),
+    ],
+    ids=["factor-names", "prefixes", "peft-adapter-name"],
+)
+def test_one_factor_under_two_names_is_refused_naming_both(tmp_path, first, second):
+    """Two spellings of one key strip to the same factor: keeping either one silently drops the other."""
+    up = first.replace("lora_down", "lora_up").replace("lora_A", "lora_B")
+    save_file(
+        {first: torch.randn(4, 24), second: torch.randn(4, 24), up: torch.randn(24, 4)}, tmp_path / "l.safetensors"
+    )
+    with pytest.raises(LoraFormatError, match="holds one factor twice") as caught:
+        read_lora(tmp_path / "l.safetensors")
+    assert first in str(caught.value) and second in str(caught.value)
+
+
+TEXT_ENCODER_KEYS = (
+    "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",  # kohya
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha",
+    "text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",  # diffusers / PEFT
+    "text_encoders.umt5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight",  # ComfyUI
+)
+
+
+def test_text_encoder_keys_are_skipped_with_a_warning_and_the_rest_merges(model, tmp_path, caplog):
+    tensors, expected = lora_tensors(shapes_of(model), "kohya", targets=["blocks.0.attn1.to_q", "blocks.1.ffn.net.2"])
+    text_encoder = {key: torch.randn(4, 32) for key in TEXT_ENCODER_KEYS}
+    save_file(tensors | text_encoder, tmp_path / "l.safetensors")
+    base = snapshot(model)
+    lora = read_lora(tmp_path / "l.safetensors")
+    assert "skipping its 4 text-encoder tensors" in caplog.text and TEXT_ENCODER_KEYS[0] in caplog.text
+    merge(LoraMerger(model), [(lora, 0.7)])
+    assert_weights(model, base, [(expected, 0.7)])
+
+
+def test_a_file_of_text_encoder_keys_only_is_refused_by_name(tmp_path):
+    save_file({key: torch.randn(4, 32) for key in TEXT_ENCODER_KEYS}, tmp_path / "te.safetensors")
+    with pytest.raises(LoraFormatError, match=r"te.safetensors holds only text-encoder keys .*: lora_te"):
+        read_lora(tmp_path / "te.safetensors")
+
+
 def test_unknown_keys_are_listed_up_to_ten(tmp_path):
     junk = {f"diffusion_model.blocks.{i}.self_attn.q.lora_down.weight": torch.zeros(4, 24) for i in range(12)}
     junk |= {f"diffusion_model.blocks.{i}.self_attn.q.lora_up.weight": torch.zeros(24, 4) for i in range(12)}

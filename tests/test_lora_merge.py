@@ -305,8 +305,10 @@ def test_nan_or_inf_in_a_file_is_refused_by_name(tmp_path, key, value):
         (torch.tensor(1.0), torch.zeros(24, 1), None, r"down factor has shape \[\]"),
         (torch.zeros(0, 24), torch.zeros(24, 0), None, r"up factor has shape \[24, 0\]"),
         (torch.zeros(4, 24), torch.zeros(24, 4), torch.ones(4), r"alpha must be one number, not a \[4\]"),
+        (torch.zeros(4, 24), torch.zeros(24, 3), None, r"up factor has shape \[24, 3\], which does not fit .* rank 4"),
+        (torch.zeros(4, 24), torch.zeros(24, 4, 2), None, r"up factor has shape \[24, 4, 2\], which does not fit"),
     ],
-    ids=["0-dim", "empty", "vector-alpha"],
+    ids=["0-dim", "empty", "vector-alpha", "ranks", "up-with-a-kernel"],
 )
 def test_malformed_factors_are_refused_by_name(tmp_path, down, up, alpha, words):
     tensors = {
@@ -318,6 +320,63 @@ def test_malformed_factors_are_refused_by_name(tmp_path, down, up, alpha, words)
     save_file(tensors, tmp_path / "l.safetensors")
     with pytest.raises(LoraFormatError, match=words):
         read_lora(tmp_path / "l.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("diffusion_model.blocks.0.ffn.0.diff", (24, 32)),  # the (32, 24) weight's delta, transposed
+        ("diffusion_model.blocks.0.ffn.0.diff", (32 * 24,)),  # flattened
+        ("diffusion_model.blocks.0.diff_m", (24, 6)),  # the (1, 6, 24) table's, transposed
+    ],
+    ids=["transposed", "flat", "table-transposed"],
+)
+def test_a_full_delta_of_the_right_size_but_another_shape_is_refused(pool, tmp_path, key, shape):
+    """Only the count of values agrees: merged, they would land scrambled over the weight."""
+    model = tiny_transformer()
+    merger = LoraMerger(model)
+    merge(merger, [(read_lora(pool["a"][0]), 1.0)])
+    before = snapshot(model)
+    save_file({key: torch.randn(shape) * 0.01}, tmp_path / "l.safetensors")
+    with pytest.raises(LoraMismatch, match=r"Shapes differ: blocks\.0\."):
+        merge(merger, [(read_lora(pool["a"][0]), 1.0), (read_lora(tmp_path / "l.safetensors"), 1.0)])
+    assert_bitwise(model, before)
+
+
+def test_a_full_delta_with_dimensions_of_one_added_or_dropped_still_merges(tmp_path):
+    model = tiny_transformer()
+    base = snapshot(model)
+    table, bias = torch.randn(6, 24) * 0.01, torch.randn(1, 32) * 0.01
+    save_file(
+        {"diffusion_model.blocks.0.diff_m": table, "diffusion_model.blocks.0.ffn.0.diff_b": bias},
+        tmp_path / "l.safetensors",
+    )
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    expected = {"blocks.0.scale_shift_table": table[None], "blocks.0.ffn.net.0.proj.bias": bias[0]}
+    assert_weights(model, base, [(expected, 1.0)])
+
+
+def test_an_alpha_of_zero_means_the_rank_as_its_trainers_read_it(tmp_path):
+    """kohya's, musubi-tuner's and LyCORIS's modules take alpha 0 as alpha = rank (scale 1); read as 0, the LoRA
+    would merge to nothing without a word."""
+    model = tiny_transformer()
+    base = snapshot(model)
+    down, up = torch.randn(4, 24) * 0.1, torch.randn(24, 4) * 0.1
+    w1a, w1b, w2a, w2b = (torch.randn(shape) * 0.3 for shape in ((24, 2), (2, 24), (24, 2), (2, 24)))
+    tensors = {
+        "lora_unet_blocks_0_self_attn_q.lora_down.weight": down,
+        "lora_unet_blocks_0_self_attn_q.lora_up.weight": up,
+        "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(0.0),
+        "lora_unet_blocks_0_cross_attn_k.hada_w1_a": w1a,
+        "lora_unet_blocks_0_cross_attn_k.hada_w1_b": w1b,
+        "lora_unet_blocks_0_cross_attn_k.hada_w2_a": w2a,
+        "lora_unet_blocks_0_cross_attn_k.hada_w2_b": w2b,
+        "lora_unet_blocks_0_cross_attn_k.alpha": torch.tensor(0, dtype=torch.int64),
+    }
+    save_file(tensors, tmp_path / "l.safetensors")
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    expected = {"blocks.0.attn1.to_q.weight": up @ down, "blocks.0.attn2.to_k.weight": (w1a @ w1b) * (w2a @ w2b)}
+    assert_weights(model, base, [(expected, 1.0)])
 
 
 def test_an_integer_alpha_is_still_alpha(tmp_path):

@@ -165,4 +165,7 @@ class FullDelta(Delta):
         return _peak(self.factors[0])
 
     def fits(self, shape: torch.Size) -> bool:
-        return math.prod(self.dense_shape()) == math.prod(shape)
+        """The parameter's sizes, give or take dimensions of 1 (a modulation table saved as (6, dim), a bias as a
+        column): the same count of values in another arrangement (transposed, flattened) would land scrambled."""
+        sizes = [size for size in self.dense_shape() if size != 1]
+        return super().fits(shape) or sizes == [size for size in shape if size != 1]

@@ -22,6 +22,10 @@ PREFIXES: list[tuple[str, str | None]] = [
     ("lycoris_", None),
 ]
 
+# Keys for a text encoder, which some trainers save beside the transformer's (kohya's `lora_te_`, `lora_te1_`;
+# diffusers' and PEFT's `text_encoder.`; ComfyUI's `text_encoders.`). wanlora merges into the transformer only.
+TEXT_ENCODER = re.compile(r"(lora_te\d*_|text_encoders?(_\d+)?\.)")
+
 # ai-toolkit's Wan2.2 A14B trainer (extensions_built_in/diffusion_models/wan22/wan22_14b_model.py, save_lora)
 # with `split_multistage_loras` off saves one "combo" file for both experts: its network wraps a
 # DualWanTransformer3DModel, so each key names the expert right after `diffusion_model.`

@@ -7,6 +7,7 @@ is dropped silently: a key that fits no row is an error that names it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import defaultdict
@@ -31,9 +32,12 @@ from .keys import (
     ORIGINAL_MARKERS,
     PARAMETER_TARGETS,
     PREFIXES,
+    TEXT_ENCODER,
     UNSUPPORTED_FACTORS,
     to_diffusers_name,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,6 +148,7 @@ def parse_halves(
 ) -> list[LoraFile]:
     """One `LoraFile`, or one per expert (high first) when the keys name Wan2.2 experts (keys.EXPERT_MARKERS)."""
     label = label or path
+    tensors = _without_text_encoder(tensors, label)
     tensors = _numeric(tensors, label)
     _check_finite(tensors, label)
     stripped, namespace = _strip_prefixes(tensors, label)
@@ -178,6 +183,7 @@ def _parse_half(
 ) -> LoraFile:
     """The LoRA of the keys `stripped` holds (all of a file's, or one expert's half), by their stripped names."""
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    keys_of: dict[tuple[str, str], str] = {}  # (module, role) -> the key that gave it
     unexplained: list[str] = []
     for key, (rest, tensor) in stripped.items():
         for suffix, why in UNSUPPORTED_FACTORS.items():
@@ -186,6 +192,13 @@ def _parse_half(
         for suffix, role in FACTORS:
             if rest.endswith(suffix) or (role == "diff_m" and rest.endswith("_diff_m")):
                 module = rest[: -len(suffix)]
+                if (module, role) in keys_of:  # one factor under two names (lora_A and lora_down, two prefixes)
+                    raise LoraFormatError(
+                        f"{label} holds one factor twice, as {keys_of[module, role]} and as {key}: "
+                        "which of them is meant cannot be told",
+                        label,
+                    )
+                keys_of[module, role] = key
                 groups[module][role] = tensor
                 break
         else:
@@ -218,6 +231,27 @@ def _parse_half(
         label=label,
         expert=expert,
     )
+
+
+def _without_text_encoder(tensors: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    """The file's tensors but its text encoder's, which are skipped with a warning; a file of those alone is
+    refused: it has nothing for the transformer, and taking it would change nothing without a word."""
+    kept = {key: tensor for key, tensor in tensors.items() if not TEXT_ENCODER.match(key)}
+    skipped = [key for key in tensors if key not in kept]
+    if skipped and not kept:
+        raise LoraFormatError(
+            listing(f"{label} holds only text-encoder keys (wanlora applies LoRAs to the transformer only)", skipped),
+            label,
+        )
+    if skipped:
+        logger.warning(
+            "%s: skipping its %d text-encoder tensors (wanlora applies LoRAs to the transformer; the text "
+            "encoder stays as it is): %s",
+            label,
+            len(skipped),
+            listing("", skipped, limit=3).lstrip(": "),
+        )
+    return kept
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -297,6 +331,8 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
                 f"{label}: {module}.alpha must be one number, not a {list(parts['alpha'].shape)}", label
             )
         alpha = float(parts["alpha"])  # int64 in some files (Wan2.2-Lightning): still alpha
+        if alpha == 0:  # kohya's, musubi-tuner's and LyCORIS's modules read alpha 0 as "alpha is the rank"
+            alpha = None
 
     def need(*names: str, matrix: bool = True) -> list[torch.Tensor]:
         missing = [n for n in names if n not in parts]
@@ -315,8 +351,12 @@ def _module_deltas(module: str, target: str, parts: dict[str, torch.Tensor], ada
     if "down" in roles or "up" in roles:
         up, down = need("up", "down")
         rank = down.shape[0]
-        if up.shape[1] != rank:
-            raise LoraFormatError(f"{label}: {module}'s up factor has rank {up.shape[1]}, its down one {rank}", label)
+        if math.prod(up.shape[1:]) != rank:  # a conv up is (out, rank, 1, 1, 1): flattened, it must be (out, rank)
+            raise LoraFormatError(
+                f"{label}: {module}'s up factor has shape {list(up.shape)}, which does not fit "
+                f"its down factor's rank {rank}",
+                label,
+            )
         if alpha is None:
             alpha = _peft_alpha(adapter, target, rank, label)
         yield weight, LoraDelta((up, down), alpha / rank)
@@ -369,7 +409,9 @@ def _lokr(parts: dict[str, torch.Tensor], alpha: float | None, module: str, labe
 
 
 def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]:
-    """diffusers stores the PEFT LoraConfig (lora_alpha, r, patterns) in the file's metadata."""
+    """diffusers stores the PEFT LoraConfig (lora_alpha, r, patterns) in the file's metadata: as it is (a model's
+    `save_lora_adapter`), or with each key under its component's prefix (a pipeline's `save_lora_weights`:
+    {"transformer.lora_alpha": 16, ...}, which diffusers' loader strips again)."""
     raw = metadata.get("lora_adapter_metadata") or metadata.get("transformer.lora_adapter_metadata")
     if not raw:
         return {}
@@ -380,7 +422,12 @@ def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]
     except (ValueError, RecursionError) as exc:  # past Python's parser: nested thousands deep, a number too long
         why = "is JSON nested too deeply or with a number too long to be real"
         raise LoraFormatError(f"{label}: its lora_adapter_metadata {why}", label) from exc
-    config = config.get("transformer", config) if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    prefixed = {
+        key.removeprefix("transformer."): value for key, value in config.items() if key.startswith("transformer.")
+    }
+    config = prefixed or config.get("transformer", config)
     return config if isinstance(config, dict) else {}
 
 

@@ -176,7 +176,7 @@ class GgufWeights(WeightFormat):
         layer = stored.layer
         assert isinstance(layer, GgufLinear)
         if self.mode == "unfused":
-            layer.set_lora_terms([lora_term(term.delta, term.strength) for term in terms])
+            layer.set_lora_terms([lora_term(term.delta, term.strength, stored.shape) for term in terms])
             return True
         if self.mode == "promote":
             if not terms:
@@ -190,12 +190,13 @@ class GgufWeights(WeightFormat):
         return False
 
 
-def lora_term(delta, strength: float) -> LoraTerm:
-    """A delta as a term beside the matmul: its low-rank factors where it has them, else its dense change."""
+def lora_term(delta, strength: float, shape: tuple[int, ...]) -> LoraTerm:
+    """A delta as a term beside the matmul: its low-rank factors where it has them, else its dense change at W's
+    `shape` (a delta fits give or take dimensions of 1: lora.deltas)."""
     if delta.kind == "lora":
         up, down = (factor.flatten(1) for factor in delta.factors)
         return LoraTerm(up, down, strength * delta.alpha_scale)
-    return LoraTerm(delta.compute(), None, strength)
+    return LoraTerm(delta.compute().reshape(shape), None, strength)
 
 
 @functools.cache
