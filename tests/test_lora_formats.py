@@ -112,6 +112,32 @@ def test_peft_metadata_alpha_is_honoured(model, tmp_path):
     assert_weights(model, base, [({k: 2 * v for k, v in expected.items()}, 1.0)])
 
 
+def test_peft_alpha_pattern_gives_a_module_its_own_alpha(model, tmp_path):
+    tensors, expected = lora_tensors(shapes_of(model), "diffusers")
+    target = sorted(expected)[0].removesuffix(".weight")  # blocks.0.attn1.to_k, say: 16 for it, 8 for the rest
+    config = {"r": 4, "lora_alpha": 8, "alpha_pattern": {target: 16}}
+    save_file(tensors, tmp_path / "l.safetensors", metadata={"lora_adapter_metadata": json.dumps(config)})
+    base = snapshot(model)
+    merge(LoraMerger(model), [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    scaled = {k: (4 if k == f"{target}.weight" else 2) * v for k, v in expected.items()}
+    assert_weights(model, base, [(scaled, 1.0)])
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"(a+)+$": 16}}, "alpha_pattern"),  # would backtrack for ages
+        ({"r": 4, "lora_alpha": 8, "use_rslora": "false"}, "use_rslora"),  # text that would read as true
+    ],
+    ids=["a regex", "text for a flag"],
+)
+def test_peft_metadata_is_checked_before_it_is_used(model, tmp_path, config, named):
+    tensors, _ = lora_tensors(shapes_of(model), "diffusers")
+    save_file(tensors, tmp_path / "l.safetensors", metadata={"lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(LoraFormatError, match=named):
+        read_lora(tmp_path / "l.safetensors")
+
+
 def test_the_peft_config_diffusers_save_lora_weights_writes_is_honoured(tmp_path):
     """WanPipeline.save_lora_weights stores the config under `transformer.`-prefixed keys
     ({"transformer.lora_alpha": 16, ...}), not nested: its alpha is the file's, as diffusers reads it."""

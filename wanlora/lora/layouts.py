@@ -431,6 +431,9 @@ def _peft_adapter_config(metadata: dict[str, str], label: str) -> dict[str, Any]
     return config if isinstance(config, dict) else {}
 
 
+MODULE_PATTERN = re.compile(r"[\w.]+")  # alpha_pattern keys as diffusers writes them: module names (no backtracking)
+
+
 def _peft_alpha(adapter: dict[str, Any], module: str, rank: int, label: str) -> float:
     """Alpha for a module without an `.alpha` key: PEFT's config if present, else rank (scale 1)."""
     if not adapter.get("lora_alpha"):
@@ -439,14 +442,24 @@ def _peft_alpha(adapter: dict[str, Any], module: str, rank: int, label: str) -> 
     try:
         alpha = float(adapter["lora_alpha"])
         for pattern, value in patterns.items() if isinstance(patterns, dict) else ():
+            if not MODULE_PATTERN.fullmatch(pattern):  # a file's regex could backtrack for hours
+                raise LoraFormatError(
+                    f"{label}: its lora_adapter_metadata's alpha_pattern holds {pattern[:80]!r}: wanlora takes module "
+                    "names there (as diffusers writes them), not other regular expressions",
+                    label,
+                )
             if re.search(rf"(^|\.){pattern}$", module):
                 alpha = float(value)
-    except (TypeError, ValueError, re.error) as exc:
+    except (TypeError, ValueError) as exc:
         raise LoraFormatError(f"{label}: its lora_adapter_metadata has an unusable alpha: {exc}", label) from exc
     if not math.isfinite(alpha):
         raise LoraFormatError(f"{label}: its lora_adapter_metadata gives alpha {alpha}", label)
+    rslora = adapter.get("use_rslora") or False
+    if not isinstance(rslora, bool):  # "false" as text would read as true
+        why = f"its lora_adapter_metadata's use_rslora is {rslora!r}, not true or false"
+        raise LoraFormatError(f"{label}: {why}", label)
     # rsLoRA scales by alpha/sqrt(r); express it as an alpha over r.
-    return alpha * math.sqrt(rank) if adapter.get("use_rslora") else alpha
+    return alpha * math.sqrt(rank) if rslora else alpha
 
 
 def _describe_layout(keys: list[str], namespace: str, kinds: set[str]) -> str:
