@@ -414,6 +414,40 @@ def test_the_cli_runs_rcm_with_its_own_steps_and_no_shift(tiny_dir, tmp_path):
     assert refused.returncode == 2 and "its sampler does not shift" in refused.stderr
 
 
+# CausVid on Wan2.1 1.3B, written out from deepbeepmeep/Wan2GP @8681e9f7: profiles/wan_1.3B/"Causvid Rank32 -
+# 8 Steps.json" (Kijai's Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32 at multiplier 1, 8 steps, guidance 1,
+# sample_solver "causvid"), models/wan/any2video.py lines 513-517 (the "causvid" solver: timesteps
+# [1000, 934, 862, 756, 603, 410, 250, 140, 74][:N], sigmas those / 1000 then 0; its shift is not used) and
+# shared/utils/basic_flowmatch.py line 56 (`sample + model_output * (sigma_next - sigma)`).
+
+WAN2GP_CAUSVID_TIMESTEPS = [1000, 934, 862, 756, 603, 410, 250, 140, 74]
+
+
+def test_causvid_on_1_3b_samples_wan2gps_profile_and_its_fixed_timesteps():
+    spec, request, sampler = accelerated("t2v-1.3b", "causvid")
+    assert (request.settings.num_inference_steps, request.settings.guidance_scale) == (8, 1.0)
+    assert [(r.ref.rsplit("/", 1)[1], r.strength) for r in request.accelerator_loras] == [
+        ("Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors", 1.0)
+    ]
+    for steps in range(1, 10):
+        sampler.set_timesteps(steps)
+        timesteps = torch.tensor(WAN2GP_CAUSVID_TIMESTEPS)[:steps]
+        sigmas = torch.cat([timesteps / 1000, torch.tensor([0.0])])
+        assert sampler.timesteps.tolist() == timesteps.tolist() and torch.equal(sampler.sigmas, sigmas), steps
+    generator = torch.Generator().manual_seed(2)
+    sample = torch.randn(1, 4, 2, 3, 3, generator=generator)
+    want = sample.clone()
+    for index, t in enumerate(sampler.timesteps):
+        velocity = torch.randn(1, 4, 2, 3, 3, generator=generator)
+        sample = sampler.step(velocity, t, sample, return_dict=False)[0]
+        want = want + velocity * (sigmas[index + 1] - sigmas[index])
+    assert torch.equal(sample, want)
+    with pytest.raises(InvalidInput, match="1 to 9 with causvid"):
+        resolve_request(spec, GenerationOptions("p", accelerator="causvid", num_inference_steps=10))
+    with pytest.raises(InvalidInput, match="flow_shift=3.0 is not allowed: left out with causvid"):
+        resolve_request(spec, GenerationOptions("p", accelerator="causvid", flow_shift=3.0))
+
+
 # ------------------------------------------------------------------ 6. Wan2GP's three-phase recipe
 #
 # Written out from deepbeepmeep/Wan2GP @8681e9f7: shared/utils/euler_scheduler.py (`set_timesteps`: a float32
