@@ -254,6 +254,16 @@ def test_wan21_defaults_equal_generate_py_and_its_configs(name):
             assert (settings.guidance_scale, settings.num_frames, settings.fps) == (5.0, 81, 16)
 
 
+def test_the_shift_options_help_names_every_variants_default_shift():
+    """Every default shift a variant has (generate.py: 16 for FLF2V) is one the help of `--shift` names."""
+    from wanlora.options import describe
+
+    words = describe("flow_shift").help
+    for spec in CATALOGUE.values():
+        for shift in spec.flow_shifts:
+            assert f" {shift:g}" in words, (spec.name, shift)
+
+
 # ------------------------------------------------------------------ 5. accelerators, on their references' schedules
 #
 # Written out from each distillation's own sampling code, not from wanlora's:
