@@ -254,6 +254,16 @@ def test_wan21_defaults_equal_generate_py_and_its_configs(name):
             assert (settings.guidance_scale, settings.num_frames, settings.fps) == (5.0, 81, 16)
 
 
+def test_the_shift_options_help_names_every_variants_default_shift():
+    """Every default shift a variant has (generate.py: 16 for FLF2V) is one the help of `--shift` names."""
+    from wanlora.options import describe
+
+    words = describe("flow_shift").help
+    for spec in CATALOGUE.values():
+        for shift in spec.flow_shifts:
+            assert f" {shift:g}" in words, (spec.name, shift)
+
+
 # ------------------------------------------------------------------ 5. accelerators, on their references' schedules
 #
 # Written out from each distillation's own sampling code, not from wanlora's:
@@ -412,6 +422,40 @@ def test_the_cli_runs_rcm_with_its_own_steps_and_no_shift(tiny_dir, tmp_path):
     )
     refused = run_cli(*fox, "--accelerator", "rcm", "--shift", "5", "-o", str(tmp_path / "no.mp4"))
     assert refused.returncode == 2 and "its sampler does not shift" in refused.stderr
+
+
+# CausVid on Wan2.1 1.3B, written out from deepbeepmeep/Wan2GP @8681e9f7: profiles/wan_1.3B/"Causvid Rank32 -
+# 8 Steps.json" (Kijai's Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32 at multiplier 1, 8 steps, guidance 1,
+# sample_solver "causvid"), models/wan/any2video.py lines 513-517 (the "causvid" solver: timesteps
+# [1000, 934, 862, 756, 603, 410, 250, 140, 74][:N], sigmas those / 1000 then 0; its shift is not used) and
+# shared/utils/basic_flowmatch.py line 56 (`sample + model_output * (sigma_next - sigma)`).
+
+WAN2GP_CAUSVID_TIMESTEPS = [1000, 934, 862, 756, 603, 410, 250, 140, 74]
+
+
+def test_causvid_on_1_3b_samples_wan2gps_profile_and_its_fixed_timesteps():
+    spec, request, sampler = accelerated("t2v-1.3b", "causvid")
+    assert (request.settings.num_inference_steps, request.settings.guidance_scale) == (8, 1.0)
+    assert [(r.ref.rsplit("/", 1)[1], r.strength) for r in request.accelerator_loras] == [
+        ("Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors", 1.0)
+    ]
+    for steps in range(1, 10):
+        sampler.set_timesteps(steps)
+        timesteps = torch.tensor(WAN2GP_CAUSVID_TIMESTEPS)[:steps]
+        sigmas = torch.cat([timesteps / 1000, torch.tensor([0.0])])
+        assert sampler.timesteps.tolist() == timesteps.tolist() and torch.equal(sampler.sigmas, sigmas), steps
+    generator = torch.Generator().manual_seed(2)
+    sample = torch.randn(1, 4, 2, 3, 3, generator=generator)
+    want = sample.clone()
+    for index, t in enumerate(sampler.timesteps):
+        velocity = torch.randn(1, 4, 2, 3, 3, generator=generator)
+        sample = sampler.step(velocity, t, sample, return_dict=False)[0]
+        want = want + velocity * (sigmas[index + 1] - sigmas[index])
+    assert torch.equal(sample, want)
+    with pytest.raises(InvalidInput, match="1 to 9 with causvid"):
+        resolve_request(spec, GenerationOptions("p", accelerator="causvid", num_inference_steps=10))
+    with pytest.raises(InvalidInput, match="flow_shift=3.0 is not allowed: left out with causvid"):
+        resolve_request(spec, GenerationOptions("p", accelerator="causvid", flow_shift=3.0))
 
 
 # ------------------------------------------------------------------ 6. Wan2GP's three-phase recipe

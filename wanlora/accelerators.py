@@ -12,7 +12,9 @@ Three samplers:
   `denoising_step_list` [1000, 750, 500, 250]; Lightning's `EulerScheduler`).
 - "rcm": NVlabs' rCM: four fixed TrigFlow times, no shift, a stochastic step (fresh noise),
   the first latent scaled by its first sigma, timesteps given to the model in bf16.
-- "unipc": the base model's own sampler (CausVid, which has no reference code sampling it so).
+- "unipc": the base model's own sampler (CausVid on 14B, which has no reference code sampling it so).
+A row may put its own recipe in place of the preset's sampler: CausVid on 1.3B samples Wan2GP's
+fixed timesteps with Euler (`Distilled.timesteps`), as Wan2GP's profile for that file does.
 """
 
 from __future__ import annotations

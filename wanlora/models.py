@@ -171,11 +171,19 @@ class Distilled:
     sigma_max: float | None = None  # rCM: its sampler's first sigma on this variant (its inference script's)
     shift: float | None = None  # the recipe's shift on this variant, where it is not the preset's
     phases: Phases | None = None  # a phased recipe's switch points on this variant
+    # A recipe on fixed timesteps on this variant, in place of the preset's sampler: Euler from the first N of
+    # these to 0, unshifted (Wan2GP's "causvid" solver); () for the preset's own
+    timesteps: tuple[int, ...] = ()
     note: str = ""  # where the files and strengths come from, when not the preset's own reference
 
     @property
     def refs(self) -> tuple[str, ...]:
         return tuple(ref for ref in (self.lora, self.high, self.low) if ref is not None)
+
+    def check_steps(self, preset: str, steps: object) -> None:
+        if self.timesteps and steps not in range(1, len(self.timesteps) + 1):
+            why = f"1 to {len(self.timesteps)} with {preset} on this model: it samples the first of fixed timesteps"
+            raise InvalidInput("num_inference_steps", steps, why)
 
 
 @dataclass(frozen=True)
@@ -330,9 +338,10 @@ WAN22_VAE = {
 # distillation was trained for, held to its reference code in tests/test_reference.py. Three samplers:
 # "euler" (flow-matching Euler on fixed sigmas, shifted: the whole lightx2v / Wan2.2-Lightning family,
 # distilled on sigmas 1, 0.75, 0.5, 0.25 at shift 5), "rcm" (NVlabs' rCM: TrigFlow times, no shift, a
-# stochastic step), "unipc" (the base model's own: CausVid, which no reference code samples so) and
+# stochastic step), "unipc" (the base model's own: CausVid on 14B, which no reference code samples so) and
 # "wan2gp-euler" (Wan2GP's Euler on shifted linspace(1000, 1, N): its three-phase Lightning recipe).
-# Each variant's row below names its LoRA(s) for the presets it has (`Distilled`).
+# Each variant's row below names its LoRA(s) for the presets it has (`Distilled`), and may put a recipe of
+# fixed timesteps in place of the preset's sampler (CausVid on 1.3B: Wan2GP's profile).
 
 LIGHTNING_SIGMAS = (1.0, 0.75, 0.5, 0.25)  # before the shift: LightX2V's [1000, 750, 500, 250] / 1000
 
@@ -380,8 +389,9 @@ ACCELERATORS: dict[str, Accelerator] = {
             reference="deepbeepmeep/Wan2GP profiles/wan_2_2/Lightning * 3 Phases - 8 Steps.json",
         ),
         Accelerator("rcm", 4, 1.0, None, "rcm", step_counts=(1, 2, 3, 4), reference="NVlabs/rcm rcm/inference/"),
-        # Bidirectional CausVid distillation, sampled with UniPC like the base model: no reference does this.
-        Accelerator("causvid", 8, 1.0, 5.0, "unipc", reference="none: a community recipe"),
+        # Bidirectional CausVid distillation: on 1.3B, Wan2GP's profile on its fixed timesteps (the row's
+        # `timesteps`); on 14B, UniPC like the base model, which no reference does. Each row's note says which.
+        Accelerator("causvid", 8, 1.0, 5.0, "unipc"),
     )
 }
 
@@ -401,6 +411,8 @@ MOE_HIGH = f"{KIJAI_22}/Wan_2_2_I2V_A14B_HIGH_lightx2v_MoE_distill_lora_rank_64_
 RCM_14B = f"{KIJAI}/LoRAs/rCM/Wan_2_1_T2V_14B_480p_rCM_lora_average_rank_83_bf16.safetensors"
 RCM_1_3B = f"{KIJAI}/LoRAs/rCM/Wan_2_1_T2V_1_3B_480p_rCM_lora_average_rank_64_bf16.safetensors"
 CAUSVID_NOTE = "no reference code samples it so: CausVid's own is 3 DMD steps on 1.3B; a community recipe"
+# Wan2GP's "causvid" solver (models/wan/any2video.py): the first N of these timesteps, Euler to 0, no shift.
+WAN2GP_CAUSVID_TIMESTEPS = (1000, 934, 862, 756, 603, 410, 250, 140, 74)
 
 
 def distill_pair(task: str, release: str) -> Distilled:
@@ -445,7 +457,10 @@ CATALOGUE_ROWS = [
         predictor="1.3b",
         accelerators={
             "causvid": Distilled(
-                f"{KIJAI}/Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors", note=CAUSVID_NOTE
+                f"{KIJAI}/Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors",
+                timesteps=WAN2GP_CAUSVID_TIMESTEPS,
+                note="Wan2GP's profiles/wan_1.3B/'Causvid Rank32 - 8 Steps': this file at 1, 8 steps, guidance 1, "
+                "its 'causvid' solver",
             ),
             "rcm": Distilled(RCM_1_3B, sigma_max=80.0),
         },
@@ -781,6 +796,8 @@ def schedule_words(preset: Accelerator, distilled: Distilled) -> str:
     if preset.sampler == "euler":
         sigmas = ", ".join(f"{s:g}" for s in preset.sigmas)
         return f"Euler on sigmas {sigmas}, shift {preset.shift:g}"
+    if distilled.timesteps:
+        return f"Euler on timesteps {', '.join(map(str, distilled.timesteps))} (the first N), unshifted"
     if preset.sampler == "rcm":
         return f"rCM (stochastic), sigma_max {distilled.sigma_max:g}"
     shift = preset.shift if distilled.shift is None else distilled.shift
@@ -806,7 +823,7 @@ def accelerators_markdown() -> str:
             if distilled.phases is not None:  # the high-noise file off in the guided first phase
                 strengths = "0 then {:g} / {:g}".format(*distilled.strengths)
                 guidance += " in phase 1, then 1"
-            reference = preset.reference + (f"; {distilled.note}" if distilled.note else "")
+            reference = "; ".join(words for words in (preset.reference, distilled.note) if words)
             steps = "/".join(map(str, preset.step_counts)) or f"{preset.steps}"
             lines.append(
                 f"| `{name}` | `{spec.name}` | {files} | {steps} | {guidance} | "

@@ -168,8 +168,8 @@ class GenerationOptions:
         group=SAMPLING,
         low=MIN_SHIFT,
         high=MAX_SHIFT,
-        help="flow shift; default the model's (Wan2.1 T2V 5, I2V 3 at 480p and 5 at 720p; Wan2.2 T2V-A14B 12, "
-        "others 5)",
+        help="flow shift; default the model's (Wan2.1 T2V 5, I2V 3 at 480p and 5 at 720p, FLF2V 16; Wan2.2 "
+        "T2V-A14B 12, others 5)",
     )
     seed: int | None = option(
         None,

@@ -72,7 +72,7 @@ from .runtime.memory import (
     vae_tiling_for,
 )
 from .runtime.placement import ExpertSwitch, place, set_vae_tiling
-from .runtime.sampling import FixedSigmaEuler, RcmSampler, Wan2gpEuler, WanFlowUniPC
+from .runtime.sampling import FixedSigmaEuler, FixedTimestepEuler, RcmSampler, Wan2gpEuler, WanFlowUniPC
 from .staging import staged_folder
 from .sweep import MAX_WIDTH, Sweep, run_sweep, sweep_axes
 from .tiny import tiny_pipeline
@@ -831,6 +831,8 @@ def sampler_for(request: Request, base_config: Any, flow_shift: float, generator
     """The reference's sampler: an accelerator's own (fixed sigmas with Euler, or rCM's), else UniPC on Wan's
     schedule at `flow_shift`. Always a new one: no state from the last run."""
     preset, distilled = request.accelerator, request.distilled
+    if distilled is not None and distilled.timesteps:  # the variant's own recipe, in place of the preset's sampler
+        return FixedTimestepEuler(distilled.timesteps)
     if preset is not None and preset.sampler == "euler":
         return FixedSigmaEuler(list(preset.sigmas), flow_shift)
     if preset is not None and preset.sampler == "wan2gp-euler":

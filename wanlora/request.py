@@ -358,6 +358,8 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
         steps = preset.steps if o.num_inference_steps is None else o.num_inference_steps
         two = spec.boundary_ratio is not None
         shift = preset.shift if distilled.shift is None else distilled.shift
+        if distilled.timesteps:  # fixed timesteps: nothing to shift
+            shift = None
         if shift is None and o.flow_shift is not None:
             raise InvalidInput("flow_shift", o.flow_shift, f"left out with {preset.name}: its sampler does not shift")
         guidance_2 = 1.0 if distilled.phases is not None else preset.guidance  # phases 2 and 3 run unguided
@@ -373,6 +375,7 @@ def resolve_request(spec: ModelSpec, options: GenerationOptions) -> Request:
             flow_shift=(1.0 if shift is None else shift) if o.flow_shift is None else o.flow_shift,
         )
         preset.check_steps(steps)
+        distilled.check_steps(preset.name, steps)
     framed_by_image = bool(images) and o.aspect_ratio is None and o.width is None and o.height is None
     if framed_by_image:
         width, height = frame_for_image(spec, images[0], o.resolution)

@@ -9,7 +9,8 @@ at some step counts, which expert takes a step. `WanFlowUniPC` keeps diffusers' 
 feeds it the reference's sigmas.
 
 The accelerators were distilled on fixed timesteps: `FixedSigmaEuler` samples exactly those,
-whatever step count the pipeline asks for; `RcmSampler` samples rCM's, as its own script does;
+whatever step count the pipeline asks for, and `FixedTimestepEuler` the first N of a fixed list;
+`RcmSampler` samples rCM's, as its own script does;
 `Wan2gpEuler` samples Wan2GP's Euler grid, on which its three-phase Lightning recipe runs.
 """
 
@@ -56,6 +57,20 @@ class FixedSigmaEuler(FlowMatchEulerDiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps=None, device=None, **_):
         super().set_timesteps(device=device, sigmas=self.fixed_sigmas)
+
+
+class FixedTimestepEuler(FlowMatchEulerDiscreteScheduler):
+    """Flow-matching Euler from the first N of fixed integer timesteps to 0, unshifted (Wan2GP's "causvid"
+    solver): the sigmas are the timesteps / 1000 in float32, and the model is given the timesteps themselves."""
+
+    def __init__(self, timesteps: tuple[int, ...]) -> None:
+        super().__init__(shift=1.0)
+        self.fixed_timesteps = tuple(timesteps)
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **_):
+        chosen = torch.tensor(self.fixed_timesteps[:num_inference_steps], dtype=torch.int64)
+        super().set_timesteps(device=device, sigmas=(chosen / NUM_TRAIN_TIMESTEPS).tolist())
+        self.timesteps = chosen.to(device=device, dtype=torch.float32)
 
 
 # rCM's times (NVlabs/rcm rcm/inference/wan2pt2_i2v_rcm_infer.py, wan2pt1_t2v_rcm_infer.py): TrigFlow angles
