@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wanlora import WanLoraPipeline
+from wanlora.errors import WeightsPartlyMerged
 from wanlora.tiny import tiny_transformer, write_tiny_model
 from wanlora.weights.checkpoint import Checkpoint, FileTensor
 from wanlora.weights.formats.fp8 import fp8_layers, quantize_rows
@@ -94,6 +95,29 @@ def test_a_checkpoint_rewritten_in_place_is_refused_before_anything_changes(fold
         pipe.set_loras([(loras["b"], 1.0)])
     assert_same_bits(pipe.transformer, merged)
     assert pipe.active_loras == active
+
+
+def test_a_checkpoint_cut_short_during_a_merge_leaves_a_model_that_refuses_every_request(folder, loras, monkeypatch):
+    """Checked before the merge, the file is cut short half-way through it: W0 is gone, so the merge can be neither
+    finished nor undone, and the weights mix two sets. The model must refuse to run on them, the old set too."""
+    pipe = WanLoraPipeline.from_pretrained(str(folder))
+    for param in pipe.transformer.parameters():  # in memory of its own, as on a GPU (see above)
+        param.data = param.data.clone()
+    pipe.set_loras([(loras["a"], 1.0)])
+    read, reads = FileTensor.fill, []
+
+    def fill(self, out, start, stop):
+        reads.append(self.key)
+        if len(reads) == 5:  # some weights rewritten already
+            os.truncate(folder / SHARD, os.path.getsize(folder / SHARD) // 2)
+        return read(self, out, start, stop)
+
+    monkeypatch.setattr(FileTensor, "fill", fill)
+    with pytest.raises(WeightsPartlyMerged, match="merge stopped half-way and could not be undone .*was rewritten"):
+        pipe.set_loras([(loras["b"], 1.0)])
+    for again in ([(loras["a"], 1.0)], []):  # the set the model still says it holds, and none
+        with pytest.raises(WeightsPartlyMerged, match="refuses every request; load the model again"):
+            pipe.generate("a cat", loras=again, width=64, height=48, num_frames=5, num_inference_steps=1)
 
 
 def test_a_checkpoint_replaced_on_disk_still_gives_the_weights_it_was_loaded_with(folder, loras, monkeypatch):

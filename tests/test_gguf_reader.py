@@ -184,6 +184,26 @@ def test_a_file_without_the_5d_patch_embedding_says_so(tmp_path, model):
     assert "missing patch_embedding.weight (Wan's 5-D patch embedding" in message and "fix_5d_tensors" in message
 
 
+def test_quantized_tensors_with_or_without_leading_ones_load_at_the_models_shapes(tmp_path, model):
+    from wanlora.weights.formats.gguf import load_transformer
+    from wanlora.weights.gguf.linear import GgufLinear
+
+    tensors = []
+    for name, value, kind in gguf_tensors(model, "Q8_0"):
+        if name.startswith("blocks.") and name.endswith(".modulation"):  # (1, 6, dim), quantized without its 1
+            value, kind = value.reshape(6, -1), "Q8_0"
+        elif name == "blocks.0.self_attn.q.weight":  # a block linear given a leading 1
+            value = value.unsqueeze(0)
+        tensors.append((name, value, kind))
+    loaded, _, _ = load_transformer(write_gguf(tmp_path / "odd.gguf", tensors, 7), SPEC, torch.float32)
+    modulation = loaded.blocks[1].scale_shift_table
+    blocks = torch.from_numpy(encode(model.blocks[1].scale_shift_table[0], "Q8_0"))
+    want = QuantizedTensor(qtypes.Q8_0, (6, 256), blocks)
+    assert modulation.shape == (1, 6, 256) and torch.equal(modulation[0], want.dequantize())
+    query = loaded.blocks[0].attn1.to_q
+    assert isinstance(query, GgufLinear) and (query.out_features, query.in_features) == (256, 256)
+
+
 def test_a_block_scale_that_is_not_finite_is_refused_naming_the_tensor(tmp_path, model):
     path = write_file(tmp_path / "nan.gguf", model, "Q4_K_M")
     read = read_transformer(path, SPEC)

@@ -174,6 +174,10 @@ BAD_NUMBERS = {
         lambda t: t.__setitem__(f"{Q}.scale_weight", torch.ones(5)),
         f"{Q}.scale_weight has 5 values, for a weight of 24 rows",
     ),
+    "per-column-shape": (  # (1, rows) holds one value per row, but torch's broadcast would scale columns
+        lambda t: t.__setitem__(f"{Q}.scale_weight", torch.ones(1, 24)),
+        f"{Q}.scale_weight has shape \\[1, 24\\]: one per row of its weight is \\[24\\] or \\[24, 1\\]",
+    ),
     "integer-scale": (
         lambda t: t.__setitem__(f"{Q}.scale_weight", torch.tensor(1, dtype=torch.int32)),
         f"{Q}.scale_weight is I32, not a floating-point scale",
@@ -205,6 +209,22 @@ def test_a_comfy_quant_file_in_a_format_wanlora_does_not_read_is_refused_naming_
 
     path = scaled_file(tmp_path, "fp8-comfy-quant", nvfp4)
     with pytest.raises(InvalidInput, match=f"{Q}.comfy_quant names the 'nvfp4' quantization, which wanlora does not"):
+        WanLoraPipeline.from_pretrained("tiny", transformer=path)
+
+
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        (b"[" * 4000, "is not ComfyUI's JSON quantization entry"),  # nested past the parser's recursion limit
+        (b" " * 5000, "is 5000 bytes, not ComfyUI's JSON quantization entry"),  # a header may say gigabytes
+    ],
+)
+def test_a_comfy_quant_entry_that_is_not_a_small_json_object_is_refused_naming_it(tmp_path, entry, words):
+    def comfy_quant(tensors):
+        tensors[f"{Q}.comfy_quant"] = torch.frombuffer(bytearray(entry), dtype=torch.uint8)
+
+    path = scaled_file(tmp_path, "fp8-comfy-quant", comfy_quant)
+    with pytest.raises(InvalidInput, match=f"{Q}.comfy_quant {words}"):
         WanLoraPipeline.from_pretrained("tiny", transformer=path)
 
 

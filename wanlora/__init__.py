@@ -31,6 +31,7 @@ _EXPORTS = {
             "ModelNotFound",
             "VideoEncodeError",
             "WanLoraError",
+            "WeightsPartlyMerged",
             "WorkerCrashed",
         )
     },

@@ -9,7 +9,6 @@ alike: `ModelNotFound` for a model, a `LoraError` with `ref` and `status` for a 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,8 +177,10 @@ def model_configs(repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A Hub model's transformer config.json and model_index.json, a few hundred bytes each, to identify it."""
     from huggingface_hub import hf_hub_download
 
+    from .models import read_config
+
     found = []
     for filename in ("transformer/config.json", "model_index.json"):
         with hub_errors(repo, filename=filename, missing_means="it is not a diffusers-layout Wan model"):
-            found.append(json.loads(Path(hf_hub_download(repo, filename)).read_text()))
+            found.append(read_config(Path(hf_hub_download(repo, filename))))
     return found[0], found[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,18 @@ class Architecture:
     def from_config(cls, config: dict[str, Any]) -> Architecture:
         """Read the distinguishing fields of a diffusers transformer config."""
         names = cls.__dataclass_fields__
-        return cls(**{k: config[k] for k in names if k in config})
+        required = {name: None for name in names if names[name].default is MISSING}  # absent: wrong_fields says so
+        return cls(**{**required, **{k: config[k] for k in names if k in config}})
+
+    def wrong_fields(self) -> list[tuple[str, object]]:
+        """(name, value) of each field that is not a count above 0 (or None, where a field may be)."""
+        names = self.__dataclass_fields__
+        return [
+            (name, value)
+            for name in names
+            if not ((value := getattr(self, name)) is None and names[name].default is None)
+            and not (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+        ]
 
 
 @dataclass(frozen=True)
@@ -748,13 +759,38 @@ def spec_for_folder(path: Path) -> ModelSpec:
             f"{path} is not a diffusers-layout Wan model: it needs model_index.json and transformer/config.json "
             "(write one with `wanlora tiny-model DIR` or download a *-Diffusers repo)"
         )
-    return spec_for_config(json.loads(config_file.read_text()), str(path), json.loads(index_file.read_text()))
+    return spec_for_config(read_config(config_file), str(path), read_config(index_file))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; a file that is not one is named."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelNotFound(f"{path} does not read as a JSON config ({exc}): download the model again") from None
+    if not isinstance(value, dict):
+        raise ModelNotFound(f"{path} holds a JSON {type(value).__name__}, not the config object it should")
+    return value
 
 
 def spec_for_config(config: dict[str, Any], source: str, index: dict[str, Any]) -> ModelSpec:
-    """The spec whose transformer config and pipeline layout (model_index.json: experts, VAE) these are."""
+    """The spec whose transformer config and pipeline layout (model_index.json: experts, VAE) these are, each
+    value checked: a count that is not one, or a layout field of another type, names the field."""
     arch = Architecture.from_config(config)
-    layout = (index.get("boundary_ratio") is not None, bool(index.get("expand_timesteps")))
+    problems = [
+        f"transformer config's {name} {'absent' if value is None else shown_value(value)} (a whole number above 0)"
+        for name, value in arch.wrong_fields()
+    ]
+    boundary, expand = index.get("boundary_ratio"), index.get("expand_timesteps")
+    if boundary is not None and not (isinstance(boundary, float | int) and not isinstance(boundary, bool)):
+        problems.append(f"model_index.json's boundary_ratio {shown_value(boundary)} (a number between 0 and 1)")
+    elif boundary is not None and not 0 < boundary < 1:
+        problems.append(f"model_index.json's boundary_ratio {boundary!r} (a number between 0 and 1)")
+    if expand is not None and not isinstance(expand, bool):
+        problems.append(f"model_index.json's expand_timesteps {shown_value(expand)} (true or false)")
+    if problems:
+        raise ModelNotFound(f"{source} is not a Wan model wanlora can read: {'; '.join(problems)}")
+    layout = (boundary is not None, bool(expand))
     for kind, wide in ((kind, wide) for wide in (False, True) for kind in TINY_KINDS):
         candidate = tiny_spec(source, kind, wide)
         if arch == candidate.arch and layout == (candidate.boundary_ratio is not None, candidate.expand_timesteps):

@@ -58,7 +58,7 @@ from .parallel import ParallelPlan
 from .parallel.distributed import Parallel, init_distributed, resolve_plan
 from .request import Request, resolve_request
 from .runtime.attention import choose_backend, install_backend
-from .runtime.devices import resolve_device
+from .runtime.devices import check_dtype, resolve_device
 from .runtime.fastmode import apply_fast_mode
 from .runtime.guidance import BatchedGuidance
 from .runtime.memory import (
@@ -220,6 +220,7 @@ class WanLoraPipeline:
         """
         spec = model if isinstance(model, ModelSpec) else identify_model(model)
         quantize = formats.check_quantize(quantize)
+        dtype = check_dtype(dtype)
         lora_mode = formats.check_lora_mode(lora_mode)
         plan = None
         if parallel is not None:
@@ -891,6 +892,25 @@ def load_diffusers_pipeline(folder: Path, dtype: torch.dtype, shared: dict[str, 
                 folder, subfolder="image_encoder", dtype=torch.float32, **unmapped
             )
         pipeline_class = getattr(diffusers, spec.task.pipeline_class)
-        return pipeline_class.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
+        pipeline = pipeline_class.from_pretrained(folder, dtype=dtype, **unmapped, **shared)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"could not load {folder} as a diffusers Wan model: {exc}") from exc
+    check_whole(pipeline, folder, spec)
+    return pipeline
+
+
+def check_whole(pipeline: Any, folder: Path, spec: ModelSpec) -> None:
+    """Every transformer the model's layout needs is there, and every weight was read: diffusers leaves a component
+    model_index.json omits as None (a Wan2.2 index on a one-transformer folder), and a weight its files lack on
+    `meta` (a shard without it, a config of another variant), each an error only at first use."""
+    problems = [f"no {ATTRIBUTES[name]}" for name in spec.experts if getattr(pipeline, ATTRIBUTES[name], None) is None]
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module):
+            unread = [key for key, value in component.state_dict(keep_vars=True).items() if value.is_meta]
+            if unread:
+                problems.append(f"{name} lacks {unread[0]}" + (f" and {len(unread) - 1} more" if unread[1:] else ""))
+    if problems:
+        raise ModelNotFound(
+            f"{folder} is not a whole {spec.name} model ({'; '.join(problems)}): download it again, or check its "
+            "model_index.json and configs"
+        )

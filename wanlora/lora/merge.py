@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import LoraFormatError, LoraMismatch
+from ..errors import LoraFormatError, LoraMismatch, WeightsPartlyMerged
 from ..messages import listing
 from ..models import transformer_kind
 from ..weights import formats
@@ -172,6 +172,7 @@ class LoraMerger:
         self.compute = compute if compute is not None and compute.type == "cuda" else None
         self.pristine: dict[str, Pristine] = {}
         self.plan: Plan = {}
+        self.damaged: WeightsPartlyMerged | None = None  # set when a write could not be undone: nothing runs on it
         self._local = threading.local()  # each thread's workspaces
         self._lock = threading.Lock()
 
@@ -185,6 +186,8 @@ class LoraMerger:
         Skipped image-branch parts are warned about once per LoRA label not in `warned`
         (which collects them), so that two experts taking one LoRA warn once.
         """
+        if self.damaged is not None:  # every request, the same set too: the weights are neither set's
+            raise self.damaged
         fits = self.check(loras)
         warned = set() if warned is None else warned
         for (lora, _), fit in zip(loras, fits, strict=True):
@@ -229,8 +232,15 @@ class LoraMerger:
         try:
             self._spread(changed, write_one)
         except BaseException:
-            for name in touched:
-                self._write(name, self.plan.get(name, []))
+            try:
+                for name in touched:
+                    self._write(name, self.plan.get(name, []))
+            except BaseException as undo:
+                self.damaged = WeightsPartlyMerged(
+                    f"a LoRA merge stopped half-way and could not be undone ({undo}); the weights mix two LoRA "
+                    "sets, so this model refuses every request; load the model again"
+                )
+                raise self.damaged from undo
             raise
         self.plan = plan
         logger.debug("rewrote %d tensors in %.3fs", len(changed), time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""Which device a pipeline runs on, checked against this machine before anything loads."""
+"""Which device a pipeline runs on, checked against this machine before anything loads, and in which dtype."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif resolved.type != "cpu":
         raise InvalidInput("device", device, "cpu, cuda or cuda:N")
     return resolved
+
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what Wan's weights compute in; fp8 is a `quantize` format
+
+
+def check_dtype(dtype: object) -> torch.dtype | None:
+    """`dtype` checked: None (the device's default), or one of DTYPES as a `torch.dtype`."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES):
+        return dtype
+    fp8 = isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize == 1
+    hint = " (fp8: quantize='fp8')" if fp8 else ""
+    raise InvalidInput("dtype", dtype, f"torch.bfloat16, torch.float16 or torch.float32{hint}")

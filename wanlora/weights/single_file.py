@@ -20,6 +20,7 @@ refused, naming the tensor.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,11 +186,13 @@ def _scale_problems(file: CheckpointFile, weight_key: str, scale_key: str) -> li
         return [f"{scale_key} scales no weight of the file"]
     if file.dtype(scale_key) not in SCALE_DTYPES:
         return [f"{scale_key} is {file.header[scale_key]['dtype']}, not a floating-point scale"]
-    scale = file.read(scale_key).float().flatten()
-    shape = file.shape(weight_key)
+    shape, scale_shape = file.shape(weight_key), file.shape(scale_key)
     rows = shape[0] if shape else 1
-    if scale.numel() not in (1, rows):
-        return [f"{scale_key} has {scale.numel()} values, for a weight of {rows} rows (one, or one per row)"]
+    if math.prod(scale_shape) not in (1, rows):  # checked before it is read: a header may say gigabytes
+        return [f"{scale_key} has {math.prod(scale_shape)} values, for a weight of {rows} rows (one, or one per row)"]
+    if scale_shape not in ((), (1,), (1, 1), (rows,), (rows, 1)):  # (1, rows) would scale columns, as torch broadcasts
+        return [f"{scale_key} has shape {list(scale_shape)}: one per row of its weight is [{rows}] or [{rows}, 1]"]
+    scale = file.read(scale_key).float().flatten()
     bad = [
         what
         for what, found in (

@@ -33,6 +33,7 @@ COMFY_PREFIX = "model.diffusion_model."
 MARKER = "scaled_fp8"  # ComfyUI's marker of a scaled-fp8 file: an empty tensor
 READ_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}  # comfy_quant's, read here
 FILE_DTYPES = tuple(READ_FORMATS.values())
+MAX_ENTRY_BYTES = 4096  # a comfy_quant entry is a JSON object of a few fields: {"format": "float8_e4m3fn"}
 
 
 class Fp8Files(FileConventions):
@@ -77,10 +78,14 @@ def _comfy_formats(file, keys: list[str], problems: list[str]) -> dict[str, torc
     for key in keys:
         if not key.endswith(".comfy_quant"):
             continue
+        start, end = file.header[key]["data_offsets"]
+        if end - start > MAX_ENTRY_BYTES:  # read before it is parsed, and a header may say gigabytes
+            problems.append(f"{key} is {end - start} bytes, not ComfyUI's JSON quantization entry (a few dozen)")
+            continue
         try:
-            config = json.loads(bytes(file.read(key).view(torch.uint8).tolist()).decode())
+            config = json.loads(file.read(key).view(torch.uint8).numpy().tobytes().decode())
             name = config["format"] if isinstance(config, dict) else None
-        except (ValueError, KeyError, UnicodeDecodeError):
+        except (ValueError, KeyError, UnicodeDecodeError, RecursionError):
             problems.append(f"{key} is not ComfyUI's JSON quantization entry")
             continue
         if name not in READ_FORMATS:

@@ -342,10 +342,13 @@ def _looks_like(sources: dict[str, TensorInfo]) -> str:
 
 
 def _fit_shape(value: torch.Tensor | QuantizedTensor, shape: tuple[int, ...]) -> torch.Tensor | QuantizedTensor:
-    """A float tensor stored without the model's leading 1s, given them."""
-    if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
-        return value.view(shape)
-    return value
+    """A tensor stored with or without the model's leading 1s (`_check_fits`), at the model's shape: a quantized
+    one too (its rows are the same blocks, only the dimensions above them differ)."""
+    if tuple(value.shape) == shape:
+        return value
+    if isinstance(value, QuantizedTensor):
+        return QuantizedTensor(value.qtype, shape, value.data.view(*shape[:-1], value.data.shape[-1]))
+    return value.view(shape)
 
 
 def _check_scales(path: Path, info: TensorInfo, value: QuantizedTensor) -> None:
