@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -118,6 +119,46 @@ def test_a_checkpoint_cut_short_during_a_merge_leaves_a_model_that_refuses_every
     for again in ([(loras["a"], 1.0)], []):  # the set the model still says it holds, and none
         with pytest.raises(WeightsPartlyMerged, match="refuses every request; load the model again"):
             pipe.generate("a cat", loras=again, width=64, height=48, num_frames=5, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("fault", ["rewritten", "cut short mid-merge"])
+def test_a_resident_model_that_cannot_go_on_is_loaded_again_for_the_next_request(folder, loras, monkeypatch, fault):
+    """The service, a batch and the CLI hold one model (ResidentModel): after CheckpointChanged or
+    WeightsPartlyMerged the request fails, and the next one runs on the model loaded afresh from the file."""
+    from wanlora.options import GenerationOptions
+    from wanlora.resident import ResidentModel, prepare
+
+    def request(lora: str):
+        options = GenerationOptions("a cat", loras=[(lora, 1.0)], width=64, height=48, num_frames=5)
+        return prepare(str(folder), replace(options, num_inference_steps=1))
+
+    resident = ResidentModel()
+    resident.run(request(loras["a"]), progress=False)
+    for param in resident.pipe.transformer.parameters():  # in memory of its own (see above)
+        param.data = param.data.clone()
+    path = folder / SHARD
+    if fault == "rewritten":
+        with path.open("r+b") as handle:
+            handle.seek(-64, os.SEEK_END)
+            handle.write(bytes(64))
+    else:
+        read, reads = FileTensor.fill, []
+
+        def fill(self, out, start, stop):
+            reads.append(self.key)
+            if len(reads) == 5:
+                os.truncate(path, os.path.getsize(path) // 2)
+            return read(self, out, start, stop)
+
+        monkeypatch.setattr(FileTensor, "fill", fill)
+    with pytest.raises(CheckpointChanged if fault == "rewritten" else WeightsPartlyMerged):
+        resident.run(request(loras["b"]), progress=False)
+    monkeypatch.undo()
+    if fault != "rewritten":
+        write_tiny_model(folder)  # the file whole again, as the operator's fresh copy
+    video = resident.run(request(loras["b"]), progress=False)
+    assert video is not None and len(video.frames) == 5
+    assert resident.loads == [str(folder), str(folder)]
 
 
 def test_a_checkpoint_replaced_on_disk_still_gives_the_weights_it_was_loaded_with(folder, loras, monkeypatch):

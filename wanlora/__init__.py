@@ -21,6 +21,7 @@ _EXPORTS = {
     **{
         name: "errors"
         for name in (
+            "CheckpointChanged",
             "InvalidInput",
             "LoraAuthRequired",
             "LoraDownloadError",

@@ -95,6 +95,10 @@ class WorkerCrashed(WanLoraError):
     """A parallel worker process died during a request (out of memory, a fault, a kill)."""
 
 
+class CheckpointChanged(WanLoraError):
+    """The checkpoint a model was loaded from was rewritten in place: its W0 is gone, so no LoRA can change."""
+
+
 class WeightsPartlyMerged(WanLoraError):
     """A LoRA merge stopped half-way and could not be undone (its W0 gone with a checkpoint cut short under it):
     the model's weights mix two LoRA sets, and only loading it again gives them back."""

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from .errors import CheckpointChanged, WeightsPartlyMerged
 from .images import ImageHeader, check_image
 from .lora.fetch import Credentials
 from .models import ModelSpec, identify_model, resolve_model
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
     from .video import Video
 
 logger = logging.getLogger(__name__)
+
+# What leaves the held model unable to go on: weights mixing two LoRA sets, or a checkpoint rewritten under it
+# (W0 can no longer be read back, so no LoRA can change). The request fails; the next one loads it afresh.
+STALE_MODEL = (WeightsPartlyMerged, CheckpointChanged)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,8 @@ class ResidentModel:
             swept = self.sweep(prepared, credentials, progress)
             return None if swept is None else swept.grid
         pipe = self.load(prepared.model, prepared)
-        return pipe.run(prepared.for_spec(pipe.spec), credentials, progress)
+        with self._loaded_again_when_stale():
+            return pipe.run(prepared.for_spec(pipe.spec), credentials, progress)
 
     def sweep(self, prepared: Prepared, credentials: Credentials | None = None, progress: bool = True) -> Sweep | None:
         """`prepared`'s sweep, cells and grid; None on the ranks but 0 of a parallel run."""
@@ -130,7 +137,19 @@ class ResidentModel:
         assert prepared.sweep, "a prepared sweep"
         pipe = self.load(prepared.model, prepared)
         request = prepared.for_spec(pipe.spec)
-        return run_sweep(pipe, request, list(prepared.sweep), credentials, prepared.max_width, progress)
+        with self._loaded_again_when_stale():
+            return run_sweep(pipe, request, list(prepared.sweep), credentials, prepared.max_width, progress)
+
+    @contextmanager
+    def _loaded_again_when_stale(self) -> Iterator[None]:
+        """Inside, an error that leaves the model unable to go on (STALE_MODEL) makes the next request load it
+        again; the pipeline is kept until then, for its text encoder and VAE to carry over."""
+        try:
+            yield
+        except STALE_MODEL:
+            logger.warning("%s cannot go on as loaded: the next request loads it again", self.model)
+            self.model = None
+            raise
 
 
 def load_in_place_of(previous: WanLoraPipeline | None, model: str | ModelSpec, **options: Any) -> WanLoraPipeline:

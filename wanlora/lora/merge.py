@@ -187,7 +187,7 @@ class LoraMerger:
         (which collects them), so that two experts taking one LoRA warn once.
         """
         if self.damaged is not None:  # every request, the same set too: the weights are neither set's
-            raise self.damaged
+            raise WeightsPartlyMerged(str(self.damaged))  # a new one each time: a raise adds to its traceback
         fits = self.check(loras)
         warned = set() if warned is None else warned
         for (lora, _), fit in zip(loras, fits, strict=True):

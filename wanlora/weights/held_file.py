@@ -13,11 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WanLoraError
-
-
-class CheckpointChanged(WanLoraError):
-    """The checkpoint a model was loaded from was rewritten in place: its W0 is gone."""
+from ..errors import CheckpointChanged
 
 
 class HeldFile:
