@@ -9,6 +9,7 @@ alike: `ModelNotFound` for a model, a `LoraError` with `ref` and `status` for a 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,11 +174,20 @@ def download_file(repo: str, filename: str) -> Path:
         return Path(hf_hub_download(repo, filename))
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; a file that is not one is named."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelNotFound(f"{path} does not read as a JSON config ({exc}): download the model again") from None
+    if not isinstance(value, dict):
+        raise ModelNotFound(f"{path} holds a JSON {type(value).__name__}, not the config object it should")
+    return value
+
+
 def model_configs(repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A Hub model's transformer config.json and model_index.json, a few hundred bytes each, to identify it."""
     from huggingface_hub import hf_hub_download
-
-    from .models import read_config
 
     found = []
     for filename in ("transformer/config.json", "model_index.json"):

@@ -8,13 +8,13 @@ or finds it pre-fetched in the weights folder.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput, ModelNotFound, shown_value
+from .hub import read_config
 from .settings import ASPECT_RATIOS
 
 # Wan's sizes (its SIZE_CONFIGS); Wan2.1's sides are multiples of 16. The reference's
@@ -760,17 +760,6 @@ def spec_for_folder(path: Path) -> ModelSpec:
             "(write one with `wanlora tiny-model DIR` or download a *-Diffusers repo)"
         )
     return spec_for_config(read_config(config_file), str(path), read_config(index_file))
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A config file's JSON object; a file that is not one is named."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelNotFound(f"{path} does not read as a JSON config ({exc}): download the model again") from None
-    if not isinstance(value, dict):
-        raise ModelNotFound(f"{path} holds a JSON {type(value).__name__}, not the config object it should")
-    return value
 
 
 def spec_for_config(config: dict[str, Any], source: str, index: dict[str, Any]) -> ModelSpec:
