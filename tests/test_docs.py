@@ -3,6 +3,7 @@ the snippets run, the tables name what the code takes, and the tiny model carrie
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -109,6 +110,80 @@ def test_the_documentation_speaks_of_the_project_and_its_users_only():
     for page in PAGES:
         for number, line in enumerate(without_code(page.read_text()).splitlines(), 1):
             assert not outside.search(line), f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+
+
+# ---------------------------------------------------------------------------- commands and flags
+
+
+def cli_parser():
+    from wanlora.frontends.cli import build_parser
+
+    return build_parser()
+
+
+def documented_commands(page: Path) -> list[str]:
+    """Every `wanlora ...` command of a page, after `wanlora`: the lines of its code blocks (a line continued
+    with `\\`, or a synopsis line continued by an indented `[`, joined), and its inline code."""
+    text = page.read_text()
+    blocks = re.findall(r"^```\w*\n(.*?)^```", text, re.S | re.M)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return [command for block in blocks for command in block_commands(block)] + re.findall(r"`wanlora ([^`]*)`", prose)
+
+
+def block_commands(block: str) -> list[str]:
+    block = re.sub(r"\n\s+(?=\[)", " ", re.sub(r"\\\n\s*", " ", block))
+    return [command for line in block.splitlines() for command in re.findall(r"(?:^|&&|-m)\s*wanlora ([^#]*)", line)]
+
+
+def flags_of(parser: argparse.ArgumentParser, *, skip_group: str | None = None) -> set[str]:
+    return {
+        flag
+        for group in parser._action_groups  # argparse keeps no public list of a parser's options
+        if group.title != skip_group
+        for action in group._group_actions
+        for flag in action.option_strings
+    }
+
+
+def test_every_documented_command_and_flag_is_the_clis():
+    from wanlora.frontends.cli import command_chain
+
+    parser, wrong = cli_parser(), []
+    for page in PAGES:
+        for command in documented_commands(page):
+            words = re.findall(r"[^\s\[\]|]+", command)
+            chain = command_chain(parser, words)
+            if words[0] != "COMMAND" and not words[0].startswith("-") and len(chain) == 1:
+                wrong.append(f"{page.name}: no such command: wanlora {command}")
+            known = {flag for each in chain for flag in each._option_string_actions}
+            wrong += [f"{page.name}: wanlora {chain[-1].prog.split(' ', 1)[-1]} has no {word}" for word in words
+                      if word.startswith("-") and word.split("=")[0] not in known]  # fmt: skip
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_cli_pages_synopsis_names_every_flag_of_every_command():
+    from wanlora.frontends.cli import command_chain
+
+    parser, missing = cli_parser(), []
+    generate = command_chain(parser, ["generate"])[-1]
+    synopsis = re.search(r"^```\w*\n(.*?)^```", (DOCS / "cli.md").read_text(), re.S | re.M)
+    assert synopsis, "docs/cli.md opens with its synopsis"
+    for line in block_commands(synopsis.group(1)):
+        words = re.findall(r"[^\s\[\]|]+", line)
+        command = command_chain(parser, words)[-1]
+        named = set(words)
+        if "generate's options but the several-GPU ones" in line:
+            shared = flags_of(generate, skip_group="several GPUs")
+            assert shared <= flags_of(command), "the sweep takes all it says it shares with generate"
+            named |= shared
+        for action in command._actions:
+            if (
+                action.option_strings
+                and action.dest not in ("help", "verbose")
+                and not named & set(action.option_strings)
+            ):
+                missing.append(f"{command.prog}: {'/'.join(action.option_strings)}")
+    assert not missing, "\n".join(missing)
 
 
 # ---------------------------------------------------------------------------- tables and snippets
