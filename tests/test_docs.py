@@ -186,6 +186,23 @@ def test_the_cli_pages_synopsis_names_every_flag_of_every_command():
     assert not missing, "\n".join(missing)
 
 
+def test_the_environment_page_names_every_variable_settings_reads_with_its_default():
+    from wanlora import settings
+
+    read = set(re.findall(r'"(WANLORA_[A-Z0-9_]+)"', (ROOT / "wanlora" / "settings.py").read_text()))
+    mentioned = {name for page in PAGES for name in re.findall(r"WANLORA_[A-Z0-9_]+", page.read_text())}
+    assert mentioned == read, f"named in the docs only: {mentioned - read}; read only: {read - mentioned}"
+    rows = [row.strip("|").split("|") for row in (DOCS / "environment.md").read_text().splitlines()[4:]]
+    defaults = {name: row[1].strip() for row in rows if len(row) > 2 for name in re.findall(r"`(\w+)`", row[0])}
+    assert read <= set(defaults)
+    for name, default in [
+        ("WANLORA_CACHE_MAX_GB", settings.DEFAULT_CACHE_MAX_GB),
+        ("WANLORA_MAX_LORA_GB", settings.DEFAULT_MAX_LORA_GB),
+        ("WANLORA_DOWNLOAD_TIMEOUT", settings.DEFAULT_DOWNLOAD_TIMEOUT_S),
+    ]:
+        assert defaults[name] == f"{default:g}", name
+
+
 # ---------------------------------------------------------------------------- tables and snippets
 
 
