@@ -203,6 +203,17 @@ def test_the_environment_page_names_every_variable_settings_reads_with_its_defau
         assert defaults[name] == f"{default:g}", name
 
 
+def test_the_api_pages_errors_are_wanloras_own_names():
+    import wanlora
+
+    page = (DOCS / "api.md").read_text()
+    listed = re.search(r"::: wanlora\.errors\n.*?members: \[(.*?)\]", page, re.S)
+    assert listed, "docs/api.md documents wanlora.errors' members"
+    names = [name.strip() for name in listed.group(1).split(",")]
+    assert [name for name in names if not hasattr(wanlora, name)] == []  # `wanlora.OutOfMemory`, as the page says
+    assert set(names) <= set(wanlora.__all__)
+
+
 # ---------------------------------------------------------------------------- tables and snippets
 
 
