@@ -214,6 +214,15 @@ def test_the_api_pages_errors_are_wanloras_own_names():
     assert set(names) <= set(wanlora.__all__)
 
 
+def test_the_python_page_names_every_keyword_of_from_pretrained():
+    import inspect
+
+    line = re.search(r"`from_pretrained` takes (.*?): see", (DOCS / "python.md").read_text(), re.S)
+    assert line, "docs/python.md lists from_pretrained's keywords"
+    named = set(re.findall(r"`(\w+)`", line.group(1)))
+    assert named == set(inspect.signature(WanLoraPipeline.from_pretrained).parameters) - {"model"}
+
+
 # ---------------------------------------------------------------------------- tables and snippets
 
 
