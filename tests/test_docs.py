@@ -243,6 +243,31 @@ def test_the_batch_field_table_names_every_field_of_each_form():
     assert parse_job(2, '{"prompt": "a fox", "model": "tiny"}').output == "job-0002.mp4"
 
 
+@pytest.mark.parametrize(
+    "line, example",
+    [
+        ({"prompt": "a fox", "num_inference_steps": 2, "lora_scale": 0.5}, None),  # quoted whole
+        ({"prompt": "a fox", "model": "tiny", "lorass": []}, None),
+        ({"prompt": "a fox", "model": "tiny", "lora_weights": "owner/repo"}, "`tiny` with `lora_weights`"),
+        ({"prompt": "a fox", "model": "1.3b", "num_inference_steps": 2}, "`1.3b` with `num_inference_steps`"),
+    ],
+)
+def test_the_batch_pages_refusals_are_what_a_batch_says(tmp_path, line, example):
+    from wanlora.errors import WanLoraError
+    from wanlora.frontends.batch import read_jobs
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a fox", "model": "tiny"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(WanLoraError) as refused:
+        read_jobs(jobs)
+    message = str(refused.value).split(" (the batch docs'")[0]  # the page is where that hint points
+    page = " ".join((DOCS / "sweeps-and-batches.md").read_text().split())  # its lines joined
+    if example is None:
+        assert message in page or message.split(": ", 1)[1] in page, message
+    else:
+        assert "not both" in message and example in page, message
+
+
 def test_the_test_lora_snippet_writes_a_lora_the_tiny_model_takes(tmp_path, monkeypatch, fresh_tiny_pipe):
     code = fenced_block(DOCS / "loras.md", "<!-- test-lora:")
     assert len([line for line in code.splitlines() if line.strip()]) == 5  # "five lines"
