@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,22 @@ def test_the_python_page_names_every_keyword_of_from_pretrained():
     assert line, "docs/python.md lists from_pretrained's keywords"
     named = set(re.findall(r"`(\w+)`", line.group(1)))
     assert named == set(inspect.signature(WanLoraPipeline.from_pretrained).parameters) - {"model"}
+
+
+def test_troubleshootings_offline_error_is_the_one_a_model_missing_from_the_cache_gives(tmp_path):
+    from .conftest import run_cli
+
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "WANLORA_WEIGHTS": ""}
+    run = run_cli("generate", "a fox", "--model", "t2v-1.3b", "-o", str(tmp_path / "fox.mp4"), env=offline)
+    assert run.returncode == 2 and run.stderr.startswith("wanlora: error: "), run.stderr
+    page = " ".join((DOCS / "troubleshooting.md").read_text().split())  # its lines joined
+    assert run.stderr.removeprefix("wanlora: error: ").strip() in page
+
+
+def test_the_hubs_command_the_docs_give_comes_with_huggingface_hub():
+    commands = {word for page in PAGES for word in re.findall(r"`(\S+) download \S+/\S+", page.read_text())}
+    assert commands == {"hf"}
+    assert shutil.which("hf", path=str(Path(sys.executable).parent)), "huggingface_hub's `hf` command"
 
 
 # ---------------------------------------------------------------------------- tables and snippets
