@@ -3,9 +3,11 @@ the snippets run, the tables name what the code takes, and the tiny model carrie
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +113,133 @@ def test_the_documentation_speaks_of_the_project_and_its_users_only():
             assert not outside.search(line), f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
 
 
+# ---------------------------------------------------------------------------- commands and flags
+
+
+def cli_parser():
+    from wanlora.frontends.cli import build_parser
+
+    return build_parser()
+
+
+def documented_commands(page: Path) -> list[str]:
+    """Every `wanlora ...` command of a page, after `wanlora`: the lines of its code blocks (a line continued
+    with `\\`, or a synopsis line continued by an indented `[`, joined), and its inline code."""
+    text = page.read_text()
+    blocks = re.findall(r"^```\w*\n(.*?)^```", text, re.S | re.M)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return [command for block in blocks for command in block_commands(block)] + re.findall(r"`wanlora ([^`]*)`", prose)
+
+
+def block_commands(block: str) -> list[str]:
+    block = re.sub(r"\n\s+(?=\[)", " ", re.sub(r"\\\n\s*", " ", block))
+    return [command for line in block.splitlines() for command in re.findall(r"(?:^|&&|-m)\s*wanlora ([^#]*)", line)]
+
+
+def flags_of(parser: argparse.ArgumentParser, *, skip_group: str | None = None) -> set[str]:
+    return {
+        flag
+        for group in parser._action_groups  # argparse keeps no public list of a parser's options
+        if group.title != skip_group
+        for action in group._group_actions
+        for flag in action.option_strings
+    }
+
+
+def test_every_documented_command_and_flag_is_the_clis():
+    from wanlora.frontends.cli import command_chain
+
+    parser, wrong = cli_parser(), []
+    for page in PAGES:
+        for command in documented_commands(page):
+            words = re.findall(r"[^\s\[\]|]+", command)
+            chain = command_chain(parser, words)
+            if words[0] != "COMMAND" and not words[0].startswith("-") and len(chain) == 1:
+                wrong.append(f"{page.name}: no such command: wanlora {command}")
+            known = {flag for each in chain for flag in each._option_string_actions}
+            wrong += [f"{page.name}: wanlora {chain[-1].prog.split(' ', 1)[-1]} has no {word}" for word in words
+                      if word.startswith("-") and word.split("=")[0] not in known]  # fmt: skip
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_cli_pages_synopsis_names_every_flag_of_every_command():
+    from wanlora.frontends.cli import command_chain
+
+    parser, missing = cli_parser(), []
+    generate = command_chain(parser, ["generate"])[-1]
+    synopsis = re.search(r"^```\w*\n(.*?)^```", (DOCS / "cli.md").read_text(), re.S | re.M)
+    assert synopsis, "docs/cli.md opens with its synopsis"
+    for line in block_commands(synopsis.group(1)):
+        words = re.findall(r"[^\s\[\]|]+", line)
+        command = command_chain(parser, words)[-1]
+        named = set(words)
+        if "generate's options but the several-GPU ones" in line:
+            shared = flags_of(generate, skip_group="several GPUs")
+            assert shared <= flags_of(command), "the sweep takes all it says it shares with generate"
+            named |= shared
+        for action in command._actions:
+            if (
+                action.option_strings
+                and action.dest not in ("help", "verbose")
+                and not named & set(action.option_strings)
+            ):
+                missing.append(f"{command.prog}: {'/'.join(action.option_strings)}")
+    assert not missing, "\n".join(missing)
+
+
+def test_the_environment_page_names_every_variable_settings_reads_with_its_default():
+    from wanlora import settings
+
+    read = set(re.findall(r'"(WANLORA_[A-Z0-9_]+)"', (ROOT / "wanlora" / "settings.py").read_text()))
+    mentioned = {name for page in PAGES for name in re.findall(r"WANLORA_[A-Z0-9_]+", page.read_text())}
+    assert mentioned == read, f"named in the docs only: {mentioned - read}; read only: {read - mentioned}"
+    rows = [row.strip("|").split("|") for row in (DOCS / "environment.md").read_text().splitlines()[4:]]
+    defaults = {name: row[1].strip() for row in rows if len(row) > 2 for name in re.findall(r"`(\w+)`", row[0])}
+    assert read <= set(defaults)
+    for name, default in [
+        ("WANLORA_CACHE_MAX_GB", settings.DEFAULT_CACHE_MAX_GB),
+        ("WANLORA_MAX_LORA_GB", settings.DEFAULT_MAX_LORA_GB),
+        ("WANLORA_DOWNLOAD_TIMEOUT", settings.DEFAULT_DOWNLOAD_TIMEOUT_S),
+    ]:
+        assert defaults[name] == f"{default:g}", name
+
+
+def test_the_api_pages_errors_are_wanloras_own_names():
+    import wanlora
+
+    page = (DOCS / "api.md").read_text()
+    listed = re.search(r"::: wanlora\.errors\n.*?members: \[(.*?)\]", page, re.S)
+    assert listed, "docs/api.md documents wanlora.errors' members"
+    names = [name.strip() for name in listed.group(1).split(",")]
+    assert [name for name in names if not hasattr(wanlora, name)] == []  # `wanlora.OutOfMemory`, as the page says
+    assert set(names) <= set(wanlora.__all__)
+
+
+def test_the_python_page_names_every_keyword_of_from_pretrained():
+    import inspect
+
+    line = re.search(r"`from_pretrained` takes (.*?): see", (DOCS / "python.md").read_text(), re.S)
+    assert line, "docs/python.md lists from_pretrained's keywords"
+    named = set(re.findall(r"`(\w+)`", line.group(1)))
+    assert named == set(inspect.signature(WanLoraPipeline.from_pretrained).parameters) - {"model"}
+
+
+def test_troubleshootings_offline_error_is_the_one_a_model_missing_from_the_cache_gives(tmp_path):
+    from .conftest import run_cli
+
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "WANLORA_WEIGHTS": ""}
+    run = run_cli("generate", "a fox", "--model", "t2v-1.3b", "-o", str(tmp_path / "fox.mp4"), env=offline)
+    assert run.returncode == 2 and run.stderr.startswith("wanlora: error: "), run.stderr
+    page = " ".join((DOCS / "troubleshooting.md").read_text().split())  # its lines joined
+    assert run.stderr.removeprefix("wanlora: error: ").strip() in page
+
+
+def test_the_hubs_command_the_docs_give_comes_with_huggingface_hub():
+    commands = {word for page in PAGES for word in re.findall(r"`(\S+) download \S+/\S+", page.read_text())}
+    assert commands == {"hf"}
+    assert shutil.which("hf", path=str(Path(sys.executable).parent)), "huggingface_hub's `hf` command"
+
+
 # ---------------------------------------------------------------------------- tables and snippets
 
 
@@ -129,6 +258,31 @@ def test_the_batch_field_table_names_every_field_of_each_form():
     assert predictor == {*PREDICTOR_FIELDS, "output"}
     assert "(`job-0002.mp4` for line 2)" in page
     assert parse_job(2, '{"prompt": "a fox", "model": "tiny"}').output == "job-0002.mp4"
+
+
+@pytest.mark.parametrize(
+    "line, example",
+    [
+        ({"prompt": "a fox", "num_inference_steps": 2, "lora_scale": 0.5}, None),  # quoted whole
+        ({"prompt": "a fox", "model": "tiny", "lorass": []}, None),
+        ({"prompt": "a fox", "model": "tiny", "lora_weights": "owner/repo"}, "`tiny` with `lora_weights`"),
+        ({"prompt": "a fox", "model": "1.3b", "num_inference_steps": 2}, "`1.3b` with `num_inference_steps`"),
+    ],
+)
+def test_the_batch_pages_refusals_are_what_a_batch_says(tmp_path, line, example):
+    from wanlora.errors import WanLoraError
+    from wanlora.frontends.batch import read_jobs
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a fox", "model": "tiny"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(WanLoraError) as refused:
+        read_jobs(jobs)
+    message = str(refused.value).split(" (the batch docs'")[0]  # the page is where that hint points
+    page = " ".join((DOCS / "sweeps-and-batches.md").read_text().split())  # its lines joined
+    if example is None:
+        assert message in page or message.split(": ", 1)[1] in page, message
+    else:
+        assert "not both" in message and example in page, message
 
 
 def test_the_test_lora_snippet_writes_a_lora_the_tiny_model_takes(tmp_path, monkeypatch, fresh_tiny_pipe):

@@ -22,6 +22,7 @@ _EXPORTS = {
         name: "errors"
         for name in (
             "CheckpointChanged",
+            "InternalError",
             "InvalidInput",
             "LoraAuthRequired",
             "LoraDownloadError",
@@ -30,6 +31,7 @@ _EXPORTS = {
             "LoraMismatch",
             "LoraNotFound",
             "ModelNotFound",
+            "OutOfMemory",
             "VideoEncodeError",
             "WanLoraError",
             "WeightsPartlyMerged",
