@@ -123,3 +123,22 @@ def test_an_interrupt_while_ffmpeg_finishes_stops_ffmpeg_too(tmp_path, monkeypat
         encode_mp4(gradient_frames(), tmp_path / "x.mp4", fps=12)
     assert encodes and encodes[0].returncode is not None  # stopped and reaped, not still running
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_appears_while_encoding_is_kept_when_overwrite_is_off(tmp_path, monkeypatch):
+    """Two runs with one seed write one default name: the second must not replace the first's video."""
+    import wanlora.video as video
+
+    target = tmp_path / "x.mp4"
+    run = video._run_ffmpeg
+
+    def another_run_finishes_first(*args):
+        run(*args)
+        target.write_bytes(b"the other run's video")
+
+    monkeypatch.setattr(video, "_run_ffmpeg", another_run_finishes_first)
+    with pytest.raises(VideoEncodeError, match="made by something else while this video was encoded: it is kept"):
+        encode_mp4(gradient_frames(), target, fps=12, overwrite=False)
+    assert target.read_bytes() == b"the other run's video" and [p.name for p in tmp_path.iterdir()] == ["x.mp4"]
+    encode_mp4(gradient_frames(), target, fps=12)  # overwrite, the library's default: replaced
+    assert len(probe(target).frames) == 9

@@ -52,9 +52,11 @@ class Video:
     metadata: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # not saved: outputs stay reproducible
 
-    def save(self, path: str | os.PathLike, quality: int = DEFAULT_QUALITY) -> Path:
-        """Write an MP4 to `path` and return it; `quality` is 0 to 100, higher is better (80: CRF 18)."""
-        return encode_mp4(self.frames, path, fps=self.fps, metadata=self.metadata, crf=quality_to_crf(quality))
+    def save(self, path: str | os.PathLike, quality: int = DEFAULT_QUALITY, overwrite: bool = True) -> Path:
+        """Write an MP4 to `path` and return it; `quality` is 0 to 100, higher is better (80: CRF 18).
+        `overwrite=False` keeps a file already at `path` (one that appears while encoding too): VideoEncodeError."""
+        crf = quality_to_crf(quality)
+        return encode_mp4(self.frames, path, fps=self.fps, metadata=self.metadata, crf=crf, overwrite=overwrite)
 
 
 def quality_to_crf(quality: int, field: str = "quality") -> int:
@@ -122,6 +124,7 @@ def encode_mp4(
     fps: int,
     metadata: dict[str, Any] | None = None,
     crf: int = 18,
+    overwrite: bool = True,
 ) -> Path:
     """Encode H.264 (yuv420p, `+faststart`) at exactly `fps`, one output frame per input frame.
 
@@ -140,7 +143,7 @@ def encode_mp4(
             tags.write_text(ffmetadata(metadata or {}), encoding="utf-8")
             partial = Path(work) / "video.mp4"
             _run_ffmpeg(_command(frames, fps, crf, tags, partial), frames, partial, path)
-            os.replace(partial, path)
+            os.replace(partial, path) if overwrite else _place_new(partial, path)
     except OSError as exc:
         raise VideoEncodeError(f"cannot write {path}: {exc.strerror or exc}") from exc
     logger.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(frames), width, height, fps)
@@ -164,6 +167,20 @@ def ffmpeg_exe() -> str:
             "imageio-ffmpeg's"
         )
     return found
+
+
+def _place_new(partial: Path, path: Path) -> None:
+    """`partial` at `path` only where no file is: a hard link fails on one there, where a rename would replace it."""
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        raise VideoEncodeError(f"{path} was made by something else while this video was encoded: it is kept") from None
+    except OSError:  # a file system without hard links: looked at, then renamed
+        if path.exists() or path.is_symlink():
+            raise VideoEncodeError(
+                f"{path} was made by something else while this video was encoded: it is kept"
+            ) from None
+        os.replace(partial, path)
 
 
 def _command(frames: np.ndarray, fps: int, crf: int, tags: Path, partial: Path) -> list[str]:

@@ -368,6 +368,7 @@ def add_output_options(gen: argparse.ArgumentParser, what: str) -> None:
         metavar="Q",
         help=f"MP4 quality {lowest} to {highest}, higher is better; default {DEFAULT_QUALITY} (H.264 CRF 18)",
     )
+    out.add_argument("--overwrite", action="store_true", help="replace the output file if it exists; default refuse")
 
 
 def add_tiny_model(commands, verbose: OneLineParser) -> None:
@@ -442,6 +443,8 @@ def checked(args: argparse.Namespace, default_output: str, sweep: tuple[Axis, ..
         check_reference(lora.ref)  # its form, and that a local file exists
     quality_to_crf(args.quality, "quality")
     output = check_output(args.output or default_output.format(seed=prepared.request.settings.seed), "--output")
+    if not args.overwrite and (output.exists() or output.is_symlink()):  # a run with the same seed, another video
+        raise InvalidInput("--output", str(output), "a file that is not there yet (--overwrite replaces it)")
     return prepared, output
 
 
@@ -499,7 +502,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     video = resident_model(args, parallel).run(prepared)
     if video is not None:  # None on every rank but 0 of a parallel run
         say(f"encoding {output}")
-        print(video.save(output, quality=args.quality))
+        print(video.save(output, quality=args.quality, overwrite=args.overwrite))
     return None
 
 
@@ -530,7 +533,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     result = resident_model(args).sweep(prepared)
     assert result is not None  # one process: it is rank 0
     say(f"encoding {output}")
-    grid = result.grid.save(output, quality=args.quality)  # first: the cells are extras
+    grid = result.grid.save(output, quality=args.quality, overwrite=args.overwrite)  # first: the cells are extras
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for cell in result.cells:
