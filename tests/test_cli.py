@@ -193,3 +193,16 @@ def test_a_reader_that_stops_reading_is_not_an_error():
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141
     assert stderr == ""
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_given(cli, tmp_path):
+    (tmp_path / "fox.mp4").write_bytes(b"yesterday's video")
+    refused = cli(*FOX, "-o", "fox.mp4", cwd=tmp_path)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "--output='fox.mp4' is not allowed: a file that is not there yet (--overwrite replaces it)" in lines[0]
+    assert (tmp_path / "fox.mp4").read_bytes() == b"yesterday's video"
+    assert [path.name for path in tmp_path.iterdir()] == ["fox.mp4"]
+    replaced = cli(*FOX, "-o", "fox.mp4", "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(probe(tmp_path / "fox.mp4").frames) == 9

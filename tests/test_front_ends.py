@@ -75,6 +75,13 @@ def test_generate_and_the_predictor_echo_links_scrubbed(cli, tmp_path, tiny_dir)
         assert_scrubbed(str(refused.value))
 
 
+def test_a_token_as_a_links_user_name_is_not_echoed(cli, tmp_path):
+    """`https://TOKEN@host/...`, as git and many servers take a token; only `user:PASSWORD@` was masked."""
+    result = cli("generate", "a fox", "--model", "https://hf_T0KEN@huggingface.co/owner/repo", cwd=tmp_path)
+    assert result.returncode == 2 and "is not a catalogue variant" in result.stderr
+    assert "T0KEN" not in result.stderr and "https://***@huggingface.co/owner/repo" in result.stderr
+
+
 # ------------------------------------------------------------------ 10. a model or accelerator of the wrong type
 
 

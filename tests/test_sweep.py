@@ -202,6 +202,20 @@ def test_the_cli_sweeps_into_one_grid_and_keeps_the_cells(cli, pair, tmp_path):
     assert none.returncode == 2 and "one or two of --strengths, --strengths-2, --seeds, --prompts" in none.stderr
 
 
+@pytest.mark.parametrize(
+    ("keep", "words"),
+    [("a-file/cells", "a-file is not a writable folder"), ("/sys/cells", "/sys is not a writable folder")],
+)
+def test_a_keep_cells_folder_that_cannot_be_made_is_refused_before_any_work(cli, tmp_path, keep, words):
+    """t2v-14b is not reachable here: only a refusal before loading names --keep-cells (it was a NotADirectoryError,
+    'a bug', after every cell had run, and the grid was never written)."""
+    (tmp_path / "a-file").write_text("x")
+    result = cli("sweep", "a fox", "--model", "t2v-14b", "--seeds", "1,2", "--keep-cells", keep, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "--keep-cells" in lines[0] and words in lines[0], lines
+    assert [path.name for path in tmp_path.iterdir()] == ["a-file"]
+
+
 # ------------------------------------------------------------------ headers that show every value in full
 
 LONG_A = "/loras/my_extremely_long_character_lora_name_v2_final_epoch10.safetensors"

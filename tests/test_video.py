@@ -83,3 +83,62 @@ def test_output_places_are_checked_before_any_work(tmp_path):
     ):
         with pytest.raises(VideoEncodeError, match=words):
             encode_mp4(frames, path, fps=12)
+
+
+def test_no_ffmpeg_is_named_as_such_and_found_out_before_the_work(tmp_path, monkeypatch, cli):
+    import imageio_ffmpeg
+
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no-ffmpeg"))  # taken on its word by imageio-ffmpeg
+    with pytest.raises(VideoEncodeError, match="IMAGEIO_FFMPEG_EXE=.*no-ffmpeg' is not a program"):
+        encode_mp4(gradient_frames(), tmp_path / "x.mp4", fps=12)
+    refused = cli("generate", "a fox", "--model", "t2v-14b", "-o", str(tmp_path / "x.mp4"))  # not reachable here
+    assert refused.returncode == 2 and "is not a program" in refused.stderr.strip().splitlines()[-1]
+    monkeypatch.delenv("IMAGEIO_FFMPEG_EXE")
+
+    def none_found():
+        raise RuntimeError("No ffmpeg exe could be found.")
+
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", none_found)
+    with pytest.raises(VideoEncodeError, match="saving an MP4 needs ffmpeg: pip install imageio-ffmpeg"):
+        encode_mp4(gradient_frames(), tmp_path / "x.mp4", fps=12)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_while_ffmpeg_finishes_stops_ffmpeg_too(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, raised as SystemExit) after the last frame, while ffmpeg still writes: no ffmpeg
+    left running into a staging folder that is gone."""
+    import subprocess
+
+    encodes: list[subprocess.Popen] = []
+    wait = subprocess.Popen.wait
+
+    def interrupted_wait(process, timeout=None):
+        if "rawvideo" in process.args and process not in encodes:
+            encodes.append(process)
+            raise KeyboardInterrupt
+        return wait(process, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        encode_mp4(gradient_frames(), tmp_path / "x.mp4", fps=12)
+    assert encodes and encodes[0].returncode is not None  # stopped and reaped, not still running
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_appears_while_encoding_is_kept_when_overwrite_is_off(tmp_path, monkeypatch):
+    """Two runs with one seed write one default name: the second must not replace the first's video."""
+    import wanlora.video as video
+
+    target = tmp_path / "x.mp4"
+    run = video._run_ffmpeg
+
+    def another_run_finishes_first(*args):
+        run(*args)
+        target.write_bytes(b"the other run's video")
+
+    monkeypatch.setattr(video, "_run_ffmpeg", another_run_finishes_first)
+    with pytest.raises(VideoEncodeError, match="made by something else while this video was encoded: it is kept"):
+        encode_mp4(gradient_frames(), target, fps=12, overwrite=False)
+    assert target.read_bytes() == b"the other run's video" and [p.name for p in tmp_path.iterdir()] == ["x.mp4"]
+    encode_mp4(gradient_frames(), target, fps=12)  # overwrite, the library's default: replaced
+    assert len(probe(target).frames) == 9

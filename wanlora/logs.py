@@ -31,6 +31,7 @@ TOKENS = re.compile(
     r"|\bhf_[A-Za-z0-9]{20,}"  # a Hugging Face token on its own
 )
 PASSWORD = re.compile(r"(?<=:)[^\s:/@]+(?=@)")  # user:password@
+LONE_USER = re.compile(r"(?<=://)[^\s:/@]+(?=@)")  # https://TOKEN@host: a token as a link's user name
 # Query parameters that carry credentials or signatures (S3, GCS, Azure SAS, CloudFront,
 # Akamai, JWTs, sessions): never part of a cache key, a log line, an error or a tag.
 SECRET_QUERY = re.compile(
@@ -41,8 +42,8 @@ SECRET_QUERY = re.compile(
 
 
 def mask_secrets(text: str) -> str:
-    """`text` with tokens, `name=secret` pairs and passwords replaced by `***`."""
-    return PASSWORD.sub("***", TOKENS.sub(lambda m: (m.group(1) or "") + "***", text))
+    """`text` with tokens, `name=secret` pairs, passwords and lone user names of links replaced by `***`."""
+    return LONE_USER.sub("***", PASSWORD.sub("***", TOKENS.sub(lambda m: (m.group(1) or "") + "***", text)))
 
 
 def scrub(text: str) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -51,9 +52,11 @@ class Video:
     metadata: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # not saved: outputs stay reproducible
 
-    def save(self, path: str | os.PathLike, quality: int = DEFAULT_QUALITY) -> Path:
-        """Write an MP4 to `path` and return it; `quality` is 0 to 100, higher is better (80: CRF 18)."""
-        return encode_mp4(self.frames, path, fps=self.fps, metadata=self.metadata, crf=quality_to_crf(quality))
+    def save(self, path: str | os.PathLike, quality: int = DEFAULT_QUALITY, overwrite: bool = True) -> Path:
+        """Write an MP4 to `path` and return it; `quality` is 0 to 100, higher is better (80: CRF 18).
+        `overwrite=False` keeps a file already at `path` (one that appears while encoding too): VideoEncodeError."""
+        crf = quality_to_crf(quality)
+        return encode_mp4(self.frames, path, fps=self.fps, metadata=self.metadata, crf=crf, overwrite=overwrite)
 
 
 def quality_to_crf(quality: int, field: str = "quality") -> int:
@@ -78,7 +81,8 @@ def check_encodable(frames: np.ndarray) -> None:
 
 
 def check_output(path: str | os.PathLike, field: str = "path") -> Path:
-    """Refuse an output path that cannot be written, before any work: a wrong suffix, a missing or read-only folder."""
+    """Refuse an output path that cannot be written, before any work: a wrong suffix, a missing or read-only folder,
+    no ffmpeg."""
     path = Path(path)
     where = f"{field}={str(path)!r}"
     if path.suffix.lower() != ".mp4":
@@ -88,6 +92,7 @@ def check_output(path: str | os.PathLike, field: str = "path") -> Path:
         raise VideoEncodeError(f"{where}: the folder {folder} does not exist")
     if path.is_dir():
         raise VideoEncodeError(f"{where}: it is a folder")
+    ffmpeg_exe()  # here too: found missing before the work, not after it
     try:  # named as staging is, so that one a killed process left is removed with the rest
         with tempfile.NamedTemporaryFile(dir=folder, prefix=staging_prefix(path), suffix=".check"):
             pass
@@ -119,6 +124,7 @@ def encode_mp4(
     fps: int,
     metadata: dict[str, Any] | None = None,
     crf: int = 18,
+    overwrite: bool = True,
 ) -> Path:
     """Encode H.264 (yuv420p, `+faststart`) at exactly `fps`, one output frame per input frame.
 
@@ -137,20 +143,50 @@ def encode_mp4(
             tags.write_text(ffmetadata(metadata or {}), encoding="utf-8")
             partial = Path(work) / "video.mp4"
             _run_ffmpeg(_command(frames, fps, crf, tags, partial), frames, partial, path)
-            os.replace(partial, path)
+            os.replace(partial, path) if overwrite else _place_new(partial, path)
     except OSError as exc:
         raise VideoEncodeError(f"cannot write {path}: {exc.strerror or exc}") from exc
     logger.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(frames), width, height, fps)
     return path
 
 
-def _command(frames: np.ndarray, fps: int, crf: int, tags: Path, partial: Path) -> list[str]:
-    # imported here: generating needs no ffmpeg (the GPU image lacks imageio-ffmpeg), saving does
-    import imageio_ffmpeg
+def ffmpeg_exe() -> str:
+    """The ffmpeg to run: IMAGEIO_FFMPEG_EXE's (checked: imageio-ffmpeg takes it on its word), or imageio-ffmpeg's."""
+    try:  # imported here: generating needs no ffmpeg (the GPU image lacks imageio-ffmpeg), saving does
+        import imageio_ffmpeg
 
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        raise VideoEncodeError(
+            "saving an MP4 needs ffmpeg: pip install imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE to an ffmpeg program"
+        ) from None
+    found = shutil.which(exe)
+    if found is None:
+        raise VideoEncodeError(
+            f"IMAGEIO_FFMPEG_EXE={exe!r} is not a program: set it to an ffmpeg program, or unset it to use "
+            "imageio-ffmpeg's"
+        )
+    return found
+
+
+def _place_new(partial: Path, path: Path) -> None:
+    """`partial` at `path` only where no file is: a hard link fails on one there, where a rename would replace it."""
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        raise VideoEncodeError(f"{path} was made by something else while this video was encoded: it is kept") from None
+    except OSError:  # a file system without hard links: looked at, then renamed
+        if path.exists() or path.is_symlink():
+            raise VideoEncodeError(
+                f"{path} was made by something else while this video was encoded: it is kept"
+            ) from None
+        os.replace(partial, path)
+
+
+def _command(frames: np.ndarray, fps: int, crf: int, tags: Path, partial: Path) -> list[str]:
     height, width = frames.shape[1:3]
     return [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-v", "error",
+        ffmpeg_exe(), "-nostdin", "-y", "-v", "error",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-",
         "-f", "ffmetadata", "-i", str(tags),
         "-map", "0:v", "-map_metadata", "1",
@@ -162,19 +198,17 @@ def _command(frames: np.ndarray, fps: int, crf: int, tags: Path, partial: Path) 
 def _run_ffmpeg(command: list[str], frames: np.ndarray, partial: Path, path: Path) -> None:
     """Feed the frames to ffmpeg; its failure (a full disk, a killed process) is ours to report."""
     with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
-        assert process.stdin is not None  # stdin=PIPE
         try:
-            for frame in frames:
-                process.stdin.write(np.ascontiguousarray(frame).tobytes())
-            process.stdin.close()
-        except BrokenPipeError:
-            pass  # ffmpeg stopped early; its exit status and message tell why
-        except BaseException:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
+        except OSError as exc:  # a file that is no program after all
+            raise VideoEncodeError(f"cannot run ffmpeg ({command[0]}): {exc.strerror or exc}") from None
+        try:
+            _feed(process, frames)
+            code = process.wait()
+        except BaseException:  # Ctrl-C, SIGTERM (staging's SystemExit), even while ffmpeg finishes: it goes too
             process.kill()
             process.wait()
             raise
-        code = process.wait()
         if code < 0:  # a file size limit, an out-of-memory kill
             raise VideoEncodeError(f"ffmpeg could not write {path}: it was stopped by {signal.Signals(-code).name}")
         if code != 0:
@@ -182,3 +216,13 @@ def _run_ffmpeg(command: list[str], frames: np.ndarray, partial: Path, path: Pat
             said = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
             reason = said[-1].strip().replace(str(partial), str(path)) if said else f"exit status {code}"
             raise VideoEncodeError(f"ffmpeg could not write {path}: {reason}")
+
+
+def _feed(process: subprocess.Popen, frames: np.ndarray) -> None:
+    assert process.stdin is not None  # stdin=PIPE
+    try:
+        for frame in frames:
+            process.stdin.write(np.ascontiguousarray(frame).tobytes())
+        process.stdin.close()
+    except BrokenPipeError:
+        pass  # ffmpeg stopped early; its exit status and message tell why

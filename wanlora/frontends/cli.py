@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -367,6 +368,7 @@ def add_output_options(gen: argparse.ArgumentParser, what: str) -> None:
         metavar="Q",
         help=f"MP4 quality {lowest} to {highest}, higher is better; default {DEFAULT_QUALITY} (H.264 CRF 18)",
     )
+    out.add_argument("--overwrite", action="store_true", help="replace the output file if it exists; default refuse")
 
 
 def add_tiny_model(commands, verbose: OneLineParser) -> None:
@@ -441,6 +443,8 @@ def checked(args: argparse.Namespace, default_output: str, sweep: tuple[Axis, ..
         check_reference(lora.ref)  # its form, and that a local file exists
     quality_to_crf(args.quality, "quality")
     output = check_output(args.output or default_output.format(seed=prepared.request.settings.seed), "--output")
+    if not args.overwrite and (output.exists() or output.is_symlink()):  # a run with the same seed, another video
+        raise InvalidInput("--output", str(output), "a file that is not there yet (--overwrite replaces it)")
     return prepared, output
 
 
@@ -498,7 +502,7 @@ def cmd_generate(args: argparse.Namespace) -> int | None:
     video = resident_model(args, parallel).run(prepared)
     if video is not None:  # None on every rank but 0 of a parallel run
         say(f"encoding {output}")
-        print(video.save(output, quality=args.quality))
+        print(video.save(output, quality=args.quality, overwrite=args.overwrite))
     return None
 
 
@@ -515,9 +519,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         values[name] = prompt_lines(given) if option == "prompt" else numbers(given, name, int)
     flags = {name: f"--{name.replace('_', '-')}" for name in values}  # the axes' own flags
     axes = sweep_axes(loras, **values, names=flags)
-    keep = Path(args.keep_cells) if args.keep_cells else None
-    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
-        raise InvalidInput("--keep-cells", str(keep), "a new or empty folder")
+    keep = check_new_folder(Path(args.keep_cells), "--keep-cells") if args.keep_cells else None
     prepared, output = checked(args, "wanlora-sweep-{seed}.mp4", tuple(axes))
     prepared = replace(prepared, max_width=args.max_width)
     say("importing torch and diffusers")
@@ -530,12 +532,27 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     say(f"loading {prepared.request.spec.name} ({prepared.model})")
     result = resident_model(args).sweep(prepared)
     assert result is not None  # one process: it is rank 0
+    say(f"encoding {output}")
+    grid = result.grid.save(output, quality=args.quality, overwrite=args.overwrite)  # first: the cells are extras
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for cell in result.cells:
             cell.video.save(keep / f"cell-{cell.row}-{cell.column}.mp4", quality=args.quality)
-    say(f"encoding {output}")
-    print(result.grid.save(output, quality=args.quality))
+    print(grid)
+
+
+def check_new_folder(folder: Path, flag: str) -> Path:
+    """`folder`, new or empty, and where it can be made: refused before any work, not after it."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise InvalidInput(flag, str(folder), "a new or empty folder")
+    nearest = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    try:  # tried, not judged by its permission bits: a read-only mount, a folder only root may write
+        tempfile.TemporaryDirectory(dir=nearest, prefix=".wanlora-check-").cleanup()
+    except OSError:
+        raise InvalidInput(
+            flag, str(folder), f"a folder that can be made and written ({nearest} is not a writable folder)"
+        ) from None
+    return folder
 
 
 def tell_seed(seed: int, again: str) -> None:
