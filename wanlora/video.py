@@ -143,7 +143,10 @@ def encode_mp4(
             tags.write_text(ffmetadata(metadata or {}), encoding="utf-8")
             partial = Path(work) / "video.mp4"
             _run_ffmpeg(_command(frames, fps, crf, tags, partial), frames, partial, path)
-            os.replace(partial, path) if overwrite else _place_new(partial, path)
+            if overwrite:
+                os.replace(partial, path)
+            else:
+                _place_new(partial, path)
     except OSError as exc:
         raise VideoEncodeError(f"cannot write {path}: {exc.strerror or exc}") from exc
     logger.info("wrote %s (%d frames, %dx%d, %d fps)", path, len(frames), width, height, fps)
