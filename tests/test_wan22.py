@@ -586,8 +586,12 @@ def test_a_deferred_merge_that_fails_keeps_the_previous_set(loras, monkeypatch):
     merged = snapshot(high.module)
     pipe.set_loras([(loras["b"][0], 1.0)])  # waits for the high-noise expert's next turn
 
-    def broken(name, terms):
-        raise RuntimeError("the device failed")
+    write = high.loras.merger._write
+
+    def broken(name, terms):  # writing the new set fails; putting the old one back works
+        if any(term.label == loras["b"][0] for term in terms):
+            raise RuntimeError("the device failed")
+        write(name, terms)
 
     monkeypatch.setattr(high.loras.merger, "_write", broken)
     with pytest.raises(InternalError, match="RuntimeError inside wanlora .*the device failed"):  # the boundary's

@@ -6,6 +6,7 @@ import torch
 
 from ..errors import InvalidInput
 from ..messages import plural
+from ..weights import formats
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -27,13 +28,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what Wan's weights compute in; fp8 is a `quantize` format
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what Wan's weights compute in; smaller is `quantize`'s
 
 
 def check_dtype(dtype: object) -> torch.dtype | None:
     """`dtype` checked: None (the device's default), or one of DTYPES as a `torch.dtype`."""
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES):
         return dtype
-    fp8 = isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize == 1
-    hint = " (fp8: quantize='fp8')" if fp8 else ""
+    quantized = formats.quantizing_to(dtype) if isinstance(dtype, torch.dtype) else None
+    hint = f" ({dtype} is a weight format: quantize={quantized!r})" if quantized else ""
     raise InvalidInput("dtype", dtype, f"torch.bfloat16, torch.float16 or torch.float32{hint}")

@@ -76,6 +76,12 @@ def check_quantize(quantize: object) -> str | None:
     return str(quantize)
 
 
+def quantizing_to(dtype: Any) -> str | None:
+    """The `quantize` format whose weights are stored as `dtype` (a torch dtype), if any: what a person who asked
+    for that dtype meant."""
+    return next((e.name for e in ENTRIES if e.quantize and get(e.name).stores(dtype)), None)
+
+
 def for_plan(plan: str) -> WeightFormat:
     """The format of a memory plan's weights: a format's own name, or one of a file format's `plans`."""
     entry = next((e for e in ENTRIES if plan == e.name or plan in e.plans), None)
