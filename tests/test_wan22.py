@@ -16,9 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from wanlora import WanLoraPipeline
-from wanlora.errors import InternalError, InvalidInput, LoraMismatch, LoraNotFound
+from wanlora.errors import InternalError, InvalidInput, LoraMismatch, LoraNotFound, OutOfMemory
 from wanlora.experts import expert_steps
 from wanlora.frontends.service import PredictorInputs
 from wanlora.lora.keys import I2V_ONLY
@@ -600,6 +601,48 @@ def test_a_deferred_merge_that_fails_keeps_the_previous_set(loras, monkeypatch):
     assert switch.active is high.module and high.loras.pending is None
     assert_bitwise(high.module, merged)
     assert [c.request.ref for c in high.loras.active] == [loras["a"][0]]
+
+
+class OutOfMemoryAt(TorchFunctionMode):
+    """CUDA's out-of-memory error at the `at`-th copy an expert switch makes (`Tensor.to(..., copy=True)`)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.copies, self.at = 0, at
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and kwargs.get("copy"):
+            self.copies += 1
+            if self.copies == self.at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 MiB")
+        return func(*args, **kwargs)
+
+
+def test_a_switch_stopped_half_way_leaves_the_model_usable():
+    """Out of GPU memory (or a cancellation) while the low-noise expert comes in: a clear OutOfMemory, the copies
+    made go, and the next generation brings each expert wholly to the GPU before it runs; never does an expert
+    compute from its host copy (on a GPU: host weights beside GPU activations, a device error on every run)."""
+    plain = WanLoraPipeline.from_pretrained("tiny-t2v-a14b")
+    pipe = WanLoraPipeline.from_pretrained("tiny-t2v-a14b")
+    switch = ExpertSwitch([(e.module, e.loras) for e in pipe.experts], torch.device("cpu"))
+    from_host = []
+
+    def ran_from_host(module, args):  # after the switch's own pre-hook: the weights the forward reads
+        arena = switch.arenas.get(id(module))
+        pointers = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        from_host.append(arena is not None and arena.storage.data_ptr() in pointers)
+
+    for expert in pipe.experts:
+        expert.module.register_forward_pre_hook(ran_from_host)
+    with OutOfMemoryAt(3), pytest.raises(OutOfMemory, match="out of memory .*CUDA out of memory"):
+        pipe.generate("a fox", **FAST)  # the high-noise expert leaves; the low-noise one fails at its third weight
+    low = pipe.experts[1].module
+    assert all(p.untyped_storage().data_ptr() == switch.arenas[id(low)].storage.data_ptr() for p in low.parameters())
+    from_host.clear()
+    video = pipe.generate("a fox", **FAST)
+    assert from_host and not any(from_host)
+    assert np.array_equal(video.frames, plain.generate("a fox", **FAST).frames)
 
 
 # ------------------------------------------------------------------ the CLI

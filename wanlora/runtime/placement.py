@@ -106,7 +106,7 @@ class ExpertSwitch:
         self.device = device
         self.arenas: dict[int, HostArena] = {}
         self.arrived: dict[int, dict] = {}  # the LoRA plan each expert's host copy holds
-        self.active = experts[0][0]
+        self.active: torch.nn.Module | None = experts[0][0]  # None: a switch failed half-way, both wait
         self.switches = 0
         self.seconds = 0.0  # time spent moving weights, for the logs and benchmarks
         self.bytes_in = self.bytes_back = 0
@@ -124,12 +124,20 @@ class ExpertSwitch:
         if module is self.active:
             return
         started = time.perf_counter()
-        self._offload(self.active, self._loras[id(self.active)])
-        for name, param in module.named_parameters():
-            # a copy even on the CPU (the tests), so that the host copy stays the expert's own
-            param.data = self.arenas[id(module)].views[name].to(self.device, non_blocking=True, copy=True)
-            self.bytes_in += param.numel() * param.element_size()
-        _sync(self.device)
+        if self.active is not None:
+            self._offload(self.active, self._loras[id(self.active)])
+            self.active = None  # both wait on the host until `module` is wholly on the GPU
+        views = self.arenas[id(module)].views
+        try:
+            for name, param in module.named_parameters():
+                # a copy even on the CPU (the tests), so that the host copy stays the expert's own
+                param.data = views[name].to(self.device, non_blocking=True, copy=True)
+                self.bytes_in += param.numel() * param.element_size()
+            _sync(self.device)
+        except BaseException:  # out of memory, a cancellation: the copies made go, and the next call comes again
+            for name, param in module.named_parameters():
+                param.data = views[name]
+            raise
         self.active = module
         self.arrived[id(module)] = dict(loras.merger.plan)
         loras.deferred = False
