@@ -29,6 +29,7 @@ from wanlora.models import CATALOGUE, TINY_ARCH, tiny_spec
 from wanlora.pipeline import meta_transformer
 from wanlora.runtime.placement import ExpertSwitch
 from wanlora.tiny import tiny_transformer
+from wanlora.weights.checkpoint import FileTensor
 
 from .builders import lora_tensors, write_lora
 from .lora_helpers import assert_bitwise, assert_weights, merge, snapshot
@@ -643,6 +644,28 @@ def test_a_switch_stopped_half_way_leaves_the_model_usable():
     video = pipe.generate("a fox", **FAST)
     assert from_host and not any(from_host)
     assert np.array_equal(video.frames, plain.generate("a fox", **FAST).frames)
+
+
+def test_a_waiting_fp8_experts_rows_and_scales_wait_together_and_take_loras(tiny_dir_a14b, loras, monkeypatch):
+    """offload="experts": the waiting expert is in host memory whole, its fp8 layers' scales too. Left on the GPU
+    beside their rows on the host, proving W0 from the checkpoint compared the two across devices, and every LoRA
+    on an fp8 A14B failed (a 24 or 32 GB card's plan for it)."""
+    from wanlora.weights import host_memory
+
+    from .stand_in_gpu import StandInGPU
+
+    monkeypatch.setattr(host_memory, "cuda_register", lambda pointer, size: None)
+    monkeypatch.setattr(host_memory, "cuda_unregister", lambda pointer: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b), quantize="fp8")
+    low = pipe.experts[1]
+    with StandInGPU() as gpu:
+        ExpertSwitch([(e.module, e.loras) for e in pipe.experts], torch.device("cuda"))
+        for name, stored in low.loras.merger.stored.items():
+            assert not any(gpu.is_on_gpu(t) for t in stored.data), name
+        pipe.set_loras([(loras["a"][0], 0.8)])  # W0 proven from the checkpoint, the waiting expert's merge deferred
+    assert low.loras.pending is not None
+    assert low.loras.merger.pristine and all(isinstance(p, FileTensor) for p in low.loras.merger.pristine.values())
 
 
 # ------------------------------------------------------------------ the CLI

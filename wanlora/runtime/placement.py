@@ -98,7 +98,8 @@ class ExpertSwitch:
     works; leaving, it copies back only the weights whose LoRA terms changed since it arrived (the
     merged weights depend on the base and the LoRA set alone), and usually nothing. The waiting
     expert's LoRA state is deferred: a change made meanwhile is merged when it comes back, on the
-    GPU. Buffers (rotary tables, a weight format's scales) stay on the GPU.
+    GPU. Buffers (rotary tables, a weight format's scales: a few MB) travel with the weights, so that
+    a weight's stored tensors (an fp8 layer's rows and scales) are always in one place.
     """
 
     def __init__(self, experts: list, device: torch.device) -> None:
@@ -114,8 +115,6 @@ class ExpertSwitch:
         for module, loras in experts:
             module.register_forward_pre_hook(lambda mod, args, loras=loras: self.activate(mod, loras))
             if module is not self.active:
-                for buffer in module.buffers():
-                    buffer.data = buffer.data.to(device)
                 self._offload(module, loras)
         self.arrived[id(self.active)] = dict(experts[0][1].merger.plan)
         _sync(device)
@@ -133,10 +132,12 @@ class ExpertSwitch:
                 # a copy even on the CPU (the tests), so that the host copy stays the expert's own
                 param.data = views[name].to(self.device, non_blocking=True, copy=True)
                 self.bytes_in += param.numel() * param.element_size()
+            _move_buffers(module, self.device)
             _sync(self.device)
         except BaseException:  # out of memory, a cancellation: the copies made go, and the next call comes again
             for name, param in module.named_parameters():
                 param.data = views[name]
+            _move_buffers(module, torch.device("cpu"))
             raise
         self.active = module
         self.arrived[id(module)] = dict(loras.merger.plan)
@@ -161,8 +162,15 @@ class ExpertSwitch:
                 arena.views[name].copy_(param.data, non_blocking=True)
                 self.bytes_back += param.numel() * param.element_size()
             param.data = arena.views[name]
+        _move_buffers(module, torch.device("cpu"))
         loras.deferred = True
         _sync(self.device)
+
+
+def _move_buffers(module: torch.nn.Module, device: torch.device) -> None:
+    """The module's buffers to `device`, values and all (a merge may have rewritten a scale)."""
+    for buffer in module.buffers():
+        buffer.data = buffer.data.to(device)
 
 
 def set_vae_tiling(vae, why: str | None) -> None:
