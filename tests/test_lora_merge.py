@@ -475,3 +475,18 @@ def test_host_weights_merge_on_the_gpu_when_it_has_room_for_the_layer(monkeypatc
     free["bytes"] = 3 * 4 * 64 * 32 - 1  # less than the layer's rows in fp32, three times over
     assert merger._device_for("weight") == torch.device("cpu")
     assert LoraMerger(linear)._device_for("weight") == torch.device("cpu")  # no GPU given: where the weight is
+
+
+def test_memory_the_caching_allocator_holds_unused_counts_as_room_for_a_merge_on_the_gpu(monkeypatch):
+    """After a generation PyTorch's caching allocator keeps its activations' blocks reserved: the driver's free
+    memory (`mem_get_info`) counts them as taken, yet the merge's allocations reuse them. Judged by the driver
+    alone, a host weight would merge on the CPU, at the CPU's speed, beside a GPU with room for it."""
+    linear = torch.nn.Linear(64, 32)
+    work = 3 * 4 * 64 * 32  # the layer's rows in fp32, three times over
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (work // 2, 24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * 2**30 - work)
+    merger = LoraMerger(linear, compute=torch.device("cuda", 0))
+    assert merger._device_for("weight") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * 2**30 - work // 4)  # in use
+    assert merger._device_for("weight") == torch.device("cpu")

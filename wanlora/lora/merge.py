@@ -260,8 +260,7 @@ class LoraMerger:
         home = stored.weight.device
         if home.type != "cpu" or self.compute is None:
             return home
-        free, _ = torch.cuda.mem_get_info(self.compute)
-        return self.compute if free >= GPU_WORK_COPIES * 4 * math.prod(stored.shape) else home
+        return self.compute if gpu_room(self.compute) >= GPU_WORK_COPIES * 4 * math.prod(stored.shape) else home
 
     def _changes(self, plan: Plan) -> list[str]:
         return [name for name in sorted(set(plan) | set(self.plan)) if not _same(plan.get(name), self.plan.get(name))]
@@ -356,6 +355,14 @@ class LoraMerger:
         if buffer is None or buffer.numel() < elements:
             buffer = buffers[device] = torch.empty(elements, dtype=torch.float32, device=device)
         return buffer
+
+
+def gpu_room(device: torch.device) -> int:
+    """The bytes this process can still allocate on `device`: what the driver has free, and what PyTorch's caching
+    allocator holds reserved but unused (after a generation, often most of the card: `mem_get_info` counts it as
+    taken, though the next allocation reuses it)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _overflow(name: str, terms: list[Term], dtype: torch.dtype) -> LoraFormatError:
