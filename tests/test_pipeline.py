@@ -97,6 +97,32 @@ def test_unavailable_attention_backend_is_a_clear_error():
         WanLoraPipeline.from_pretrained("tiny", attention="fastest")
 
 
+def test_a_half_precision_attention_kernel_is_refused_for_a_model_computing_in_fp32():
+    """Flash, cuDNN and Sage attention take bf16 and fp16 only (diffusers' own constraint, checked by it only when
+    DIFFUSERS_ATTN_CHECKS is set; else CUDA's "No available kernel" at the first step): with dtype=torch.float32
+    on a GPU they are refused by name when the pipeline is made."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+        _check_qkv_dtype_bf16_or_fp16,
+    )
+
+    from wanlora.models import tiny_spec
+    from wanlora.runtime.attention import BACKENDS, choose_backend
+    from wanlora.tiny import tiny_pipeline
+
+    for name, backend in BACKENDS.items():
+        constraints = _AttentionBackendRegistry._constraints[AttentionBackendName(backend.dispatcher_name)]
+        assert backend.half_only == (_check_qkv_dtype_bf16_or_fp16 in constraints), name
+    cuda = torch.device("cuda")  # a name here: nothing asks CUDA
+    assert choose_backend("sdpa-flash", cuda, dtype=torch.bfloat16) == "sdpa-flash"
+    assert choose_backend("sdpa-efficient", cuda, dtype=torch.float32) == "sdpa-efficient"
+    with pytest.raises(InvalidInput, match="sdpa-cudnn.*take bf16 or fp16 and the model computes in float32"):
+        choose_backend("sdpa-cudnn", cuda, dtype=torch.float32)
+    with pytest.raises(InvalidInput, match="sdpa-flash.*take bf16 or fp16 and the model computes in float32"):
+        WanLoraPipeline(tiny_pipeline(), tiny_spec(), cuda, attention="sdpa-flash")  # the tiny model is fp32
+
+
 @pytest.mark.slow
 def test_fast_mode_skips_block_work_and_off_is_bit_identical(fresh_tiny_pipe):
     pipe = fresh_tiny_pipe

@@ -57,7 +57,7 @@ from .pairs import EVERY_EXPERT
 from .parallel import ParallelPlan
 from .parallel.distributed import Parallel, init_distributed, resolve_plan
 from .request import Request, resolve_request
-from .runtime.attention import choose_backend, install_backend
+from .runtime.attention import attention_dtype, choose_backend, install_backend
 from .runtime.devices import check_dtype, resolve_device
 from .runtime.fastmode import apply_fast_mode
 from .runtime.guidance import BatchedGuidance
@@ -124,7 +124,8 @@ class WanLoraPipeline:
         self.device = device
         self.experts: list[Expert] = experts_of(diffusers_pipeline, spec.experts, checkpoints, device)
         transformers = [expert.module for expert in self.experts]
-        self.attention = choose_backend(attention, device, parallel.attention_split if parallel else None)
+        split = parallel.attention_split if parallel else None
+        self.attention = choose_backend(attention, device, split, attention_dtype(transformers[0]))
         if self.attention != "sdpa":  # sdpa is diffusers' default: nothing to install
             for transformer in transformers:
                 install_backend(transformer, self.attention)

@@ -7,10 +7,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..errors import InvalidInput
 
 if TYPE_CHECKING:
-    import torch
     from diffusers import WanTransformer3DModel
 
 logger = logging.getLogger(__name__)
@@ -23,26 +24,32 @@ class Backend:
     package: str | None = None  # the import that must exist
     context_parallel: bool = False  # diffusers can split it across processes (Ulysses)
     ring: bool = False  # it returns log-sum-exp, which ring attention needs
+    half_only: bool = False  # its kernels take bf16 and fp16 only (diffusers' constraint; unchecked unless asked)
 
 
 BACKENDS: dict[str, Backend] = {
     "sdpa": Backend("native", needs_cuda=False, context_parallel=True),
-    "sdpa-cudnn": Backend("_native_cudnn", needs_cuda=True, context_parallel=True, ring=True),
-    "sdpa-flash": Backend("_native_flash", needs_cuda=True, context_parallel=True, ring=True),
+    "sdpa-cudnn": Backend("_native_cudnn", needs_cuda=True, context_parallel=True, ring=True, half_only=True),
+    "sdpa-flash": Backend("_native_flash", needs_cuda=True, context_parallel=True, ring=True, half_only=True),
     "sdpa-efficient": Backend("_native_efficient", needs_cuda=True),
     "xformers": Backend("xformers", needs_cuda=True, package="xformers"),
-    "flash": Backend("flash", needs_cuda=True, package="flash_attn", context_parallel=True, ring=True),
-    "flash3": Backend("_flash_3", needs_cuda=True, package="flash_attn_interface"),
-    "sage": Backend("sage", needs_cuda=True, package="sageattention", context_parallel=True, ring=True),
+    "flash": Backend("flash", needs_cuda=True, package="flash_attn", context_parallel=True, ring=True, half_only=True),
+    "flash3": Backend("_flash_3", needs_cuda=True, package="flash_attn_interface", half_only=True),
+    "sage": Backend("sage", needs_cuda=True, package="sageattention", context_parallel=True, ring=True, half_only=True),
 }
 CHOICES = ("auto", *BACKENDS)
 
 
-def unavailable_reason(name: str, device: torch.device, parallel: str | None = None) -> str | None:
-    """Why `name` cannot run on `device` (split `parallel`: "ulysses" or "ring"), or None when it can."""
+def unavailable_reason(
+    name: str, device: torch.device, parallel: str | None = None, dtype: torch.dtype | None = None
+) -> str | None:
+    """Why `name` cannot run on `device` (split `parallel`: "ulysses" or "ring") for a model computing in `dtype`,
+    or None when it can."""
     backend = BACKENDS[name]
     if backend.needs_cuda and device.type != "cuda":
         return f"it needs a CUDA GPU and the model is on {device.type}"
+    if backend.half_only and dtype not in (None, torch.bfloat16, torch.float16):
+        return f"its kernels take bf16 or fp16 and the model computes in {str(dtype).removeprefix('torch.')}"
     if backend.package and importlib.util.find_spec(backend.package) is None:
         return f"the `{backend.package}` package is not installed"
     if parallel and not backend.context_parallel:
@@ -52,8 +59,10 @@ def unavailable_reason(name: str, device: torch.device, parallel: str | None = N
     return None
 
 
-def choose_backend(requested: str, device: torch.device, parallel: str | None = None) -> str:
-    """Resolve `requested` ("auto" or a name in BACKENDS) to a backend that can run here.
+def choose_backend(
+    requested: str, device: torch.device, parallel: str | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """Resolve `requested` ("auto" or a name in BACKENDS) to a backend that can run here, in `dtype`.
 
     auto: xformers' memory-efficient kernel on CUDA when installed (the Cog image has it),
     else torch's SDPA, whose own dispatcher then picks flash, cuDNN or mem-efficient.
@@ -63,7 +72,7 @@ def choose_backend(requested: str, device: torch.device, parallel: str | None = 
     if requested not in CHOICES:
         raise InvalidInput("attention", requested, f"one of {', '.join(CHOICES)}")
     if requested != "auto":
-        reason = unavailable_reason(requested, device, parallel)
+        reason = unavailable_reason(requested, device, parallel, dtype)
         if reason:
             raise InvalidInput("attention", requested, f"not available here: {reason}; use attention='auto'")
         logger.info("attention: %s (requested)", requested)
@@ -81,6 +90,11 @@ def choose_backend(requested: str, device: torch.device, parallel: str | None = 
     why = "CUDA without xformers" if device.type == "cuda" else f"{device.type} device"
     logger.info("attention: sdpa (auto: %s)", why)
     return "sdpa"
+
+
+def attention_dtype(transformer: WanTransformer3DModel) -> torch.dtype:
+    """What the transformer's attention computes in: its hidden states', which its patch embedding makes."""
+    return transformer.patch_embedding.weight.dtype
 
 
 def install_backend(transformer: WanTransformer3DModel, name: str) -> None:
