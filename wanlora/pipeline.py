@@ -724,7 +724,8 @@ class WanLoraPipeline:
 
         With two axes, the first in the order strengths, strengths_2, seeds, prompts runs down the rows.
         Every cell has the same seed (and so the same initial noise) unless seeds are the axis, and is
-        bitwise what `generate` gives for its settings. The grid's metadata lists every cell's.
+        bitwise what `generate` gives for its settings. The grid's metadata lists every cell's. After the
+        sweep, the pipeline holds the LoRA set it held before (what `loras=None` keeps), whatever the cells merged.
         """
         axes_given = {name: options.pop(name) for name in SWEEP_AXES if name in options}
         chosen = options_from({"prompt": prompt, **options}, "WanLoraPipeline.sweep()")
@@ -732,7 +733,19 @@ class WanLoraPipeline:
             chosen = replace(chosen, loras=[])  # left out, or None: no LoRAs, never the set an earlier call left
         request = resolve_request(self.spec, chosen)
         axes = sweep_axes(list(request.loras or ()), strengths, strengths_2, **axes_given)
-        return run_sweep(self, request, axes, credentials, max_width, progress)
+        with self._lora_set_kept():
+            return run_sweep(self, request, axes, credentials, max_width, progress)
+
+    @contextmanager
+    def _lora_set_kept(self) -> Iterator[None]:
+        """Inside, the LoRA set may change (a sweep's cells); after, whatever happens, each expert holds its set
+        from before again, merged from the files it was read from (nothing is fetched): a later call without
+        `loras` keeps the caller's set, never the last cell's."""
+        before = [(expert.loras, list(expert.loras.active)) for expert in self.experts]
+        try:
+            yield
+        finally:
+            apply_together(before)
 
     @contextmanager
     def prompts_encoded_once(self) -> Iterator[None]:
