@@ -200,7 +200,6 @@ def test_after_a_run_a_schedules_first_value_holds_again(tmp_path):
     assert_bitwise(pipe.transformer, snapshot(reference.transformer))  # the set before, [1.0, 0.0], at its 1.0
 
 
-@pytest.mark.slow
 def test_a_generate_that_fails_mid_run_leaves_the_lora_set_it_found(tmp_path):
     """A failure changes nothing: after a generate that stopped in the middle of its denoising, a generate without
     `loras` keeps the set from before it (none here), frames and tags as on a pipeline that never ran it."""

@@ -85,7 +85,6 @@ def test_a_2x3_sweep_is_a_labelled_grid_of_cells_equal_to_their_single_generates
     assert played_in_chromium(path) == f"ended {layout.width}x{layout.height} decoded {SMALL['num_frames']}"
 
 
-@pytest.mark.slow
 def test_a_sweep_leaves_the_lora_set_it_found(pair):
     """A sweep's cells are not a choice of the caller's: after one, a generate without `loras` keeps the set from
     before the sweep (here style at 1), as on a pipeline that never swept, frames and tags; not the last cell's."""
