@@ -199,7 +199,8 @@ def test_fast_mode_restarts_after_a_schedule_changes_the_weights_mid_run(fresh_t
 
 def test_after_a_run_a_schedules_first_value_holds_again(tmp_path):
     """Outside generate a schedule's first value applies: after a run that ended on another, the weights are
-    what set_loras gives at the first value (what save_merged would write), also after an interrupted run."""
+    what set_loras gives at the first value (what save_merged would write); after an interrupted run, the set from
+    before it, at its first value, never a value from the middle of either schedule."""
     from .builders import write_lora
     from .lora_helpers import assert_bitwise, snapshot
 
@@ -215,14 +216,41 @@ def test_after_a_run_a_schedules_first_value_holds_again(tmp_path):
 
     def interrupt(module, args):
         calls.append(1)
-        if len(calls) == 5:  # the third step's first pass (two a step: guided), merged at the schedule's 1.0
+        if len(calls) == 5:  # the third step's first pass (two a step: guided), merged at the schedule's 0.5
             raise KeyboardInterrupt
 
     hook = pipe.transformer.register_forward_pre_hook(interrupt)
     with pytest.raises(KeyboardInterrupt):
-        pipe.generate("a fox", loras=[(str(style), [0.0, 1.0, 0.0])], **{**SMALL, "num_inference_steps": 6})
+        pipe.generate("a fox", loras=[(str(style), [0.0, 0.5, 0.0])], **{**SMALL, "num_inference_steps": 6})
     hook.remove()
-    assert_bitwise(pipe.transformer, snapshot(WanLoraPipeline.from_pretrained("tiny").transformer))  # back at 0.0
+    assert_bitwise(pipe.transformer, snapshot(reference.transformer))  # the set before, [1.0, 0.0], at its 1.0
+
+
+def test_a_generate_that_fails_mid_run_leaves_the_lora_set_it_found(tmp_path):
+    """A failure changes nothing: after a generate that stopped in the middle of its denoising, a generate without
+    `loras` keeps the set from before it (none here), frames and tags as on a pipeline that never ran it."""
+    from wanlora import InternalError
+
+    from .builders import write_lora
+
+    pipe = WanLoraPipeline.from_pretrained("tiny")
+    style = tmp_path / "style.safetensors"
+    write_lora(style, pipe.transformer, "original", seed=1)
+    calls = []
+
+    def fail(module, args):
+        calls.append(1)
+        if len(calls) == 3:  # the second step's first pass
+            raise RuntimeError("a fault in the middle of the denoising")
+
+    hook = pipe.transformer.register_forward_pre_hook(fail)
+    with pytest.raises(InternalError, match="a fault in the middle"):
+        pipe.generate("a bird", loras=[(str(style), [1.0, 0.5])], fast_mode="fast", cfg_batch=True, **SMALL)
+    hook.remove()
+    after = pipe.generate("a fox", seed=5, **SMALL)
+    alone = WanLoraPipeline.from_pretrained("tiny").generate("a fox", seed=5, **SMALL)
+    assert after.metadata == alone.metadata
+    assert np.array_equal(after.frames, alone.frames)
 
 
 def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):

@@ -53,7 +53,9 @@ def test_a_2x3_sweep_is_a_labelled_grid_of_cells_equal_to_their_single_generates
     style, motion = (set(read_lora(path).deltas) for path in pair)
     # serpentine: style fixed along each row, motion back and forth; one LoRA changes between cells
     steps = [len(motion)] * 2 + [len(style)] + [len(motion)] * 2
-    assert written == [0] + [n for n in steps]  # the first cell: strength 0 on both is the base, nothing to write
+    # the first cell: strength 0 on both is the base, nothing to write; after the last (style 1, motion 0), the set
+    # from before the sweep (none) is put back: style's weights
+    assert written == [0, *steps, len(style)]
     assert [(c.row, c.column) for c in result.cells] == [(r, c) for r in range(2) for c in range(3)]
 
     for cell in result.cells:
@@ -81,6 +83,20 @@ def test_a_2x3_sweep_is_a_labelled_grid_of_cells_equal_to_their_single_generates
         len(cells) == 6 and cells[4]["loras"][1]["strength"] == 0.5 and tags["sweep"]["axes"][0]["kind"] == "strength"
     )
     assert played_in_chromium(path) == f"ended {layout.width}x{layout.height} decoded {SMALL['num_frames']}"
+
+
+def test_a_sweep_leaves_the_lora_set_it_found(pair):
+    """A sweep's cells are not a choice of the caller's: after one, a generate without `loras` keeps the set from
+    before the sweep (here style at 1), as on a pipeline that never swept, frames and tags; not the last cell's."""
+    pipe = WanLoraPipeline.from_pretrained("tiny")
+    pipe.set_loras([(pair[0], 1.0)])
+    pipe.sweep("a bird", loras=[(pair[0], 1.0), (pair[1], 1.0)], strengths=[0.0, 0.5], fast_mode="fast", **SMALL)
+    after = pipe.generate("a fox", seed=5, **SMALL)
+    never_swept = WanLoraPipeline.from_pretrained("tiny")
+    never_swept.set_loras([(pair[0], 1.0)])
+    alone = never_swept.generate("a fox", seed=5, **SMALL)
+    assert after.metadata == alone.metadata
+    assert np.array_equal(after.frames, alone.frames)
 
 
 def result_axes(result) -> list[Axis]:

@@ -452,6 +452,32 @@ def test_three_phases_guide_the_first_step_without_the_accelerator_and_switch_ex
     assert [name for name, *_ in calls] == ["high", "high", "low", "low"]  # nothing left of the phases
 
 
+def test_after_the_three_phase_recipe_a_plain_run_is_the_fresh_models(tiny_dir_a14b, loras):
+    """The recipe moves the expert switch, ends guidance after its first phase, samples on Wan2GP's Euler grid and
+    stacks a scheduled pair; a plain run after it, and after one stopped in its guided phase with batched
+    guidance and fast mode, gets the model's own switch, guidance (4 and 3) and UniPC: the fresh model's video."""
+    pipe = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b))
+    small = {"width": 64, "height": 48, "num_frames": 5, "progress": False}
+    recipe = {"accelerator": "lightning-3phase", "loras": [(loras["a"][0], [1.0, 0.5], "low")], "seed": 3}
+    pipe.generate("a bird", **recipe, **small)
+    plain = {"loras": [], "num_inference_steps": 3, "seed": 1, **small}
+    after = pipe.generate("a fox", **plain)
+
+    def stop(module, args):
+        raise RuntimeError("stopped in the guided phase")
+
+    hook = pipe.experts[0].module.register_forward_pre_hook(stop)
+    with pytest.raises(InternalError, match="stopped in the guided phase"):
+        pipe.generate("a bird", cfg_batch=True, fast_mode="fast", **recipe, **small)
+    hook.remove()
+    after_stop = pipe.generate("a fox", **plain)
+    alone = WanLoraPipeline.from_pretrained(str(tiny_dir_a14b)).generate("a fox", **plain)
+    for video in (after, after_stop):
+        assert video.metadata == alone.metadata
+        assert (video.metadata["guidance_scale"], video.metadata["guidance_scale_2"]) == (4.0, 3.0)
+        assert np.array_equal(video.frames, alone.frames)
+
+
 def test_your_own_schedule_keeps_its_equal_phases_beside_the_three_phase_accelerator(tiny_dir_a14b, loras):
     """The preset's per-step schedule (4 values on the 4 high-noise steps) and a user's [1.0, 0.5] each split the
     expert's steps by their own length: the user's halves stay halves."""

@@ -476,9 +476,9 @@ class WanLoraPipeline:
         frames and fps, steps, guidance (Wan2.2 A14B: `guidance_scale` for the high-noise expert,
         `guidance_scale_2` for the low-noise one), flow shift and negative prompt. `seed=None` picks a
         random seed, reported in `Video.seed`. `loras` replaces the current LoRA set for this call and
-        the ones after it; `None` keeps the current set (less an accelerator's own LoRA from an earlier
-        call). `fast_mode` ("off", "balanced", "fast") skips transformer work on steps that change little
-        (First Block Cache).
+        the ones after it (a call that fails, interrupted ones included, puts the set before it back); `None`
+        keeps the current set (less an accelerator's own LoRA from an earlier call). `fast_mode` ("off",
+        "balanced", "fast") skips transformer work on steps that change little (First Block Cache).
 
         Image-to-video models need `image` (a path, an https:// link, a PIL image or a uint8 array), and
         take an optional `last_image` to end on. Without an explicit size, the frame keeps the image's
@@ -531,6 +531,13 @@ class WanLoraPipeline:
         if distilled := request.accelerator_loras:
             replaced = accelerator_refs(self.spec)  # another preset's LoRA from an earlier run goes
             loras = [r for r in loras if r.ref not in replaced] + list(distilled)
+        with self._lora_set_kept(after_success=False):  # a failure changes nothing, the LoRA set included
+            return self._merge_and_denoise(loras, request, settings, credentials, progress)
+
+    def _merge_and_denoise(
+        self, loras: list[LoraRequest], request: Request, settings, credentials: Credentials | None, progress: bool
+    ) -> Video | None:
+        """`run`, its LoRA set and its settings decided: merge the set, set up the step hooks, and denoise."""
         started = time.perf_counter()
         self.set_loras(loras, credentials)
         lora_seconds = time.perf_counter() - started
@@ -725,7 +732,8 @@ class WanLoraPipeline:
 
         With two axes, the first in the order strengths, strengths_2, seeds, prompts runs down the rows.
         Every cell has the same seed (and so the same initial noise) unless seeds are the axis, and is
-        bitwise what `generate` gives for its settings. The grid's metadata lists every cell's.
+        bitwise what `generate` gives for its settings. The grid's metadata lists every cell's. After the
+        sweep, the pipeline holds the LoRA set it held before (what `loras=None` keeps), whatever the cells merged.
         """
         axes_given = {name: options.pop(name) for name in SWEEP_AXES if name in options}
         chosen = options_from({"prompt": prompt, **options}, "WanLoraPipeline.sweep()")
@@ -733,7 +741,23 @@ class WanLoraPipeline:
             chosen = replace(chosen, loras=[])  # left out, or None: no LoRAs, never the set an earlier call left
         request = resolve_request(self.spec, chosen)
         axes = sweep_axes(list(request.loras or ()), strengths, strengths_2, **axes_given)
-        return run_sweep(self, request, axes, credentials, max_width, progress)
+        with self._lora_set_kept():
+            return run_sweep(self, request, axes, credentials, max_width, progress)
+
+    @contextmanager
+    def _lora_set_kept(self, after_success: bool = True) -> Iterator[None]:
+        """Inside, the LoRA set may change (a sweep's cells, a run's set); after, each expert holds its set from
+        before again (with `after_success=False`, only when what ran inside failed), merged from the files it was
+        read from (nothing is fetched): a later call without `loras` keeps the caller's set, never the last
+        cell's nor a failed call's."""
+        before = [(expert.loras, list(expert.loras.active)) for expert in self.experts]
+        try:
+            yield
+        except BaseException:
+            apply_together(before)
+            raise
+        if after_success:
+            apply_together(before)
 
     @contextmanager
     def prompts_encoded_once(self) -> Iterator[None]:
