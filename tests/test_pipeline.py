@@ -253,6 +253,30 @@ def test_a_generate_that_fails_mid_run_leaves_the_lora_set_it_found(tmp_path):
     assert np.array_equal(after.frames, alone.frames)
 
 
+def test_offloaded_components_go_home_after_a_failed_call_and_after_an_images_twin(monkeypatch):
+    """diffusers returns model-offloaded components to the host (`maybe_free_model_hooks`) at the end of a call that
+    ends well, and on the pipeline that enabled the offload only: after a failure, or a call on the per-request
+    twin TI2V-5B uses for an image, the transformer or the VAE stayed on the GPU beside the next request's."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from wanlora import InternalError
+
+    freed = []
+    free = DiffusionPipeline.maybe_free_model_hooks
+    monkeypatch.setattr(DiffusionPipeline, "maybe_free_model_hooks", lambda self: (freed.append(self), free(self)))
+    pipe = WanLoraPipeline.from_pretrained("tiny")
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: 1 / 0)
+    with pytest.raises(InternalError, match="ZeroDivisionError"):
+        pipe.generate("a bird", **SMALL)
+    hook.remove()
+    assert freed == [pipe.diffusers_pipeline]
+    five = WanLoraPipeline.from_pretrained("tiny-ti2v-5b")
+    freed.clear()
+    five.generate("a bird", image=Image.new("RGB", (64, 64), "red"), **{**SMALL, "height": 64})  # its 32 px grid
+    assert five.diffusers_pipeline in freed
+
+
 def test_a_hub_repo_outside_the_catalogue_is_identified_by_its_config(fake_hub):
     import json
 

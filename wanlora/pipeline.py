@@ -612,22 +612,32 @@ class WanLoraPipeline:
             settings.num_inference_steps,
         )
         started = time.perf_counter()
-        with expert_switch_at(pipeline, boundary_ratio), schedules_restarted_after(self.experts):
-            output = pipeline(
-                **self._text(pipeline, settings),
-                width=settings.width,
-                height=settings.height,
-                num_frames=settings.num_frames,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                generator=generator,
-                output_type="np" if main else "latent",  # only rank 0 decodes
-                callback_on_step_end=step_callback(callbacks, bar),
-                **({"guidance_scale_2": settings.guidance_scale_2} if settings.guidance_scale_2 is not None else {}),
-                **conditioning,
-            )
+        second = {"guidance_scale_2": settings.guidance_scale_2} if settings.guidance_scale_2 is not None else {}
+        try:
+            with expert_switch_at(pipeline, boundary_ratio), schedules_restarted_after(self.experts):
+                output = pipeline(
+                    **self._text(pipeline, settings),
+                    width=settings.width,
+                    height=settings.height,
+                    num_frames=settings.num_frames,
+                    num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale,
+                    generator=generator,
+                    output_type="np" if main else "latent",  # only rank 0 decodes
+                    callback_on_step_end=step_callback(callbacks, bar),
+                    **second,
+                    **conditioning,
+                )
+        except BaseException:
+            self.diffusers_pipeline.maybe_free_model_hooks()  # see below: a failed call never got there
+            raise
+        finally:
+            bar.close()
+        if pipeline is not self.diffusers_pipeline:
+            # diffusers puts model-offloaded components back on the host at the end of a call that ends well, and
+            # only on the pipeline that enabled the offload: not after a failure, nor on an image's twin (above).
+            self.diffusers_pipeline.maybe_free_model_hooks()
         seconds = time.perf_counter() - started
-        bar.close()
         if not main:
             return None
         frames = (np.clip(output.frames[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
