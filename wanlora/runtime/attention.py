@@ -1,4 +1,7 @@
-"""Choosing and installing the attention kernel, through diffusers' attention dispatcher."""
+"""Choosing and installing the attention kernel, through diffusers' attention dispatcher.
+
+Light (no torch at import): the CLI reads its choices before anything heavy loads.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,10 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import InvalidInput
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import WanTransformer3DModel
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def unavailable_reason(
     backend = BACKENDS[name]
     if backend.needs_cuda and device.type != "cuda":
         return f"it needs a CUDA GPU and the model is on {device.type}"
-    if backend.half_only and dtype not in (None, torch.bfloat16, torch.float16):
+    if backend.half_only and dtype is not None and dtype.itemsize != 2:  # bf16 and fp16 (never int16 here)
         return f"its kernels take bf16 or fp16 and the model computes in {str(dtype).removeprefix('torch.')}"
     if backend.package and importlib.util.find_spec(backend.package) is None:
         return f"the `{backend.package}` package is not installed"

@@ -99,7 +99,7 @@ class ExpertSwitch:
     merged weights depend on the base and the LoRA set alone), and usually nothing. The waiting
     expert's LoRA state is deferred: a change made meanwhile is merged when it comes back, on the
     GPU. Buffers (rotary tables, a weight format's scales: a few MB) travel with the weights, so that
-    a weight's stored tensors (an fp8 layer's rows and scales) are always in one place.
+    a weight's stored tensors (a quantized layer's rows and scales) are always in one place.
     """
 
     def __init__(self, experts: list, device: torch.device) -> None:
