@@ -201,6 +201,24 @@ def test_pinned_buffers_cost_what_they_hold():
     assert arena_layout(expert)[1] / 1e9 == pytest.approx(28.6, abs=0.05)
 
 
+@pytest.mark.parametrize(("error", "raised"), [(2, "OutOfMemory"), (1, "RuntimeError")])
+def test_pinning_past_the_systems_locked_memory_limit_is_out_of_memory_not_a_bug(monkeypatch, error, raised):
+    """cudaHostRegister answers cudaErrorMemoryAllocation (2) when the pages CUDA may lock run out (`ulimit -l`, a
+    full host): the machine's limit, said as OutOfMemory with what to do; any other code stays a bug's error."""
+    from types import SimpleNamespace
+
+    from wanlora.errors import OutOfMemory
+    from wanlora.weights.host_memory import HostArena
+
+    runtime = SimpleNamespace(cudaHostRegister=lambda pointer, size, flags: error)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: runtime)
+    with pytest.raises(OutOfMemory if raised == "OutOfMemory" else RuntimeError) as caught:
+        HostArena({"w": torch.randn(64, 64)}, pin=True)
+    assert type(caught.value).__name__ == raised
+    if raised == "OutOfMemory":
+        assert "could not pin 0.0 GB more host memory" in str(caught.value) and "ulimit -l" in str(caught.value)
+
+
 def test_a_merges_host_copy_of_w0_is_pinned_at_its_exact_size(monkeypatch):
     """Where no checkpoint gives W0 back, a merge keeps a host copy of the weight (an fp8 one: rows and scales);
     pinned through the caching host allocator a 13824x5120 bf16 weight would take 268 MB for its 142 MB."""

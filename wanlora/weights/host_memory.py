@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import OutOfMemory
+
 ARENA_ALIGN = 512  # bytes between one tensor's start and the next: every dtype's alignment, and DMA-friendly
 
 
@@ -30,8 +32,17 @@ def caching_allocator_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(1 << max(0, (t.numel() * t.element_size() - 1).bit_length()) for t in tensors.values())
 
 
+CUDA_ERROR_MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation: no more pages the system lets CUDA lock
+
+
 def cuda_register(pointer: int, size: int) -> None:
     error = int(torch.cuda.cudart().cudaHostRegister(pointer, size, 1))  # 1: cudaHostRegisterPortable
+    if error == CUDA_ERROR_MEMORY_ALLOCATION:  # the machine's limit, not a bug: said as such, with what to do
+        raise OutOfMemory(
+            f"could not pin {size / 1e9:.1f} GB more host memory for copies to the GPU: the system's limit on "
+            "locked memory is reached (see `ulimit -l`, or free host memory); an offload mode that keeps less on "
+            "the host (offload='none' or 'encoder', where the GPU has room) needs less of it"
+        )
     if error:
         raise RuntimeError(f"could not pin {size / 1e9:.1f} GB of host memory (CUDA error {error})")
 
