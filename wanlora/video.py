@@ -176,14 +176,15 @@ def _place_new(partial: Path, path: Path) -> None:
     """`partial` at `path` only where no file is: a hard link fails on one there, where a rename would replace it."""
     try:
         os.link(partial, path)
+        return
     except FileExistsError:
-        raise VideoEncodeError(f"{path} was made by something else while this video was encoded: it is kept") from None
+        taken = True
     except OSError:  # a file system without hard links: looked at, then renamed
-        if path.exists() or path.is_symlink():
-            raise VideoEncodeError(
-                f"{path} was made by something else while this video was encoded: it is kept"
-            ) from None
-        os.replace(partial, path)
+        taken = path.exists() or path.is_symlink()
+        if not taken:
+            os.replace(partial, path)
+    if taken:
+        raise VideoEncodeError(f"{path} was made by something else while this video was encoded: it is kept")
 
 
 def _command(frames: np.ndarray, fps: int, crf: int, tags: Path, partial: Path) -> list[str]:
