@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ...errors import InvalidInput
 from ..scratch import thread_buffer
+from . import fp8_cpu
 from .base import Stored, WeightFormat
 from .fp8_files import CONVENTIONS
 
@@ -60,14 +61,18 @@ def quantize_rows(rows: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.T
 def quantize_rows_into(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`quantize_rows` without allocating rows: `rows` (fp32) is used up, `out` (fp8) written; returns the scales.
 
-    amax is max(max, -min), two plain reductions (|x| would be a pass and a copy more). The
-    quotient can land a hair above the maximum (the scale is rounded), which converts to the
-    maximum: no clamp is needed, as long as the scale is a normal number (never the case for
-    a real weight, whose rows are far above 448 x 2^-126).
+    On the CPU, fp8_cpu's kernels do it in two passes a row, with the same bits; elsewhere (a GPU,
+    or a CPU without numba) torch's ops below. amax is max(max, -min), two plain reductions (|x|
+    would be a pass and a copy more). The quotient can land a hair above the maximum (the scale
+    is rounded), which converts to the maximum: no clamp is needed, as long as the scale is a
+    normal number (never the case for a real weight, whose rows are far above 448 x 2^-126).
     """
+    scale = torch.empty(rows.shape[:1], dtype=torch.float32, device=rows.device)
+    if fp8_cpu.quantize_rows_into(rows, out, scale):  # the same bits, in two passes a row
+        return scale
     top = fp8_max(out.dtype)
     amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).clamp_min_(torch.finfo(torch.float32).tiny)
+    torch.where(amax > 0, amax / top, torch.ones_like(amax), out=scale).clamp_min_(torch.finfo(torch.float32).tiny)
     out.copy_(rows.div_(scale[:, None]))
     return scale
 
@@ -80,6 +85,8 @@ def dequantize(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 def dequantize_into(out: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`dequantize` into an fp32 buffer (the merge's accumulator), without allocating it."""
+    if fp8_cpu.dequantize_into(out, quantized, scale):  # the same values, in one pass
+        return out
     factor = widen_into(out, quantized)
     return out.mul_(scale.to(out.device, torch.float32, non_blocking=True)[:, None] * factor)
 
@@ -87,7 +94,8 @@ def dequantize_into(out: torch.Tensor, quantized: torch.Tensor, scale: torch.Ten
 def widen_into(out: torch.Tensor, quantized: torch.Tensor) -> float:
     """Write fp8 values into the fp32 `out`, exactly, up to a power-of-two factor returned for the caller to apply.
 
-    A GPU converts natively. On a CPU, torch's fp8 -> fp32 conversion is scalar code (about
+    A GPU converts natively. On a CPU (where fp8_cpu's kernels are missing: see dequantize_into),
+    torch's fp8 -> fp32 conversion is scalar code (about
     0.15 G values/s a core, against 2 or more for bf16): each fp8 value is instead read as the
     fp16 whose bits it fills (e5m2: the high byte; e4m3fn: the bits shifted into place, 2^-8 of
     the value), and fp16 -> fp32 is vectorized. Exact for every code but e4m3fn's NaN, which no
