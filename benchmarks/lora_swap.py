@@ -11,8 +11,8 @@ the same run:
 - the fp8 swap (the same model quantized, the same LoRAs), against the bf16 swap (goal: 2x);
 - the first touch: proving one 13824x5120 weight's W0 from its checkpoint file;
 - a 14B figure, extrapolated from a few real-shaped 14B blocks.
-Then the same again in a second process under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2,
-where a CPU has no native bf16 GEMM (`--isa native` or `--isa avx2` runs one alone).
+Then the same again in a second process with torch, oneDNN and numba held to AVX2 (`AVX2` below), as
+on a CPU with no native bf16 GEMM (`--isa native` or `--isa avx2` runs one alone).
 
     python -m benchmarks.lora_swap [--swaps 4] [--blocks14b 2] [--isa both|native|avx2]
 """
@@ -44,7 +44,13 @@ from wanlora.tiny import flow_scheduler
 from wanlora.weights.formats.fp8 import quantize_transformer
 
 CACHE = Path(tempfile.gettempdir()) / "wanlora-bench-loras"
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# torch's kernels, oneDNN's and numba's (the fp8 conversions, weights/formats/fp8_cpu.py), each told to use AVX2 at most
+AVX2 = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "NUMBA_CPU_NAME": "haswell",
+    "NUMBA_CPU_FEATURES": "",  # the named CPU's own features, not this one's
+}
 
 
 def cached_loras(model: torch.nn.Module, tag: str, rank: int = 32) -> list[str]:
