@@ -1,75 +1,117 @@
 """fp8 rows to fp32 and back on the CPU, a pass a row, by kernels numba compiles (fp8_cpu_kernels.py).
 
-On a CPU, torch converts fp32 to fp8 one value at a time (about 0.56 ns a value on one core of
-an AVX-512 Xeon) and fp8 to fp32 slower still (3.6 ns). The torch path in fp8.py goes around the
-second with fp16 bit tricks, but a quantized merge still makes nine passes over each chunk of
-rows around its GEMM (widen, shift, mask, scale; amax, amin, divide, round): the fp8 swap took
-four times the bf16 one. Here the widening and scaling are one pass, and the rounding two a
-row (its amax, then the quotients, from the L1 cache), with the same bits as the torch path,
-and without the GIL, so the merge's threads (wanlora.weights.spread) run side by side.
+On a CPU, torch converts fp32 to fp8 one value at a time and fp8 to fp32 slower still. The
+torch path in fp8.py goes around the second with fp16 bit tricks, but a quantized merge still
+made nine passes over each chunk of rows around its GEMM (widen, shift, mask, scale; amax, amin,
+divide, round): the fp8 swap took four times the bf16 one. Here the widening and scaling are one
+pass, and the rounding two a row (its amax, then the quotients), with the torch path's bits
+(but for e4m3fn's NaN code, which no stored weight holds: NaN here, 480 there), and without the
+GIL.
 
-numba is imported, and its kernels compiled or read from its cache, on first use. Where it is
-missing or fails, every call answers "not here" and fp8.py takes the torch path; the log says
-why, once.
+They serve where torch's ops run on one thread: the merge's weights, each on its own core
+(wanlora.weights.spread), and any process limited to one thread. Where torch would spread an
+op over several cores (a forward pass, quantizing at load) its own path keeps it; inside a
+graph torch.compile traces, too (dynamo cannot trace into numba).
+
+numba compiles the kernels on first use (or reads them from its cache), and they are checked
+against torch on a sample before they serve. Where numba is missing, cannot compile or gets
+them wrong, fp8.py's torch path serves, and a notice says why, once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from types import ModuleType
+from collections.abc import Callable
 
+import numpy as np
 import torch
+
+from ...logs import NOTICE
 
 logger = logging.getLogger(__name__)
 
+Kernels = dict[str, Callable]
+
 _lock = threading.Lock()
-_loaded: list[ModuleType | None] = []  # empty until the first call: then the kernels' module, or None
+_loaded: list[Kernels | None] = []  # empty until the first call: then the kernels, or None
 
 
-def kernels() -> ModuleType | None:
-    """fp8_cpu_kernels, compiled; None where numba cannot give it (logged once)."""
+def _new_lock() -> None:
+    global _lock
+    _lock = threading.Lock()  # a fork while another thread held it would leave the child waiting for ever
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+
+def kernels() -> Kernels | None:
+    """The compiled kernels by name; None where numba cannot give them (said once)."""
     with _lock:
         if not _loaded:
             _loaded.append(_load())
         return _loaded[0]
 
 
-def _load() -> ModuleType | None:
+def _load() -> Kernels | None:
     try:
         from . import fp8_cpu_kernels
-    except Exception as exc:  # missing, or a numba that fails to compile here: the torch path serves
-        logger.info("fp8 on the CPU: torch's conversions, slower (numba's kernels are unavailable: %s)", exc)
+
+        try:
+            compiled = fp8_cpu_kernels.compile_kernels(cache=True)
+        except RuntimeError:  # nowhere to keep numba's cache (a read-only install): compile for this process
+            compiled = fp8_cpu_kernels.compile_kernels(cache=False)
+        _check(compiled)
+    except Exception as exc:  # missing, failing or wrong: the torch path serves
+        logger.log(NOTICE, "fp8 merges on the CPU take torch's slower path: numba's kernels are unavailable (%s)", exc)
         return None
-    return fp8_cpu_kernels
+    return compiled
+
+
+def _check(compiled: Kernels) -> None:
+    """Raise unless every kernel gives torch's answer on a sample: every code, widened and rounded back."""
+    codes = torch.arange(256, dtype=torch.uint8).view(2, 128)
+    for dtype, name in ((torch.float8_e4m3fn, "e4m3fn"), (torch.float8_e5m2, "e5m2")):
+        values = torch.empty(codes.shape)
+        compiled[f"widen_{name}"](_numpy(codes), _numpy(torch.ones(2)), _numpy(values))
+        torch.testing.assert_close(values, codes.view(dtype).float(), rtol=0, atol=0, equal_nan=True)
+        rows = values.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) * 0.37
+        rounded, scale = torch.empty_like(codes), torch.empty(2)
+        compiled[f"narrow_{name}"](_numpy(rows), _numpy(rounded), _numpy(scale))
+        want_scale = rows.abs().amax(dim=1) / torch.finfo(dtype).max
+        torch.testing.assert_close(scale, want_scale, rtol=0, atol=0)
+        torch.testing.assert_close(rounded, (rows / want_scale[:, None]).to(dtype).view(torch.uint8), rtol=0, atol=0)
 
 
 def dequantize_into(out: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor) -> bool:
-    """out = quantized x scale per row, in one pass; False (nothing written) where these kernels do not apply."""
-    compiled = _for(out, quantized, scale)
+    """out = quantized x scale per row, in one pass; False (nothing written) where these kernels do not serve."""
+    compiled = _kernels_for(out, quantized, scale)
     if compiled is None:
         return False
-    widen = compiled.widen_e4m3fn if quantized.dtype == torch.float8_e4m3fn else compiled.widen_e5m2
-    widen(_numpy(quantized.view(torch.uint8)), _numpy(scale), _numpy(out))
+    name = "widen_e4m3fn" if quantized.dtype == torch.float8_e4m3fn else "widen_e5m2"
+    compiled[name](_numpy(quantized.view(torch.uint8)), _numpy(scale), _numpy(out))
     return True
 
 
 def quantize_rows_into(rows: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> bool:
     """fp8.quantize_rows_into's rounding of `rows` into `out`, its scales into `scale` (rows are left as they
-    were); False (nothing written) where these kernels do not apply."""
-    compiled = _for(rows, out, scale)
+    were); False (nothing written) where these kernels do not serve."""
+    compiled = _kernels_for(rows, out, scale)
     if compiled is None:
         return False
-    narrow = compiled.narrow_e4m3fn if out.dtype == torch.float8_e4m3fn else compiled.narrow_e5m2
-    narrow(_numpy(rows), _numpy(out.view(torch.uint8)), _numpy(scale))
+    name = "narrow_e4m3fn" if out.dtype == torch.float8_e4m3fn else "narrow_e5m2"
+    compiled[name](_numpy(rows), _numpy(out.view(torch.uint8)), _numpy(scale))
     return True
 
 
-def _for(values: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> ModuleType | None:
-    """The kernels, where they take these tensors: on the CPU, fp32 rows and fp8 codes of one 2-D shape and a
-    scale per row, each contiguous. Anything else (a GPU's, a strided view) goes to the torch path."""
+def _kernels_for(values: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> Kernels | None:
+    """The kernels, where they serve these tensors: on one thread, outside torch.compile, on the CPU, fp32 rows
+    and fp8 codes of one 2-D shape and a scale per row, each contiguous. Else None: the torch path."""
     fits = (
-        values.device.type == codes.device.type == scale.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and torch.get_num_threads() == 1
+        and values.device.type == codes.device.type == scale.device.type == "cpu"
         and values.dtype == scale.dtype == torch.float32
         and codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
         and values.dim() == codes.dim() == 2
@@ -82,5 +124,5 @@ def _for(values: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> Modu
     return kernels() if fits else None
 
 
-def _numpy(tensor: torch.Tensor):
-    return tensor.detach().numpy()
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().numpy()  # a view of the same memory

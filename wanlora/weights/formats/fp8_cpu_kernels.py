@@ -1,16 +1,21 @@
-"""The CPU kernels behind fp8_cpu.py, compiled by numba (imported only through fp8_cpu, which falls back without).
+"""The CPU kernels behind fp8_cpu.py, compiled by numba when fp8_cpu calls `compile_kernels`.
 
 Each kernel takes C-contiguous numpy views of torch tensors and releases the GIL. The arithmetic
 is 32-bit integer and float32 throughout, cast back after every step: numba widens integer
-arithmetic to 64 bits, which would halve the vector width LLVM gives these loops.
+arithmetic to 64 bits, which would halve the vector width LLVM gives these loops. Nothing needs a
+CPU feature beyond SSE2 (no float16 conversions: without F16C, LLVM calls a runtime helper that
+numba's JIT cannot link, and the process aborts).
 
 The fp32 -> fp8 conversions transcribe PyTorch's own (c10's `fp8e4m3fn_from_fp32_value` and
-`fp8e5m2_from_fp32_value`, torch/headeronly/util/Float8_*.h): round to nearest even, with the
-same answers for overflow, NaN and subnormals, so that a tensor rounds to the same bits here
-and through torch.
+`fp8e5m2_from_fp32_value`, torch/headeronly/util/Float8_*.h, torch 2.12 on): round to nearest
+even, the same subnormals, NaN to NaN, and past the largest value e4m3fn saturates and e5m2
+overflows to infinity. Earlier torch gives e4m3fn's NaN code from 464 on; only a row holding
+NaN or infinity can reach those values here (any other row's scale brings it within +-max).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from llvmlite import ir
@@ -19,7 +24,7 @@ from numba.extending import intrinsic
 
 I32 = np.int32
 F32 = np.float32
-TINY = F32(np.finfo(np.float32).tiny)  # the smallest scale: a row's amax below 2^-126 x max is all zeros anyway
+TINY = F32(np.finfo(np.float32).tiny)  # the smallest scale, as the torch path clamps it: a normal number
 
 ROWS = types.float32[:, ::1]
 CODES = types.uint8[:, ::1]
@@ -48,33 +53,32 @@ def float_of(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@intrinsic
-def half_value(typingctx, bits):
-    """The float16 whose bits an int32's low 16 hold, as a float32 (exact: F16C's vcvtph2ps, a vector at a time)."""
-
-    def codegen(context, builder, signature, args):
-        half = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
-        return builder.fpext(half, ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
 # ------------------------------------------------------------------ one value each way
 
 
 @njit(inline="always")
 def e4m3fn_value(code):
-    """An e4m3fn code's value, NaN for s 1111 111. Its bits s eeee mmm, placed as float16's s 0eeee mmm0000000,
-    are the value x 2^-8 (exponent bias 15 against 7; subnormals too), and x 256 is exact in float32."""
-    half = I32(I32(I32(code & 0x7F) << 7) | I32(I32(code & 0x80) << 8))
-    value = half_value(half) * F32(256.0)
-    return np.float32(np.nan) if I32(code & 0x7F) == 0x7F else value
+    """An e4m3fn code's value: s eeee mmm is 2^(e-7) x 1.mmm, m x 2^-9 where e is 0, NaN for s 1111 111."""
+    magnitude = I32(code & 0x7F)
+    placed = I32(I32(magnitude << 20) + I32(120 << 23))  # eeee mmm as float32's exponent and mantissa, rebiased
+    normal = float_of(placed)
+    subnormal = float_of(I32(placed + I32(1 << 23))) - F32(2.0**-6)  # 2^-6 x 1.mmm - 2^-6, exactly
+    value = normal if magnitude >= 8 else subnormal
+    value = np.float32(np.nan) if magnitude == 0x7F else value
+    return float_of(I32(bits_of(value) | I32(I32(code & 0x80) << 24)))
 
 
 @njit(inline="always")
 def e5m2_value(code):
-    """An e5m2 code's value: its bits are float16's top byte (the same exponent; infinities and NaN too)."""
-    return half_value(I32(code << 8))
+    """An e5m2 code's value: s eeeee mm is 2^(e-15) x 1.mm, m x 2^-16 where e is 0; infinity and NaN at e 31."""
+    magnitude = I32(code & 0x7F)
+    placed = I32(I32(magnitude << 21) + I32(112 << 23))
+    normal = float_of(placed)
+    subnormal = float_of(I32(placed + I32(1 << 23))) - F32(2.0**-14)
+    value = normal if magnitude >= 4 else subnormal
+    special = float_of(I32(I32(0x7F800000) | I32(I32(magnitude & 3) << 21)))  # infinity, or NaN
+    value = special if magnitude >= 0x7C else value
+    return float_of(I32(bits_of(value) | I32(I32(code & 0x80) << 24)))
 
 
 @njit(inline="always")
@@ -125,7 +129,6 @@ def row_scale(row, top):
     return max(scale, TINY)
 
 
-@njit(WIDEN, nogil=True, cache=True, error_model="numpy")
 def widen_e4m3fn(codes, scale, out):
     for r in range(codes.shape[0]):
         factor, source, target = scale[r], codes[r], out[r]
@@ -133,7 +136,6 @@ def widen_e4m3fn(codes, scale, out):
             target[column] = e4m3fn_value(I32(source[column])) * factor
 
 
-@njit(WIDEN, nogil=True, cache=True, error_model="numpy")
 def widen_e5m2(codes, scale, out):
     for r in range(codes.shape[0]):
         factor, source, target = scale[r], codes[r], out[r]
@@ -141,19 +143,34 @@ def widen_e5m2(codes, scale, out):
             target[column] = e5m2_value(I32(source[column])) * factor
 
 
-@njit(NARROW, nogil=True, cache=True, error_model="numpy")
 def narrow_e4m3fn(rows, out, scales):
-    for r in range(rows.shape[0]):  # a row at a time: its second pass reads it from the L1 cache
+    for r in range(rows.shape[0]):  # a row at a time: its second pass finds it still in the core's cache
         source, target = rows[r], out[r]
         scale = scales[r] = row_scale(source, F32(448.0))
         for column in range(source.shape[0]):
             target[column] = e4m3fn_code(source[column] / scale)
 
 
-@njit(NARROW, nogil=True, cache=True, error_model="numpy")
 def narrow_e5m2(rows, out, scales):
     for r in range(rows.shape[0]):
         source, target = rows[r], out[r]
         scale = scales[r] = row_scale(source, F32(57344.0))
         for column in range(source.shape[0]):
             target[column] = e5m2_code(source[column] / scale)
+
+
+KERNELS = {
+    "widen_e4m3fn": (widen_e4m3fn, WIDEN),
+    "widen_e5m2": (widen_e5m2, WIDEN),
+    "narrow_e4m3fn": (narrow_e4m3fn, NARROW),
+    "narrow_e5m2": (narrow_e5m2, NARROW),
+}
+
+
+def compile_kernels(cache: bool) -> dict[str, Callable]:
+    """Every kernel compiled for its one signature, by name; `cache`: kept in numba's cache (raises
+    RuntimeError where numba finds nowhere to write it: a read-only install and no writable home)."""
+    return {
+        name: njit(signature, nogil=True, cache=cache, error_model="numpy")(function)
+        for name, (function, signature) in KERNELS.items()
+    }
