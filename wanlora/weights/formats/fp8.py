@@ -97,7 +97,7 @@ def widen_into(out: torch.Tensor, quantized: torch.Tensor) -> float:
     """Write fp8 values into the fp32 `out`, exactly, up to a power-of-two factor returned for the caller to apply.
 
     A GPU converts natively. On a CPU (where fp8_cpu's kernels do not serve: see dequantize_into),
-    torch's fp8 -> fp32 conversion is scalar code (about 0.15 G values/s a core, against 2 or
+    torch's fp8 -> fp32 conversion is scalar code (about 0.3 G values/s a core, against 2 or
     more for bf16): each fp8 value is instead read as the fp16 whose bits it fills (e5m2: the
     high byte; e4m3fn: the bits shifted into place, 2^-8 of the value), and fp16 -> fp32 is
     vectorized. Exact for every code but e4m3fn's NaN (read as 480; the kernels give NaN), which

@@ -43,7 +43,8 @@ def _new_lock() -> None:
     _lock = threading.Lock()  # a fork while another thread held it would leave the child waiting for ever
 
 
-os.register_at_fork(after_in_child=_new_lock)
+if hasattr(os, "register_at_fork"):  # POSIX: where a process can fork
+    os.register_at_fork(after_in_child=_new_lock)
 
 
 def kernels() -> Kernels | None:
@@ -64,7 +65,8 @@ def _load() -> Kernels | None:
             compiled = fp8_cpu_kernels.compile_kernels(cache=False)
         _check(compiled)
     except Exception as exc:  # missing, failing or wrong: the torch path serves
-        logger.log(NOTICE, "fp8 merges on the CPU take torch's slower path: numba's kernels are unavailable (%s)", exc)
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if str(exc).strip() else repr(exc)
+        logger.log(NOTICE, "fp8 merges on the CPU take torch's slower path: numba's kernels are unavailable (%s)", why)
         return None
     return compiled
 
