@@ -33,6 +33,7 @@ from ...logs import NOTICE
 logger = logging.getLogger(__name__)
 
 Kernels = dict[str, Callable]
+SUFFIX = {torch.float8_e4m3fn: "e4m3fn", torch.float8_e5m2: "e5m2"}  # each kernel's name ends in its fp8 dtype's
 
 _lock = threading.Lock()
 _loaded: list[Kernels | None] = []  # empty until the first call: then the kernels, or None
@@ -74,7 +75,7 @@ def _load() -> Kernels | None:
 def _check(compiled: Kernels) -> None:
     """Raise unless every kernel gives torch's answer on a sample: every code, widened and rounded back."""
     codes = torch.arange(256, dtype=torch.uint8).view(2, 128)
-    for dtype, name in ((torch.float8_e4m3fn, "e4m3fn"), (torch.float8_e5m2, "e5m2")):
+    for dtype, name in SUFFIX.items():
         values = torch.empty(codes.shape)
         compiled[f"widen_{name}"](_numpy(codes), _numpy(torch.ones(2)), _numpy(values))
         torch.testing.assert_close(values, codes.view(dtype).float(), rtol=0, atol=0, equal_nan=True)
@@ -91,8 +92,7 @@ def dequantize_into(out: torch.Tensor, quantized: torch.Tensor, scale: torch.Ten
     compiled = _kernels_for(out, quantized, scale)
     if compiled is None:
         return False
-    name = "widen_e4m3fn" if quantized.dtype == torch.float8_e4m3fn else "widen_e5m2"
-    compiled[name](_numpy(quantized.view(torch.uint8)), _numpy(scale), _numpy(out))
+    compiled[f"widen_{SUFFIX[quantized.dtype]}"](_numpy(quantized.view(torch.uint8)), _numpy(scale), _numpy(out))
     return True
 
 
@@ -102,8 +102,7 @@ def quantize_rows_into(rows: torch.Tensor, out: torch.Tensor, scale: torch.Tenso
     compiled = _kernels_for(rows, out, scale)
     if compiled is None:
         return False
-    name = "narrow_e4m3fn" if out.dtype == torch.float8_e4m3fn else "narrow_e5m2"
-    compiled[name](_numpy(rows), _numpy(out.view(torch.uint8)), _numpy(scale))
+    compiled[f"narrow_{SUFFIX[out.dtype]}"](_numpy(rows), _numpy(out.view(torch.uint8)), _numpy(scale))
     return True
 
 
@@ -115,7 +114,7 @@ def _kernels_for(values: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor)
         and torch.get_num_threads() == 1
         and values.device.type == codes.device.type == scale.device.type == "cpu"
         and values.dtype == scale.dtype == torch.float32
-        and codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        and codes.dtype in SUFFIX
         and values.dim() == codes.dim() == 2
         and values.shape == codes.shape
         and tuple(scale.shape) == (codes.shape[0],)

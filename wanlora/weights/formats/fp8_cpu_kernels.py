@@ -129,6 +129,9 @@ def row_scale(row, top):
     return max(scale, TINY)
 
 
+# Four plain functions, not one per format from a factory: numba keeps no closure in its cache.
+
+
 def widen_e4m3fn(codes, scale, out):
     for r in range(codes.shape[0]):
         factor, source, target = scale[r], codes[r], out[r]
